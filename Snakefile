@@ -1,0 +1,25 @@
+# mambapeft-repro: every table and figure of the MambaPEFT reproduction is a target of this file.
+# Default config = the offline mini experiment; `--configfile config/paper.yaml` = the paper's grids.
+from snakemake.utils import min_version
+
+min_version("9.8")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/tables.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

@@ -1,0 +1,209 @@
+"""``mambapeft``: the command line every Snakemake rule calls (and users can call directly).
+
+Subcommands that rules call take a ``--spec`` JSON object computed by ``mambapeft.runspec`` from
+the config, so a rule stays a one-line shell command and its params are Snakemake rerun triggers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .runspec import ConfigError
+
+EXIT_USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Exceptions that mean bad input (config, data, checkpoint, method): message, no traceback."""
+    from .data.errors import DataError
+    from .models.checkpoints import CheckpointError
+    from .peft.registry import PeftConfigError
+
+    return ConfigError, DataError, CheckpointError, PeftConfigError, FileNotFoundError
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--spec is not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ConfigError("--spec must be a JSON object")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+def cmd_data_prepare(args) -> None:
+    from .data.prepare import prepare_dataset
+
+    prepare_dataset(_json_arg(args.spec), Path(args.manifest))
+
+
+def cmd_data_cache(args) -> None:
+    from .data.vtab import build_image_cache
+
+    summary = build_image_cache(args.root, args.task, args.split, args.resolution, args.out)
+    print(json.dumps(summary))
+
+
+def cmd_data_check(args) -> None:
+    from .data.check import check_dataset
+
+    print(json.dumps(check_dataset(args.kind, args.path, args.task), indent=1))
+
+
+# ------------------------------------------------------------------------------------------------
+# backbones
+# ------------------------------------------------------------------------------------------------
+def cmd_backbone_prepare(args) -> None:
+    from .models.weights import prepare_backbone
+
+    prepare_backbone(args.backbone, _json_arg(args.spec), Path(args.manifest))
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+def _spec_from_args(args) -> dict:
+    if args.spec:
+        return _json_arg(args.spec)
+    from .runspec import Run, load_config, resolve_run
+
+    needed = ("experiment", "backbone", "task", "method")
+    missing = [f"--{n}" for n in needed if getattr(args, n) is None]
+    if missing or not args.config:
+        raise ConfigError(f"give --spec JSON, or --config with {' '.join(missing or needed)}")
+    config = load_config(*args.config)
+    return resolve_run(config, Run(args.experiment, args.backbone, args.task, args.method, args.seed))
+
+
+def cmd_train(args) -> None:
+    spec = _spec_from_args(args)
+    if args.dry_run:
+        from .train.dryrun import dry_run
+
+        print(json.dumps(dry_run(spec), sort_keys=True))
+        return
+    from .train.runner import run_training
+
+    record = run_training(spec)
+    print(json.dumps({k: record.get(k) for k in ("status", "metric", "value", "trainable_params", "backend")}))
+
+
+def cmd_params(args) -> None:
+    from .report.params import count_params
+
+    print(json.dumps(count_params(args.backbone, args.method, args.num_classes)))
+
+
+# ------------------------------------------------------------------------------------------------
+# tables and figures
+# ------------------------------------------------------------------------------------------------
+def cmd_tables(args) -> None:
+    from .report.tables import write_experiment_table
+
+    write_experiment_table(args.experiment, args.metrics, Path(args.csv), Path(args.md))
+
+
+def cmd_params_table(args) -> None:
+    from .report.params import write_params_table
+
+    write_params_table(_json_arg(args.spec), Path(args.csv), Path(args.md))
+
+
+def cmd_figures(args) -> None:
+    from .report.figures import write_figures
+
+    write_figures(Path(args.table), Path(args.scatter), Path(args.per_task), args.title)
+
+
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mambapeft", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="prepare, cache and check datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="write the offline stand-ins, or check real data, and write a manifest")
+    p.add_argument("--spec", required=True, help="the dataset's config entry as JSON (see config/config.yaml `data:`)")
+    p.add_argument("--manifest", required=True, help="manifest.json to write last (file list with sha256)")
+    p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("cache", help="decode and resize one VTAB split once into a uint8 .npz cache")
+    p.add_argument("--root", required=True, help="VTAB-1k root (holds <task>/train800val200.txt ...)")
+    p.add_argument("--task", required=True)
+    p.add_argument("--split", required=True, help="train800 | val200 | train800val200 | test")
+    p.add_argument("--resolution", type=int, required=True, help="square side in pixels (224 for Vim)")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.set_defaults(func=cmd_data_cache)
+    p = data.add_parser("check", help="validate a dataset before spending GPU time; prints a JSON summary")
+    p.add_argument("--kind", required=True, choices=("vtab", "commonsense", "math"))
+    p.add_argument("path", help="vtab: the VTAB-1k root; commonsense/math: the data directory")
+    p.add_argument("--task", help="vtab task (required for vtab)")
+    p.set_defaults(func=cmd_data_check)
+
+    backbone = sub.add_parser("backbone", help="pretrain a mini backbone or check official weights").add_subparsers(
+        dest="backbone_command", required=True)
+    p = backbone.add_parser("prepare", help="make the backbone checkpoint available and write its manifest")
+    p.add_argument("--backbone", required=True, help="backbone id, e.g. vim-mini, vim-s, mamba-130m")
+    p.add_argument("--spec", required=True, help="the backbone's config entry as JSON (config `backbones:`)")
+    p.add_argument("--manifest", required=True, help="checkpoint.json to write last")
+    p.set_defaults(func=cmd_backbone_prepare)
+
+    p = sub.add_parser("train", help="fine-tune one run (experiment, backbone, task, method, seed) and evaluate it")
+    p.add_argument("--spec", help="fully resolved run spec as JSON (what the Snakemake rule passes)")
+    p.add_argument("--config", nargs="+", help="config file(s), merged left to right (instead of --spec)")
+    p.add_argument("--experiment")
+    p.add_argument("--backbone")
+    p.add_argument("--task", help="VTAB task, or the training set for language (commonsense_170k, math_10k)")
+    p.add_argument("--method")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved run configuration as JSON and exit")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("params", help="trainable-parameter count of a backbone + method, as JSON")
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--num-classes", type=int, default=None, help="vision head size (default: 100, CIFAR-100)")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("tables", help="one experiment's results table (.csv and .md) from metrics.json files")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--csv", required=True)
+    p.add_argument("--md", required=True)
+    p.add_argument("metrics", nargs="+", help="metrics.json files of the experiment's runs")
+    p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("params-table", help="trainable parameters of every backbone x method, ours vs the paper")
+    p.add_argument("--spec", required=True, help='JSON {"vision": {backbone: [methods]}, "language": {...}}')
+    p.add_argument("--csv", required=True)
+    p.add_argument("--md", required=True)
+    p.set_defaults(func=cmd_params_table)
+
+    p = sub.add_parser("figures", help="params-vs-accuracy scatter and per-task bars from a results table")
+    p.add_argument("--table", required=True, help="results/tables/<experiment>.csv")
+    p.add_argument("--scatter", required=True, help="output PNG (params vs mean accuracy)")
+    p.add_argument("--per-task", required=True, help="output PNG (per-task accuracy)")
+    p.add_argument("--title", default="")
+    p.set_defaults(func=cmd_figures)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except _user_errors() as err:
+        print(f"mambapeft: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

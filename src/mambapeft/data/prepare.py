@@ -1,0 +1,52 @@
+"""Make a configured dataset available and write its manifest (the data rule's output).
+
+``source: mini`` writes the offline stand-ins deterministically from the entry's seed; any other
+source is real data that must already be under ``root``: it is validated (``data check``) and,
+when something is missing, the error names what and where to put it. The manifest is written
+last, so its existence means the data is complete and checked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io import write_json_atomic
+from .errors import DataError
+from .mini_text import write_mini_commonsense, write_mini_math
+from .mini_vision import write_mini_vtab
+
+KINDS = ("vtab", "commonsense", "math")
+
+
+def _write_mini(entry: dict, root: Path) -> dict:
+    seed = int(entry.get("seed", 0))
+    if entry["kind"] == "vtab":
+        return write_mini_vtab(root, tasks=tuple(entry["tasks"]), seed=seed, image_size=int(entry["image_size"]),
+                               n_train=int(entry["n_train"]), n_val=int(entry["n_val"]), n_test=int(entry["n_test"]))
+    writer = write_mini_commonsense if entry["kind"] == "commonsense" else write_mini_math
+    return writer(root, seed=seed, n_train=int(entry["n_train"]), n_test=int(entry["n_test"]))
+
+
+def _check_real(entry: dict, root: Path) -> dict:
+    from .check import check_dataset
+
+    if entry["kind"] != "vtab":
+        return check_dataset(entry["kind"], root)
+    summaries, problems = {}, []
+    for task in entry["tasks"]:
+        try:
+            summaries[task] = check_dataset("vtab", root, task)
+        except DataError as err:
+            problems.append(f"  {task}: {err}")
+    if problems:
+        raise DataError(f"VTAB-1k data under {root} is incomplete:\n" + "\n".join(problems))
+    return summaries
+
+
+def prepare_dataset(entry: dict, manifest: Path) -> dict:
+    if entry.get("kind") not in KINDS:
+        raise DataError(f"data entry kind {entry.get('kind')!r} is not one of {KINDS} (config `data:`)")
+    root = Path(entry["root"])
+    summary = _write_mini(entry, root) if entry["source"] == "mini" else _check_real(entry, root)
+    record = {"kind": entry["kind"], "source": entry["source"], "root": str(root), "checksums": summary}
+    write_json_atomic(manifest, record)
+    return record

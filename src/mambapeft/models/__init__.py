@@ -1,0 +1,26 @@
+"""Backbone registry: every variant is an entry of VIM_VARIANTS or LM_VARIANTS."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .lm import LM_VARIANTS, MambaLMHeadModel, build_lm
+from .vim import VIM_VARIANTS, VisionMamba, build_vim
+
+FAMILIES = {"vim": (VIM_VARIANTS, build_vim), "lm": (LM_VARIANTS, build_lm)}
+
+
+def family_of(name: str) -> str:
+    """'vim' or 'lm' for a backbone id; an unknown id is an error listing the known ones."""
+    for family, (variants, _) in FAMILIES.items():
+        if name in variants:
+            return family
+    known = [n for variants, _ in FAMILIES.values() for n in variants]
+    raise KeyError(f"Unknown backbone {name!r}; known: {', '.join(known)}")
+
+
+def build_model(name: str, **overrides) -> nn.Module:
+    """Randomly initialised backbone ``name`` (e.g. "vim-s", "mamba-130m") with config overrides."""
+    return FAMILIES[family_of(name)][1](name, **overrides)
+
+
+__all__ = ["build_model", "family_of", "VisionMamba", "MambaLMHeadModel", "VIM_VARIANTS", "LM_VARIANTS"]

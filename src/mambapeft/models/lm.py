@@ -1,0 +1,162 @@
+"""Mamba language model with mamba_ssm's ``MambaLMHeadModel`` semantics: tied embedding/lm_head,
+vocabulary padded to a multiple of 8, RMSNorm, fp32 residual stream; parameter names as mamba_ssm
+(``backbone.embedding``, ``backbone.layers.{i}.mixer.*``, ``backbone.norm_f``, ``lm_head``)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from .init import init_mamba_weights
+from .mamba import Block, Mamba, MixerState, RMSNorm
+
+
+@dataclass
+class MambaLMConfig:
+    """mamba_ssm's ``MambaConfig`` fields (so its config.json loads as ``MambaLMConfig(**json)``)."""
+
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50277
+    ssm_cfg: dict = field(default_factory=dict)
+    rms_norm: bool = True
+    residual_in_fp32: bool = True
+    fused_add_norm: bool = True
+    pad_vocab_size_multiple: int = 8
+    tie_embeddings: bool = True
+    norm_epsilon: float = 1e-5
+    d_intermediate: int = 0
+    attn_layer_idx: list = field(default_factory=list)
+    attn_cfg: dict = field(default_factory=dict)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return self.vocab_size + (-self.vocab_size) % m
+
+
+@dataclass(frozen=True)
+class LMVariant:
+    config: dict
+    params: int | None = None  # total parameters (tied head counted once)
+    hub_id: str | None = None
+
+
+LM_VARIANTS: dict[str, LMVariant] = {
+    "mamba-130m": LMVariant(dict(d_model=768, n_layer=24), 129_135_360, "state-spaces/mamba-130m"),
+    "mamba-370m": LMVariant(dict(d_model=1024, n_layer=48), 371_516_416, "state-spaces/mamba-370m"),
+    "mamba-790m": LMVariant(dict(d_model=1536, n_layer=48), 793_204_224, "state-spaces/mamba-790m"),
+    "mamba-1.4b": LMVariant(dict(d_model=2048, n_layer=48), 1_372_178_432, "state-spaces/mamba-1.4b"),
+    "mamba-2.8b": LMVariant(dict(d_model=2560, n_layer=64), 2_768_345_600, "state-spaces/mamba-2.8b"),
+    # The offline mini experiment: same architecture, CPU-sized; vocab from the offline tokenizer.
+    "mamba-mini": LMVariant(dict(d_model=48, n_layer=4, vocab_size=1024, ssm_cfg={"d_state": 8})),
+}
+
+
+class MixerModel(nn.Module):
+    """Embedding -> blocks -> final norm.
+
+    Extension point: ``input_tokens`` (default None) inserts learnable tokens into the embedded
+    sequence (prefix / periodic tuning). It provides ``expand(hidden) -> (hidden, keep)`` for
+    whole sequences, where ``keep`` indexes the real tokens, and ``tokens_before(position)`` for
+    step-by-step generation.
+    """
+
+    def __init__(self, config: MambaLMConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(
+            Block(config.d_model, Mamba(config.d_model, layer_idx=i, **config.ssm_cfg),
+                  norm_eps=config.norm_epsilon, residual_in_fp32=config.residual_in_fp32)
+            for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_epsilon)
+        self.input_tokens: nn.Module | None = None
+
+    def forward(self, input_ids: torch.Tensor, states: list[MixerState] | None = None) -> torch.Tensor:
+        """input_ids: (B, L) -> hidden states (B, L, D) of the real tokens."""
+        hidden = self.embedding(input_ids)
+        keep = None
+        if self.input_tokens is not None:
+            hidden, keep = self.input_tokens.expand(hidden)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, state=None if states is None else states[i])
+        hidden = self.norm_f((hidden + residual).to(self.norm_f.weight.dtype))
+        return hidden if keep is None else hidden[:, keep]
+
+    def step_embedded(self, hidden: torch.Tensor, states: list[MixerState]) -> torch.Tensor:
+        """hidden: (B, 1, D) embedded token -> final hidden (B, 1, D); advances ``states``."""
+        residual = None
+        for layer, state in zip(self.layers, states):
+            hidden, residual = layer.step(hidden, residual, state)
+        return self.norm_f((hidden + residual).to(self.norm_f.weight.dtype))
+
+
+class MambaLMHeadModel(nn.Module):
+    def __init__(self, config: MambaLMConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = MixerModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.apply(partial(init_mamba_weights, n_layer=config.n_layer))
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def classifier_names(self) -> tuple[str, ...]:
+        return ()
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def forward_hidden(self, input_ids, states=None) -> torch.Tensor:
+        return self.backbone(input_ids, states)
+
+    def forward(self, input_ids: torch.Tensor, states: list[MixerState] | None = None) -> torch.Tensor:
+        """input_ids: (B, L) -> logits (B, L, V_padded)."""
+        return self.lm_head(self.forward_hidden(input_ids, states))
+
+    def empty_states(self, batch: int, device=None) -> list[MixerState]:
+        return [layer.mixer.empty_state(batch, device) for layer in self.backbone.layers]
+
+    def _step_token(self, token_ids: torch.Tensor, position: int, states) -> torch.Tensor:
+        """Feed one real token (B,) at absolute ``position`` (after any inserted tokens) -> logits (B, V)."""
+        extra = None if self.backbone.input_tokens is None else self.backbone.input_tokens.tokens_before(position)
+        if extra is not None:  # e.g. periodic tokens re-inserted every P positions
+            for token in extra:  # (n, D)
+                self.backbone.step_embedded(token.expand(token_ids.shape[0], 1, -1), states)
+        hidden = self.backbone.step_embedded(self.backbone.embedding(token_ids).unsqueeze(1), states)
+        return self.lm_head(hidden[:, 0])
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
+        """Greedy decoding with the recurrent step mode.
+
+        input_ids: (B, L), all rows the same length (no padding enters the state).
+        Returns the generated ids (B, <= max_new_tokens); rows that hit a stop id are padded with it.
+        """
+        batch, length = input_ids.shape
+        states = self.empty_states(batch, input_ids.device)
+        logits = self.forward(input_ids, states)[:, -1]
+        out, done = [], torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        stops = torch.tensor(list(stop_ids), device=input_ids.device, dtype=torch.long)
+        for i in range(max_new_tokens):
+            token = logits.argmax(-1)
+            if len(stop_ids):
+                token = torch.where(done, stops[0], token)
+                done |= torch.isin(token, stops)
+            out.append(token)
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            logits = self._step_token(token, length + i, states)
+        return torch.stack(out, dim=1) if out else input_ids.new_zeros(batch, 0)
+
+    def describe(self) -> dict:
+        return {"family": "mamba_lm", **asdict(self.config)}
+
+
+def build_lm(name: str, **overrides) -> MambaLMHeadModel:
+    if name not in LM_VARIANTS:
+        raise KeyError(f"Unknown Mamba LM variant {name!r}; known: {', '.join(LM_VARIANTS)}")
+    return MambaLMHeadModel(MambaLMConfig(**{**LM_VARIANTS[name].config, **overrides}))

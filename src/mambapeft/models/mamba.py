@@ -1,0 +1,245 @@
+"""Mamba-1 mixer (parameter names and shapes as mamba_ssm's ``Mamba``), Vim's bidirectional "v2"
+variant, and the pre-norm residual block both backbones use.
+
+PEFT methods change the mixer only through named extension points whose defaults reproduce the
+base model exactly:
+  * child modules (``in_proj``, ``x_proj``, ``dt_proj``, ``out_proj``, ``conv1d``...) are always
+    *called*, never read as raw weights, so a wrapper around them (LoRA, adapters) is never skipped;
+  * ``state_extensions[direction]``: extra SSM state dimensions (additional-scan);
+  * ``affixes[direction]``: tokens prepended to the scan input in xz space (affix-tuning);
+  * parameters such as ``A_log`` may carry a ``torch.nn.utils.parametrize`` delta (partial tuning).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .scan import TORCH_BACKEND, ScanBackend, selective_state_step
+
+
+@dataclass(frozen=True)
+class Direction:
+    """Names of one scan direction's parameters (Vim's v2 mixer suffixes the backward ones)."""
+
+    key: str
+    conv1d: str
+    x_proj: str
+    dt_proj: str
+    A_log: str
+    D: str
+
+
+FORWARD = Direction("fwd", "conv1d", "x_proj", "dt_proj", "A_log", "D")
+BACKWARD = Direction("bwd", "conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (Vim's CustomRMSNorm / mamba_ssm's RMSNorm reference)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., dim) -> same shape and dtype."""
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return out.to(x.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (as timm's DropPath), active only in training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+@dataclass
+class MixerState:
+    """Recurrent state of one mixer for generation. conv: (B, D_inner, d_conv), ssm: (B, D_inner, N')."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+class Mamba(nn.Module):
+    """Mamba-1 selective-SSM mixer.
+
+    bidirectional=False is mamba_ssm's ``Mamba``; bidirectional=True is Vim's ``bimamba_type="v2"``
+    mixer: shared in_proj/out_proj, per-direction conv1d/x_proj/dt_proj/A_log/D (``_b`` suffix for
+    the backward scan), output ``out_proj((y_fwd + flip(y_bwd)) / 2)`` (``/2`` when divide_out).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, dt_scale: float = 1.0, conv_bias: bool = True,
+                 bias: bool = False, bidirectional: bool = False, divide_out: bool = True,
+                 layer_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.bidirectional, self.divide_out, self.layer_idx = bidirectional, divide_out, layer_idx
+        self.backend: ScanBackend = TORCH_BACKEND
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        for direction in self.directions:
+            self._init_direction(direction, conv_bias, dt_min, dt_max, dt_init_floor, dt_scale, factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self.state_extensions = nn.ModuleDict()
+        self.affixes = nn.ModuleDict()
+
+    @property
+    def directions(self) -> tuple[Direction, ...]:
+        return (FORWARD, BACKWARD) if self.bidirectional else (FORWARD,)
+
+    def _init_direction(self, d: Direction, conv_bias, dt_min, dt_max, dt_init_floor, dt_scale, factory):
+        """Create one direction's parameters with mamba_ssm's initialisation."""
+        conv = nn.Conv1d(self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner,
+                         padding=self.d_conv - 1, bias=conv_bias, **factory)
+        x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False, **factory)
+        dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        dt_std = self.dt_rank ** -0.5 * dt_scale
+        nn.init.uniform_(dt_proj.weight, -dt_std, dt_std)
+        dt = torch.exp(torch.rand(self.d_inner, **factory) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        with torch.no_grad():  # inverse softplus, so softplus(bias) == dt at init
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        dt_proj.bias._no_reinit = True
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=factory["device"])
+        A_log = nn.Parameter(torch.log(A).repeat(self.d_inner, 1))  # (d_inner, d_state)
+        A_log._no_weight_decay = True
+        D = nn.Parameter(torch.ones(self.d_inner, device=factory["device"]))
+        D._no_weight_decay = True
+        for name, module in ((d.conv1d, conv), (d.x_proj, x_proj), (d.dt_proj, dt_proj)):
+            self.add_module(name, module)
+        self.register_parameter(d.A_log, A_log)
+        self.register_parameter(d.D, D)
+
+    def output_parts(self, child: str) -> dict[str, tuple[int, int]]:
+        """Named row blocks [start, stop) of a projection's output (targets of LoRA_p methods)."""
+        if child == "in_proj":
+            return {"x": (0, self.d_inner), "z": (self.d_inner, 2 * self.d_inner)}
+        if child in (FORWARD.x_proj, BACKWARD.x_proj):
+            r, n = self.dt_rank, self.d_state
+            return {"dt": (0, r), "B": (r, r + n), "C": (r + n, r + 2 * n)}
+        return {}
+
+    # -- one direction of the SSM ------------------------------------------------------------
+    def _ssm_inputs(self, x: torch.Tensor, d: Direction):
+        """x: (B, D_inner, L) after conv. Returns delta (B, D_inner, L), A (D_inner, N'), B, C (B, N', L)."""
+        x_dbl = getattr(self, d.x_proj)(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = getattr(self, d.dt_proj)(dt).transpose(1, 2)  # (B, D_inner, L), bias included
+        A = -torch.exp(getattr(self, d.A_log).float())  # (D_inner, N)
+        B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, N, L)
+        if d.key in self.state_extensions:
+            A, B, C = self.state_extensions[d.key](x, A, B, C)
+        return delta, A, B, C
+
+    def _scan_direction(self, xz: torch.Tensor, d: Direction, state: MixerState | None = None):
+        """xz: (B, 2*D_inner, L) in this direction's time order -> y: (B, D_inner, L)."""
+        n_affix = 0
+        if d.key in self.affixes:
+            tokens = self.affixes[d.key]()  # (n, 2*D_inner)
+            n_affix = tokens.shape[0]
+            xz = torch.cat([tokens.t().unsqueeze(0).expand(xz.shape[0], -1, -1).to(xz.dtype), xz], dim=2)
+        x, z = xz.chunk(2, dim=1)  # (B, D_inner, L')
+        conv = getattr(self, d.conv1d)
+        x_conv = self.backend.causal_conv1d(x, conv.weight.squeeze(1), conv.bias, "silu")
+        delta, A, B, C = self._ssm_inputs(x_conv, d)
+        result = self.backend.selective_scan(x_conv, delta, A, B, C, getattr(self, d.D).float(), z,
+                                             delta_softplus=True, return_last_state=state is not None)
+        if state is not None:
+            y, last = result
+            state.ssm = last.float()
+            state.conv = F.pad(x, (max(self.d_conv - x.shape[-1], 0), 0))[..., -self.d_conv:].detach()
+        else:
+            y = result
+        return y[..., n_affix:]
+
+    def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
+        """hidden_states: (B, L, D_model) -> (B, L, D_model).
+
+        When ``state`` is given (unidirectional only), it is filled with the final recurrent state,
+        so :meth:`step` can continue the sequence (generation prefill).
+        """
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*D_inner, L)
+        y = self._scan_direction(xz, FORWARD, state)
+        if self.bidirectional:
+            if state is not None:
+                raise ValueError("Recurrent state is only defined for unidirectional mixers.")
+            y_b = self._scan_direction(xz.flip(-1), BACKWARD).flip(-1)
+            y = (y + y_b) / 2 if self.divide_out else y + y_b
+        return self.out_proj(y.transpose(1, 2))
+
+    def empty_state(self, batch: int, device=None) -> MixerState:
+        n_state = self.d_state + (self.state_extensions[FORWARD.key].n_extra
+                                  if FORWARD.key in self.state_extensions else 0)
+        return MixerState(conv=torch.zeros(batch, self.d_inner, self.d_conv, device=device),
+                          ssm=torch.zeros(batch, self.d_inner, n_state, device=device))
+
+    def step(self, hidden_states: torch.Tensor, state: MixerState) -> torch.Tensor:
+        """One token: hidden_states (B, 1, D_model) -> (B, 1, D_model); updates ``state``."""
+        if self.bidirectional:
+            raise ValueError("Step mode is only defined for unidirectional (language) mixers.")
+        xz = self.in_proj(hidden_states.squeeze(1))  # (B, 2*D_inner)
+        x, z = xz.chunk(2, dim=-1)
+        state.conv = torch.cat([state.conv[..., 1:], x.unsqueeze(-1).to(state.conv.dtype)], dim=-1)
+        conv = self.conv1d
+        x_conv = (state.conv * conv.weight.squeeze(1)).sum(-1)
+        if conv.bias is not None:
+            x_conv = x_conv + conv.bias
+        x_conv = F.silu(x_conv).to(x.dtype)  # (B, D_inner)
+        delta, A, B, C = self._ssm_inputs(x_conv.unsqueeze(-1), FORWARD)
+        y = selective_state_step(state.ssm, x_conv, delta[..., 0], A, B[..., 0], C[..., 0],
+                                 self.D.float(), z, delta_softplus=True)
+        return self.out_proj(y).unsqueeze(1)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block of Vim and mamba_ssm (``fused_add_norm=False`` semantics).
+
+    residual <- residual + drop_path(hidden); hidden <- mixer(norm(residual)); the residual stream
+    is kept in fp32 when residual_in_fp32. Vim applies each block's drop-path to the *incoming*
+    previous-layer output.
+    """
+
+    def __init__(self, d_model: int, mixer: Mamba, norm_eps: float = 1e-5, drop_path: float = 0.0,
+                 residual_in_fp32: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.mixer = mixer
+        self.norm = RMSNorm(d_model, eps=norm_eps, device=device, dtype=dtype)
+        self.drop_path = DropPath(drop_path)
+        self.residual_in_fp32 = residual_in_fp32
+
+    def _add_and_norm(self, hidden, residual):
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        normed = self.norm(residual.to(self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.float()
+        return normed, residual
+
+    def forward(self, hidden, residual=None, state: MixerState | None = None):
+        """hidden, residual: (B, L, D) -> (mixer output, residual)."""
+        normed, residual = self._add_and_norm(hidden, residual)
+        return self.mixer(normed, state=state), residual
+
+    def step(self, hidden, residual, state: MixerState):
+        """hidden, residual: (B, 1, D) -> (mixer output, residual) for one generated token."""
+        normed, residual = self._add_and_norm(hidden, residual)
+        return self.mixer.step(normed, state), residual

@@ -1,0 +1,264 @@
+"""Selective-scan and causal-conv1d backends.
+
+This is the only module that imports the optional CUDA kernels (``mamba_ssm``, ``causal_conv1d``).
+It exports an exact pure-PyTorch implementation and a CUDA wrapper with the same signatures, and
+one function, :func:`resolve_backend`, that picks between them for every caller.
+
+Shapes follow mamba_ssm's ``selective_scan_fn``:
+    u, delta, z: (B, D, L)    A: (D, N)    B, C: (B, N, L)    D, delta_bias: (D,)
+    out: (B, D, L)            last_state: (B, D, N)
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional CUDA kernels; None when missing (as in mamba_ssm's own modules)
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
+except ImportError:  # pragma: no cover - depends on the machine
+    _cuda_selective_scan = None
+try:
+    from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d
+except ImportError:  # pragma: no cover - depends on the machine
+    _cuda_causal_conv1d = None
+
+BACKEND_ENV = "MAMBAPEFT_SCAN_BACKEND"
+BACKEND_NAMES = ("auto", "torch", "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# The recurrence h_t = exp(delta_t * A) h_{t-1} + b_t, vectorised in chunks
+# ----------------------------------------------------------------------------------------------
+def _chunk_length(length: int) -> int:
+    """~sqrt(L); a divisor of L near it when there is one (no padding copy needed)."""
+    root = math.isqrt(max(length, 1))
+    for step in range(root, max(1, root // 2) - 1, -1):
+        if length % step == 0 and length // step <= 2 * root + 1:
+            return step
+    return root + 1
+
+
+def _chunked(x: torch.Tensor, step: int, copy: bool = False) -> torch.Tensor:
+    """(L, ...) -> (chunks, step, ...), zero-padding the time axis when L is not a multiple.
+    With ``copy`` the result never shares memory with ``x`` (it is updated in place)."""
+    pad = -x.shape[0] % step
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+    elif copy:
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x.reshape(-1, step, *x.shape[1:])
+
+
+def _decay(delta: torch.Tensor, A_t: torch.Tensor) -> torch.Tensor:
+    """exp(delta (..., D) x A_t (N, D)) -> (..., N, D), computed in place after the broadcast product."""
+    return torch.mul(delta.unsqueeze(-2), A_t).exp_()
+
+
+def _recurrence(decay: torch.Tensor, h: torch.Tensor, delta: torch.Tensor, A_t: torch.Tensor,
+                reverse: bool) -> torch.Tensor:
+    """Solve, in place in ``h`` (chunks, step, B, N, D) holding the drive b:
+
+    forward:  h_t = decay_t h_{t-1} + b_t          reverse: h_t = decay_{t+1} h_{t+1} + b_t
+
+    One pass over the ~sqrt(L) positions of a chunk runs all chunks at once; a pass over the ~sqrt(L)
+    chunks carries the state across boundaries; the carried state reaches every position through
+    the decay accumulated from the chunk's edge, exp(partial sums of delta x A). A is constant in
+    time, so those sums are taken on the small (L, B, D) delta. Only decays <= 1 are multiplied:
+    the result is exact and cannot overflow. D is the innermost axis so every product vectorises.
+    """
+    step = h.shape[1]
+    positions = range(step - 2, -1, -1) if reverse else range(1, step)
+    for t in positions:
+        neighbour = t + 1 if reverse else t - 1
+        h[:, t].addcmul_(decay[:, t + 1 if reverse else t], h[:, neighbour])
+    sums = delta.cumsum(1)  # (chunks, step, B, D)
+    if reverse:  # decay from position t+1 to the chunk's end
+        edge = _decay(sums[:, -1:] - sums, A_t)
+        chunks = range(h.shape[0] - 2, -1, -1)
+    else:  # decay from the chunk's start to position t
+        edge = _decay(sums, A_t)
+        chunks = range(1, h.shape[0])
+    carry = torch.zeros_like(h[:, 0])
+    for c in chunks:
+        if reverse:  # state entering chunk c from the right: decay of c+1's first step times its state
+            carry[c] = decay[c + 1, 0] * (h[c + 1, 0] + edge[c + 1, 0] * carry[c + 1])
+        else:
+            carry[c] = torch.addcmul(h[c - 1, -1], edge[c - 1, -1], carry[c - 1])
+    return h.addcmul_(edge, carry.unsqueeze(1))
+
+
+class _SelectiveScanCore(torch.autograd.Function):
+    """y_t = C_t . h_t with h_t = exp(delta_t A) h_{t-1} + du_t B_t, and a hand-written backward.
+
+    delta, du: (L, B, D)  A_t: (N, D)  B, C: (L, B, N)  ->  y (L, B, D), last state (B, N, D).
+    The state gradient is the same recurrence run in reverse, so nothing per time step is kept
+    for autograd; every contraction over D or N is a batched matmul on the time-major layout.
+    """
+
+    @staticmethod
+    def forward(ctx, delta, A_t, du, B, C):
+        length, step = delta.shape[0], _chunk_length(delta.shape[0])
+        delta_c = _chunked(delta, step)  # (chunks, step, B, D); padded steps have delta 0 (decay 1)
+        decay = _decay(delta_c, A_t)  # (chunks, step, B, N, D)
+        drive = torch.mul(B.unsqueeze(-1), du.unsqueeze(-2))  # (L, B, N, D)
+        h = _recurrence(decay, _chunked(drive, step), delta_c, A_t, reverse=False)
+        states = h.flatten(0, 1)[:length]  # (L, B, N, D)
+        y = torch.matmul(C.unsqueeze(-2), states).squeeze(-2)  # (L, B, D)
+        ctx.save_for_backward(delta_c, A_t, du, B, C, decay, h)
+        ctx.length = length
+        last = states[-1].clone()
+        ctx.mark_non_differentiable(last)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_last):
+        delta_c, A_t, du, B, C, decay, h = ctx.saved_tensors
+        length, step = ctx.length, delta_c.shape[1]
+        states = h.flatten(0, 1)[:length]
+        grad_y = grad_y.contiguous()
+        grad_C = torch.matmul(states, grad_y.unsqueeze(-1)).squeeze(-1)  # (L, B, N)
+        # state gradient: g_t = C_t grad_y_t + decay_{t+1} g_{t+1}
+        g = _recurrence(decay, _chunked(torch.mul(C.unsqueeze(-1), grad_y.unsqueeze(-2)), step),
+                        delta_c, A_t, reverse=True).flatten(0, 1)[:length]  # (L, B, N, D)
+        grad_du = torch.matmul(B.unsqueeze(-2), g).squeeze(-2)  # (L, B, D)
+        grad_B = torch.matmul(g, du.unsqueeze(-1)).squeeze(-1)  # (L, B, N)
+        # d decay_t = g_t h_{t-1} and decay_t = exp(delta_t A): w_t = g_t h_{t-1} decay_t
+        w = g[1:].mul_(states[:-1]).mul_(decay.flatten(0, 1)[1:length])
+        delta = delta_c.flatten(0, 1)[:length]
+        grad_A_t = (w * delta[1:].unsqueeze(-2)).sum((0, 1))  # (N, D)
+        grad_delta = torch.cat([delta.new_zeros(1, *delta.shape[1:]), w.mul_(A_t).sum(-2)])
+        return grad_delta, grad_A_t, grad_du, grad_B, grad_C
+
+
+# ----------------------------------------------------------------------------------------------
+# Selective scan: PyTorch reference and CUDA wrapper (same signature)
+# ----------------------------------------------------------------------------------------------
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False):
+    """Exact selective scan in PyTorch (fp32 compute), vectorised over time in chunks.
+
+    u: (B, D, L)  delta: (B, D, L)  A: (D, N)  B: (B, N, L)  C: (B, N, L)  D: (D,)  z: (B, D, L)
+    Returns out (B, D, L) [, last_state (B, D, N)].
+    """
+    dtype_in = u.dtype
+    compute = torch.float64 if dtype_in == torch.float64 else torch.float32  # fp32, or fp64 for checks
+    u, delta = u.to(compute), delta.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(compute)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    def time_major(x):  # (B, C, L) -> (L, B, C): each time step one contiguous block
+        return x.to(compute).permute(2, 0, 1).contiguous()
+
+    delta_t = time_major(delta)
+    y, last = _SelectiveScanCore.apply(delta_t, A.to(compute).t(), delta_t * time_major(u), time_major(B),
+                                       time_major(C))
+    out = y.permute(1, 2, 0)  # (B, D, L)
+    if D is not None:
+        out = out + u * D[..., None].to(compute)
+    if z is not None:
+        out = out * F.silu(z.to(compute))
+    out = out.to(dtype_in)
+    return (out, last.transpose(1, 2)) if return_last_state else out
+
+
+def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        return_last_state=False):
+    """mamba_ssm's fused CUDA selective scan (``selective_scan_fn``); same arguments as above."""
+    if _cuda_selective_scan is None:
+        raise RuntimeError("The CUDA scan backend needs mamba-ssm: install it with "
+                           "`pip install mamba-ssm` (or `mambapeft setup-gpu`).")
+    return _cuda_selective_scan(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(),
+                                C.contiguous(), D, z if z is None else z.contiguous(), delta_bias,
+                                delta_softplus, return_last_state)
+
+
+def selective_state_step(state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
+                         delta_softplus=False):
+    """One recurrent step (generation). Updates ``state`` in place.
+
+    state: (B, D, N)  x, delta, z: (B, D)  A: (D, N)  B, C: (B, N)  D: (D,). Returns y: (B, D).
+    """
+    compute = state.dtype  # fp32 (fp64 in checks), whatever the activations' dtype
+    delta = delta.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    decay = torch.exp(delta[..., None] * A.to(compute))  # (B, D, N)
+    drive = (delta * x.to(compute))[..., None] * B.to(compute)[:, None, :]  # (B, D, N)
+    state.copy_(state * decay + drive)
+    y = torch.einsum("bdn,bn->bd", state, C.to(compute))
+    if D is not None:
+        y = y + x.to(compute) * D.to(compute)
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal depthwise conv1d
+# ----------------------------------------------------------------------------------------------
+def causal_conv1d_torch(x, weight, bias=None, activation="silu"):
+    """x: (B, D, L)  weight: (D, W)  bias: (D,). Left-padded depthwise conv; returns (B, D, L)."""
+    width = weight.shape[-1]
+    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    return F.silu(out) if activation == "silu" else out
+
+
+def causal_conv1d_cuda(x, weight, bias=None, activation="silu"):
+    """causal-conv1d's CUDA kernel, or the PyTorch conv when the package is missing (documented)."""
+    if _cuda_causal_conv1d is None:
+        return causal_conv1d_torch(x, weight, bias, activation)
+    return _cuda_causal_conv1d(x, weight, bias, activation=activation)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend selection
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScanBackend:
+    """A consistent set of kernels; ``name`` is recorded in every run's metrics.json."""
+
+    name: str
+    selective_scan: Callable
+    causal_conv1d: Callable
+
+
+TORCH_BACKEND = ScanBackend("torch", selective_scan_torch, causal_conv1d_torch)
+CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda)
+
+
+def cuda_kernels_available() -> bool:
+    return _cuda_selective_scan is not None and torch.cuda.is_available()
+
+
+def resolve_backend(device: torch.device | str, requested: str | None = "auto") -> ScanBackend:
+    """Pick the scan backend for ``device``.
+
+    ``requested`` (or the environment variable MAMBAPEFT_SCAN_BACKEND when it is "auto"/None) is one
+    of "auto", "torch", "cuda". "auto" means the CUDA kernels on a CUDA device when mamba-ssm is
+    installed, else the PyTorch scan. Asking for "cuda" where it cannot run is an error.
+    """
+    requested = requested or "auto"
+    if requested == "auto":
+        requested = os.environ.get(BACKEND_ENV, "auto") or "auto"
+    if requested not in BACKEND_NAMES:
+        raise ValueError(f"Unknown scan backend {requested!r} (from argument or ${BACKEND_ENV}); "
+                         f"choose one of {', '.join(BACKEND_NAMES)}.")
+    on_cuda = torch.device(device).type == "cuda"
+    if requested == "torch":
+        return TORCH_BACKEND
+    if requested == "cuda":
+        if not on_cuda:
+            raise ValueError("Scan backend 'cuda' was requested but the model is not on a CUDA device.")
+        if _cuda_selective_scan is None:
+            raise RuntimeError("Scan backend 'cuda' was requested but mamba-ssm is not installed: "
+                               "`pip install mamba-ssm causal-conv1d` (see README, GPU setup).")
+        return CUDA_BACKEND
+    return CUDA_BACKEND if on_cuda and _cuda_selective_scan is not None else TORCH_BACKEND

@@ -1,0 +1,67 @@
+"""Parallel adapter (AdaptFormer-style), MambaPEFT's "ParallelAdapter": a bottleneck MLP beside a
+projection, ``out = base(y) + s * up(dropout(relu(down(y))))``, with ``up`` zero-initialised.
+In the paper it sits parallel to ``out_proj`` only (not the whole block)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .registry import ParamGroup, register
+from .targets import find_modules, replace_module
+
+ACTIVATIONS = {"relu": nn.ReLU, "identity": nn.Identity}
+
+
+@dataclass(frozen=True)
+class ParallelAdapterSpec:
+    targets: tuple[str, ...] = ("mixer.out_proj",)
+    """Linear modules to put the adapter beside (exact path, dotted suffix or ``re:``)."""
+    dim: int = 32
+    """Bottleneck width."""
+    scale: float = 0.1
+    """Multiplier of the adapter output (the original's ``s_adaptf``)."""
+    dropout: float = 0.1
+    """Dropout inside the bottleneck."""
+    activation: str = "relu"
+    """``relu`` or ``identity``."""
+    layers: tuple[int, ...] | None = None
+    """Restrict to these block indices (default: all)."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier."""
+    weight_decay_mult: float | None = None
+    """Weight-decay multiplier (None: trainer default)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.dim < 1:
+            raise ValueError(f"parallel_adapter `dim` must be >= 1, got {self.dim}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"parallel_adapter `activation` must be one of {sorted(ACTIVATIONS)}")
+
+
+class ParallelAdapter(nn.Module):
+    def __init__(self, base: nn.Linear, spec: ParallelAdapterSpec):
+        super().__init__()
+        self.base = base
+        self.adapter_down = nn.Linear(base.in_features, spec.dim, bias=False)
+        self.adapter_up = nn.Linear(spec.dim, base.out_features, bias=False)
+        nn.init.zeros_(self.adapter_up.weight)
+        self.act, self.dropout, self.scale = ACTIVATIONS[spec.activation](), nn.Dropout(spec.dropout), spec.scale
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """y: (..., in) -> (..., out)."""
+        return self.base(y) + self.scale * self.adapter_up(self.dropout(self.act(self.adapter_down(y))))
+
+
+@register("parallel_adapter", spec=ParallelAdapterSpec)
+def apply(model: nn.Module, spec: ParallelAdapterSpec) -> list[ParamGroup]:
+    params = []
+    for path, base in find_modules(model, list(spec.targets), spec.layers, kinds=(nn.Linear,)).items():
+        wrapper = ParallelAdapter(base, spec)
+        replace_module(model, path, wrapper)
+        params += [wrapper.adapter_down.weight, wrapper.adapter_up.weight]
+    return [ParamGroup("parallel_adapter", params, spec.lr_mult, spec.weight_decay_mult)]

@@ -1,0 +1,62 @@
+"""(IA)^3: learned per-channel scaling vectors, initialised to one (no change at init).
+
+``side: output`` scales a projection's output channels (e.g. in_proj's x and z), ``side: input``
+scales its input channels (e.g. out_proj's input, the analogue of IA3's feed-forward scaling).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .registry import ParamGroup, register
+from .targets import find_modules, replace_module
+
+SIDES = ("output", "input")
+
+
+@dataclass(frozen=True)
+class IA3Spec:
+    targets: tuple[str, ...] = ()
+    """Linear modules to scale (exact path, dotted suffix or ``re:``)."""
+    side: str = "output"
+    """``output``: scale the module's output channels; ``input``: scale its input channels."""
+    layers: tuple[int, ...] | None = None
+    """Restrict to these block indices (default: all)."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier."""
+    weight_decay_mult: float | None = 0.0
+    """Weight-decay multiplier (0: decay toward zero would disable the channel)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.targets:
+            raise ValueError("ia3 needs at least one entry in `targets`")
+        if self.side not in SIDES:
+            raise ValueError(f"ia3 `side` must be one of {SIDES}, got {self.side!r}")
+
+
+class IA3Linear(nn.Module):
+    def __init__(self, base: nn.Linear, side: str):
+        super().__init__()
+        self.base, self.side = base, side
+        width = base.out_features if side == "output" else base.in_features
+        self.ia3_scale = nn.Parameter(torch.ones(width, device=base.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.side == "input":
+            return self.base(x * self.ia3_scale.to(x.dtype))
+        return self.base(x) * self.ia3_scale.to(x.dtype)
+
+
+@register("ia3", spec=IA3Spec)
+def apply(model: nn.Module, spec: IA3Spec) -> list[ParamGroup]:
+    params = []
+    for path, base in find_modules(model, list(spec.targets), spec.layers, kinds=(nn.Linear,)).items():
+        wrapper = IA3Linear(base, spec.side)
+        replace_module(model, path, wrapper)
+        params.append(wrapper.ia3_scale)
+    return [ParamGroup("ia3", params, spec.lr_mult, spec.weight_decay_mult)]

@@ -1,0 +1,236 @@
+"""LoRA family: low-rank updates on Linear, Conv2d (patch embedding) and Embedding modules.
+
+Two application styles, as in MambaPEFT:
+  * ``activation``: ``base(x) + s * up(dropout(down(x)))`` (in_proj, X/Z halves, out_proj, embed);
+  * ``merged``: ``x @ (W + s * up.weight @ down.weight)^T``, no dropout (x_proj, its dt/B/C rows,
+    dt_proj; SLL LoRA's out_proj/x_proj).
+``part`` restricts the update to a named block of output rows of a mixer projection (the X or Z
+half of in_proj; the dt, B or C rows of x_proj), which is how LoRA_p(X), LoRA_p(B)... are defined.
+``dora`` re-normalises the updated weight per input column (DoRA), with a trainable magnitude.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import ParamGroup, PeftConfigError, register
+from .targets import find_modules, owning_mixer, replace_module
+
+STYLES = ("activation", "merged")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    targets: tuple[str, ...] = ()
+    """Modules to adapt: exact path, dotted suffix (``mixer.in_proj``) or ``re:<regex>``."""
+    rank: int = 8
+    """Bottleneck width (the original code's ``dim_*``)."""
+    scale: float = 1.0
+    """Multiplier of the low-rank update (the original's ``s_*``; there is no alpha/rank)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (activation style only)."""
+    style: str = "activation"
+    """``activation`` or ``merged`` (see module docstring)."""
+    part: str | None = None
+    """Named block of output rows of a mixer projection: in_proj: x|z; x_proj(_b): dt|B|C."""
+    layers: tuple[int, ...] | None = None
+    """Restrict to these block indices (default: all)."""
+    dora: bool = False
+    """Weight-decomposed LoRA: trainable per-column magnitude of the updated weight."""
+    embedding_init_std: float = 1.0
+    """Std of the down-projection of an Embedding target (SLL LoRA uses N(0, 1))."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier for this member's parameters."""
+    weight_decay_mult: float | None = None
+    """Weight-decay multiplier (None: the trainer's default rule)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.targets:
+            raise ValueError("lora needs at least one entry in `targets`")
+        if self.rank < 1:
+            raise ValueError(f"lora `rank` must be >= 1, got {self.rank}")
+        if self.style not in STYLES:
+            raise ValueError(f"lora `style` must be one of {STYLES}, got {self.style!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora `dropout` must be in [0, 1), got {self.dropout}")
+        if self.style == "merged" and self.dropout:
+            raise ValueError("lora `dropout` only applies to style `activation` (merged updates have none)")
+
+
+class LowRankUpdate(nn.Module):
+    """One low-rank update of output rows [start, stop) of a Linear.
+
+    down (kaiming-uniform, no bias) -> up (zeros): the update is exactly zero at init.
+    """
+
+    def __init__(self, in_features: int, rows: tuple[int, int], spec: LoraSpec, base_weight: torch.Tensor):
+        super().__init__()
+        self.rows, self.style, self.scale = rows, spec.style, spec.scale
+        self.lora_down = nn.Linear(in_features, spec.rank, bias=False, device=base_weight.device)
+        self.lora_up = nn.Linear(spec.rank, rows[1] - rows[0], bias=False, device=base_weight.device)
+        nn.init.zeros_(self.lora_up.weight)
+        self.dropout = nn.Dropout(spec.dropout)
+        self.magnitude = None
+        if spec.dora:  # DoRA: magnitude of each input column of the adapted rows, from the pretrained W
+            self.magnitude = nn.Parameter(self._block(base_weight).detach().float().norm(p=2, dim=0))
+
+    def _block(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight[self.rows[0]:self.rows[1]]
+
+    @property
+    def acts_on_weight(self) -> bool:
+        """True when the update is folded into the weight (merged style or DoRA)."""
+        return self.style == "merged" or self.magnitude is not None
+
+    def block_delta(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """Update of the adapted rows: (stop - start, in_features)."""
+        delta = self.scale * self.lora_up.weight @ self.lora_down.weight
+        if self.magnitude is None:
+            return delta
+        block = self._block(base_weight)
+        updated = block + delta
+        # DoRA: the column norm is a constant in the backward pass (as in the original code)
+        return self.magnitude * updated / updated.norm(p=2, dim=0).detach() - block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Activation style: x (..., in) -> (..., stop - start)."""
+        return self.scale * self.lora_up(self.lora_down(self.dropout(x)))
+
+
+class LoraLinear(nn.Module):
+    """Wraps ``base`` (kept as ``self.base``) with one or more low-rank updates, keyed by the output
+    part they adapt (``full``, ``x``, ``z``, ``dt``, ``B``, ``C``), so LoRA(in_proj) and LoRA_p(X)
+    can adapt the same projection in one hybrid method."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.updates = nn.ModuleDict()
+
+    def add(self, key: str, update: LowRankUpdate, path: str) -> None:
+        if key in self.updates:
+            raise PeftConfigError(f"{path} already has a LoRA update on part {key!r}; "
+                                  "two members of one method adapt the same rows")
+        self.updates[key] = update
+
+    def _padding(self, update: LowRankUpdate) -> tuple[int, int]:
+        return update.rows[0], self.base.out_features - update.rows[1]
+
+    def _weight(self, updates) -> torch.Tensor:
+        weight = self.base.weight
+        for u in updates:
+            weight = weight + F.pad(u.block_delta(self.base.weight), (0, 0, *self._padding(u)))
+        return weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The merged weight W + all updates (what a fused kernel must be given; equals the
+        activation-style output exactly when dropout is inactive)."""
+        return self._weight(self.updates.values())
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) -> (..., out)."""
+        folded = [u for u in self.updates.values() if u.acts_on_weight]
+        out = F.linear(x, self._weight(folded), self.base.bias) if folded else self.base(x)
+        for u in self.updates.values():
+            if not u.acts_on_weight:
+                out = out + F.pad(u(x), self._padding(u))
+        return out
+
+
+class LoraConv2d(nn.Module):
+    """Patch-embedding adapter: Conv2d(in, r, k, stride, no bias) -> dropout -> Conv2d(r, out, 1) (zeros)."""
+
+    def __init__(self, base: nn.Conv2d, spec: LoraSpec):
+        super().__init__()
+        self.base = base
+        self.lora_down = nn.Conv2d(base.in_channels, spec.rank, base.kernel_size, base.stride,
+                                   base.padding, bias=False)
+        self.lora_up = nn.Conv2d(spec.rank, base.out_channels, 1, bias=False)
+        nn.init.zeros_(self.lora_up.weight)
+        self.dropout, self.scale = nn.Dropout(spec.dropout), spec.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, D, H/p, W/p)."""
+        return self.base(x) + self.scale * self.lora_up(self.dropout(self.lora_down(x)))
+
+
+class LoraEmbedding(nn.Module):
+    """``base(ids) + s * embedding(ids, A) @ B`` with A ~ N(0, std), B = 0 (SLL LoRA's EmbedAdapter)."""
+
+    def __init__(self, base: nn.Embedding, spec: LoraSpec):
+        super().__init__()
+        self.base = base
+        self.lora_down = nn.Parameter(torch.randn(base.num_embeddings, spec.rank) * spec.embedding_init_std)
+        self.lora_up = nn.Parameter(torch.zeros(spec.rank, base.embedding_dim))
+        self.scale = spec.scale
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: (B, L) -> (B, L, D)."""
+        return self.base(ids) + self.scale * F.embedding(ids, self.lora_down) @ self.lora_up
+
+
+def _rows_for(model: nn.Module, path: str, base: nn.Linear, part: str | None) -> tuple[int, int]:
+    if part is None:
+        return 0, base.out_features
+    parts = owning_mixer(model, path).output_parts(path.rpartition(".")[2])
+    if part not in parts:
+        raise PeftConfigError(f"lora part {part!r} is not defined for {path}; valid parts: {sorted(parts)}")
+    return parts[part]
+
+
+def _adapt_linear(model: nn.Module, path: str, target: nn.Module, spec: LoraSpec) -> list[nn.Parameter]:
+    wrapper = target if isinstance(target, LoraLinear) else LoraLinear(target)
+    rows = _rows_for(model, path, wrapper.base, spec.part)
+    update = LowRankUpdate(wrapper.base.in_features, rows, spec, wrapper.base.weight)
+    wrapper.add(spec.part or "full", update, path)
+    if wrapper is not target:
+        replace_module(model, path, wrapper)
+    return list(update.parameters())
+
+
+def _adapt_other(model: nn.Module, path: str, target: nn.Module, spec: LoraSpec) -> list[nn.Parameter]:
+    if spec.part is not None or spec.dora or spec.style != "activation":
+        raise PeftConfigError(f"lora on {type(target).__name__} ({path}) supports only style "
+                              "`activation` without `part`/`dora`")
+    wrapper = LoraConv2d(target, spec) if isinstance(target, nn.Conv2d) else LoraEmbedding(target, spec)
+    replace_module(model, path, wrapper)
+    return [p for n, p in wrapper.named_parameters() if not n.startswith("base.")]
+
+
+@register("lora", spec=LoraSpec)
+def apply(model: nn.Module, spec: LoraSpec) -> list[ParamGroup]:
+    kinds = (nn.Linear, LoraLinear, nn.Conv2d, nn.Embedding)
+    params = []
+    for path, target in find_modules(model, list(spec.targets), spec.layers, kinds=kinds).items():
+        adapt = _adapt_linear if isinstance(target, (nn.Linear, LoraLinear)) else _adapt_other
+        params += adapt(model, path, target, spec)
+    return [ParamGroup("lora", params, spec.lr_mult, spec.weight_decay_mult)]
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every Linear LoRA into a plain Linear (inference; equal outputs in eval mode)."""
+    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    for path, wrapper in wrapped:
+        merged = nn.Linear(wrapper.base.in_features, wrapper.base.out_features,
+                           bias=wrapper.base.bias is not None, device=wrapper.base.weight.device)
+        with torch.no_grad():
+            merged.weight.copy_(wrapper.weight)
+            if wrapper.base.bias is not None:
+                merged.bias.copy_(wrapper.base.bias)
+        replace_module(model, path, merged)
+

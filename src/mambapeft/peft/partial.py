@@ -1,0 +1,69 @@
+"""Partial tuning: train selected existing tensors (A_log, D, conv1d weights, dt bias, cls token,
+position embedding), either directly or through a zero-initialised additive delta.
+
+``mode: delta`` is MambaPEFT's "v2" reparametrisation ``W = W_pretrained + dW`` (dW starts at 0).
+Decoupled weight decay on dW then pulls the tensor toward its *pretrained* value rather than to
+zero, which is why these methods use decay multipliers of 10 (A, D, conv1d) or 100 (dt bias).
+The delta is installed with ``torch.nn.utils.parametrize``, so the model code is unchanged and
+``module.A_log`` returns the sum wherever it is read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .registry import ParamGroup, register
+from .targets import find_parameters, parent_and_attr
+
+MODES = ("delta", "direct")
+
+
+@dataclass(frozen=True)
+class PartialSpec:
+    targets: tuple[str, ...] = ()
+    """Parameters to tune: exact path, dotted suffix (``mixer.A_log``, ``conv1d.weight``) or ``re:``."""
+    mode: str = "delta"
+    """``delta``: train a zero-initialised additive delta; ``direct``: unfreeze the tensor itself."""
+    layers: tuple[int, ...] | None = None
+    """Restrict to these block indices (default: all)."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier."""
+    weight_decay_mult: float | None = None
+    """Weight-decay multiplier (None: the trainer's default rule, i.e. none for 1-D tensors)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.targets:
+            raise ValueError("partial needs at least one entry in `targets`")
+        if self.mode not in MODES:
+            raise ValueError(f"partial `mode` must be one of {MODES}, got {self.mode!r}")
+
+
+class AddDelta(nn.Module):
+    """Parametrisation original -> original + delta, with delta = 0 at creation."""
+
+    def __init__(self, like: torch.Tensor):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros_like(like, dtype=torch.float32))
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return original + self.delta.to(original.dtype)
+
+
+@register("partial", spec=PartialSpec)
+def apply(model: nn.Module, spec: PartialSpec) -> list[ParamGroup]:
+    params = []
+    for path in find_parameters(model, list(spec.targets), spec.layers):
+        owner, attr = parent_and_attr(model, path)
+        if spec.mode == "direct":
+            params.append(getattr(owner, attr))
+            continue
+        delta = AddDelta(getattr(owner, attr))
+        parametrize.register_parametrization(owner, attr, delta)
+        params.append(delta.delta)
+    return [ParamGroup("partial", params, spec.lr_mult, spec.weight_decay_mult)]

@@ -1,0 +1,245 @@
+"""Learnable-token families.
+
+* ``affix`` (MambaPEFT Affix-tuning): per-layer tokens in in_proj-output (xz) space, prepended at
+  t=0 of each scan (``per_direction``: separate tokens for Vim's forward and flipped backward scan,
+  the original's ``inner_dual_prefix``; otherwise shared, ``inner_single_prefix``). They pass through
+  conv1d and the SSM and are sliced off before out_proj.
+* ``prompt`` (Vim prompt-tuning, shallow VPT): tokens inserted in the token sequence after the
+  position embedding (prefix, suffix, or half before / half after), the class-token index shifted.
+* ``input_tokens`` (language ``prefix`` and ``periodic`` tuning): learnable embeddings placed
+  before the input (prefix) or re-inserted every ``period`` real tokens (periodic). They are never
+  predicted; generation re-inserts them at the same positions.
+
+With ``projection`` the tokens come from a reparametrising MLP (Embedding -> Linear -> Tanh ->
+Linear), which trains better but adds many parameters (the paper's "w/ proj" rows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..models.lm import MixerModel
+from ..models.mamba import Mamba
+from ..models.vim import VisionMamba
+from .registry import ParamGroup, PeftConfigError, register
+
+PLACEMENTS = ("prefix", "suffix", "prefix_suffix")
+
+
+def _check_tokens(n_tokens: int, hidden: int | None):
+    if n_tokens < 1:
+        raise ValueError(f"`n_tokens` must be >= 1, got {n_tokens}")
+    if hidden is not None and hidden < 1:
+        raise ValueError(f"`hidden` must be >= 1, got {hidden}")
+
+
+def _group(name: str, module: nn.Module, lr_mult: float, wd_mult) -> list[ParamGroup]:
+    return [ParamGroup(name, list(module.parameters()), lr_mult, wd_mult)]
+
+
+class TokenEncoder(nn.Module):
+    """``n_tokens`` vectors of ``width``: an Embedding (N(0, 1) init, as HF peft's PrefixEncoder),
+    or with ``projection`` Embedding(n, in_width) -> Linear(in_width, hidden) -> Tanh -> Linear(hidden, width)."""
+
+    def __init__(self, n_tokens: int, width: int, projection: bool = False, in_width: int | None = None,
+                 hidden: int | None = None):
+        super().__init__()
+        self.projection = projection
+        if projection:
+            in_width = in_width or width
+            hidden = hidden or in_width
+            self.embedding = nn.Embedding(n_tokens, in_width)
+            self.transform = nn.Sequential(nn.Linear(in_width, hidden), nn.Tanh(), nn.Linear(hidden, width))
+        else:
+            self.embedding = nn.Embedding(n_tokens, width)
+
+    def forward(self) -> torch.Tensor:
+        """-> (n_tokens, width)."""
+        tokens = self.embedding.weight
+        return self.transform(tokens) if self.projection else tokens
+
+
+# ------------------------------------------------------------------------------------------------
+# affix
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AffixSpec:
+    n_tokens: int = 1
+    """Tokens per layer and scan direction (the original's ``num_virtual_tokens``)."""
+    projection: bool = False
+    """Generate the tokens of all layers from one MLP (the paper's "w/ proj")."""
+    hidden: int | None = None
+    """Hidden width of the projection MLP (default: the token width, 2*d_inner)."""
+    per_direction: bool = True
+    """Separate tokens for each scan direction of a bidirectional (Vim) mixer."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier."""
+    weight_decay_mult: float | None = None
+    """Weight-decay multiplier (None: trainer default)."""
+
+    def __post_init__(self):
+        _check_tokens(self.n_tokens, self.hidden)
+
+
+class AffixTokens(TokenEncoder):
+    """All layers' affix tokens, computed once per model forward: (n, layers, directions, 2*d_inner)."""
+
+    def __init__(self, spec: AffixSpec, n_layers: int, n_dirs: int, width: int):
+        super().__init__(spec.n_tokens, n_layers * n_dirs * width, spec.projection, in_width=width,
+                         hidden=spec.hidden)
+        self.shape = (spec.n_tokens, n_layers, n_dirs, width)
+        self._cached: torch.Tensor | None = None
+
+    def clear_cache(self, *_):
+        self._cached = None
+
+    def tokens(self) -> torch.Tensor:
+        if self._cached is None:  # cleared by a forward pre-hook on the model
+            self._cached = super().forward().view(self.shape)
+        return self._cached
+
+
+class AffixView(nn.Module):
+    """One mixer direction's slice of the shared :class:`AffixTokens` -> (n, 2*d_inner)."""
+
+    def __init__(self, source: AffixTokens, layer: int, direction: int):
+        super().__init__()
+        self._source = (source,)  # a tuple, so the shared parameters are not registered twice
+        self.layer, self.direction = layer, direction
+
+    def forward(self) -> torch.Tensor:
+        return self._source[0].tokens()[:, self.layer, self.direction]
+
+
+@register("affix", spec=AffixSpec)
+def apply_affix(model: nn.Module, spec: AffixSpec) -> list[ParamGroup]:
+    mixers = [m for m in model.modules() if isinstance(m, Mamba)]
+    if not mixers:
+        raise PeftConfigError("affix needs a model with Mamba mixers")
+    n_dirs = len(mixers[0].directions) if spec.per_direction else 1
+    source = AffixTokens(spec, len(mixers), n_dirs, 2 * mixers[0].d_inner)
+    model.affix_tokens = source
+    model.register_forward_pre_hook(source.clear_cache)
+    for layer, mixer in enumerate(mixers):
+        for k, direction in enumerate(mixer.directions):
+            mixer.affixes[direction.key] = AffixView(source, layer, k if spec.per_direction else 0)
+    return _group("affix", source, spec.lr_mult, spec.weight_decay_mult)
+
+
+# ------------------------------------------------------------------------------------------------
+# prompt (vision)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptSpec:
+    n_tokens: int = 2
+    """Number of prompt tokens."""
+    placement: str = "prefix"
+    """``prefix``, ``suffix`` or ``prefix_suffix`` (first half before, second half after)."""
+    projection: bool = False
+    """Generate the tokens with an MLP (Embedding -> Linear -> Tanh -> Linear)."""
+    hidden: int | None = None
+    """Hidden width of the projection (default: embed dim)."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier."""
+    weight_decay_mult: float | None = None
+    """Weight-decay multiplier (None: trainer default)."""
+
+    def __post_init__(self):
+        _check_tokens(self.n_tokens, self.hidden)
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"prompt `placement` must be one of {PLACEMENTS}, got {self.placement!r}")
+
+
+class PromptTokens(TokenEncoder):
+    """Vim extension point ``prompt``: (tokens (B, L, D), cls_index) -> (tokens', cls_index')."""
+
+    def __init__(self, spec: PromptSpec, width: int):
+        super().__init__(spec.n_tokens, width, spec.projection, hidden=spec.hidden)
+        self.placement = spec.placement
+
+    def forward(self, x: torch.Tensor, cls_index: int):
+        tokens = super().forward().unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)  # (B, n, D)
+        if self.placement == "prefix":
+            front, back = tokens, tokens[:, :0]
+        elif self.placement == "suffix":
+            front, back = tokens[:, :0], tokens
+        else:
+            front, back = tokens.tensor_split(2, dim=1)
+        return torch.cat([front, x, back], dim=1), cls_index + front.shape[1]
+
+
+@register("prompt", spec=PromptSpec)
+def apply_prompt(model: nn.Module, spec: PromptSpec) -> list[ParamGroup]:
+    if not isinstance(model, VisionMamba):
+        raise PeftConfigError("prompt tokens are defined for Vim; for language models use `input_tokens`")
+    model.prompt = PromptTokens(spec, model.config.embed_dim)
+    return _group("prompt", model.prompt, spec.lr_mult, spec.weight_decay_mult)
+
+
+# ------------------------------------------------------------------------------------------------
+# input tokens (language prefix / periodic)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputTokensSpec:
+    n_tokens: int = 10
+    """Number of learnable tokens per insertion."""
+    period: int | None = None
+    """Re-insert the same tokens before every ``period`` real tokens (None: prefix only)."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier."""
+    weight_decay_mult: float | None = None
+    """Weight-decay multiplier (None: trainer default)."""
+
+    def __post_init__(self):
+        _check_tokens(self.n_tokens, None)
+        if self.period is not None and self.period < 1:
+            raise ValueError(f"input_tokens `period` must be >= 1, got {self.period}")
+
+
+class InputTokens(nn.Module):
+    """Language extension point ``backbone.input_tokens`` (see :class:`MixerModel`)."""
+
+    def __init__(self, spec: InputTokensSpec, embedding: nn.Embedding, generator: torch.Generator | None = None):
+        super().__init__()
+        # start from real vocabulary embeddings: the usual prompt-tuning initialisation
+        rows = torch.randint(0, embedding.num_embeddings, (spec.n_tokens,), generator=generator)
+        self.tokens = nn.Parameter(embedding.weight.detach()[rows].clone().float())
+        self.period = spec.period
+
+    def tokens_before(self, position: int) -> torch.Tensor | None:
+        """Tokens (n, D) to feed before the real token at ``position``, or None."""
+        if position == 0 or (self.period is not None and position % self.period == 0):
+            return self.tokens
+        return None
+
+    def layout(self, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Positions of the real tokens and of the inserted tokens in the expanded sequence."""
+        n = self.tokens.shape[0]
+        real = torch.arange(length)
+        chunk = real // self.period if self.period is not None else torch.zeros_like(real)
+        real_pos = real + n * (chunk + 1)
+        n_insertions = int(chunk.max()) + 1 if length else 1
+        starts = torch.arange(n_insertions) * ((self.period or 0) + n)
+        token_pos = (starts[:, None] + torch.arange(n)[None]).flatten()
+        return real_pos, token_pos, length + n * n_insertions
+
+    def expand(self, hidden: torch.Tensor):
+        """hidden (B, L, D) -> (B, L', D) with the tokens inserted, and the real-token indices (L,)."""
+        real_pos, token_pos, total = self.layout(hidden.shape[1])
+        real_pos, token_pos = real_pos.to(hidden.device), token_pos.to(hidden.device)
+        out = hidden.new_zeros(hidden.shape[0], total, hidden.shape[2])
+        out[:, real_pos] = hidden
+        repeats = token_pos.numel() // self.tokens.shape[0]
+        out[:, token_pos] = self.tokens.to(hidden.dtype).repeat(repeats, 1)
+        return out, real_pos
+
+
+@register("input_tokens", spec=InputTokensSpec)
+def apply_input_tokens(model: nn.Module, spec: InputTokensSpec) -> list[ParamGroup]:
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, MixerModel):
+        raise PeftConfigError("input_tokens (prefix/periodic) are defined for Mamba language models")
+    backbone.input_tokens = InputTokens(spec, backbone.embedding)
+    return _group("input_tokens", backbone.input_tokens, spec.lr_mult, spec.weight_decay_mult)

@@ -1,0 +1,91 @@
+"""Additional-scan: extra SSM state dimensions per direction (MambaPEFT).
+
+Each adapted direction gets ``n`` new state channels: ``A_log`` (D_inner, n) and an input-dependent
+projection ``x_proj`` (D_inner -> 2n) giving the new B and C rows. With ``position: prefix`` the
+effective parameters are ``A = [A_new | A]``, ``B = [B_new | B]``, ``C = [C_new | C]`` (the original
+re-orders x_proj rows to ``[dt | B_new | B | C_new | C]``, which is the same function). The scan is the
+stock kernel with d_state = N + n. The new x_proj keeps PyTorch's default init (not zero), as in
+the original code, so the output changes at initialisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..models.mamba import Mamba
+from .registry import ParamGroup, PeftConfigError, register
+
+POSITIONS = ("prefix", "suffix")
+A_INITS = ("copy", "arange")
+
+
+@dataclass(frozen=True)
+class AdditionalScanSpec:
+    n: int = 1
+    """Extra state dimensions per direction (the original's ``scan_addition_num``)."""
+    position: str = "prefix"
+    """Where the new dimensions go in the state: ``prefix`` or ``suffix``."""
+    A_init: str = "copy"
+    """``copy``: every new A_log column copies the pretrained column at the same end (column 0 for
+    prefix, -1 for suffix: ``scan_A_copy_from_last``); ``arange``: log(N+1 .. N+n) (mamba init)."""
+    layers: tuple[int, ...] | None = None
+    """Restrict to these block indices (default: all)."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier."""
+    A_weight_decay_mult: float = 0.0
+    """Weight-decay multiplier of the new A_log (0, as the original's ``.A_log`` rule)."""
+    weight_decay_mult: float | None = None
+    """Weight-decay multiplier of the new x_proj (None: trainer default)."""
+
+    def __post_init__(self):
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.n < 1:
+            raise ValueError(f"additional_scan `n` must be >= 1, got {self.n}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"additional_scan `position` must be one of {POSITIONS}")
+        if self.A_init not in A_INITS:
+            raise ValueError(f"additional_scan `A_init` must be one of {A_INITS}")
+
+
+class AdditionalScan(nn.Module):
+    """Mixer extension point ``state_extensions[direction]``: (x, A, B, C) -> (A', B', C')."""
+
+    def __init__(self, spec: AdditionalScanSpec, d_inner: int, pretrained_A_log: torch.Tensor):
+        super().__init__()
+        self.n_extra, self.prefix = spec.n, spec.position == "prefix"
+        if spec.A_init == "copy":
+            column = pretrained_A_log.detach()[:, 0 if self.prefix else -1].float()
+            A_log = column[:, None].repeat(1, spec.n)
+        else:
+            n_state = pretrained_A_log.shape[1]
+            A_log = torch.log(torch.arange(n_state + 1, n_state + spec.n + 1, dtype=torch.float32)).repeat(d_inner, 1)
+        self.A_log = nn.Parameter(A_log.to(pretrained_A_log.device))  # (D_inner, n)
+        self.x_proj = nn.Linear(d_inner, 2 * spec.n, bias=False, device=pretrained_A_log.device)
+
+    def forward(self, x, A, B, C):
+        """x: (B, D_inner, L)  A: (D_inner, N)  B, C: (B, N, L) -> A (D_inner, N+n), B, C (B, N+n, L)."""
+        B_new, C_new = self.x_proj(x.transpose(1, 2)).transpose(1, 2).chunk(2, dim=1)  # (B, n, L) each
+        A_new = -torch.exp(self.A_log.float())
+        pairs = ((A_new, A), (B_new.to(B.dtype), B), (C_new.to(C.dtype), C))
+        return tuple(torch.cat(p if self.prefix else p[::-1], dim=1) for p in pairs)
+
+
+@register("additional_scan", spec=AdditionalScanSpec)
+def apply(model: nn.Module, spec: AdditionalScanSpec) -> list[ParamGroup]:
+    A_params, proj_params = [], []
+    mixers = [m for m in model.modules() if isinstance(m, Mamba)]
+    if not mixers:
+        raise PeftConfigError("additional_scan needs a model with Mamba mixers")
+    for index, mixer in enumerate(mixers):
+        if spec.layers is not None and index not in spec.layers:
+            continue
+        for direction in mixer.directions:
+            ext = AdditionalScan(spec, mixer.d_inner, getattr(mixer, direction.A_log))
+            mixer.state_extensions[direction.key] = ext
+            A_params.append(ext.A_log)
+            proj_params.append(ext.x_proj.weight)
+    return [ParamGroup("additional_scan.A_log", A_params, spec.lr_mult, spec.A_weight_decay_mult),
+            ParamGroup("additional_scan.x_proj", proj_params, spec.lr_mult, spec.weight_decay_mult)]

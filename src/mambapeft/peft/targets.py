@@ -1,0 +1,77 @@
+"""Resolve PEFT targets to modules or parameters: exact path, dotted suffix or anchored regex.
+
+Never plain substrings: ``mixer.x_proj`` matches ``layers.3.mixer.x_proj`` but not
+``layers.3.mixer.x_proj_b`` (the original code's ``'lora_d' in name`` also matched ``lora_dt``).
+A regex is written ``re:<pattern>`` and must match the whole path.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Iterable
+
+import torch.nn as nn
+
+from .registry import PeftConfigError
+
+
+def matches(path: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    return path == pattern or path.endswith("." + pattern)
+
+
+def _layer_of(path: str) -> int | None:
+    found = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
+    return int(found.group(1)) if found else None
+
+
+def _select(paths: Iterable[str], patterns: list[str], layers: list[int] | None, what: str) -> list[str]:
+    paths = list(paths)
+    chosen = [p for p in paths if any(matches(p, pat) for pat in patterns)
+              and (layers is None or _layer_of(p) in layers)]
+    if not chosen:
+        nearest = difflib.get_close_matches(patterns[0].removeprefix("re:"), paths, n=5, cutoff=0.3)
+        raise PeftConfigError(f"No {what} matches targets {patterns}"
+                              + (f" in layers {layers}" if layers is not None else "")
+                              + f"; nearest names: {nearest or paths[:5]}")
+    return chosen
+
+
+def find_modules(model: nn.Module, patterns: list[str], layers: list[int] | None = None,
+                 kinds: tuple[type, ...] = (nn.Module,)) -> dict[str, nn.Module]:
+    """Modules whose path matches one of ``patterns`` and whose type is one of ``kinds``."""
+    named = dict(model.named_modules())
+    chosen = _select(named, patterns, layers, "module")
+    wrong = [p for p in chosen if not isinstance(named[p], kinds)]
+    if wrong:
+        raise PeftConfigError(f"Targets {wrong} are {type(named[wrong[0]]).__name__}, "
+                              f"expected one of {[k.__name__ for k in kinds]}")
+    return {p: named[p] for p in chosen}
+
+
+def find_parameters(model: nn.Module, patterns: list[str], layers: list[int] | None = None) -> list[str]:
+    """Paths of direct parameters (``module.attr``) that match ``patterns``."""
+    return _select((n for n, _ in model.named_parameters()), patterns, layers, "parameter")
+
+
+def parent_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, attr = parent_and_attr(model, path)
+    setattr(parent, attr, new)
+
+
+def owning_mixer(model: nn.Module, path: str) -> nn.Module:
+    """The nearest ancestor of ``path`` that is a Mamba mixer (it knows d_inner, dt_rank, ...)."""
+    from ..models.mamba import Mamba
+
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:cut])) if cut else model
+        if isinstance(module, Mamba):
+            return module
+    raise PeftConfigError(f"{path} is not inside a Mamba mixer")

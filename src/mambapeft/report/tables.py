@@ -1,0 +1,125 @@
+"""Experiment tables from ``metrics.json`` files only (never from checkpoints or logs).
+
+One row per (backbone, method): trainable parameters, one column per task (vision: the VTAB task;
+language: each evaluation task), the mean over tasks, vision group means, and the paper's number
+beside ours when the paper reports that backbone and method. Several seeds are averaged and their
+count and standard deviation of the mean are shown. A run that diverged shows as "diverged".
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from ..io import write_text_atomic
+from ..runspec import domain_file
+from .markdown import frame_to_markdown
+
+GROUPS = ("natural", "specialized", "structured")
+
+
+class ResultsError(ValueError):
+    """A metrics.json that cannot be tabulated; the message names the file."""
+
+
+def read_record(path: str | Path) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ResultsError(f"{path}: cannot read run record ({err}); delete it and re-run that run") from err
+    if record.get("status") not in ("ok", "diverged") or "config" not in record:
+        raise ResultsError(f"{path}: not a complete run record (status {record.get('status')!r})")
+    return record
+
+
+def task_scores(record: dict) -> dict[str, float]:
+    """Per-task value of a run: its VTAB task, or every evaluation task's reported metric."""
+    if record["status"] != "ok":
+        return {}
+    results = record["results"]
+    return {task: r[r.get("report", record["metric"])] for task, r in results.items()}
+
+
+def long_frame(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for record in records:
+        run = record["config"]["run"]
+        base = {"domain": record["config"]["domain"], "backbone": run["backbone"], "method": run["method"],
+                "seed": run["seed"], "label": record["config"]["method"]["label"], "status": record["status"],
+                "trainable_params": record.get("trainable_params"), "total_params": record.get("total_params")}
+        scores = task_scores(record) or {run["task"]: math.nan}
+        rows += [{**base, "task": task, "value": value} for task, value in scores.items()]
+    return pd.DataFrame(rows)
+
+
+def _vision_groups(tasks: list[str]) -> dict[str, list[str]]:
+    from ..data.vtab import task_info
+
+    groups: dict[str, list[str]] = {}
+    for task in tasks:
+        groups.setdefault(task_info(task)["group"], []).append(task)
+    return groups
+
+
+def summary_frame(records: list[dict]) -> tuple[pd.DataFrame, list[str]]:
+    """Wide table, one row per (backbone, method) in methods.yaml order, and the task columns."""
+    long = long_frame(records)
+    domain = long["domain"].iloc[0]
+    order = list(domain_file(domain, "methods"))
+    tasks = list(dict.fromkeys(long["task"]))
+    per_seed = long.pivot_table(index=["backbone", "method", "seed"], columns="task", values="value",
+                                aggfunc="first", dropna=False).reindex(columns=tasks)
+    per_seed["mean"] = per_seed[tasks].mean(axis=1, skipna=False)
+    grouped = per_seed.groupby(level=["backbone", "method"], dropna=False)
+    table = grouped.mean()
+    table["seeds"] = grouped.size()
+    table["mean_std"] = grouped["mean"].std(ddof=1) if len(per_seed) > len(table) else math.nan
+    meta = long.groupby(["backbone", "method"]).agg(label=("label", "first"), trainable_params=("trainable_params", "max"),
+                                                    total_params=("total_params", "max"),
+                                                    diverged=("status", lambda s: (s == "diverged").any()))
+    table = table.join(meta).reset_index()
+    if domain == "vision":
+        for group, members in _vision_groups(tasks).items():
+            table[group] = table[members].mean(axis=1, skipna=False)
+    table["trainable_pct"] = 100.0 * table["trainable_params"] / table["total_params"]
+    _add_paper(table, domain)
+    table["method_order"] = table["method"].map({m: i for i, m in enumerate(order)})
+    return table.sort_values(["backbone", "method_order"]).drop(columns="method_order").reset_index(drop=True), tasks
+
+
+def _add_paper(table: pd.DataFrame, domain: str) -> None:
+    paper = domain_file(domain, "paper")
+    values = [paper.get(b, {}).get(m, {}).get("mean", math.nan) for b, m in zip(table["backbone"], table["method"])]
+    table["paper_mean"] = values
+    table["delta_vs_paper"] = table["mean"] - table["paper_mean"]
+
+
+def _fmt(value, digits: int = 1) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown_table(experiment: str, table: pd.DataFrame, tasks: list[str]) -> str:
+    domain_groups = [g for g in GROUPS if g in table.columns]
+    shown = pd.DataFrame({"backbone": table["backbone"], "method": table["label"],
+                          "trainable": [f"{int(v):,}" if v == v else "" for v in table["trainable_params"]],
+                          "% params": [_fmt(v, 2) for v in table["trainable_pct"]]})
+    for column in [*tasks, *domain_groups, "mean"]:
+        shown[column] = ["diverged" if d else _fmt(v) for v, d in zip(table[column], table["diverged"])]
+    if table["seeds"].max() > 1:
+        shown["± (seeds)"] = [f"{_fmt(s, 2)} ({n})" for s, n in zip(table["mean_std"], table["seeds"])]
+    if table["paper_mean"].notna().any():
+        shown["paper mean"] = [_fmt(v) for v in table["paper_mean"]]
+        shown["Δ vs paper"] = [_fmt(v) if v == v else "" for v in table["delta_vs_paper"]]
+    note = "Accuracy in % on the test split(s); `trainable` excludes the classification head; mean over the tasks shown."
+    return f"# {experiment}\n\n{note}\n\n{frame_to_markdown(shown)}"
+
+
+def write_experiment_table(experiment: str, metrics: list[str], csv_path: Path, md_path: Path) -> pd.DataFrame:
+    records = [read_record(p) for p in metrics]
+    table, tasks = summary_frame(records)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(csv_path, table.to_csv(index=False))
+    write_text_atomic(md_path, markdown_table(experiment, table, tasks))
+    return table

@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests never touch the network; every file they read they write themselves."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(1)  # CI machines have 2 cores; Snakemake jobs in the pipeline test use the other
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on the GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny config run locally once per session: every rule of the DAG (reused by the SLURM test)."""
+    from workflow_helpers import TINY, snakemake
+
+    workdir = tmp_path_factory.mktemp("tiny-local")
+    done = snakemake("-c", "2", "--configfile", TINY, cwd=workdir)
+    return workdir, done

@@ -1,0 +1,134 @@
+"""Backbones: exact parameter counts, official checkpoint layouts, recurrent step mode."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mambapeft.models import build_model
+from mambapeft.models.checkpoints import CheckpointError, build_lm_from_dir, load_lm, load_vim, save_lm, save_vim
+from mambapeft.models.lm import LM_VARIANTS, MambaLMHeadModel
+from mambapeft.models.vim import VIM_VARIANTS
+
+
+def count(model, skip=()):
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(skip))
+
+
+@pytest.mark.parametrize("name", ["vim-t", "vim-s", "vim-b"])
+def test_vim_backbone_parameter_counts(name):
+    with torch.device("meta"):
+        model = build_model(name, num_classes=10)
+    assert count(model, skip=("head.",)) == VIM_VARIANTS[name].backbone_params
+
+
+@pytest.mark.parametrize("name", ["mamba-130m", "mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b"])
+def test_lm_parameter_counts(name):
+    with torch.device("meta"):
+        model = build_model(name)
+    assert model.config.padded_vocab_size == 50280  # 50277 padded to a multiple of 8
+    assert model.lm_head.weight is model.backbone.embedding.weight  # tied
+    assert count(model) == LM_VARIANTS[name].params
+
+
+def test_vim_middle_class_token_and_shapes():
+    model = build_model("vim-t", num_classes=7, img_size=64).eval()
+    seen = []
+    model.norm_f.register_forward_hook(lambda m, i, o: seen.append(o.shape) and None)
+    logits = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 7)
+    assert seen == [(2, 17, 192)]  # 16 patches + the class token
+    images = torch.randn(1, 3, 64, 64)
+    features = model.forward_features(images)
+    assert features.shape == (1, 192)
+    with torch.no_grad():  # the read-out is the token at index 8 = 16 // 2, where the class token sits
+        model.cls_token.add_(1.0)
+    assert not torch.allclose(model.forward_features(images), features)
+
+
+def test_vim_head_is_zero_initialised():
+    model = build_model("vim-mini", num_classes=5)
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+
+
+def test_vim_official_layout_round_trip(tmp_path):
+    source = build_model("vim-mini", num_classes=1000).eval()
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}  # DDP prefix, as some releases
+    torch.save({"model": state}, tmp_path / "vim.pth")
+    target = build_model("vim-mini", num_classes=10).eval()
+    load_vim(target, tmp_path / "vim.pth")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(source.forward_features(x), target.forward_features(x))  # ImageNet head dropped
+    assert target.head.weight.shape == (10, 48)
+
+
+def test_vim_checkpoint_errors_name_the_tensor(tmp_path):
+    model = build_model("vim-mini", num_classes=3)
+    state = model.state_dict()
+    del state["layers.1.mixer.A_b_log"]
+    state["pos_embed"] = torch.zeros(1, 5, 48)
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mixer\.A_b_log.*pos_embed"):
+        load_vim(build_model("vim-mini", num_classes=3), tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_vim(model, tmp_path / "missing.pth")
+
+
+def tiny_lm_config():
+    return {"d_model": 32, "n_layer": 2, "vocab_size": 100, "ssm_cfg": {"d_state": 4}}
+
+
+def test_lm_mamba_ssm_layout_round_trip(tmp_path):
+    model = MambaLMHeadModel(type(build_model("mamba-mini").config)(**tiny_lm_config())).eval()
+    save_lm(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["d_model"] == 32
+    names = set(torch.load(tmp_path / "pytorch_model.bin"))
+    assert "backbone.embedding.weight" in names and "backbone.layers.1.mixer.A_log" in names
+    loaded = build_lm_from_dir(tmp_path).eval()
+    ids = torch.randint(0, 100, (2, 9))
+    assert torch.equal(model(ids), loaded(ids))
+
+
+def test_lm_transformers_layout(tmp_path):
+    """state-spaces/mamba-*-hf: transformers' names (backbone.embeddings) in model.safetensors."""
+    model = MambaLMHeadModel(type(build_model("mamba-mini").config)(**tiny_lm_config())).eval()
+    tensors = {("backbone.embeddings.weight" if k == "backbone.embedding.weight" else k): v.clone()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 104, "state_size": 4, "expand": 2,
+        "conv_kernel": 4, "time_step_rank": 2, "use_bias": False, "use_conv_bias": True,
+        "layer_norm_epsilon": 1e-5, "residual_in_fp32": True, "tie_word_embeddings": True}))
+    loaded = build_lm_from_dir(tmp_path).eval()
+    ids = torch.randint(0, 100, (1, 7))
+    assert torch.equal(model(ids), loaded(ids))
+
+
+def test_lm_checkpoint_mismatch_is_named(tmp_path):
+    config = type(build_model("mamba-mini").config)(**tiny_lm_config())
+    save_lm(MambaLMHeadModel(config), tmp_path)
+    bigger = MambaLMHeadModel(type(config)(**{**tiny_lm_config(), "d_model": 48}))
+    with pytest.raises(CheckpointError, match="in_proj.weight"):
+        load_lm(bigger, tmp_path)
+
+
+def test_lm_step_mode_equals_parallel_forward():
+    model = build_model("mamba-mini", vocab_size=64).eval()
+    ids = torch.randint(0, 64, (3, 20))
+    with torch.no_grad():
+        full = model(ids)
+        states = model.empty_states(3)
+        prefill = model(ids[:, :8], states)
+        stepped = [model._step_token(ids[:, t], t, states) for t in range(8, 20)]
+    assert torch.allclose(prefill, full[:, :8], atol=1e-6)
+    assert torch.allclose(torch.stack(stepped, 1), full[:, 8:], atol=1e-5)
+
+
+def test_greedy_generation_matches_argmax_of_parallel_forward():
+    model = build_model("mamba-mini", vocab_size=64).eval()
+    prompt = torch.randint(1, 64, (2, 6))
+    generated = model.generate(prompt, max_new_tokens=5)
+    sequence = prompt
+    for _ in range(5):  # the same tokens, recomputed from scratch with the parallel forward
+        sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, sequence[:, 6:])
