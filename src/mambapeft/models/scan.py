@@ -173,9 +173,15 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     if _cuda_selective_scan is None:
         raise RuntimeError("The CUDA scan backend needs mamba-ssm: install it with "
                            "`pip install mamba-ssm` (or `mambapeft setup-gpu`).")
-    return _cuda_selective_scan(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(),
-                                C.contiguous(), D, z if z is None else z.contiguous(), delta_bias,
-                                delta_softplus, return_last_state)
+    # the kernel wants delta and z in u's dtype and B, C either fp32 or u's dtype (autocast mixes them)
+    def like_u(t):
+        return t if t is None else t.to(u.dtype).contiguous()
+
+    def fp32_or_like_u(t):
+        return t.contiguous() if t.dtype == torch.float32 else like_u(t)
+
+    return _cuda_selective_scan(u.contiguous(), like_u(delta), A.float().contiguous(), fp32_or_like_u(B),
+                                fp32_or_like_u(C), D, like_u(z), delta_bias, delta_softplus, return_last_state)
 
 
 def selective_state_step(state, x, delta, A, B, C, D=None, z=None, delta_bias=None,

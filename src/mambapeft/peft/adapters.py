@@ -47,8 +47,9 @@ class ParallelAdapter(nn.Module):
     def __init__(self, base: nn.Linear, spec: ParallelAdapterSpec):
         super().__init__()
         self.base = base
-        self.adapter_down = nn.Linear(base.in_features, spec.dim, bias=False)
-        self.adapter_up = nn.Linear(spec.dim, base.out_features, bias=False)
+        device = base.weight.device
+        self.adapter_down = nn.Linear(base.in_features, spec.dim, bias=False, device=device)
+        self.adapter_up = nn.Linear(spec.dim, base.out_features, bias=False, device=device)
         nn.init.zeros_(self.adapter_up.weight)
         self.act, self.dropout, self.scale = ACTIVATIONS[spec.activation](), nn.Dropout(spec.dropout), spec.scale
 

@@ -49,7 +49,8 @@ class IA3Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.side == "input":
             return self.base(x * self.ia3_scale.to(x.dtype))
-        return self.base(x) * self.ia3_scale.to(x.dtype)
+        out = self.base(x)
+        return out * self.ia3_scale.to(out.dtype)
 
 
 @register("ia3", spec=IA3Spec)

@@ -154,9 +154,10 @@ class LoraConv2d(nn.Module):
     def __init__(self, base: nn.Conv2d, spec: LoraSpec):
         super().__init__()
         self.base = base
+        device = base.weight.device
         self.lora_down = nn.Conv2d(base.in_channels, spec.rank, base.kernel_size, base.stride,
-                                   base.padding, bias=False)
-        self.lora_up = nn.Conv2d(spec.rank, base.out_channels, 1, bias=False)
+                                   base.padding, bias=False, device=device)
+        self.lora_up = nn.Conv2d(spec.rank, base.out_channels, 1, bias=False, device=device)
         nn.init.zeros_(self.lora_up.weight)
         self.dropout, self.scale = nn.Dropout(spec.dropout), spec.scale
 
@@ -171,8 +172,9 @@ class LoraEmbedding(nn.Module):
     def __init__(self, base: nn.Embedding, spec: LoraSpec):
         super().__init__()
         self.base = base
-        self.lora_down = nn.Parameter(torch.randn(base.num_embeddings, spec.rank) * spec.embedding_init_std)
-        self.lora_up = nn.Parameter(torch.zeros(spec.rank, base.embedding_dim))
+        device = base.weight.device
+        self.lora_down = nn.Parameter(torch.randn(base.num_embeddings, spec.rank, device=device) * spec.embedding_init_std)
+        self.lora_up = nn.Parameter(torch.zeros(spec.rank, base.embedding_dim, device=device))
         self.scale = spec.scale
 
     @property

@@ -44,16 +44,17 @@ class TokenEncoder(nn.Module):
     or with ``projection`` Embedding(n, in_width) -> Linear(in_width, hidden) -> Tanh -> Linear(hidden, width)."""
 
     def __init__(self, n_tokens: int, width: int, projection: bool = False, in_width: int | None = None,
-                 hidden: int | None = None):
+                 hidden: int | None = None, device=None):
         super().__init__()
         self.projection = projection
         if projection:
             in_width = in_width or width
             hidden = hidden or in_width
-            self.embedding = nn.Embedding(n_tokens, in_width)
-            self.transform = nn.Sequential(nn.Linear(in_width, hidden), nn.Tanh(), nn.Linear(hidden, width))
+            self.embedding = nn.Embedding(n_tokens, in_width, device=device)
+            self.transform = nn.Sequential(nn.Linear(in_width, hidden, device=device), nn.Tanh(),
+                                           nn.Linear(hidden, width, device=device))
         else:
-            self.embedding = nn.Embedding(n_tokens, width)
+            self.embedding = nn.Embedding(n_tokens, width, device=device)
 
     def forward(self) -> torch.Tensor:
         """-> (n_tokens, width)."""
@@ -86,9 +87,9 @@ class AffixSpec:
 class AffixTokens(TokenEncoder):
     """All layers' affix tokens, computed once per model forward: (n, layers, directions, 2*d_inner)."""
 
-    def __init__(self, spec: AffixSpec, n_layers: int, n_dirs: int, width: int):
+    def __init__(self, spec: AffixSpec, n_layers: int, n_dirs: int, width: int, device=None):
         super().__init__(spec.n_tokens, n_layers * n_dirs * width, spec.projection, in_width=width,
-                         hidden=spec.hidden)
+                         hidden=spec.hidden, device=device)
         self.shape = (spec.n_tokens, n_layers, n_dirs, width)
         self._cached: torch.Tensor | None = None
 
@@ -119,7 +120,7 @@ def apply_affix(model: nn.Module, spec: AffixSpec) -> list[ParamGroup]:
     if not mixers:
         raise PeftConfigError("affix needs a model with Mamba mixers")
     n_dirs = len(mixers[0].directions) if spec.per_direction else 1
-    source = AffixTokens(spec, len(mixers), n_dirs, 2 * mixers[0].d_inner)
+    source = AffixTokens(spec, len(mixers), n_dirs, 2 * mixers[0].d_inner, device=next(mixers[0].parameters()).device)
     model.affix_tokens = source
     model.register_forward_pre_hook(source.clear_cache)
     for layer, mixer in enumerate(mixers):
@@ -155,8 +156,8 @@ class PromptSpec:
 class PromptTokens(TokenEncoder):
     """Vim extension point ``prompt``: (tokens (B, L, D), cls_index) -> (tokens', cls_index')."""
 
-    def __init__(self, spec: PromptSpec, width: int):
-        super().__init__(spec.n_tokens, width, spec.projection, hidden=spec.hidden)
+    def __init__(self, spec: PromptSpec, width: int, device=None):
+        super().__init__(spec.n_tokens, width, spec.projection, hidden=spec.hidden, device=device)
         self.placement = spec.placement
 
     def forward(self, x: torch.Tensor, cls_index: int):
@@ -174,7 +175,7 @@ class PromptTokens(TokenEncoder):
 def apply_prompt(model: nn.Module, spec: PromptSpec) -> list[ParamGroup]:
     if not isinstance(model, VisionMamba):
         raise PeftConfigError("prompt tokens are defined for Vim; for language models use `input_tokens`")
-    model.prompt = PromptTokens(spec, model.config.embed_dim)
+    model.prompt = PromptTokens(spec, model.config.embed_dim, device=model.cls_token.device)
     return _group("prompt", model.prompt, spec.lr_mult, spec.weight_decay_mult)
 
 
@@ -204,7 +205,7 @@ class InputTokens(nn.Module):
     def __init__(self, spec: InputTokensSpec, embedding: nn.Embedding, generator: torch.Generator | None = None):
         super().__init__()
         # start from real vocabulary embeddings: the usual prompt-tuning initialisation
-        rows = torch.randint(0, embedding.num_embeddings, (spec.n_tokens,), generator=generator)
+        rows = torch.randint(0, embedding.num_embeddings, (spec.n_tokens,), generator=generator).to(embedding.weight.device)
         self.tokens = nn.Parameter(embedding.weight.detach()[rows].clone().float())
         self.period = spec.period
 

@@ -1,0 +1,101 @@
+"""On a CUDA machine with mamba-ssm: the CUDA kernels compute the same function as the PyTorch
+scan, every PEFT method runs through them, and step mode equals the parallel forward there.
+Skipped without a CUDA device (conftest.py)."""
+import copy
+
+import pytest
+import torch
+
+from mambapeft.models import build_model
+from mambapeft.models.mamba import Mamba
+from mambapeft.models.scan import CUDA_BACKEND, TORCH_BACKEND, cuda_kernels_available, selective_scan_cuda, selective_scan_torch
+from mambapeft.peft import apply_peft, check_gradients, zero_initialised
+from mambapeft.runspec import domain_file, method_definition
+
+pytestmark = pytest.mark.gpu
+needs_kernels = pytest.mark.skipif(not cuda_kernels_available(), reason="mamba-ssm CUDA kernels not installed")
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def set_backend(model, backend):
+    for m in model.modules():
+        if isinstance(m, Mamba):
+            m.backend = backend
+
+
+@needs_kernels
+@pytest.mark.parametrize("d_inner,n,length", [(768, 16, 197), (1536, 16, 256), (1536, 22, 256), (96, 8, 17)])
+def test_selective_scan_backends_agree(d_inner, n, length):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(2, d_inner, length), (2, d_inner, length), (d_inner, n), (2, n, length), (2, n, length), (d_inner,), (2, d_inner, length), (d_inner,)]
+    args = [torch.randn(s, device="cuda", generator=g) for s in shapes]
+    args[2] = -torch.exp(args[2] * 0.5)
+    outs, grads = [], []
+    for fn in (selective_scan_torch, selective_scan_cuda):
+        inputs = [a.clone().requires_grad_() for a in args]
+        y, last = fn(*inputs[:7], delta_bias=inputs[7], delta_softplus=True, return_last_state=True)
+        (y * torch.cos(torch.arange(y.numel(), device="cuda").view_as(y))).sum().backward()
+        outs.append((y, last))
+        grads.append([i.grad for i in inputs])
+    assert rel(outs[1][0], outs[0][0]) <= 1e-4 and rel(outs[1][1], outs[0][1]) <= 1e-4
+    for cuda_grad, torch_grad in zip(grads[1], grads[0]):
+        assert rel(cuda_grad, torch_grad) <= 1e-4
+
+
+@needs_kernels
+@pytest.mark.parametrize("bidirectional,d_model", [(True, 384), (False, 768)])  # a Vim-S and a Mamba-130m block
+def test_mixer_backends_agree(bidirectional, d_model):
+    torch.manual_seed(0)
+    mixer = Mamba(d_model, bidirectional=bidirectional).cuda()
+    x = torch.randn(2, 197, d_model, device="cuda")
+    results = []
+    for backend in (TORCH_BACKEND, CUDA_BACKEND):
+        m = copy.deepcopy(mixer)
+        m.backend = backend
+        xi = x.clone().requires_grad_()
+        m(xi).square().mean().backward()
+        results.append((m(xi.detach()), xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    assert rel(results[1][0], results[0][0]) <= 1e-4
+    assert rel(results[1][1], results[0][1]) <= 1e-4
+    for name, grad in results[0][2].items():
+        assert rel(results[1][2][name], grad) <= 1e-4, name
+
+
+@needs_kernels
+@pytest.mark.parametrize("domain,method", [(d, m) for d in ("vision", "language") for m in domain_file(d, "methods")])
+def test_every_method_runs_through_the_cuda_kernels(domain, method):
+    backbone = "vim-mini" if domain == "vision" else "mamba-mini"
+    model = build_model(backbone, **({"num_classes": 4} if domain == "vision" else {"vocab_size": 64})).cuda()
+    result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
+    set_backend(model, CUDA_BACKEND)
+    zero = [n for n in zero_initialised(result) if not n.startswith("head.")]
+    if domain == "vision":
+        with torch.no_grad():
+            model.head.weight.normal_()
+        inputs = torch.randn(4, 3, 32, 32, device="cuda")
+    else:
+        inputs = torch.randint(0, 64, (2, 40), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # the training precision on CUDA
+        loss = model(inputs).float().logsumexp(-1).mean()
+    if result.trainable:  # zero_shot and linear probing train nothing in the backbone
+        loss.backward()
+        check_gradients(result, zero)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["lorap_x", "affix_noproj", "additional_scan", "periodic"])
+def test_step_mode_equals_parallel_forward_on_gpu(method):
+    model = build_model("mamba-mini", vocab_size=64).cuda()
+    apply_peft(model, method_definition("language", method, "mamba-mini", None)["peft"], method)
+    set_backend(model, CUDA_BACKEND)
+    model.eval()
+    ids = torch.randint(0, 64, (2, 60), device="cuda")
+    with torch.no_grad():
+        full = model(ids)
+        states = model.empty_states(2, "cuda")
+        model(ids[:, :40], states)
+        stepped = torch.stack([model._step_token(ids[:, t], t, states) for t in range(40, 60)], 1)
+    assert rel(stepped, full[:, 40:]) <= 1e-4
