@@ -232,3 +232,15 @@ def test_delta_parametrisation_decays_toward_pretrained():
         delta.grad = torch.zeros_like(delta)
         optimizer.step()
     assert torch.allclose(model.layers[0].mixer.A_log, pretrained, atol=0.01)
+
+
+@pytest.mark.parametrize("domain,method", [("language", "affix"), ("vision", "affix")])
+def test_projected_affix_trains_over_several_steps(domain, method):
+    """The projected tokens are recomputed every forward pass, whichever entry point is used."""
+    model = mini(domain)
+    apply_peft(model, members(domain, method, "vim-mini" if domain == "vision" else "mamba-mini"), method)
+    for _ in range(3):
+        if domain == "vision":
+            model(torch.randn(2, 3, 32, 32)).sum().backward()
+        else:
+            model.forward_hidden(torch.randint(0, 64, (2, 9))).sum().backward()

@@ -122,6 +122,31 @@ def cmd_figures(args) -> None:
     write_figures(Path(args.table), Path(args.scatter), Path(args.per_task), args.title)
 
 
+def cmd_bench_scan(args) -> None:
+    import torch
+
+    from .bench.scan import bench_scan
+
+    torch.set_num_threads(args.threads)
+    result = bench_scan(args.batch, args.d_inner, args.length, args.d_state, args.repeats, args.device,
+                        naive=not args.no_naive)
+    print(json.dumps(result, indent=1))
+
+
+def cmd_bench_train(args) -> None:
+    from .bench.train import run_benchmarks
+
+    report = run_benchmarks(Path(args.out), args.vision_backbone, tuple(args.language_backbones),
+                            args.vision_methods, args.language_methods, baselines=not args.no_baselines)
+    print(json.dumps(report["projection"], indent=1))
+
+
+def cmd_bench_equivalence(args) -> None:
+    from .bench.equivalence import equivalence_report
+
+    print(json.dumps(equivalence_report(), indent=1))
+
+
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambapeft", description=__doc__.splitlines()[0])
@@ -190,6 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", required=True, help="output PNG (per-task accuracy)")
     p.add_argument("--title", default="")
     p.set_defaults(func=cmd_figures)
+    bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("scan", help="selective scan fwd+bwd: chunked PyTorch scan vs a naive per-step loop (and CUDA)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--d-inner", type=int, default=1536)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--d-state", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (the naive loop runs once)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
+    p.set_defaults(func=cmd_bench_scan)
+    p = bench.add_parser("train", help="GPU training-step throughput of every method and of the baselines")
+    p.add_argument("--out", default="results/benchmarks", help="folder for <device>.json and <device>.md")
+    p.add_argument("--vision-backbone", default="vim-s")
+    p.add_argument("--language-backbones", nargs="+", default=["mamba-130m", "mamba-1.4b"])
+    p.add_argument("--vision-methods", nargs="+", help="default: every method of vision/methods.yaml")
+    p.add_argument("--language-methods", nargs="+", help="default: every method of language/methods.yaml")
+    p.add_argument("--no-baselines", action="store_true", help="skip transformers+peft and timm+peft")
+    p.set_defaults(func=cmd_bench_train)
+    p = bench.add_parser("equivalence", help="GPU: relative errors CUDA kernels vs PyTorch scan, step vs parallel")
+    p.set_defaults(func=cmd_bench_equivalence)
     return parser
 
 

@@ -97,7 +97,7 @@ class AffixTokens(TokenEncoder):
         self._cached = None
 
     def tokens(self) -> torch.Tensor:
-        if self._cached is None:  # cleared by a forward pre-hook on the model
+        if self._cached is None:  # cleared by a forward pre-hook on the first mixer
             self._cached = super().forward().view(self.shape)
         return self._cached
 
@@ -122,7 +122,8 @@ def apply_affix(model: nn.Module, spec: AffixSpec) -> list[ParamGroup]:
     n_dirs = len(mixers[0].directions) if spec.per_direction else 1
     source = AffixTokens(spec, len(mixers), n_dirs, 2 * mixers[0].d_inner, device=next(mixers[0].parameters()).device)
     model.affix_tokens = source
-    model.register_forward_pre_hook(source.clear_cache)
+    # new tokens for every forward pass: the first mixer runs first whatever entry point is used
+    mixers[0].register_forward_pre_hook(source.clear_cache)
     for layer, mixer in enumerate(mixers):
         for k, direction in enumerate(mixer.directions):
             mixer.affixes[direction.key] = AffixView(source, layer, k if spec.per_direction else 0)

@@ -1,0 +1,225 @@
+"""Training-step benchmarks on a GPU: every method on Vim-S and Mamba LMs, and the baselines a
+user would otherwise pick (transformers' MambaForCausalLM + peft LoRA; timm ViT-S/16 + LoRA).
+
+Random data of the right shapes, bf16 autocast, the optimizer step included; the median of timed
+steps after warm-up, with CUDA synchronisation around each step. Writes
+``results/benchmarks/<device>.json`` and a Markdown table beside it.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..io import write_json_atomic, write_text_atomic
+from ..models import build_model
+from ..models.mamba import Mamba
+from ..models.scan import resolve_backend
+from ..peft import apply_peft
+from ..runspec import domain_file, method_definition
+from ..train.language import token_loss_sum
+from ..train.optim import build_optimizer, param_groups
+
+log = logging.getLogger("mambapeft.bench")
+
+VTAB_TRAIN_STEPS = 19 * 100 * 32  # 19 tasks x 100 epochs x 32 iterations (1,000 images, batch 32)
+
+
+def _timed(step: Callable[[], None], warmup: int, steps: int) -> dict:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
+            "peak_mem_bytes": torch.cuda.max_memory_allocated()}
+
+
+def _train_step(model, optimizer, loss_fn) -> Callable[[], None]:
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _our_model(backbone: str, method: str, domain: str, **overrides):
+    model = build_model(backbone, **overrides)
+    result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
+    model.cuda()
+    backend = resolve_backend("cuda", "auto")
+    for m in model.modules():
+        if isinstance(m, Mamba):
+            m.backend = backend
+    recipe = domain_file(domain, "recipe")
+    groups = param_groups(model, result, recipe["optimizer"])
+    return model, result, (build_optimizer(groups, recipe["optimizer"]) if groups else None), backend.name
+
+
+def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmup=5, steps=20) -> dict:
+    model, result, optimizer, backend = _our_model(backbone, method, "vision", num_classes=100)
+    images = torch.randn(batch, 3, size, size, device="cuda")
+    labels = torch.randint(0, 100, (batch,), device="cuda")
+    model.train()
+    row = _timed(_train_step(model, optimizer, lambda m: F.cross_entropy(m(images).float(), labels)), warmup, steps)
+    model.eval()
+    with torch.no_grad():
+        evaluation = _timed(lambda: _eval_step(model, images), 2, 5)
+    row.update(images_per_s=batch / row["step_s"], eval_images_per_s=batch / evaluation["step_s"],
+               trainable_params=result.count(), backend=backend)
+    return row
+
+
+def _eval_step(model, images):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(images)
+
+
+def bench_language_method(method: str, backbone: str, micro_batch=4, length=256, warmup=3, steps=10) -> dict:
+    model, result, optimizer, backend = _our_model(backbone, method, "language")
+    ids = torch.randint(0, 50000, (micro_batch, length + 1), device="cuda")
+    lengths = torch.full((micro_batch,), length + 1)
+    n_tokens = micro_batch * length
+
+    def loss_fn(m):
+        return token_loss_sum(m, ids, lengths, contextlib.nullcontext) / n_tokens  # autocast is already on
+
+    model.train()
+    if not result.trainable:
+        return {"skipped": "no trainable parameters (evaluation only)"}
+    row = _timed(_train_step(model, optimizer, loss_fn), warmup, steps)
+    row.update(tokens_per_s=n_tokens / row["step_s"], trainable_params=result.count(), backend=backend)
+    return row
+
+
+def bench_hf_mamba_lora(backbone: str, micro_batch=4, length=256, rank=32, warmup=3, steps=10) -> dict:
+    """transformers' MambaForCausalLM (its CUDA-kernel path) + peft LoRA on in_proj, same shapes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MambaConfig, MambaForCausalLM
+
+    dims = {"mamba-130m": (768, 24), "mamba-370m": (1024, 48), "mamba-1.4b": (2048, 48)}[backbone]
+    config = MambaConfig(hidden_size=dims[0], num_hidden_layers=dims[1], vocab_size=50280, state_size=16, expand=2)
+    model = get_peft_model(MambaForCausalLM(config).cuda(), LoraConfig(r=rank, lora_alpha=rank, target_modules=["in_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 50000, (micro_batch, length), device="cuda")
+    model.train()
+    row = _timed(_train_step(model, optimizer, lambda m: m(input_ids=ids, labels=ids).loss), warmup, steps)
+    row.update(tokens_per_s=micro_batch * (length - 1) / row["step_s"],
+               trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return row
+
+
+def bench_timm_vit_lora(batch=32, rank=8, warmup=5, steps=20) -> dict:
+    """timm ViT-S/16 (the paper's comparison backbone) + peft LoRA on qkv, batch 32, 224x224."""
+    import timm
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(timm.create_model("vit_small_patch16_224", num_classes=100).cuda(),
+                           LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv"], modules_to_save=["head"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    images = torch.randn(batch, 3, 224, 224, device="cuda")
+    labels = torch.randint(0, 100, (batch,), device="cuda")
+    model.train()
+    row = _timed(_train_step(model, optimizer, lambda m: F.cross_entropy(m(images).float(), labels)), warmup, steps)
+    row.update(images_per_s=batch / row["step_s"])
+    return row
+
+
+def _guarded(fn, *args, **kwargs) -> dict:
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # a benchmark row that fails is reported, the others still run
+        log.exception("benchmark %s%s failed", fn.__name__, args)
+        return {"error": f"{type(err).__name__}: {err}"}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("mamba-130m", "mamba-1.4b"),
+                   vision_methods=None, language_methods=None, baselines=True) -> dict:
+    device = torch.cuda.get_device_name()
+    vision_methods = vision_methods or [m for m in domain_file("vision", "methods")]
+    language_methods = language_methods or [m for m in domain_file("language", "methods")]
+    report = {"device": device, "torch": torch.__version__, "vision": {}, "language": {}, "baselines": {}}
+    for method in vision_methods:
+        log.info("vision %s %s", vision_backbone, method)
+        report["vision"][method] = _guarded(bench_vision_method, method, vision_backbone)
+    for backbone in language_backbones:
+        for method in language_methods:
+            if backbone != "mamba-130m" and method == "affix":
+                continue  # the projection would add billions of parameters (the paper ran it at 130m only)
+            log.info("language %s %s", backbone, method)
+            report["language"].setdefault(backbone, {})[method] = _guarded(bench_language_method, method, backbone)
+    if baselines:
+        for backbone in language_backbones:
+            report["baselines"][f"hf-mamba+peft-lora:{backbone}"] = _guarded(bench_hf_mamba_lora, backbone)
+        report["baselines"]["timm-vit-s16+peft-lora"] = _guarded(bench_timm_vit_lora)
+    report["projection"] = project_vtab_hours(report["vision"])
+    slug = device.replace(" ", "_")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / f"{slug}.json", report)
+    write_text_atomic(out_dir / f"{slug}.md", markdown(report))
+    return report
+
+
+def project_vtab_hours(vision: dict, test_images: int = 387_904) -> dict:
+    """GPU-hours of the whole Vim-S VTAB-1k table from measured throughputs: every row x 19 tasks
+    x 100 epochs of training plus one pass over the 19 test splits (387,904 images, VTAB test sizes)."""
+    hours = {}
+    for method, row in vision.items():
+        if "step_s" in row:
+            hours[method] = (VTAB_TRAIN_STEPS * row["step_s"] + test_images / row["eval_images_per_s"]) / 3600
+    return {"per_method_hours": hours, "table_hours": sum(hours.values())}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Training-step benchmark on {report['device']} (torch {report['torch']}, bf16 autocast)", ""]
+    lines += ["| backbone | method | trainable | step (ms) | throughput | peak memory (GiB) | vs linear_probe |", "|---|---|---|---|---|---|---|"]
+    base = report["vision"].get("linear_probe", {}).get("step_s")
+    for method, row in report["vision"].items():
+        lines.append(_row("vim-s", method, row, "images_per_s", "img/s", base))
+    for backbone, rows in report["language"].items():
+        for method, row in rows.items():
+            lines.append(_row(backbone, method, row, "tokens_per_s", "tok/s", None))
+    lines += ["", "| baseline | step (ms) | throughput | peak memory (GiB) |", "|---|---|---|---|"]
+    for name, row in report["baselines"].items():
+        key, unit = ("tokens_per_s", "tok/s") if "mamba" in name else ("images_per_s", "img/s")
+        lines.append(f"| {name} | {_ms(row)} | {_rate(row, key, unit)} | {_gib(row)} |")
+    projection = report.get("projection", {})
+    if projection:
+        lines += ["", f"Projected GPU-hours for the whole Vim-S VTAB-1k table: **{projection['table_hours']:.1f} h**"]
+    return "\n".join(lines) + "\n"
+
+
+def _ms(row):
+    return f"{row['step_s'] * 1e3:.1f}" if "step_s" in row else row.get("error", row.get("skipped", ""))[:60]
+
+
+def _rate(row, key, unit):
+    return f"{row[key]:,.0f} {unit}" if key in row else ""
+
+
+def _gib(row):
+    return f"{row['peak_mem_bytes'] / 2**30:.2f}" if "peak_mem_bytes" in row else ""
+
+
+def _row(backbone, method, row, key, unit, base):
+    ratio = f"{row['step_s'] / base:.2f}x" if base and "step_s" in row else ""
+    trainable = f"{row['trainable_params']:,}" if "trainable_params" in row else ""
+    return f"| {backbone} | {method} | {trainable} | {_ms(row)} | {_rate(row, key, unit)} | {_gib(row)} | {ratio} |"

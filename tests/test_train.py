@@ -1,0 +1,152 @@
+"""Training engine: the recipes' schedules and parameter groups, resumption, divergence, seeds."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mambapeft.data.prepare import prepare_dataset
+from mambapeft.data.vtab import build_image_cache
+from mambapeft.io import write_json_atomic
+from mambapeft.models import build_model
+from mambapeft.models.checkpoints import save_vim
+from mambapeft.peft import apply_peft
+from mambapeft.report.tables import summary_frame
+from mambapeft.runspec import Run, domain_file, method_definition, resolve_run, validate_config
+from mambapeft.train.optim import param_groups
+from mambapeft.train.schedules import WarmupCosine, WarmupLinear, build_schedule
+
+# ------------------------------------------------------------------------------------------------
+# schedules and parameter groups
+# ------------------------------------------------------------------------------------------------
+
+
+def test_vision_schedule_matches_the_recipe():
+    recipe = domain_file("vision", "recipe")
+    schedule = build_schedule(recipe, iters_per_epoch=32, total_steps=3200)
+    assert isinstance(schedule, WarmupCosine)
+    assert schedule(0) == pytest.approx(1e-6)  # 1e-3 x start factor 1e-3
+    assert schedule(160) == pytest.approx(1e-3 * (1e-3 + (1 - 1e-3) * 160 / 320))  # linear, per iteration
+    assert schedule(320) == pytest.approx(1e-3)  # epoch 10: cosine starts at the base lr
+    assert schedule(320 + 31) == schedule(320)  # cosine is stepped once per epoch
+    assert schedule(32 * 55) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * 45 / 90)) / 2)
+    assert schedule(3199) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * 89 / 90)) / 2)
+
+
+def test_language_schedule_matches_transformers_linear_warmup():
+    schedule = WarmupLinear(base_lr=1e-3, total_steps=1000, warmup_steps=100)
+    assert schedule(0) == 0.0 and schedule(50) == pytest.approx(5e-4) and schedule(100) == pytest.approx(1e-3)
+    assert schedule(550) == pytest.approx(5e-4) and schedule(1000) == 0.0
+
+
+def groups_by_name(method, backbone="vim-mini"):
+    domain = "vision" if backbone.startswith("vim") else "language"
+    recipe = domain_file(domain, "recipe")
+    model = build_model(backbone, num_classes=3) if domain == "vision" else build_model(backbone)
+    result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
+    groups = param_groups(model, result, recipe["optimizer"])
+    return {name: (g["lr_mult"], g["wd_mult"]) for g in groups for name in g["names"]}
+
+
+def test_parameter_groups_follow_the_decay_rules():
+    full = groups_by_name("full")
+    assert full["layers.0.mixer.in_proj.weight"] == (1.0, 1.0)
+    for no_decay in ("layers.0.mixer.A_log", "layers.0.mixer.D", "cls_token", "pos_embed", "layers.0.norm.weight",
+                     "layers.0.mixer.dt_proj.bias", "head.bias"):
+        assert full[no_decay] == (1.0, 0.0), no_decay
+    a = groups_by_name("a")  # v2 deltas: decay x10 pulls A_log toward its pretrained value
+    assert a["layers.0.mixer.parametrizations.A_log.0.delta"] == (1.0, 10.0)
+    assert groups_by_name("bias")["layers.0.mixer.dt_proj.parametrizations.bias.0.delta"] == (1.0, 100.0)
+    scan = groups_by_name("additional_scan")
+    assert scan["layers.0.mixer.state_extensions.fwd.A_log"] == (1.0, 0.0)
+    assert scan["layers.0.mixer.state_extensions.bwd.x_proj.weight"] == (1.0, 1.0)
+    allm = groups_by_name("all")
+    assert allm["layers.0.mixer.x_proj.updates.full.lora_down.weight"] == (0.1, 1.0)  # lora_x_proj lr x0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# whole runs on tiny data (subprocesses, as Snakemake runs them)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_vision(tmp_path_factory):
+    """Mini VTAB data, its image cache and a random-weight Vim in the official layout."""
+    root = tmp_path_factory.mktemp("train")
+    config = {
+        "results_dir": str(root / "results"), "resources_dir": str(root / "resources"), "device": "cpu",
+        "scan_backend": "torch", "threads": 1,
+        "data": {"vtab": {"kind": "vtab", "source": "mini", "seed": 0, "image_size": 32, "n_train": 40, "n_val": 8, "n_test": 24}},
+        "backbones": {"vim-mini": {"source": "pretrain", "path": str(root / "vim.pth"), "image_size": 32}},
+        "experiments": {"vtab": {"domain": "vision", "data": "vtab", "backbones": ["vim-mini"], "tasks": ["digits"],
+                                 "methods": ["lorap_x"], "seeds": [0],
+                                 "train": {"epochs": 6, "schedule": {"warmup_epochs": 1}, "checkpoint_every": 1}}},
+    }
+    validate_config(config)
+    entry = {**config["data"]["vtab"], "root": str(root / "resources/data/vtab"), "tasks": ["digits"]}
+    prepare_dataset(entry, root / "resources/data/vtab/manifest.json")
+    save_vim(build_model("vim-mini", num_classes=1000), root / "vim.pth")
+    spec = resolve_run(config, Run("vtab", "vim-mini", "digits", "lorap_x", 0))
+    for split, path in spec["data"]["cache"].items():
+        build_image_cache(entry["root"], "digits", split, 32, path)
+    return spec
+
+
+def train_process(spec: dict, out: Path, **train) -> subprocess.Popen:
+    spec = {**spec, "output_dir": str(out), "train": {**spec["train"], **train}}
+    return subprocess.Popen([sys.executable, "-m", "mambapeft.cli", "-q", "train", "--spec", json.dumps(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> None:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_same_seed_same_result(tiny_vision, tmp_path):
+    for name in ("a", "b"):
+        finish(train_process(tiny_vision, tmp_path / name))
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert a["value"] == b["value"] and a["history"] == b["history"]
+    assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == (tmp_path / "b" / "adapter.safetensors").read_bytes()
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_vision, tmp_path):
+    finish(train_process(tiny_vision, tmp_path / "whole"))
+    interrupted = tmp_path / "interrupted"
+    process = train_process(tiny_vision, interrupted)
+    deadline = time.time() + 300
+    while not (interrupted / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in a later epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "metrics.json").exists()  # no result from an incomplete run
+    finish(train_process(tiny_vision, interrupted))
+    assert metrics(interrupted)["history"] == metrics(tmp_path / "whole")["history"]
+    assert metrics(interrupted)["value"] == metrics(tmp_path / "whole")["value"]
+    assert (interrupted / "adapter.safetensors").read_bytes() == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
+
+
+def test_divergence_is_recorded_and_shown(tiny_vision, tmp_path):
+    process = train_process(tiny_vision, tmp_path / "nan", optimizer={**tiny_vision["train"]["optimizer"], "lr": 1e12})
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    record = metrics(tmp_path / "nan")
+    assert record["status"] == "diverged" and "loss is" in record["reason"]
+    assert "diverged" in err
+    ok = tmp_path / "ok"
+    finish(train_process(tiny_vision, ok))
+    diverged = {**record, "config": {**record["config"], "run": {**record["config"]["run"], "method": "lorap_z"}}}
+    diverged["config"]["method"] = {**diverged["config"]["method"], "id": "lorap_z", "label": "LoRAp(Z)"}
+    table, _ = summary_frame([metrics(ok), diverged])
+    assert table.set_index("method").loc["lorap_z", "diverged"]
+    assert math.isnan(table.set_index("method").loc["lorap_z", "mean"])
