@@ -13,7 +13,7 @@ from mambapeft.peft import apply_peft, check_gradients, zero_initialised
 from mambapeft.runspec import domain_file, method_definition
 
 pytestmark = pytest.mark.gpu
-needs_kernels = pytest.mark.skipif(not cuda_kernels_available(), reason="mamba-ssm CUDA kernels not installed")
+needs_kernels = pytest.mark.skipif(not cuda_kernels_available(), reason="needs a CUDA device with the mamba-ssm kernels (pip install -e .[cuda])")
 
 
 def rel(a, b):

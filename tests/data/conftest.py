@@ -16,7 +16,7 @@ def _write_jpeg(path: Path, seed: int, size=(20, 14)) -> Path:
 
 
 def _write_vtab_task(root: Path, task: str = "count") -> Path:
-    """A minimal task dir in the NOAH layout: 4 train800, 2 val200, 3 test images, labels < 6."""
+    """A minimal task dir in the NOAH layout: 4 train800, 2 val200, 3 test images, labels < 4 (count has 4 classes)."""
     task_dir = root / task
     lines = {}
     for split_index, (split, n) in enumerate({"train800": 4, "val200": 2, "test": 3}.items()):
@@ -24,7 +24,7 @@ def _write_vtab_task(root: Path, task: str = "count") -> Path:
         for i in range(n):
             relative = f"images/{split}/{i:06d}.jpg"
             _write_jpeg(task_dir / relative, seed=100 * split_index + i)
-            lines[split].append(f"{relative} {i % 6}\n")
+            lines[split].append(f"{relative} {i % 4}\n")
     lines["train800val200"] = lines["train800"] + lines["val200"]
     for split, rows in lines.items():
         (task_dir / f"{split}.txt").write_text("".join(rows))

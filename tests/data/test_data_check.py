@@ -14,7 +14,7 @@ def test_vtab_summary(vtab_root):
     summary = check_dataset("vtab", vtab_root, "count")
     assert summary["splits"] == {"train": 6, "val": 2, "test": 3}
     assert summary["lists"] == {"train800val200": 6, "train800": 4, "val200": 2, "test": 3}
-    assert summary["num_classes"] == 6 and summary["task"] == "count"
+    assert summary["num_classes"] == 4 and summary["task"] == "count"
     json.dumps(summary)
 
 
@@ -36,7 +36,7 @@ def test_vtab_missing_image(vtab_root):
 
 def test_vtab_label_out_of_range(vtab_root):
     _append(vtab_root / "count" / "train800val200.txt", "images/train800/000000.jpg 7")
-    with pytest.raises(DataError, match=r"train800val200.txt:7: label 7 is outside \[0, 6\)"):
+    with pytest.raises(DataError, match=r"train800val200.txt:7: label 7 is outside \[0, 4\)"):
         check_dataset("vtab", vtab_root, "count")
 
 

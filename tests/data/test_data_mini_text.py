@@ -7,7 +7,7 @@ import pytest
 
 from mambapeft.data import mini_text
 from mambapeft.data.choice import mc_task
-from mambapeft.data.files import sha256_file
+from mambapeft.io import sha256_file
 from mambapeft.data.instruct import read_instruct_json
 from mambapeft.data.math_answers import extract_answer, is_correct
 

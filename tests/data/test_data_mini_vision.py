@@ -5,7 +5,7 @@ import pytest
 
 from mambapeft.data import mini_vision, vtab
 from mambapeft.data.errors import DataError
-from mambapeft.data.files import sha256_file
+from mambapeft.io import sha256_file
 
 SMALL = dict(image_size=16, n_train=12, n_val=4, n_test=10)
 
@@ -75,7 +75,7 @@ def test_digits_are_the_scikit_learn_images():
 def test_upstream_images_are_deterministic_and_balanced():
     images, labels, num_classes = mini_vision.upstream_images(48, image_size=16, seed=5)
     assert images.shape == (48, 16, 16, 3) and images.dtype == np.uint8
-    assert num_classes == 12 and np.bincount(labels, minlength=12).tolist() == [4] * 12
+    assert num_classes == 24 and np.bincount(labels, minlength=24).tolist() == [2] * 24
     again, labels_again, _ = mini_vision.upstream_images(48, image_size=16, seed=5)
     assert np.array_equal(images, again) and np.array_equal(labels, labels_again)
     assert not np.array_equal(images, mini_vision.upstream_images(48, image_size=16, seed=6)[0])

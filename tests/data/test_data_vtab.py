@@ -8,7 +8,7 @@ from PIL import Image
 
 from mambapeft.data import vtab
 from mambapeft.data.errors import DataError
-from mambapeft.data.files import sha256_file
+from mambapeft.io import sha256_file
 
 REFERENCE_CLASSES = {
     "cifar": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37, "svhn": 10,
@@ -25,7 +25,7 @@ def test_task_table_matches_the_reference():
     groups = [info["group"] for info in real.values()]
     assert (groups.count("natural"), groups.count("specialized"), groups.count("structured")) == (7, 4, 8)
     mini = {name: (info["group"], info["num_classes"]) for name, info in tasks.items() if info["mini"]}
-    assert mini == {"digits": ("natural", 10), "count": ("structured", 6), "position": ("structured", 8), "orientation": ("structured", 8)}
+    assert mini == {"digits": ("natural", 10), "count": ("structured", 4), "position": ("structured", 4), "orientation": ("structured", 4)}
 
 
 def test_unknown_task_lists_the_known_ones():
@@ -52,8 +52,8 @@ def _replace_line(root, split, number, text):
     [
         ("images/train800/000001.jpg", "malformed line"),
         ("images/train800/000001.jpg three", "label 'three' is not an integer"),
-        ("images/train800/000001.jpg 6", r"label 6 is outside \[0, 6\)"),
-        ("images/train800/000001.jpg -1", r"label -1 is outside \[0, 6\)"),
+        ("images/train800/000001.jpg 6", r"label 6 is outside \[0, 4\)"),
+        ("images/train800/000001.jpg -1", r"label -1 is outside \[0, 4\)"),
         ("images/train800/missing.jpg 1", "image .*missing.jpg does not exist"),
     ],
 )
@@ -106,7 +106,7 @@ def test_truncated_or_garbage_images_raise_data_error(tmp_path, write_jpeg):
 def test_image_cache_round_trip(vtab_root, tmp_path):
     out = tmp_path / "cache" / "count_test_12.npz"
     summary = vtab.build_image_cache(vtab_root, "count", "test", 12, out)
-    assert summary["n"] == 3 and summary["num_classes"] == 6
+    assert summary["n"] == 3 and summary["num_classes"] == 4
     assert summary["sha256"] == sha256_file(vtab_root / "count" / "test.txt")
     images, labels = vtab.load_image_cache(out)
     assert images.shape == (3, 12, 12, 3) and images.dtype == np.uint8

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from mambapeft.data.errors import DataError
-from mambapeft.data.files import write_text_atomic
+from mambapeft.io import write_text_atomic
 
 # --- the world --------------------------------------------------------------------------------
 
@@ -218,11 +218,22 @@ def _two_step(rng: np.random.Generator) -> Problem:
 
 
 def _sum_fact(rng: np.random.Generator) -> str:
-    a, b = (int(v) for v in rng.integers(0, MAX_NUMBER // 2 + 1, size=2))
-    if rng.random() < 0.5:
-        return f"{a} plus {b} is {a + b}."
+    """An arithmetic fact in words or in digits (the rationales of the math set use digits)."""
+    a, b = (int(v) for v in rng.integers(0, MAX_NUMBER + 1, size=2))
     high, low = max(a, b), min(a, b)
-    return f"{high} minus {low} is {high - low}."
+    return _pick(rng, (f"{a} plus {b} is {a + b}.", f"{high} minus {low} is {high - low}.",
+                       f"{a} + {b} = {a + b}.", f"{high} - {low} = {high - low}."))
+
+
+def _reported_count(rng: np.random.Generator) -> str:
+    """A story, then someone asking how many there are and being told: prose, not a Q/A layout."""
+    problem = _pick(rng, (_one_step, _two_step))(rng)
+    asker, answerer = _others(rng, PEOPLE, None, 2)
+    story = problem.statement.rsplit(". ", 1)[0]  # without the closing "Now ... has N ..." sentence
+    question = problem.question.rsplit(". ", 1)[1].rstrip("?")
+    asked = question[0].lower() + question[1:]
+    because = problem.rationale[0].lower() + problem.rationale[1:] if problem.rationale.startswith("The ") else problem.rationale
+    return f"{story}. {asker} asked {asked}. {answerer} said it is {problem.answer}, because {because}"
 
 
 # --- upstream corpus --------------------------------------------------------------------------
@@ -239,8 +250,9 @@ def pretrain_corpus(*, seed: int, n_docs: int) -> list[str]:
         lambda: _one_step(rng).statement,
         lambda: _two_step(rng).statement,
         lambda: " ".join(_sum_fact(rng) for _ in range(int(rng.integers(1, 4)))),
+        lambda: _reported_count(rng),
     )
-    weights = np.array([4, 2, 2, 2, 3, 2, 1], dtype=float)
+    weights = np.array([4, 2, 2, 2, 3, 2, 2, 2], dtype=float)
     kinds = rng.choice(len(makers), size=n_docs, p=weights / weights.sum())
     return [makers[kind]() for kind in kinds]
 

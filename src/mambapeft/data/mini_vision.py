@@ -4,13 +4,17 @@ Four tasks mirror one VTAB task each, so the mini experiment exercises the same 
 same kinds of skill (recognition, counting, localisation, orientation):
 
 - `digits` (natural): real images, scikit-learn's bundled 8x8 handwritten digits, upsampled, as RGB.
-- `count` (CLEVR-count analogue): 1..6 shapes on a noisy background; label = count - 1.
-- `position` (dSprites-loc analogue): one shape; label = bin of its x position (8 bins).
+- `count` (CLEVR-count analogue): 1..4 shapes on a noisy background; label = count - 1.
+- `position` (dSprites-loc analogue): one shape; label = bin of its x position (4 bins).
 - `orientation` (dSprites-ori analogue): one bar or isosceles triangle; label = bin of its axis
-  angle, 8 bins over 180 degrees (a triangle and its 180-degree turn share a label, as bars do).
+  angle, 4 bins over 180 degrees (a triangle and its 180-degree turn share a label, as bars do).
 
-`upstream_images` generates a different task (shape type x colour, with grey distractors) on the
-fly, to pretrain the tiny Vim before it is fine-tuned on the four tasks above.
+Class counts come from vision/tasks.yaml; they are smaller than the real tasks' (16 bins) so that a
+~100k-parameter backbone fine-tuned for a few hundred CPU steps can learn them measurably.
+
+`upstream_images` generates a different task (shape type x colour x image half, with grey
+distractors) on the fly, to pretrain the tiny Vim before it is fine-tuned on the four tasks above;
+the half makes the features keep some spatial layout, as natural-image pretraining does.
 
 Shapes are drawn at 4x resolution and box-filtered down, so edges and small angles stay visible at
 32x32. Everything is a function of the seed: the same seed writes byte-identical files.
@@ -25,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mambapeft.data.errors import DataError
-from mambapeft.data.files import write_text_atomic
+from mambapeft.io import write_text_atomic
 from mambapeft.data.vtab import task_info
 
 SUPERSAMPLE = 4
@@ -33,7 +37,8 @@ JPEG_QUALITY = 95
 BACKGROUND_NOISE_STD = 10.0
 UPSTREAM_SHAPES = ("circle", "square", "triangle", "cross")
 UPSTREAM_COLOURS = {"red": 0.0, "green": 1 / 3, "blue": 2 / 3}  # hue of each colour family
-UPSTREAM_NUM_CLASSES = len(UPSTREAM_SHAPES) * len(UPSTREAM_COLOURS)
+UPSTREAM_SIDES = ("left", "right")  # which half of the image holds the target shape
+UPSTREAM_NUM_CLASSES = len(UPSTREAM_SHAPES) * len(UPSTREAM_COLOURS) * len(UPSTREAM_SIDES)
 
 Generator = Callable[[np.random.Generator, np.ndarray, int], np.ndarray]
 
@@ -119,7 +124,7 @@ def _count_images(rng: np.random.Generator, labels: np.ndarray, image_size: int)
 
 
 def _position_images(rng: np.random.Generator, labels: np.ndarray, image_size: int) -> np.ndarray:
-    """dSprites-loc analogue: one shape whose centre x lies in bin `label` of 8 equal bins."""
+    """dSprites-loc analogue: one shape whose centre x lies in bin `label` of equal bins."""
     max_radius = image_size * 0.12
     span = image_size - 2 * max_radius  # centres range over [max_radius, size - max_radius]
     num_bins = task_info("position")["num_classes"]
@@ -237,11 +242,12 @@ def _write_split_images(task_dir: Path, split: str, images: np.ndarray, labels: 
 # --- upstream pretraining task ----------------------------------------------------------------
 
 def upstream_images(n: int, *, image_size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
-    """The tiny Vim's pretraining set: classify the one coloured shape by kind x colour family.
+    """The tiny Vim's pretraining set: classify the one coloured shape by kind x colour family x
+    the image half it is in.
 
-    12 classes (circle/square/triangle/cross x red/green/blue) at random position, size and
-    rotation, with 0-2 grey distractor shapes of any kind. Generated in memory, deterministic per
-    seed. Returns (images uint8 (n, H, W, 3), labels int64 (n,), num_classes).
+    24 classes (circle/square/triangle/cross x red/green/blue x left/right) at random position
+    within that half, size and rotation, with 0-2 grey distractor shapes of any kind. Generated in
+    memory, deterministic per seed. Returns (images uint8 (n, H, W, 3), labels int64 (n,), num_classes).
     """
     rng = _task_rng(seed, "upstream")
     labels = _balanced_labels(rng, n, UPSTREAM_NUM_CLASSES)
@@ -250,10 +256,13 @@ def upstream_images(n: int, *, image_size: int = 32, seed: int = 0) -> tuple[np.
 
 
 def _upstream_image(rng: np.random.Generator, label: int, image_size: int) -> np.ndarray:
-    kind = UPSTREAM_SHAPES[label // len(UPSTREAM_COLOURS)]
-    hue = list(UPSTREAM_COLOURS.values())[label % len(UPSTREAM_COLOURS)]
+    kind_colour, side = divmod(label, len(UPSTREAM_SIDES))
+    kind = UPSTREAM_SHAPES[kind_colour // len(UPSTREAM_COLOURS)]
+    hue = list(UPSTREAM_COLOURS.values())[kind_colour % len(UPSTREAM_COLOURS)]
     radius = image_size * rng.uniform(0.1, 0.2)
-    centre = _place(rng, image_size, radius, [])
+    half = image_size / 2
+    x = rng.uniform(radius, half) if side == 0 else rng.uniform(half, image_size - radius)
+    centre = (x, rng.uniform(radius, image_size - radius))
     taken = [(*centre, radius)]
     shapes = [dict(kind=kind, centre=centre, radius=radius, angle=rng.uniform(0, 2 * np.pi), colour=_bright_colour(rng, hue))]
     for _ in range(int(rng.integers(0, 3))):

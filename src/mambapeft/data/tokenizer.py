@@ -12,16 +12,24 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mambapeft.data.errors import DataError
-from mambapeft.data.files import atomic_path
+from mambapeft.io import atomic_path
 from mambapeft.data.instruct import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 
 EOS_TOKEN = "<|endoftext|>"
 
-# Fixed strings every prompt contains; training on them makes the template a handful of tokens.
+# Fixed strings of the prompt formats (the Alpaca template, the LLM-Adapters instruction stems,
+# lm-eval's question/answer cues): training on them keeps the format a handful of tokens, as a
+# tokenizer trained on web text would, instead of byte fragments.
 TEMPLATE_TEXTS = (
     PROMPT_WITH_INPUT.format(instruction="", input="", output=""),
     PROMPT_NO_INPUT.format(instruction="", output=""),
     "\nQuestion:", "\nAnswer:", "\nA:", "Q:", "the correct answer is", "Answer format:", "The answer is",
+    "Please choose the correct answer to fill in the blank to complete the given sentence:",
+    "Please answer the following question with true or false, question:",
+    "Please choose the correct solution to the question:", "Please choose the correct answer to the question:",
+    "Please choose the correct ending to complete the given sentence:",
+    "Option1: Option2: option1/option2 Solution1: Solution2: solution1/solution2 true/false",
+    "Answer1: Answer2: Answer3: Answer4: answer1/answer2/answer3/answer4 ending1/ending2/ending3/ending4",
 )
 # How often the template strings are repeated among the training texts, so their merges win.
 TEMPLATE_WEIGHT = 50

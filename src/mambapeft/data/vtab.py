@@ -23,7 +23,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from mambapeft.data.errors import DataError, where
-from mambapeft.data.files import atomic_path, read_yaml, sha256_file
+from mambapeft.data.files import read_yaml
+from mambapeft.io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 

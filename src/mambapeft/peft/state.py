@@ -7,7 +7,6 @@ self-describing: ``load_adapter`` rebuilds nothing by itself; it checks that the
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..io import atomic_path
 from .core import PeftResult
 
 SPEC_KEY = "mambapeft.method"
@@ -26,10 +26,8 @@ def adapter_state_dict(result: PeftResult) -> dict[str, torch.Tensor]:
 
 def save_adapter(path: str | Path, result: PeftResult, method: dict) -> None:
     """Write atomically: a killed job never leaves a half-written adapter under the final name."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(adapter_state_dict(result), str(tmp), metadata={SPEC_KEY: json.dumps(method, sort_keys=True)})
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        save_file(adapter_state_dict(result), str(temporary), metadata={SPEC_KEY: json.dumps(method, sort_keys=True)})
 
 
 def read_adapter_method(path: str | Path) -> dict:

@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only: no display on clusters and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..io import atomic_path  # noqa: E402
+
 META_COLUMNS = {"backbone", "method", "label", "seeds", "mean", "mean_std", "trainable_params", "total_params",
                 "diverged", "trainable_pct", "paper_mean", "delta_vs_paper", "natural", "specialized", "structured"}
 
@@ -20,11 +22,9 @@ def task_columns(table: pd.DataFrame) -> list[str]:
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=150, bbox_inches="tight")
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=150, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def scatter(table: pd.DataFrame, path: Path, title: str) -> None:
