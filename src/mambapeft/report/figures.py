@@ -49,7 +49,7 @@ def scatter(table: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_ylabel("mean accuracy (%)")
     ax.set_title(title or "Trainable parameters vs accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     _save(fig, path)
 
 
