@@ -21,8 +21,9 @@ def _user_errors() -> tuple[type, ...]:
     from .data.errors import DataError
     from .models.checkpoints import CheckpointError
     from .peft.registry import PeftConfigError
+    from .report.tables import ResultsError
 
-    return ConfigError, DataError, CheckpointError, PeftConfigError, FileNotFoundError
+    return ConfigError, DataError, CheckpointError, PeftConfigError, ResultsError, FileNotFoundError
 
 
 def _json_arg(text: str) -> dict:
