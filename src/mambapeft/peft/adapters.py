@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .registry import ParamGroup, register
+from .registry import ParamGroup, SpecBase, register
 from .targets import find_modules, replace_module
 
 ACTIVATIONS = {"relu": nn.ReLU, "identity": nn.Identity}
 
 
 @dataclass(frozen=True)
-class ParallelAdapterSpec:
+class ParallelAdapterSpec(SpecBase):
     targets: tuple[str, ...] = ("mixer.out_proj",)
     """Linear modules to put the adapter beside (exact path, dotted suffix or ``re:``)."""
     dim: int = 32
@@ -26,17 +26,9 @@ class ParallelAdapterSpec:
     """Dropout inside the bottleneck."""
     activation: str = "relu"
     """``relu`` or ``identity``."""
-    layers: tuple[int, ...] | None = None
-    """Restrict to these block indices (default: all)."""
-    lr_mult: float = 1.0
-    """Learning-rate multiplier."""
-    weight_decay_mult: float | None = None
-    """Weight-decay multiplier (None: trainer default)."""
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
+        super().__post_init__()
         if self.dim < 1:
             raise ValueError(f"parallel_adapter `dim` must be >= 1, got {self.dim}")
         if self.activation not in ACTIVATIONS:

@@ -10,29 +10,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .registry import ParamGroup, register
+from .registry import ParamGroup, SpecBase, register
 from .targets import find_modules, replace_module
 
 SIDES = ("output", "input")
 
 
 @dataclass(frozen=True)
-class IA3Spec:
+class IA3Spec(SpecBase):
     targets: tuple[str, ...] = ()
     """Linear modules to scale (exact path, dotted suffix or ``re:``)."""
     side: str = "output"
     """``output``: scale the module's output channels; ``input``: scale its input channels."""
-    layers: tuple[int, ...] | None = None
-    """Restrict to these block indices (default: all)."""
-    lr_mult: float = 1.0
-    """Learning-rate multiplier."""
     weight_decay_mult: float | None = 0.0
     """Weight-decay multiplier (0: decay toward zero would disable the channel)."""
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
+        super().__post_init__()
         if not self.targets:
             raise ValueError("ia3 needs at least one entry in `targets`")
         if self.side not in SIDES:

@@ -16,14 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import ParamGroup, PeftConfigError, register
+from .registry import ParamGroup, PeftConfigError, SpecBase, register
 from .targets import find_modules, owning_mixer, replace_module
 
 STYLES = ("activation", "merged")
 
 
 @dataclass(frozen=True)
-class LoraSpec:
+class LoraSpec(SpecBase):
     targets: tuple[str, ...] = ()
     """Modules to adapt: exact path, dotted suffix (``mixer.in_proj``) or ``re:<regex>``."""
     rank: int = 8
@@ -36,21 +36,13 @@ class LoraSpec:
     """``activation`` or ``merged`` (see module docstring)."""
     part: str | None = None
     """Named block of output rows of a mixer projection: in_proj: x|z; x_proj(_b): dt|B|C."""
-    layers: tuple[int, ...] | None = None
-    """Restrict to these block indices (default: all)."""
     dora: bool = False
     """Weight-decomposed LoRA: trainable per-column magnitude of the updated weight."""
     embedding_init_std: float = 1.0
     """Std of the down-projection of an Embedding target (SLL LoRA uses N(0, 1))."""
-    lr_mult: float = 1.0
-    """Learning-rate multiplier for this member's parameters."""
-    weight_decay_mult: float | None = None
-    """Weight-decay multiplier (None: the trainer's default rule)."""
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
+        super().__post_init__()
         if not self.targets:
             raise ValueError("lora needs at least one entry in `targets`")
         if self.rank < 1:

@@ -15,29 +15,21 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .registry import ParamGroup, register
+from .registry import ParamGroup, SpecBase, register
 from .targets import find_parameters, parent_and_attr
 
 MODES = ("delta", "direct")
 
 
 @dataclass(frozen=True)
-class PartialSpec:
+class PartialSpec(SpecBase):
     targets: tuple[str, ...] = ()
     """Parameters to tune: exact path, dotted suffix (``mixer.A_log``, ``conv1d.weight``) or ``re:``."""
     mode: str = "delta"
     """``delta``: train a zero-initialised additive delta; ``direct``: unfreeze the tensor itself."""
-    layers: tuple[int, ...] | None = None
-    """Restrict to these block indices (default: all)."""
-    lr_mult: float = 1.0
-    """Learning-rate multiplier."""
-    weight_decay_mult: float | None = None
-    """Weight-decay multiplier (None: the trainer's default rule, i.e. none for 1-D tensors)."""
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
+        super().__post_init__()
         if not self.targets:
             raise ValueError("partial needs at least one entry in `targets`")
         if self.mode not in MODES:

@@ -27,6 +27,23 @@ class ParamGroup:
 
 
 @dataclass(frozen=True)
+class SpecBase:
+    """Fields shared by the families that adapt modules or tensors of each block."""
+
+    layers: tuple[int, ...] | None = None
+    """Restrict to these block indices (default: all)."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier for this member's parameters."""
+    weight_decay_mult: float | None = None
+    """Weight-decay multiplier (None: the trainer's default rule)."""
+
+    def __post_init__(self):
+        for name in ("targets", "layers"):  # YAML gives lists; specs are frozen and hashable
+            if isinstance(getattr(self, name, None), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     spec_cls: type

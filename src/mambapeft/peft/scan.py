@@ -15,14 +15,14 @@ import torch
 import torch.nn as nn
 
 from ..models.mamba import Mamba
-from .registry import ParamGroup, PeftConfigError, register
+from .registry import ParamGroup, PeftConfigError, SpecBase, register
 
 POSITIONS = ("prefix", "suffix")
 A_INITS = ("copy", "arange")
 
 
 @dataclass(frozen=True)
-class AdditionalScanSpec:
+class AdditionalScanSpec(SpecBase):
     n: int = 1
     """Extra state dimensions per direction (the original's ``scan_addition_num``)."""
     position: str = "prefix"
@@ -30,18 +30,11 @@ class AdditionalScanSpec:
     A_init: str = "copy"
     """``copy``: every new A_log column copies the pretrained column at the same end (column 0 for
     prefix, -1 for suffix: ``scan_A_copy_from_last``); ``arange``: log(N+1 .. N+n) (mamba init)."""
-    layers: tuple[int, ...] | None = None
-    """Restrict to these block indices (default: all)."""
-    lr_mult: float = 1.0
-    """Learning-rate multiplier."""
     A_weight_decay_mult: float = 0.0
     """Weight-decay multiplier of the new A_log (0, as the original's ``.A_log`` rule)."""
-    weight_decay_mult: float | None = None
-    """Weight-decay multiplier of the new x_proj (None: trainer default)."""
 
     def __post_init__(self):
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
+        super().__post_init__()
         if self.n < 1:
             raise ValueError(f"additional_scan `n` must be >= 1, got {self.n}")
         if self.position not in POSITIONS:
