@@ -150,3 +150,57 @@ def test_divergence_is_recorded_and_shown(tiny_vision, tmp_path):
     table, _ = summary_frame([metrics(ok), diverged])
     assert table.set_index("method").loc["lorap_z", "diverged"]
     assert math.isnan(table.set_index("method").loc["lorap_z", "mean"])
+
+
+@pytest.fixture(scope="module")
+def tiny_language(tmp_path_factory):
+    """Mini math data, a tokenizer and a random-weight Mamba LM in the state-spaces layout."""
+    from mambapeft.data.mini_text import pretrain_corpus
+    from mambapeft.data.tokenizer import build_tokenizer, load_tokenizer
+    from mambapeft.models.checkpoints import save_lm
+
+    root = tmp_path_factory.mktemp("language")
+    weights = root / "lm"
+    build_tokenizer(pretrain_corpus(seed=0, n_docs=300), vocab_size=320, path=weights / "tokenizer.json")
+    save_lm(build_model("mamba-mini", vocab_size=load_tokenizer(weights).vocab_size), weights)
+    config = {
+        "results_dir": str(root / "results"), "resources_dir": str(root / "resources"), "device": "cpu",
+        "scan_backend": "torch", "threads": 1,
+        "data": {"math": {"kind": "math", "source": "mini", "seed": 0, "n_train": 72, "n_test": 8}},
+        "backbones": {"mamba-mini": {"source": "pretrain", "path": str(weights)}},
+        "experiments": {"math": {"domain": "language", "data": "math", "backbones": ["mamba-mini"], "tasks": ["math_10k"],
+                                 "eval_tasks": ["mini_addsub"], "methods": ["lorap_x"], "seeds": [0],
+                                 "train": {"epochs": 2, "batch_size": 16, "micro_batch_size": 16, "val_size": 8,
+                                           "eval_every": 2, "checkpoint_every": 2, "schedule": {"warmup_steps": 2},
+                                           "eval": {"batch_size": 8, "max_new_tokens": 4}}}},
+    }
+    validate_config(config)
+    prepare_dataset({**config["data"]["math"], "root": str(root / "resources/data/math")}, root / "resources/data/math/manifest.json")
+    return resolve_run(config, Run("math", "mamba-mini", "math_10k", "lorap_x", 0))
+
+
+def test_language_run_resumes_to_the_same_result(tiny_language, tmp_path):
+    finish(train_process(tiny_language, tmp_path / "whole"))
+    interrupted = tmp_path / "interrupted"
+    process = train_process(tiny_language, interrupted)
+    deadline = time.time() + 300
+    while not (interrupted / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finish(train_process(tiny_language, interrupted))
+    whole, resumed = metrics(tmp_path / "whole"), metrics(interrupted)
+    assert resumed["history"] == whole["history"] and resumed["best_step"] == whole["best_step"]
+    assert resumed["results"] == whole["results"]
+    assert (interrupted / "generations.jsonl").read_text() == (tmp_path / "whole" / "generations.jsonl").read_text()
+
+
+def test_micro_batch_size_does_not_change_the_update(tiny_language, tmp_path):
+    """The loss is normalised over the whole batch's tokens, so accumulation over any micro-batch
+    size gives the same gradients (up to float summation order)."""
+    finish(train_process(tiny_language, tmp_path / "one", micro_batch_size=16))
+    finish(train_process(tiny_language, tmp_path / "four", micro_batch_size=4))
+    one, four = metrics(tmp_path / "one")["history"], metrics(tmp_path / "four")["history"]
+    assert [h["step"] for h in one] == [h["step"] for h in four]
+    for a, b in zip(one, four):
+        assert a.get("loss", a.get("val_loss")) == pytest.approx(b.get("loss", b.get("val_loss")), rel=1e-4)
