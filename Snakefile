@@ -5,7 +5,11 @@ from snakemake.utils import min_version
 min_version("9.8")
 
 
-configfile: "config/config.yaml"
+# A --configfile replaces the default instead of being merged into it: a deep merge would carry the
+# mini experiment's method sizes and training overrides into the paper's grid.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

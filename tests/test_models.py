@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from mambapeft.models import build_model
-from mambapeft.models.checkpoints import CheckpointError, build_lm_from_dir, load_lm, load_vim, save_lm, save_vim
+from mambapeft.models.checkpoints import CheckpointError, build_lm_from_dir, load_lm, load_vim, save_lm
 from mambapeft.models.lm import LM_VARIANTS, MambaLMHeadModel
 from mambapeft.models.vim import VIM_VARIANTS
 

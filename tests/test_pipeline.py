@@ -1,10 +1,12 @@
 """The workflow as a user runs it: lint, the paper grid's job counts, and the tiny config end to end."""
 import json
 import re
+import shlex
 
 import pandas as pd
 import yaml
 
+from mambapeft import runspec
 from workflow_helpers import REPO, TINY, job_counts, snakemake
 
 
@@ -14,12 +16,20 @@ def test_lint_is_clean(tmp_path):
 
 
 def test_paper_grid_dry_run_job_counts(tmp_path):
-    done = snakemake("-n", "--configfile", str(REPO / "config" / "paper.yaml"), cwd=tmp_path, timeout=300)
+    paper = REPO / "config" / "paper.yaml"
+    done = snakemake("-n", "-p", "--configfile", str(paper), cwd=tmp_path, timeout=300)
     counts = job_counts(done.stdout)
     assert counts["finetune"] == 19 * 28 + (3 * 8 - 2) + 3 * 7  # vtab + commonsense (affix w/ proj at 130m only) + math
     assert counts["cache_images"] == 19 * 2  # train800val200 and test of every task, at 224
     assert counts["prepare_data"] == 3 and counts["prepare_backbone"] == 4
     assert counts["table"] == 3 and counts["figures"] == 3 and counts["params_table"] == 1
+    # a --configfile replaces the default mini config: nothing of it (ranks, epochs, lrs) leaks in
+    command = next(line for line in done.stdout.splitlines()
+                   if "mambapeft train" in line and "runs/vtab/vim-s/cifar/lorap_x/seed0" in line)
+    spec = json.loads(shlex.split(command)[shlex.split(command).index("--spec") + 1])
+    expected = runspec.resolve_run(runspec.load_config(paper), runspec.Run("vtab", "vim-s", "cifar", "lorap_x", 0))
+    assert spec == json.loads(json.dumps(expected))
+    assert spec["train"]["epochs"] == 100 and spec["method"]["peft"][0]["rank"] == 64
 
 
 def test_tiny_tables_have_one_row_per_method_with_real_numbers(tiny_run):

@@ -6,7 +6,6 @@ training jobs is real but the code runs on the CPU.
 """
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """Training engine: the recipes' schedules and parameter groups, resumption, divergence, seeds."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -9,11 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from mambapeft.data.prepare import prepare_dataset
 from mambapeft.data.vtab import build_image_cache
-from mambapeft.io import write_json_atomic
 from mambapeft.models import build_model
 from mambapeft.models.checkpoints import save_vim
 from mambapeft.peft import apply_peft

@@ -68,13 +68,26 @@ def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
         config = deep_merge(config, _read_yaml(str(Path(path).resolve())))
     config = deep_merge(config, overrides or {})
     validate_config(config)
+    _fill_schema_defaults(config)
     return config
+
+
+def _schema_path() -> Path:
+    return repo_root() / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _fill_schema_defaults(config: dict) -> None:
+    """The schema's defaults, filled in as the workflow's own validation does, so that a run resolved
+    here (``train --dry-run``) is the run a pipeline job gets."""
+    from snakemake.utils import validate
+
+    validate(config, str(_schema_path()), set_default=True)
 
 
 def validate_config(config: dict) -> None:
     import jsonschema
 
-    schema = _read_yaml(str(repo_root() / "workflow" / "schemas" / "config.schema.yaml"))
+    schema = _read_yaml(str(_schema_path()))
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:

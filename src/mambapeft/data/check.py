@@ -52,7 +52,7 @@ def _check_vtab(root: Path, task: str | None) -> dict:
     info = task_info(task)
     present = [split for split in ("train800", "val200") if split_file(root, task, split).is_file()]
     lists = {split: read_split(root, task, split) for split in ("train800val200", *present, "test")}
-    for split, samples in lists.items():
+    for samples in lists.values():
         _decode_all(root / task, samples)
     for split in ("train800val200", *present):
         _refuse_shared_images(root, task, split, lists[split], lists["test"])
