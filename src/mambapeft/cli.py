@@ -22,8 +22,9 @@ def _user_errors() -> tuple[type, ...]:
     from .models.checkpoints import CheckpointError
     from .peft.registry import PeftConfigError
     from .report.tables import ResultsError
+    from .setup_gpu import SetupError
 
-    return ConfigError, DataError, CheckpointError, PeftConfigError, ResultsError, FileNotFoundError
+    return ConfigError, DataError, CheckpointError, PeftConfigError, ResultsError, SetupError, FileNotFoundError
 
 
 def _json_arg(text: str) -> dict:
@@ -149,6 +150,35 @@ def cmd_bench_equivalence(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+def cmd_lm_eval(args) -> None:
+    import tempfile
+
+    from .data.errors import DataError
+    from .eval import lm_eval_model  # noqa: F401  (registers the model "mambapeft" with lm-eval)
+    from .eval.lm_eval_tasks import available_tasks, offline_datasets, write_task_definitions
+
+    forwarded = list(args.forwarded)
+    offline_datasets()
+    with tempfile.TemporaryDirectory(prefix="mambapeft-lm-eval-") as scratch:
+        if args.data_root:
+            names = available_tasks(args.data_root)
+            if not names:
+                raise DataError(f"{args.data_root}: no commonsense eval file (eval/<task>/<split>.jsonl of a task "
+                                "in language/tasks.yaml); point --data-root at a commonsense data root")
+            forwarded += ["--include_path", str(write_task_definitions(names, args.data_root, scratch))]
+            logging.getLogger("mambapeft").info("local lm-eval tasks over %s: %s", args.data_root, ", ".join(names))
+        sys.argv = ["lm-eval", *forwarded]
+        from lm_eval.__main__ import cli_evaluate
+
+        cli_evaluate()
+
+
+def cmd_setup_gpu(args) -> None:
+    from .setup_gpu import check_kernels, setup_gpu
+
+    print(json.dumps(check_kernels() if args.check else setup_gpu(args.wheels, dry_run=args.dry_run)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambapeft", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
@@ -235,13 +265,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language-methods", nargs="+", help="default: every method of language/methods.yaml")
     p.add_argument("--no-baselines", action="store_true", help="skip transformers+peft and timm+peft")
     p.set_defaults(func=cmd_bench_train)
+    p = sub.add_parser(
+        "lm-eval", help="lm-evaluation-harness with the model 'mambapeft' (backbone + adapter) and local tasks",
+        description="lm-eval's own command line (every argument after the ones below goes to it), with the "
+                    "model 'mambapeft' registered: --model mambapeft --model_args backbone=DIR[,adapter=FILE]"
+                    "[,tokenizer=DIR][,scan_backend=auto] --device cuda|cpu --tasks ... With --data-root, the "
+                    "commonsense tasks found there (eval/<task>/<split>.jsonl) are defined as lm-eval tasks "
+                    "over those files, so nothing is downloaded. lm-eval's own options: `lm-eval run -h`.")
+    p.add_argument("--data-root", help="a commonsense data root whose eval files become lm-eval tasks")
+    p.set_defaults(func=cmd_lm_eval)
+    p = sub.add_parser("setup-gpu", help="install the CUDA extras (mamba-ssm, causal-conv1d) and check the kernels run",
+                       description="pip-installs mamba-ssm and causal-conv1d (from PyPI, compiled against this torch; "
+                                   "or from a folder of prebuilt wheels), then checks them: they import and, on a "
+                                   "CUDA device, one selective scan agrees with the PyTorch scan.")
+    p.add_argument("--wheels", help="install from this folder of wheels (no network) instead of PyPI")
+    p.add_argument("--dry-run", action="store_true", help="print the pip command and stop")
+    p.add_argument("--check", action="store_true", help="only check the installed kernels")
+    p.set_defaults(func=cmd_setup_gpu)
     p = bench.add_parser("equivalence", help="GPU: relative errors CUDA kernels vs PyTorch scan, step vs parallel")
     p.set_defaults(func=cmd_bench_equivalence)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, forwarded = parser.parse_known_args(argv)
+    if forwarded and args.func is not cmd_lm_eval:  # only lm-eval passes arguments on
+        parser.error(f"unrecognized arguments: {' '.join(forwarded)}")
+    args.forwarded = forwarded
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

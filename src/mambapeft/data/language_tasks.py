@@ -10,7 +10,7 @@ from mambapeft.data.files import read_yaml
 TASKS_YAML = Path(__file__).resolve().parents[3] / "language" / "tasks.yaml"
 
 _REQUIRED = {
-    "commonsense": ("format", "split", "num_choices", "metrics", "report"),
+    "commonsense": ("format", "lm_eval_yaml", "split", "num_choices", "metrics", "report"),
     "math": ("answer", "dir"),
 }
 

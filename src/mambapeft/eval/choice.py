@@ -1,10 +1,9 @@
-"""Zero-shot multiple-choice scoring by log-likelihood, as lm-evaluation-harness's HFLM does it.
+"""Log-likelihood of continuations given contexts, on token ids: the scoring behind zero-shot
+multiple choice (lm-evaluation-harness's ``_loglikelihood_tokens``, as its HFLM computes it).
 
-For each (context, continuation) request: encode ``context + continuation`` and ``context``; the
-continuation tokens are the tail of the whole encoding beyond the context's (lm-eval
-``_encode_pair``, with trailing spaces of the context moved to the continuation). The score is the
-sum of the continuation tokens' log-probabilities. ``acc`` picks the highest score, ``acc_norm``
-the highest score divided by the choice's length in characters.
+lm-eval turns each (context, continuation) string pair into token ids (the continuation is the tail
+of ``encode(context + continuation)`` beyond ``encode(context)``) and asks for the sum of the
+continuation tokens' log-probabilities and whether each of them is the greedy choice.
 """
 from __future__ import annotations
 
@@ -13,57 +12,34 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
-    if not context_ids:  # lm-eval scores an empty context after the end-of-text token
-        return [tokenizer.eos_id], whole
-    return context_ids, whole[len(context_ids):]
+TokenPair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 
 @torch.no_grad()
-def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int, max_length: int,
-                   device: torch.device, autocast: Callable) -> list[float]:
-    """Sum of log p(continuation | context) for every request, in request order."""
-    encoded = [encode_pair(tokenizer, c, x) for c, x in requests]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
-    scores = [0.0] * len(encoded)
+def score_continuations(model, pairs: list[TokenPair], *, pad_id: int, batch_size: int, max_length: int,
+                        device: torch.device, autocast: Callable) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), all continuation tokens greedy) per pair, in order.
+
+    Longest sequences first, so a batch holds similar lengths; each sequence keeps its last
+    ``max_length + 1`` tokens (lm-eval's left truncation), and batches are right-padded, which
+    a causal model cannot see from the positions that are scored.
+    """
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    scores: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        sequences = [(encoded[i][0] + encoded[i][1])[-(max_length + 1):] for i in chunk]
-        n_cont = [len(encoded[i][1]) for i in chunk]
+        sequences = [(pairs[i][0] + pairs[i][1])[-(max_length + 1):] for i in chunk]
         inputs = [s[:-1] for s in sequences]  # position t predicts token t+1
-        width = max(len(s) for s in inputs)
-        ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
-        for row, s in enumerate(inputs):  # right padding: causal, so it cannot affect earlier positions
+        ids = torch.full((len(chunk), max(len(s) for s in inputs)), pad_id, dtype=torch.long)
+        for row, s in enumerate(inputs):
             ids[row, :len(s)] = torch.tensor(s)
         with autocast():
             hidden = model.forward_hidden(ids.to(device))  # (B, L, D)
-        for row, (s, n) in enumerate(zip(sequences, n_cont)):
+        for row, (i, s) in enumerate(zip(chunk, sequences)):
+            n = len(pairs[i][1])
             positions = torch.arange(len(s) - 1 - n, len(s) - 1, device=device)
-            logits = model.lm_head(hidden[row, positions]).float()  # (n, V)
+            log_probs = F.log_softmax(model.lm_head(hidden[row, positions]).float(), -1)  # (n, V)
             targets = torch.tensor(s[-n:], device=device)
-            scores[chunk[row]] = float(F.log_softmax(logits, -1).gather(1, targets[:, None]).sum())
+            scores[i] = (float(log_probs.gather(1, targets[:, None]).sum()),
+                         bool((log_probs.argmax(-1) == targets).all()))
     return scores
-
-
-def evaluate_choice_task(model, tokenizer, task, docs: list[dict], **kwargs) -> dict:
-    """acc and acc_norm (percent) of one multiple-choice task over ``docs``."""
-    requests, spans = [], []
-    for doc in docs:
-        pairs = task.requests(doc)
-        spans.append((len(requests), len(pairs)))
-        requests.extend(pairs)
-    scores = loglikelihoods(model, tokenizer, requests, **kwargs)
-    correct = correct_norm = 0
-    for doc, (start, n) in zip(docs, spans):
-        lls = scores[start:start + n]
-        lengths = [float(len(choice)) for choice in task.choices(doc)]
-        gold = task.gold(doc)
-        correct += int(max(range(n), key=lambda i: lls[i]) == gold)
-        correct_norm += int(max(range(n), key=lambda i: lls[i] / lengths[i]) == gold)
-    return {"acc": 100.0 * correct / len(docs), "acc_norm": 100.0 * correct_norm / len(docs), "n": len(docs)}

@@ -10,11 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.choice import mc_task
 from ..data.instruct import read_instruct_json, split_train_val, tokenize_example
 from ..data.language_tasks import language_task
 from ..data.tokenizer import load_tokenizer
-from ..eval.choice import evaluate_choice_task
 from ..eval.generate import evaluate_math_task
 from ..io import write_text_atomic
 from ..models.checkpoints import build_lm_from_dir, read_lm_config
@@ -100,29 +98,37 @@ class LanguageTask:
             return None
         return self._loss_over(model, self.val, autocast, backward=False)
 
-    def _eval_kwargs(self, autocast) -> dict:
-        return {"device": self.device, "autocast": autocast, "batch_size": int(self.recipe["eval"]["batch_size"])}
-
     @torch.no_grad()
     def evaluate(self, model, autocast, run_dir: Path) -> dict:
-        results, rows = {}, []
-        for name in self.spec["data"]["eval_tasks"]:
-            if self.kind == "commonsense":
-                task = mc_task(name)
-                docs = task.load(self.root / "eval" / name / f"{task.split}.jsonl")
-                scores = evaluate_choice_task(model, self.tokenizer, task, docs, max_length=2048,
-                                              **self._eval_kwargs(autocast))
-                results[name] = {**scores, "report": task.report}
-            else:
-                info = language_task("math", name)
-                records = read_instruct_json(self.root / "eval" / info["dir"] / "test.json")
-                scores, task_rows = evaluate_math_task(model, self.tokenizer, records, info["answer"],
-                                                       max_new_tokens=int(self.recipe["eval"]["max_new_tokens"]),
-                                                       **self._eval_kwargs(autocast))
-                results[name] = {**scores, "report": "acc"}
-                rows += [{"task": name, **r} for r in task_rows]
-        if rows:  # raw generations, so a reader can inspect the failures
-            write_text_atomic(run_dir / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        """Commonsense: lm-evaluation-harness over the local task files, with this model wrapped
+        as lm-eval's ``mambapeft`` model; math: greedy generation and answer extraction."""
+        if self.kind == "commonsense":
+            results, rows = self._evaluate_choice(model, autocast)
+        else:
+            results, rows = self._evaluate_math(model, autocast)
+        # one line per scored example, so a reader can inspect the failures
+        write_text_atomic(run_dir / ("lm_eval_samples.jsonl" if self.kind == "commonsense" else "generations.jsonl"),
+                          "".join(json.dumps(r) + "\n" for r in rows))
         headline = sum(r[r["report"]] for r in results.values()) / len(results)
         return {"metric": "acc", "value": headline, "n_eval": sum(r["n"] for r in results.values()),
                 "results": results}
+
+    def _evaluate_choice(self, model, autocast) -> tuple[dict, list[dict]]:
+        from ..eval.lm_eval_model import MambaPeftLM
+        from ..eval.lm_eval_tasks import evaluate_choice_tasks
+
+        lm = MambaPeftLM.wrap(model, self.tokenizer, device=self.device, autocast=autocast,
+                              batch_size=int(self.recipe["eval"]["batch_size"]))
+        return evaluate_choice_tasks(lm, list(self.spec["data"]["eval_tasks"]), self.root)
+
+    def _evaluate_math(self, model, autocast) -> tuple[dict, list[dict]]:
+        results, rows = {}, []
+        for name in self.spec["data"]["eval_tasks"]:
+            info = language_task("math", name)
+            records = read_instruct_json(self.root / "eval" / info["dir"] / "test.json")
+            scores, task_rows = evaluate_math_task(
+                model, self.tokenizer, records, info["answer"], max_new_tokens=int(self.recipe["eval"]["max_new_tokens"]),
+                device=self.device, autocast=autocast, batch_size=int(self.recipe["eval"]["batch_size"]))
+            results[name] = {**scores, "report": "acc"}
+            rows += [{"task": name, **r} for r in task_rows]
+        return results, rows

@@ -8,7 +8,7 @@ from importlib import metadata
 
 from ..runspec import repo_root
 
-PACKAGES = ("mambapeft", "torch", "numpy", "mamba-ssm", "causal-conv1d", "tokenizers", "snakemake")
+PACKAGES = ("mambapeft", "torch", "numpy", "mamba-ssm", "causal-conv1d", "tokenizers", "snakemake", "lm_eval")
 
 
 def _version(package: str) -> str | None:

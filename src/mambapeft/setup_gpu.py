@@ -1,0 +1,74 @@
+"""``mambapeft setup-gpu``: install the CUDA extras (mamba-ssm, causal-conv1d) and prove they run.
+
+From PyPI, mamba-ssm and causal-conv1d compile against the installed torch, so pip must not build
+them in an isolated environment (their documented ``--no-build-isolation``). On a machine without
+network, ``--wheels DIR`` installs prebuilt wheels from a folder instead. Either way the command
+ends with a check: the kernels import and, on a CUDA device, agree with the PyTorch scan.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+# the pyproject's `cuda` extra
+PACKAGES = ("mamba-ssm>=2.2", "causal-conv1d>=1.4")
+
+
+class SetupError(RuntimeError):
+    """The CUDA extras could not be installed or do not work; the message says what to do."""
+
+
+def install_command(wheels: str | Path | None, packages: tuple[str, ...] = PACKAGES) -> list[str]:
+    command = [sys.executable, "-m", "pip", "install"]
+    if wheels is None:
+        return [*command, "--no-build-isolation", *packages]
+    if not Path(wheels).is_dir():
+        raise SetupError(f"--wheels {wheels}: no such folder; give the folder holding the mamba-ssm and "
+                         "causal-conv1d wheels built for this torch and Python")
+    return [*command, "--no-index", "--find-links", str(Path(wheels).resolve()), *packages]
+
+
+def check_kernels() -> dict:
+    """Import the kernels; on a CUDA device, compare one selective scan with the PyTorch scan."""
+    import torch
+
+    try:
+        import mamba_ssm.ops.selective_scan_interface  # noqa: F401
+    except ImportError as err:
+        raise SetupError(f"mamba-ssm does not import ({err}); run `mambapeft setup-gpu` (add --wheels DIR offline)") from None
+    try:
+        import causal_conv1d  # noqa: F401
+        conv = "causal-conv1d kernels"
+    except ImportError:
+        conv = "PyTorch conv1d (causal-conv1d not installed: slower)"
+    report = {"mamba_ssm": True, "conv": conv, "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        from .models.scan import selective_scan_cuda, selective_scan_torch
+
+        generator = torch.Generator().manual_seed(0)
+        b, d, n, length = 2, 64, 16, 128
+        u, delta = torch.randn(b, d, length, generator=generator), torch.rand(b, d, length, generator=generator)
+        a, bb, c = -torch.rand(d, n, generator=generator), torch.randn(b, n, length, generator=generator), torch.randn(b, n, length, generator=generator)
+        cuda = selective_scan_cuda(*(t.cuda() for t in (u, delta, a, bb, c))).cpu()
+        reference = selective_scan_torch(u, delta, a, bb, c)
+        report["max_abs_diff_vs_torch_scan"] = float((cuda - reference).abs().max())
+        if report["max_abs_diff_vs_torch_scan"] > 1e-3:
+            raise SetupError(f"the CUDA scan disagrees with the PyTorch scan ({report['max_abs_diff_vs_torch_scan']:.2e}); "
+                             "the wheels were likely built for another torch or CUDA")
+    return report
+
+
+def setup_gpu(wheels: str | Path | None, dry_run: bool = False) -> dict:
+    command = install_command(wheels)
+    print("+ " + " ".join(command), file=sys.stderr)
+    if dry_run:
+        return {"command": command}
+    if subprocess.run(command).returncode != 0:
+        raise SetupError("pip could not install the CUDA extras (its output above says why); from PyPI they compile "
+                         "against the installed torch and need nvcc, or use --wheels DIR with prebuilt wheels")
+    # a fresh interpreter: this one imported the scan module before the kernels existed
+    check = subprocess.run([sys.executable, "-m", "mambapeft.cli", "-q", "setup-gpu", "--check"])
+    if check.returncode != 0:
+        raise SetupError("the CUDA extras installed but their check failed (see above)")
+    return {"command": command, "checked": True}
