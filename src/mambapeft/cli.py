@@ -143,6 +143,13 @@ def cmd_bench_train(args) -> None:
     print(json.dumps(report["projection"], indent=1))
 
 
+def cmd_bench_profile(args) -> None:
+    from .bench.train import profile_vision_method
+
+    for method in args.methods:
+        print(profile_vision_method(method, args.backbone, batch=args.batch))
+
+
 def cmd_bench_equivalence(args) -> None:
     from .bench.equivalence import equivalence_report
 
@@ -282,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the pip command and stop")
     p.add_argument("--check", action="store_true", help="only check the installed kernels")
     p.set_defaults(func=cmd_setup_gpu)
+    p = bench.add_parser("profile", help="GPU: where a vision training step's time goes (torch.profiler, top ops)")
+    p.add_argument("--backbone", default="vim-s")
+    p.add_argument("--methods", nargs="+", default=["linear_probe", "lorap_x"])
+    p.add_argument("--batch", type=int, default=32)
+    p.set_defaults(func=cmd_bench_profile)
     p = bench.add_parser("equivalence", help="GPU: relative errors CUDA kernels vs PyTorch scan, step vs parallel")
     p.set_defaults(func=cmd_bench_equivalence)
     return parser
