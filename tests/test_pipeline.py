@@ -21,7 +21,7 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
     counts = job_counts(done.stdout)
     assert counts["finetune"] == 19 * 28 + (3 * 8 - 2) + 3 * 7  # vtab + commonsense (affix w/ proj at 130m only) + math
     assert counts["cache_images"] == 19 * 2  # train800val200 and test of every task, at 224
-    assert counts["prepare_data"] == 3 and counts["prepare_backbone"] == 4
+    assert counts["prepare_data"] == 3 and counts["prepare_backbone"] == 4 and counts["download_data"] == 1
     assert counts["table"] == 3 and counts["figures"] == 3 and counts["params_table"] == 1
     # a --configfile replaces the default mini config: nothing of it (ranks, epochs, lrs) leaks in
     command = next(line for line in done.stdout.splitlines()

@@ -46,6 +46,16 @@ def cmd_data_prepare(args) -> None:
     prepare_dataset(_json_arg(args.spec), Path(args.manifest))
 
 
+def cmd_data_download(args) -> None:
+    from .data.download import fetch_vtab
+    from .io import write_json_atomic
+
+    spec = _json_arg(args.spec)
+    if spec.get("kind") != "vtab" or "download" not in spec:
+        raise ConfigError("data download fetches VTAB-1k: the spec must be a vtab data entry with a `download:` mapping")
+    write_json_atomic(Path(args.out), fetch_vtab(spec["root"], spec["tasks"], spec["download"]))
+
+
 def cmd_data_cache(args) -> None:
     from .data.vtab import build_image_cache
 
@@ -196,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True, help="the dataset's config entry as JSON (see config/config.yaml `data:`)")
     p.add_argument("--manifest", required=True, help="manifest.json to write last (file list with sha256)")
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("download", help="fetch VTAB-1k (RepAdapter's vtab-1k.zip) into the data root, unless present",
+                        description="Extracts the configured tasks of the preprocessed VTAB-1k archive into the "
+                                    "dataset's root: from a local copy (`download.archive`), a URL, or Google Drive "
+                                    "(`gdrive_id`, needs gdown). Without network it stops with one message naming the "
+                                    "missing tasks and where to put them.")
+    p.add_argument("--spec", required=True, help="the dataset's config entry as JSON, with `download:` and `tasks`")
+    p.add_argument("--out", required=True, help="record of what was done (JSON), written last")
+    p.set_defaults(func=cmd_data_download)
     p = data.add_parser("cache", help="decode and resize one VTAB split once into a uint8 .npz cache")
     p.add_argument("--root", required=True, help="VTAB-1k root (holds <task>/train800val200.txt ...)")
     p.add_argument("--task", required=True)

@@ -37,6 +37,11 @@ def write_jpeg():
 
 
 @pytest.fixture
+def write_vtab_task():
+    return _write_vtab_task
+
+
+@pytest.fixture
 def vtab_root(tmp_path) -> Path:
     """A VTAB root holding one small valid task, `count` (6 classes)."""
     root = tmp_path / "vtab"

@@ -46,6 +46,13 @@ def train_inputs(wildcards):
     return inputs
 
 
+def download_record(wildcards):
+    """A dataset with a `download:` mapping is fetched by its own rule before it is checked."""
+    if "download" not in config["data"][wildcards.dataset]:
+        return []
+    return f"{RESOURCES}/data/{wildcards.dataset}/download.json"
+
+
 def cache_source(wildcards):
     return {"manifest": str(runspec.data_manifest(config, wildcards.dataset))}
 

@@ -1,8 +1,28 @@
-# Datasets: write the offline stand-ins (source: mini) or check real data (anything else), then
-# decode and resize VTAB images once per task, split and resolution.
+# Datasets: fetch VTAB-1k where the config says how (`download:`), write the offline stand-ins
+# (source: mini) or check real data (anything else), then decode and resize VTAB images once per
+# task, split and resolution.
+
+
+localrules:
+    download_data,  # cluster compute nodes often have no network; the login node fetches
+
+
+rule download_data:
+    output:
+        record=f"{RESOURCES}/data/{{dataset}}/download.json",
+    log:
+        f"{RESOURCES}/logs/data/{{dataset}}.download.log",
+    params:
+        spec=dataset_spec,
+    conda:
+        "../envs/mambapeft.yaml"
+    shell:
+        "mambapeft data download --spec {params.spec:q} --out {output.record} 2>&1 | tee {log}"
 
 
 rule prepare_data:
+    input:
+        download_record,
     output:
         manifest=f"{RESOURCES}/data/{{dataset}}/manifest.json",
     log:

@@ -1,0 +1,141 @@
+"""Fetch VTAB-1k: RepAdapter's preprocessed archive ``vtab-1k.zip``, the one MambaPEFT uses.
+
+Where the archive comes from (the config's ``download:`` mapping of a vtab dataset; all optional):
+``archive`` a local copy of the zip (used when the file exists: the offline way), ``url`` any
+http(s) or file URL, ``gdrive_id`` the Google-Drive id (fetched with the ``gdown`` package),
+``sha256`` the archive's checksum to verify. The zip holds a top-level ``vtab-1k/`` folder; its
+task folders are moved to ``<root>/<task>/`` (the original README's "move the tasks up one level").
+
+Nothing half-done can look like data: the archive is written under a ``.partial`` name and renamed
+when complete; tasks are extracted into a scratch folder inside ``root`` and each task folder is
+renamed into place only once the whole archive has been read. Every failure is one
+:class:`DataError` naming what was tried, why it failed, the missing tasks and where to put them.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from ..io import sha256_file
+from .errors import DataError
+
+ARCHIVE_TOP = "vtab-1k"
+REQUIRED_SPLITS = ("train800val200.txt", "test.txt")
+
+
+def missing_tasks(root: Path, tasks: list[str]) -> list[str]:
+    """Tasks whose required split lists are absent (a quick look; `data check` reads every image)."""
+    return [t for t in tasks if not all((root / t / name).is_file() for name in REQUIRED_SPLITS)]
+
+
+def fetch_vtab(root: str | Path, tasks: list[str], source: dict) -> dict:
+    """Make every task of ``tasks`` present under ``root``; return what was done (JSON-able)."""
+    root = Path(root)
+    missing = missing_tasks(root, tasks)
+    if not missing:
+        return {"status": "already present", "tasks": tasks}
+    try:
+        archive = _obtain_archive(root, source)
+        if source.get("sha256") and sha256_file(archive) != source["sha256"]:
+            raise DataError(f"{archive} has sha256 {sha256_file(archive)}, not the configured {source['sha256']}; "
+                            "delete it so that it is fetched again, or fix `download.sha256`")
+        _extract_tasks(archive, root, missing)
+    except DataError as err:
+        raise DataError(_where_to_put(root, missing, source, reason=str(err))) from None
+    still = missing_tasks(root, tasks)
+    if still:
+        raise DataError(_where_to_put(root, still, source, reason=f"the archive {archive} lacks these tasks"))
+    return {"status": "extracted", "tasks": tasks, "archive": str(archive), "sha256": sha256_file(archive)}
+
+
+def _where_to_put(root: Path, missing: list[str], source: dict, reason: str) -> str:
+    target = source.get("archive") or str(root / "vtab-1k.zip")
+    return (f"VTAB-1k is incomplete under {root}: {reason}.\n"
+            f"  missing tasks: {', '.join(missing)}\n"
+            f"  put each task at {root}/<task>/ (train800val200.txt, test.txt and its images), or put "
+            f"RepAdapter's vtab-1k.zip at {target} and run again")
+
+
+def _obtain_archive(root: Path, source: dict) -> Path:
+    local = Path(source["archive"]) if source.get("archive") else None
+    if local is not None and local.is_file():
+        return local
+    target = local or root / ".download" / "vtab-1k.zip"
+    if source.get("url"):
+        return _fetch_url(source["url"], target)
+    if source.get("gdrive_id"):
+        return _fetch_gdrive(source["gdrive_id"], target)
+    raise DataError("no archive to extract: `download` names no existing `archive`, no `url` and no `gdrive_id`")
+
+
+def _fetch_url(url: str, target: Path) -> Path:
+    partial = target.with_name(target.name + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            _copy_with_progress(response, out, int(response.headers.get("Content-Length") or 0), url)
+    except OSError as err:  # URLError, HTTPError and socket errors are all OSErrors
+        partial.unlink(missing_ok=True)
+        raise DataError(f"could not download {url} ({err})") from None
+    partial.replace(target)
+    return target
+
+
+def _copy_with_progress(response, out, total: int, label: str, chunk: int = 1 << 20) -> None:
+    done, next_report = 0, 0.05
+    while block := response.read(chunk):
+        out.write(block)
+        done += len(block)
+        if total and done / total >= next_report:
+            print(f"{label}: {done / 1e6:.0f} / {total / 1e6:.0f} MB", file=sys.stderr, flush=True)
+            next_report += 0.05
+
+
+def _fetch_gdrive(file_id: str, target: Path) -> Path:
+    try:
+        import gdown
+    except ImportError:
+        raise DataError(f"the Google-Drive file {file_id} needs the gdown package (`pip install gdown`)") from None
+    partial = target.with_name(target.name + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = gdown.download(id=file_id, output=str(partial), quiet=False)
+    except Exception as err:  # gdown raises its own and requests' exception types
+        result, reason = None, err
+    else:
+        reason = "gdown returned nothing"
+    if result is None or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise DataError(f"could not download Google-Drive file {file_id} ({reason})")
+    partial.replace(target)
+    return target
+
+
+def _extract_tasks(archive: Path, root: Path, tasks: list[str]) -> None:
+    """Extract ``tasks`` from the archive (top folder ``vtab-1k/`` or none) and move them into place."""
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as scratch:
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                members = [m for m in zf.namelist() if _task_of(m) in tasks]
+                for member in members:
+                    zf.extract(member, scratch)
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise DataError(f"{archive} is not a readable zip ({err}); delete it and download it again") from None
+        for task in tasks:
+            extracted = Path(scratch) / ARCHIVE_TOP / task
+            extracted = extracted if extracted.is_dir() else Path(scratch) / task
+            if extracted.is_dir():
+                shutil.rmtree(root / task, ignore_errors=True)  # an incomplete earlier copy
+                extracted.replace(root / task)
+
+
+def _task_of(member: str) -> str | None:
+    parts = Path(member).parts
+    if parts and parts[0] == ARCHIVE_TOP:
+        parts = parts[1:]
+    return parts[0] if len(parts) > 1 else None
