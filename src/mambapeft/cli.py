@@ -153,6 +153,16 @@ def cmd_bench_train(args) -> None:
     print(json.dumps(report["projection"], indent=1))
 
 
+def cmd_bench_data(args) -> None:
+    from .bench.data import bench_data
+    from .io import write_json_atomic
+
+    report = bench_data(args.images, (args.width, args.height), args.resolution, repeats=args.repeats)
+    if args.out:
+        write_json_atomic(Path(args.out), report)
+    print(json.dumps(report))
+
+
 def cmd_bench_profile(args) -> None:
     from .bench.train import profile_vision_method
 
@@ -307,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the pip command and stop")
     p.add_argument("--check", action="store_true", help="only check the installed kernels")
     p.set_defaults(func=cmd_setup_gpu)
+    p = bench.add_parser("data", help="one epoch of VTAB data loading: decoding the files vs the uint8 cache")
+    p.add_argument("--images", type=int, default=800, help="images in the temporary task (a VTAB train800val200 has 1000)")
+    p.add_argument("--width", type=int, default=500, help="source image width")
+    p.add_argument("--height", type=int, default=375, help="source image height")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", help="also write the JSON report here")
+    p.set_defaults(func=cmd_bench_data)
     p = bench.add_parser("profile", help="GPU: where a vision training step's time goes (torch.profiler, top ops)")
     p.add_argument("--backbone", default="vim-s")
     p.add_argument("--methods", nargs="+", default=["linear_probe", "lorap_x"])
