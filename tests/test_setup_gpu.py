@@ -25,6 +25,7 @@ def test_wheel_folder_install_never_reaches_an_index(tmp_path):
     assert done.returncode == 0, done.stderr
     command = json.loads(done.stdout)["command"]
     assert command[command.index("--find-links") + 1] == str(tmp_path.resolve()) and "--no-index" in command
+    assert "--no-deps" in command  # an offline folder cannot satisfy the wheels' pins; the check proves the imports
 
 
 def test_missing_wheel_folder_is_a_clear_error(tmp_path):

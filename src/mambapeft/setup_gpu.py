@@ -2,7 +2,8 @@
 
 From PyPI, mamba-ssm and causal-conv1d compile against the installed torch, so pip must not build
 them in an isolated environment (their documented ``--no-build-isolation``). On a machine without
-network, ``--wheels DIR`` installs prebuilt wheels from a folder instead. Either way the command
+network, ``--wheels DIR`` installs prebuilt wheels from a folder instead (without resolving their
+dependencies, which an offline machine cannot fetch). Either way the command
 ends with a check: the kernels import and, on a CUDA device, agree with the PyTorch scan.
 """
 from __future__ import annotations
@@ -26,7 +27,9 @@ def install_command(wheels: str | Path | None, packages: tuple[str, ...] = PACKA
     if not Path(wheels).is_dir():
         raise SetupError(f"--wheels {wheels}: no such folder; give the folder holding the mamba-ssm and "
                          "causal-conv1d wheels built for this torch and Python")
-    return [*command, "--no-index", "--find-links", str(Path(wheels).resolve()), *packages]
+    # --no-deps: a prebuilt wheel's build-time pins (mamba-ssm 2.3 names tilelang) are not in the
+    # folder; what the kernels really need at run time is proven by the check that follows
+    return [*command, "--no-index", "--no-deps", "--find-links", str(Path(wheels).resolve()), *packages]
 
 
 def check_kernels() -> dict:
