@@ -36,15 +36,13 @@ def check_kernels() -> dict:
     """Import the kernels; on a CUDA device, compare one selective scan with the PyTorch scan."""
     import torch
 
-    try:
-        import mamba_ssm.ops.selective_scan_interface  # noqa: F401
-    except ImportError as err:
-        raise SetupError(f"mamba-ssm does not import ({err}); run `mambapeft setup-gpu` (add --wheels DIR offline)") from None
-    try:
-        import causal_conv1d  # noqa: F401
-        conv = "causal-conv1d kernels"
-    except ImportError:
-        conv = "PyTorch conv1d (causal-conv1d not installed: slower)"
+    from .models.scan import installed_kernels
+
+    installed = installed_kernels()
+    if not installed["mamba_ssm"]:
+        raise SetupError(f"mamba-ssm does not import ({installed['errors'].get('mamba_ssm')}); "
+                         "run `mambapeft setup-gpu` (add --wheels DIR offline)")
+    conv = "causal-conv1d kernels" if installed["causal_conv1d"] else "PyTorch conv1d (causal-conv1d not installed: slower)"
     report = {"mamba_ssm": True, "conv": conv, "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         from .models.scan import selective_scan_cuda, selective_scan_torch

@@ -12,6 +12,8 @@ rule download_data:
         record=f"{RESOURCES}/data/{{dataset}}/download.json",
     log:
         f"{RESOURCES}/logs/data/{{dataset}}.download.log",
+    benchmark:
+        f"{RESOURCES}/logs/data/{{dataset}}.download.benchmark.tsv"
     params:
         spec=dataset_spec,
     conda:

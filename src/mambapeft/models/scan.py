@@ -18,14 +18,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+_IMPORT_ERRORS: dict[str, str] = {}  # why an optional kernel package did not import (setup-gpu reports it)
 try:  # optional CUDA kernels; None when missing (as in mamba_ssm's own modules)
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
-except ImportError:  # pragma: no cover - depends on the machine
-    _cuda_selective_scan = None
+except ImportError as _error:  # pragma: no cover - depends on the machine
+    _cuda_selective_scan, _IMPORT_ERRORS["mamba_ssm"] = None, str(_error)
 try:
     from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d
-except ImportError:  # pragma: no cover - depends on the machine
-    _cuda_causal_conv1d = None
+except ImportError as _error:  # pragma: no cover - depends on the machine
+    _cuda_causal_conv1d, _IMPORT_ERRORS["causal_conv1d"] = None, str(_error)
 
 BACKEND_ENV = "MAMBAPEFT_SCAN_BACKEND"
 BACKEND_NAMES = ("auto", "torch", "cuda")
@@ -242,6 +243,12 @@ CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda)
 
 def cuda_kernels_available() -> bool:
     return _cuda_selective_scan is not None and torch.cuda.is_available()
+
+
+def installed_kernels() -> dict[str, bool | str]:
+    """Which optional CUDA kernel packages imported (whether or not a GPU is present), and why not."""
+    return {"mamba_ssm": _cuda_selective_scan is not None, "causal_conv1d": _cuda_causal_conv1d is not None,
+            "errors": dict(_IMPORT_ERRORS)}
 
 
 def resolve_backend(device: torch.device | str, requested: str | None = "auto") -> ScanBackend:
