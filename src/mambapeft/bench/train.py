@@ -153,28 +153,36 @@ def _guarded(fn, *args, **kwargs) -> dict:
 
 def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("mamba-130m", "mamba-1.4b"),
                    vision_methods=None, language_methods=None, baselines=True) -> dict:
+    """Every row, written out after each one: an interrupted run keeps what it measured."""
     device = torch.cuda.get_device_name()
     vision_methods = vision_methods or [m for m in domain_file("vision", "methods")]
     language_methods = language_methods or [m for m in domain_file("language", "methods")]
     report = {"device": device, "torch": torch.__version__, "vision": {}, "language": {}, "baselines": {}}
+    slug = device.replace(" ", "_")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        report["projection"] = project_vtab_hours(report["vision"])
+        write_json_atomic(out_dir / f"{slug}.json", report)
+        write_text_atomic(out_dir / f"{slug}.md", markdown(report))
+
     for method in vision_methods:
         log.info("vision %s %s", vision_backbone, method)
         report["vision"][method] = _guarded(bench_vision_method, method, vision_backbone)
+        save()
     for backbone in language_backbones:
         for method in language_methods:
             if backbone != "mamba-130m" and method == "affix":
                 continue  # the projection would add billions of parameters (the paper ran it at 130m only)
             log.info("language %s %s", backbone, method)
             report["language"].setdefault(backbone, {})[method] = _guarded(bench_language_method, method, backbone)
+            save()
     if baselines:
         for backbone in language_backbones:
             report["baselines"][f"hf-mamba+peft-lora:{backbone}"] = _guarded(bench_hf_mamba_lora, backbone)
+            save()
         report["baselines"]["timm-vit-s16+peft-lora"] = _guarded(bench_timm_vit_lora)
-    report["projection"] = project_vtab_hours(report["vision"])
-    slug = device.replace(" ", "_")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / f"{slug}.json", report)
-    write_text_atomic(out_dir / f"{slug}.md", markdown(report))
+        save()
     return report
 
 
@@ -201,10 +209,27 @@ def markdown(report: dict) -> str:
     for name, row in report["baselines"].items():
         key, unit = ("tokens_per_s", "tok/s") if "mamba" in name else ("images_per_s", "img/s")
         lines.append(f"| {name} | {_ms(row)} | {_rate(row, key, unit)} | {_gib(row)} |")
+    lines += _ratio_lines(report)
     projection = report.get("projection", {})
     if projection:
-        lines += ["", f"Projected GPU-hours for the whole Vim-S VTAB-1k table: **{projection['table_hours']:.1f} h**"]
+        lines += ["", f"Projected GPU-hours for the whole Vim-S VTAB-1k table: **{projection['table_hours']:.1f} h** "
+                      f"(from the {len(projection['per_method_hours'])} rows measured)"]
     return "\n".join(lines) + "\n"
+
+
+def _ratio_lines(report: dict) -> list[str]:
+    """Ours / baseline at the same shapes: LoRA(in_proj) vs transformers+peft LoRA, LoRA rows vs timm ViT-S LoRA."""
+    pairs = [(f"{backbone} lora_in_proj", report["language"].get(backbone, {}).get("lora_in_proj", {}),
+              f"hf-mamba+peft-lora:{backbone}", "tokens_per_s") for backbone in report["language"]]
+    pairs += [(f"vim-s {method}", report["vision"].get(method, {}), "timm-vit-s16+peft-lora", "images_per_s")
+              for method in ("lora_in_proj", "lorap_x")]
+    lines = []
+    for ours_name, ours, baseline_name, key in pairs:
+        baseline = report["baselines"].get(baseline_name, {})
+        if key in ours and key in baseline:
+            lines.append(f"| {ours_name} / {baseline_name} | {ours[key] / baseline[key]:.2f}x | "
+                         f"{ours['peak_mem_bytes'] / baseline['peak_mem_bytes']:.2f}x |")
+    return ["", "| ours / baseline | throughput | peak memory |", "|---|---|---|", *lines] if lines else []
 
 
 def _ms(row):
