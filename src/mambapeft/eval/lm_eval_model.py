@@ -45,15 +45,6 @@ def load_lm_with_adapter(backbone: str | Path, adapter: str | Path | None = None
     return model.requires_grad_(False).eval()
 
 
-def _autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (as training), plain fp32 elsewhere."""
-    import contextlib
-
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
 @register_model(MODEL_NAME)
 class MambaPeftLM(TemplateLM):
     """lm-eval's LM interface over :class:`MambaLMHeadModel`: log-likelihoods (multiple choice,
@@ -65,7 +56,7 @@ class MambaPeftLM(TemplateLM):
         super().__init__()
         if backbone is None:
             raise ValueError("model 'mambapeft' needs --model_args backbone=<directory of a Mamba LM checkpoint>")
-        from ..train.runner import resolve_device, select_backend
+        from ..train.runner import autocast_for, resolve_device, select_backend
 
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line asks for "cuda" unless told otherwise, as its HFLM does
@@ -74,7 +65,7 @@ class MambaPeftLM(TemplateLM):
         self._device = resolve_device(device or "auto")
         model = load_lm_with_adapter(backbone, adapter).to(self._device)
         select_backend(model, self._device, {"scan_backend": scan_backend, "allow_torch_fallback": True})
-        self._setup(model, load_tokenizer(tokenizer or backbone), _autocast_for(self._device),
+        self._setup(model, load_tokenizer(tokenizer or backbone), autocast_for(self._device),
                     batch_size, max_length, max_gen_toks)
 
     @classmethod
