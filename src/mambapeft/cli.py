@@ -149,7 +149,8 @@ def cmd_bench_train(args) -> None:
     from .bench.train import run_benchmarks
 
     report = run_benchmarks(Path(args.out), args.vision_backbone, tuple(args.language_backbones),
-                            args.vision_methods, args.language_methods, baselines=not args.no_baselines)
+                            args.vision_methods, args.language_methods, baselines=not args.no_baselines,
+                            cuda_graphs=args.cuda_graphs)
     print(json.dumps(report["projection"], indent=1))
 
 
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-methods", nargs="+", help="default: every method of vision/methods.yaml")
     p.add_argument("--language-methods", nargs="+", help="default: every method of language/methods.yaml")
     p.add_argument("--no-baselines", action="store_true", help="skip transformers+peft and timm+peft")
+    p.add_argument("--cuda-graphs", action="store_true", help="vision steps as CUDA graphs (runtime key cuda_graphs)")
     p.set_defaults(func=cmd_bench_train)
     p = sub.add_parser(
         "lm-eval", help="lm-evaluation-harness with the model 'mambapeft' (backbone + adapter) and local tasks",

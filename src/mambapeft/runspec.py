@@ -237,6 +237,7 @@ def resolve_run(config: dict, run: Run) -> dict:
         "train": train,
         "runtime": {"device": config.get("device", "auto"), "scan_backend": config.get("scan_backend", "auto"),
                     "allow_torch_fallback": bool(config.get("allow_torch_fallback", False)),
+                    "cuda_graphs": bool(config.get("cuda_graphs", False)),
                     "threads": int(config.get("threads", 1)), "wandb": config.get("wandb", {"mode": "disabled"})},
         "output_dir": str(run.directory(results_dir(config))),
     }

@@ -43,8 +43,9 @@ def _timed(step: Callable[[], None], warmup: int, steps: int) -> dict:
         step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    # reserved, not only allocated: a CUDA graph's private pool is reserved before the timed steps
     return {"step_s": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
-            "peak_mem_bytes": torch.cuda.max_memory_allocated()}
+            "peak_mem_bytes": torch.cuda.max_memory_allocated(), "reserved_bytes": torch.cuda.max_memory_reserved()}
 
 
 def _train_step(model, optimizer, loss_fn) -> Callable[[], None]:
@@ -71,17 +72,21 @@ def _our_model(backbone: str, method: str, domain: str, **overrides):
     return model, result, (build_optimizer(groups, recipe["optimizer"]) if groups else None), backend.name
 
 
-def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmup=5, steps=20) -> dict:
+def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmup=5, steps=20,
+                        cuda_graphs=False) -> dict:
+    from ..train.vision import GraphedForward
+
     model, result, optimizer, backend = _our_model(backbone, method, "vision", num_classes=100)
     images = torch.randn(batch, 3, size, size, device="cuda")
     labels = torch.randint(0, 100, (batch,), device="cuda")
     model.train()
-    row = _timed(_train_step(model, optimizer, lambda m: F.cross_entropy(m(images).float(), labels)), warmup, steps)
+    forward = GraphedForward(model, images.shape, images.device) if cuda_graphs else model
+    row = _timed(_train_step(forward, optimizer, lambda m: F.cross_entropy(m(images).float(), labels)), warmup, steps)
     model.eval()
     with torch.no_grad():
         evaluation = _timed(lambda: _eval_step(model, images), 2, 5)
     row.update(images_per_s=batch / row["step_s"], eval_images_per_s=batch / evaluation["step_s"],
-               trainable_params=result.count(), backend=backend)
+               trainable_params=result.count(), backend=backend, cuda_graphs=cuda_graphs)
     return row
 
 
@@ -152,13 +157,15 @@ def _guarded(fn, *args, **kwargs) -> dict:
 
 
 def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("mamba-130m", "mamba-1.4b"),
-                   vision_methods=None, language_methods=None, baselines=True) -> dict:
-    """Every row, written out after each one: an interrupted run keeps what it measured."""
+                   vision_methods=None, language_methods=None, baselines=True, cuda_graphs=False) -> dict:
+    """Every row, written out after each one: an interrupted run keeps what it measured.
+    ``cuda_graphs``: vision steps as the trainer runs them with the runtime key ``cuda_graphs``."""
     device = torch.cuda.get_device_name()
     vision_methods = vision_methods or [m for m in domain_file("vision", "methods")]
     language_methods = language_methods or [m for m in domain_file("language", "methods")]
-    report = {"device": device, "torch": torch.__version__, "vision": {}, "language": {}, "baselines": {}}
-    slug = device.replace(" ", "_")
+    report = {"device": device, "torch": torch.__version__, "cuda_graphs": cuda_graphs,
+              "vision": {}, "language": {}, "baselines": {}}
+    slug = device.replace(" ", "_") + ("-cuda_graphs" if cuda_graphs else "")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -168,7 +175,7 @@ def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("
 
     for method in vision_methods:
         log.info("vision %s %s", vision_backbone, method)
-        report["vision"][method] = _guarded(bench_vision_method, method, vision_backbone)
+        report["vision"][method] = _guarded(bench_vision_method, method, vision_backbone, cuda_graphs=cuda_graphs)
         save()
     for backbone in language_backbones:
         for method in language_methods:
@@ -197,7 +204,8 @@ def project_vtab_hours(vision: dict, test_images: int = 387_904) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Training-step benchmark on {report['device']} (torch {report['torch']}, bf16 autocast)", ""]
+    graphs = ", vision steps as CUDA graphs" if report.get("cuda_graphs") else ""
+    lines = [f"# Training-step benchmark on {report['device']} (torch {report['torch']}, bf16 autocast{graphs})", ""]
     lines += ["| backbone | method | trainable | step (ms) | throughput | peak memory (GiB) | vs linear_probe |", "|---|---|---|---|---|---|---|"]
     base = report["vision"].get("linear_probe", {}).get("step_s")
     for method, row in report["vision"].items():
@@ -241,7 +249,9 @@ def _rate(row, key, unit):
 
 
 def _gib(row):
-    return f"{row['peak_mem_bytes'] / 2**30:.2f}" if "peak_mem_bytes" in row else ""
+    """Peak allocated memory; with a CUDA graph, the larger reserved figure (its pool is reserved)."""
+    key = "reserved_bytes" if row.get("cuda_graphs") else "peak_mem_bytes"
+    return f"{row[key] / 2**30:.2f}" if key in row else ""
 
 
 def _row(backbone, method, row, key, unit, base):

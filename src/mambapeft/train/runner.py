@@ -158,6 +158,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss)
 
+    def _wants_cuda_graph(self) -> bool:
+        """Once, after the gradient checks (a replay runs no Python, so they must run eagerly first)."""
+        not_captured = getattr(self.task, "graphed", True) is None  # only vision tasks have a graph slot
+        return bool(self.spec["runtime"].get("cuda_graphs")) and self.device.type == "cuda" and not_captured
+
     def _maybe_validate(self, state: LoopState) -> None:
         every = self.recipe.get("eval_every")
         done = state.step == self.task.total_steps
@@ -179,6 +184,9 @@ class Trainer:
         checks = [[], zero_init]
         progress = Progress(self.task.total_steps, state.step, self.spec["run"], self.spec["runtime"].get("wandb"))
         while state.step < self.task.total_steps:
+            if not checks and self._wants_cuda_graph():
+                log.info("capturing the training forward/backward as a CUDA graph (runtime cuda_graphs)")
+                self.task.use_cuda_graph(self.model)
             started = time.perf_counter()
             loss = self._step(state, checks.pop(0) if checks else None)
             state.step += 1
