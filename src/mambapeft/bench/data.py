@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.vtab import IMAGENET_MEAN, IMAGENET_STD, build_image_cache, preprocess_image, read_split
-from ..train.vision import ImageSet
+from ..data.vtab import build_image_cache, preprocess_image, read_split
+from ..train.vision import ImageSet, Normalise
 
 TASK = "cifar"  # any task of vision/tasks.yaml; only its class count (100) matters here
 
@@ -38,20 +38,15 @@ def write_task(root: Path, n_images: int, size: tuple[int, int], seed: int = 0) 
     (root / TASK / "train800val200.txt").write_text("".join(lines))
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-
-
 def epoch_from_files(root: Path, resolution: int, batch: int, seed: int) -> float:
     samples = read_split(root, TASK, "train800val200")
     order = np.random.default_rng(seed).permutation(len(samples))
+    normalise = Normalise(torch.device("cpu"))
     started = time.perf_counter()
     for start in range(0, len(order), batch):
         chunk = [samples[i] for i in order[start:start + batch]]
         images = np.stack([preprocess_image(root / TASK / path, resolution) for path, _ in chunk])
-        _normalise(torch.from_numpy(images))
+        normalise(torch.from_numpy(images))
     return time.perf_counter() - started
 
 

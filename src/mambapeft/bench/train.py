@@ -48,6 +48,11 @@ def _timed(step: Callable[[], None], warmup: int, steps: int) -> dict:
             "peak_mem_bytes": torch.cuda.max_memory_allocated(), "reserved_bytes": torch.cuda.max_memory_reserved()}
 
 
+def _random_images(batch: int, size: int, classes: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of the right shapes for a vision step: images (B, 3, size, size), labels (B,)."""
+    return torch.randn(batch, 3, size, size, device="cuda"), torch.randint(0, classes, (batch,), device="cuda")
+
+
 def _train_step(model, optimizer, loss_fn) -> Callable[[], None]:
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -77,8 +82,7 @@ def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmu
     from ..train.vision import GraphedForward
 
     model, result, optimizer, backend = _our_model(backbone, method, "vision", num_classes=100)
-    images = torch.randn(batch, 3, size, size, device="cuda")
-    labels = torch.randint(0, 100, (batch,), device="cuda")
+    images, labels = _random_images(batch, size)
     model.train()
     forward = GraphedForward(model, images.shape, images.device) if cuda_graphs else model
     row = _timed(_train_step(forward, optimizer, lambda m: F.cross_entropy(m(images).float(), labels)), warmup, steps)
@@ -137,8 +141,7 @@ def bench_timm_vit_lora(batch=32, rank=8, warmup=5, steps=20) -> dict:
     model = get_peft_model(timm.create_model("vit_small_patch16_224", num_classes=100).cuda(),
                            LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv"], modules_to_save=["head"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    images = torch.randn(batch, 3, 224, 224, device="cuda")
-    labels = torch.randint(0, 100, (batch,), device="cuda")
+    images, labels = _random_images(batch, 224)
     model.train()
     row = _timed(_train_step(model, optimizer, lambda m: F.cross_entropy(m(images).float(), labels)), warmup, steps)
     row.update(images_per_s=batch / row["step_s"])
@@ -236,7 +239,7 @@ def _ratio_lines(report: dict) -> list[str]:
         baseline = report["baselines"].get(baseline_name, {})
         if key in ours and key in baseline:
             lines.append(f"| {ours_name} / {baseline_name} | {ours[key] / baseline[key]:.2f}x | "
-                         f"{ours['peak_mem_bytes'] / baseline['peak_mem_bytes']:.2f}x |")
+                         f"{_memory(ours) / _memory(baseline):.2f}x |")
     return ["", "| ours / baseline | throughput | peak memory |", "|---|---|---|", *lines] if lines else []
 
 
@@ -248,10 +251,13 @@ def _rate(row, key, unit):
     return f"{row[key]:,.0f} {unit}" if key in row else ""
 
 
-def _gib(row):
+def _memory(row) -> int | None:
     """Peak allocated memory; with a CUDA graph, the larger reserved figure (its pool is reserved)."""
-    key = "reserved_bytes" if row.get("cuda_graphs") else "peak_mem_bytes"
-    return f"{row[key] / 2**30:.2f}" if key in row else ""
+    return row.get("reserved_bytes" if row.get("cuda_graphs") else "peak_mem_bytes")
+
+
+def _gib(row):
+    return f"{_memory(row) / 2**30:.2f}" if _memory(row) is not None else ""
 
 
 def _row(backbone, method, row, key, unit, base):
@@ -268,8 +274,7 @@ def profile_vision_method(method: str, backbone="vim-s", batch=32, size=224, ste
     from torch.profiler import ProfilerActivity, profile
 
     model, _, optimizer, backend = _our_model(backbone, method, "vision", num_classes=100)
-    images = torch.randn(batch, 3, size, size, device="cuda")
-    labels = torch.randint(0, 100, (batch,), device="cuda")
+    images, labels = _random_images(batch, size)
     step = _train_step(model.train(), optimizer, lambda m: F.cross_entropy(m(images).float(), labels))
     wall = _timed(step, warmup=5, steps=steps)["step_s"]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

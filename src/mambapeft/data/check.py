@@ -28,7 +28,7 @@ from pathlib import Path
 from mambapeft.data.choice import mc_task
 from mambapeft.data.errors import DataError
 from mambapeft.data.instruct import read_instruct_json
-from mambapeft.data.language_tasks import language_task, language_tasks
+from mambapeft.data.language_tasks import commonsense_eval_file, language_task, language_tasks, math_eval_file
 from mambapeft.data.math_answers import extract_answer
 from mambapeft.data.vtab import load_rgb, read_split, split_file, task_info
 
@@ -109,14 +109,10 @@ def _language_summary(kind: str, task: str | None, train: list, tasks: dict) -> 
     }
 
 
-def _commonsense_eval_file(root: Path, entry: dict) -> Path:
-    return root / "eval" / entry["name"] / f"{entry['split']}.jsonl"
-
-
 def _check_commonsense(root: Path, task: str | None) -> dict:
     train = _train_records("commonsense", root)
     tasks = {}
-    for name, path in _chosen_tasks("commonsense", root, task, _commonsense_eval_file).items():
+    for name, path in _chosen_tasks("commonsense", root, task, commonsense_eval_file).items():
         mc = mc_task(name)
         docs = mc.load(path)
         tasks[name] = {"test": len(docs), "num_choices": max(len(mc.choices(doc)) for doc in docs), "file": str(path)}
@@ -126,15 +122,11 @@ def _check_commonsense(root: Path, task: str | None) -> dict:
     return summary
 
 
-def _math_eval_file(root: Path, entry: dict) -> Path:
-    return root / "eval" / entry["dir"] / "test.json"
-
-
 def _check_math(root: Path, task: str | None) -> dict:
     train = _train_records("math", root)
     instructions = {record["instruction"].strip() for record in train}
     tasks = {}
-    for name, path in _chosen_tasks("math", root, task, _math_eval_file).items():
+    for name, path in _chosen_tasks("math", root, task, math_eval_file).items():
         kind = language_task("math", name)["answer"]
         records = read_instruct_json(path)
         for index, record in enumerate(records):

@@ -33,6 +33,16 @@ def language_tasks(family: str) -> dict[str, dict]:
     return {name: dict(entry, name=name, mini=bool(entry.get("mini", False))) for name, entry in _load_table().get(family, {}).items()}
 
 
+def commonsense_eval_file(root: str | Path, entry: dict) -> Path:
+    """A multiple-choice task's records under a commonsense data root: eval/<task>/<split>.jsonl."""
+    return Path(root) / "eval" / entry["name"] / f"{entry['split']}.jsonl"
+
+
+def math_eval_file(root: str | Path, entry: dict) -> Path:
+    """A math task's LLM-Adapters test set under a math data root: eval/<dir>/test.json."""
+    return Path(root) / "eval" / entry["dir"] / "test.json"
+
+
 def language_task(family: str, name: str) -> dict:
     """One task's entry; an unknown name lists the known ones."""
     tasks = language_tasks(family)

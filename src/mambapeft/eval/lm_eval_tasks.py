@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..data.errors import DataError
-from ..data.language_tasks import language_task, language_tasks
+from ..data.language_tasks import commonsense_eval_file, language_task, language_tasks
 from ..io import write_text_atomic
 
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
@@ -42,7 +42,7 @@ def task_definition(name: str, data_root: str | Path, cache_dir: str | Path) -> 
     if not base.is_file():
         raise DataError(f"lm-eval has no task file {base} (language/tasks.yaml, task '{name}'); "
                         "install the lm-eval version pyproject.toml pins")
-    records = Path(data_root).resolve() / "eval" / name / f"{entry['split']}.jsonl"
+    records = commonsense_eval_file(Path(data_root).resolve(), entry)
     if not records.is_file():
         raise DataError(f"{records}: eval file of task '{name}' not found; it holds one {entry['format']} record per line")
     return {
@@ -70,9 +70,8 @@ def write_task_definitions(names: list[str], data_root: str | Path, scratch: str
 
 def available_tasks(data_root: str | Path) -> list[str]:
     """The commonsense tasks of tasks.yaml whose eval file exists under ``data_root``."""
-    root = Path(data_root)
     return [name for name, entry in language_tasks("commonsense").items()
-            if (root / "eval" / name / f"{entry['split']}.jsonl").is_file()]
+            if commonsense_eval_file(data_root, entry).is_file()]
 
 
 def evaluate_choice_tasks(lm, names: list[str], data_root: str | Path) -> tuple[dict, list[dict]]:

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.instruct import read_instruct_json, split_train_val, tokenize_example
-from ..data.language_tasks import language_task
+from ..data.language_tasks import language_task, math_eval_file
 from ..data.tokenizer import load_tokenizer
 from ..eval.generate import evaluate_math_task
 from ..io import write_text_atomic
@@ -125,7 +125,7 @@ class LanguageTask:
         results, rows = {}, []
         for name in self.spec["data"]["eval_tasks"]:
             info = language_task("math", name)
-            records = read_instruct_json(self.root / "eval" / info["dir"] / "test.json")
+            records = read_instruct_json(math_eval_file(self.root, info))
             scores, task_rows = evaluate_math_task(
                 model, self.tokenizer, records, info["answer"], max_new_tokens=int(self.recipe["eval"]["max_new_tokens"]),
                 device=self.device, autocast=autocast, batch_size=int(self.recipe["eval"]["batch_size"]))

@@ -158,11 +158,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss)
 
-    def _wants_cuda_graph(self) -> bool:
-        """Once, after the gradient checks (a replay runs no Python, so they must run eagerly first)."""
-        not_captured = getattr(self.task, "graphed", True) is None  # only vision tasks have a graph slot
-        return bool(self.spec["runtime"].get("cuda_graphs")) and self.device.type == "cuda" and not_captured
-
     def _maybe_validate(self, state: LoopState) -> None:
         every = self.recipe.get("eval_every")
         done = state.step == self.task.total_steps
@@ -182,11 +177,15 @@ class Trainer:
         # non-zero on the second step of a fresh run (the zero head blocks them on the first)
         zero_init = zero_initialised(self.peft) if state.step == 0 else []
         checks = [[], zero_init]
+        # captured once, after the gradient checks: a replay runs no Python, so they run eagerly first
+        graph_pending = (bool(self.spec["runtime"].get("cuda_graphs")) and self.device.type == "cuda"
+                         and hasattr(self.task, "use_cuda_graph"))
         progress = Progress(self.task.total_steps, state.step, self.spec["run"], self.spec["runtime"].get("wandb"))
         while state.step < self.task.total_steps:
-            if not checks and self._wants_cuda_graph():
+            if graph_pending and not checks:
                 log.info("capturing the training forward/backward as a CUDA graph (runtime cuda_graphs)")
                 self.task.use_cuda_graph(self.model)
+                graph_pending = False
             started = time.perf_counter()
             loss = self._step(state, checks.pop(0) if checks else None)
             state.step += 1
