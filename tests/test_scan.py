@@ -85,3 +85,23 @@ def test_backend_resolution_on_cpu(monkeypatch):
     monkeypatch.setenv("MAMBAPEFT_SCAN_BACKEND", "fast")
     with pytest.raises(ValueError, match="Unknown scan backend"):
         resolve_backend("cpu")
+
+
+def test_reference_kernels_compute_in_fp32_under_autocast():
+    """An active bf16 autocast (a CUDA run on the PyTorch fallback) neither lowers the scan's precision
+    nor hands its backward mixed dtypes."""
+    u, delta, A, B, C, D, z, bias = random_inputs(2, 8, 33, 4, torch.float32)
+    plain_in = [x.clone().requires_grad_() for x in (u, delta, B, C)]
+    mixed_in = [x.clone().requires_grad_() for x in (u, delta, B, C)]
+    plain = selective_scan_torch(plain_in[0], plain_in[1], A, *plain_in[2:], D, z, bias, delta_softplus=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = selective_scan_torch(mixed_in[0], mixed_in[1], A, *mixed_in[2:], D, z, bias, delta_softplus=True)
+    assert torch.equal(plain, mixed)
+    plain.sum().backward()
+    mixed.sum().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(plain_in, mixed_in))
+    state = torch.zeros(2, 8, 4)
+    stepped = selective_state_step(state.clone(), u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], D, z[..., 0], bias, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(stepped, selective_state_step(state.clone(), u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0],
+                                                         D, z[..., 0], bias, True))

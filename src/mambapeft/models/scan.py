@@ -10,6 +10,7 @@ Shapes follow mamba_ssm's ``selective_scan_fn``:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -139,6 +140,17 @@ class _SelectiveScanCore(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Selective scan: PyTorch reference and CUDA wrapper (same signature)
 # ----------------------------------------------------------------------------------------------
+def _outside_autocast(kernel: Callable) -> Callable:
+    """Run a reference kernel in its own compute dtype under an active autocast, as the CUDA kernels
+    do (autocast would otherwise run its matmuls in bf16 and hand the backward mixed dtypes)."""
+    @functools.wraps(kernel)
+    def run(first: torch.Tensor, *args, **kwargs):
+        with torch.autocast(first.device.type, enabled=False):
+            return kernel(first, *args, **kwargs)
+    return run
+
+
+@_outside_autocast
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
     """Exact selective scan in PyTorch (fp32 compute), vectorised over time in chunks.
@@ -185,6 +197,7 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
                                 fp32_or_like_u(C), D, like_u(z), delta_bias, delta_softplus, return_last_state)
 
 
+@_outside_autocast
 def selective_state_step(state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=False):
     """One recurrent step (generation). Updates ``state`` in place.

@@ -24,6 +24,7 @@ from ..peft import apply_peft, check_gradients, zero_initialised
 from ..runspec import ConfigError
 from ..peft.state import adapter_state_dict, save_adapter
 from .optim import build_optimizer, describe_groups, param_groups, set_learning_rate
+from .precision import store_frozen_linears_in_bf16
 from .progress import Progress
 from .provenance import provenance
 from .schedules import build_schedule
@@ -100,6 +101,9 @@ class Trainer:
         self.model = self.task.build_model()
         self.peft = apply_peft(self.model, spec["method"]["peft"], spec["method"]["id"])
         self.model.to(self.device)
+        if self.device.type == "cuda":  # runs under bf16 autocast (autocast_for), which casts them anyway
+            moved = store_frozen_linears_in_bf16(self.model)
+            log.info("frozen Linear weights stored in bf16: %s parameters", f"{moved:,}")
         self.backend = select_backend(self.model, self.device, spec["runtime"])
         self.groups = param_groups(self.model, self.peft, self.recipe["optimizer"])
         if not self.groups and self.task.total_steps:

@@ -1,0 +1,57 @@
+"""Frozen Linear weights stored in bf16 for bf16-autocast training.
+
+Under ``torch.autocast(dtype=bfloat16)`` every ``nn.Linear`` casts its fp32 weight and bias to bf16
+on each call, and a frozen weight's bf16 copy is kept for the backward pass (autocast's weight
+cache only holds tensors that require grad). Storing those frozen tensors in bf16 once gives the
+same matmuls bit for bit, without the cast kernels and without holding both copies: for
+Mamba-1.4b (1.26 B such weights) 2.5 GB of storage and 2.5 GB of per-step copies less (measured
+on an H100, LoRA(in_proj) at 4 x 256 tokens: peak 11.5 -> 6.8 GiB).
+
+Only tensors whose every use is a plain ``nn.Linear`` forward qualify. Kept in fp32: trainable
+tensors (the optimizer updates fp32 masters), norms, A_log, D, convolutions and embeddings (used
+outside autocast's casts), weights a LoRA folds its update into (``W + delta`` must round once),
+parametrised weights (``original + delta``) and weights shared with an embedding (tied LM heads).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from ..peft.lora import LoraLinear
+
+
+def _folded_bases(model: nn.Module) -> set[int]:
+    """ids of the Linears a LoRA reads the weight of (merged-style or DoRA updates)."""
+    return {id(m.base) for m in model.modules()
+            if isinstance(m, LoraLinear) and any(u.acts_on_weight for u in m.updates.values())}
+
+
+def frozen_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """fp32 parameters that require no grad and enter the model only through a plain Linear's forward."""
+    owners: dict[int, list[nn.Module]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+            params[id(p)] = p
+    folded = _folded_bases(model)
+
+    def plain_linear(module: nn.Module) -> bool:
+        return type(module) is nn.Linear and id(module) not in folded and not parametrize.is_parametrized(module)
+
+    return [p for key, p in params.items()
+            if not p.requires_grad and p.dtype == torch.float32 and all(map(plain_linear, owners[key]))]
+
+
+def store_frozen_linears_in_bf16(model: nn.Module) -> int:
+    """Convert :func:`frozen_linear_parameters` to bf16 in place; returns how many elements moved.
+
+    Only for models that run under bf16 autocast: outside it, a bf16 weight meets fp32 inputs.
+    """
+    moved = 0
+    with torch.no_grad():
+        for p in frozen_linear_parameters(model):
+            p.data = p.data.to(torch.bfloat16)
+            moved += p.numel()
+    return moved
