@@ -86,6 +86,38 @@ def test_every_method_runs_through_the_cuda_kernels(domain, method):
 
 
 @needs_kernels
+@pytest.mark.parametrize("domain,method", [(d, m) for d in ("vision", "language") for m in domain_file(d, "methods")])
+def test_frozen_linears_in_bf16_train_as_fp32_storage(domain, method):
+    """What the trainer does on CUDA (train/precision.py): the same forward bit for bit, the same
+    gradients up to the scan backward's atomics."""
+    from mambapeft.train.precision import store_frozen_linears_in_bf16
+
+    backbone = "vim-mini" if domain == "vision" else "mamba-mini"
+    torch.manual_seed(0)
+    model = build_model(backbone, **({"num_classes": 4} if domain == "vision" else {"vocab_size": 64})).cuda()
+    result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
+    with torch.no_grad():
+        for p in result.trainable.values():
+            p.add_(0.01 * torch.randn_like(p))
+    stored = copy.deepcopy(model)
+    store_frozen_linears_in_bf16(stored)
+    inputs = torch.randn(4, 3, 32, 32, device="cuda") if domain == "vision" else torch.randint(0, 64, (2, 40), device="cuda")
+    outs, grads = [], []
+    for m in (model.eval(), stored.eval()):
+        set_backend(m, CUDA_BACKEND)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(inputs)
+        if out.requires_grad:
+            out.float().logsumexp(-1).mean().backward()
+        outs.append(out)
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad and p.grad is not None})
+    assert torch.equal(outs[0], outs[1])
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():  # the scan backward's atomics alone vary by ~1e-3 run to run
+        assert rel(grads[1][name], grad) <= 1e-2, name
+
+
+@needs_kernels
 @pytest.mark.parametrize("method", ["lorap_x", "affix_noproj", "additional_scan", "periodic"])
 def test_step_mode_equals_parallel_forward_on_gpu(method):
     model = build_model("mamba-mini", vocab_size=64).cuda()
@@ -140,3 +172,71 @@ def test_cuda_graph_training_equals_eager_and_falls_back_for_other_shapes():
     for name, value in eager_params.items():
         assert rel(graph_params[name], value) <= 1e-3, name
     assert rel(graph_small, eager_small) <= 1e-2
+
+
+@needs_kernels
+@pytest.mark.parametrize("domain,method", [(d, m) for d in ("vision", "language") for m in domain_file(d, "methods")])
+def test_every_method_captures_as_a_cuda_graph(domain, method):
+    """runtime `cuda_graphs` is on in paper.yaml: no method may copy from the host or sync inside
+    its forward/backward, and a replay computes what the eager step does."""
+    from mambapeft.train.language import GraphedLoss, next_token_targets, token_loss_sum
+    from mambapeft.train.vision import GraphedForward
+
+    backbone = "vim-mini" if domain == "vision" else "mamba-mini"
+    torch.manual_seed(0)
+    model = build_model(backbone, **({"num_classes": 4} if domain == "vision" else {"vocab_size": 64})).cuda()
+    result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
+    if not result.trainable:
+        pytest.skip("trains nothing: no training step to capture")
+    set_backend(model.eval(), CUDA_BACKEND)  # eval: no dropout, so replay and eager see the same masks
+    if domain == "vision":
+        images = torch.randn(4, 3, 32, 32, device="cuda")
+        graphed = GraphedForward(model, images.shape, images.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager, replayed = model(images), graphed(images)
+    else:
+        ids = torch.randint(1, 64, (2, 64), device="cuda")
+        targets = next_token_targets(ids, torch.tensor([64, 40]))
+        replayed = GraphedLoss(model, 2, [64], ids.device)(ids, targets)
+        eager = token_loss_sum(model, ids, targets, lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+    assert rel(replayed, eager) <= 1e-3
+
+
+@needs_kernels
+def test_language_cuda_graphs_train_as_eager():
+    """runtime `cuda_graphs` for language: one graph per padded width; the replayed loss and
+    backward train as the eager ones (SGD: see the vision test)."""
+    from mambapeft.train.language import GraphedLoss, next_token_targets, token_loss_sum
+
+    torch.manual_seed(0)
+    base = build_model("mamba-mini", vocab_size=64)
+    batches = []
+    for width in (64, 128, 64, 128):
+        ids = torch.randint(1, 64, (4, width), device="cuda")
+        batches.append((ids, next_token_targets(ids, torch.randint(width // 2, width + 1, (4,)))))
+    runs = []
+    for graphed in (False, True):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)  # the same LoRA initialisation in both runs
+        peft = apply_peft(model, method_definition("language", "lora_in_proj", "mamba-mini", {"lora": {"dropout": 0.0}})["peft"], "lora_in_proj")
+        model.cuda().train()
+        set_backend(model, CUDA_BACKEND)
+        optimizer = torch.optim.SGD(list(peft.trainable.values()), lr=0.05)
+        loss_of = GraphedLoss(model, 4, [64, 128], torch.device("cuda")) if graphed else None
+        losses = []
+        for ids, targets in batches:
+            if graphed:
+                loss = loss_of(ids, targets)
+            else:
+                loss = token_loss_sum(model, ids, targets, lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            (loss / 1000).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        runs.append((losses, {n: p.detach().clone() for n, p in peft.trainable.items()}))
+    (eager_losses, eager_params), (graph_losses, graph_params) = runs
+    assert {ids.shape[1] for ids, _ in batches} == {64, 128}  # both graphs replayed
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-3)
+    assert len(set(eager_losses)) > 1
+    for name, value in eager_params.items():
+        assert rel(graph_params[name], value) <= 1e-3, name

@@ -165,10 +165,11 @@ def cmd_bench_data(args) -> None:
 
 
 def cmd_bench_profile(args) -> None:
-    from .bench.train import profile_vision_method
+    from .bench.train import profile_method
 
+    domain = "vision" if args.backbone.startswith("vim") else "language"
     for method in args.methods:
-        print(profile_vision_method(method, args.backbone, batch=args.batch))
+        print(profile_method(domain, method, args.backbone, args.batch or (32 if domain == "vision" else 4)))
 
 
 def cmd_bench_equivalence(args) -> None:
@@ -295,12 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_scan)
     p = bench.add_parser("train", help="GPU training-step throughput of every method and of the baselines")
     p.add_argument("--out", default="results/benchmarks", help="folder for <device>.json and <device>.md")
-    p.add_argument("--vision-backbone", default="vim-s")
-    p.add_argument("--language-backbones", nargs="+", default=["mamba-130m", "mamba-1.4b"])
+    p.add_argument("--vision-backbone", default="vim-s", help="vim-* variant, batch 32 at 224x224")
+    p.add_argument("--language-backbones", nargs="+", default=["mamba-130m", "mamba-1.4b"],
+                   help="mamba-* variants, sequence 256 at the engine's micro-batch")
     p.add_argument("--vision-methods", nargs="+", help="default: every method of vision/methods.yaml")
     p.add_argument("--language-methods", nargs="+", help="default: every method of language/methods.yaml")
     p.add_argument("--no-baselines", action="store_true", help="skip transformers+peft and timm+peft")
-    p.add_argument("--cuda-graphs", action="store_true", help="vision steps as CUDA graphs (runtime key cuda_graphs)")
+    p.add_argument("--cuda-graphs", action="store_true", help="training steps as CUDA graphs (runtime key cuda_graphs)")
     p.set_defaults(func=cmd_bench_train)
     p = sub.add_parser(
         "lm-eval", help="lm-evaluation-harness with the model 'mambapeft' (backbone + adapter) and local tasks",
@@ -327,10 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="also write the JSON report here")
     p.set_defaults(func=cmd_bench_data)
-    p = bench.add_parser("profile", help="GPU: where a vision training step's time goes (torch.profiler, top ops)")
-    p.add_argument("--backbone", default="vim-s")
+    p = bench.add_parser("profile", help="GPU: where a training step's time goes (torch.profiler, top ops)")
+    p.add_argument("--backbone", default="vim-s", help="vim-* (images at 224 px) or mamba-* (sequences of 256 tokens)")
     p.add_argument("--methods", nargs="+", default=["linear_probe", "lorap_x"])
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, help="images (default 32) or sequences (default 4) per step")
     p.set_defaults(func=cmd_bench_profile)
     p = bench.add_parser("equivalence", help="GPU: relative errors CUDA kernels vs PyTorch scan, step vs parallel")
     p.set_defaults(func=cmd_bench_equivalence)

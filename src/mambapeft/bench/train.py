@@ -24,12 +24,14 @@ from ..models.mamba import Mamba
 from ..models.scan import resolve_backend
 from ..peft import apply_peft
 from ..runspec import domain_file, method_definition
-from ..train.language import token_loss_sum
+from ..train.language import GraphedLoss, next_token_targets, token_loss_sum
 from ..train.optim import build_optimizer, param_groups
+from ..train.precision import store_frozen_linears_in_bf16
 
 log = logging.getLogger("mambapeft.bench")
 
 VTAB_TRAIN_STEPS = 19 * 100 * 32  # 19 tasks x 100 epochs x 32 iterations (1,000 images, batch 32)
+HF_WEIGHTS = {"": torch.float32, "-bf16-weights": torch.bfloat16}  # baseline name suffix -> weights dtype
 
 
 def _timed(step: Callable[[], None], warmup: int, steps: int) -> dict:
@@ -68,6 +70,7 @@ def _our_model(backbone: str, method: str, domain: str, **overrides):
     model = build_model(backbone, **overrides)
     result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
     model.cuda()
+    store_frozen_linears_in_bf16(model)  # as the trainer does on CUDA
     backend = resolve_backend("cuda", "auto")
     for m in model.modules():
         if isinstance(m, Mamba):
@@ -77,16 +80,39 @@ def _our_model(backbone: str, method: str, domain: str, **overrides):
     return model, result, (build_optimizer(groups, recipe["optimizer"]) if groups else None), backend.name
 
 
-def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmup=5, steps=20,
-                        cuda_graphs=False) -> dict:
+def _vision_step(method: str, backbone: str, batch: int, size: int, cuda_graphs=False):
+    """(model, PEFT result, backend name, one training step on random images) as the trainer runs it."""
     from ..train.vision import GraphedForward
 
     model, result, optimizer, backend = _our_model(backbone, method, "vision", num_classes=100)
     images, labels = _random_images(batch, size)
     model.train()
     forward = GraphedForward(model, images.shape, images.device) if cuda_graphs else model
-    row = _timed(_train_step(forward, optimizer, lambda m: F.cross_entropy(m(images).float(), labels)), warmup, steps)
+    return model, result, backend, _train_step(forward, optimizer, lambda m: F.cross_entropy(m(images).float(), labels))
+
+
+def _language_step(method: str, backbone: str, micro_batch: int, length: int, cuda_graphs=False):
+    """(model, PEFT result, backend name, one training step on random ids of ``length`` + 1 tokens)."""
+    model, result, optimizer, backend = _our_model(backbone, method, "language")
+    ids = torch.randint(0, 50000, (micro_batch, length + 1), device="cuda")
+    targets = next_token_targets(ids, torch.full((micro_batch,), length + 1))
+    model.train()
+    if cuda_graphs and result.trainable:
+        graphed = GraphedLoss(model, micro_batch, [length + 1], ids.device)
+        return model, result, backend, _train_step(model, optimizer, lambda m: graphed(ids, targets) / (micro_batch * length))
+
+    def loss_fn(m):
+        return token_loss_sum(m, ids, targets, contextlib.nullcontext) / (micro_batch * length)  # autocast is on
+
+    return model, result, backend, _train_step(model, optimizer, loss_fn)
+
+
+def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmup=5, steps=20,
+                        cuda_graphs=False) -> dict:
+    model, result, backend, step = _vision_step(method, backbone, batch, size, cuda_graphs)
+    row = _timed(step, warmup, steps)
     model.eval()
+    images, _ = _random_images(batch, size)
     with torch.no_grad():
         evaluation = _timed(lambda: _eval_step(model, images), 2, 5)
     row.update(images_per_s=batch / row["step_s"], eval_images_per_s=batch / evaluation["step_s"],
@@ -99,37 +125,36 @@ def _eval_step(model, images):
         model(images)
 
 
-def bench_language_method(method: str, backbone: str, micro_batch=4, length=256, warmup=3, steps=10) -> dict:
-    model, result, optimizer, backend = _our_model(backbone, method, "language")
-    ids = torch.randint(0, 50000, (micro_batch, length + 1), device="cuda")
-    lengths = torch.full((micro_batch,), length + 1)
-    n_tokens = micro_batch * length
-
-    def loss_fn(m):
-        return token_loss_sum(m, ids, lengths, contextlib.nullcontext) / n_tokens  # autocast is already on
-
-    model.train()
+def bench_language_method(method: str, backbone: str, micro_batch=4, length=256, warmup=3, steps=10,
+                          cuda_graphs=False) -> dict:
+    model, result, backend, step = _language_step(method, backbone, micro_batch, length, cuda_graphs)
     if not result.trainable:
         return {"skipped": "no trainable parameters (evaluation only)"}
-    row = _timed(_train_step(model, optimizer, loss_fn), warmup, steps)
-    row.update(tokens_per_s=n_tokens / row["step_s"], trainable_params=result.count(), backend=backend)
+    row = _timed(step, warmup, steps)
+    row.update(tokens_per_s=micro_batch * length / row["step_s"], trainable_params=result.count(), backend=backend,
+               cuda_graphs=cuda_graphs)
     return row
 
 
-def bench_hf_mamba_lora(backbone: str, micro_batch=4, length=256, rank=32, warmup=3, steps=10) -> dict:
-    """transformers' MambaForCausalLM (its CUDA-kernel path) + peft LoRA on in_proj, same shapes."""
+def bench_hf_mamba_lora(backbone: str, micro_batch=4, length=256, rank=32, warmup=3, steps=10,
+                        weights_dtype=torch.float32) -> dict:
+    """transformers' MambaForCausalLM (its CUDA-kernel path) + peft LoRA on in_proj, same shapes.
+    ``weights_dtype``: fp32 is what transformers' Trainer with ``bf16=True`` trains; bf16 is a model
+    loaded with ``torch_dtype=torch.bfloat16`` (peft keeps the LoRA weights in fp32)."""
     from peft import LoraConfig, get_peft_model
     from transformers import MambaConfig, MambaForCausalLM
 
     dims = {"mamba-130m": (768, 24), "mamba-370m": (1024, 48), "mamba-1.4b": (2048, 48)}[backbone]
     config = MambaConfig(hidden_size=dims[0], num_hidden_layers=dims[1], vocab_size=50280, state_size=16, expand=2)
-    model = get_peft_model(MambaForCausalLM(config).cuda(), LoraConfig(r=rank, lora_alpha=rank, target_modules=["in_proj"]))
+    base = MambaForCausalLM(config).to("cuda", weights_dtype)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=rank, target_modules=["in_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 50000, (micro_batch, length), device="cuda")
     model.train()
     row = _timed(_train_step(model, optimizer, lambda m: m(input_ids=ids, labels=ids).loss), warmup, steps)
     row.update(tokens_per_s=micro_batch * (length - 1) / row["step_s"],
-               trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+               trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+               weights_dtype=str(weights_dtype).removeprefix("torch."))
     return row
 
 
@@ -149,20 +174,23 @@ def bench_timm_vit_lora(batch=32, rank=8, warmup=5, steps=20) -> dict:
 
 
 def _guarded(fn, *args, **kwargs) -> dict:
+    """One benchmark row: a row that fails is reported and the others still run. Its memory is
+    counted from what earlier rows left behind (captured CUDA graphs keep their pools)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    held = {"peak_mem_bytes": torch.cuda.memory_allocated(), "reserved_bytes": torch.cuda.memory_reserved()}
     try:
-        return fn(*args, **kwargs)
-    except Exception as err:  # a benchmark row that fails is reported, the others still run
+        row = fn(*args, **kwargs)
+    except Exception as err:
         log.exception("benchmark %s%s failed", fn.__name__, args)
         return {"error": f"{type(err).__name__}: {err}"}
-    finally:
-        gc.collect()
-        torch.cuda.empty_cache()
+    return {key: value - held[key] if key in held else value for key, value in row.items()}
 
 
 def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("mamba-130m", "mamba-1.4b"),
                    vision_methods=None, language_methods=None, baselines=True, cuda_graphs=False) -> dict:
     """Every row, written out after each one: an interrupted run keeps what it measured.
-    ``cuda_graphs``: vision steps as the trainer runs them with the runtime key ``cuda_graphs``."""
+    ``cuda_graphs``: training steps as the trainer runs them with the runtime key ``cuda_graphs``."""
     device = torch.cuda.get_device_name()
     vision_methods = vision_methods or [m for m in domain_file("vision", "methods")]
     language_methods = language_methods or [m for m in domain_file("language", "methods")]
@@ -185,12 +213,15 @@ def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("
             if backbone != "mamba-130m" and method == "affix":
                 continue  # the projection would add billions of parameters (the paper ran it at 130m only)
             log.info("language %s %s", backbone, method)
-            report["language"].setdefault(backbone, {})[method] = _guarded(bench_language_method, method, backbone)
+            report["language"].setdefault(backbone, {})[method] = _guarded(bench_language_method, method, backbone,
+                                                                           cuda_graphs=cuda_graphs)
             save()
     if baselines:
         for backbone in language_backbones:
-            report["baselines"][f"hf-mamba+peft-lora:{backbone}"] = _guarded(bench_hf_mamba_lora, backbone)
-            save()
+            for suffix, dtype in HF_WEIGHTS.items():
+                report["baselines"][f"hf-mamba+peft-lora{suffix}:{backbone}"] = _guarded(
+                    bench_hf_mamba_lora, backbone, weights_dtype=dtype)
+                save()
         report["baselines"]["timm-vit-s16+peft-lora"] = _guarded(bench_timm_vit_lora)
         save()
     return report
@@ -207,7 +238,7 @@ def project_vtab_hours(vision: dict, test_images: int = 387_904) -> dict:
 
 
 def markdown(report: dict) -> str:
-    graphs = ", vision steps as CUDA graphs" if report.get("cuda_graphs") else ""
+    graphs = ", training steps as CUDA graphs" if report.get("cuda_graphs") else ""
     lines = [f"# Training-step benchmark on {report['device']} (torch {report['torch']}, bf16 autocast{graphs})", ""]
     lines += ["| backbone | method | trainable | step (ms) | throughput | peak memory (GiB) | vs linear_probe |", "|---|---|---|---|---|---|---|"]
     base = report["vision"].get("linear_probe", {}).get("step_s")
@@ -231,7 +262,8 @@ def markdown(report: dict) -> str:
 def _ratio_lines(report: dict) -> list[str]:
     """Ours / baseline at the same shapes: LoRA(in_proj) vs transformers+peft LoRA, LoRA rows vs timm ViT-S LoRA."""
     pairs = [(f"{backbone} lora_in_proj", report["language"].get(backbone, {}).get("lora_in_proj", {}),
-              f"hf-mamba+peft-lora:{backbone}", "tokens_per_s") for backbone in report["language"]]
+              f"hf-mamba+peft-lora{suffix}:{backbone}", "tokens_per_s")
+             for backbone in report["language"] for suffix in HF_WEIGHTS]
     pairs += [(f"vim-s {method}", report["vision"].get(method, {}), "timm-vit-s16+peft-lora", "images_per_s")
               for method in ("lora_in_proj", "lorap_x")]
     lines = []
@@ -266,16 +298,17 @@ def _row(backbone, method, row, key, unit, base):
     return f"| {backbone} | {method} | {trainable} | {_ms(row)} | {_rate(row, key, unit)} | {_gib(row)} | {ratio} |"
 
 
-def profile_vision_method(method: str, backbone="vim-s", batch=32, size=224, steps=5, top=25) -> str:
+def profile_method(domain: str, method: str, backbone: str, batch: int, steps=5, top=25) -> str:
     """Where a training step's time goes: torch.profiler's table of the ops with the most CUDA time
     over ``steps`` steps after warm-up, plus the step's wall time against its summed GPU time (the
-    gap is launch and Python overhead)."""
+    gap is launch and Python overhead). ``batch``: images (vision) or sequences of 256 tokens."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    model, _, optimizer, backend = _our_model(backbone, method, "vision", num_classes=100)
-    images, labels = _random_images(batch, size)
-    step = _train_step(model.train(), optimizer, lambda m: F.cross_entropy(m(images).float(), labels))
+    if domain == "vision":
+        _, _, backend, step = _vision_step(method, backbone, batch, 224)
+    else:
+        _, _, backend, step = _language_step(method, backbone, batch, 256)
     wall = _timed(step, warmup=5, steps=steps)["step_s"]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):

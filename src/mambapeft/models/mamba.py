@@ -178,7 +178,9 @@ class Mamba(nn.Module):
         When ``state`` is given (unidirectional only), it is filled with the final recurrent state,
         so :meth:`step` can continue the sequence (generation prefill).
         """
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*D_inner, L)
+        # (B, 2*D_inner, L) with L contiguous: the conv's x and the scan's z are then views the
+        # kernels take as they are, instead of a strided view each kernel copies (and saves)
+        xz = self.in_proj(hidden_states).transpose(1, 2).contiguous()
         y = self._scan_direction(xz, FORWARD, state)
         if self.bidirectional:
             if state is not None:

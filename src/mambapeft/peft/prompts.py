@@ -216,21 +216,21 @@ class InputTokens(nn.Module):
             return self.tokens
         return None
 
-    def layout(self, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Positions of the real tokens and of the inserted tokens in the expanded sequence."""
+    def layout(self, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Positions of the real tokens and of the inserted tokens in the expanded sequence, built
+        on ``device`` with no host sync (a CUDA graph capture allows neither copies nor syncs)."""
         n = self.tokens.shape[0]
-        real = torch.arange(length)
+        real = torch.arange(length, device=device)
         chunk = real // self.period if self.period is not None else torch.zeros_like(real)
         real_pos = real + n * (chunk + 1)
-        n_insertions = int(chunk.max()) + 1 if length else 1
-        starts = torch.arange(n_insertions) * ((self.period or 0) + n)
-        token_pos = (starts[:, None] + torch.arange(n)[None]).flatten()
+        n_insertions = (length - 1) // self.period + 1 if self.period is not None and length else 1
+        starts = torch.arange(n_insertions, device=device) * ((self.period or 0) + n)
+        token_pos = (starts[:, None] + torch.arange(n, device=device)[None]).flatten()
         return real_pos, token_pos, length + n * n_insertions
 
     def expand(self, hidden: torch.Tensor):
         """hidden (B, L, D) -> (B, L', D) with the tokens inserted, and the real-token indices (L,)."""
-        real_pos, token_pos, total = self.layout(hidden.shape[1])
-        real_pos, token_pos = real_pos.to(hidden.device), token_pos.to(hidden.device)
+        real_pos, token_pos, total = self.layout(hidden.shape[1], hidden.device)
         out = hidden.new_zeros(hidden.shape[0], total, hidden.shape[2])
         out[:, real_pos] = hidden
         repeats = token_pos.numel() // self.tokens.shape[0]

@@ -2,6 +2,7 @@
 multiple choice (commonsense) or greedy generation with answer extraction (math)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..data.instruct import read_instruct_json, split_train_val, tokenize_example
 from ..data.language_tasks import language_task, math_eval_file
@@ -17,13 +19,18 @@ from ..eval.generate import evaluate_math_task
 from ..io import write_text_atomic
 from ..models.checkpoints import build_lm_from_dir, read_lm_config
 from ..models.lm import MambaLMHeadModel
+from .graphs import capture
 from .seeding import epoch_permutation
 
-LOSS_CHUNK = 8192  # tokens per lm_head call: never materialise fp32 logits for the whole batch
+LOSS_CHUNK = 256  # positions per lm_head call: fp32 logits of a whole batch are never materialised
+
+
+IGNORE = -100  # target of padding positions (cross_entropy's ignore_index)
+GRAPH_WIDTH_STEP = 64  # with cuda_graphs, full micro-batches are padded to a multiple of this (one graph each)
 
 
 def _pad_right(sequences: list[list[int]], pad_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids padded on the right to a multiple of ``multiple`` (the original collator's), and lengths."""
+    """(B, W) ids padded on the right to a multiple of ``multiple`` (the original collator's 8), and lengths."""
     width = max(len(s) for s in sequences)
     width += (-width) % multiple
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -32,18 +39,58 @@ def _pad_right(sequences: list[list[int]], pad_id: int, multiple: int = 8) -> tu
     return ids, torch.tensor([len(s) for s in sequences])
 
 
-def token_loss_sum(model: MambaLMHeadModel, ids: torch.Tensor, lengths: torch.Tensor, autocast) -> torch.Tensor:
-    """Summed next-token cross-entropy over the real tokens of a right-padded batch (train on inputs)."""
+def next_token_targets(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, W) right-padded ids -> (B, W-1) targets: token t+1 for position t, IGNORE past each end."""
+    positions = torch.arange(ids.shape[1] - 1, device=ids.device)
+    past_end = positions[None] >= (lengths.to(ids.device) - 1)[:, None]
+    return ids[:, 1:].masked_fill(past_end, IGNORE)
+
+
+def token_loss_sum(model: MambaLMHeadModel, ids: torch.Tensor, targets: torch.Tensor, autocast) -> torch.Tensor:
+    """Summed next-token cross-entropy (train on inputs) of (B, W) ids against (B, W-1) targets.
+
+    Static shapes and no host sync (padding is ignored, not removed), so a CUDA graph can hold it.
+    """
     with autocast():
-        hidden = model.forward_hidden(ids[:, :-1])  # (B, L-1, D): position t predicts token t+1
-    valid = torch.arange(ids.shape[1] - 1, device=ids.device)[None] < (lengths.to(ids.device) - 1)[:, None]
-    hidden, targets = hidden[valid], ids[:, 1:][valid]  # (T, D), (T,)
+        hidden = model.forward_hidden(ids[:, :-1]).flatten(0, 1)  # (B * (W-1), D): position t predicts t+1
     total = hidden.new_zeros((), dtype=torch.float32)
-    for h, t in zip(hidden.split(LOSS_CHUNK), targets.split(LOSS_CHUNK)):
-        with autocast():
-            logits = model.lm_head(h)
-        total = total + F.cross_entropy(logits.float(), t, reduction="sum")
+    for h, t in zip(hidden.split(LOSS_CHUNK), targets.flatten().split(LOSS_CHUNK)):
+        # recomputed in the backward: a chunk's logits (and the LM head's bf16 weight copy) are
+        # freed before the next chunk instead of living until the backward
+        total = total + checkpoint(_chunk_loss, model.lm_head, h, t, autocast, use_reentrant=False,
+                                   preserve_rng_state=False)  # nothing random in it; RNG state reads break graph capture
     return total
+
+
+def _chunk_loss(lm_head: nn.Module, h: torch.Tensor, targets: torch.Tensor, autocast) -> torch.Tensor:
+    with autocast():
+        logits = lm_head(h)  # (n, vocab)
+    return F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE)
+
+
+class GraphedLoss:
+    """:func:`token_loss_sum` of full micro-batches and its backward replayed as CUDA graphs
+    (:mod:`.graphs`), one per padded width (``widths``), captured after the trainer's gradient
+    checks. The captures share one memory pool: a replay's loss and gradients are consumed
+    before the next replay starts."""
+
+    def __init__(self, model: nn.Module, micro_batch: int, widths: list[int], device: torch.device):
+        self.micro_batch, self.widths, pool = micro_batch, sorted(widths), torch.cuda.graph_pool_handle()
+        self.graphs = {}
+        for width in self.widths:
+            sample = (torch.zeros(micro_batch, width, dtype=torch.long, device=device),
+                      torch.full((micro_batch, width - 1), IGNORE, dtype=torch.long, device=device))
+            self.graphs[width] = capture(model, _loss_sum_in_graph, sample, pool=pool)
+
+    def fits(self, n_sequences: int, longest: int) -> bool:
+        return n_sequences == self.micro_batch and longest <= self.widths[-1]
+
+    def __call__(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.graphs[ids.shape[1]](ids, targets)
+
+
+def _loss_sum_in_graph(model, ids, targets):
+    return token_loss_sum(model, ids, targets, contextlib.nullcontext)  # capture() runs it under autocast
 
 
 class LanguageTask:
@@ -65,6 +112,7 @@ class LanguageTask:
         self.iters_per_epoch = math.ceil(self.n_train / self.batch_size)
         self.total_steps = int(self.recipe["epochs"]) * self.iters_per_epoch
         self.metric = "acc"
+        self.graphed: GraphedLoss | None = None
 
     def build_model(self) -> nn.Module:
         path = self.spec["backbone"]["path"]
@@ -72,18 +120,33 @@ class LanguageTask:
             return build_lm_from_dir(path)
         return MambaLMHeadModel(read_lm_config(path))
 
+    def use_cuda_graph(self, model: nn.Module) -> None:
+        """Replay full micro-batches' forward and backward as CUDA graphs from now on, one per
+        width in steps of GRAPH_WIDTH_STEP up to the cutoff (each micro-batch is padded up to one)."""
+        cutoff = int(self.recipe["cutoff_len"])
+        top = cutoff + (-cutoff) % GRAPH_WIDTH_STEP
+        self.graphed = GraphedLoss(model, self.micro_batch, list(range(GRAPH_WIDTH_STEP, top + 1, GRAPH_WIDTH_STEP)),
+                                   self.device)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Without a host sync on CUDA (pinned memory, asynchronous copy): the GPU keeps its queue."""
+        return tensor.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else tensor
+
     def _loss_over(self, model, sequences: list[list[int]], autocast, backward: bool) -> float:
         """Mean per-token loss of ``sequences``, accumulated micro-batch by micro-batch; normalised
         by the batch's total token count, so the micro-batch size does not change the gradient."""
         n_tokens = sum(len(s) - 1 for s in sequences)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for start in range(0, len(sequences), self.micro_batch):
-            ids, lengths = _pad_right(sequences[start:start + self.micro_batch], self.tokenizer.pad_id)
-            loss = token_loss_sum(model, ids.to(self.device), lengths, autocast) / n_tokens
+            chunk = sequences[start:start + self.micro_batch]
+            graphed = backward and self.graphed is not None and self.graphed.fits(len(chunk), max(map(len, chunk)))
+            ids, lengths = _pad_right(chunk, self.tokenizer.pad_id, GRAPH_WIDTH_STEP if graphed else 8)
+            ids, targets = (self._to_device(t) for t in (ids, next_token_targets(ids, lengths)))
+            loss = (self.graphed(ids, targets) if graphed else token_loss_sum(model, ids, targets, autocast)) / n_tokens
             if backward:
                 loss.backward()
-            total += float(loss.detach())
-        return total
+            total += loss.detach()
+        return float(total)  # one host sync per batch
 
     def train_loss(self, model, step: int, autocast) -> tuple[torch.Tensor, int]:
         epoch, i = divmod(step, self.iters_per_epoch)

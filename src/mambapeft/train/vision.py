@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ..data.vtab import IMAGENET_MEAN, IMAGENET_STD, load_image_cache, task_info
 from ..models import build_model
 from ..models.checkpoints import load_vim
+from .graphs import capture
 from .seeding import epoch_permutation
 
 
@@ -43,33 +44,14 @@ class ImageSet:
         return self._normalise(self.images[index]), self.labels[index]
 
 
-class _Forward(nn.Module):
-    """The model's forward as a module of its own: make_graphed_callables replaces this wrapper's
-    forward, the model keeps its eager one (needed for the epoch's last, smaller batch)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
-
-
 class GraphedForward:
-    """The training forward and backward of full batches replayed as one CUDA graph.
-
-    A Vim step at batch 32 is launch-bound (thousands of small kernels; the GPU idles about half
-    the step, ``mambapeft bench profile``). The graph is captured once, for the full batch shape,
-    after the trainer's gradient checks; a batch of another shape runs eagerly. Drop-path and
-    dropout draw from the CUDA generator, which graphs advance on every replay.
-    """
+    """The training forward and backward of full batches replayed as one CUDA graph
+    (:mod:`.graphs`), captured once for the full batch shape after the trainer's gradient checks;
+    a batch of another shape (an epoch's last) runs eagerly."""
 
     def __init__(self, model: nn.Module, batch_shape: tuple[int, ...], device: torch.device):
         self.model, self.batch_shape = model, tuple(batch_shape)
-        sample = torch.zeros(self.batch_shape, device=device)
-        # autocast's weight cache must be off while capturing (torch.cuda.make_graphed_callables)
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            self.graphed = torch.cuda.make_graphed_callables(_Forward(model), (sample,))
+        self.graphed = capture(model, lambda m, images: m(images), (torch.zeros(self.batch_shape, device=device),))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.graphed(images) if tuple(images.shape) == self.batch_shape else self.model(images)
