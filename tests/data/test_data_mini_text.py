@@ -7,22 +7,32 @@ import pytest
 
 from mambapeft.data import mini_text
 from mambapeft.data.choice import mc_task
-from mambapeft.io import sha256_file
 from mambapeft.data.instruct import read_instruct_json
 from mambapeft.data.math_answers import extract_answer, is_correct
+from mambapeft.io import sha256_file
 
 
 def test_corpus_is_plain_declarative_text():
     docs = mini_text.pretrain_corpus(seed=0, n_docs=400)
     assert len(docs) == 400 and all(doc.strip() for doc in docs)
     text = "\n".join(docs)
-    for marker in ("Question:", "Answer:", "### ", "Below is an instruction", "?", "the correct answer is"):
+    for marker in ("Question:", "Answer:", "### Instruction", "### Response", "Below is an instruction", "the correct answer is"):
         assert marker not in text
     assert re.search(r"Now \w+ has \d+ \w+\.", text)  # arithmetic stories
     assert re.search(r"said (yes|no), the", text)  # yes/no only in reported speech
     assert mini_text.pretrain_corpus(seed=0, n_docs=400) == docs
     assert mini_text.pretrain_corpus(seed=1, n_docs=400) != docs
 
+
+
+def test_corpus_uses_the_words_and_layout_of_the_prompt_formats():
+    """Their tokens get trained embeddings upstream, which PEFT methods cannot train."""
+    text = "\n".join(mini_text.pretrain_corpus(seed=0, n_docs=2000))
+    words = ("Below", "instruction", "describes", "task", "Write", "response", "appropriately", "completes", "request",
+             "Instruction", "Response", "Please", "choose", "correct", "answer", "question", "format", "true/false",
+             "solution1", "option1", "ending1", "answer1", "fill in the blank", "What", "Which", "Where", ":", "?", "\n")
+    assert [word for word in words if word not in text] == []
+    assert "  \n\n" + " " * 16 + "### " in text and "\n" + " " * 16 + "\n" + " " * 16 + "### " in text
 
 def test_corpus_states_the_facts_that_the_questions_ask():
     world = {thing.name: thing for thing in mini_text.build_world(0)}
@@ -64,6 +74,29 @@ def test_commonsense_eval_sets_load_as_real_lm_eval_tasks(language_root):
         assert len(set(golds)) == len(task.choices(docs[0]))  # every answer position occurs
     boolq = mc_task("mini_boolq").load(root / "eval" / "mini_boolq" / "test.jsonl")
     assert all(not doc["question"].endswith("?") and doc["question"].islower() for doc in boolq)  # BoolQ style
+
+
+def test_no_test_question_is_asked_in_training(language_root):
+    root, _, _ = language_root
+    training = (root / "commonsense_170k.json").read_text()
+    arc = mc_task("mini_arc").load(root / "eval" / "mini_arc" / "test.jsonl")
+    boolq = mc_task("mini_boolq").load(root / "eval" / "mini_boolq" / "test.jsonl")
+    assert not [doc["question"] for doc in arc if doc["question"] in training]
+    asked = {re.search(r"question: (.*)\?", r["instruction"]).group(1) for r in read_instruct_json(root / "commonsense_170k.json")
+             if r["answer"] in ("true", "false")}
+    assert not asked & {doc["question"] for doc in boolq}
+
+
+def test_training_texts_state_the_facts_that_arc_asks(language_root):
+    """Fine-tuning can help lm-eval's choice scoring only through its texts: they state the right
+    choices' facts and never a wrong choice's."""
+    root, _, _ = language_root
+    training = (root / "commonsense_170k.json").read_text()
+    arc = mc_task("mini_arc").load(root / "eval" / "mini_arc" / "test.jsonl")
+    golds = [doc["choices"]["text"][mc_task("mini_arc").gold(doc)] for doc in arc]
+    assert sum(gold in training for gold in golds) > 0.8 * len(golds)
+    wrong = [text for doc, gold in zip(arc, golds) for text in doc["choices"]["text"] if text != gold]
+    assert not [text for text in wrong if text in training]
 
 
 def test_boolq_passages_hold_the_evidence(language_root):

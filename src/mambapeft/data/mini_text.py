@@ -7,10 +7,20 @@ away countable items. Three products share it:
 - `pretrain_corpus`: declarative English about the world and small sums told as stories, the
   upstream corpus of the tiny Mamba LM. It has no question/answer layout and no prompt template;
   yes/no appear only in reported speech ("Mia said yes, the apple is red."), which is what gives a
-  pretrained model a chance on BoolQ-style questions zero-shot.
+  pretrained model a chance on BoolQ-style questions zero-shot. Like web text, it also uses the
+  prompt formats' words in prose ("Please choose the correct answer, Tom said.") and their layout
+  (headings, indented lines) in notes, so that every prompt token has a trained embedding.
 - `write_mini_commonsense`: `commonsense_170k.json` in the LLM-Adapters format (the instruction
-  styles of its BoolQ, ARC/OBQA, PIQA, WinoGrande and HellaSwag parts) and two zero-shot eval sets in
-  the Hugging Face record formats of real lm-eval tasks: `mini_arc` (ARC) and `mini_boolq` (BoolQ).
+  styles of its BoolQ, Social IQa, PIQA, WinoGrande and HellaSwag parts) and two zero-shot eval sets
+  in the Hugging Face record formats of real lm-eval tasks: `mini_arc` (ARC) and `mini_boolq` (BoolQ).
+  lm-eval scores the text of each choice, never the answer labels ("answer2") that the training
+  outputs end with, so fine-tuning can only help through what its texts teach (train on inputs):
+  like HellaSwag, PIQA and Social IQa contexts, every training context states a thing's colour,
+  size, place and category in the corpus's own sentences. The corpus told the model these facts
+  only partly (about four in five colours and half the places are its best guess after
+  pretraining), and the ARC choices are such sentences ("The pear is in the barn."), so a model
+  that learns the facts better scores better. No test question is asked in training: the ARC
+  questions ("Where is the pear?") never appear there, and training BoolQ questions avoid the test's.
 - `write_mini_math`: `math_10k.json` (LLM-Adapters format, a short rationale ending in the number)
   and the test sets `mini_addsub` (one step) and `mini_multiarith` (two steps), numbers 0-20.
 
@@ -39,14 +49,14 @@ CATEGORIES = {
     "vehicle": ("car", "bike", "boat", "bus", "truck", "train"),
     "piece of furniture": ("chair", "table", "bed", "lamp", "sofa", "shelf"),
 }
-# What every member of a category can do or is for, as a verb phrase and as a question.
+# What every member of a category can do or is for, as a verb phrase.
 CATEGORY_USES = {
-    "fruit": ("can be eaten", "Which of these can you eat?"),
-    "animal": ("is alive and can move", "Which of these is alive?"),
-    "tool": ("helps you fix things", "Which of these helps you fix things?"),
-    "toy": ("is fun to play with", "Which of these is fun to play with?"),
-    "vehicle": ("can carry people", "Which of these can carry people?"),
-    "piece of furniture": ("belongs in a house", "Which of these belongs in a house?"),
+    "fruit": "can be eaten",
+    "animal": "is alive and can move",
+    "tool": "helps you fix things",
+    "toy": "is fun to play with",
+    "vehicle": "can carry people",
+    "piece of furniture": "belongs in a house",
 }
 COLOURS = ("red", "blue", "green", "yellow", "white", "black", "brown", "pink")
 SIZES = ("small", "big")
@@ -125,7 +135,7 @@ def _describe(rng: np.random.Generator, thing: Thing, n_facts: int | None = None
 
 def _category_sentence(rng: np.random.Generator, world: list[Thing]) -> str:
     thing = _pick(rng, world)
-    use = CATEGORY_USES[thing.category][0]
+    use = CATEGORY_USES[thing.category]
     return _pick(rng, (
         f"{_upper_first(_a(thing.name))} is {_a(thing.category)}. Every {thing.category} {use}.",
         f"The {thing.name} is {_a(thing.category)}, so it {use}.",
@@ -236,6 +246,64 @@ def _reported_count(rng: np.random.Generator) -> str:
     return f"{story}. {asker} asked {asked}. {answerer} said it is {problem.answer}, because {because}"
 
 
+# --- the words and layout of instructions ----------------------------------------------------
+# The tokenizer keeps the prompt formats' strings as merges, as a web-text tokenizer would, and a
+# web-text LM has met their words and layout in ordinary prose and notes. Without these documents
+# their embeddings stay untrained (~14 nats per template token after pretraining), which a PEFT
+# method, its embeddings frozen, cannot fix. They talk about tasks and answers but never pair a
+# question with its answer, nor use the template's own header lines.
+INDENT = "\n" + " " * 16  # line start of the Alpaca template's indented lines
+
+
+def _task_talk(rng: np.random.Generator, world: list[Thing]) -> str:
+    """Prose about people setting tasks and writing answers, in the instruction stems' words."""
+    p, q = _others(rng, PEOPLE, None, 2)
+    thing = _pick(rng, world)
+    k = int(rng.integers(1, 5))
+    sentences = (
+        f"Below is a note that {p} wrote for {q}.",
+        f"{p} gave {q} an instruction that describes a task, paired with an input that provides further context.",
+        f"The instruction describes a task: {q} needs the {thing.name}.",
+        f"{q} will write a response that appropriately completes the request.",
+        f"Write a response, {p} said to {q}, and please complete the given sentence.",
+        f"Please choose the correct answer, {p} said. {q} had to choose answer{k} or another answer.",
+        f"{q} had to choose the correct solution to the problem, and solution{int(rng.integers(1, 3))} was the one.",
+        f"The answer format on the sheet was {_pick(rng, ('answer1/answer2/answer3', 'true/false', 'option1/option2', 'solution1/solution2', 'ending1/ending2/ending3/ending4'))}.",
+        f"{p} likes to fill in the blank to complete a sentence, and {q} likes to pick the correct ending.",
+        f"There were two options. Option1 was {_a(thing.category)} and Option2 was not, so {q} took option1.",
+        f"The story had four endings, and Ending{k} was the correct ending, so {q} wrote ending{k}.",
+        f"Answer{k} on the sheet was wrong. The correct answer was another one.",
+        f"{p} asked {q} a question: can we play now? {_upper_first(_pronoun(q))} said that is a good question.",
+        f"Question {k} was about the {thing.name}, and {q} wrote the answer in the format {p} asked for.",
+        f"{q} wants to find the {thing.name}. Look in the {thing.place}, {p} said, so {q} takes the {thing.name} from the {thing.place}.",
+        f"{p} wondered what {q} will do. {_upper_first(_pronoun(q))} will go to the {thing.place}, where the {thing.name} is.",
+        f"Tidying up: {p} puts the {thing.name} back in the {thing.place}.",
+        f"It is true that the {thing.name} is {thing.colour}. It is false that the {thing.name} is {_others(rng, COLOURS, thing.colour, 1)[0]}.",
+        "On the sheet, the Instruction part describes a task and the Response part is for the answer.",
+        f"Solution{k % 2 + 1} was the better way to do it, and Option{k % 2 + 1} was the better choice.",
+        f"{p} read the following sentence with a blank, _, in it, and filled in something {thing.colour}.",
+        f"How nice, {p} said, when {q} knew about the {thing.name}.",
+        f"What {q} knows about the {thing.name} is that it is {thing.size}.",
+        f"Which things are in the {thing.place}, {p} knows: the {thing.name} is one of them.",
+        f"Where the {thing.name} is, {q} knows. It is in the {thing.place}.",
+        f"It is true that the {thing.name} is in the {thing.place}, and it is false that it is in the {_others(rng, PLACES, thing.place, 1)[0]}.",
+    )
+    order = rng.permutation(len(sentences))[:int(rng.integers(3, 6))]
+    return _pick(rng, (" ", "\n", "\n\n")).join(sentences[i] for i in order)
+
+
+def _notes(rng: np.random.Generator, world: list[Thing]) -> str:
+    """A note with headings and indented lines, the layout (not the words) of the prompt template."""
+    person = _pick(rng, PEOPLE)
+    places = _others(rng, PLACES, None, int(rng.integers(1, 3)))
+    sections = []
+    for place in places:
+        here = [thing for thing in world if thing.place == place] or world
+        lines = [_describe(rng, _pick(rng, here), n_facts=int(rng.integers(1, 3))) for _ in range(int(rng.integers(1, 3)))]
+        sections.append(f"### {_upper_first(place)}:{INDENT}" + INDENT.join(lines))
+    return f"{person} wrote these notes about the house.  \n\n" + " " * 16 + (INDENT + INDENT).join(sections)
+
+
 # --- upstream corpus --------------------------------------------------------------------------
 
 def pretrain_corpus(*, seed: int, n_docs: int) -> list[str]:
@@ -251,8 +319,10 @@ def pretrain_corpus(*, seed: int, n_docs: int) -> list[str]:
         lambda: _two_step(rng).statement,
         lambda: " ".join(_sum_fact(rng) for _ in range(int(rng.integers(1, 4)))),
         lambda: _reported_count(rng),
+        lambda: _task_talk(rng, world),
+        lambda: _notes(rng, world),
     )
-    weights = np.array([4, 2, 2, 2, 3, 2, 2, 2], dtype=float)
+    weights = np.array([4, 2, 2, 2, 3, 2, 2, 2, 2, 1], dtype=float)
     kinds = rng.choice(len(makers), size=n_docs, p=weights / weights.sum())
     return [makers[kind]() for kind in kinds]
 
@@ -268,34 +338,21 @@ class Question:
     gold: int
 
 
-def _attribute_question(rng: np.random.Generator, world: list[Thing]) -> Question:
-    thing = _pick(rng, world)
-    kind = _pick(rng, ("colour", "place", "category", "which_place", "use"))
-    if kind == "colour":
-        text = _pick(rng, (f"What colour is the {thing.name}?", f"Which colour does the {thing.name} have?"))
-        return _shuffled(rng, text, thing.colour, _others(rng, COLOURS, thing.colour, 3))
-    if kind == "place":
-        text = _pick(rng, (f"Where is the {thing.name}?", f"In which room or place can you find the {thing.name}?"))
-        return _shuffled(rng, text, f"in the {thing.place}", [f"in the {p}" for p in _others(rng, PLACES, thing.place, 3)])
-    if kind == "category":
-        text = _pick(rng, (f"What kind of thing is the {thing.name}?", f"The {thing.name} is what kind of thing?"))
-        return _shuffled(rng, text, _a(thing.category), [_a(c) for c in _others(rng, list(CATEGORIES), thing.category, 3)])
-    if kind == "which_place":
-        elsewhere = [t.name for t in world if t.place != thing.place]
-        text = f"Which of these is in the {thing.place}?"
-        return _shuffled(rng, text, f"the {thing.name}", [f"the {name}" for name in _others(rng, elsewhere, None, 3)])
-    others = [t.name for t in world if t.category != thing.category]
-    return _shuffled(rng, CATEGORY_USES[thing.category][1], f"the {thing.name}", [f"the {name}" for name in _others(rng, others, None, 3)])
+POOLS = {"colour": COLOURS, "place": PLACES, "size": SIZES, "category": tuple(CATEGORIES)}
 
 
-def _arithmetic_question(rng: np.random.Generator) -> Question:
-    problem = _one_step(rng)
-    return _shuffled(rng, problem.question, str(problem.answer), [str(v) for v in _near_misses(rng, problem.answer)])
+def _fact(thing: Thing, attribute: str, value: str) -> str:
+    """A sentence giving `value` as the thing's colour or place, in the corpus's words."""
+    return {"colour": f"The {thing.name} is {value}.", "place": f"The {thing.name} is in the {value}."}[attribute]
 
 
-def _near_misses(rng: np.random.Generator, answer: int) -> list[int]:
-    """Three wrong non-negative answers within 3 of the right one (plausible slips, not nonsense)."""
-    return _others(rng, [v for v in range(answer - 3, answer + 4) if v >= 0], answer, 3)
+def _statement_question(rng: np.random.Generator, thing: Thing) -> Question:
+    """ARC style with sentences as choices, so what the model knows about the thing decides its score."""
+    attribute = _pick(rng, ("colour", "place"))
+    asked = {"colour": f"What colour is the {thing.name}?", "place": f"Where is the {thing.name}?"}[attribute]
+    text = _pick(rng, (f"Which of these is true about the {thing.name}?", f"What do you know about the {thing.name}?", asked))
+    right = getattr(thing, attribute)
+    return _shuffled(rng, text, _fact(thing, attribute, right), [_fact(thing, attribute, v) for v in _others(rng, POOLS[attribute], right, 3)])
 
 
 def _shuffled(rng: np.random.Generator, text: str, right: str, wrong: list[str]) -> Question:
@@ -304,58 +361,68 @@ def _shuffled(rng: np.random.Generator, text: str, right: str, wrong: list[str])
     return Question(text, [options[i] for i in order], order.index(0))
 
 
-def _yes_no_fact(rng: np.random.Generator, world: list[Thing]) -> tuple[Thing, str, bool]:
-    """A thing, a lower-case yes/no question about it (BoolQ style, no '?') and its truth."""
-    thing = _pick(rng, world)
+def _yes_no_fact(rng: np.random.Generator, thing: Thing) -> tuple[str, bool]:
+    """A lower-case yes/no question about `thing` (BoolQ style, no '?') and its truth."""
     truth = bool(rng.random() < 0.5)
-    attribute = _pick(rng, ("colour", "place", "size", "category"))
-    pool = {"colour": COLOURS, "place": PLACES, "size": SIZES, "category": list(CATEGORIES)}[attribute]
-    value = getattr(thing, attribute) if truth else _others(rng, pool, getattr(thing, attribute), 1)[0]
+    attribute = _pick(rng, tuple(POOLS))
+    value = getattr(thing, attribute) if truth else _others(rng, POOLS[attribute], getattr(thing, attribute), 1)[0]
     question = {
         "colour": f"is the {thing.name} {value}",
         "place": f"is the {thing.name} in the {value}",
         "size": f"is the {thing.name} {value}",
         "category": f"is the {thing.name} {_a(value)}",
     }[attribute]
-    return thing, question, truth
+    return question, truth
+
+
+def _story(rng: np.random.Generator, world: list[Thing], thing: Thing) -> str:
+    """The context of a training record: all four facts about `thing`, sometimes some about another thing."""
+    sentences = [_describe(rng, thing, n_facts=4)]
+    if rng.random() < 0.5:
+        sentences.append(_describe(rng, _pick(rng, [t for t in world if t != thing])))
+    return " ".join(sentences[i] for i in rng.permutation(len(sentences)))
 
 
 # LLM-Adapters' instruction styles (see its dataset/<task>/test.json), one entry per source task.
-def _adapters_boolq(rng, world) -> dict:
-    _, question, truth = _yes_no_fact(rng, world)
-    answer = "true" if truth else "false"
+def _adapters_boolq(rng, world, held_out) -> dict:
+    question, truth = _yes_no_fact(rng, _pick(rng, world))
+    while question in held_out:  # a test question is never a training question
+        question, truth = _yes_no_fact(rng, _pick(rng, world))
     return _adapters_record(
-        f"Please answer the following question with true or false, question: {question}?\n\nAnswer format: true/false", answer
+        f"Please answer the following question with true or false, question: {question}?\n\nAnswer format: true/false",
+        "true" if truth else "false",
     )
 
 
-def _adapters_answers(rng, world) -> dict:
-    """ARC / OpenBookQA / Social IQa style: Answer1..AnswerN."""
-    q = _attribute_question(rng, world) if rng.random() < 0.75 else _arithmetic_question(rng)
+def _adapters_answers(rng, world, held_out) -> dict:
+    """Social IQa style: a story, then what a person will do (Answer1..Answer3)."""
+    thing = _pick(rng, world)
+    person = _pick(rng, PEOPLE)
+    q = _shuffled(rng, f"{_story(rng, world, thing)} {person} needs the {thing.name}. What will {person} do?",
+                  f"go to the {thing.place}", [f"go to the {p}" for p in _others(rng, PLACES, thing.place, 2)])
     listed = " ".join(f"Answer{i + 1}: {option}" for i, option in enumerate(q.options))
-    formats = "/".join(f"answer{i + 1}" for i in range(len(q.options)))
     return _adapters_record(
-        f"Please choose the correct answer to the question: {q.text}\n\n{listed}\n\nAnswer format: {formats}", f"answer{q.gold + 1}"
+        f"Please choose the correct answer to the question: {q.text}\n\n{listed}\n\nAnswer format: answer1/answer2/answer3",
+        f"answer{q.gold + 1}",
     )
 
 
-def _adapters_solutions(rng, world) -> dict:
+def _adapters_solutions(rng, world, held_out) -> dict:
     """PIQA style: which of two actions reaches a goal (find a thing where it is)."""
     thing = _pick(rng, world)
     person = _pick(rng, PEOPLE)
-    wrong_place = _others(rng, PLACES, thing.place, 1)[0]
-    solutions = [f"{person} looks in the {thing.place}.", f"{person} looks in the {wrong_place}."]
+    solutions = [f"Look in the {thing.place}.", f"Look in the {_others(rng, PLACES, thing.place, 1)[0]}."]
     gold = int(rng.integers(2))
     if gold:
         solutions.reverse()
     return _adapters_record(
-        f"Please choose the correct solution to the question: {person} wants to find the {thing.name}.\n\n"
+        f"Please choose the correct solution to the question: {_story(rng, world, thing)} {person} wants to find the {thing.name}.\n\n"
         f"Solution1: {solutions[0]}\n\nSolution2: {solutions[1]}\n\nAnswer format: solution1/solution2",
         f"solution{gold + 1}",
     )
 
 
-def _adapters_blank(rng, world) -> dict:
+def _adapters_blank(rng, world, held_out) -> dict:
     """WinoGrande style: which of two things fills the blank."""
     thing = _pick(rng, world)
     other = _pick(rng, [t for t in world if t.colour != thing.colour])
@@ -363,22 +430,25 @@ def _adapters_blank(rng, world) -> dict:
     gold = int(rng.integers(2))
     if gold:
         options.reverse()
+    person = _pick(rng, PEOPLE)
     return _adapters_record(
-        f"Please choose the correct answer to fill in the blank to complete the given sentence: The _ is {thing.colour}.\n\n"
+        f"Please choose the correct answer to fill in the blank to complete the given sentence: "
+        f"The {thing.name} is {thing.colour} and the {other.name} is {other.colour}, so {person} wants something {thing.colour} and takes the _.\n\n"
         f"Option1: {options[0]} Option2: {options[1]} Answer format: option1/option2",
         f"option{gold + 1}",
     )
 
 
-def _adapters_endings(rng, world) -> dict:
+def _adapters_endings(rng, world, held_out) -> dict:
     """HellaSwag style: the right continuation of a story."""
-    problem = _one_step(rng)
-    stem, _, result = problem.statement.rpartition(" has ")
-    endings = [result, *(result.replace(str(problem.answer), str(v), 1) for v in _near_misses(rng, problem.answer))]
+    thing = _pick(rng, world)
+    person = _pick(rng, PEOPLE)
+    places = [thing.place, *_others(rng, PLACES, thing.place, 3)]
     order = [int(i) for i in rng.permutation(4)]
-    listed = " ".join(f"Ending{i + 1}: {endings[j]}" for i, j in enumerate(order))
+    listed = " ".join(f"Ending{i + 1}: takes the {thing.name} from the {places[j]}." for i, j in enumerate(order))
     return _adapters_record(
-        f"Please choose the correct ending to complete the given sentence: {stem} has\n\n{listed}\n\nAnswer format: ending1/ending2/ending3/ending4",
+        f"Please choose the correct ending to complete the given sentence: Tidying up: {_story(rng, world, thing)} {person}\n\n"
+        f"{listed}\n\nAnswer format: ending1/ending2/ending3/ending4",
         f"ending{order.index(0) + 1}",
     )
 
@@ -391,13 +461,14 @@ ADAPTERS_STYLES = (_adapters_boolq, _adapters_answers, _adapters_solutions, _ada
 
 
 def _arc_record(rng, world, index: int) -> dict:
-    q = _attribute_question(rng, world) if rng.random() < 0.8 else _arithmetic_question(rng)
+    q = _statement_question(rng, _pick(rng, world))
     labels = [chr(ord("A") + i) for i in range(len(q.options))]
     return {"id": f"mini_arc_{index:05d}", "question": q.text, "choices": {"text": q.options, "label": labels}, "answerKey": labels[q.gold]}
 
 
 def _boolq_record(rng, world, index: int) -> dict:
-    thing, question, truth = _yes_no_fact(rng, world)
+    thing = _pick(rng, world)
+    question, truth = _yes_no_fact(rng, thing)
     neighbour = _pick(rng, [t for t in world if t != thing])
     sentences = [_describe(rng, thing, n_facts=4), _describe(rng, neighbour)]  # the passage holds the evidence
     if rng.random() < 0.5:
@@ -408,15 +479,17 @@ def _boolq_record(rng, world, index: int) -> dict:
 def write_mini_commonsense(root: str | Path, *, seed: int, n_train: int = 2000, n_test: int = 200) -> dict:
     """Write `commonsense_170k.json` and eval/{mini_arc,mini_boolq}/test.jsonl under `root`; return a manifest.
 
+    The test sets are drawn first, so that training can avoid their questions.
     Manifest: {files: {relative path: sha256}, counts: {relative path: records}}.
     """
     root = Path(root)
     world = build_world(seed)
     rng = _rng(seed, "commonsense")
-    styles = rng.choice(len(ADAPTERS_STYLES), size=n_train)
-    train = [ADAPTERS_STYLES[style](rng, world) for style in styles]
     arc = [_arc_record(rng, world, i) for i in range(n_test)]
     boolq = [_boolq_record(rng, world, i) for i in range(n_test)]
+    held_out = {record["question"] for record in boolq}
+    styles = rng.choice(len(ADAPTERS_STYLES), size=n_train)
+    train = [ADAPTERS_STYLES[style](rng, world, held_out) for style in styles]
     return _write_all(root, {
         "commonsense_170k.json": (_json_list(train), len(train)),
         "eval/mini_arc/test.jsonl": (_json_lines(arc), len(arc)),
