@@ -2,6 +2,7 @@
 scan, every PEFT method runs through them, and step mode equals the parallel forward there.
 Skipped without a CUDA device (conftest.py)."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -62,6 +63,32 @@ def test_mixer_backends_agree(bidirectional, d_model):
     assert rel(results[1][1], results[0][1]) <= 1e-4
     for name, grad in results[0][2].items():
         assert rel(results[1][2][name], grad) <= 1e-4, name
+
+
+@needs_kernels
+@pytest.mark.skipif(CUDA_BACKEND.mamba_inner is None, reason="mamba_inner_fn needs causal-conv1d's kernels")
+@pytest.mark.parametrize("method", ["full", "lora_in_proj", "lorap_x", "periodic"])
+def test_fused_mamba_inner_trains_as_the_unfused_kernels(method):
+    """mamba_ssm's mamba_inner_fn against the unfused CUDA chain, in the training precision."""
+    torch.manual_seed(0)
+    model = build_model("mamba-mini", vocab_size=64).cuda()
+    result = apply_peft(model, method_definition("language", method, "mamba-mini", None)["peft"], method)
+    with torch.no_grad():
+        for p in result.trainable.values():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 64, (2, 40), device="cuda")
+    runs = []
+    for backend in (dataclasses.replace(CUDA_BACKEND, mamba_inner=None), CUDA_BACKEND):
+        m = copy.deepcopy(model).eval()
+        set_backend(m, backend)
+        assert all(x.uses_fused_inner() == (backend is CUDA_BACKEND) for x in m.modules() if isinstance(x, Mamba))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(ids)
+        out.float().logsumexp(-1).mean().backward()
+        runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    assert rel(runs[1][0], runs[0][0]) <= 1e-2
+    for name, grad in runs[0][1].items():
+        assert rel(runs[1][1][name], grad) <= 2e-2, name
 
 
 @needs_kernels

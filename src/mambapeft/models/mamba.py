@@ -172,6 +172,15 @@ class Mamba(nn.Module):
             y = result
         return y[..., n_affix:]
 
+    def uses_fused_inner(self) -> bool:
+        """Whether :meth:`forward` runs the backend's fused ``mamba_inner`` (the kernel reads the
+        modules' weights directly: only where no method changes anything between in_proj and the
+        output, so no adapter, hook or parametrisation can be skipped by it)."""
+        return (self.backend.mamba_inner is not None and not self.bidirectional
+                and not self.affixes and not self.state_extensions
+                and _plain(self.conv1d, nn.Conv1d)
+                and all(_plain(m, nn.Linear) for m in (self.x_proj, self.dt_proj, self.out_proj)))
+
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).
 
@@ -181,6 +190,10 @@ class Mamba(nn.Module):
         # (B, 2*D_inner, L) with L contiguous: the conv's x and the scan's z are then views the
         # kernels take as they are, instead of a strided view each kernel copies (and saves)
         xz = self.in_proj(hidden_states).transpose(1, 2).contiguous()
+        if state is None and self.uses_fused_inner():
+            return self.backend.mamba_inner(
+                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.dt_proj.bias, self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()), self.D)
         y = self._scan_direction(xz, FORWARD, state)
         if self.bidirectional:
             if state is not None:
@@ -211,6 +224,11 @@ class Mamba(nn.Module):
         y = selective_state_step(state.ssm, x_conv, delta[..., 0], A, B[..., 0], C[..., 0],
                                  self.D.float(), z, delta_softplus=True)
         return self.out_proj(y).unsqueeze(1)
+
+
+def _plain(module: nn.Module, kind: type) -> bool:
+    """Exactly ``kind`` (a wrapper or parametrisation changes the type) and without forward hooks."""
+    return type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
 
 
 class Block(nn.Module):

@@ -21,9 +21,14 @@ import torch.nn.functional as F
 
 _IMPORT_ERRORS: dict[str, str] = {}  # why an optional kernel package did not import (setup-gpu reports it)
 try:  # optional CUDA kernels; None when missing (as in mamba_ssm's own modules)
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
+    from mamba_ssm.ops.selective_scan_interface import (
+        mamba_inner_fn as _cuda_mamba_inner,
+    )
+    from mamba_ssm.ops.selective_scan_interface import (
+        selective_scan_fn as _cuda_selective_scan,
+    )
 except ImportError as _error:  # pragma: no cover - depends on the machine
-    _cuda_selective_scan, _IMPORT_ERRORS["mamba_ssm"] = None, str(_error)
+    _cuda_selective_scan, _cuda_mamba_inner, _IMPORT_ERRORS["mamba_ssm"] = None, None, str(_error)
 try:
     from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d
 except ImportError as _error:  # pragma: no cover - depends on the machine
@@ -239,19 +244,54 @@ def causal_conv1d_cuda(x, weight, bias=None, activation="silu"):
 
 
 # ----------------------------------------------------------------------------------------------
+# A unidirectional mixer after in_proj, in one piece: conv -> x_proj -> dt_proj -> scan -> gate -> out_proj
+# ----------------------------------------------------------------------------------------------
+def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+                      out_proj_weight, out_proj_bias, A, D):
+    """Reference of :func:`mamba_inner_cuda`, from this module's kernels.
+
+    xz: (B, 2*D_inner, L)  conv_weight: (D_inner, 1, W)  x_proj_weight: (R + 2N, D_inner)
+    dt_proj_weight: (D_inner, R)  out_proj_weight: (D_model, D_inner)  A: (D_inner, N)  D: (D_inner,)
+    Returns (B, L, D_model).
+    """
+    x, z = xz.chunk(2, dim=1)
+    x = causal_conv1d_torch(x, conv_weight.squeeze(1), conv_bias, "silu")
+    rank, n = dt_proj_weight.shape[1], A.shape[1]
+    dt, B, C = F.linear(x.transpose(1, 2), x_proj_weight).split([rank, n, n], dim=-1)  # (B, L, .)
+    delta = F.linear(dt, dt_proj_weight).transpose(1, 2)
+    y = selective_scan_torch(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, dt_proj_bias,
+                             delta_softplus=True)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+                     out_proj_weight, out_proj_bias, A, D):
+    """mamba_ssm's ``mamba_inner_fn`` (what its own Mamba and transformers' MambaForCausalLM train
+    with): one autograd node that keeps xz and recomputes the conv and delta in the backward,
+    instead of saving every intermediate. Same arguments as :func:`mamba_inner_torch`."""
+    return _cuda_mamba_inner(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
+                             out_proj_bias, A.float(), None, None, D.float(),
+                             delta_bias=dt_proj_bias.float(), delta_softplus=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # Backend selection
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ScanBackend:
-    """A consistent set of kernels; ``name`` is recorded in every run's metrics.json."""
+    """A consistent set of kernels; ``name`` is recorded in every run's metrics.json.
+    ``mamba_inner``, where set, replaces a plain unidirectional mixer's conv-to-out_proj chain."""
 
     name: str
     selective_scan: Callable
     causal_conv1d: Callable
+    mamba_inner: Callable | None = None
 
 
 TORCH_BACKEND = ScanBackend("torch", selective_scan_torch, causal_conv1d_torch)
-CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda)
+# mamba_inner_fn runs its conv through causal-conv1d's kernels: without them, the unfused chain
+CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda,
+                           mamba_inner_cuda if _cuda_mamba_inner and _cuda_causal_conv1d else None)
 
 
 def cuda_kernels_available() -> bool:

@@ -7,10 +7,11 @@ same matmuls bit for bit, without the cast kernels and without holding both copi
 Mamba-1.4b (1.26 B such weights) 2.5 GB of storage and 2.5 GB of per-step copies less (measured
 on an H100, LoRA(in_proj) at 4 x 256 tokens: peak 11.5 -> 6.8 GiB).
 
-Only tensors whose every use is a plain ``nn.Linear`` forward qualify. Kept in fp32: trainable
-tensors (the optimizer updates fp32 masters), norms, A_log, D, convolutions and embeddings (used
-outside autocast's casts), weights a LoRA folds its update into (``W + delta`` must round once),
-parametrised weights (``original + delta``) and weights shared with an embedding (tied LM heads).
+Only weights whose every use is a plain ``nn.Linear`` forward qualify. Kept in fp32: trainable
+tensors (the optimizer updates fp32 masters), biases (a fused mixer kernel reads dt_proj's bias in
+fp32; they are small), norms, A_log, D, convolutions and embeddings (used outside autocast's
+casts), weights a LoRA folds its update into (``W + delta`` must round once), parametrised weights
+(``original + delta``) and weights shared with an embedding (tied LM heads).
 """
 from __future__ import annotations
 
@@ -28,20 +29,21 @@ def _folded_bases(model: nn.Module) -> set[int]:
 
 
 def frozen_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """fp32 parameters that require no grad and enter the model only through a plain Linear's forward."""
-    owners: dict[int, list[nn.Module]] = {}
+    """fp32 weights that require no grad and enter the model only through a plain Linear's forward."""
+    uses: dict[int, list[tuple[nn.Module, str]]] = {}  # id -> every (module, attribute) holding it
     params: dict[int, nn.Parameter] = {}
     for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners.setdefault(id(p), []).append(module)
+        for name, p in module.named_parameters(recurse=False):
+            uses.setdefault(id(p), []).append((module, name))
             params[id(p)] = p
     folded = _folded_bases(model)
 
-    def plain_linear(module: nn.Module) -> bool:
-        return type(module) is nn.Linear and id(module) not in folded and not parametrize.is_parametrized(module)
+    def plain_linear_weight(module: nn.Module, name: str) -> bool:
+        return (name == "weight" and type(module) is nn.Linear and id(module) not in folded
+                and not parametrize.is_parametrized(module))
 
-    return [p for key, p in params.items()
-            if not p.requires_grad and p.dtype == torch.float32 and all(map(plain_linear, owners[key]))]
+    return [p for key, p in params.items() if not p.requires_grad and p.dtype == torch.float32
+            and all(plain_linear_weight(*use) for use in uses[key])]
 
 
 def store_frozen_linears_in_bf16(model: nn.Module) -> int:

@@ -21,8 +21,8 @@ from ..io import torch_save_atomic, write_json_atomic
 from ..models.mamba import Mamba
 from ..models.scan import resolve_backend
 from ..peft import apply_peft, check_gradients, zero_initialised
-from ..runspec import ConfigError
 from ..peft.state import adapter_state_dict, save_adapter
+from ..runspec import ConfigError
 from .optim import build_optimizer, describe_groups, param_groups, set_learning_rate
 from .precision import store_frozen_linears_in_bf16
 from .progress import Progress
@@ -77,15 +77,21 @@ def spec_digest(spec: dict) -> str:
 
 
 def select_backend(model: torch.nn.Module, device: torch.device, runtime: dict) -> str:
-    """Put one scan backend on every mixer; a CUDA run on the PyTorch scan fails unless allowed."""
+    """Put one scan backend on every mixer; a CUDA run on the PyTorch scan fails unless allowed.
+    Returns the name recorded in metrics.json: the backend's, "-fused" added where mixers run the
+    fused mamba_inner kernel."""
     backend = resolve_backend(device, runtime["scan_backend"])
     if device.type == "cuda" and backend.name == "torch" and not runtime["allow_torch_fallback"]:
         raise RuntimeError("This CUDA run would use the slow PyTorch scan (mamba-ssm missing or backend forced). "
                            "Install the CUDA extras (`mambapeft setup-gpu`) or set `allow_torch_fallback: true`.")
-    for module in model.modules():
-        if isinstance(module, Mamba):
-            module.backend = backend
-    return backend.name
+    mixers = [module for module in model.modules() if isinstance(module, Mamba)]
+    for mixer in mixers:
+        mixer.backend = backend
+    fused = sum(m.uses_fused_inner() for m in mixers)
+    if backend.mamba_inner is not None:
+        log.info("mixers on the fused mamba_inner kernel: %d of %d (the others: a method changes them "
+                 "between in_proj and the output, or they are bidirectional)", fused, len(mixers))
+    return f"{backend.name}-fused" if fused else backend.name
 
 
 class Trainer:

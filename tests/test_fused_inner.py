@@ -1,0 +1,97 @@
+"""The fused mixer path (a backend's ``mamba_inner``, mamba_ssm's mamba_inner_fn on CUDA) computes
+what the unfused chain computes, and only mixers no method touches between in_proj and the output
+take it: an adapter the fused kernel would skip keeps the unfused chain. Here with the PyTorch
+reference of the fused function; tests/test_gpu.py runs the CUDA one."""
+import copy
+
+import pytest
+import torch
+
+from mambapeft.models import build_model
+from mambapeft.models.mamba import Mamba
+from mambapeft.models.scan import TORCH_BACKEND, ScanBackend, mamba_inner_torch
+from mambapeft.peft import apply_peft
+from mambapeft.runspec import domain_file, method_definition
+from mambapeft.train import runner
+
+FUSED_TORCH = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch)
+# methods whose every mixer keeps conv1d, x_proj, dt_proj and out_proj plain and adds no scan state
+FUSED_LANGUAGE = {"zero_shot", "full", "lora_in_proj", "lorap_x", "prefix", "periodic"}
+
+
+def _mixers(model) -> list[Mamba]:
+    return [m for m in model.modules() if isinstance(m, Mamba)]
+
+
+def _adapted(domain: str, method: str):
+    torch.manual_seed(0)
+    backbone = "vim-mini" if domain == "vision" else "mamba-mini"
+    model = build_model(backbone, **({"num_classes": 4} if domain == "vision" else {"vocab_size": 64}))
+    result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
+    with torch.no_grad():  # non-zero updates: a skipped adapter would change the output
+        for p in result.trainable.values():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _output_and_grads(model, backend, inputs):
+    for m in _mixers(model):
+        m.backend = backend
+    out = model(inputs)
+    if out.requires_grad:
+        out.logsumexp(-1).sum().backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", sorted(domain_file("language", "methods")))
+def test_fused_path_equals_the_unfused_chain_for_every_language_method(method):
+    model = _adapted("language", method)
+    fused_model = copy.deepcopy(model)
+    inputs = torch.randint(0, 64, (2, 24))
+    out, grads = _output_and_grads(model, TORCH_BACKEND, inputs)
+    fused_out, fused_grads = _output_and_grads(fused_model, FUSED_TORCH, inputs)
+    assert all(m.uses_fused_inner() == (method in FUSED_LANGUAGE) for m in _mixers(fused_model)), method
+    torch.testing.assert_close(fused_out, out, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", sorted(domain_file("vision", "methods")))
+def test_bidirectional_mixers_never_take_the_fused_path(method):
+    model = _adapted("vision", method)
+    for m in _mixers(model):
+        m.backend = FUSED_TORCH
+    assert not any(m.uses_fused_inner() for m in _mixers(model))
+
+
+def test_a_hook_or_wrapper_between_in_proj_and_the_output_keeps_the_unfused_chain():
+    mixer = Mamba(32, d_state=4)
+    mixer.backend = FUSED_TORCH
+    assert mixer.uses_fused_inner()
+    handle = mixer.x_proj.register_forward_hook(lambda module, args, out: out * 2)
+    assert not mixer.uses_fused_inner()
+    handle.remove()
+    mixer.out_proj = torch.nn.Sequential(mixer.out_proj)
+    assert not mixer.uses_fused_inner()
+
+
+def test_step_mode_after_a_fused_prefill_continues_the_sequence():
+    """Generation prefills with a state (the unfused chain, which fills it) and then steps."""
+    model = _adapted("language", "lora_in_proj")
+    for m in _mixers(model):
+        m.backend = FUSED_TORCH
+    ids = torch.randint(0, 64, (2, 30))
+    with torch.no_grad():
+        full = model(ids)
+        states = model.empty_states(2, "cpu")
+        model(ids[:, :20], states)
+        stepped = torch.stack([model._step_token(ids[:, t], t, states) for t in range(20, 30)], 1)
+    torch.testing.assert_close(stepped, full[:, 20:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone,recorded", [("mamba-mini", "torch-fused"), ("vim-mini", "torch")])
+def test_the_recorded_backend_says_whether_the_fused_path_ran(monkeypatch, backbone, recorded):
+    monkeypatch.setattr(runner, "resolve_backend", lambda device, requested: FUSED_TORCH)
+    model = build_model(backbone, **({"num_classes": 4} if backbone == "vim-mini" else {"vocab_size": 64}))
+    runtime = {"scan_backend": "auto", "allow_torch_fallback": False}
+    assert runner.select_backend(model, torch.device("cpu"), runtime) == recorded
