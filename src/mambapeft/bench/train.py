@@ -20,13 +20,11 @@ import torch.nn.functional as F
 
 from ..io import write_json_atomic, write_text_atomic
 from ..models import build_model
-from ..models.mamba import Mamba
-from ..models.scan import resolve_backend
 from ..peft import apply_peft
 from ..runspec import domain_file, method_definition
 from ..train.language import GraphedLoss, next_token_targets, token_loss_sum
 from ..train.optim import build_optimizer, param_groups
-from ..train.precision import store_frozen_linears_in_bf16
+from ..train.runner import place_model
 
 log = logging.getLogger("mambapeft.bench")
 
@@ -69,15 +67,11 @@ def _train_step(model, optimizer, loss_fn) -> Callable[[], None]:
 def _our_model(backbone: str, method: str, domain: str, **overrides):
     model = build_model(backbone, **overrides)
     result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
-    model.cuda()
-    store_frozen_linears_in_bf16(model)  # as the trainer does on CUDA
-    backend = resolve_backend("cuda", "auto")
-    for m in model.modules():
-        if isinstance(m, Mamba):
-            m.backend = backend
+    # as the trainer places it; a missing mamba-ssm shows as backend "torch" in the row
+    backend = place_model(model, torch.device("cuda"), {"scan_backend": "auto", "allow_torch_fallback": True})
     recipe = domain_file(domain, "recipe")
     groups = param_groups(model, result, recipe["optimizer"])
-    return model, result, (build_optimizer(groups, recipe["optimizer"]) if groups else None), backend.name
+    return model, result, (build_optimizer(groups, recipe["optimizer"]) if groups else None), backend
 
 
 def _vision_step(method: str, backbone: str, batch: int, size: int, cuda_graphs=False):

@@ -21,12 +21,8 @@ import torch.nn.functional as F
 
 _IMPORT_ERRORS: dict[str, str] = {}  # why an optional kernel package did not import (setup-gpu reports it)
 try:  # optional CUDA kernels; None when missing (as in mamba_ssm's own modules)
-    from mamba_ssm.ops.selective_scan_interface import (
-        mamba_inner_fn as _cuda_mamba_inner,
-    )
-    from mamba_ssm.ops.selective_scan_interface import (
-        selective_scan_fn as _cuda_selective_scan,
-    )
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as _cuda_mamba_inner
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
 except ImportError as _error:  # pragma: no cover - depends on the machine
     _cuda_selective_scan, _cuda_mamba_inner, _IMPORT_ERRORS["mamba_ssm"] = None, None, str(_error)
 try:

@@ -94,6 +94,17 @@ def select_backend(model: torch.nn.Module, device: torch.device, runtime: dict) 
     return f"{backend.name}-fused" if fused else backend.name
 
 
+def place_model(model: torch.nn.Module, device: torch.device, runtime: dict) -> str:
+    """Put ``model`` on ``device`` as training runs it there: on CUDA (bf16 autocast, which casts
+    them anyway) frozen Linear weights stored in bf16; then :func:`select_backend`, whose recorded
+    name it returns."""
+    model.to(device)
+    if device.type == "cuda":
+        moved = store_frozen_linears_in_bf16(model)
+        log.info("frozen Linear weights stored in bf16: %s parameters", f"{moved:,}")
+    return select_backend(model, device, runtime)
+
+
 class Trainer:
     def __init__(self, spec: dict):
         self.spec, self.recipe = spec, spec["train"]
@@ -106,11 +117,7 @@ class Trainer:
         self.task = make_task(spec, self.device)
         self.model = self.task.build_model()
         self.peft = apply_peft(self.model, spec["method"]["peft"], spec["method"]["id"])
-        self.model.to(self.device)
-        if self.device.type == "cuda":  # runs under bf16 autocast (autocast_for), which casts them anyway
-            moved = store_frozen_linears_in_bf16(self.model)
-            log.info("frozen Linear weights stored in bf16: %s parameters", f"{moved:,}")
-        self.backend = select_backend(self.model, self.device, spec["runtime"])
+        self.backend = place_model(self.model, self.device, spec["runtime"])
         self.groups = param_groups(self.model, self.peft, self.recipe["optimizer"])
         if not self.groups and self.task.total_steps:
             raise ConfigError(f"method {spec['method']['id']!r} trains no parameter; give it `train: {{epochs: 0}}` "
