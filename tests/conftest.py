@@ -30,3 +30,10 @@ def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny-local")
     done = snakemake("-c", "2", "--configfile", TINY, cwd=workdir)
     return workdir, done
+
+
+@pytest.fixture(scope="module")
+def tiny_vision(tmp_path_factory):
+    from run_helpers import tiny_vision_run
+
+    return tiny_vision_run(tmp_path_factory.mktemp("train"))

@@ -12,11 +12,12 @@ from mambapeft.models.mamba import Mamba
 from mambapeft.models.scan import TORCH_BACKEND, ScanBackend, mamba_inner_torch
 from mambapeft.peft import apply_peft
 from mambapeft.runspec import domain_file, method_definition
-from mambapeft.train import runner
+from mambapeft import runtime
 
 FUSED_TORCH = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch)
 # methods whose every mixer keeps conv1d, x_proj, dt_proj and out_proj plain and adds no scan state
-FUSED_LANGUAGE = {"zero_shot", "full", "lora_in_proj", "lorap_x", "prefix", "periodic"}
+FUSED_LANGUAGE = {"zero_shot", "full", "lora_in_proj", "lorap_x", "prefix", "periodic", "prefix_20", "prefix_30",
+                  "periodic_20", "periodic_30"}
 
 
 def _mixers(model) -> list[Mamba]:
@@ -91,7 +92,7 @@ def test_step_mode_after_a_fused_prefill_continues_the_sequence():
 
 @pytest.mark.parametrize("backbone,recorded", [("mamba-mini", "torch-fused"), ("vim-mini", "torch")])
 def test_the_recorded_backend_says_whether_the_fused_path_ran(monkeypatch, backbone, recorded):
-    monkeypatch.setattr(runner, "resolve_backend", lambda device, requested: FUSED_TORCH)
+    monkeypatch.setattr(runtime, "resolve_backend", lambda device, requested: FUSED_TORCH)
     model = build_model(backbone, **({"num_classes": 4} if backbone == "vim-mini" else {"vocab_size": 64}))
-    runtime = {"scan_backend": "auto", "allow_torch_fallback": False}
-    assert runner.select_backend(model, torch.device("cpu"), runtime) == recorded
+    settings = {"scan_backend": "auto", "allow_torch_fallback": False}
+    assert runtime.select_backend(model, torch.device("cpu"), settings) == recorded

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from mambapeft.models import build_model
-from mambapeft.models.mamba import Mamba
-from mambapeft.models.scan import CUDA_BACKEND, TORCH_BACKEND, cuda_kernels_available, selective_scan_cuda, selective_scan_torch
+from mambapeft.models.mamba import Mamba, Mixer
+from mambapeft.models.scan import (CUDA_BACKEND, TORCH_BACKEND, chunk_scan_torch, cuda_kernels_available,
+                                    selective_scan_cuda, selective_scan_torch)
 from mambapeft.peft import apply_peft, check_gradients, zero_initialised
 from mambapeft.runspec import domain_file, method_definition
 
@@ -23,7 +24,7 @@ def rel(a, b):
 
 def set_backend(model, backend):
     for m in model.modules():
-        if isinstance(m, Mamba):
+        if isinstance(m, Mixer):
             m.backend = backend
 
 
@@ -117,7 +118,7 @@ def test_every_method_runs_through_the_cuda_kernels(domain, method):
 def test_frozen_linears_in_bf16_train_as_fp32_storage(domain, method):
     """What the trainer does on CUDA (train/precision.py): the same forward bit for bit, the same
     gradients up to the scan backward's atomics."""
-    from mambapeft.train.precision import store_frozen_linears_in_bf16
+    from mambapeft.models.precision import store_frozen_linears_in_bf16
 
     backbone = "vim-mini" if domain == "vision" else "mamba-mini"
     torch.manual_seed(0)
@@ -267,3 +268,64 @@ def test_language_cuda_graphs_train_as_eager():
     assert len(set(eager_losses)) > 1
     for name, value in eager_params.items():
         assert rel(graph_params[name], value) <= 1e-3, name
+
+
+@needs_kernels
+@pytest.mark.skipif(CUDA_BACKEND.chunk_scan is chunk_scan_torch, reason="needs mamba-ssm >= 2 (its Triton SSD kernels)")
+@pytest.mark.parametrize("heads,groups,n,length", [(24, 1, 128, 256), (24, 1, 128, 300), (8, 2, 64, 77)])  # a Mamba2-130m block
+def test_chunk_scan_backends_agree_under_bf16_autocast(heads, groups, n, length):
+    """mamba_ssm's Triton SSD against the PyTorch SSD, given what a Mamba-2 mixer hands them in training:
+    x, dt, B, C in bf16 (in_proj and conv under autocast), A, D, dt_bias fp32 parameters."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+
+    args = [randn(2, length, heads, 64), randn(2, length, heads), -torch.rand(heads, device="cuda", generator=g) * 15 - 1,
+            randn(2, length, groups, n), randn(2, length, groups, n), randn(heads, dtype=torch.float32),
+            randn(heads, dtype=torch.float32) - 4]
+    outs, grads = [], []
+    for fn in (chunk_scan_torch, CUDA_BACKEND.chunk_scan):
+        inputs = [a.clone().requires_grad_() for a in args]
+        x, dt, A, B, C, D, dt_bias = inputs
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, last = fn(x, dt, A, B, C, 256, D=D, dt_bias=dt_bias, dt_softplus=True, return_final_states=True)
+        (y.float() * torch.cos(torch.arange(y.numel(), device="cuda").view_as(y))).sum().backward()
+        outs.append((y, last))
+        grads.append([i.grad for i in inputs])
+    assert rel(outs[1][0], outs[0][0]) <= 1e-2 and rel(outs[1][1], outs[0][1]) <= 1e-2
+    for name, cuda_grad, torch_grad in zip(("x", "dt", "A", "B", "C", "D", "dt_bias"), grads[1], grads[0]):
+        assert rel(cuda_grad, torch_grad) <= 2e-2, name
+
+
+@needs_kernels
+@pytest.mark.skipif(CUDA_BACKEND.chunk_scan is chunk_scan_torch, reason="needs mamba-ssm >= 2 (its Triton SSD kernels)")
+@pytest.mark.parametrize("method", ["full", "lorap_x", "periodic"])
+def test_mamba2_trains_and_steps_through_the_cuda_kernels(method):
+    """A Mamba-2 model on the CUDA backend (Triton SSD, causal-conv1d) against the PyTorch one in the
+    training precision, and its step mode against its parallel forward."""
+    torch.manual_seed(0)
+    model = build_model("mamba2-mini", vocab_size=64).cuda()
+    result = apply_peft(model, method_definition("language", method, "mamba2-mini", None)["peft"], method)
+    with torch.no_grad():
+        for p in result.trainable.values():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 64, (2, 40), device="cuda")
+    runs = []
+    for backend in (TORCH_BACKEND, CUDA_BACKEND):
+        m = copy.deepcopy(model).eval()
+        set_backend(m, backend)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(ids)
+        out.float().logsumexp(-1).mean().backward()
+        runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    assert rel(runs[1][0], runs[0][0]) <= 2e-2
+    for name, grad in runs[0][1].items():
+        assert rel(runs[1][1][name], grad) <= 5e-2, name  # bf16: gradients of ~1e-5 (dt_bias) differ by a few %
+    set_backend(model.eval(), CUDA_BACKEND)
+    with torch.no_grad():
+        full = model(ids)
+        states = model.empty_states(2, "cuda")
+        model(ids[:, :25], states)
+        stepped = torch.stack([model._step_token(ids[:, t], t, states) for t in range(25, 40)], 1)
+    assert rel(stepped, full[:, 25:]) <= 5e-3  # the Triton SSD's fp32 matmuls run in TF32

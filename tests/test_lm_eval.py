@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
 from choice_cases import CASES
-from mambapeft.data.choice import mc_task
+from mambapeft.data.choice_formats import mc_task
 from mambapeft.data.errors import DataError
 from mambapeft.data.language_tasks import language_task
 from mambapeft.data.mini_text import write_mini_commonsense

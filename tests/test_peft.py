@@ -161,7 +161,7 @@ def test_adapter_round_trip_reproduces_outputs(tmp_path, method):
     save_adapter(tmp_path / "adapter.safetensors", result, {"id": method, "peft": definition})
     fresh = copy.deepcopy(base)
     fresh_result = apply_peft(fresh, read_adapter_method(tmp_path / "adapter.safetensors")["peft"], method)
-    load_adapter(fresh, fresh_result, tmp_path / "adapter.safetensors")
+    load_adapter(fresh_result, tmp_path / "adapter.safetensors")
     images = torch.randn(2, 3, 32, 32)
     assert torch.equal(trained.eval()(images), fresh.eval()(images))
     from safetensors.torch import load_file
@@ -176,7 +176,7 @@ def test_adapter_for_another_method_is_refused(tmp_path):
     other = mini("vision")
     other_result = apply_peft(other, members("vision", "lorap_z", "vim-mini"), "lorap_z")
     with pytest.raises(ValueError, match="does not fit"):
-        load_adapter(other, other_result, tmp_path / "a.safetensors")
+        load_adapter(other_result, tmp_path / "a.safetensors")
 
 
 def test_merged_lora_gives_equal_outputs():

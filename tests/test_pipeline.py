@@ -1,7 +1,9 @@
 """The workflow as a user runs it: lint, the paper grid's job counts, and the tiny config end to end."""
 import json
+import os
 import re
 import shlex
+import shutil
 
 import pandas as pd
 import yaml
@@ -19,16 +21,28 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
     paper = REPO / "config" / "paper.yaml"
     done = snakemake("-n", "-p", "--configfile", str(paper), cwd=tmp_path, timeout=300)
     counts = job_counts(done.stdout)
-    assert counts["finetune"] == 19 * 28 + (3 * 8 - 2) + 3 * 7  # vtab + commonsense (affix w/ proj at 130m only) + math
+    # the length study: 2 recall tasks x 3 base models x 2 settings x (9 methods x 3 seeds + zero-shot once)
+    length_study = 2 * 3 * 2 * (9 * 3 + 1)
+    # vtab + commonsense (affix w/ proj at 130m only) + math + the length study
+    assert counts["finetune"] == 19 * 28 + (3 * 8 - 2) + 3 * 7 + length_study
+    assert counts["evaluate"] == counts["finetune"]  # one evaluation job per run
     assert counts["cache_images"] == 19 * 2  # train800val200 and test of every task, at 224
-    assert counts["prepare_data"] == 3 and counts["prepare_backbone"] == 4 and counts["download_data"] == 1
+    assert counts["prepare_data"] == 3 + 1 and counts["prepare_backbone"] == 4 + 3  # + the length study's
+    assert counts["download_data"] == 3 and counts["download_weights"] == 4  # every dataset and official backbone
+    jobs = [(rule, re.search(r"wildcards: \w+=(\S+)", body).group(1))
+            for rule, body in re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)", done.stdout, re.M)
+            if rule.startswith(("download_", "prepare_"))]
+    fetched = {name: i for i, (rule, name) in enumerate(jobs) if rule.startswith("download_")}
+    users = [(i, name) for i, (rule, name) in enumerate(jobs) if rule.startswith("prepare_") and name in fetched]
+    assert users and all(i > fetched[name] for i, name in users)  # downloads are listed before their users
     assert counts["table"] == 3 and counts["figures"] == 3 and counts["params_table"] == 1
+    assert counts["length_generalisation_report"] == 1  # the length study is in the paper's default target
     # a --configfile replaces the default mini config: nothing of it (ranks, epochs, lrs) leaks in
     command = next(line for line in done.stdout.splitlines()
                    if "mambapeft train" in line and "runs/vtab/vim-s/cifar/lorap_x/seed0" in line)
     spec = json.loads(shlex.split(command)[shlex.split(command).index("--spec") + 1])
     expected = runspec.resolve_run(runspec.load_config(paper), runspec.Run("vtab", "vim-s", "cifar", "lorap_x", 0))
-    assert spec == json.loads(json.dumps(expected))
+    assert spec == json.loads(json.dumps(runspec.training_spec(expected)))  # the training job sees no eval settings
     assert spec["train"]["epochs"] == 100 and spec["method"]["peft"][0]["rank"] == 64
 
 
@@ -59,8 +73,10 @@ def test_tiny_run_records_follow_the_contract(tiny_run):
         for key in ("metric", "value", "n_eval", "trainable_params", "total_params", "train_seconds",
                     "peak_mem_bytes", "device", "backend", "data", "config", "versions", "git"):
             assert key in record, (path, key)
-        assert record["backend"] == "torch" and record["device"] == "cpu"
-        assert (path.parent / "adapter.safetensors").is_file() and (path.parent / "train.log").is_file()
+        assert record["backend"] == "torch" and record["device"] == "cpu" and record["gpu"] is None
+        assert record["evaluation"]["device"] == "cpu"
+        for name in ("adapter.safetensors", "train.json", "train.log", "eval.log"):
+            assert (path.parent / name).is_file(), (path, name)
         assert not (path.parent / "checkpoint.pt").exists()
     generations = next((workdir / "results" / "runs" / "math").rglob("generations.jsonl"))
     assert json.loads(generations.read_text().splitlines()[0]).keys() >= {"generation", "prediction", "label", "correct"}
@@ -86,9 +102,49 @@ def test_second_run_has_nothing_to_do_and_a_change_reruns_only_its_method(tiny_r
     config.write_text(yaml.safe_dump(changed))
     done = snakemake("-n", "--configfile", str(config), cwd=workdir)
     counts = job_counts(done.stdout)
-    assert counts["finetune"] == 2  # lorap_x on digits and position, nothing else
+    assert counts["finetune"] == 2 and counts["evaluate"] == 2  # lorap_x on digits and position, nothing else
     assert counts["table"] == 1 and counts["figures"] == 1
     assert set(re.findall(r"method=(\w+)", done.stdout)) <= {"lorap_x"}
+
+
+def test_a_new_eval_task_re_evaluates_and_never_re_trains(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    changed = yaml.safe_load(TINY.read_text())
+    changed["experiments"]["math"]["eval_tasks"] = ["mini_addsub", "mini_multiarith"]
+    config = tmp_path / "more_eval.yaml"
+    config.write_text(yaml.safe_dump(changed))
+    counts = job_counts(snakemake("-n", "--configfile", str(config), cwd=workdir).stdout)
+    assert "finetune" not in counts
+    assert counts["evaluate"] == 2 and counts["table"] == 1  # zero_shot and affix_noproj on math
+
+
+def test_editing_the_paper_numbers_rebuilds_only_what_shows_them(tiny_run):
+    """vision/paper.yaml is an input of the vtab table (and of the parameter table, which shows
+    the paper's counts): editing it schedules those and the figures drawn from the table. (A mere
+    touch schedules nothing: Snakemake 9 compares the inputs' checksums.)"""
+    workdir, _ = tiny_run
+    paper = REPO / "vision" / "paper.yaml"
+    text, stat = paper.read_text(), paper.stat()
+    try:
+        paper.write_text(text + "# edited by tests/test_pipeline.py\n")
+        done = snakemake("-n", "--configfile", str(TINY), cwd=workdir)
+    finally:
+        paper.write_text(text)
+        os.utime(paper, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert job_counts(done.stdout) == {"table": 1, "figures": 1, "params_table": 1, "all": 1, "total": 4}
+    assert set(re.findall(r"experiment=(\w+)", done.stdout)) == {"vtab"}
+
+
+def test_a_misspelt_member_key_fails_the_dry_run_naming_file_method_and_key(tmp_path):
+    root = tmp_path / "checkout"
+    for folder in ("vision", "language", "workflow/schemas"):
+        shutil.copytree(REPO / folder, root / folder)
+    methods = root / "vision" / "methods.yaml"
+    methods.write_text(methods.read_text().replace("part: x, rank: 64", "part: x, rnak: 64", 1))
+    done = snakemake("-n", "--configfile", str(TINY), cwd=tmp_path, check=False, env={"MAMBAPEFT_ROOT": str(root)})
+    assert done.returncode != 0
+    line = next(line for line in (done.stdout + done.stderr).splitlines() if "rnak" in line)
+    assert "vision/methods.yaml" in line and "'lorap_x'" in line and "unknown key(s) ['rnak']" in line
 
 
 def test_report_shows_tables_and_figures(tiny_run):

@@ -7,7 +7,7 @@ import torch
 from mambapeft.models import build_model
 from mambapeft.peft import apply_peft
 from mambapeft.runspec import domain_file, method_definition
-from mambapeft.train.precision import (
+from mambapeft.models.precision import (
     frozen_linear_parameters,
     store_frozen_linears_in_bf16,
 )

@@ -1,23 +1,18 @@
 """Training engine: the recipes' schedules and parameter groups, resumption, divergence, seeds."""
-import json
 import math
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from mambapeft.data.prepare import prepare_dataset
-from mambapeft.data.vtab import build_image_cache
 from mambapeft.models import build_model
-from mambapeft.models.checkpoints import save_vim
 from mambapeft.peft import apply_peft
+from mambapeft.peft.groups import param_groups
 from mambapeft.report.tables import summary_frame
 from mambapeft.runspec import Run, domain_file, method_definition, resolve_run, validate_config
-from mambapeft.train.optim import param_groups
 from mambapeft.train.schedules import WarmupCosine, WarmupLinear, build_schedule
+from run_helpers import metrics, run, train_process
 
 # ------------------------------------------------------------------------------------------------
 # schedules and parameter groups
@@ -70,54 +65,16 @@ def test_parameter_groups_follow_the_decay_rules():
 # ------------------------------------------------------------------------------------------------
 # whole runs on tiny data (subprocesses, as Snakemake runs them)
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_vision(tmp_path_factory):
-    """Mini VTAB data, its image cache and a random-weight Vim in the official layout."""
-    root = tmp_path_factory.mktemp("train")
-    config = {
-        "results_dir": str(root / "results"), "resources_dir": str(root / "resources"), "device": "cpu",
-        "scan_backend": "torch", "threads": 1,
-        "data": {"vtab": {"kind": "vtab", "source": "mini", "seed": 0, "image_size": 32, "n_train": 40, "n_val": 8, "n_test": 24}},
-        "backbones": {"vim-mini": {"source": "pretrain", "path": str(root / "vim.pth"), "image_size": 32}},
-        "experiments": {"vtab": {"domain": "vision", "data": "vtab", "backbones": ["vim-mini"], "tasks": ["digits"],
-                                 "methods": ["lorap_x"], "seeds": [0],
-                                 "train": {"epochs": 6, "schedule": {"warmup_epochs": 1}, "checkpoint_every": 1}}},
-    }
-    validate_config(config)
-    entry = {**config["data"]["vtab"], "root": str(root / "resources/data/vtab"), "tasks": ["digits"]}
-    prepare_dataset(entry, root / "resources/data/vtab/manifest.json")
-    save_vim(build_model("vim-mini", num_classes=1000), root / "vim.pth")
-    spec = resolve_run(config, Run("vtab", "vim-mini", "digits", "lorap_x", 0))
-    for split, path in spec["data"]["cache"].items():
-        build_image_cache(entry["root"], "digits", split, 32, path)
-    return spec
-
-
-def train_process(spec: dict, out: Path, **train) -> subprocess.Popen:
-    spec = {**spec, "output_dir": str(out), "train": {**spec["train"], **train}}
-    return subprocess.Popen([sys.executable, "-m", "mambapeft.cli", "-q", "train", "--spec", json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen) -> None:
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err[-3000:]
-
-
-def metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
-
-
 def test_same_seed_same_result(tiny_vision, tmp_path):
     for name in ("a", "b"):
-        finish(train_process(tiny_vision, tmp_path / name))
+        run(tiny_vision, tmp_path / name)
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert a["value"] == b["value"] and a["history"] == b["history"]
     assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == (tmp_path / "b" / "adapter.safetensors").read_bytes()
 
 
 def test_killed_run_resumes_to_the_same_result(tiny_vision, tmp_path):
-    finish(train_process(tiny_vision, tmp_path / "whole"))
+    run(tiny_vision, tmp_path / "whole")
     interrupted = tmp_path / "interrupted"
     process = train_process(tiny_vision, interrupted)
     deadline = time.time() + 300
@@ -126,22 +83,20 @@ def test_killed_run_resumes_to_the_same_result(tiny_vision, tmp_path):
     time.sleep(0.3)  # somewhere in a later epoch
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (interrupted / "metrics.json").exists()  # no result from an incomplete run
-    finish(train_process(tiny_vision, interrupted))
+    assert not (interrupted / "train.json").exists()  # no result from an incomplete run
+    run(tiny_vision, interrupted)
     assert metrics(interrupted)["history"] == metrics(tmp_path / "whole")["history"]
     assert metrics(interrupted)["value"] == metrics(tmp_path / "whole")["value"]
     assert (interrupted / "adapter.safetensors").read_bytes() == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
 
 
 def test_divergence_is_recorded_and_shown(tiny_vision, tmp_path):
-    process = train_process(tiny_vision, tmp_path / "nan", optimizer={**tiny_vision["train"]["optimizer"], "lr": 1e12})
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err
+    err = run(tiny_vision, tmp_path / "nan", optimizer={**tiny_vision["train"]["optimizer"], "lr": 1e12})
     record = metrics(tmp_path / "nan")
     assert record["status"] == "diverged" and "loss is" in record["reason"]
     assert "diverged" in err
     ok = tmp_path / "ok"
-    finish(train_process(tiny_vision, ok))
+    run(tiny_vision, ok)
     diverged = {**record, "config": {**record["config"], "run": {**record["config"]["run"], "method": "lorap_z"}}}
     diverged["config"]["method"] = {**diverged["config"]["method"], "id": "lorap_z", "label": "LoRAp(Z)"}
     table, _ = summary_frame([metrics(ok), diverged])
@@ -177,7 +132,7 @@ def tiny_language(tmp_path_factory):
 
 
 def test_language_run_resumes_to_the_same_result(tiny_language, tmp_path):
-    finish(train_process(tiny_language, tmp_path / "whole"))
+    run(tiny_language, tmp_path / "whole")
     interrupted = tmp_path / "interrupted"
     process = train_process(tiny_language, interrupted)
     deadline = time.time() + 300
@@ -185,7 +140,7 @@ def test_language_run_resumes_to_the_same_result(tiny_language, tmp_path):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    finish(train_process(tiny_language, interrupted))
+    run(tiny_language, interrupted)
     whole, resumed = metrics(tmp_path / "whole"), metrics(interrupted)
     assert resumed["history"] == whole["history"] and resumed["best_step"] == whole["best_step"]
     assert resumed["results"] == whole["results"]
@@ -195,8 +150,8 @@ def test_language_run_resumes_to_the_same_result(tiny_language, tmp_path):
 def test_micro_batch_size_does_not_change_the_update(tiny_language, tmp_path):
     """The loss is normalised over the whole batch's tokens, so accumulation over any micro-batch
     size gives the same gradients (up to float summation order)."""
-    finish(train_process(tiny_language, tmp_path / "one", micro_batch_size=16))
-    finish(train_process(tiny_language, tmp_path / "four", micro_batch_size=4))
+    run(tiny_language, tmp_path / "one", micro_batch_size=16)
+    run(tiny_language, tmp_path / "four", micro_batch_size=4)
     one, four = metrics(tmp_path / "one")["history"], metrics(tmp_path / "four")["history"]
     assert [h["step"] for h in one] == [h["step"] for h in four]
     for a, b in zip(one, four):

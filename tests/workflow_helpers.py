@@ -9,11 +9,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "config" / "tiny.yaml"
 
 
-def snakemake(*args, cwd, timeout=900, check=True):
-    """Run Snakemake on the repository's Snakefile from ``cwd``; return the completed process."""
+def snakemake(*args, cwd, timeout=900, check=True, env=None):
+    """Run Snakemake on the repository's Snakefile from ``cwd`` (with ``env`` added to the
+    environment); return the completed process."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *map(str, args)]
     # rules call `mambapeft`: the console script of this interpreter's environment, even if not activated
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check:
         assert done.returncode == 0, f"snakemake {' '.join(map(str, args))} failed:\n{done.stdout[-5000:]}\n{done.stderr[-5000:]}"

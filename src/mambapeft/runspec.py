@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from . import method_check
+
 DOMAINS = {"vision": "vision", "language": "language"}
 
 
@@ -95,9 +97,56 @@ def validate_config(config: dict) -> None:
         raise ConfigError("Invalid config (see config/config.yaml for every key's meaning):\n" + "\n".join(lines))
     for exp_id, exp in config["experiments"].items():
         _check_experiment(config, exp_id, exp)
+    _check_length_study(config)
+    if DT_INIT in config:
+        _check_dt_init(config[DT_INIT])
+
+
+def check_methods_file(domain: str) -> None:
+    """Every entry of ``<domain>/methods.yaml`` against the PEFT families' schema (torch-free)."""
+    where = f"{DOMAINS[domain]}/methods.yaml"
+    try:
+        for method, definition in domain_file(domain, "methods").items():
+            method_check.check_method(method, definition, where, _peft_schema_path())
+    except method_check.MethodError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_overrides(exp_id: str, exp: dict) -> None:
+    """Each overridden method's members, resolved for every backbone, against the schema."""
+    for method, overrides in exp.get("method_overrides", {}).items():
+        where = f"experiments/{exp_id}/method_overrides/{method}"
+        for backbone in exp["backbones"]:
+            members = method_definition(exp["domain"], method, backbone, overrides)["peft"]
+            try:
+                for i, member in enumerate(members):
+                    method_check.check_member(member, f"{where} (member {i})", _peft_schema_path())
+            except method_check.MethodError as err:
+                raise ConfigError(str(err)) from None
+
+
+def _check_length_study(config: dict) -> None:
+    """The length-generalisation study collects experiments on synthetic data."""
+    for exp_id in length_study_experiments(config):
+        exp = config["experiments"].get(exp_id)
+        if exp is None:
+            raise ConfigError(f"length_generalisation/experiments: {exp_id!r} is not an experiment of this config")
+        if config["data"][exp["data"]]["kind"] != "synthetic":
+            raise ConfigError(f"length_generalisation/experiments: {exp_id!r} trains on data/{exp['data']}, "
+                              "not on a data entry of kind synthetic")
+
+
+def length_study_experiments(config: dict) -> list[str]:
+    """Experiments of the length-generalisation study: its own table and figure, not the generic ones."""
+    return list(config.get("length_generalisation", {}).get("experiments", []))
+
+
+def _peft_schema_path() -> Path:
+    return repo_root() / "workflow" / "schemas" / "peft_members.schema.json"
 
 
 def _check_experiment(config: dict, exp_id: str, exp: dict) -> None:
+    check_methods_file(exp["domain"])
     methods = domain_file(exp["domain"], "methods")
     unknown = [m for m in exp["methods"] if m not in methods]
     if unknown:
@@ -108,14 +157,25 @@ def _check_experiment(config: dict, exp_id: str, exp: dict) -> None:
             raise ConfigError(f"experiments/{exp_id}/backbones: {backbone!r} has no entry under `backbones:`")
     if exp["data"] not in config["data"]:
         raise ConfigError(f"experiments/{exp_id}/data: {exp['data']!r} has no entry under `data:`")
+    declared = config["data"][exp["data"]].get("train_sets")
+    undeclared = [t for t in exp["tasks"] if declared is not None and t not in declared]
+    if undeclared:
+        raise ConfigError(f"experiments/{exp_id}/tasks: {undeclared} are not training sets of data/{exp['data']}; "
+                          f"declared under its train_sets: {', '.join(declared)}")
     for method in exp.get("method_overrides", {}):
         if method not in exp["methods"]:
             raise ConfigError(f"experiments/{exp_id}/method_overrides: {method!r} is not in this experiment's methods")
+    _check_overrides(exp_id, exp)
 
 
 # ------------------------------------------------------------------------------------------------
 # grid
 # ------------------------------------------------------------------------------------------------
+# a run directory's files: the training job writes the adapter, then its record; the evaluate job
+# writes metrics.json, the only file tables read
+ADAPTER, TRAIN_RECORD, METRICS = "adapter.safetensors", "train.json", "metrics.json"
+
+
 @dataclass(frozen=True)
 class Run:
     experiment: str
@@ -248,6 +308,103 @@ def resolve_run(config: dict, run: Run) -> dict:
     return spec
 
 
+# Keys only evaluation reads: the training job's spec goes without them, so that changing an eval
+# task or an eval batch size re-runs the evaluate jobs and never a training job.
+EVAL_ONLY_KEYS = (("train", "eval_split"), ("train", "eval_batch_size"), ("train", "eval"), ("data", "eval_tasks"))
+
+
+def training_spec(spec: dict) -> dict:
+    """The run spec less what only evaluation reads (:data:`EVAL_ONLY_KEYS`, the eval split's cache)."""
+    trimmed = copy.deepcopy(spec)
+    for section, key in EVAL_ONLY_KEYS:
+        trimmed[section].pop(key, None)
+    if "cache" in trimmed["data"]:
+        trimmed["data"]["cache"] = {trimmed["train"]["train_split"]: spec["data"]["cache"][spec["train"]["train_split"]]}
+    return trimmed
+
+
 def image_size(config: dict, backbone: str) -> int:
     """Input resolution of a vision backbone (config key ``image_size``, default 224 as Vim)."""
     return int(config["backbones"][backbone].get("image_size", 224))
+
+
+# ------------------------------------------------------------------------------------------------
+# the dt_init study: Mamba-2 LMs pretrained from scratch per dt initialisation and seed (config `dt_init`)
+# ------------------------------------------------------------------------------------------------
+DT_INIT = "dt_init"
+# a run directory's files: the pretraining job writes model/ then its record; the perplexity job its record
+PRETRAIN_MODEL, PRETRAIN_RECORD, PERPLEXITY_RECORD = "model", "pretrain.json", "perplexity.json"
+# how each corpus is tokenized (data/token_cache.py): training documents eos-separated, held-out text joined
+TEXT_LAYOUTS = {"train": "documents", "test": "joined"}
+
+
+@dataclass(frozen=True)
+class InitRun:
+    """One cell of the dt_init grid: a dt initialisation (models/dt_init.py) and a seed."""
+
+    init: str
+    seed: int
+
+    def directory(self, results_dir: str | Path) -> Path:
+        return Path(results_dir) / "runs" / DT_INIT / self.init / f"seed{self.seed}"
+
+
+def dt_init_grid(config: dict) -> list[InitRun]:
+    """Every (init, seed) of the study; empty when the config has no `dt_init`."""
+    study = config.get(DT_INIT)
+    return [InitRun(init, int(seed)) for init in study["inits"] for seed in study["seeds"]] if study else []
+
+
+def _check_dt_init(study: dict) -> None:
+    train, perplexity = study.get("train", {}), study.get("perplexity", {})
+    if perplexity.get("stride", 0) > perplexity.get("window", 0):
+        raise ConfigError(f"dt_init/perplexity: stride {perplexity['stride']} exceeds window {perplexity['window']}; "
+                          "tokens between windows would never be scored: use a stride <= window")
+    micro = train.get("micro_batch_size")
+    if micro and train.get("batch_size", micro) % micro:
+        raise ConfigError(f"dt_init/train: batch_size {train['batch_size']} is not a multiple of micro_batch_size "
+                          f"{micro}; pick a divisor")
+
+
+def dt_init_token_cache(config: dict, split: str) -> tuple[Path, Path]:
+    """The tokenized ``train`` or ``test`` corpus: (token array .bin, its metadata .json, written last)."""
+    base = resources_dir(config) / "tokens" / DT_INIT / split
+    return base.with_suffix(".bin"), base.with_suffix(".json")
+
+
+def dt_init_standin_manifest(config: dict) -> Path | None:
+    """Written last by the stand-in rule, beside the offline corpora and tokenizer it writes (config
+    `dt_init/standin`); None when the study reads real copies."""
+    return resources_dir(config) / "data" / DT_INIT / "manifest.json" if config[DT_INIT].get("standin") else None
+
+
+def dt_init_tokenize_spec(config: dict, split: str) -> dict:
+    study = config[DT_INIT]
+    return {"corpus": study[f"{split}_text"], "tokenizer": study["tokenizer"], "layout": TEXT_LAYOUTS[split]}
+
+
+def dt_init_spec(config: dict, run: InitRun) -> dict:
+    """Everything the pretraining and perplexity jobs of ``run`` read, as one JSON-able dict."""
+    study = config[DT_INIT]
+    return {
+        "run": {"experiment": DT_INIT, "backbone": study["model"]["variant"], "task": "pretrain",
+                "method": run.init, "seed": run.seed},
+        "model": study["model"],
+        "dt_init": run.init,
+        "tokens": {split: str(dt_init_token_cache(config, split)[1]) for split in TEXT_LAYOUTS},
+        "train": study["train"],
+        "perplexity": study["perplexity"],
+        "runtime": {"device": config.get("device", "auto"), "scan_backend": config.get("scan_backend", "auto"),
+                    "allow_torch_fallback": bool(config.get("allow_torch_fallback", False)),
+                    "threads": int(study.get("threads", config.get("threads", 1))),
+                    "wandb": config.get("wandb", {"mode": "disabled"})},
+        "output_dir": str(run.directory(results_dir(config))),
+    }
+
+
+def dt_init_training_spec(spec: dict) -> dict:
+    """The spec less what only the perplexity job reads: changing the evaluation never re-trains."""
+    trimmed = copy.deepcopy(spec)
+    trimmed.pop("perplexity")
+    trimmed["tokens"].pop("test")
+    return trimmed

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from choice_cases import CASES
-from mambapeft.data.choice import mc_task, mc_task_names
+from mambapeft.data.choice_formats import mc_task, mc_task_names
 from mambapeft.data.errors import DataError
 
 

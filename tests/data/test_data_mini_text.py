@@ -6,7 +6,7 @@ import re
 import pytest
 
 from mambapeft.data import mini_text
-from mambapeft.data.choice import mc_task
+from mambapeft.data.choice_formats import mc_task
 from mambapeft.data.instruct import read_instruct_json
 from mambapeft.data.math_answers import extract_answer, is_correct
 from mambapeft.io import sha256_file

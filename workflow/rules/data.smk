@@ -29,6 +29,8 @@ rule prepare_data:
         manifest=f"{RESOURCES}/data/{{dataset}}/manifest.json",
     log:
         f"{RESOURCES}/logs/data/{{dataset}}.log",
+    benchmark:
+        f"{RESOURCES}/logs/data/{{dataset}}.benchmark.tsv"
     params:
         spec=dataset_spec,
     conda:
@@ -44,6 +46,8 @@ rule cache_images:
         cache=f"{RESOURCES}/cache/{{dataset}}/{{task}}/{{split}}_{{resolution}}.npz",
     log:
         f"{RESOURCES}/logs/cache/{{dataset}}/{{task}}/{{split}}_{{resolution}}.log",
+    benchmark:
+        f"{RESOURCES}/logs/cache/{{dataset}}/{{task}}/{{split}}_{{resolution}}.benchmark.tsv"
     params:
         root=data_root,
     wildcard_constraints:

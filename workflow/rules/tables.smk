@@ -1,4 +1,4 @@
-# Tables read only the runs' metrics.json files.
+# Tables read the runs' metrics.json files and the domain's method, paper and task definitions.
 
 
 localrules:
@@ -9,6 +9,7 @@ localrules:
 rule table:
     input:
         metrics=experiment_metrics,
+        definitions=table_definitions,
     output:
         csv=report(f"{RESULTS}/tables/{{experiment}}.csv", caption="../report/table.rst", category="Tables"),
         md=report(f"{RESULTS}/tables/{{experiment}}.md", caption="../report/table.rst", category="Tables"),
@@ -22,6 +23,8 @@ rule table:
 
 
 rule params_table:
+    input:
+        definitions=params_table_definitions(),
     output:
         csv=f"{RESULTS}/tables/params.csv",
         md=report(f"{RESULTS}/tables/params.md", caption="../report/params.rst", category="Tables"),

@@ -1,18 +1,20 @@
 # One job per run: fine-tune (resuming from the run's checkpoint if a previous attempt was
-# interrupted), evaluate on the test split(s), write metrics.json last.
+# interrupted), write the adapter and then train.json, the training record. Evaluation is its own
+# rule (evaluate.smk), so a new eval task or metric never re-trains.
 
 
 rule finetune:
     input:
         unpack(train_inputs),
     output:
-        metrics=f"{RUN_DIR}/metrics.json",
+        record=f"{RUN_DIR}/train.json",
     log:
         f"{RUN_DIR}/train.log",
     benchmark:
-        f"{RUN_DIR}/benchmark.tsv"
+        f"{RUN_DIR}/train.benchmark.tsv"
     params:
-        spec=run_spec,
+        spec=training_spec,
+        gpu_slots=config.get("gpu_slots", 1),
     threads: config.get("threads", 1)
     resources:
         gpu=train_resources("gpus", 0),
@@ -21,4 +23,4 @@ rule finetune:
     conda:
         "../envs/mambapeft.yaml"
     shell:
-        "mambapeft train --spec {params.spec:q} > {log} 2>&1"
+        "mambapeft train --gpus {resources.gpu} --gpu-slots {params.gpu_slots} --spec {params.spec:q} > {log} 2>&1"

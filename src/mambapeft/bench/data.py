@@ -4,7 +4,7 @@ A temporary VTAB-layout task of JPEGs at a natural-image size (VTAB's natural ta
 around 500x375) is written, cached with the pipeline's own ``build_image_cache``, then one
 training epoch's batches (32 images, shuffled, normalised float tensors as the trainer feeds the
 model) are produced both ways: decode + bicubic resize per image from the files, and
-:class:`~mambapeft.train.vision.ImageSet` over the cache (its load included).
+:class:`~mambapeft.data.image_set.ImageSet` over the cache (its load included).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..data.vtab import build_image_cache, preprocess_image, read_split
-from ..train.vision import ImageSet, Normalise
+from ..data.image_set import ImageSet, Normalise
 
 TASK = "cifar"  # any task of vision/tasks.yaml; only its class count (100) matters here
 

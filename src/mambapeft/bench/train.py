@@ -18,13 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..build import build_trainable, method_spec
 from ..io import write_json_atomic, write_text_atomic
-from ..models import build_model
-from ..peft import apply_peft
-from ..runspec import domain_file, method_definition
+from ..runspec import domain_file
 from ..train.language import GraphedLoss, next_token_targets, token_loss_sum
-from ..train.optim import build_optimizer, param_groups
-from ..train.runner import place_model
+from ..train.optim import build_optimizer
 
 log = logging.getLogger("mambapeft.bench")
 
@@ -64,21 +62,20 @@ def _train_step(model, optimizer, loss_fn) -> Callable[[], None]:
     return step
 
 
-def _our_model(backbone: str, method: str, domain: str, **overrides):
-    model = build_model(backbone, **overrides)
-    result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
-    # as the trainer places it; a missing mamba-ssm shows as backend "torch" in the row
-    backend = place_model(model, torch.device("cuda"), {"scan_backend": "auto", "allow_torch_fallback": True})
-    recipe = domain_file(domain, "recipe")
-    groups = param_groups(model, result, recipe["optimizer"])
-    return model, result, (build_optimizer(groups, recipe["optimizer"]) if groups else None), backend
+def _our_model(backbone: str, method: str, num_classes: int | None = None):
+    """Random weights, built and placed as the trainer does; a missing mamba-ssm shows as backend
+    "torch" in the row."""
+    spec = method_spec(backbone, method, num_classes=num_classes)
+    built = build_trainable(spec, torch.device("cuda"), weights=False)
+    optimizer = build_optimizer(built.groups, spec["train"]["optimizer"]) if built.groups else None
+    return built.model, built.peft, optimizer, built.backend
 
 
 def _vision_step(method: str, backbone: str, batch: int, size: int, cuda_graphs=False):
     """(model, PEFT result, backend name, one training step on random images) as the trainer runs it."""
     from ..train.vision import GraphedForward
 
-    model, result, optimizer, backend = _our_model(backbone, method, "vision", num_classes=100)
+    model, result, optimizer, backend = _our_model(backbone, method, num_classes=100)
     images, labels = _random_images(batch, size)
     model.train()
     forward = GraphedForward(model, images.shape, images.device) if cuda_graphs else model
@@ -87,7 +84,7 @@ def _vision_step(method: str, backbone: str, batch: int, size: int, cuda_graphs=
 
 def _language_step(method: str, backbone: str, micro_batch: int, length: int, cuda_graphs=False):
     """(model, PEFT result, backend name, one training step on random ids of ``length`` + 1 tokens)."""
-    model, result, optimizer, backend = _our_model(backbone, method, "language")
+    model, result, optimizer, backend = _our_model(backbone, method)
     ids = torch.randint(0, 50000, (micro_batch, length + 1), device="cuda")
     targets = next_token_targets(ids, torch.full((micro_batch,), length + 1))
     model.train()

@@ -16,6 +16,15 @@ What each kind expects at `path`:
   `dir` from language/tasks.yaml); `task` as above. This is what `mini_text.write_mini_math`
   writes; for the real data copy LLM-Adapters' `dataset/<dir>/test.json` files there.
 
+- `synthetic`: the directory `prepare_data` wrote for a `kind: synthetic` entry (the length
+  study's recall tasks): `synthetic.json` indexes `train/<train set>.jsonl` and
+  `test/<generator>/length_<L>.jsonl`. Every record is checked against its generator: its length
+  is one the file allows, the query is last, COPY appears once and the answer is the token after
+  it (`data/synthetic.py`); `task` picks one training set and its generator's test sets.
+
+For commonsense and math, the training file itself is accepted in place of the directory (its eval
+sets are beside it).
+
 For the language kinds the validation split is carved out of the training file at training time,
 so `splits.val` is null. Math test questions that also appear verbatim among the training
 instructions are counted per task in `train_test_overlap` rather than refused: LLM-Adapters'
@@ -25,23 +34,26 @@ math_10k knowingly contains AddSub/MultiArith/SingleEq questions (it says to rep
 import math
 from pathlib import Path
 
-from mambapeft.data.choice import mc_task
+from mambapeft.data.choice_formats import mc_task
 from mambapeft.data.errors import DataError
 from mambapeft.data.instruct import read_instruct_json
 from mambapeft.data.language_tasks import commonsense_eval_file, language_task, language_tasks, math_eval_file
 from mambapeft.data.math_answers import extract_answer
+from mambapeft.data.synthetic import check_synthetic
 from mambapeft.data.vtab import load_rgb, read_split, split_file, task_info
 
-KINDS = ("vtab", "commonsense", "math")
+KINDS = ("vtab", "commonsense", "math", "synthetic")
 TRAIN_FILES = {"commonsense": "commonsense_170k.json", "math": "math_10k.json"}
 
 
 def check_dataset(kind: str, path: str | Path, task: str | None = None) -> dict:
     """Validate the dataset of `kind` at `path`; return a JSON-able summary or raise DataError."""
-    checkers = {"vtab": _check_vtab, "commonsense": _check_commonsense, "math": _check_math}
+    checkers = {"vtab": _check_vtab, "commonsense": _check_commonsense, "math": _check_math,
+                "synthetic": check_synthetic}
     if kind not in checkers:
         raise DataError(f"unknown dataset kind '{kind}'; use one of {', '.join(KINDS)}")
-    return checkers[kind](Path(path), task)
+    path = _language_root(kind, Path(path)) if kind in TRAIN_FILES else Path(path)
+    return checkers[kind](path, task)
 
 
 # --- vision -----------------------------------------------------------------------------------
@@ -85,6 +97,16 @@ def _refuse_shared_images(root: Path, task: str, split: str, train: list, test: 
 
 
 # --- language ---------------------------------------------------------------------------------
+
+def _language_root(kind: str, path: Path) -> Path:
+    """The data directory; given its training file instead, the directory that holds it (eval/ is beside it)."""
+    if path.is_file() and path.name == TRAIN_FILES[kind]:
+        return path.parent
+    if not path.is_dir():
+        problem = "is a file" if path.is_file() else "does not exist"
+        raise DataError(f"{path} {problem}; give the {kind} data directory that holds {TRAIN_FILES[kind]} and eval/")
+    return path
+
 
 def _train_records(kind: str, root: Path) -> list[dict]:
     return read_instruct_json(root / TRAIN_FILES[kind])

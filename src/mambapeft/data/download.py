@@ -1,27 +1,39 @@
-"""Fetch VTAB-1k: RepAdapter's preprocessed archive ``vtab-1k.zip``, the one MambaPEFT uses.
+"""Fetch what the config's ``download:`` mappings name: VTAB-1k, the language data, backbone weights.
 
+VTAB-1k (``fetch_vtab``): RepAdapter's preprocessed archive ``vtab-1k.zip``, the one MambaPEFT uses.
 Where the archive comes from (the config's ``download:`` mapping of a vtab dataset; all optional):
 ``archive`` a local copy of the zip (used when the file exists: the offline way), ``url`` any
 http(s) or file URL, ``gdrive_id`` the Google-Drive id (fetched with the ``gdown`` package),
 ``sha256`` the archive's checksum to verify. The zip holds a top-level ``vtab-1k/`` folder; its
 task folders are moved to ``<root>/<task>/`` (the original README's "move the tasks up one level").
-
 Nothing half-done can look like data: the archive is written under a ``.partial`` name and renamed
 when complete; tasks are extracted into a scratch folder inside ``root`` and each task folder is
 renamed into place only once the whole archive has been read. Every failure is one
 :class:`DataError` naming what was tried, why it failed, the missing tasks and where to put them.
+
+Commonsense and math data (``fetch_language``): ``files`` (LLM-Adapters' training files and math
+test sets, from raw URLs at a pinned commit, checked against ``sha256`` or ``git_sha1``) and, for
+commonsense, ``eval_sets`` (task -> Hub dataset revision; the dataset and split are the task's
+``hf_dataset`` and ``split`` in language/tasks.yaml, the layout the one ``data check`` reads).
+
+Backbone weights (``fetch_weights``): ``backbones.<id>.download`` names a Hub repository, its pinned
+revision and the files (``allow_patterns``, or ``file`` when the backbone's path is that one file),
+and optionally the same for the tokenizer, saved at ``backbones.<id>.tokenizer``.
+
+How each item is fetched, checked, placed and resumed, and the offline message: :mod:`.hub`.
 """
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
-import urllib.request
 import zipfile
 from pathlib import Path
 
 from ..io import sha256_file
+from ..runspec import ConfigError
 from .errors import DataError
+from .hub import HubFiles, HubSplit, RawFile, download_url, fetch_all, offline_reason
+from .language_tasks import TASKS_YAML, commonsense_eval_file, language_task
 
 ARCHIVE_TOP = "vtab-1k"
 REQUIRED_SPLITS = ("train800val200.txt", "test.txt")
@@ -65,6 +77,8 @@ def _obtain_archive(root: Path, source: dict) -> Path:
     if local is not None and local.is_file():
         return local
     target = local or root / ".download" / "vtab-1k.zip"
+    if (source.get("url") or source.get("gdrive_id")) and (reason := offline_reason()):
+        raise DataError(f"no download attempted: {reason}")
     if source.get("url"):
         return _fetch_url(source["url"], target)
     if source.get("gdrive_id"):
@@ -73,26 +87,7 @@ def _obtain_archive(root: Path, source: dict) -> Path:
 
 
 def _fetch_url(url: str, target: Path) -> Path:
-    partial = target.with_name(target.name + ".partial")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            _copy_with_progress(response, out, int(response.headers.get("Content-Length") or 0), url)
-    except OSError as err:  # URLError, HTTPError and socket errors are all OSErrors
-        partial.unlink(missing_ok=True)
-        raise DataError(f"could not download {url} ({err})") from None
-    partial.replace(target)
-    return target
-
-
-def _copy_with_progress(response, out, total: int, label: str, chunk: int = 1 << 20) -> None:
-    done, next_report = 0, 0.05
-    while block := response.read(chunk):
-        out.write(block)
-        done += len(block)
-        if total and done / total >= next_report:
-            print(f"{label}: {done / 1e6:.0f} / {total / 1e6:.0f} MB", file=sys.stderr, flush=True)
-            next_report += 0.05
+    return download_url(url, target.with_name(target.name + ".partial")).replace(target)
 
 
 def _fetch_gdrive(file_id: str, target: Path) -> Path:
@@ -139,3 +134,52 @@ def _task_of(member: str) -> str | None:
     if parts and parts[0] == ARCHIVE_TOP:
         parts = parts[1:]
     return parts[0] if len(parts) > 1 else None
+
+
+def fetch_language(spec: dict) -> dict:
+    """Make the commonsense or math data of ``spec`` (a data entry with ``root``) present under its root."""
+    root, source, kind = Path(spec["root"]), spec["download"], spec["kind"]
+    where = f"the {kind} data entry's download"
+    items = [RawFile(name, _file_url(source, file, f"{where}.files.{name}"), root / name, _checksum(file),
+                     f"{where}.files.{name}") for name, file in source.get("files", {}).items()]
+    if source.get("eval_sets") and kind != "commonsense":
+        raise ConfigError(f"{where}.eval_sets: only commonsense evaluation sets come from Hub datasets; "
+                          f"list the {kind} test sets under `files`")
+    items += [_eval_split(root, task, str(revision), f"{where}.eval_sets.{task}")
+              for task, revision in source.get("eval_sets", {}).items()]
+    if not items:
+        raise ConfigError(f"{where} names nothing to fetch: give `files` and/or `eval_sets`")
+    return {"kind": kind, "root": str(root), "files": fetch_all(items, f"the {kind} data under {root}")}
+
+
+def _file_url(source: dict, file: dict, where: str) -> str:
+    if file.get("url"):
+        return file["url"]
+    if not source.get("base_url") or not file.get("path"):
+        raise ConfigError(f"{where}: give `url`, or `path` under the download's `base_url`")
+    return f"{source['base_url'].rstrip('/')}/{file['path'].lstrip('/')}"
+
+
+def _checksum(file: dict) -> tuple[str, str] | None:
+    kind = next((k for k in ("sha256", "git_sha1") if file.get(k)), None)
+    return (kind, file[kind]) if kind else None
+
+
+def _eval_split(root: Path, task: str, revision: str, where: str) -> HubSplit:
+    entry = language_task("commonsense", task)
+    if not entry.get("hf_dataset"):
+        raise ConfigError(f"{where}: {TASKS_YAML} gives commonsense task {task!r} no hf_dataset to fetch it from")
+    return HubSplit(f"eval/{task}", entry["hf_dataset"], entry["split"], revision, commonsense_eval_file(root, entry),
+                    root / ".download" / "datasets", where)
+
+
+def fetch_weights(backbone: str, entry: dict) -> dict:
+    """Make the official weights (and tokenizer) of ``backbone`` present at its configured paths."""
+    where, download = f"backbones.{backbone}.download", entry["download"]
+    items = [HubFiles.from_entry("weights", download, entry["path"], where, backbone)]
+    if "tokenizer" in download:
+        if not entry.get("tokenizer"):
+            raise ConfigError(f"{where}.tokenizer needs backbones.{backbone}.tokenizer: the path to save it at")
+        items.append(HubFiles.from_entry("tokenizer", download["tokenizer"], entry["tokenizer"], f"{where}.tokenizer",
+                                         backbone))
+    return {"backbone": backbone, "files": fetch_all(items, f"the weights of {backbone}")}

@@ -43,6 +43,7 @@ def read_instruct_json(path: str | Path) -> list[dict]:
     """Read a JSON list of {instruction, input, output, answer} records (LLM-Adapters format).
 
     `input` may be missing or null (read as ""); `answer` may be missing in training files (read as "").
+    `output` is required: it is the response trained on (LLM-Adapters' eval files carry it too, some as "").
     Every field must be a string (numbers in `answer` are accepted and turned into strings).
     """
     path = Path(path)
@@ -62,6 +63,9 @@ def _validated_record(record, path: Path, index: int) -> dict:
         raise DataError(f"{path}: record {index} is {type(record).__name__}, not an object with {list(RECORD_FIELDS)}")
     if not isinstance(record.get("instruction"), str) or not record["instruction"].strip():
         raise DataError(f"{path}: record {index} has no non-empty string 'instruction'; every record needs one")
+    if record.get("output") is None:  # read as "", training would silently learn an empty response
+        raise DataError(f"{path}: record {index} has no 'output' field, the response trained on (eval files may "
+                        "give \"\"); add it or drop the record")
     clean = {"instruction": record["instruction"]}
     for field in RECORD_FIELDS[1:]:
         value = record.get(field)

@@ -12,6 +12,7 @@ not kept, no crop). Normalisation with `IMAGENET_MEAN`/`IMAGENET_STD` is left to
 """
 
 import functools
+import hashlib
 import logging
 import sys
 import zipfile
@@ -161,7 +162,8 @@ def build_image_cache(
     """Decode and resize every image of a split once, into an `.npz` the trainer loads.
 
     The archive holds `images` uint8 (N, H, W, 3), `labels` int64 (N,), `task`, `split`,
-    `resolution` and `list_sha256` (of the split list, to detect a stale cache). Images are
+    `resolution`, `list_sha256` (of the split list, to detect a stale cache) and `content_sha256`
+    (of the images' then the labels' bytes, checked by `load_image_cache`). Images are
     streamed into an uncompressed archive one at a time, so memory stays at one image even for
     the 73,728-image dSprites test split; the file appears only when complete.
     Returns {n, num_classes, sha256 (of the split list)}.
@@ -171,10 +173,14 @@ def build_image_cache(
     task_dir = Path(root) / task
     list_sha256 = sha256_file(split_file(root, task, split))
     images = (preprocess_image(task_dir / relative, resolution) for relative, _ in _progress(samples, f"{task}/{split}"))
+    labels = np.array([label for _, label in samples], dtype=np.int64)
+    content = hashlib.sha256()
     with atomic_path(out_path) as temporary:
         with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            _stream_npy_member(archive, "images", (len(samples), resolution, resolution, 3), np.uint8, images)
-            _write_npy_member(archive, "labels", np.array([label for _, label in samples], dtype=np.int64))
+            _stream_npy_member(archive, "images", (len(samples), resolution, resolution, 3), np.uint8, images, content)
+            _write_npy_member(archive, "labels", labels)
+            content.update(labels)
+            _write_npy_member(archive, "content_sha256", np.array(content.hexdigest()))
             _write_npy_member(archive, "task", np.array(task))
             _write_npy_member(archive, "split", np.array(split))
             _write_npy_member(archive, "resolution", np.array(resolution, dtype=np.int64))
@@ -195,13 +201,17 @@ def _progress(items: Sequence, description: str) -> Iterator:
             log.info("%s: %d/%d images (%d%%)", description, done, total, 100 * done // total)
 
 
-def _stream_npy_member(archive: zipfile.ZipFile, name: str, shape: tuple, dtype, rows: Iterable[np.ndarray]) -> None:
-    """Write an .npy member whose rows arrive one by one (the same bytes `np.savez` would write)."""
+def _stream_npy_member(archive: zipfile.ZipFile, name: str, shape: tuple, dtype, rows: Iterable[np.ndarray],
+                       content) -> None:
+    """Write an .npy member whose rows arrive one by one (the same bytes `np.savez` would write),
+    feeding the array's bytes to the `content` digest as they go."""
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
     with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
         np.lib.format.write_array_header_2_0(member, header)
         for row in rows:
-            member.write(np.ascontiguousarray(row, dtype=dtype).tobytes())
+            data = np.ascontiguousarray(row, dtype=dtype).tobytes()
+            content.update(data)
+            member.write(data)
 
 
 def _write_npy_member(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
@@ -213,7 +223,8 @@ def load_image_cache(path: str | Path, mmap: bool = False) -> tuple[np.ndarray, 
     """Load (images uint8 (N, H, W, 3), labels int64 (N,)) written by `build_image_cache`.
 
     With `mmap=True` the images are a read-only memory map of the archive (index it per batch);
-    use it for test splits too large for RAM.
+    use it for test splits too large for RAM. Either way the images and labels must match the
+    checksum recorded when the cache was built: the zip's own CRCs are not read through a memory map.
     """
     path = Path(path)
     if not path.is_file():
@@ -222,6 +233,7 @@ def load_image_cache(path: str | Path, mmap: bool = False) -> tuple[np.ndarray, 
         with np.load(path, allow_pickle=False) as archive:
             labels = archive["labels"]
             images = _memmap_npz_member(path, "images") if mmap else archive["images"]
+            recorded = str(archive["content_sha256"]) if "content_sha256" in archive.files else None
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as error:
         raise DataError(f"{path}: image cache is corrupt ({error!r}); delete it and rebuild it") from None
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) != len(labels):
@@ -229,7 +241,22 @@ def load_image_cache(path: str | Path, mmap: bool = False) -> tuple[np.ndarray, 
             f"{path}: image cache holds images {images.shape} {images.dtype} and {len(labels)} labels; "
             "expected uint8 (N, H, W, 3) with N labels, delete it and rebuild it"
         )
+    if recorded is None:
+        raise DataError(f"{path}: image cache has no content checksum (built by an older mambapeft); "
+                        "delete it and rebuild it")
+    if _content_sha256(images, labels) != recorded:
+        raise DataError(f"{path}: image cache is corrupt (its images or labels differ from the checksum "
+                        "recorded when it was built); delete it and rebuild it")
     return images, labels
+
+
+def _content_sha256(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 of the images' then the labels' bytes, as `build_image_cache` records it."""
+    content = hashlib.sha256()
+    for start in range(0, len(images), 256):  # in blocks: a memory-mapped split may not fit in RAM
+        content.update(np.ascontiguousarray(images[start:start + 256]))
+    content.update(np.ascontiguousarray(labels, dtype=np.int64))
+    return content.hexdigest()
 
 
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}

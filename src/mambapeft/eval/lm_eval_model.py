@@ -25,23 +25,25 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from ..build import bare_spec, build_trainable
 from ..data.tokenizer import TextTokenizer, load_tokenizer
-from ..models.checkpoints import build_lm_from_dir
 from ..models.lm import MambaLMHeadModel
-from ..peft import apply_peft
-from ..peft.state import load_adapter, read_adapter_method
-from .choice import score_continuations
+from ..peft.state import read_adapter_method
+from ..runtime import autocast_for, resolve_device
+from .loglikelihood import score_continuations
 
 MODEL_NAME = "mambapeft"
 log = logging.getLogger("mambapeft.lm_eval")
 
 
-def load_lm_with_adapter(backbone: str | Path, adapter: str | Path | None = None) -> MambaLMHeadModel:
-    """The backbone with the adapter's method applied and its tensors loaded (frozen, for evaluation)."""
-    model = build_lm_from_dir(backbone)
-    if adapter is not None:
-        method = read_adapter_method(adapter)
-        load_adapter(model, apply_peft(model, method["peft"], method.get("id", "adapter")), adapter)
+def load_lm_with_adapter(backbone: str | Path, adapter: str | Path | None = None, device: torch.device | None = None,
+                         scan_backend: str = "auto") -> MambaLMHeadModel:
+    """The backbone with the adapter's method applied and its tensors loaded, frozen for
+    evaluation, placed on ``device`` as training places it (kept where it is when None)."""
+    method = read_adapter_method(adapter) if adapter is not None else {"id": "zero_shot", "peft": []}
+    spec = bare_spec("language", None, method, path=str(backbone))
+    spec["runtime"]["scan_backend"] = scan_backend
+    model = build_trainable(spec, device, adapter=adapter).model
     return model.requires_grad_(False).eval()
 
 
@@ -56,15 +58,12 @@ class MambaPeftLM(TemplateLM):
         super().__init__()
         if backbone is None:
             raise ValueError("model 'mambapeft' needs --model_args backbone=<directory of a Mamba LM checkpoint>")
-        from ..train.runner import autocast_for, resolve_device, select_backend
-
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line asks for "cuda" unless told otherwise, as its HFLM does
             log.warning("device %r requested but no CUDA device is visible: evaluating on the CPU", device)
             device = "cpu"
         self._device = resolve_device(device or "auto")
-        model = load_lm_with_adapter(backbone, adapter).to(self._device)
-        select_backend(model, self._device, {"scan_backend": scan_backend, "allow_torch_fallback": True})
+        model = load_lm_with_adapter(backbone, adapter, self._device, scan_backend)
         self._setup(model, load_tokenizer(tokenizer or backbone), autocast_for(self._device),
                     batch_size, max_length, max_gen_toks)
 

@@ -5,7 +5,7 @@ import math
 
 import torch.nn as nn
 
-from .mamba import Mamba
+from .mamba import Mixer
 
 
 def init_mamba_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
@@ -20,6 +20,6 @@ def init_mamba_weights(module: nn.Module, n_layer: int, initializer_range: float
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=initializer_range)
-    elif isinstance(module, Mamba):
+    elif isinstance(module, Mixer):
         nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
         module.out_proj.weight.data /= math.sqrt(n_layer)

@@ -1,6 +1,8 @@
-"""Mamba language model with mamba_ssm's ``MambaLMHeadModel`` semantics: tied embedding/lm_head,
-vocabulary padded to a multiple of 8, RMSNorm, fp32 residual stream; parameter names as mamba_ssm
-(``backbone.embedding``, ``backbone.layers.{i}.mixer.*``, ``backbone.norm_f``, ``lm_head``)."""
+"""Mamba language model with mamba_ssm's ``MambaLMHeadModel`` semantics: the mixer chosen by
+``ssm_cfg.layer`` (Mamba1, Mamba2), tied embedding/lm_head, vocabulary padded to a multiple of
+``pad_vocab_size_multiple`` (8 in the Mamba-1 releases, 16 in the Mamba-2 ones), RMSNorm, fp32
+residual stream; parameter names as mamba_ssm (``backbone.embedding``, ``backbone.layers.{i}.mixer.*``,
+``backbone.norm_f``, ``lm_head``)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -10,7 +12,29 @@ import torch
 import torch.nn as nn
 
 from .init import init_mamba_weights
-from .mamba import Block, Mamba, MixerState, RMSNorm
+from .mamba import Block, Mamba, Mixer, MixerState, RMSNorm
+from .mamba2 import Mamba2
+
+# mamba_ssm's ``ssm_layer_map``: what ``ssm_cfg.layer`` selects
+MIXERS: dict[str, type[Mixer]] = {"Mamba1": Mamba, "Mamba2": Mamba2}
+DEFAULT_MIXER = "Mamba1"  # a config without ``ssm_cfg.layer`` (every Mamba-1 release)
+
+
+def mixer_from_ssm_cfg(ssm_cfg: dict) -> tuple[type[Mixer], dict]:
+    """The mixer class ``ssm_cfg.layer`` names and its keyword arguments (the rest of ssm_cfg).
+    An unknown layer or a key that mixer does not take is a ValueError naming it and the valid ones."""
+    if not isinstance(ssm_cfg, dict):
+        raise ValueError(f"ssm_cfg must be an object of mixer settings, got {ssm_cfg!r}")
+    settings = dict(ssm_cfg)
+    layer = settings.pop("layer", DEFAULT_MIXER)
+    if layer not in MIXERS:
+        raise ValueError(f"ssm_cfg.layer {layer!r} is not a known mixer; valid layers: {', '.join(MIXERS)}")
+    mixer = MIXERS[layer]
+    unknown = sorted(set(settings) - mixer.ssm_cfg_keys())
+    if unknown:
+        raise ValueError(f"ssm_cfg keys {unknown} are not {layer} ({mixer.label}) mixer settings; "
+                         f"valid keys: layer, {', '.join(sorted(mixer.ssm_cfg_keys()))}")
+    return mixer, settings
 
 
 @dataclass
@@ -31,6 +55,14 @@ class MambaLMConfig:
     attn_layer_idx: list = field(default_factory=list)
     attn_cfg: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        mixer_from_ssm_cfg(self.ssm_cfg)  # a wrong layer or key fails here, not deep inside the model
+
+    @property
+    def mixer_layer(self) -> str:
+        """The ``ssm_cfg.layer`` this config builds (Mamba1 when unset)."""
+        return self.ssm_cfg.get("layer", DEFAULT_MIXER)
+
     @property
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_size_multiple
@@ -44,6 +76,9 @@ class LMVariant:
     hub_id: str | None = None
 
 
+# What every state-spaces/mamba2-* config.json sets (d_state 128, headdim 64, ngroups 1: the mixer's defaults)
+MAMBA2 = dict(ssm_cfg={"layer": "Mamba2"}, pad_vocab_size_multiple=16)
+
 LM_VARIANTS: dict[str, LMVariant] = {
     "mamba-130m": LMVariant(dict(d_model=768, n_layer=24), 129_135_360, "state-spaces/mamba-130m"),
     "mamba-370m": LMVariant(dict(d_model=1024, n_layer=48), 371_516_416, "state-spaces/mamba-370m"),
@@ -52,6 +87,19 @@ LM_VARIANTS: dict[str, LMVariant] = {
     "mamba-2.8b": LMVariant(dict(d_model=2560, n_layer=64), 2_768_345_600, "state-spaces/mamba-2.8b"),
     # The offline mini experiment: same architecture, CPU-sized; vocab from the offline tokenizer.
     "mamba-mini": LMVariant(dict(d_model=48, n_layer=4, vocab_size=1024, ssm_cfg={"d_state": 8})),
+    # The length study's base models (Vlasov's mamba_research configs), pretrained here on the
+    # synthetic recall tasks; vocab: data/synthetic.py's 16 symbols + COPY, PASTE, PAD
+    "mamba_16": LMVariant(dict(d_model=8, n_layer=2, vocab_size=19, ssm_cfg={"d_state": 4})),
+    "mamba_128": LMVariant(dict(d_model=32, n_layer=2, vocab_size=19, ssm_cfg={"d_state": 16})),
+    "mamba_256": LMVariant(dict(d_model=32, n_layer=2, vocab_size=19, ssm_cfg={"d_state": 16})),
+    "mamba2-130m": LMVariant(dict(d_model=768, n_layer=24, **MAMBA2), 128_989_632, "state-spaces/mamba2-130m"),
+    "mamba2-370m": LMVariant(dict(d_model=1024, n_layer=48, **MAMBA2), 368_346_624, "state-spaces/mamba2-370m"),
+    "mamba2-780m": LMVariant(dict(d_model=1536, n_layer=48, **MAMBA2), 780_161_280, "state-spaces/mamba2-780m"),
+    "mamba2-1.3b": LMVariant(dict(d_model=2048, n_layer=48, **MAMBA2), 1_343_757_312, "state-spaces/mamba2-1.3b"),
+    "mamba2-2.7b": LMVariant(dict(d_model=2560, n_layer=64, **MAMBA2), 2_702_599_680, "state-spaces/mamba2-2.7b"),
+    # CPU-sized Mamba-2 for tests: several heads, and chunks shorter than a test sequence
+    "mamba2-mini": LMVariant(dict(d_model=48, n_layer=4, vocab_size=1024, pad_vocab_size_multiple=16,
+                                  ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16})),
 }
 
 
@@ -67,8 +115,9 @@ class MixerModel(nn.Module):
     def __init__(self, config: MambaLMConfig):
         super().__init__()
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        mixer, settings = mixer_from_ssm_cfg(config.ssm_cfg)
         self.layers = nn.ModuleList(
-            Block(config.d_model, Mamba(config.d_model, layer_idx=i, **config.ssm_cfg),
+            Block(config.d_model, mixer(config.d_model, layer_idx=i, **settings),
                   norm_eps=config.norm_epsilon, residual_in_fp32=config.residual_in_fp32)
             for i in range(config.n_layer))
         self.norm_f = RMSNorm(config.d_model, eps=config.norm_epsilon)

@@ -1,24 +1,32 @@
-"""Mamba-1 mixer (parameter names and shapes as mamba_ssm's ``Mamba``), Vim's bidirectional "v2"
-variant, and the pre-norm residual block both backbones use.
+"""The mixer interface every backbone block holds (:class:`Mixer`), the Mamba-1 mixer (parameter
+names and shapes as mamba_ssm's ``Mamba``) with Vim's bidirectional "v2" variant, and the pre-norm
+residual block both backbones use. Mamba-2 is ``models/mamba2.py``.
 
 PEFT methods change the mixer only through named extension points whose defaults reproduce the
 base model exactly:
-  * child modules (``in_proj``, ``x_proj``, ``dt_proj``, ``out_proj``, ``conv1d``...) are always
-    *called*, never read as raw weights, so a wrapper around them (LoRA, adapters) is never skipped;
+  * the projections (``in_proj``, ``x_proj``, ``dt_proj``, ``out_proj``) are *called*, not read
+    as raw weights, so a wrapper around them (LoRA, adapters) is never skipped;
+  * ``conv1d`` is read as raw ``weight`` and ``bias`` (the causal-conv kernel and :meth:`Mamba.step`
+    take the tensors), so it takes a ``parametrize`` delta (partial tuning) but a module wrapper
+    or forward hook on it would be skipped;
+  * the fused ``mamba_inner`` path reads the weights after ``in_proj`` raw, so it runs only where
+    those modules are plain (no wrapper, hook or parametrisation) and no state extension or affix
+    is set (:meth:`Mamba.uses_fused_inner`);
   * ``state_extensions[direction]``: extra SSM state dimensions (additional-scan);
   * ``affixes[direction]``: tokens prepended to the scan input in xz space (affix-tuning);
   * parameters such as ``A_log`` may carry a ``torch.nn.utils.parametrize`` delta (partial tuning).
 """
 from __future__ import annotations
 
+import abc
+import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .scan import TORCH_BACKEND, ScanBackend, selective_state_step
+from .scan import TORCH_BACKEND, ScanBackend, causal_conv1d_step, conv_state_of, selective_state_step
 
 
 @dataclass(frozen=True)
@@ -69,19 +77,61 @@ class DropPath(nn.Module):
 
 @dataclass
 class MixerState:
-    """Recurrent state of one mixer for generation. conv: (B, D_inner, d_conv), ssm: (B, D_inner, N')."""
+    """Recurrent state of one mixer for generation: conv (B, conv channels, d_conv), the last conv
+    inputs; ssm, Mamba-1: (B, D_inner, N'), Mamba-2: (B, H, P, N)."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
 
 
-class Mamba(nn.Module):
+class Mixer(nn.Module, abc.ABC):
+    """What a backbone block, ``runtime.select_backend`` and the PEFT families use of a sequence mixer.
+
+    ``backend`` is the set of scan kernels it runs (set for every mixer by ``select_backend``);
+    ``label`` names the architecture in errors; the constructor's arguments other than
+    :attr:`backbone_args` are the keys a config's ``ssm_cfg`` may set.
+    """
+
+    label: str
+    backbone_args: tuple[str, ...] = ("d_model", "layer_idx", "device", "dtype")
+    """Constructor arguments the backbone sets, never a config's ssm_cfg."""
+
+    def __init__(self):
+        super().__init__()
+        self.backend: ScanBackend = TORCH_BACKEND
+
+    @classmethod
+    def ssm_cfg_keys(cls) -> set[str]:
+        return set(inspect.signature(cls).parameters) - set(cls.backbone_args)
+
+    def uses_fused_inner(self) -> bool:
+        """Whether :meth:`forward` runs one fused kernel from in_proj's output to the mixer output."""
+        return False
+
+    @abc.abstractmethod
+    def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
+        """hidden_states: (B, L, D_model) -> (B, L, D_model); fills ``state`` (generation prefill) when given."""
+
+    @abc.abstractmethod
+    def empty_state(self, batch: int, device=None) -> MixerState:
+        """The state before the first token (zeros)."""
+
+    @abc.abstractmethod
+    def step(self, hidden_states: torch.Tensor, state: MixerState) -> torch.Tensor:
+        """One token: hidden_states (B, 1, D_model) -> (B, 1, D_model); advances ``state``."""
+
+
+class Mamba(Mixer):
     """Mamba-1 selective-SSM mixer.
 
     bidirectional=False is mamba_ssm's ``Mamba``; bidirectional=True is Vim's ``bimamba_type="v2"``
     mixer: shared in_proj/out_proj, per-direction conv1d/x_proj/dt_proj/A_log/D (``_b`` suffix for
     the backward scan), output ``out_proj((y_fwd + flip(y_bwd)) / 2)`` (``/2`` when divide_out).
     """
+
+    label = "Mamba-1"
+    # the bidirectional variant is Vim's choice (models/vim.py), not a language config's
+    backbone_args = Mixer.backbone_args + ("bidirectional", "divide_out")
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
@@ -94,7 +144,6 @@ class Mamba(nn.Module):
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.bidirectional, self.divide_out, self.layer_idx = bidirectional, divide_out, layer_idx
-        self.backend: ScanBackend = TORCH_BACKEND
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
         for direction in self.directions:
@@ -130,15 +179,6 @@ class Mamba(nn.Module):
         self.register_parameter(d.A_log, A_log)
         self.register_parameter(d.D, D)
 
-    def output_parts(self, child: str) -> dict[str, tuple[int, int]]:
-        """Named row blocks [start, stop) of a projection's output (targets of LoRA_p methods)."""
-        if child == "in_proj":
-            return {"x": (0, self.d_inner), "z": (self.d_inner, 2 * self.d_inner)}
-        if child in (FORWARD.x_proj, BACKWARD.x_proj):
-            r, n = self.dt_rank, self.d_state
-            return {"dt": (0, r), "B": (r, r + n), "C": (r + n, r + 2 * n)}
-        return {}
-
     # -- one direction of the SSM ------------------------------------------------------------
     def _ssm_inputs(self, x: torch.Tensor, d: Direction):
         """x: (B, D_inner, L) after conv. Returns delta (B, D_inner, L), A (D_inner, N'), B, C (B, N', L)."""
@@ -167,7 +207,7 @@ class Mamba(nn.Module):
         if state is not None:
             y, last = result
             state.ssm = last.float()
-            state.conv = F.pad(x, (max(self.d_conv - x.shape[-1], 0), 0))[..., -self.d_conv:].detach()
+            state.conv = conv_state_of(x, self.d_conv)
         else:
             y = result
         return y[..., n_affix:]
@@ -214,12 +254,7 @@ class Mamba(nn.Module):
             raise ValueError("Step mode is only defined for unidirectional (language) mixers.")
         xz = self.in_proj(hidden_states.squeeze(1))  # (B, 2*D_inner)
         x, z = xz.chunk(2, dim=-1)
-        state.conv = torch.cat([state.conv[..., 1:], x.unsqueeze(-1).to(state.conv.dtype)], dim=-1)
-        conv = self.conv1d
-        x_conv = (state.conv * conv.weight.squeeze(1)).sum(-1)
-        if conv.bias is not None:
-            x_conv = x_conv + conv.bias
-        x_conv = F.silu(x_conv).to(x.dtype)  # (B, D_inner)
+        x_conv, state.conv = causal_conv1d_step(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         delta, A, B, C = self._ssm_inputs(x_conv.unsqueeze(-1), FORWARD)
         y = selective_state_step(state.ssm, x_conv, delta[..., 0], A, B[..., 0], C[..., 0],
                                  self.D.float(), z, delta_softplus=True)
@@ -239,7 +274,7 @@ class Block(nn.Module):
     previous-layer output.
     """
 
-    def __init__(self, d_model: int, mixer: Mamba, norm_eps: float = 1e-5, drop_path: float = 0.0,
+    def __init__(self, d_model: int, mixer: Mixer, norm_eps: float = 1e-5, drop_path: float = 0.0,
                  residual_in_fp32: bool = True, device=None, dtype=None):
         super().__init__()
         self.mixer = mixer

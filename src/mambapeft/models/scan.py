@@ -4,9 +4,12 @@ This is the only module that imports the optional CUDA kernels (``mamba_ssm``, `
 It exports an exact pure-PyTorch implementation and a CUDA wrapper with the same signatures, and
 one function, :func:`resolve_backend`, that picks between them for every caller.
 
-Shapes follow mamba_ssm's ``selective_scan_fn``:
+Shapes of the Mamba-1 selective scan follow mamba_ssm's ``selective_scan_fn``:
     u, delta, z: (B, D, L)    A: (D, N)    B, C: (B, N, L)    D, delta_bias: (D,)
     out: (B, D, L)            last_state: (B, D, N)
+and those of Mamba-2's chunked scan (SSD) its ``mamba_chunk_scan_combined``:
+    x: (B, L, H, P)    dt: (B, L, H)    A, D, dt_bias: (H,)    B, C: (B, L, G, N)
+    out: (B, L, H, P)  final_states: (B, H, P, N)
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ try:  # optional CUDA kernels; None when missing (as in mamba_ssm's own modules)
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
 except ImportError as _error:  # pragma: no cover - depends on the machine
     _cuda_selective_scan, _cuda_mamba_inner, _IMPORT_ERRORS["mamba_ssm"] = None, None, str(_error)
+try:  # Triton SSD (mamba-ssm >= 2): Mamba-2's scan
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _cuda_chunk_scan
+except ImportError as _error:  # pragma: no cover - depends on the machine
+    _cuda_chunk_scan, _IMPORT_ERRORS["mamba_ssm_ssd"] = None, str(_error)
 try:
     from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d
 except ImportError as _error:  # pragma: no cover - depends on the machine
@@ -223,6 +230,105 @@ def selective_state_step(state, x, delta, A, B, C, D=None, z=None, delta_bias=No
 
 
 # ----------------------------------------------------------------------------------------------
+# Mamba-2's scan (SSD): PyTorch reference and Triton wrapper (same signature)
+# ----------------------------------------------------------------------------------------------
+NO_DT_LIMIT = (0.0, float("inf"))
+
+
+def _discretised_dt(dt, dt_bias, dt_softplus, dt_limit, compute):
+    """dt (..., H) -> the step sizes the recurrence uses, clamped to ``dt_limit`` as the Triton kernel
+    always does (the default limit only removes negative steps)."""
+    dt = dt.to(compute)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(compute)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    return dt.clamp(dt_limit[0], dt_limit[1])
+
+
+def _segsum(x: torch.Tensor) -> torch.Tensor:
+    """x (..., T) -> (..., T, T) with [l, s] = x[s+1] + ... + x[l] for l >= s and -inf above the
+    diagonal, so exp() of it is the decay from step s to step l. Summed from masked copies rather
+    than as a difference of cumulative sums, which would cancel catastrophically (mamba_ssm's ``segsum``)."""
+    ones = torch.ones(x.shape[-1], x.shape[-1], dtype=torch.bool, device=x.device)
+    sums = x.unsqueeze(-1).expand(*x.shape, x.shape[-1]).masked_fill(~ones.tril(-1), 0).cumsum(-2)
+    return sums.masked_fill(~ones.tril(), -torch.inf)
+
+
+@_outside_autocast
+def chunk_scan_torch(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False,
+                     dt_limit=NO_DT_LIMIT, return_final_states=False):
+    """Exact SSD in PyTorch (fp32 compute, fp64 for checks), mamba_ssm's ``ssd_minimal_discrete``:
+
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,   y_t = h_t C_t + D x_t   (per head; head h reads
+    group h // (H/G) of B and C). Within a chunk of ``chunk_size`` steps the output is the masked
+    quadratic form C_l^T B_s decay(s -> l) dt_s x_s; across chunks only the states are carried.
+
+    x: (B, L, H, P)  dt: (B, L, H)  A: (H,)  B, C: (B, L, G, N)  D, dt_bias: (H,)
+    Returns out (B, L, H, P) in x's dtype [, final_states (B, H, P, N) in the compute dtype].
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    batch, length, heads, headdim = x.shape
+    groups, n = B.shape[2:]
+    dt = _discretised_dt(dt, dt_bias, dt_softplus, dt_limit, compute)  # (B, L, H)
+    step = min(chunk_size, length)  # the chunk length changes the cost, never the result
+    pad = -length % step
+
+    def chunks(t, *inner):
+        """(B, L, ...) -> (B, c, step, *inner), zero-padded in time: a padded step has dt = 0,
+        so it neither decays the state nor adds to it."""
+        t = F.pad(t.to(compute), (0, 0) * (t.ndim - 2) + (0, pad))
+        return t.reshape(batch, -1, step, *inner)
+
+    x_dt = chunks(x * dt[..., None], groups, heads // groups, headdim)  # (B, c, l, G, R, P)
+    Bc, Cc = chunks(B, groups, n), chunks(C, groups, n)  # (B, c, l, G, N)
+    dA = chunks(dt * A.to(compute), groups, heads // groups).permute(0, 1, 3, 4, 2)  # (B, c, G, R, l)
+    dA_cum = dA.cumsum(-1)
+    # 1. within each chunk: the quadratic form
+    scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # (B, c, G, l, s)
+    y = torch.einsum("bcgls,bcgrls,bcsgrp->bclgrp", scores, _segsum(dA).exp(), x_dt)
+    # 2. the state each chunk adds, decayed to the chunk's end: (B, c, G, R, P, N)
+    added = torch.einsum("bclgn,bcgrl,bclgrp->bcgrpn", Bc, (dA_cum[..., -1:] - dA_cum).exp(), x_dt)
+    # 3. the state entering each chunk (index 0: the zero initial state), and the final one
+    chunk_decay = _segsum(F.pad(dA_cum[..., -1].permute(0, 2, 3, 1), (1, 0))).exp()  # (B, G, R, c+1, c+1)
+    carried = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, torch.cat([torch.zeros_like(added[:, :1]), added], 1))
+    # 4. the entering state's contribution to every position of its chunk
+    y = y + torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", Cc, carried[:, :-1], dA_cum.exp())
+    out = y.reshape(batch, -1, heads, headdim)[:, :length]
+    if D is not None:
+        out = out + x.to(compute) * D.to(compute)[:, None]
+    out = out.to(x.dtype)
+    return (out, carried[:, -1].reshape(batch, heads, headdim, n)) if return_final_states else out
+
+
+def chunk_scan_cuda(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False,
+                    dt_limit=NO_DT_LIMIT, return_final_states=False):
+    """mamba_ssm's Triton SSD (``mamba_chunk_scan_combined``, what its Mamba2 runs outside the fused
+    path); same arguments as :func:`chunk_scan_torch`."""
+    return _cuda_chunk_scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                            dt_limit=dt_limit, return_final_states=return_final_states)
+
+
+@_outside_autocast
+def chunk_scan_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT):
+    """One recurrent SSD step (generation). Updates ``state`` in place.
+
+    state: (B, H, P, N)  x: (B, H, P)  dt: (B, H)  A, D, dt_bias: (H,)  B, C: (B, G, N). Returns y: (B, H, P).
+    """
+    compute = state.dtype  # fp32 (fp64 in checks), whatever the activations' dtype
+    batch, heads, headdim, n = state.shape
+    dt = _discretised_dt(dt, dt_bias, dt_softplus, dt_limit, compute)
+    grouped = state.view(batch, B.shape[1], -1, headdim, n)  # (B, G, R, P, N)
+    x_dt = (x.to(compute) * dt[..., None]).view(grouped.shape[:-1])  # (B, G, R, P)
+    decay = (dt * A.to(compute)).exp().view(grouped.shape[:3])  # (B, G, R)
+    grouped.copy_(grouped * decay[..., None, None] + x_dt[..., None] * B.to(compute)[:, :, None, None])
+    y = torch.einsum("bgrpn,bgn->bgrp", grouped, C.to(compute)).reshape(batch, heads, headdim)
+    if D is not None:
+        y = y + x.to(compute) * D.to(compute)[:, None]
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Causal depthwise conv1d
 # ----------------------------------------------------------------------------------------------
 def causal_conv1d_torch(x, weight, bias=None, activation="silu"):
@@ -237,6 +343,22 @@ def causal_conv1d_cuda(x, weight, bias=None, activation="silu"):
     if _cuda_causal_conv1d is None:
         return causal_conv1d_torch(x, weight, bias, activation)
     return _cuda_causal_conv1d(x, weight, bias, activation=activation)
+
+
+def conv_state_of(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The last ``width`` conv inputs of x (B, D, L) -> (B, D, width), zero on the left when L < width:
+    the state :func:`causal_conv1d_step` continues from after a prefill."""
+    return F.pad(x, (max(width - x.shape[-1], 0), 0))[..., -width:].detach()
+
+
+def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
+    """One step of the causal conv (generation): x (B, D) enters ``conv_state`` (B, D, W), the last
+    W inputs; weight (D, W), bias (D,). Returns (out (B, D) in x's dtype, the new state)."""
+    conv_state = torch.cat([conv_state[..., 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+    out = (conv_state * weight).sum(-1)
+    if bias is not None:
+        out = out + bias
+    return (F.silu(out) if activation == "silu" else out).to(x.dtype), conv_state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,18 +398,22 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
 @dataclass(frozen=True)
 class ScanBackend:
     """A consistent set of kernels; ``name`` is recorded in every run's metrics.json.
-    ``mamba_inner``, where set, replaces a plain unidirectional mixer's conv-to-out_proj chain."""
+    ``mamba_inner``, where set, replaces a plain unidirectional Mamba-1 mixer's conv-to-out_proj
+    chain; ``chunk_scan`` is Mamba-2's scan (SSD)."""
 
     name: str
     selective_scan: Callable
     causal_conv1d: Callable
     mamba_inner: Callable | None = None
+    chunk_scan: Callable = chunk_scan_torch
 
 
 TORCH_BACKEND = ScanBackend("torch", selective_scan_torch, causal_conv1d_torch)
-# mamba_inner_fn runs its conv through causal-conv1d's kernels: without them, the unfused chain
+# mamba_inner_fn runs its conv through causal-conv1d's kernels: without them, the unfused chain;
+# mamba-ssm 1.x has no SSD kernel: Mamba-2 mixers then scan in PyTorch
 CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda,
-                           mamba_inner_cuda if _cuda_mamba_inner and _cuda_causal_conv1d else None)
+                           mamba_inner_cuda if _cuda_mamba_inner and _cuda_causal_conv1d else None,
+                           chunk_scan_cuda if _cuda_chunk_scan is not None else chunk_scan_torch)
 
 
 def cuda_kernels_available() -> bool:
@@ -296,8 +422,8 @@ def cuda_kernels_available() -> bool:
 
 def installed_kernels() -> dict[str, bool | str]:
     """Which optional CUDA kernel packages imported (whether or not a GPU is present), and why not."""
-    return {"mamba_ssm": _cuda_selective_scan is not None, "causal_conv1d": _cuda_causal_conv1d is not None,
-            "errors": dict(_IMPORT_ERRORS)}
+    return {"mamba_ssm": _cuda_selective_scan is not None, "mamba_ssm_ssd": _cuda_chunk_scan is not None,
+            "causal_conv1d": _cuda_causal_conv1d is not None, "errors": dict(_IMPORT_ERRORS)}
 
 
 def resolve_backend(device: torch.device | str, requested: str | None = "auto") -> ScanBackend:

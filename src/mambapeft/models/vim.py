@@ -3,7 +3,7 @@ as instantiated by MambaPEFT: rms_norm, residual_in_fp32, fused_add_norm=False, 
 use_middle_cls_token, absolute position embedding)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -40,9 +40,6 @@ class VimVariant:
     config: dict
     backbone_params: int | None = None  # without the classification head
     checkpoint: str | None = None  # file name of the official weights (hustvl/Vim releases)
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    extra: dict = field(default_factory=dict)
 
 
 VIM_VARIANTS: dict[str, VimVariant] = {

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .registry import ParamGroup, SpecBase, register
+from .registry import ORDER_WRAPPERS, ParamGroup, SpecBase, register
 from .targets import find_modules, replace_module
 
 ACTIVATIONS = {"relu": nn.ReLU, "identity": nn.Identity}
@@ -50,11 +50,11 @@ class ParallelAdapter(nn.Module):
         return self.base(y) + self.scale * self.adapter_up(self.dropout(self.act(self.adapter_down(y))))
 
 
-@register("parallel_adapter", spec=ParallelAdapterSpec)
+@register("parallel_adapter", spec=ParallelAdapterSpec, order=ORDER_WRAPPERS + 10)
 def apply(model: nn.Module, spec: ParallelAdapterSpec) -> list[ParamGroup]:
     params = []
     for path, base in find_modules(model, list(spec.targets), spec.layers, kinds=(nn.Linear,)).items():
         wrapper = ParallelAdapter(base, spec)
         replace_module(model, path, wrapper)
         params += [wrapper.adapter_down.weight, wrapper.adapter_up.weight]
-    return [ParamGroup("parallel_adapter", params, spec.lr_mult, spec.weight_decay_mult)]
+    return [spec.group("parallel_adapter", params)]

@@ -28,7 +28,13 @@ def parse_members(members: list[dict], method: str):
     """(family, spec) pairs from a method's YAML members; errors name the method and member."""
     if not isinstance(members, list):
         raise PeftConfigError(f"method {method!r}: `peft` must be a list of members, got {type(members).__name__}")
-    return [build_spec(m, f"method {method!r}, member {i} ({m.get('family', '?')})") for i, m in enumerate(members)]
+    return [build_spec(m, f"method {method!r}, member {i} ({_member_label(m)})") for i, m in enumerate(members)]
+
+
+def _member_label(member) -> str:
+    if not isinstance(member, dict):
+        raise PeftConfigError(f"a PEFT member must be a mapping {{family: ..., <fields>}}, got {member!r}")
+    return member.get("name") or member.get("family", "?")
 
 
 def apply_peft(model: nn.Module, members: list[dict], method: str = "method") -> PeftResult:
@@ -37,12 +43,12 @@ def apply_peft(model: nn.Module, members: list[dict], method: str = "method") ->
     The classification head (``model.classifier_names()``) always trains. Two members that claim
     the same parameter are an error. The result lists exactly the parameters that require grad.
     """
-    specs = sorted(parse_members(members, method), key=lambda fs: APPLY_ORDER.index(fs[0].name))
+    specs = sorted(parse_members(members, method), key=lambda fs: fs[0].order)  # stable: YAML order within a stage
     for p in model.parameters():
         p.requires_grad_(False)
     groups = []
     for family, spec in specs:
-        groups.extend(family.apply(model, spec))
+        groups.extend(_named_after_member(family.apply(model, spec), spec.name))
     groups.extend(ParamGroup("head", list(model.get_submodule(n).parameters())) for n in model.classifier_names())
     result = PeftResult(_name_groups(model, groups, method))
     for p in result.trainable.values():
@@ -50,10 +56,13 @@ def apply_peft(model: nn.Module, members: list[dict], method: str = "method") ->
     return result
 
 
-# Families that address existing tensors by name run before the ones that wrap modules (which
-# change the tensors' paths), so a method's members compose in any order.
-APPLY_ORDER = ("full", "partial", "lora", "parallel_adapter", "ia3", "additional_scan", "affix",
-               "prompt", "input_tokens")
+def _named_after_member(groups: list[ParamGroup], member: str | None) -> list[ParamGroup]:
+    """A named member's groups carry its name (``lora_x``, or ``lora_x.<group>`` when it has
+    several), so metrics.json and conflict messages tell two members of one family apart."""
+    if member is not None:
+        for g in groups:
+            g.name = member if len(groups) == 1 else f"{member}.{g.name}"
+    return groups
 
 
 def _name_groups(model: nn.Module, groups: list[ParamGroup], method: str) -> list[ParamGroup]:

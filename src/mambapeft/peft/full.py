@@ -1,23 +1,25 @@
-"""Full fine-tuning: every backbone parameter trains (``scratch`` is the same on random weights)."""
+"""Full fine-tuning: every backbone parameter trains (``scratch`` is the same on random weights);
+with ``layers``, only those blocks' parameters."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .registry import ParamGroup, register
+from .registry import ORDER_TENSORS, ParamGroup, PeftConfigError, SpecBase, register
+from .targets import layer_of
 
 
 @dataclass(frozen=True)
-class FullSpec:
-    lr_mult: float = 1.0
-    """Learning-rate multiplier."""
-    weight_decay_mult: float | None = None
-    """Weight-decay multiplier (None: the trainer's default rule per tensor)."""
+class FullSpec(SpecBase):
+    """No fields of its own: ``layers``, ``lr_mult`` and ``weight_decay_mult`` are the base's."""
 
 
-@register("full", spec=FullSpec)
+@register("full", spec=FullSpec, order=ORDER_TENSORS)
 def apply(model: nn.Module, spec: FullSpec) -> list[ParamGroup]:
     classifier = tuple(f"{name}." for name in model.classifier_names())
-    params = [p for n, p in model.named_parameters() if not n.startswith(classifier)]
-    return [ParamGroup("full", params, spec.lr_mult, spec.weight_decay_mult)]
+    params = [p for n, p in model.named_parameters() if not n.startswith(classifier)
+              and (spec.layers is None or layer_of(n) in spec.layers)]
+    if not params:
+        raise PeftConfigError(f"full: no backbone parameter in layers {list(spec.layers)}")
+    return [spec.group("full", params)]

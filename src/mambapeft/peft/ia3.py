@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .registry import ParamGroup, SpecBase, register
+from .registry import ORDER_WRAPPERS, ParamGroup, SpecBase, register
 from .targets import find_modules, replace_module
 
 SIDES = ("output", "input")
@@ -47,11 +47,11 @@ class IA3Linear(nn.Module):
         return out * self.ia3_scale.to(out.dtype)
 
 
-@register("ia3", spec=IA3Spec)
+@register("ia3", spec=IA3Spec, order=ORDER_WRAPPERS + 20)
 def apply(model: nn.Module, spec: IA3Spec) -> list[ParamGroup]:
     params = []
     for path, base in find_modules(model, list(spec.targets), spec.layers, kinds=(nn.Linear,)).items():
         wrapper = IA3Linear(base, spec.side)
         replace_module(model, path, wrapper)
         params.append(wrapper.ia3_scale)
-    return [ParamGroup("ia3", params, spec.lr_mult, spec.weight_decay_mult)]
+    return [spec.group("ia3", params)]

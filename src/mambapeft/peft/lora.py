@@ -4,19 +4,24 @@ Two application styles, as in MambaPEFT:
   * ``activation``: ``base(x) + s * up(dropout(down(x)))`` (in_proj, X/Z halves, out_proj, embed);
   * ``merged``: ``x @ (W + s * up.weight @ down.weight)^T``, no dropout (x_proj, its dt/B/C rows,
     dt_proj; SLL LoRA's out_proj/x_proj).
-``part`` restricts the update to a named block of output rows of a mixer projection (the X or Z
-half of in_proj; the dt, B or C rows of x_proj), which is how LoRA_p(X), LoRA_p(B)... are defined.
+``part`` restricts the update to a named block of output rows of a mixer projection (Mamba-1: the X
+or Z half of in_proj, the dt, B or C rows of x_proj; Mamba-2: the z, x, B, C or dt rows of in_proj),
+which is how LoRA_p(X), LoRA_p(B)... are defined; :data:`ROW_BLOCKS` holds the layouts.
 ``dora`` re-normalises the updated weight per input column (DoRA), with a trainable magnitude.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import ParamGroup, PeftConfigError, SpecBase, register
+from ..models.mamba import BACKWARD, FORWARD, Mamba, Mixer
+from ..models.mamba2 import Mamba2
+from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
 from .targets import find_modules, owning_mixer, replace_module
 
 STYLES = ("activation", "merged")
@@ -35,7 +40,7 @@ class LoraSpec(SpecBase):
     style: str = "activation"
     """``activation`` or ``merged`` (see module docstring)."""
     part: str | None = None
-    """Named block of output rows of a mixer projection: in_proj: x|z; x_proj(_b): dt|B|C."""
+    """Named row block of a mixer projection: Mamba-1 in_proj x|z, x_proj(_b) dt|B|C; Mamba-2 in_proj z|x|B|C|dt."""
     dora: bool = False
     """Weight-decomposed LoRA: trainable per-column magnitude of the updated weight."""
     embedding_init_std: float = 1.0
@@ -130,6 +135,11 @@ class LoraLinear(nn.Module):
     def bias(self):
         return self.base.bias
 
+    def folds_weight_of(self) -> list[nn.Linear]:
+        """The base Linear when an update is folded into its weight (read directly, not called):
+        its frozen weight must then stay fp32 (models/precision.py), so ``W + delta`` rounds once."""
+        return [self.base] if any(u.acts_on_weight for u in self.updates.values()) else []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
         folded = [u for u in self.updates.values() if u.acts_on_weight]
@@ -178,10 +188,36 @@ class LoraEmbedding(nn.Module):
         return self.base(ids) + self.scale * F.embedding(ids, self.lora_down) @ self.lora_up
 
 
+def _mamba1_x_proj(m: Mamba) -> dict[str, int]:
+    return {"dt": m.dt_rank, "B": m.d_state, "C": m.d_state}
+
+
+# The named row blocks of a mixer projection's output, in order, with their sizes:
+# {mixer type: {projection: sizes(mixer)}}. The single place that knows the layouts LoRA_p adapts.
+ROW_BLOCKS: dict[type[Mixer], dict[str, Callable[[Mixer], dict[str, int]]]] = {
+    Mamba: {"in_proj": lambda m: {"x": m.d_inner, "z": m.d_inner},
+            FORWARD.x_proj: _mamba1_x_proj, BACKWARD.x_proj: _mamba1_x_proj},
+    Mamba2: {"in_proj": lambda m: {"z": m.d_inner, "x": m.d_inner, "B": m.ngroups * m.d_state,
+                                   "C": m.ngroups * m.d_state, "dt": m.nheads}},
+}
+
+
+def row_blocks(mixer: Mixer, projection: str) -> dict[str, tuple[int, int]]:
+    """Named row blocks [start, stop) of ``mixer``'s ``projection`` output; {} where it has none."""
+    # by class hierarchy: a parametrised mixer (partial tuning) is a subclass torch creates
+    layouts = next((ROW_BLOCKS[kind] for kind in type(mixer).__mro__ if kind in ROW_BLOCKS), {})
+    sizes = layouts.get(projection)
+    if sizes is None:
+        return {}
+    named = sizes(mixer)
+    bounds = list(accumulate(named.values(), initial=0))
+    return {name: (start, stop) for name, start, stop in zip(named, bounds, bounds[1:])}
+
+
 def _rows_for(model: nn.Module, path: str, base: nn.Linear, part: str | None) -> tuple[int, int]:
     if part is None:
         return 0, base.out_features
-    parts = owning_mixer(model, path).output_parts(path.rpartition(".")[2])
+    parts = row_blocks(owning_mixer(model, path), path.rpartition(".")[2])
     if part not in parts:
         raise PeftConfigError(f"lora part {part!r} is not defined for {path}; valid parts: {sorted(parts)}")
     return parts[part]
@@ -206,14 +242,14 @@ def _adapt_other(model: nn.Module, path: str, target: nn.Module, spec: LoraSpec)
     return [p for n, p in wrapper.named_parameters() if not n.startswith("base.")]
 
 
-@register("lora", spec=LoraSpec)
+@register("lora", spec=LoraSpec, order=ORDER_WRAPPERS)
 def apply(model: nn.Module, spec: LoraSpec) -> list[ParamGroup]:
     kinds = (nn.Linear, LoraLinear, nn.Conv2d, nn.Embedding)
     params = []
     for path, target in find_modules(model, list(spec.targets), spec.layers, kinds=kinds).items():
         adapt = _adapt_linear if isinstance(target, (nn.Linear, LoraLinear)) else _adapt_other
         params += adapt(model, path, target, spec)
-    return [ParamGroup("lora", params, spec.lr_mult, spec.weight_decay_mult)]
+    return [spec.group("lora", params)]
 
 
 def merge_lora(model: nn.Module) -> None:

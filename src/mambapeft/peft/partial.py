@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .registry import ParamGroup, SpecBase, register
+from .registry import ORDER_TENSORS, ParamGroup, SpecBase, register
 from .targets import find_parameters, parent_and_attr
 
 MODES = ("delta", "direct")
@@ -47,7 +47,7 @@ class AddDelta(nn.Module):
         return original + self.delta.to(original.dtype)
 
 
-@register("partial", spec=PartialSpec)
+@register("partial", spec=PartialSpec, order=ORDER_TENSORS + 10)
 def apply(model: nn.Module, spec: PartialSpec) -> list[ParamGroup]:
     params = []
     for path in find_parameters(model, list(spec.targets), spec.layers):
@@ -58,4 +58,4 @@ def apply(model: nn.Module, spec: PartialSpec) -> list[ParamGroup]:
         delta = AddDelta(getattr(owner, attr))
         parametrize.register_parametrization(owner, attr, delta)
         params.append(delta.delta)
-    return [ParamGroup("partial", params, spec.lr_mult, spec.weight_decay_mult)]
+    return [spec.group("partial", params)]

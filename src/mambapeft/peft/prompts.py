@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from ..models.lm import MixerModel
-from ..models.mamba import Mamba
 from ..models.vim import VisionMamba
-from .registry import ParamGroup, PeftConfigError, register
+from .registry import ORDER_INPUTS, ORDER_MIXER, ParamGroup, PeftConfigError, SpecBase, register
+from .targets import mamba1_mixers
 
 PLACEMENTS = ("prefix", "suffix", "prefix_suffix")
 
@@ -35,8 +35,9 @@ def _check_tokens(n_tokens: int, hidden: int | None):
         raise ValueError(f"`hidden` must be >= 1, got {hidden}")
 
 
-def _group(name: str, module: nn.Module, lr_mult: float, wd_mult) -> list[ParamGroup]:
-    return [ParamGroup(name, list(module.parameters()), lr_mult, wd_mult)]
+def _before_the_blocks(spec: SpecBase, family: str) -> None:
+    if spec.layers is not None:
+        raise ValueError(f"{family} tokens enter the input sequence before the first block; `layers` does not apply")
 
 
 class TokenEncoder(nn.Module):
@@ -66,7 +67,7 @@ class TokenEncoder(nn.Module):
 # affix
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class AffixSpec:
+class AffixSpec(SpecBase):
     n_tokens: int = 1
     """Tokens per layer and scan direction (the original's ``num_virtual_tokens``)."""
     projection: bool = False
@@ -75,12 +76,9 @@ class AffixSpec:
     """Hidden width of the projection MLP (default: the token width, 2*d_inner)."""
     per_direction: bool = True
     """Separate tokens for each scan direction of a bidirectional (Vim) mixer."""
-    lr_mult: float = 1.0
-    """Learning-rate multiplier."""
-    weight_decay_mult: float | None = None
-    """Weight-decay multiplier (None: trainer default)."""
 
     def __post_init__(self):
+        super().__post_init__()
         _check_tokens(self.n_tokens, self.hidden)
 
 
@@ -114,11 +112,12 @@ class AffixView(nn.Module):
         return self._source[0].tokens()[:, self.layer, self.direction]
 
 
-@register("affix", spec=AffixSpec)
+@register("affix", spec=AffixSpec, order=ORDER_MIXER + 10, identity_at_init=False)
 def apply_affix(model: nn.Module, spec: AffixSpec) -> list[ParamGroup]:
-    mixers = [m for m in model.modules() if isinstance(m, Mamba)]
-    if not mixers:
-        raise PeftConfigError("affix needs a model with Mamba mixers")
+    all_mixers = mamba1_mixers(model, "affix")
+    mixers = [m for i, m in enumerate(all_mixers) if spec.layers is None or i in spec.layers]
+    if not mixers:  # only `layers` can leave none
+        raise PeftConfigError(f"affix `layers` {list(spec.layers)} select none of the model's {len(all_mixers)} mixers")
     n_dirs = len(mixers[0].directions) if spec.per_direction else 1
     source = AffixTokens(spec, len(mixers), n_dirs, 2 * mixers[0].d_inner, device=next(mixers[0].parameters()).device)
     model.affix_tokens = source
@@ -127,14 +126,14 @@ def apply_affix(model: nn.Module, spec: AffixSpec) -> list[ParamGroup]:
     for layer, mixer in enumerate(mixers):
         for k, direction in enumerate(mixer.directions):
             mixer.affixes[direction.key] = AffixView(source, layer, k if spec.per_direction else 0)
-    return _group("affix", source, spec.lr_mult, spec.weight_decay_mult)
+    return [spec.group("affix", list(source.parameters()))]
 
 
 # ------------------------------------------------------------------------------------------------
 # prompt (vision)
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class PromptSpec:
+class PromptSpec(SpecBase):
     n_tokens: int = 2
     """Number of prompt tokens."""
     placement: str = "prefix"
@@ -143,12 +142,10 @@ class PromptSpec:
     """Generate the tokens with an MLP (Embedding -> Linear -> Tanh -> Linear)."""
     hidden: int | None = None
     """Hidden width of the projection (default: embed dim)."""
-    lr_mult: float = 1.0
-    """Learning-rate multiplier."""
-    weight_decay_mult: float | None = None
-    """Weight-decay multiplier (None: trainer default)."""
 
     def __post_init__(self):
+        super().__post_init__()
+        _before_the_blocks(self, "prompt")
         _check_tokens(self.n_tokens, self.hidden)
         if self.placement not in PLACEMENTS:
             raise ValueError(f"prompt `placement` must be one of {PLACEMENTS}, got {self.placement!r}")
@@ -172,29 +169,27 @@ class PromptTokens(TokenEncoder):
         return torch.cat([front, x, back], dim=1), cls_index + front.shape[1]
 
 
-@register("prompt", spec=PromptSpec)
+@register("prompt", spec=PromptSpec, order=ORDER_INPUTS, identity_at_init=False)
 def apply_prompt(model: nn.Module, spec: PromptSpec) -> list[ParamGroup]:
     if not isinstance(model, VisionMamba):
         raise PeftConfigError("prompt tokens are defined for Vim; for language models use `input_tokens`")
     model.prompt = PromptTokens(spec, model.config.embed_dim, device=model.cls_token.device)
-    return _group("prompt", model.prompt, spec.lr_mult, spec.weight_decay_mult)
+    return [spec.group("prompt", list(model.prompt.parameters()))]
 
 
 # ------------------------------------------------------------------------------------------------
 # input tokens (language prefix / periodic)
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class InputTokensSpec:
+class InputTokensSpec(SpecBase):
     n_tokens: int = 10
     """Number of learnable tokens per insertion."""
     period: int | None = None
     """Re-insert the same tokens before every ``period`` real tokens (None: prefix only)."""
-    lr_mult: float = 1.0
-    """Learning-rate multiplier."""
-    weight_decay_mult: float | None = None
-    """Weight-decay multiplier (None: trainer default)."""
 
     def __post_init__(self):
+        super().__post_init__()
+        _before_the_blocks(self, "input_tokens")
         _check_tokens(self.n_tokens, None)
         if self.period is not None and self.period < 1:
             raise ValueError(f"input_tokens `period` must be >= 1, got {self.period}")
@@ -238,10 +233,10 @@ class InputTokens(nn.Module):
         return out, real_pos
 
 
-@register("input_tokens", spec=InputTokensSpec)
+@register("input_tokens", spec=InputTokensSpec, order=ORDER_INPUTS + 10, identity_at_init=False)
 def apply_input_tokens(model: nn.Module, spec: InputTokensSpec) -> list[ParamGroup]:
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, MixerModel):
         raise PeftConfigError("input_tokens (prefix/periodic) are defined for Mamba language models")
     backbone.input_tokens = InputTokens(spec, backbone.embedding)
-    return _group("input_tokens", backbone.input_tokens, spec.lr_mult, spec.weight_decay_mult)
+    return [spec.group("input_tokens", list(backbone.input_tokens.parameters()))]

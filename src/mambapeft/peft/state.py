@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from ..io import atomic_path
+from ..io import write_bytes_atomic
 from .core import PeftResult
 
 SPEC_KEY = "mambapeft.method"
@@ -25,9 +24,10 @@ def adapter_state_dict(result: PeftResult) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(path: str | Path, result: PeftResult, method: dict) -> None:
-    """Write atomically: a killed job never leaves a half-written adapter under the final name."""
-    with atomic_path(path) as temporary:
-        save_file(adapter_state_dict(result), str(temporary), metadata={SPEC_KEY: json.dumps(method, sort_keys=True)})
+    """Write atomically: a killed job never leaves a half-written adapter under the final name. The
+    bytes are made in memory and written from Python, so a full disk is reported as such."""
+    data = save(adapter_state_dict(result), metadata={SPEC_KEY: json.dumps(method, sort_keys=True)})
+    write_bytes_atomic(path, data)
 
 
 def read_adapter_method(path: str | Path) -> dict:
@@ -38,7 +38,7 @@ def read_adapter_method(path: str | Path) -> dict:
     return json.loads(meta[SPEC_KEY])
 
 
-def load_adapter(model: nn.Module, result: PeftResult, path: str | Path) -> None:
+def load_adapter(result: PeftResult, path: str | Path) -> None:
     """Copy the adapter's tensors into ``result``'s parameters; the key sets must match exactly."""
     try:
         tensors = load_file(str(path))

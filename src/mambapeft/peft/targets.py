@@ -12,6 +12,7 @@ from typing import Iterable
 
 import torch.nn as nn
 
+from ..models.mamba import Mamba, Mixer
 from .registry import PeftConfigError
 
 
@@ -21,7 +22,8 @@ def matches(path: str, pattern: str) -> bool:
     return path == pattern or path.endswith("." + pattern)
 
 
-def _layer_of(path: str) -> int | None:
+def layer_of(path: str) -> int | None:
+    """The block index in a path (``layers.3.mixer.in_proj`` -> 3), or None outside the blocks."""
     found = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
     return int(found.group(1)) if found else None
 
@@ -29,7 +31,7 @@ def _layer_of(path: str) -> int | None:
 def _select(paths: Iterable[str], patterns: list[str], layers: list[int] | None, what: str) -> list[str]:
     paths = list(paths)
     chosen = [p for p in paths if any(matches(p, pat) for pat in patterns)
-              and (layers is None or _layer_of(p) in layers)]
+              and (layers is None or layer_of(p) in layers)]
     if not chosen:
         nearest = difflib.get_close_matches(patterns[0].removeprefix("re:"), paths, n=5, cutoff=0.3)
         raise PeftConfigError(f"No {what} matches targets {patterns}"
@@ -65,13 +67,24 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def owning_mixer(model: nn.Module, path: str) -> nn.Module:
-    """The nearest ancestor of ``path`` that is a Mamba mixer (it knows d_inner, dt_rank, ...)."""
-    from ..models.mamba import Mamba
-
+def owning_mixer(model: nn.Module, path: str) -> Mixer:
+    """The nearest ancestor of ``path`` that is a mixer (it knows d_inner, d_state, ...)."""
     parts = path.split(".")
     for cut in range(len(parts) - 1, -1, -1):
         module = model.get_submodule(".".join(parts[:cut])) if cut else model
-        if isinstance(module, Mamba):
+        if isinstance(module, Mixer):
             return module
     raise PeftConfigError(f"{path} is not inside a Mamba mixer")
+
+
+def mamba1_mixers(model: nn.Module, family: str) -> list[Mamba]:
+    """Every mixer of ``model``, for a family built on Mamba-1 internals (its scan directions, the
+    xz token space, a (D_inner, N) A): none, or another architecture's, is a PeftConfigError."""
+    mixers = [m for m in model.modules() if isinstance(m, Mixer)]
+    if not mixers:
+        raise PeftConfigError(f"{family} needs a model with Mamba mixers")
+    others = sorted({m.label for m in mixers if not isinstance(m, Mamba)})
+    if others:
+        raise PeftConfigError(f"{family} is defined for Mamba-1 mixers; this model's are {', '.join(others)}: "
+                              f"choose a method without {family} (e.g. lora, ia3, partial, input_tokens)")
+    return mixers

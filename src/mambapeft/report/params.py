@@ -8,35 +8,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import torch
 
+from ..build import build_on_meta, method_spec
 from ..io import write_text_atomic
-from ..models import build_model, family_of
-from ..peft import apply_peft
-from ..runspec import domain_file, method_definition
+from ..runspec import domain_file
 from .markdown import frame_to_markdown
 
 DEFAULT_NUM_CLASSES = 100  # CIFAR-100's head; the paper's table folds an average head into its counts
 
 
-def domain_of(backbone: str) -> str:
-    return "vision" if family_of(backbone) == "vim" else "language"
-
-
 def count_params(backbone: str, method: str, num_classes: int | None = None) -> dict:
     """{"backbone", "method", "trainable", "head", "total", "trainable_pct"}; ``trainable`` is the
     PEFT parameters (added or unfrozen backbone tensors) without the classification head."""
-    domain = domain_of(backbone)
-    definition = method_definition(domain, method, backbone, None)
-    with torch.device("meta"):
-        model = (build_model(backbone, num_classes=num_classes or DEFAULT_NUM_CLASSES) if domain == "vision"
-                 else build_model(backbone))
-        result = apply_peft(model, definition["peft"], method)
-    trainable = result.count()
-    total = sum(p.numel() for p in model.parameters())
-    return {"backbone": backbone, "method": method, "trainable": trainable,
-            "head": result.count(exclude=()) - trainable, "total": total,
-            "trainable_pct": round(100.0 * trainable / total, 4)}
+    counts = build_on_meta(method_spec(backbone, method, num_classes=num_classes or DEFAULT_NUM_CLASSES)).counts()
+    return {"backbone": backbone, "method": method, **counts, "trainable_pct": round(counts["trainable_pct"], 4)}
 
 
 def _paper_entry(domain: str, backbone: str, method: str) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..io import write_text_atomic
+from ..io import record_checksum_mismatch, write_text_atomic
 from ..runspec import domain_file
 from .markdown import frame_to_markdown
 
@@ -25,13 +25,86 @@ class ResultsError(ValueError):
 
 
 def read_record(path: str | Path) -> dict:
+    """A run record that may reach a table, or ResultsError naming the file, the key and the fix."""
     try:
         record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not even UTF-8 (a damaged byte)
         raise ResultsError(f"{path}: cannot read run record ({err}); delete it and re-run that run") from err
-    if record.get("status") not in ("ok", "diverged") or "config" not in record:
-        raise ResultsError(f"{path}: not a complete run record (status {record.get('status')!r})")
+    problem = record_problem(record)
+    if problem:
+        raise ResultsError(f"{path}: {problem}; delete it and re-run that run's evaluation")
     return record
+
+
+def record_problem(record) -> str | None:
+    """Why a run record must not reach a table (None if it may): not complete, not what evaluation
+    wrote (record_sha256), or a key of the run contract that the table uses missing, of the wrong
+    type or out of range."""
+    if not isinstance(record, dict) or record.get("status") not in ("ok", "diverged"):
+        status = record.get("status") if isinstance(record, dict) else None
+        return f"not a complete run record (status {status!r})"
+    if record_checksum_mismatch(record):
+        return "its contents differ from what evaluation wrote (record_sha256)"
+    if record["status"] == "diverged":
+        return _first_field_problem(record, EVERY_RECORD)
+    return _first_field_problem(record, EVERY_RECORD + COMPLETED_RECORD) or _scores_problem(record)
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_percent(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0.0 <= value <= 100.0)
+
+
+# (dotted key, test, what it must be): what the table reads of every record, then of completed ones
+EVERY_RECORD = (
+    ("config.domain", lambda v: v in ("vision", "language"), "'vision' or 'language'"),
+    ("config.run.backbone", _is_text, "a backbone id"),
+    ("config.run.task", _is_text, "a task id"),
+    ("config.run.method", _is_text, "a method id"),
+    ("config.run.seed", _is_count, "an integer >= 0"),
+    ("config.method.label", _is_text, "a method label"),
+)
+COMPLETED_RECORD = (
+    ("metric", _is_text, "a metric name"),
+    ("value", _is_percent, "a percentage in [0, 100]"),
+    ("trainable_params", _is_count, "an integer >= 0"),
+    ("total_params", lambda v: _is_count(v) and v > 0, "an integer > 0"),
+    ("results", lambda v: isinstance(v, dict) and len(v) > 0 and all(isinstance(r, dict) for r in v.values()),
+     "a mapping of evaluation task to scores"),
+)
+_MISSING = object()
+
+
+def _first_field_problem(record: dict, checks) -> str | None:
+    for key, test, expected in checks:
+        value = record
+        for part in key.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            return f"{key} is missing"
+        if not test(value):
+            return f"{key} is {value!r}, expected {expected}"
+    return None
+
+
+def _scores_problem(record: dict) -> str | None:
+    """Each evaluation task's reported score (the one the table shows) is a percentage, and the
+    trainable parameters are part of the model."""
+    for task, scores in record["results"].items():
+        key = scores.get("report", record["metric"])
+        if not _is_percent(scores.get(key)):
+            return f"results.{task}.{key} is {scores.get(key)!r}, expected a percentage in [0, 100]"
+    if record["trainable_params"] > record["total_params"]:
+        return f"trainable_params {record['trainable_params']} exceeds total_params {record['total_params']}"
+    return None
 
 
 def task_scores(record: dict) -> dict[str, float]:

@@ -1,5 +1,5 @@
-"""Instruction fine-tuning of a Mamba LM (LLM-Adapters format) and its evaluations: zero-shot
-multiple choice (commonsense) or greedy generation with answer extraction (math)."""
+"""Instruction fine-tuning of a Mamba LM on an LLM-Adapters-format training file (commonsense_170k,
+math_10k or a mini stand-in). Its evaluations are ``eval/language.py``."""
 from __future__ import annotations
 
 import contextlib
@@ -13,11 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..data.instruct import read_instruct_json, split_train_val, tokenize_example
-from ..data.language_tasks import language_task, math_eval_file
 from ..data.tokenizer import load_tokenizer
-from ..eval.generate import evaluate_math_task
-from ..io import write_text_atomic
-from ..models.checkpoints import build_lm_from_dir, read_lm_config
 from ..models.lm import MambaLMHeadModel
 from .graphs import capture
 from .seeding import epoch_permutation
@@ -94,12 +90,12 @@ def _loss_sum_in_graph(model, ids, targets):
 
 
 class LanguageTask:
-    """One training set (commonsense_170k, math_10k or a mini stand-in) and its evaluation tasks."""
+    """One training set (commonsense_170k, math_10k or a mini stand-in) for one run."""
 
     def __init__(self, spec: dict, device: torch.device):
         self.spec, self.device, self.recipe = spec, device, spec["train"]
         data = spec["data"]
-        self.kind, self.root = data["kind"], Path(data["root"])
+        self.root = Path(data["root"])
         backbone = spec["backbone"]
         self.tokenizer = load_tokenizer(backbone.get("tokenizer") or backbone["path"])
         records = read_instruct_json(self.root / f"{data['task']}.json")
@@ -111,14 +107,21 @@ class LanguageTask:
         self.n_train = len(self.train)
         self.iters_per_epoch = math.ceil(self.n_train / self.batch_size)
         self.total_steps = int(self.recipe["epochs"]) * self.iters_per_epoch
-        self.metric = "acc"
+        self.checkpoint_every = int(self.recipe.get("checkpoint_every", 1))  # optimizer steps
         self.graphed: GraphedLoss | None = None
 
-    def build_model(self) -> nn.Module:
-        path = self.spec["backbone"]["path"]
-        if self.spec["method"]["init"] == "pretrained":
-            return build_lm_from_dir(path)
-        return MambaLMHeadModel(read_lm_config(path))
+    @staticmethod
+    def count_examples(spec: dict) -> tuple[int | None, str]:
+        """(training records, where the number comes from), without tokenizing them (dry runs)."""
+        data, val = spec["data"], int(spec["train"]["val_size"])
+        path = Path(data["root"]) / f"{data['task']}.json"
+        if path.is_file():
+            return len(json.loads(path.read_text())) - val, str(path)
+        if data["source"] == "mini":
+            return int(data["n_train"]) - val, "config (mini data not written yet)"
+        if data.get("nominal_train_records"):
+            return int(data["nominal_train_records"]) - val, "nominal size of the training file (data not present)"
+        return None, "unknown until the training file is present"
 
     def use_cuda_graph(self, model: nn.Module) -> None:
         """Replay full micro-batches' forward and backward as CUDA graphs from now on, one per
@@ -160,38 +163,3 @@ class LanguageTask:
         if not self.val:
             return None
         return self._loss_over(model, self.val, autocast, backward=False)
-
-    @torch.no_grad()
-    def evaluate(self, model, autocast, run_dir: Path) -> dict:
-        """Commonsense: lm-evaluation-harness over the local task files, with this model wrapped
-        as lm-eval's ``mambapeft`` model; math: greedy generation and answer extraction."""
-        if self.kind == "commonsense":
-            results, rows = self._evaluate_choice(model, autocast)
-        else:
-            results, rows = self._evaluate_math(model, autocast)
-        # one line per scored example, so a reader can inspect the failures
-        write_text_atomic(run_dir / ("lm_eval_samples.jsonl" if self.kind == "commonsense" else "generations.jsonl"),
-                          "".join(json.dumps(r) + "\n" for r in rows))
-        headline = sum(r[r["report"]] for r in results.values()) / len(results)
-        return {"metric": "acc", "value": headline, "n_eval": sum(r["n"] for r in results.values()),
-                "results": results}
-
-    def _evaluate_choice(self, model, autocast) -> tuple[dict, list[dict]]:
-        from ..eval.lm_eval_model import MambaPeftLM
-        from ..eval.lm_eval_tasks import evaluate_choice_tasks
-
-        lm = MambaPeftLM.wrap(model, self.tokenizer, device=self.device, autocast=autocast,
-                              batch_size=int(self.recipe["eval"]["batch_size"]))
-        return evaluate_choice_tasks(lm, list(self.spec["data"]["eval_tasks"]), self.root)
-
-    def _evaluate_math(self, model, autocast) -> tuple[dict, list[dict]]:
-        results, rows = {}, []
-        for name in self.spec["data"]["eval_tasks"]:
-            info = language_task("math", name)
-            records = read_instruct_json(math_eval_file(self.root, info))
-            scores, task_rows = evaluate_math_task(
-                model, self.tokenizer, records, info["answer"], max_new_tokens=int(self.recipe["eval"]["max_new_tokens"]),
-                device=self.device, autocast=autocast, batch_size=int(self.recipe["eval"]["batch_size"]))
-            results[name] = {**scores, "report": "acc"}
-            rows += [{"task": name, **r} for r in task_rows]
-        return results, rows

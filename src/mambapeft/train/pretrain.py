@@ -1,13 +1,18 @@
-"""Upstream pretraining of the mini backbones (offline stand-ins for the published weights).
+"""Upstream pretraining of the mini backbones (offline stand-ins for the published weights), and of
+the length study's base models (trained from scratch on the synthetic recall tasks, as the study's).
 
 The mini Vim learns an upstream image-classification task (shape kind x colour, generated on the
 fly) and is written as an official Vim ``.pth``; the mini Mamba LM learns next-token prediction
 on a synthetic English corpus with a byte-level BPE tokenizer trained on it, and is written in the
-``state-spaces/mamba-*`` layout. Fine-tuning then loads them through the same code as real weights.
+``state-spaces/mamba-*`` layout. A ``pretrain.kind: synthetic`` LM learns the recall tasks of
+``data/synthetic.py`` at short lengths (the answer at the query position, as fine-tuning does).
+Fine-tuning then loads them through the same code as real weights.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -17,12 +22,15 @@ import torch.nn.functional as F
 
 from ..data.mini_text import pretrain_corpus
 from ..data.mini_vision import upstream_images
+from ..data.synthetic import MIN_LENGTH, VOCAB_SIZE, sample, seeded_rng, uniform_lengths
 from ..data.tokenizer import build_tokenizer, load_tokenizer
 from ..data.vtab import IMAGENET_MEAN, IMAGENET_STD
 from ..io import sha256_file, write_json_atomic
 from ..models import build_model, family_of
 from ..models.checkpoints import save_lm, save_vim
-from .seeding import seed_everything
+from ..runspec import ConfigError
+from .seeding import epoch_permutation, seed_everything
+from .synthetic import pad_right, query_logits, query_loss
 
 log = logging.getLogger("mambapeft.pretrain")
 
@@ -123,17 +131,68 @@ def pretrain_lm(backbone: str, directory: Path, cfg: dict) -> dict:
             "heldout_loss": heldout, "final_loss": float(np.mean(losses[-20:]))}
 
 
+def _recall_sets(cfg: dict, purpose: str, n: int, low: int, high: int) -> list[dict]:
+    """``n`` sequences of every generator of ``cfg['tasks']`` (lengths uniform in [low, high]), mixed."""
+    return [record for name in cfg["tasks"]
+            for record in sample(name, uniform_lengths(low, high), n, seeded_rng(cfg["seed"], purpose, name))]
+
+
+@torch.no_grad()
+def _recall_accuracy(model, records: list[dict]) -> float:
+    ids, lengths = pad_right([r["tokens"] for r in records])
+    predictions = query_logits(model, ids, lengths).argmax(-1)
+    return 100.0 * float((predictions == torch.tensor([r["answer"] for r in records])).float().mean())
+
+
+def pretrain_synthetic(backbone: str, directory: Path, cfg: dict) -> dict:
+    """From scratch on the recall tasks ``cfg['tasks']`` at lengths in [min_length, max_length]:
+    ``n_train`` sequences per task, ``epochs`` passes in batches of ``batch_size``, AdamW at ``lr``
+    with a linear warm-up over ``warmup_fraction`` of the steps, then cosine (the study's recipe)."""
+    model = build_model(backbone, vocab_size=VOCAB_SIZE)
+    low, high = int(cfg.get("min_length", MIN_LENGTH)), int(cfg["max_length"])
+    train = _recall_sets(cfg, "pretrain", int(cfg["n_train"]), low, high)
+    batch = int(cfg["batch_size"])
+    per_epoch = math.ceil(len(train) / batch)
+    steps = int(cfg["epochs"]) * per_epoch
+    schedule = {"steps": steps, "lr": cfg["lr"], "warmup": max(1, round(cfg.get("warmup_fraction", 0.05) * steps)),
+                "weight_decay": cfg.get("weight_decay", 0.01)}
+
+    def batch_loss(step: int) -> torch.Tensor:
+        epoch, i = divmod(step, per_epoch)
+        order = epoch_permutation(len(train), cfg["seed"], epoch)[i * batch:(i + 1) * batch].tolist()
+        records = [train[j] for j in order]
+        return query_loss(model, [r["tokens"] for r in records], [r["answer"] for r in records], "cpu",
+                          contextlib.nullcontext)
+
+    model.train()
+    losses = _optimise(model, batch_loss, schedule, f"pretrain {backbone}")
+    model.eval()
+    heldout = {name: _recall_accuracy(model, _recall_sets({**cfg, "tasks": [name]}, "heldout",
+                                                           int(cfg.get("n_heldout", 500)), high, high))
+               for name in cfg["tasks"]}
+    log.info("%s held-out accuracy at length %d: %s", backbone, high,
+             ", ".join(f"{name} {acc:.1f}%" for name, acc in heldout.items()))
+    save_lm(model, directory)
+    return {"upstream_task": f"synthetic recall ({', '.join(cfg['tasks'])}), lengths {low}-{high}",
+            "optimizer_steps": steps, "heldout_length": high, "heldout_accuracy": heldout,
+            "final_loss": float(np.mean(losses[-20:]))}
+
+
+# what a backbone learns upstream: its pretrain `kind` when given, else its family's task
+PRETRAINERS = {"vim": pretrain_vim, "lm": pretrain_lm, "synthetic": pretrain_synthetic}
+
+
 def pretrain_backbone(backbone: str, weights: Path, manifest: Path, cfg: dict, threads: int = 1) -> dict:
     """Pretrain the mini ``backbone``, write it at ``weights`` and its manifest last."""
     torch.set_num_threads(threads)
     seed_everything(cfg["seed"])
     started = time.perf_counter()
-    if family_of(backbone) == "vim":
-        summary = pretrain_vim(backbone, weights, cfg)
-        files = [weights]
-    else:
-        summary = pretrain_lm(backbone, weights, cfg)
-        files = sorted(p for p in weights.iterdir() if p.is_file())
+    kind = cfg.get("kind", family_of(backbone))
+    if kind not in PRETRAINERS:
+        raise ConfigError(f"backbones.{backbone}.pretrain.kind {kind!r} is unknown; valid: synthetic, or leave it "
+                          "out for the backbone family's own upstream task")
+    summary = PRETRAINERS[kind](backbone, weights, cfg)
+    files = [weights] if weights.is_file() else sorted(p for p in weights.iterdir() if p.is_file())
     record = {"backbone": backbone, "source": "pretrain", "path": str(weights), "pretrain": cfg, **summary,
               "seconds": round(time.perf_counter() - started, 1),
               "checksums": {p.name: sha256_file(p) for p in files}}

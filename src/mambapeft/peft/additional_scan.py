@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..models.mamba import Mamba
-from .registry import ParamGroup, PeftConfigError, SpecBase, register
+from .registry import ORDER_MIXER, ParamGroup, SpecBase, register
+from .targets import mamba1_mixers
 
 POSITIONS = ("prefix", "suffix")
 A_INITS = ("copy", "arange")
@@ -66,13 +66,10 @@ class AdditionalScan(nn.Module):
         return tuple(torch.cat(p if self.prefix else p[::-1], dim=1) for p in pairs)
 
 
-@register("additional_scan", spec=AdditionalScanSpec)
+@register("additional_scan", spec=AdditionalScanSpec, order=ORDER_MIXER, identity_at_init=False)
 def apply(model: nn.Module, spec: AdditionalScanSpec) -> list[ParamGroup]:
     A_params, proj_params = [], []
-    mixers = [m for m in model.modules() if isinstance(m, Mamba)]
-    if not mixers:
-        raise PeftConfigError("additional_scan needs a model with Mamba mixers")
-    for index, mixer in enumerate(mixers):
+    for index, mixer in enumerate(mamba1_mixers(model, "additional_scan")):
         if spec.layers is not None and index not in spec.layers:
             continue
         for direction in mixer.directions:

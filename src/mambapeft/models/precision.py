@@ -19,13 +19,11 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ..peft.lora import LoraLinear
-
 
 def _folded_bases(model: nn.Module) -> set[int]:
-    """ids of the Linears a LoRA reads the weight of (merged-style or DoRA updates)."""
-    return {id(m.base) for m in model.modules()
-            if isinstance(m, LoraLinear) and any(u.acts_on_weight for u in m.updates.values())}
+    """ids of the Linears whose weight a wrapper reads directly instead of calling them: a wrapper
+    says so with ``folds_weight_of()`` (a LoRA folding a merged-style or DoRA update into ``W``)."""
+    return {id(base) for m in model.modules() if hasattr(m, "folds_weight_of") for base in m.folds_weight_of()}
 
 
 def frozen_linear_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,131 @@
+"""``mambapeft bench``: speed benchmarks (scan, training steps, data loading), profiles and kernel checks."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def add_parsers(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench_command", required=True)
+    _add_scan(bench)
+    _add_train(bench)
+    _add_data(bench)
+    _add_profile(bench)
+    _add_equivalence(bench)
+    _add_multi_gpu(bench)
+
+
+def _add_multi_gpu(bench) -> None:
+    p = bench.add_parser("multi-gpu", help="the pipeline's wall time on 1 GPU vs k GPUs (each job on its own GPU)",
+                         description="Runs the config's preparation once, then its whole grid twice, with "
+                                     "`--resources gpu=1` and `gpu=k`, and writes multi_gpu_<device>.json: both wall "
+                                     "times, the speed-up, and which GPU (index, UUID) each run's jobs held.")
+    p.add_argument("--config", required=True, help="a config whose experiments ask for `resources: {gpus: 1}`")
+    p.add_argument("--gpus", type=int, default=2, help="GPUs of the second run")
+    p.add_argument("--cores", type=int, default=os.cpu_count(), help="snakemake -c")
+    p.add_argument("--work-dir", default="results/multi_gpu", help="results of the timed runs")
+    p.add_argument("--out", default="results/benchmarks")
+    p.set_defaults(func=cmd_bench_multi_gpu)
+
+
+def cmd_bench_multi_gpu(args) -> None:
+    from ..bench.multi_gpu import bench_multi_gpu
+
+    report = bench_multi_gpu(Path(args.config).resolve(), args.gpus, args.cores, Path(args.out), Path(args.work_dir))
+    print(json.dumps({k: report[k] for k in ("preparation_s", "speedup")}))
+
+
+def _add_scan(bench) -> None:
+    p = bench.add_parser("scan", help="selective scan fwd+bwd: chunked PyTorch scan vs a naive per-step loop (and CUDA)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--d-inner", type=int, default=1536)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--d-state", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (the naive loop runs once)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
+    p.set_defaults(func=cmd_bench_scan)
+
+
+def cmd_bench_scan(args) -> None:
+    import torch
+
+    from ..bench.scan import bench_scan
+
+    torch.set_num_threads(args.threads)
+    result = bench_scan(args.batch, args.d_inner, args.length, args.d_state, args.repeats, args.device,
+                        naive=not args.no_naive)
+    print(json.dumps(result, indent=1))
+
+
+def _add_train(bench) -> None:
+    p = bench.add_parser("train", help="GPU training-step throughput of every method and of the baselines")
+    p.add_argument("--out", default="results/benchmarks", help="folder for <device>.json and <device>.md")
+    p.add_argument("--vision-backbone", default="vim-s", help="vim-* variant, batch 32 at 224x224")
+    p.add_argument("--language-backbones", nargs="+", default=["mamba-130m", "mamba-1.4b"],
+                   help="mamba-* variants, sequence 256 at the engine's micro-batch")
+    p.add_argument("--vision-methods", nargs="+", help="default: every method of vision/methods.yaml")
+    p.add_argument("--language-methods", nargs="+", help="default: every method of language/methods.yaml")
+    p.add_argument("--no-baselines", action="store_true", help="skip transformers+peft and timm+peft")
+    p.add_argument("--cuda-graphs", action="store_true", help="training steps as CUDA graphs (runtime key cuda_graphs)")
+    p.set_defaults(func=cmd_bench_train)
+
+
+def cmd_bench_train(args) -> None:
+    from ..bench.train import run_benchmarks
+
+    report = run_benchmarks(Path(args.out), args.vision_backbone, tuple(args.language_backbones),
+                            args.vision_methods, args.language_methods, baselines=not args.no_baselines,
+                            cuda_graphs=args.cuda_graphs)
+    print(json.dumps(report["projection"], indent=1))
+
+
+def _add_data(bench) -> None:
+    p = bench.add_parser("data", help="one epoch of VTAB data loading: decoding the files vs the uint8 cache")
+    p.add_argument("--images", type=int, default=800, help="images in the temporary task (a VTAB train800val200 has 1000)")
+    p.add_argument("--width", type=int, default=500, help="source image width")
+    p.add_argument("--height", type=int, default=375, help="source image height")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", help="also write the JSON report here")
+    p.set_defaults(func=cmd_bench_data)
+
+
+def cmd_bench_data(args) -> None:
+    from ..bench.data import bench_data
+    from ..io import write_json_atomic
+
+    report = bench_data(args.images, (args.width, args.height), args.resolution, repeats=args.repeats)
+    if args.out:
+        write_json_atomic(Path(args.out), report)
+    print(json.dumps(report))
+
+
+def _add_profile(bench) -> None:
+    p = bench.add_parser("profile", help="GPU: where a training step's time goes (torch.profiler, top ops)")
+    p.add_argument("--backbone", default="vim-s", help="vim-* (images at 224 px) or mamba-* (sequences of 256 tokens)")
+    p.add_argument("--methods", nargs="+", default=["linear_probe", "lorap_x"])
+    p.add_argument("--batch", type=int, help="images (default 32) or sequences (default 4) per step")
+    p.set_defaults(func=cmd_bench_profile)
+
+
+def cmd_bench_profile(args) -> None:
+    from ..bench.train import profile_method
+    from ..build import domain_of
+
+    domain = domain_of(args.backbone)
+    for method in args.methods:
+        print(profile_method(domain, method, args.backbone, args.batch or (32 if domain == "vision" else 4)))
+
+
+def _add_equivalence(bench) -> None:
+    p = bench.add_parser("equivalence", help="GPU: relative errors CUDA kernels vs PyTorch scan, step vs parallel")
+    p.set_defaults(func=cmd_bench_equivalence)
+
+
+def cmd_bench_equivalence(args) -> None:
+    from ..bench.equivalence import equivalence_report
+
+    print(json.dumps(equivalence_report(), indent=1))

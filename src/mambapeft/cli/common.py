@@ -1,0 +1,66 @@
+"""What several subcommands share: the ``--spec`` JSON argument and the options that select one run."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..runspec import ConfigError
+
+GPU_LOCK_DIR = Path(".snakemake") / "gpu-locks"  # Snakemake's working directory: shared by one pipeline's jobs
+
+
+def json_arg(text: str) -> dict:
+    """The JSON object given as ``--spec``; a ConfigError (a user error, no traceback) if it is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--spec is not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ConfigError("--spec must be a JSON object")
+    return value
+
+
+def add_run_arguments(parser) -> None:
+    """The options naming one run, read by `spec_from_args`: a resolved --spec, or configs and the run's coordinates."""
+    parser.add_argument("--spec", help="fully resolved run spec as JSON (what the Snakemake rule passes)")
+    parser.add_argument("--config", nargs="+", help="config file(s), merged left to right (instead of --spec)")
+    parser.add_argument("--experiment")
+    parser.add_argument("--backbone")
+    parser.add_argument("--task", help="VTAB task, or the training set for language (commonsense_170k, math_10k)")
+    parser.add_argument("--method")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def spec_from_args(args) -> dict:
+    """The resolved run spec: --spec as given, else resolved from --config and the run's coordinates."""
+    if args.spec:
+        return json_arg(args.spec)
+    from ..runspec import Run, load_config, resolve_run
+
+    needed = ("experiment", "backbone", "task", "method")
+    missing = [f"--{n}" for n in needed if getattr(args, n) is None]
+    if missing or not args.config:
+        raise ConfigError(f"give --spec JSON, or --config with {' '.join(missing or needed)}")
+    config = load_config(*args.config)
+    return resolve_run(config, Run(args.experiment, args.backbone, args.task, args.method, args.seed))
+
+
+def add_gpu_arguments(parser) -> None:
+    """``--gpus`` / ``--gpu-slots``: the GPUs this job claims before CUDA starts (see `claim_gpus_for`)."""
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="claim this many GPUs for the job (0: use CUDA_VISIBLE_DEVICES as it is); on a "
+                             "box with several GPUs each job gets its own, later jobs wait for a free one")
+    parser.add_argument("--gpu-slots", type=int, default=1, help="jobs that may share one GPU (config `gpu_slots`)")
+
+
+def claim_gpus_for(args, device: str = "auto"):
+    """Claim ``args.gpus`` GPUs (lock files under .snakemake/gpu-locks, or $MAMBAPEFT_GPU_LOCK_DIR)
+    and narrow CUDA_VISIBLE_DEVICES to them, for the rest of this process. A job that will not
+    run on CUDA (``device: cpu``, or ``auto`` where no GPU is visible) claims nothing."""
+    from ..gpus import claim_gpus, visible_gpus
+
+    if args.gpus == 0 or device == "cpu" or (device == "auto" and not visible_gpus()[0]):
+        return None
+    lock_dir = os.environ.get("MAMBAPEFT_GPU_LOCK_DIR") or GPU_LOCK_DIR
+    return claim_gpus(args.gpus, lock_dir, slots_per_gpu=args.gpu_slots)

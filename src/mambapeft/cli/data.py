@@ -1,0 +1,90 @@
+"""``mambapeft data``: prepare, download, cache and check datasets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..runspec import ConfigError
+from .common import json_arg
+
+
+def add_parsers(subparsers) -> None:
+    data = subparsers.add_parser("data", help="prepare, cache and check datasets").add_subparsers(
+        dest="data_command", required=True)
+    _add_prepare(data)
+    _add_download(data)
+    _add_cache(data)
+    _add_check(data)
+
+
+def _add_prepare(data) -> None:
+    p = data.add_parser("prepare", help="write the offline stand-ins, or check real data, and write a manifest")
+    p.add_argument("--spec", required=True, help="the dataset's config entry as JSON (see config/config.yaml `data:`)")
+    p.add_argument("--manifest", required=True, help="manifest.json to write last (file list with sha256)")
+    p.set_defaults(func=cmd_data_prepare)
+
+
+def cmd_data_prepare(args) -> None:
+    from ..data.prepare import prepare_dataset
+
+    prepare_dataset(json_arg(args.spec), Path(args.manifest))
+
+
+def _add_download(data) -> None:
+    p = data.add_parser("download", help="fetch a dataset its `download:` mapping names into the data root, "
+                                         "unless present",
+                        description="vtab: extracts the configured tasks of RepAdapter's vtab-1k.zip into the root: "
+                                    "from a local copy (`download.archive`), a URL, or Google Drive (`gdrive_id`, needs "
+                                    "gdown). commonsense/math: LLM-Adapters' files from raw URLs at a pinned commit "
+                                    "(`download.files`, sha256/git_sha1-checked) and the commonsense evaluation splits "
+                                    "from the Hugging Face Hub (`download.eval_sets`: task -> revision), exported to "
+                                    "eval/<task>/<split>.jsonl. Without network (or with HF_HUB_OFFLINE=1) it stops "
+                                    "with one message naming what is missing and where to put it.")
+    p.add_argument("--spec", required=True, help="the dataset's config entry as JSON, with `download:` and `root`")
+    p.add_argument("--out", required=True, help="record of what was done (JSON, file checksums), written last")
+    p.set_defaults(func=cmd_data_download)
+
+
+def cmd_data_download(args) -> None:
+    from ..data.download import fetch_language, fetch_vtab
+    from ..io import write_json_atomic
+
+    spec = json_arg(args.spec)
+    if "download" not in spec:
+        raise ConfigError("data download needs a data entry with a `download:` mapping (config `data:`)")
+    if spec.get("kind") == "vtab":
+        record = fetch_vtab(spec["root"], spec["tasks"], spec["download"])
+    else:
+        record = fetch_language(spec)
+    write_json_atomic(Path(args.out), record)
+
+
+def _add_cache(data) -> None:
+    p = data.add_parser("cache", help="decode and resize one VTAB split once into a uint8 .npz cache")
+    p.add_argument("--root", required=True, help="VTAB-1k root (holds <task>/train800val200.txt ...)")
+    p.add_argument("--task", required=True)
+    p.add_argument("--split", required=True, help="train800 | val200 | train800val200 | test")
+    p.add_argument("--resolution", type=int, required=True, help="square side in pixels (224 for Vim)")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.set_defaults(func=cmd_data_cache)
+
+
+def cmd_data_cache(args) -> None:
+    from ..data.vtab import build_image_cache
+
+    summary = build_image_cache(args.root, args.task, args.split, args.resolution, args.out)
+    print(json.dumps(summary))
+
+
+def _add_check(data) -> None:
+    p = data.add_parser("check", help="validate a dataset before spending GPU time; prints a JSON summary")
+    p.add_argument("--kind", required=True, choices=("vtab", "commonsense", "math", "synthetic"))
+    p.add_argument("path", help="vtab: the VTAB-1k root; commonsense/math/synthetic: the data directory")
+    p.add_argument("--task", help="vtab task (required for vtab); synthetic: one training set")
+    p.set_defaults(func=cmd_data_check)
+
+
+def cmd_data_check(args) -> None:
+    from ..data.check import check_dataset
+
+    print(json.dumps(check_dataset(args.kind, args.path, args.task), indent=1))

@@ -1,0 +1,83 @@
+"""Where and how a model runs: device, autocast, scan-kernel backend and placement.
+
+Training, evaluation, the benchmarks and the lm-eval model all place models through this module,
+so none of them needs the trainer for it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+
+import torch
+import torch.nn as nn
+
+from .models.mamba import Mixer
+from .models.precision import store_frozen_linears_in_bf16
+from .models.scan import resolve_backend
+
+log = logging.getLogger("mambapeft.runtime")
+
+# what a benchmark or an ad-hoc evaluation runs with: the kernels when present, never an error
+PERMISSIVE = {"scan_backend": "auto", "allow_torch_fallback": True}
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime device 'cuda' was requested but no CUDA device is visible; set `device: auto`")
+    return torch.device(requested)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA, plain fp32 elsewhere."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def select_backend(model: nn.Module, device: torch.device, runtime: dict) -> str:
+    """Put one scan backend on every mixer; a CUDA run on the PyTorch scan fails unless allowed.
+    Returns the name recorded in metrics.json: the backend's, "-fused" added where mixers run the
+    fused mamba_inner kernel."""
+    backend = resolve_backend(device, runtime["scan_backend"])
+    if device.type == "cuda" and backend.name == "torch" and not runtime["allow_torch_fallback"]:
+        raise RuntimeError("This CUDA run would use the slow PyTorch scan (mamba-ssm missing or backend forced). "
+                           "Install the CUDA extras (`mambapeft setup-gpu`) or set `allow_torch_fallback: true`.")
+    mixers = [module for module in model.modules() if isinstance(module, Mixer)]
+    for mixer in mixers:
+        mixer.backend = backend
+    fused = sum(m.uses_fused_inner() for m in mixers)
+    if backend.mamba_inner is not None:
+        log.info("mixers on the fused mamba_inner kernel: %d of %d (the others: a method changes them "
+                 "between in_proj and the output, or they are bidirectional or Mamba-2)", fused, len(mixers))
+    return f"{backend.name}-fused" if fused else backend.name
+
+
+def place_model(model: nn.Module, device: torch.device, runtime: dict) -> str:
+    """Put ``model`` on ``device`` as training runs it there: on CUDA (bf16 autocast, which casts
+    them anyway) frozen Linear weights stored in bf16; then :func:`select_backend`, whose recorded
+    name it returns."""
+    model.to(device)
+    if device.type == "cuda":
+        moved = store_frozen_linears_in_bf16(model)
+        log.info("frozen Linear weights stored in bf16: %s parameters", f"{moved:,}")
+    return select_backend(model, device, runtime)
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def gpu_identity(device: torch.device) -> dict | None:
+    """Which physical GPU ran the job ({index, uuid, name}), for the run record; None off CUDA."""
+    from .gpus import describe_gpu
+
+    return describe_gpu(device.index or 0) if device.type == "cuda" else None
