@@ -1,6 +1,6 @@
 """The dt_bias initialisation study: the dt strategies (models/dt_init.py) and their hook in the
 Mamba-2 mixer, the from-scratch pretraining job, the table and figures, and the study in the
-pipeline (the paper grid's dry run; the tiny config end to end)."""
+pipeline (the paper grid's dry run; the study at test size end to end, tests/config/dt_init.yaml)."""
 import json
 import math
 import shlex
@@ -21,6 +21,9 @@ from workflow_helpers import REPO, job_counts, snakemake
 
 DT_MIN, DT_MAX, FLOOR = 1e-3, 1e-1, 1e-4
 MIXER = dict(d_model=32, d_state=8, headdim=8, chunk_size=16)  # 64 channels: 8 heads
+STUDY_CONFIG = (REPO / "tests" / "config" / "tiny.yaml", REPO / "tests" / "config" / "dt_init.yaml")
+STUDY_TARGETS = ("results/tables/dt_init.csv", "results/tables/dt_init.md", "results/figures/dt_init_loss.png",
+                 "results/figures/dt_init_dt.png")
 
 
 # -- strategies --------------------------------------------------------------------------------
@@ -201,8 +204,7 @@ def test_table_has_one_row_per_init_with_mean_std_and_each_seed():
 # -- pipeline ----------------------------------------------------------------------------------
 def test_paper_dry_run_has_the_3x3_grid_and_tokenizes_once(tmp_path):
     paper = REPO / "config" / "paper.yaml"
-    done = snakemake("-n", "-p", "--configfile", str(paper), "results/tables/dt_init.md",
-                     "results/figures/dt_init_loss.png", cwd=tmp_path, timeout=300)
+    done = snakemake(*STUDY_TARGETS, "-n", "-p", "--configfile", str(paper), cwd=tmp_path, timeout=300)
     counts = job_counts(done.stdout)
     assert counts["pretrain_dt_init"] == 9 and counts["perplexity_dt_init"] == 9
     assert counts["tokenize_dt_init"] == 2 and "dt_init_standin" not in counts  # real copies: no stand-in
@@ -216,9 +218,17 @@ def test_paper_dry_run_has_the_3x3_grid_and_tokenizes_once(tmp_path):
     assert (spec["train"]["seq_len"], spec["train"]["batch_size"], spec["train"]["lr"]) == (1024, 58, 5e-4)
 
 
-def test_tiny_study_end_to_end(tiny_run):
-    workdir, _ = tiny_run
-    config = runspec.load_config(REPO / "tests" / "config" / "tiny.yaml")
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    """The study's targets at test size (the tiny config with tests/config/dt_init.yaml merged in)."""
+    workdir = tmp_path_factory.mktemp("dt-init")
+    snakemake(*STUDY_TARGETS, "-c", "2", "--configfile", *STUDY_CONFIG, cwd=workdir)
+    return workdir
+
+
+def test_tiny_study_end_to_end(study_run):
+    workdir = study_run
+    config = runspec.load_config(*STUDY_CONFIG)
     study = config["dt_init"]
     table = pd.read_csv(workdir / "results" / "tables" / "dt_init.csv")
     assert list(table["init"]) == study["inits"]
@@ -246,3 +256,11 @@ def test_tiny_study_end_to_end(tiny_run):
         assert not (directory / "checkpoint.pt").exists()
     meta = json.loads((workdir / "resources" / "tokens" / "dt_init" / "train.json").read_text())
     assert meta["layout"] == "documents" and meta["n_documents"] == study["standin"]["n_train_docs"]
+
+
+def test_study_reruns_only_what_a_change_touches(study_run, tmp_path):
+    assert "Nothing to be done" in snakemake(*STUDY_TARGETS, "-n", "--configfile", *STUDY_CONFIG, cwd=study_run).stdout
+    changed = tmp_path / "stride.yaml"
+    changed.write_text(STUDY_CONFIG[1].read_text().replace("stride: 16", "stride: 8"))
+    counts = job_counts(snakemake(*STUDY_TARGETS, "-n", "--configfile", STUDY_CONFIG[0], changed, cwd=study_run).stdout)
+    assert counts == {"perplexity_dt_init": 4, "dt_init_table": 1, "total": 5}  # no re-training, no re-tokenizing
