@@ -20,10 +20,13 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/merge.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/search.smk"
 include: "workflow/rules/dt_init.smk"
 include: "workflow/rules/length_generalisation.smk"
+include: "workflow/rules/lm_eval_suite.smk"
 
 
 rule all:

@@ -10,25 +10,27 @@ from mambapeft.peft import apply_peft, check_gradients, zero_initialised
 from mambapeft.peft.registry import SpecBase, discover_families
 from mambapeft.peft.schema import schema_path, schema_text
 from mambapeft.peft.state import load_adapter, read_adapter_method, save_adapter
-from mambapeft.runspec import domain_file
+from mambapeft.runspec import methods_for
 
 FAMILIES = discover_families()
-MINI_BACKBONE = {"vision": "vim-mini", "language": "mamba-mini"}
+MINI_BACKBONES = {"vision": ("vim-mini", "vit-mini"), "language": ("mamba-mini",)}
 
 
 def example(family: str) -> tuple[str, dict]:
-    """(domain, member): the first use of the family in vision/ or language/methods.yaml."""
-    for domain in ("vision", "language"):
-        for definition in domain_file(domain, "methods").values():
-            for member in definition.get("peft", []):
-                if member["family"] == family:
-                    return domain, member
+    """(mini backbone, member): the first use of the family in vision/ or language/methods.yaml, on
+    the first mini backbone its method fits."""
+    for domain, backbones in MINI_BACKBONES.items():
+        for backbone in backbones:
+            for definition in methods_for(domain, backbone).values():
+                for member in definition.get("peft", []):
+                    if member["family"] == family:
+                        return backbone, member
     pytest.fail(f"PEFT family {family!r} is used by no method in vision/ or language/methods.yaml: add one")
 
 
-def model_and_inputs(domain: str):
-    if domain == "vision":
-        model = build_model("vim-mini", num_classes=4)
+def model_and_inputs(backbone: str):
+    if backbone in MINI_BACKBONES["vision"]:
+        model = build_model(backbone, num_classes=4)
         with torch.no_grad():
             model.head.weight.normal_()  # a zero head would hide every upstream change and gradient
         return model, torch.randn(3, 3, 32, 32)
@@ -44,14 +46,14 @@ def test_spec_fields_have_defaults_docs_and_a_schema(name):
 
     properties = member_schema(family)["properties"]
     assert all(properties[f.name]["description"] for f in fields(family.spec_cls)), "every field needs a docstring"
-    domain, member = example(name)
+    backbone, member = example(name)
     family.spec_cls(**{k: v for k, v in member.items() if k != "family"})
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_family_is_identity_at_init_reaches_the_loss_and_round_trips(name, tmp_path):
-    domain, member = example(name)
-    model, inputs = model_and_inputs(domain)
+    backbone, member = example(name)
+    model, inputs = model_and_inputs(backbone)
     model.eval()
     with torch.no_grad():
         before = model(inputs)
@@ -73,7 +75,7 @@ def test_family_is_identity_at_init_reaches_the_loss_and_round_trips(name, tmp_p
     with torch.no_grad():
         expected = model(inputs)
     torch.manual_seed(123)  # a fresh model whose random parts differ
-    fresh, _ = model_and_inputs(domain)
+    fresh, _ = model_and_inputs(backbone)
     fresh_result = apply_peft(fresh, read_adapter_method(tmp_path / "adapter.safetensors")["peft"], name)
     load_adapter(fresh_result, tmp_path / "adapter.safetensors")
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k not in result.trainable}, strict=False)

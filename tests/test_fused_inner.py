@@ -8,20 +8,21 @@ import pytest
 import torch
 
 from mambapeft.models import build_model
-from mambapeft.models.mamba import Mamba
+from mambapeft.models.mamba import Mamba, Mixer
 from mambapeft.models.scan import TORCH_BACKEND, ScanBackend, mamba_inner_torch
 from mambapeft.peft import apply_peft
-from mambapeft.runspec import domain_file, method_definition
+from mambapeft.runspec import domain_file, method_definition, methods_for
 from mambapeft import runtime
 
 FUSED_TORCH = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch)
 # methods whose every mixer keeps conv1d, x_proj, dt_proj and out_proj plain and adds no scan state
-FUSED_LANGUAGE = {"zero_shot", "full", "lora_in_proj", "lorap_x", "prefix", "periodic", "prefix_20", "prefix_30",
-                  "periodic_20", "periodic_30"}
+FUSED_LANGUAGE = {"zero_shot", "head_only", "full", "lora_in_proj", "lorap_x", "prefix", "periodic", "prefix_20", "prefix_30",
+                  "periodic_20", "periodic_30", "dora_in_proj", "dorap_x", "prodial_in",
+                  "hybrid_importance"}  # its LoRA and (IA)3 tiers both wrap in_proj only
 
 
-def _mixers(model) -> list[Mamba]:
-    return [m for m in model.modules() if isinstance(m, Mamba)]
+def _mixers(model) -> list[Mixer]:
+    return [m for m in model.modules() if isinstance(m, Mixer)]
 
 
 def _adapted(domain: str, method: str):
@@ -57,7 +58,7 @@ def test_fused_path_equals_the_unfused_chain_for_every_language_method(method):
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("method", sorted(domain_file("vision", "methods")))
+@pytest.mark.parametrize("method", sorted(methods_for("vision", "vim-mini")))
 def test_bidirectional_mixers_never_take_the_fused_path(method):
     model = _adapted("vision", method)
     for m in _mixers(model):

@@ -12,7 +12,7 @@ from mambapeft.models.mamba import Mamba, Mixer
 from mambapeft.models.scan import (CUDA_BACKEND, TORCH_BACKEND, chunk_scan_torch, cuda_kernels_available,
                                     selective_scan_cuda, selective_scan_torch)
 from mambapeft.peft import apply_peft, check_gradients, zero_initialised
-from mambapeft.runspec import domain_file, method_definition
+from mambapeft.runspec import method_definition, methods_for
 
 pytestmark = pytest.mark.gpu
 needs_kernels = pytest.mark.skipif(not cuda_kernels_available(), reason="needs a CUDA device with the mamba-ssm kernels (pip install -e .[cuda])")
@@ -66,34 +66,49 @@ def test_mixer_backends_agree(bidirectional, d_model):
         assert rel(results[1][2][name], grad) <= 1e-4, name
 
 
+# backbone -> (the backend's fused function, gradient tolerance: bf16 gradients of ~1e-5 (dt_bias) differ by a few %)
+FUSED_PATHS = {"mamba-mini": ("mamba_inner", 2e-2), "mamba2-mini": ("split_conv1d_scan", 5e-2)}
+
+
 @needs_kernels
-@pytest.mark.skipif(CUDA_BACKEND.mamba_inner is None, reason="mamba_inner_fn needs causal-conv1d's kernels")
-@pytest.mark.parametrize("method", ["full", "lora_in_proj", "lorap_x", "periodic"])
-def test_fused_mamba_inner_trains_as_the_unfused_kernels(method):
-    """mamba_ssm's mamba_inner_fn against the unfused CUDA chain, in the training precision."""
+@pytest.mark.parametrize("backbone,method", [("mamba-mini", m) for m in ("full", "lora_in_proj", "lorap_x", "periodic")]
+                         + [("mamba2-mini", m) for m in ("full", "lorap_x", "periodic", "ia3")])
+def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
+    """mamba_ssm's fused kernels after in_proj (Mamba-1: mamba_inner_fn; Mamba-2:
+    mamba_split_conv1d_scan_combined) against the unfused CUDA chain, in the training precision.
+    (IA)3 on Mamba-2 scales out_proj's input, so it keeps the chain."""
+    field, grad_tolerance = FUSED_PATHS[backbone]
+    if getattr(CUDA_BACKEND, field) is None:
+        pytest.skip(f"no {field} kernel (mamba-ssm >= 2 and causal-conv1d's kernels)")
     torch.manual_seed(0)
-    model = build_model("mamba-mini", vocab_size=64).cuda()
-    result = apply_peft(model, method_definition("language", method, "mamba-mini", None)["peft"], method)
+    model = build_model(backbone, vocab_size=64).cuda()
+    result = apply_peft(model, method_definition("language", method, backbone, None)["peft"], method)
     with torch.no_grad():
         for p in result.trainable.values():
             p.add_(0.05 * torch.randn_like(p))
     ids = torch.randint(0, 64, (2, 40), device="cuda")
     runs = []
-    for backend in (dataclasses.replace(CUDA_BACKEND, mamba_inner=None), CUDA_BACKEND):
+    for backend in (dataclasses.replace(CUDA_BACKEND, **{field: None}), CUDA_BACKEND):
         m = copy.deepcopy(model).eval()
         set_backend(m, backend)
-        assert all(x.uses_fused_inner() == (backend is CUDA_BACKEND) for x in m.modules() if isinstance(x, Mamba))
+        fused = backend is CUDA_BACKEND and method != "ia3"
+        assert all(x.uses_fused_inner() == fused for x in m.modules() if isinstance(x, Mixer))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = m(ids)
         out.float().logsumexp(-1).mean().backward()
         runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
     assert rel(runs[1][0], runs[0][0]) <= 1e-2
     for name, grad in runs[0][1].items():
-        assert rel(runs[1][1][name], grad) <= 2e-2, name
+        assert rel(runs[1][1][name], grad) <= grad_tolerance, name
+
+
+# every method of both domains on the mini Mamba backbones (the ViT rows: tests/test_vit.py)
+MAMBA_ROWS = [(d, m) for d, backbone in (("vision", "vim-mini"), ("language", "mamba-mini"))
+              for m in methods_for(d, backbone)]
 
 
 @needs_kernels
-@pytest.mark.parametrize("domain,method", [(d, m) for d in ("vision", "language") for m in domain_file(d, "methods")])
+@pytest.mark.parametrize("domain,method", MAMBA_ROWS)
 def test_every_method_runs_through_the_cuda_kernels(domain, method):
     backbone = "vim-mini" if domain == "vision" else "mamba-mini"
     model = build_model(backbone, **({"num_classes": 4} if domain == "vision" else {"vocab_size": 64})).cuda()
@@ -114,7 +129,7 @@ def test_every_method_runs_through_the_cuda_kernels(domain, method):
 
 
 @needs_kernels
-@pytest.mark.parametrize("domain,method", [(d, m) for d in ("vision", "language") for m in domain_file(d, "methods")])
+@pytest.mark.parametrize("domain,method", MAMBA_ROWS)
 def test_frozen_linears_in_bf16_train_as_fp32_storage(domain, method):
     """What the trainer does on CUDA (train/precision.py): the same forward bit for bit, the same
     gradients up to the scan backward's atomics."""
@@ -146,10 +161,42 @@ def test_frozen_linears_in_bf16_train_as_fp32_storage(domain, method):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", ["lorap_x", "affix_noproj", "additional_scan", "periodic"])
+@pytest.mark.parametrize("backbone", ["vim-mini", "mamba-mini"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_state_offset_runs_on_the_cuda_scan_as_on_the_torch_scan(backbone, autocast):
+    """State-offset tuning adds its term to the CUDA scan's output (no PyTorch-scan fallback):
+    outputs and gradients, both directions of Vim, match the PyTorch scan."""
+    torch.manual_seed(0)
+    vision = backbone == "vim-mini"
+    model = build_model(backbone, **({"num_classes": 4} if vision else {"vocab_size": 64})).cuda()
+    result = apply_peft(model, method_definition("vision" if vision else "language", "state_offset", backbone, None)["peft"], "state_offset")
+    with torch.no_grad():
+        for p in result.trainable.values():
+            p.normal_()
+    inputs = torch.randn(4, 3, 32, 32, device="cuda") if vision else torch.randint(0, 64, (2, 40), device="cuda")
+    runs = []
+    for backend in (TORCH_BACKEND, CUDA_BACKEND):
+        m = copy.deepcopy(model).eval()
+        set_backend(m, backend)
+        assert not any(x.uses_fused_inner() for x in m.modules() if isinstance(x, Mamba))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = m(inputs)
+        out.float().logsumexp(-1).mean().backward()
+        runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    tolerance = 2e-2 if autocast else 1e-4
+    assert rel(runs[1][0], runs[0][0]) <= tolerance
+    for name, grad in runs[0][1].items():
+        assert rel(runs[1][1][name], grad) <= 2 * tolerance, name
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["lorap_x", "affix_noproj", "additional_scan", "periodic", "state_offset", "prodial"])
 def test_step_mode_equals_parallel_forward_on_gpu(method):
     model = build_model("mamba-mini", vocab_size=64).cuda()
-    apply_peft(model, method_definition("language", method, "mamba-mini", None)["peft"], method)
+    result = apply_peft(model, method_definition("language", method, "mamba-mini", None)["peft"], method)
+    with torch.no_grad():  # trained-looking: zero-initialised updates would make the check trivial
+        for p in result.trainable.values():
+            p.add_(0.05 * torch.randn_like(p))
     set_backend(model, CUDA_BACKEND)
     model.eval()
     ids = torch.randint(0, 64, (2, 60), device="cuda")
@@ -203,7 +250,7 @@ def test_cuda_graph_training_equals_eager_and_falls_back_for_other_shapes():
 
 
 @needs_kernels
-@pytest.mark.parametrize("domain,method", [(d, m) for d in ("vision", "language") for m in domain_file(d, "methods")])
+@pytest.mark.parametrize("domain,method", MAMBA_ROWS)
 def test_every_method_captures_as_a_cuda_graph(domain, method):
     """runtime `cuda_graphs` is on in paper.yaml: no method may copy from the host or sync inside
     its forward/backward, and a replay computes what the eager step does."""
@@ -329,3 +376,43 @@ def test_mamba2_trains_and_steps_through_the_cuda_kernels(method):
         model(ids[:, :25], states)
         stepped = torch.stack([model._step_token(ids[:, t], t, states) for t in range(25, 40)], 1)
     assert rel(stepped, full[:, 25:]) <= 5e-3  # the Triton SSD's fp32 matmuls run in TF32
+
+
+@needs_kernels
+@pytest.mark.parametrize("backbone,method", [("mamba-mini", "zero_shot"), ("mamba-mini", "affix"),
+                                             ("mamba-mini", "additional_scan"), ("mamba-mini", "periodic"),
+                                             ("mamba2-mini", "periodic")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_greedy_decoder_equals_the_eager_one(backbone, method, dtype):
+    """The decode step captured as a CUDA graph (what `bench generate` times) replays what the eager
+    step computes: the same tokens, call after call; in bf16 as the benchmark runs it."""
+    from mambapeft.models.decoding import GreedyDecoder
+    from test_decoding import adapted_model
+
+    model = adapted_model(backbone, method).to("cuda", dtype)
+    set_backend(model, CUDA_BACKEND)
+    ids = torch.randint(0, 64, (3, 30), device="cuda")
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False, enabled=dtype == torch.bfloat16)
+
+    eager = GreedyDecoder(model, 3, "cuda", autocast=autocast).generate(ids, 20)
+    graphed = GreedyDecoder(model, 3, "cuda", cuda_graph=True, autocast=autocast)
+    for _ in range(2):
+        assert torch.equal(graphed.generate(ids, 20), eager)
+
+
+@needs_kernels
+def test_generation_benchmark_measures_every_implementation(tmp_path):
+    """`bench generate` end to end on a tiny model: ours (graphed; bare and with each adapter),
+    mamba-ssm's generate(cg=True) built from our checkpoint, transformers' generate."""
+    import json
+
+    from mambapeft.bench.generate import run_generate_bench
+
+    run_generate_bench(tmp_path, ["mamba-mini"], [1, 4], prompt=16, new=8, repeats=1, weights_root=tmp_path)
+    [report] = tmp_path.glob("generate_*.json")
+    rows = json.loads(report.read_text())["backbones"]["mamba-mini"]["rows"]
+    for name, per_batch in rows.items():
+        for batch, row in per_batch.items():
+            assert "tokens_per_s" in row and 0 <= row["token_agreement_with_ours"] <= 1, (name, batch, row)

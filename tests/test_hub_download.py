@@ -287,3 +287,104 @@ def test_offline_vtab_makes_no_attempt_either(hub, tmp_path):
                  offline=True)
     assert done.returncode == 1 and not hub.requests
     assert "no download attempted: HF_HUB_OFFLINE=1 is set" in done.stderr and "missing tasks: cifar" in done.stderr
+
+
+# --- Hub datasets of the config's `hub_datasets` table ----------------------------------------------
+
+YELP_README = b"""---
+configs:
+- config_name: plain_text
+  data_files:
+  - split: train
+    path: plain_text/train-*
+  - split: test
+    path: plain_text/test-*
+---
+"""
+
+
+def yelp_files(n_train):
+    """fancyzhx/yelp_polarity's layout (plus a file the patterns leave out)."""
+    rows = [{"text": f"review {i} " + "word " * 300, "label": i % 2} for i in range(n_train)]
+    return {"README.md": YELP_README, "plain_text/train-00000-of-00001.parquet": parquet(rows),
+            "plain_text/test-00000-of-00001.parquet": parquet(rows[:3]), "notes/extra.parquet": parquet(rows[:1])}
+
+
+def yelp_entry(tmp_path, revision):
+    return {"repo": "fancyzhx/yelp_polarity", "revision": revision, "allow_patterns": ["plain_text/*.parquet"],
+            "target": str(tmp_path / "yelp_polarity")}
+
+
+def download_hub(name, entry, hub, tmp_path, **kwargs):
+    return mambapeft("data", "download-hub", "--name", name, "--spec", json.dumps(entry), "--out",
+                     str(tmp_path / "hub.json"), hub=hub, tmp_path=tmp_path, **kwargs)
+
+
+def test_a_hub_dataset_lands_as_published_at_the_pinned_revision_and_data_check_reads_it(hub, tmp_path):
+    from mambapeft.data.yelp_polarity import check_yelp_polarity
+
+    pinned = hub.add_commit("fancyzhx/yelp_polarity", yelp_files(6), kind="datasets")
+    hub.add_commit("fancyzhx/yelp_polarity", yelp_files(2), kind="datasets")  # main moves on
+    done = download_hub("yelp_polarity", yelp_entry(tmp_path, pinned), hub, tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "hub.json").read_text())["files"]["yelp_polarity"]
+    assert record["commit"] == pinned and record["status"] == "downloaded"
+    assert sorted(record["files"]) == ["plain_text/test-00000-of-00001.parquet", "plain_text/train-00000-of-00001.parquet"]
+    target = tmp_path / "yelp_polarity"
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == [
+        "plain_text", "plain_text/test-00000-of-00001.parquet", "plain_text/train-00000-of-00001.parquet"]
+    summary = check_yelp_polarity(target)
+    assert summary["train"]["n"] == 6 and summary["test"]["n"] == 3
+
+    hub.requests.clear()  # in place: checked against the Hub's listing, nothing downloaded
+    again = download_hub("yelp_polarity", yelp_entry(tmp_path, pinned), hub, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "hub.json").read_text())["files"]["yelp_polarity"]["status"] == "present, verified"
+    assert not [r for r in hub.requests if "/resolve/" in r[1]]
+
+
+GSM8K_README = b"""---
+configs:
+- config_name: main
+  data_files:
+  - split: train
+    path: main/train-*
+  - split: test
+    path: main/test-*
+---
+"""
+
+
+def test_a_task_familys_splits_are_exported_where_lm_eval_reads_them(hub, tmp_path):
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(4)]
+    pinned = hub.add_commit("openai/gsm8k", {"README.md": GSM8K_README, "main/train-00000-of-00001.parquet": parquet(rows),
+                                             "main/test-00000-of-00001.parquet": parquet(rows[:3])}, kind="datasets")
+    entry = {"family": "lm_eval_suite", "target": str(tmp_path / "suite"), "revisions": {"gsm8k": pinned}}
+    done = fetch("fetch_hub_dataset", ["lm_eval_suite", entry], tmp_path / "hub.json", hub, tmp_path)
+    assert done.returncode == 0, done.stderr
+    files = json.loads((tmp_path / "hub.json").read_text())["files"]
+    assert files["eval/gsm8k"]["records"] == 3 and files["eval/gsm8k/train"]["records"] == 4  # scored and few-shot
+    assert files["eval/gsm8k"]["commit"] == pinned
+    lines = (tmp_path / "suite" / "eval" / "gsm8k" / "test.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == rows[:3]
+
+
+def test_offline_a_hub_dataset_is_named_with_where_it_goes(hub, tmp_path):
+    entry = yelp_entry(tmp_path, "main")
+    offline = fetch("fetch_hub_dataset", ["yelp_polarity", entry], tmp_path / "hub.json", hub, tmp_path, offline=True)
+    assert offline.returncode == 1 and not hub.requests and "HF_HUB_OFFLINE=1 is set" in offline.stderr
+    assert "download_hub_dataset" in offline.stderr
+    assert (f"{entry['target']}  <-  plain_text/*.parquet (into this directory)  from "
+            f"{hub.url}/datasets/fancyzhx/yelp_polarity/tree/main") in offline.stderr
+
+
+def test_jobs_reading_a_path_wait_for_the_hub_datasets_landing_there_or_around_it():
+    from mambapeft.runspec import hub_downloads_for
+
+    config = {"resources_dir": "res", "hub_datasets": {
+        "yelp": {"target": "res/yelp", "repo": "r"}, "wikitext": {"target": "res/wikitext", "repo": "r"},
+        "suite": {"target": "res/suite", "family": "lm_eval_suite", "revisions": {}}}}
+    assert hub_downloads_for(config, "res/yelp") == ["res/downloads/yelp.json"]
+    assert hub_downloads_for(config, "res/wikitext/wikitext-2-raw-v1/test.parquet") == ["res/downloads/wikitext.json"]
+    assert hub_downloads_for(config, "res") == [f"res/downloads/{n}.json" for n in ("yelp", "wikitext", "suite")]
+    assert hub_downloads_for(config, "res/yelpish") == [] and hub_downloads_for({}, "res/yelp") == []

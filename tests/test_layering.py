@@ -13,12 +13,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mambapeft"
 LAYERS = [
     {"io", "method_check", "gpus"},  # torch-free, as the next: the Snakefile imports them
     {"runspec"},
+    {"search"},  # torch-free too: common.smk imports its plan
     {"data"},
     {"models"},
     {"peft"},
     {"runtime"},
     {"build"},
-    {"train", "eval"},
+    {"train", "eval", "export"},
     {"bench", "report", "setup_gpu"},
     {"cli"},
 ]

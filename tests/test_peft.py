@@ -11,9 +11,9 @@ from mambapeft.peft import PeftConfigError, apply_peft, check_gradients, zero_in
 from mambapeft.peft.lora import LoraLinear, merge_lora
 from mambapeft.peft.state import load_adapter, read_adapter_method, save_adapter
 from mambapeft.report.params import count_params
-from mambapeft.runspec import domain_file, method_definition
+from mambapeft.runspec import domain_file, method_definition, methods_for
 
-VISION = domain_file("vision", "methods")
+VISION = methods_for("vision", "vim-mini")  # the ViT rows: tests/test_vit.py
 LANGUAGE = domain_file("language", "methods")
 
 # The original code's Vim-S counts (reference §3 and §9), without the classification head.

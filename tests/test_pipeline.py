@@ -23,12 +23,20 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
     counts = job_counts(done.stdout)
     # the length study: 2 recall tasks x 3 base models x 2 settings x (9 methods x 3 seeds + zero-shot once)
     length_study = 2 * 3 * 2 * (9 * 3 + 1)
-    # vtab + commonsense (affix w/ proj at 130m only) + math + the length study
-    assert counts["finetune"] == 19 * 28 + (3 * 8 - 2) + 3 * 7 + length_study
-    assert counts["evaluate"] == counts["finetune"]  # one evaluation job per run
+    # vtab: the paper's 28 Vim rows + 9 DoRA twins + state_offset, 3 ProDiaL, sdt, hybrid_importance; 5 ViT-S rows.
+    # commonsense: 18 methods x 3 backbones, affix w/ proj at 130m only. Then math, the length study with
+    # its Yelp runs (4 methods x 3 seeds) and Orca-Math (one LoRA per backbone).
+    vtab = 19 * (28 + 9 + 6) + 19 * 5
+    assert counts["finetune"] == vtab + (3 * 18 - 2) + 3 * 7 + length_study + 4 * 3 + 3
+    assert counts["evaluate"] == counts["finetune"] - 3  # one evaluation job per run; Orca-Math's: the lm-eval suite
+    assert counts["merge"] == counts["export_backbone"] == counts["tokenize_text"] == 3  # Orca-Math, per backbone
     assert counts["cache_images"] == 19 * 2  # train800val200 and test of every task, at 224
-    assert counts["prepare_data"] == 3 + 1 and counts["prepare_backbone"] == 4 + 3  # + the length study's
-    assert counts["download_data"] == 3 and counts["download_weights"] == 4  # every dataset and official backbone
+    assert counts["prepare_data"] == 3 + 1 + 1 + 1 and counts["prepare_backbone"] == 5 + 3  # + synthetic, Orca-Math, Yelp
+    assert counts["download_hub_dataset"] == 5  # Yelp, Orca-Math, WikiText-2, OpenWebText, the lm-eval suite
+    assert counts["lm_eval_suite_base"] == counts["lm_eval_suite_tuned"] == 3  # Orca-Math: base and merged, per backbone
+    assert counts["search_train"] == counts["search_evaluate"] == 19 and counts["search_result"] == 2  # the final
+    # combination on every VTAB task; one result per step (the trials appear as the checkpoints ask for them)
+    assert counts["download_data"] == 3 and counts["download_weights"] == 5  # every dataset and official backbone
     jobs = [(rule, re.search(r"wildcards: \w+=(\S+)", body).group(1))
             for rule, body in re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)", done.stdout, re.M)
             if rule.startswith(("download_", "prepare_"))]
@@ -36,6 +44,7 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
     users = [(i, name) for i, (rule, name) in enumerate(jobs) if rule.startswith("prepare_") and name in fetched]
     assert users and all(i > fetched[name] for i, name in users)  # downloads are listed before their users
     assert counts["table"] == 3 and counts["figures"] == 3 and counts["params_table"] == 1
+    assert counts["vim_vs_vit_figure"] == 1  # vtab has Vim-S and ViT-S rows
     assert counts["length_generalisation_report"] == 1  # the length study is in the paper's default target
     # a --configfile replaces the default mini config: nothing of it (ranks, epochs, lrs) leaks in
     command = next(line for line in done.stdout.splitlines()

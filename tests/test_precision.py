@@ -6,13 +6,13 @@ import torch
 
 from mambapeft.models import build_model
 from mambapeft.peft import apply_peft
-from mambapeft.runspec import domain_file, method_definition
+from mambapeft.runspec import domain_file, method_definition, methods_for
 from mambapeft.models.precision import (
     frozen_linear_parameters,
     store_frozen_linears_in_bf16,
 )
 
-VISION = sorted(domain_file("vision", "methods"))
+VISION = sorted(methods_for("vision", "vim-mini"))  # the ViT rows: tests/test_vit.py
 LANGUAGE = sorted(domain_file("language", "methods"))
 
 

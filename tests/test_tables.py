@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from mambapeft.report.figures import write_figures
-from mambapeft.report.tables import ResultsError, read_record, summary_frame, write_experiment_table
+from mambapeft.report.tables import ResultsError, markdown_table, read_record, summary_frame, write_experiment_table
 from mambapeft.io import write_json_atomic
 
 
@@ -51,3 +51,15 @@ def test_missing_task_leaves_the_mean_empty():
                                   record("linear_probe", "dtd", 30.0)])
     assert tasks == ["cifar", "dtd"]
     assert pd.isna(table.set_index("method").loc["lorap_x", "mean"])  # never a mean over fewer tasks
+
+
+def test_a_paper_mean_over_fewer_tasks_is_compared_over_those_tasks():
+    """ProDiaL reports HellaSwag, WinoGrande, ARC-E and ARC-C only (language/paper.yaml `mean_over`)."""
+    scores = {"boolq": 60.0, "hellaswag": 40.0, "winogrande": 50.0, "arc_easy": 50.0, "arc_challenge": 30.0}
+    run = record("prodial", "commonsense_170k", 50.0, backbone="mamba-130m")
+    run["config"]["domain"], run["metric"] = "language", "acc"
+    run["results"] = {task: {"acc": value} for task, value in scores.items()}
+    table, tasks = summary_frame([run])
+    row = table.iloc[0]
+    assert row["paper_mean"] == 44.06 and row["delta_vs_paper"] == pytest.approx(42.5 - 44.06)
+    assert "44.1 (4 tasks)" in markdown_table("commonsense", table, tasks)

@@ -4,23 +4,27 @@ model all build through :func:`build_trainable`; the domain decides only how the
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .data import yelp_polarity
 from .data.vtab import task_info
 from .models import build_model, family_of
-from .models.checkpoints import build_lm_from_dir, load_vim, read_lm_config
+from .models.checkpoints import VISION_LOADERS, build_lm_from_dir, read_lm_config
 from .models.lm import MambaLMHeadModel
+from .models.lm_classifier import MambaLMClassifier
 from .peft import PeftResult, apply_peft
 from .peft.groups import param_groups
-from .peft.state import load_adapter
+from .peft.state import load_adapter, read_adapter_method
 from .runspec import deep_merge, domain_file, method_definition
 from .runtime import PERMISSIVE, place_model
 
-DOMAIN_OF_FAMILY = {"vim": "vision", "lm": "language"}
+DOMAIN_OF_FAMILY = {"vim": "vision", "vit": "vision", "lm": "language"}
+CLASSES_OF_KIND = {"yelp_polarity": yelp_polarity.NUM_CLASSES}  # language data classified by a head, not the LM
 
 
 @dataclass
@@ -31,6 +35,8 @@ class Trainable:
     """Optimizer groups (``peft/groups.py``), empty when nothing trains."""
     backend: str | None
     """The scan backend recorded in metrics.json; None for a model not placed (meta device)."""
+    members: list[dict]
+    """The method's PEFT members as applied: with what families' prepare hooks measured, if any."""
 
     def counts(self) -> dict:
         """Parameter counts: ``trainable`` (PEFT parameters without the head), ``head``, ``total``."""
@@ -49,15 +55,20 @@ def _vision_backbone(spec: dict, weights: bool) -> nn.Module:
     overrides = {} if spec["train"].get("drop_path", True) else {"drop_path_rate": 0.0}
     model = build_model(spec["backbone"]["id"], num_classes=num_classes, **overrides)
     if weights and spec["method"]["init"] == "pretrained":
-        load_vim(model, spec["backbone"]["path"])
+        VISION_LOADERS[family_of(spec["backbone"]["id"])](model, spec["backbone"]["path"], spec["backbone"]["id"])
     return model
 
 
 def _language_backbone(spec: dict, weights: bool) -> nn.Module:
-    backbone = spec["backbone"]
+    model = _language_model(spec["backbone"], spec["method"]["init"], weights)
+    num_classes = CLASSES_OF_KIND.get(spec["data"].get("kind"))
+    return MambaLMClassifier(model, num_classes) if num_classes else model
+
+
+def _language_model(backbone: dict, init: str, weights: bool) -> MambaLMHeadModel:
     if not weights:
         return build_model(backbone["id"])
-    if spec["method"]["init"] == "pretrained":
+    if init == "pretrained":
         return build_lm_from_dir(backbone["path"])
     return MambaLMHeadModel(read_lm_config(backbone["path"]))
 
@@ -66,15 +77,22 @@ BACKBONE_BUILDERS = {"vision": _vision_backbone, "language": _language_backbone}
 
 
 def build_trainable(spec: dict, device: torch.device | None = None, *, weights: bool = True,
-                    adapter: str | Path | None = None) -> Trainable:
+                    adapter: str | Path | None = None,
+                    prepare: Callable[[nn.Module, list[dict]], list[dict]] | None = None) -> Trainable:
     """The run's backbone (with its checkpoint when ``weights``) and method, the trained tensors
-    of ``adapter`` loaded when given, placed on ``device`` (not placed when None)."""
+    of ``adapter`` loaded when given, placed on ``device`` (not placed when None).
+
+    With ``adapter``, the members are the adapter's own (as trained, with what prepare hooks
+    measured); ``prepare(backbone, members) -> members`` (the trainer's) runs before they apply."""
     model = BACKBONE_BUILDERS[spec["domain"]](spec, weights)
-    peft = apply_peft(model, spec["method"]["peft"], spec["method"]["id"])
+    members = read_adapter_method(adapter)["peft"] if adapter is not None else spec["method"]["peft"]
+    if prepare is not None:
+        members = prepare(model, members)
+    peft = apply_peft(model, members, spec["method"]["id"])
     if adapter is not None:
         load_adapter(peft, adapter)
     backend = place_model(model, device, spec["runtime"]) if device is not None else None
-    return Trainable(model, peft, param_groups(model, peft, spec["train"]["optimizer"]), backend)
+    return Trainable(model, peft, param_groups(model, peft, spec["train"]["optimizer"]), backend, members)
 
 
 def build_on_meta(spec: dict) -> Trainable:

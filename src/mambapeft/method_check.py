@@ -17,7 +17,11 @@ from pathlib import Path
 import jsonschema
 
 ENTRY_POINT_GROUP = "mambapeft.peft_families"  # where installed packages name their family modules
-METHOD_KEYS = {"label", "init", "peft", "train", "rank_by_backbone"}
+MERGEABLE_KEY = "x-mergeable"  # a family's schema annotation: `mambapeft merge` can fold its members into the weights
+METHOD_KEYS = {"label", "init", "peft", "train", "rank_by_backbone", "backbones"}
+# A method fits the backbones of the families its `backbones:` names (a family is the backbone id's
+# prefix: vim-s -> vim, vit-mini -> vit); without the key, its domain's default (None: every backbone).
+DEFAULT_BACKBONE_FAMILIES = {"vision": ["vim"], "language": None}
 INITS = ("pretrained", "scratch")
 
 
@@ -56,12 +60,16 @@ def check_member(member, where: str, schema_file: Path) -> None:
 
 
 def check_method(method: str, definition, where: str, schema_file: Path) -> None:
-    """One method entry (``label``, ``init``, ``peft`` members, ``train``, ``rank_by_backbone``)."""
+    """One method entry (``label``, ``init``, ``peft`` members, ``train``, ``rank_by_backbone``, ``backbones``)."""
     if not isinstance(definition, dict):
         raise MethodError(f"{where}: method {method!r} must be a mapping with `peft:` (and `label:`, `init:`, `train:`)")
     unknown = sorted(set(definition) - METHOD_KEYS)
     if unknown:
         raise MethodError(f"{where}: method {method!r}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(METHOD_KEYS))}")
+    families = definition.get("backbones", ["<default>"])
+    if not (isinstance(families, list) and families and all(isinstance(f, str) for f in families)):
+        raise MethodError(f"{where}: method {method!r}: `backbones` must be a list of backbone families "
+                          f"(e.g. [vit]), got {families!r}")
     if definition.get("init", "pretrained") not in INITS:
         raise MethodError(f"{where}: method {method!r}: `init` must be one of {INITS}, got {definition['init']!r}")
     members = definition.get("peft", [])
@@ -70,3 +78,33 @@ def check_method(method: str, definition, where: str, schema_file: Path) -> None
     for i, member in enumerate(members):
         label = member.get("name") or member.get("family", "?") if isinstance(member, dict) else "?"
         check_member(member, f"{where}: method {method!r}, member {i} ({label})", schema_file)
+
+
+def backbone_family(backbone: str) -> str:
+    """The family of a backbone id, torch-free: its prefix (``vim-s`` -> vim, ``vit-mini`` -> vit)."""
+    return backbone.split("-", 1)[0]
+
+
+def fitting_families(definition: dict, domain: str) -> list[str] | None:
+    """The backbone families a method applies to (None: every backbone of its domain)."""
+    return definition.get("backbones", DEFAULT_BACKBONE_FAMILIES.get(domain))
+
+
+def method_fits(definition: dict, domain: str, backbone: str) -> bool:
+    families = fitting_families(definition, domain)
+    return families is None or backbone_family(backbone) in families
+
+
+def unmergeable_member(members: list[dict], schema_file: Path) -> tuple[int, str] | None:
+    """(index, family) of the first member whose family cannot be folded into the weights, or None.
+    A plugin family not in the committed schema is left to the merge job's own check."""
+    schemas = _member_schemas(str(schema_file))
+    for i, member in enumerate(members):
+        family = member.get("family")
+        if family in schemas and not schemas[family].get(MERGEABLE_KEY, False):
+            return i, family
+    return None
+
+
+def mergeable_families(schema_file: Path) -> list[str]:
+    return sorted(name for name, schema in _member_schemas(str(schema_file)).items() if schema.get(MERGEABLE_KEY))

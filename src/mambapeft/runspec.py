@@ -98,6 +98,7 @@ def validate_config(config: dict) -> None:
     for exp_id, exp in config["experiments"].items():
         _check_experiment(config, exp_id, exp)
     _check_length_study(config)
+    _check_searches(config)
     if DT_INIT in config:
         _check_dt_init(config[DT_INIT])
 
@@ -113,10 +114,10 @@ def check_methods_file(domain: str) -> None:
 
 
 def _check_overrides(exp_id: str, exp: dict) -> None:
-    """Each overridden method's members, resolved for every backbone, against the schema."""
+    """Each overridden method's members, resolved for every backbone it fits, against the schema."""
     for method, overrides in exp.get("method_overrides", {}).items():
         where = f"experiments/{exp_id}/method_overrides/{method}"
-        for backbone in exp["backbones"]:
+        for backbone in fitting_backbones(exp["domain"], method, exp["backbones"]):
             members = method_definition(exp["domain"], method, backbone, overrides)["peft"]
             try:
                 for i, member in enumerate(members):
@@ -125,15 +126,43 @@ def _check_overrides(exp_id: str, exp: dict) -> None:
                 raise ConfigError(str(err)) from None
 
 
+LENGTH_STUDY_KINDS = ("synthetic", "yelp_polarity")  # data whose runs report accuracy per test length
+
+
 def _check_length_study(config: dict) -> None:
-    """The length-generalisation study collects experiments on synthetic data."""
+    """The length-generalisation study collects experiments on synthetic data and Yelp polarity."""
     for exp_id in length_study_experiments(config):
         exp = config["experiments"].get(exp_id)
         if exp is None:
             raise ConfigError(f"length_generalisation/experiments: {exp_id!r} is not an experiment of this config")
-        if config["data"][exp["data"]]["kind"] != "synthetic":
+        if config["data"][exp["data"]]["kind"] not in LENGTH_STUDY_KINDS:
             raise ConfigError(f"length_generalisation/experiments: {exp_id!r} trains on data/{exp['data']}, "
-                              "not on a data entry of kind synthetic")
+                              f"not on a data entry of kind {' or '.join(LENGTH_STUDY_KINDS)}")
+
+
+def _check_searches(config: dict) -> None:
+    """A hybrid search (config `search`) runs on a vision experiment's backbone and tasks, over the
+    steps of a space of vision/search.yaml taken in order (src/mambapeft/search/)."""
+    spaces = domain_file("vision", "search")
+    for name, search in config.get("search", {}).items():
+        where = f"search/{name}"
+        exp = config["experiments"].get(search["experiment"])
+        if exp is None or exp["domain"] != "vision":
+            raise ConfigError(f"{where}/experiment: {search['experiment']!r} is not a vision experiment of this config")
+        outside = [t for t in search["tasks"] if t not in exp["tasks"]]
+        if outside:
+            raise ConfigError(f"{where}/tasks: {outside} are not tasks of experiments/{search['experiment']}; "
+                              f"the search trains on its experiment's data: pick from {', '.join(exp['tasks'])}")
+        if search.get("backbone", exp["backbones"][0]) not in exp["backbones"]:
+            raise ConfigError(f"{where}/backbone: {search['backbone']!r} is not a backbone of "
+                              f"experiments/{search['experiment']}: pick from {', '.join(exp['backbones'])}")
+        space = search.get("space", "hybrid")
+        if space not in spaces:
+            raise ConfigError(f"{where}/space: {space!r} is not a space of vision/search.yaml: {', '.join(spaces)}")
+        order = list(spaces[space].get("steps", {}))
+        steps = search.get("steps", order)
+        if steps != order[:len(steps)]:
+            raise ConfigError(f"{where}/steps: {steps} must be the first steps of space {space!r} in order: {order}")
 
 
 def length_study_experiments(config: dict) -> list[str]:
@@ -152,6 +181,9 @@ def _check_experiment(config: dict, exp_id: str, exp: dict) -> None:
     if unknown:
         raise ConfigError(f"experiments/{exp_id}/methods: unknown method(s) {unknown}; valid ids in "
                           f"{DOMAINS[exp['domain']]}/methods.yaml: {', '.join(methods)}")
+    for method in exp["methods"]:
+        if not fitting_backbones(exp["domain"], method, exp["backbones"]):
+            raise ConfigError(f"experiments/{exp_id}/methods: {_misfit(exp['domain'], method, exp['backbones'])}")
     for backbone in exp["backbones"]:
         if backbone not in config["backbones"]:
             raise ConfigError(f"experiments/{exp_id}/backbones: {backbone!r} has no entry under `backbones:`")
@@ -166,6 +198,27 @@ def _check_experiment(config: dict, exp_id: str, exp: dict) -> None:
         if method not in exp["methods"]:
             raise ConfigError(f"experiments/{exp_id}/method_overrides: {method!r} is not in this experiment's methods")
     _check_overrides(exp_id, exp)
+    if exp.get("merge"):
+        _check_mergeable(exp_id, exp)
+
+
+def _check_mergeable(exp_id: str, exp: dict) -> None:
+    """``merge: true`` folds every run's method into the weights: each must be made of mergeable families."""
+    where = f"experiments/{exp_id}/merge"
+    if exp["domain"] != "language":
+        raise ConfigError(f"{where}: only language experiments are merged (exported as language models); "
+                          "set merge: false")
+    for method in exp["methods"]:
+        overrides = exp.get("method_overrides", {}).get(method)
+        members = method_definition(exp["domain"], method, exp["backbones"][0], overrides)["peft"]
+        found = method_check.unmergeable_member(members, _peft_schema_path())
+        if found:
+            index, family = found
+            raise ConfigError(
+                f"{where}: method {method!r} cannot be merged into the weights: its member {index} is family "
+                f"{family!r}, which changes the computation rather than the weights (mergeable families: "
+                f"{', '.join(method_check.mergeable_families(_peft_schema_path()))}); drop the method from this "
+                "experiment or set merge: false")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,17 +242,34 @@ class Run:
                 / f"seed{self.seed}")
 
 
+def merged_directory(config: dict, run: Run) -> Path:
+    """Where ``mambapeft merge`` writes a run's merged model: hf/, mamba_ssm/, then merge.json."""
+    return results_dir(config) / "merged" / run.directory("").relative_to("runs")
+
+
+def base_export_directory(config: dict, backbone: str) -> Path:
+    """The backbone itself in the merged models' layouts (hf/, mamba_ssm/, merge.json): the base model."""
+    return resources_dir(config) / "backbones" / backbone / "export"
+
+
+def merge_grid(config: dict) -> list[Run]:
+    """The runs of experiments with ``merge: true``: one merge job each."""
+    return [run for run in grid(config) if config["experiments"][run.experiment].get("merge")]
+
+
 def _excluded(run: Run, rules: list[dict]) -> bool:
     return any(all(getattr(run, key) == value for key, value in rule.items()) for rule in rules)
 
 
 def grid(config: dict, experiment: str | None = None) -> list[Run]:
-    """Every run of one experiment (or of all), minus the experiment's ``exclude`` cells."""
+    """Every run of one experiment (or of all): each method on the backbones it fits (a Vim method
+    on the Vim backbones, a ViT method on the ViT ones), minus the experiment's ``exclude`` cells."""
     experiments = config["experiments"] if experiment is None else {experiment: config["experiments"][experiment]}
     runs = []
     for e, exp in experiments.items():
+        fits = {m: fitting_backbones(exp["domain"], m, exp["backbones"]) for m in exp["methods"]}
         cells = (Run(e, b, t, m, int(s)) for b in exp["backbones"] for t in exp["tasks"]
-                 for m in exp["methods"] for s in exp["seeds"])
+                 for m in exp["methods"] if b in fits[m] for s in exp["seeds"])
         runs += [r for r in cells if not _excluded(r, exp.get("exclude", []))]
     return runs
 
@@ -225,6 +295,23 @@ def data_root(config: dict, dataset: str) -> Path:
     return Path(entry["root"]) if entry.get("root") else resources_dir(config) / "data" / dataset
 
 
+def hub_dataset_record(config: dict, name: str) -> Path:
+    """Written last by the download of the ``hub_datasets`` entry ``name``."""
+    return resources_dir(config) / "downloads" / f"{name}.json"
+
+
+def hub_downloads_for(config: dict, path: str | Path) -> list[str]:
+    """The download records of the ``hub_datasets`` entries whose target is ``path``, lies inside it
+    or holds it: a job that reads ``path`` waits for them."""
+    reading = Path(os.path.abspath(path))
+    records = []
+    for name, entry in config.get("hub_datasets", {}).items():
+        target = Path(os.path.abspath(entry["target"]))
+        if target == reading or target in reading.parents or reading in target.parents:
+            records.append(str(hub_dataset_record(config, name)))
+    return records
+
+
 def backbone_manifest(config: dict, backbone: str) -> Path:
     """Written once the backbone checkpoint exists (pretrained here, or official weights checked)."""
     return resources_dir(config) / "backbones" / backbone / "checkpoint.json"
@@ -240,6 +327,23 @@ def dataset_spec(config: dict, dataset: str) -> dict:
     return {**config["data"][dataset], "root": str(data_root(config, dataset)), "tasks": tasks}
 
 
+TOKENIZED_KINDS = ("orca_math",)  # data kinds whose runs train on a token cache (rule tokenize_text)
+
+
+def text_tokens(config: dict, dataset: str, backbone: str) -> tuple[Path, Path]:
+    """A text dataset tokenized once with a backbone's tokenizer (data/token_cache.py): (.bin, .json written last)."""
+    folder = resources_dir(config) / "tokens" / dataset
+    return folder / f"{backbone}.bin", folder / f"{backbone}.json"  # not with_suffix: ids like mamba-1.4b have dots
+
+
+def text_tokenize_spec(config: dict, dataset: str, backbone: str) -> dict:
+    """What the tokenization of ``dataset`` with ``backbone``'s tokenizer reads (``mambapeft data tokenize``):
+    every training text followed by eos (layout ``documents``)."""
+    entry = config["backbones"][backbone]
+    return {"kind": config["data"][dataset]["kind"], "root": str(data_root(config, dataset)),
+            "tokenizer": entry.get("tokenizer") or entry["path"], "layout": "documents"}
+
+
 def image_cache(config: dict, dataset: str, task: str, split: str, resolution: int) -> Path:
     """Decoded, resized images of one split (uint8), built once per task and resolution."""
     return resources_dir(config) / "cache" / dataset / task / f"{split}_{resolution}.npz"
@@ -248,6 +352,25 @@ def image_cache(config: dict, dataset: str, task: str, split: str, resolution: i
 # ------------------------------------------------------------------------------------------------
 # one run
 # ------------------------------------------------------------------------------------------------
+def fitting_backbones(domain: str, method: str, backbones: list[str]) -> list[str]:
+    """Those of ``backbones`` that ``method`` applies to (its ``backbones:`` families in methods.yaml)."""
+    definition = domain_file(domain, "methods")[method]
+    return [b for b in backbones if method_check.method_fits(definition, domain, b)]
+
+
+def methods_for(domain: str, backbone: str) -> dict[str, dict]:
+    """The entries of ``<domain>/methods.yaml`` that apply to ``backbone``, in file order."""
+    return {m: d for m, d in domain_file(domain, "methods").items() if method_check.method_fits(d, domain, backbone)}
+
+
+def _misfit(domain: str, method: str, backbones: list[str]) -> str:
+    """One line: ``method`` applies to none of ``backbones``, and what does."""
+    families = method_check.fitting_families(domain_file(domain, "methods")[method], domain)
+    fitting = sorted(methods_for(domain, backbones[0]))
+    return (f"method {method!r} is for {'/'.join(families)} backbones ({DOMAINS[domain]}/methods.yaml `backbones`), "
+            f"not {', '.join(backbones)}; methods for {backbones[0]}: {', '.join(fitting) or 'none'}")
+
+
 def method_definition(domain: str, method: str, backbone: str, overrides: dict | None) -> dict:
     """The method's YAML entry with per-backbone ranks and the config's overrides applied:
     ``{member name: {field: value}}`` resizes members, ``{train: {...}}`` overrides the method's recipe."""
@@ -256,6 +379,8 @@ def method_definition(domain: str, method: str, backbone: str, overrides: dict |
         raise ConfigError(f"Unknown method {method!r}; valid ids in {DOMAINS[domain]}/methods.yaml: "
                           f"{', '.join(methods)}")
     definition = methods[method]
+    if not method_check.method_fits(definition, domain, backbone):
+        raise ConfigError(_misfit(domain, method, [backbone]))
     members = definition.get("peft", [])
     rank = definition.get("rank_by_backbone", {}).get(backbone)
     for member in members:
@@ -279,9 +404,19 @@ def resolve_run(config: dict, run: Run) -> dict:
     if run.experiment not in config["experiments"]:
         raise ConfigError(f"Unknown experiment {run.experiment!r}; configured: {', '.join(config['experiments'])}")
     exp = config["experiments"][run.experiment]
+    method = method_definition(exp["domain"], run.method, run.backbone, exp.get("method_overrides", {}).get(run.method))
+    return resolve_method_run(config, run, method)
+
+
+def resolve_method_run(config: dict, run: Run, method: dict, train_overrides: dict | None = None) -> dict:
+    """:func:`resolve_run` for a method given as a definition (``method_definition``'s shape) rather
+    than an id of methods.yaml: the hybrid search's trials. ``train_overrides`` go between the
+    experiment's and the method's recipe keys."""
+    exp = config["experiments"][run.experiment]
     domain = exp["domain"]
-    method = method_definition(domain, run.method, run.backbone, exp.get("method_overrides", {}).get(run.method))
-    train = deep_merge(deep_merge(domain_file(domain, "recipe"), exp.get("train", {})), method.pop("train"))
+    method = copy.deepcopy(method)
+    recipe = deep_merge(deep_merge(domain_file(domain, "recipe"), exp.get("train", {})), train_overrides or {})
+    train = deep_merge(recipe, method.pop("train"))
     dataset = exp["data"]
     spec = {
         "run": {"experiment": run.experiment, "backbone": run.backbone, "task": run.task,
@@ -301,6 +436,8 @@ def resolve_run(config: dict, run: Run) -> dict:
                     "threads": int(config.get("threads", 1)), "wandb": config.get("wandb", {"mode": "disabled"})},
         "output_dir": str(run.directory(results_dir(config))),
     }
+    if config["data"][dataset]["kind"] in TOKENIZED_KINDS:
+        spec["data"]["tokens"] = str(text_tokens(config, dataset, run.backbone)[1])
     if domain == "vision":
         resolution = image_size(config, run.backbone)
         spec["data"]["cache"] = {split: str(image_cache(config, dataset, run.task, split, resolution))

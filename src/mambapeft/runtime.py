@@ -39,8 +39,11 @@ def autocast_for(device: torch.device):
 
 def select_backend(model: nn.Module, device: torch.device, runtime: dict) -> str:
     """Put one scan backend on every mixer; a CUDA run on the PyTorch scan fails unless allowed.
-    Returns the name recorded in metrics.json: the backend's, "-fused" added where mixers run the
-    fused mamba_inner kernel."""
+    Returns the name recorded in metrics.json: the backend's, "-fused" added where mixers run a
+    fused kernel after in_proj (mamba_inner, Mamba-2's split_conv1d_scan); "none" for a model
+    without a selective scan (a ViT), whose run needs no kernel."""
+    if not any(isinstance(module, Mixer) for module in model.modules()):
+        return "none"
     backend = resolve_backend(device, runtime["scan_backend"])
     if device.type == "cuda" and backend.name == "torch" and not runtime["allow_torch_fallback"]:
         raise RuntimeError("This CUDA run would use the slow PyTorch scan (mamba-ssm missing or backend forced). "
@@ -49,9 +52,9 @@ def select_backend(model: nn.Module, device: torch.device, runtime: dict) -> str
     for mixer in mixers:
         mixer.backend = backend
     fused = sum(m.uses_fused_inner() for m in mixers)
-    if backend.mamba_inner is not None:
-        log.info("mixers on the fused mamba_inner kernel: %d of %d (the others: a method changes them "
-                 "between in_proj and the output, or they are bidirectional or Mamba-2)", fused, len(mixers))
+    if backend.fuses:
+        log.info("mixers on a fused kernel after in_proj: %d of %d (the others: a method changes them "
+                 "between in_proj and the output, or they are bidirectional)", fused, len(mixers))
     return f"{backend.name}-fused" if fused else backend.name
 
 

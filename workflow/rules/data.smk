@@ -1,10 +1,12 @@
-# Datasets: fetch VTAB-1k where the config says how (`download:`), write the offline stand-ins
+# Datasets: fetch VTAB-1k where the config says how (`download:`) and the Hub datasets of the
+# `hub_datasets` table (each before the jobs that read its target), write the offline stand-ins
 # (source: mini) or check real data (anything else), then decode and resize VTAB images once per
-# task, split and resolution.
+# task, split and resolution; tokenize a text dataset (orca_math) once per backbone tokenizer.
 
 
 localrules:
     download_data,  # cluster compute nodes often have no network; the login node fetches
+    download_hub_dataset,
 
 
 rule download_data:
@@ -20,6 +22,24 @@ rule download_data:
         "../envs/mambapeft.yaml"
     shell:
         "mambapeft data download --spec {params.spec:q} --out {output.record} 2>&1 | tee {log}"
+
+
+rule download_hub_dataset:
+    output:
+        record=f"{RESOURCES}/downloads/{{hub_dataset}}.json",
+    log:
+        f"{RESOURCES}/logs/downloads/{{hub_dataset}}.log",
+    benchmark:
+        f"{RESOURCES}/logs/downloads/{{hub_dataset}}.benchmark.tsv"
+    params:
+        spec=hub_dataset_spec,
+    wildcard_constraints:
+        hub_dataset=hub_dataset_names(),
+    conda:
+        "../envs/mambapeft.yaml"
+    shell:
+        "mambapeft data download-hub --name {wildcards.hub_dataset} --spec {params.spec:q} --out {output.record}"
+        " 2>&1 | tee {log}"
 
 
 rule prepare_data:
@@ -58,3 +78,21 @@ rule cache_images:
     shell:
         "mambapeft data cache --root {params.root} --task {wildcards.task} --split {wildcards.split}"
         " --resolution {wildcards.resolution} --out {output.cache} > {log} 2>&1"
+
+
+rule tokenize_text:
+    input:
+        unpack(tokenize_text_inputs),
+    output:
+        tokens=f"{RESOURCES}/tokens/{{dataset}}/{{backbone}}.bin",
+        meta=f"{RESOURCES}/tokens/{{dataset}}/{{backbone}}.json",
+    log:
+        f"{RESOURCES}/logs/tokens/{{dataset}}/{{backbone}}.log",
+    benchmark:
+        f"{RESOURCES}/logs/tokens/{{dataset}}/{{backbone}}.benchmark.tsv"
+    params:
+        spec=tokenize_text_spec,
+    conda:
+        "../envs/mambapeft.yaml"
+    shell:
+        "mambapeft data tokenize --spec {params.spec:q} --tokens {output.tokens} --meta {output.meta} > {log} 2>&1"

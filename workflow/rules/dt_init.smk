@@ -27,6 +27,7 @@ rule dt_init_standin:
 rule tokenize_dt_init:
     input:
         dt_init_standin_manifest,
+        dt_init_corpus_downloads,
     output:
         tokens=f"{DT_INIT_TOKENS}.bin",
         meta=f"{DT_INIT_TOKENS}.json",

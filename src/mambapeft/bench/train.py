@@ -1,9 +1,11 @@
-"""Training-step benchmarks on a GPU: every method on Vim-S and Mamba LMs, and the baselines a
-user would otherwise pick (transformers' MambaForCausalLM + peft LoRA; timm ViT-S/16 + LoRA).
+"""Training-step benchmarks on a GPU: every method on Vim-S and Mamba LMs (Mamba-1 and Mamba-2), and
+the baselines a user would otherwise pick (transformers' MambaForCausalLM / Mamba2ForCausalLM + peft
+LoRA; timm ViT-S/16 + LoRA).
 
 Random data of the right shapes, bf16 autocast, the optimizer step included; the median of timed
 steps after warm-up, with CUDA synchronisation around each step. Writes
-``results/benchmarks/<device>.json`` and a Markdown table beside it.
+``results/benchmarks/<device>.json`` and a Markdown table beside it. The language rows also run on
+CPU (fp32, no memory figures), which the tests use with tiny sizes.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import torch.nn.functional as F
 
 from ..build import build_trainable, method_spec
 from ..io import write_json_atomic, write_text_atomic
-from ..runspec import domain_file
+from ..models.lm import LM_VARIANTS, MambaLMConfig
+from ..runspec import domain_file, methods_for
+from ..runtime import autocast_for, device_name
 from ..train.language import GraphedLoss, next_token_targets, token_loss_sum
 from ..train.optim import build_optimizer
 
@@ -28,22 +32,29 @@ log = logging.getLogger("mambapeft.bench")
 
 VTAB_TRAIN_STEPS = 19 * 100 * 32  # 19 tasks x 100 epochs x 32 iterations (1,000 images, batch 32)
 HF_WEIGHTS = {"": torch.float32, "-bf16-weights": torch.bfloat16}  # baseline name suffix -> weights dtype
+# affix's projection would add billions of parameters to these (the paper ran it at mamba-130m)
+AFFIX_TOO_LARGE = ("mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b")
+CUDA = torch.device("cuda")  # where the benchmarks run unless told otherwise (tests: CPU)
 
 
-def _timed(step: Callable[[], None], warmup: int, steps: int) -> dict:
+def _timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device = CUDA) -> dict:
+    cuda = device.type == "cuda"
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    # reserved, not only allocated: a CUDA graph's private pool is reserved before the timed steps
-    return {"step_s": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
-            "peak_mem_bytes": torch.cuda.max_memory_allocated(), "reserved_bytes": torch.cuda.max_memory_reserved()}
+    row = {"step_s": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times)}
+    if cuda:  # reserved, not only allocated: a CUDA graph's private pool is reserved before the timed steps
+        row.update(peak_mem_bytes=torch.cuda.max_memory_allocated(), reserved_bytes=torch.cuda.max_memory_reserved())
+    return row
 
 
 def _random_images(batch: int, size: int, classes: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,9 +62,11 @@ def _random_images(batch: int, size: int, classes: int = 100) -> tuple[torch.Ten
     return torch.randn(batch, 3, size, size, device="cuda"), torch.randint(0, classes, (batch,), device="cuda")
 
 
-def _train_step(model, optimizer, loss_fn) -> Callable[[], None]:
+def _train_step(model, optimizer, loss_fn, device: torch.device = CUDA) -> Callable[[], None]:
+    autocast = autocast_for(device)  # bf16 on CUDA
+
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast():
             loss = loss_fn(model)
         loss.backward()
         if optimizer is not None:
@@ -62,11 +75,11 @@ def _train_step(model, optimizer, loss_fn) -> Callable[[], None]:
     return step
 
 
-def _our_model(backbone: str, method: str, num_classes: int | None = None):
+def _our_model(backbone: str, method: str, num_classes: int | None = None, device: torch.device = CUDA):
     """Random weights, built and placed as the trainer does; a missing mamba-ssm shows as backend
     "torch" in the row."""
     spec = method_spec(backbone, method, num_classes=num_classes)
-    built = build_trainable(spec, torch.device("cuda"), weights=False)
+    built = build_trainable(spec, device, weights=False)
     optimizer = build_optimizer(built.groups, spec["train"]["optimizer"]) if built.groups else None
     return built.model, built.peft, optimizer, built.backend
 
@@ -82,10 +95,11 @@ def _vision_step(method: str, backbone: str, batch: int, size: int, cuda_graphs=
     return model, result, backend, _train_step(forward, optimizer, lambda m: F.cross_entropy(m(images).float(), labels))
 
 
-def _language_step(method: str, backbone: str, micro_batch: int, length: int, cuda_graphs=False):
+def _language_step(method: str, backbone: str, micro_batch: int, length: int, cuda_graphs=False,
+                   device: torch.device = CUDA):
     """(model, PEFT result, backend name, one training step on random ids of ``length`` + 1 tokens)."""
-    model, result, optimizer, backend = _our_model(backbone, method)
-    ids = torch.randint(0, 50000, (micro_batch, length + 1), device="cuda")
+    model, result, optimizer, backend = _our_model(backbone, method, device=device)
+    ids = torch.randint(0, model.config.vocab_size, (micro_batch, length + 1), device=device)
     targets = next_token_targets(ids, torch.full((micro_batch,), length + 1))
     model.train()
     if cuda_graphs and result.trainable:
@@ -95,7 +109,7 @@ def _language_step(method: str, backbone: str, micro_batch: int, length: int, cu
     def loss_fn(m):
         return token_loss_sum(m, ids, targets, contextlib.nullcontext) / (micro_batch * length)  # autocast is on
 
-    return model, result, backend, _train_step(model, optimizer, loss_fn)
+    return model, result, backend, _train_step(model, optimizer, loss_fn, device)
 
 
 def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmup=5, steps=20,
@@ -117,32 +131,34 @@ def _eval_step(model, images):
 
 
 def bench_language_method(method: str, backbone: str, micro_batch=4, length=256, warmup=3, steps=10,
-                          cuda_graphs=False) -> dict:
-    model, result, backend, step = _language_step(method, backbone, micro_batch, length, cuda_graphs)
+                          cuda_graphs=False, device: torch.device = CUDA) -> dict:
+    model, result, backend, step = _language_step(method, backbone, micro_batch, length, cuda_graphs, device)
     if not result.trainable:
         return {"skipped": "no trainable parameters (evaluation only)"}
-    row = _timed(step, warmup, steps)
+    row = _timed(step, warmup, steps, device)
     row.update(tokens_per_s=micro_batch * length / row["step_s"], trainable_params=result.count(), backend=backend,
                cuda_graphs=cuda_graphs)
     return row
 
 
 def bench_hf_mamba_lora(backbone: str, micro_batch=4, length=256, rank=32, warmup=3, steps=10,
-                        weights_dtype=torch.float32) -> dict:
-    """transformers' MambaForCausalLM (its CUDA-kernel path) + peft LoRA on in_proj, same shapes.
-    ``weights_dtype``: fp32 is what transformers' Trainer with ``bf16=True`` trains; bf16 is a model
-    loaded with ``torch_dtype=torch.bfloat16`` (peft keeps the LoRA weights in fp32)."""
+                        weights_dtype=torch.float32, device: torch.device = CUDA) -> dict:
+    """transformers' MambaForCausalLM or Mamba2ForCausalLM (its CUDA-kernel path) of ``backbone``'s
+    sizes + peft LoRA on in_proj: our lora_in_proj at the same shapes. ``weights_dtype``: fp32 is
+    what transformers' Trainer with ``bf16=True`` trains; bf16 is a model loaded with
+    ``torch_dtype=torch.bfloat16`` (peft keeps the LoRA weights in fp32)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import MambaConfig, MambaForCausalLM
 
-    dims = {"mamba-130m": (768, 24), "mamba-370m": (1024, 48), "mamba-1.4b": (2048, 48)}[backbone]
-    config = MambaConfig(hidden_size=dims[0], num_hidden_layers=dims[1], vocab_size=50280, state_size=16, expand=2)
-    base = MambaForCausalLM(config).to("cuda", weights_dtype)
+    from .hf import hf_causal_lm
+
+    config = MambaLMConfig(**LM_VARIANTS[backbone].config)
+    base = hf_causal_lm(config, device, weights_dtype)
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=rank, target_modules=["in_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 50000, (micro_batch, length), device="cuda")
+    ids = torch.randint(0, config.vocab_size, (micro_batch, length), device=device)
     model.train()
-    row = _timed(_train_step(model, optimizer, lambda m: m(input_ids=ids, labels=ids).loss), warmup, steps)
+    row = _timed(_train_step(model, optimizer, lambda m: m(input_ids=ids, labels=ids).loss, device), warmup, steps,
+                 device)
     row.update(tokens_per_s=micro_batch * (length - 1) / row["step_s"],
                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                weights_dtype=str(weights_dtype).removeprefix("torch."))
@@ -168,8 +184,10 @@ def _guarded(fn, *args, **kwargs) -> dict:
     """One benchmark row: a row that fails is reported and the others still run. Its memory is
     counted from what earlier rows left behind (captured CUDA graphs keep their pools)."""
     gc.collect()
-    torch.cuda.empty_cache()
-    held = {"peak_mem_bytes": torch.cuda.memory_allocated(), "reserved_bytes": torch.cuda.memory_reserved()}
+    held = {}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        held = {"peak_mem_bytes": torch.cuda.memory_allocated(), "reserved_bytes": torch.cuda.memory_reserved()}
     try:
         row = fn(*args, **kwargs)
     except Exception as err:
@@ -179,15 +197,22 @@ def _guarded(fn, *args, **kwargs) -> dict:
 
 
 def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("mamba-130m", "mamba-1.4b"),
-                   vision_methods=None, language_methods=None, baselines=True, cuda_graphs=False) -> dict:
+                   vision_methods=None, language_methods=None, baselines=True, cuda_graphs=False,
+                   language_shape=(4, 256), warmup_steps=(3, 10), device: str = "cuda") -> dict:
     """Every row, written out after each one: an interrupted run keeps what it measured.
-    ``cuda_graphs``: training steps as the trainer runs them with the runtime key ``cuda_graphs``."""
-    device = torch.cuda.get_device_name()
-    vision_methods = vision_methods or [m for m in domain_file("vision", "methods")]
-    language_methods = language_methods or [m for m in domain_file("language", "methods")]
-    report = {"device": device, "torch": torch.__version__, "cuda_graphs": cuda_graphs,
+    ``cuda_graphs``: training steps as the trainer runs them with the runtime key ``cuda_graphs``.
+    Methods None: every method of the domain's methods.yaml (an empty list: none, and for vision
+    no timm baseline). ``language_shape``: (micro-batch, sequence length); ``warmup_steps``: the
+    untimed and timed steps of a language row. On ``device`` "cpu" only language rows run."""
+    device = torch.device(device)
+    device_label = device_name(device)
+    vision_methods = list(methods_for("vision", vision_backbone)) if vision_methods is None else vision_methods
+    language_methods = list(domain_file("language", "methods")) if language_methods is None else language_methods
+    report = {"device": device_label, "torch": torch.__version__, "cuda_graphs": cuda_graphs,
               "vision": {}, "language": {}, "baselines": {}}
-    slug = device.replace(" ", "_") + ("-cuda_graphs" if cuda_graphs else "")
+    slug = device_label.replace(" ", "_") + ("-cuda_graphs" if cuda_graphs else "")
+    language = {"micro_batch": language_shape[0], "length": language_shape[1], "warmup": warmup_steps[0],
+                "steps": warmup_steps[1], "device": device}
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -201,21 +226,29 @@ def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("
         save()
     for backbone in language_backbones:
         for method in language_methods:
-            if backbone != "mamba-130m" and method == "affix":
-                continue  # the projection would add billions of parameters (the paper ran it at 130m only)
+            if backbone in AFFIX_TOO_LARGE and method == "affix":
+                continue
             log.info("language %s %s", backbone, method)
             report["language"].setdefault(backbone, {})[method] = _guarded(bench_language_method, method, backbone,
-                                                                           cuda_graphs=cuda_graphs)
+                                                                           cuda_graphs=cuda_graphs, **language)
             save()
     if baselines:
         for backbone in language_backbones:
             for suffix, dtype in HF_WEIGHTS.items():
-                report["baselines"][f"hf-mamba+peft-lora{suffix}:{backbone}"] = _guarded(
-                    bench_hf_mamba_lora, backbone, weights_dtype=dtype)
-                save()
-        report["baselines"]["timm-vit-s16+peft-lora"] = _guarded(bench_timm_vit_lora)
-        save()
+                if device.type == "cuda" or dtype == torch.float32:  # bf16 weights need bf16 autocast
+                    report["baselines"][hf_baseline_name(backbone, suffix)] = _guarded(
+                        bench_hf_mamba_lora, backbone, weights_dtype=dtype, **language)
+                    save()
+        if vision_methods:
+            report["baselines"]["timm-vit-s16+peft-lora"] = _guarded(bench_timm_vit_lora)
+            save()
     return report
+
+
+def hf_baseline_name(backbone: str, suffix: str = "") -> str:
+    """transformers+peft's row for ``backbone``: hf-mamba+... (Mamba-1) or hf-mamba2+... (Mamba-2)."""
+    family = "mamba2" if MambaLMConfig(**LM_VARIANTS[backbone].config).mixer_layer == "Mamba2" else "mamba"
+    return f"hf-{family}+peft-lora{suffix}:{backbone}"
 
 
 def project_vtab_hours(vision: dict, test_images: int = 387_904) -> dict:
@@ -230,7 +263,8 @@ def project_vtab_hours(vision: dict, test_images: int = 387_904) -> dict:
 
 def markdown(report: dict) -> str:
     graphs = ", training steps as CUDA graphs" if report.get("cuda_graphs") else ""
-    lines = [f"# Training-step benchmark on {report['device']} (torch {report['torch']}, bf16 autocast{graphs})", ""]
+    precision = "fp32" if report["device"] == "cpu" else "bf16 autocast"
+    lines = [f"# Training-step benchmark on {report['device']} (torch {report['torch']}, {precision}{graphs})", ""]
     lines += ["| backbone | method | trainable | step (ms) | throughput | peak memory (GiB) | vs linear_probe |", "|---|---|---|---|---|---|---|"]
     base = report["vision"].get("linear_probe", {}).get("step_s")
     for method, row in report["vision"].items():
@@ -244,7 +278,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {_ms(row)} | {_rate(row, key, unit)} | {_gib(row)} |")
     lines += _ratio_lines(report)
     projection = report.get("projection", {})
-    if projection:
+    if projection.get("per_method_hours"):  # no vision rows measured: nothing to project from
         lines += ["", f"Projected GPU-hours for the whole Vim-S VTAB-1k table: **{projection['table_hours']:.1f} h** "
                       f"(from the {len(projection['per_method_hours'])} rows measured)"]
     return "\n".join(lines) + "\n"
@@ -253,7 +287,7 @@ def markdown(report: dict) -> str:
 def _ratio_lines(report: dict) -> list[str]:
     """Ours / baseline at the same shapes: LoRA(in_proj) vs transformers+peft LoRA, LoRA rows vs timm ViT-S LoRA."""
     pairs = [(f"{backbone} lora_in_proj", report["language"].get(backbone, {}).get("lora_in_proj", {}),
-              f"hf-mamba+peft-lora{suffix}:{backbone}", "tokens_per_s")
+              hf_baseline_name(backbone, suffix), "tokens_per_s")
              for backbone in report["language"] for suffix in HF_WEIGHTS]
     pairs += [(f"vim-s {method}", report["vision"].get(method, {}), "timm-vit-s16+peft-lora", "images_per_s")
               for method in ("lora_in_proj", "lorap_x")]
@@ -261,8 +295,8 @@ def _ratio_lines(report: dict) -> list[str]:
     for ours_name, ours, baseline_name, key in pairs:
         baseline = report["baselines"].get(baseline_name, {})
         if key in ours and key in baseline:
-            lines.append(f"| {ours_name} / {baseline_name} | {ours[key] / baseline[key]:.2f}x | "
-                         f"{_memory(ours) / _memory(baseline):.2f}x |")
+            memory = f"{_memory(ours) / _memory(baseline):.2f}x" if _memory(baseline) else ""
+            lines.append(f"| {ours_name} / {baseline_name} | {ours[key] / baseline[key]:.2f}x | {memory} |")
     return ["", "| ours / baseline | throughput | peak memory |", "|---|---|---|", *lines] if lines else []
 
 

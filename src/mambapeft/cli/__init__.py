@@ -4,9 +4,10 @@ Subcommands that rules call take a ``--spec`` JSON object computed by ``mambapef
 the config, so a rule stays a one-line shell command and its params are Snakemake rerun triggers.
 
 Each module of this package declares its subcommands (``add_parsers``) beside their handlers:
-``data``, ``backbone``, ``run`` (train, params), ``report`` (tables, params-table, figures),
+``data``, ``backbone``, ``run`` (train, params), ``merge`` (adapters folded into the weights),
+``report`` (tables, params-table, figures), ``search`` (the hybrid PEFT search),
 ``dt_init`` (the dt_bias initialisation study), ``length_study`` (the prefix vs periodic
-tokens length study), ``bench`` and ``tools`` (lm-eval, setup-gpu);
+tokens length study), ``lm_eval_suite`` (the Orca-Math study's lm-eval suite), ``bench`` and ``tools`` (lm-eval, setup-gpu);
 ``common`` holds what they share.
 """
 from __future__ import annotations
@@ -16,10 +17,10 @@ import logging
 import sys
 
 from ..runspec import ConfigError
-from . import backbone, bench, data, dt_init, length_study, report, run, tools
+from . import backbone, bench, data, dt_init, length_study, lm_eval_suite, merge, report, run, search, tools
 
 EXIT_USER_ERROR = 2
-SUBCOMMAND_MODULES = (data, backbone, run, report, dt_init, length_study, bench, tools)  # in the order `mambapeft --help` lists them
+SUBCOMMAND_MODULES = (data, backbone, run, merge, report, search, dt_init, length_study, lm_eval_suite, bench, tools)  # in the order `mambapeft --help` lists them
 
 
 def _user_errors() -> tuple[type, ...]:

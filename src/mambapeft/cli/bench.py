@@ -10,6 +10,7 @@ def add_parsers(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench_command", required=True)
     _add_scan(bench)
     _add_train(bench)
+    _add_generate(bench)
     _add_data(bench)
     _add_profile(bench)
     _add_equivalence(bench)
@@ -65,8 +66,9 @@ def _add_train(bench) -> None:
     p.add_argument("--out", default="results/benchmarks", help="folder for <device>.json and <device>.md")
     p.add_argument("--vision-backbone", default="vim-s", help="vim-* variant, batch 32 at 224x224")
     p.add_argument("--language-backbones", nargs="+", default=["mamba-130m", "mamba-1.4b"],
-                   help="mamba-* variants, sequence 256 at the engine's micro-batch")
+                   help="mamba-* / mamba2-* variants, sequence 256 at the engine's micro-batch")
     p.add_argument("--vision-methods", nargs="+", help="default: every method of vision/methods.yaml")
+    p.add_argument("--no-vision", action="store_true", help="language rows only (no Vim or timm rows)")
     p.add_argument("--language-methods", nargs="+", help="default: every method of language/methods.yaml")
     p.add_argument("--no-baselines", action="store_true", help="skip transformers+peft and timm+peft")
     p.add_argument("--cuda-graphs", action="store_true", help="training steps as CUDA graphs (runtime key cuda_graphs)")
@@ -77,9 +79,46 @@ def cmd_bench_train(args) -> None:
     from ..bench.train import run_benchmarks
 
     report = run_benchmarks(Path(args.out), args.vision_backbone, tuple(args.language_backbones),
-                            args.vision_methods, args.language_methods, baselines=not args.no_baselines,
-                            cuda_graphs=args.cuda_graphs)
+                            [] if args.no_vision else args.vision_methods, args.language_methods,
+                            baselines=not args.no_baselines, cuda_graphs=args.cuda_graphs)
     print(json.dumps(report["projection"], indent=1))
+
+
+def _comma_list(kind: type):
+    def parse(text: str) -> list:
+        return [kind(item) for item in text.split(",") if item]
+    return parse
+
+
+def _add_generate(bench) -> None:
+    p = bench.add_parser("generate", help="GPU: greedy generation speed, ours (CUDA graph) vs mamba-ssm and transformers",
+                         description="Greedy decoding of --new tokens after a --prompt-token prompt, bf16 on CUDA: "
+                                     "tokens/s and per-token latency of ours (step mode, decode step as a CUDA "
+                                     "graph; bare and with adapters active), mamba-ssm's generate(cg=True) and "
+                                     "transformers' generate, with the same weights. Writes generate_<device>.json "
+                                     "and .md under --out.")
+    p.add_argument("--backbones", type=_comma_list(str), default=["mamba-130m", "mamba-1.4b"],
+                   help="comma-separated LM variants")
+    p.add_argument("--batch", type=_comma_list(int), default=[1, 64], help="comma-separated batch sizes")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    p.add_argument("--new", type=int, default=256, help="generated tokens")
+    p.add_argument("--methods", type=_comma_list(str), default=["affix", "additional_scan", "periodic"],
+                   help="methods of language/methods.yaml whose adapters generate too (comma-separated; '' for none)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up")
+    p.add_argument("--weights-root", default="resources/weights",
+                   help="<root>/<backbone>/ with config.json + weights; random weights of the real sizes where absent")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: fp32, no graphs (tests)")
+    p.add_argument("--no-baselines", action="store_true", help="ours only")
+    p.add_argument("--out", default="results/benchmarks")
+    p.set_defaults(func=cmd_bench_generate)
+
+
+def cmd_bench_generate(args) -> None:
+    from ..bench.generate import run_generate_bench
+
+    report = run_generate_bench(Path(args.out), args.backbones, args.batch, args.prompt, args.new, args.methods,
+                                args.repeats, Path(args.weights_root), args.device, baselines=not args.no_baselines)
+    print(json.dumps({b: e["weights"] for b, e in report["backbones"].items()}))
 
 
 def _add_data(bench) -> None:

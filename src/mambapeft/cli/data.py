@@ -13,8 +13,10 @@ def add_parsers(subparsers) -> None:
         dest="data_command", required=True)
     _add_prepare(data)
     _add_download(data)
+    _add_download_hub(data)
     _add_cache(data)
     _add_check(data)
+    _add_tokenize(data)
 
 
 def _add_prepare(data) -> None:
@@ -59,6 +61,28 @@ def cmd_data_download(args) -> None:
     write_json_atomic(Path(args.out), record)
 
 
+def _add_download_hub(data) -> None:
+    p = data.add_parser("download-hub", help="fetch one Hub dataset of the config's `hub_datasets` table, unless present",
+                        description="Either the files of a Hub dataset repository at a pinned revision (`repo`, "
+                                    "`revision`, `allow_patterns` or `file`), placed at `target` as published (e.g. "
+                                    "parquet shards, read in place with `datasets`), or, with `family`, the splits of "
+                                    "that family's tasks of language/tasks.yaml (`revisions`: task -> revision) "
+                                    "exported to <target>/eval/<task>/<split>.jsonl. Files in place are checked "
+                                    "against the Hub's listing, never replaced; without network (or with "
+                                    "HF_HUB_OFFLINE=1) it stops with one message naming what to put where.")
+    p.add_argument("--name", required=True, help="the entry's name in `hub_datasets`")
+    p.add_argument("--spec", required=True, help="the entry as JSON (target, repo/revision/allow_patterns or family)")
+    p.add_argument("--out", required=True, help="record of what was done (JSON, commit and file checksums), written last")
+    p.set_defaults(func=cmd_data_download_hub)
+
+
+def cmd_data_download_hub(args) -> None:
+    from ..data.download import fetch_hub_dataset
+    from ..io import write_json_atomic
+
+    write_json_atomic(Path(args.out), fetch_hub_dataset(args.name, json_arg(args.spec)))
+
+
 def _add_cache(data) -> None:
     p = data.add_parser("cache", help="decode and resize one VTAB split once into a uint8 .npz cache")
     p.add_argument("--root", required=True, help="VTAB-1k root (holds <task>/train800val200.txt ...)")
@@ -78,8 +102,11 @@ def cmd_data_cache(args) -> None:
 
 def _add_check(data) -> None:
     p = data.add_parser("check", help="validate a dataset before spending GPU time; prints a JSON summary")
-    p.add_argument("--kind", required=True, choices=("vtab", "commonsense", "math", "synthetic"))
-    p.add_argument("path", help="vtab: the VTAB-1k root; commonsense/math/synthetic: the data directory")
+    p.add_argument("--kind", required=True, choices=("vtab", "commonsense", "math", "synthetic", "orca_math",
+                                                         "yelp_polarity"))
+    p.add_argument("path", help="vtab: the VTAB-1k root; commonsense/math/synthetic: the data directory; "
+                                "orca_math: the local copy (data/train-*.parquet, JSON lines or save_to_disk); "
+                                "yelp_polarity: the local copy (plain_text/{train,test}-*.parquet)")
     p.add_argument("--task", help="vtab task (required for vtab); synthetic: one training set")
     p.set_defaults(func=cmd_data_check)
 
@@ -88,3 +115,24 @@ def cmd_data_check(args) -> None:
     from ..data.check import check_dataset
 
     print(json.dumps(check_dataset(args.kind, args.path, args.task), indent=1))
+
+
+def _add_tokenize(data) -> None:
+    p = data.add_parser("tokenize", help="tokenize a text dataset's training texts once into a memory-mapped "
+                                         "token array (orca_math: question + answer, each followed by eos)")
+    p.add_argument("--spec", required=True, help='JSON {"kind": "orca_math", "root": ..., "tokenizer": ..., "layout": ...}')
+    p.add_argument("--tokens", required=True, help="token array to write (.bin)")
+    p.add_argument("--meta", required=True, help="its description (.json), written last")
+    p.set_defaults(func=cmd_data_tokenize)
+
+
+def cmd_data_tokenize(args) -> None:
+    from ..data.orca_math import corpus_entry
+    from ..data.token_cache import tokenize_corpus
+
+    spec = json_arg(args.spec)
+    if spec.get("kind") != "orca_math":
+        raise ConfigError(f"data tokenize reads data of kind orca_math, not {spec.get('kind')!r}")
+    record = tokenize_corpus(corpus_entry(spec["root"]), spec["tokenizer"], spec["layout"], Path(args.tokens),
+                             Path(args.meta))
+    print(json.dumps({k: record[k] for k in ("n_tokens", "n_documents")}))

@@ -1,4 +1,4 @@
-"""``mambapeft tables``, ``params-table`` and ``figures``: the results tables and figures."""
+"""``mambapeft tables``, ``params-table``, ``figures`` and ``figure-vim-vs-vit``: the results tables and figures."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +10,7 @@ def add_parsers(subparsers) -> None:
     _add_tables(subparsers)
     _add_params_table(subparsers)
     _add_figures(subparsers)
+    _add_vim_vs_vit(subparsers)
 
 
 def _add_tables(subparsers) -> None:
@@ -54,3 +55,17 @@ def cmd_figures(args) -> None:
     from ..report.figures import write_figures
 
     write_figures(Path(args.table), Path(args.scatter), Path(args.per_task), args.title)
+
+
+def _add_vim_vs_vit(subparsers) -> None:
+    p = subparsers.add_parser("figure-vim-vs-vit", help="gain over linear probing vs trainable %% of the Vim and ViT "
+                                                        "rows of a vision results table, beside the paper's")
+    p.add_argument("--table", required=True, help="results/tables/<experiment>.csv")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.set_defaults(func=cmd_vim_vs_vit)
+
+
+def cmd_vim_vs_vit(args) -> None:
+    from ..report.vim_vs_vit import write_vim_vs_vit
+
+    write_vim_vs_vit(Path(args.table), Path(args.out))

@@ -40,6 +40,9 @@ def _add_lm_eval(subparsers) -> None:
                     "commonsense tasks found there (eval/<task>/<split>.jsonl) are defined as lm-eval tasks "
                     "over those files, so nothing is downloaded. lm-eval's own options: `lm-eval run -h`.")
     p.add_argument("--data-root", help="a commonsense data root whose eval files become lm-eval tasks")
+    p.add_argument("--family", default="commonsense", choices=("commonsense", "lm_eval_suite"),
+                   help="which tasks of language/tasks.yaml the data root holds (lm_eval_suite: the Orca-Math "
+                        "study's suite, each with its own few-shot count)")
     p.set_defaults(func=cmd_lm_eval, forwards_unknown_args=True)  # the only subcommand that passes arguments on
 
 
@@ -54,11 +57,11 @@ def cmd_lm_eval(args) -> None:
     offline_datasets()
     with tempfile.TemporaryDirectory(prefix="mambapeft-lm-eval-") as scratch:
         if args.data_root:
-            names = available_tasks(args.data_root)
+            names = available_tasks(args.data_root, args.family)
             if not names:
-                raise DataError(f"{args.data_root}: no commonsense eval file (eval/<task>/<split>.jsonl of a task "
-                                "in language/tasks.yaml); point --data-root at a commonsense data root")
-            forwarded += ["--include_path", str(write_task_definitions(names, args.data_root, scratch))]
+                raise DataError(f"{args.data_root}: no {args.family} eval file (eval/<task>/<split>.jsonl of a task "
+                                f"in language/tasks.yaml); point --data-root at a {args.family} data root")
+            forwarded += ["--include_path", str(write_task_definitions(names, args.data_root, scratch, args.family))]
             logging.getLogger("mambapeft").info("local lm-eval tasks over %s: %s", args.data_root, ", ".join(names))
         sys.argv = ["lm-eval", *forwarded]
         from lm_eval.__main__ import cli_evaluate

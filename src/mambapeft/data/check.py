@@ -22,6 +22,14 @@ What each kind expects at `path`:
   is one the file allows, the query is last, COPY appears once and the answer is the token after
   it (`data/synthetic.py`); `task` picks one training set and its generator's test sets.
 
+- `orca_math`: a local copy of microsoft/orca-math-word-problems-200k (the Hub's
+  `data/train-*.parquet`, JSON lines, or a `save_to_disk` directory) read through `datasets`; every
+  record must have a non-empty string `question` and `answer` (`data/orca_math.py`).
+
+- `yelp_polarity`: a local copy of fancyzhx/yelp_polarity in the Hub's parquet layout
+  (`plain_text/{train,test}-*.parquet`) read through `datasets`; every row needs a string `text`
+  and a label 0 or 1 (`data/yelp_polarity.py`); the summary counts each split's labels.
+
 For commonsense and math, the training file itself is accepted in place of the directory (its eval
 sets are beside it).
 
@@ -39,17 +47,20 @@ from mambapeft.data.errors import DataError
 from mambapeft.data.instruct import read_instruct_json
 from mambapeft.data.language_tasks import commonsense_eval_file, language_task, language_tasks, math_eval_file
 from mambapeft.data.math_answers import extract_answer
+from mambapeft.data.orca_math import check_orca_math
 from mambapeft.data.synthetic import check_synthetic
 from mambapeft.data.vtab import load_rgb, read_split, split_file, task_info
+from mambapeft.data.yelp_polarity import check_yelp_polarity
 
-KINDS = ("vtab", "commonsense", "math", "synthetic")
+KINDS = ("vtab", "commonsense", "math", "synthetic", "orca_math", "yelp_polarity")
 TRAIN_FILES = {"commonsense": "commonsense_170k.json", "math": "math_10k.json"}
 
 
 def check_dataset(kind: str, path: str | Path, task: str | None = None) -> dict:
     """Validate the dataset of `kind` at `path`; return a JSON-able summary or raise DataError."""
     checkers = {"vtab": _check_vtab, "commonsense": _check_commonsense, "math": _check_math,
-                "synthetic": check_synthetic}
+                "synthetic": check_synthetic, "orca_math": check_orca_math,
+                "yelp_polarity": check_yelp_polarity}
     if kind not in checkers:
         raise DataError(f"unknown dataset kind '{kind}'; use one of {', '.join(KINDS)}")
     path = _language_root(kind, Path(path)) if kind in TRAIN_FILES else Path(path)

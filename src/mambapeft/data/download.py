@@ -16,6 +16,13 @@ test sets, from raw URLs at a pinned commit, checked against ``sha256`` or ``git
 commonsense, ``eval_sets`` (task -> Hub dataset revision; the dataset and split are the task's
 ``hf_dataset`` and ``split`` in language/tasks.yaml, the layout the one ``data check`` reads).
 
+Hub datasets (``fetch_hub_dataset``, the config's ``hub_datasets`` table: one entry per dataset):
+either the files of a Hub dataset repository as published (``repo``, ``revision``,
+``allow_patterns`` or ``file``; e.g. parquet shards) placed at ``target`` in the repository's own
+layout, which ``datasets`` then reads in place; or, with ``family``, the splits of that family's
+tasks of language/tasks.yaml (``revisions``: task -> revision; the split scored and the few-shot
+split) exported to ``<target>/eval/<task>/<split>.jsonl``, the layout lm-eval's local tasks read.
+
 Backbone weights (``fetch_weights``): ``backbones.<id>.download`` names a Hub repository, its pinned
 revision and the files (``allow_patterns``, or ``file`` when the backbone's path is that one file),
 and optionally the same for the tokenizer, saved at ``backbones.<id>.tokenizer``.
@@ -145,8 +152,8 @@ def fetch_language(spec: dict) -> dict:
     if source.get("eval_sets") and kind != "commonsense":
         raise ConfigError(f"{where}.eval_sets: only commonsense evaluation sets come from Hub datasets; "
                           f"list the {kind} test sets under `files`")
-    items += [_eval_split(root, task, str(revision), f"{where}.eval_sets.{task}")
-              for task, revision in source.get("eval_sets", {}).items()]
+    items += [split for task, revision in source.get("eval_sets", {}).items()
+              for split in _task_splits(root, "commonsense", task, str(revision), f"{where}.eval_sets.{task}")]
     if not items:
         raise ConfigError(f"{where} names nothing to fetch: give `files` and/or `eval_sets`")
     return {"kind": kind, "root": str(root), "files": fetch_all(items, f"the {kind} data under {root}")}
@@ -165,12 +172,32 @@ def _checksum(file: dict) -> tuple[str, str] | None:
     return (kind, file[kind]) if kind else None
 
 
-def _eval_split(root: Path, task: str, revision: str, where: str) -> HubSplit:
-    entry = language_task("commonsense", task)
+def _task_splits(root: Path, family: str, task: str, revision: str, where: str) -> list[HubSplit]:
+    """The split a task of ``family`` scores, and its few-shot split when it has one, as Hub splits
+    exported to ``<root>/eval/<task>/<split>.jsonl``."""
+    entry = language_task(family, task)
     if not entry.get("hf_dataset"):
-        raise ConfigError(f"{where}: {TASKS_YAML} gives commonsense task {task!r} no hf_dataset to fetch it from")
-    return HubSplit(f"eval/{task}", entry["hf_dataset"], entry["split"], revision, commonsense_eval_file(root, entry),
-                    root / ".download" / "datasets", where)
+        raise ConfigError(f"{where}: {TASKS_YAML} gives {family} task {task!r} no hf_dataset to fetch it from")
+    splits = [entry["split"], *([entry["fewshot_split"]] if entry.get("fewshot_split") else [])]
+    return [HubSplit(f"eval/{task}" + ("" if split == entry["split"] else f"/{split}"), entry["hf_dataset"], split,
+                     revision, commonsense_eval_file(root, dict(entry, split=split)), root / ".download" / "datasets",
+                     where) for split in splits]
+
+
+def fetch_hub_dataset(name: str, entry: dict) -> dict:
+    """Make the ``hub_datasets`` entry ``name`` present at its target (see the module's docstring)."""
+    where, target = f"hub_datasets.{name}", Path(entry["target"])
+    if entry.get("family"):
+        items = [split for task, revision in entry.get("revisions", {}).items()
+                 for split in _task_splits(target, entry["family"], task, str(revision), f"{where}.revisions.{task}")]
+    elif entry.get("repo"):
+        items = [HubFiles.from_entry(name, {**entry, "repo_type": "dataset"}, target, where, name)]
+    else:
+        raise ConfigError(f"{where} names nothing to fetch: give `repo` (with `allow_patterns` or `file`), or "
+                          "`family` with `revisions`")
+    if not items:
+        raise ConfigError(f"{where}.revisions is empty: list the tasks to fetch (task -> revision)")
+    return {"name": name, "target": str(target), "files": fetch_all(items, f"the Hub dataset {name}")}
 
 
 def fetch_weights(backbone: str, entry: dict) -> dict:

@@ -46,7 +46,8 @@ from pathlib import Path
 from ..io import atomic_path
 from .errors import DataError
 
-PRESEED = "run `snakemake --until download_weights download_data` where the network is reachable"
+PRESEED = ("run `snakemake --until download_weights download_data download_hub_dataset` where the network is "
+           "reachable")
 RAW_ATTEMPTS = 5  # tries of a raw download that keeps breaking off, each resuming where the last stopped
 
 

@@ -1,4 +1,4 @@
-"""The language task table (language/tasks.yaml): commonsense multiple-choice and math tasks."""
+"""The language task table (language/tasks.yaml): commonsense multiple-choice, math and lm-eval suite tasks."""
 
 import functools
 from pathlib import Path
@@ -12,6 +12,7 @@ TASKS_YAML = Path(__file__).resolve().parents[3] / "language" / "tasks.yaml"
 _REQUIRED = {
     "commonsense": ("format", "lm_eval_yaml", "split", "num_choices", "metrics", "report"),
     "math": ("answer", "dir"),
+    "lm_eval_suite": ("format", "lm_eval_yaml", "split", "metrics"),
 }
 
 
@@ -27,7 +28,7 @@ def _load_table() -> dict[str, dict[str, dict]]:
 
 
 def language_tasks(family: str) -> dict[str, dict]:
-    """All tasks of one family ('commonsense' or 'math'): {name: entry with `name` and `mini` filled in}."""
+    """All tasks of one family ('commonsense', 'math' or 'lm_eval_suite'): {name: entry with `name` and `mini` filled in}."""
     if family not in _REQUIRED:
         raise DataError(f"unknown language task family '{family}'; use one of {', '.join(_REQUIRED)}")
     return {name: dict(entry, name=name, mini=bool(entry.get("mini", False))) for name, entry in _load_table().get(family, {}).items()}

@@ -14,9 +14,11 @@ from ..io import write_json_atomic
 from .errors import DataError
 from .mini_text import write_mini_commonsense, write_mini_math
 from .mini_vision import write_mini_vtab
+from .orca_math import write_mini_orca_math
 from .synthetic import write_synthetic
+from .yelp_polarity import write_standin as write_mini_yelp_polarity
 
-KINDS = ("vtab", "commonsense", "math", "synthetic")
+KINDS = ("vtab", "commonsense", "math", "synthetic", "orca_math", "yelp_polarity")
 WRITTEN_HERE = ("mini", "generated")  # sources whose files this step writes (the others are checked)
 
 
@@ -24,6 +26,10 @@ def _write_here(entry: dict, root: Path) -> dict:
     seed = int(entry.get("seed", 0))
     if entry["kind"] == "synthetic":
         return write_synthetic(root, entry, entry["tasks"])
+    if entry["kind"] == "orca_math":
+        return write_mini_orca_math(root, seed=seed, n_train=int(entry["n_train"]))
+    if entry["kind"] == "yelp_polarity":
+        return write_mini_yelp_polarity(root, entry)
     if entry["kind"] == "vtab":
         return write_mini_vtab(root, tasks=tuple(entry["tasks"]), seed=seed, image_size=int(entry["image_size"]),
                                n_train=int(entry["n_train"]), n_val=int(entry["n_val"]), n_test=int(entry["n_test"]))

@@ -44,9 +44,10 @@ def wikitext_rows(paragraphs: list[str]) -> list[str]:
     return rows
 
 
-def _write_parquet(path: Path, texts: list[str]) -> None:
+def write_parquet(path: Path, columns: dict[str, list[str]]) -> None:
+    """One parquet file of string ``columns``, as the Hub's datasets store them."""
     with atomic_path(path) as temporary:
-        pd.DataFrame({"text": texts}).to_parquet(temporary, index=False)
+        pd.DataFrame(columns).to_parquet(temporary, index=False)
 
 
 def write_standin(root: str | Path, manifest: str | Path, seed: int, n_train_docs: int, n_test_docs: int,
@@ -55,8 +56,8 @@ def write_standin(root: str | Path, manifest: str | Path, seed: int, n_train_doc
     root = Path(root)
     documents = pretrain_corpus(seed=seed, n_docs=n_train_docs + n_test_docs)  # one world, disjoint documents
     train, test = documents[:n_train_docs], documents[n_train_docs:]
-    _write_parquet(root / TRAIN_FILE, train)
-    _write_parquet(root / TEST_FILE, wikitext_rows(test))
+    write_parquet(root / TRAIN_FILE, {"text": train})
+    write_parquet(root / TEST_FILE, {"text": wikitext_rows(test)})
     build_tokenizer(train, vocab_size=vocab_size, path=root / TOKENIZER_FILE)
     record = {"source": "mini", "seed": seed, "n_train_docs": n_train_docs, "n_test_docs": n_test_docs,
               "vocab_size": vocab_size,

@@ -8,7 +8,9 @@ A corpus entry (config ``dt_init.train_text`` / ``test_text``) names its copy an
   or a glob, streamed by ``load_dataset(<format>, data_files=..., streaming=True)``: read in place,
   with no Arrow copy in the Hugging Face cache (OpenWebText would double its size on disk).
 
-``text_field`` is the column holding the text (``text`` for OpenWebText and WikiText).
+``text_field`` is the column holding the text (``text`` for OpenWebText and WikiText), or a list of
+columns whose strings are joined, in order and with nothing between them, into each text
+(Orca-Math's ``[question, answer]``).
 """
 from __future__ import annotations
 
@@ -52,11 +54,16 @@ def open_corpus(entry: dict):
         corpus = _from_disk(Path(entry["path"]), entry.get("split"))
     else:
         corpus = datasets.load_dataset(fmt, data_files=data_files(entry), split="train", streaming=True)
-    field = entry.get("text_field", "text")
-    if field not in (corpus.column_names or [field]):
-        raise DataError(f"{entry['path']}: no column {field!r} (columns: {', '.join(corpus.column_names)}); "
+    missing = [field for field in _text_fields(entry) if field not in (corpus.column_names or [field])]
+    if missing:
+        raise DataError(f"{entry['path']}: no column {missing[0]!r} (columns: {', '.join(corpus.column_names)}); "
                         "set the corpus's `text_field`")
     return corpus
+
+
+def _text_fields(entry: dict) -> list[str]:
+    field = entry.get("text_field", "text")
+    return [field] if isinstance(field, str) else list(field)
 
 
 def _from_disk(path: Path, split: str | None):
@@ -75,6 +82,6 @@ def _from_disk(path: Path, split: str | None):
 
 def iter_texts(entry: dict, batch_size: int = 1000) -> Iterator[list[str]]:
     """The corpus's texts in batches of ``batch_size``, in order."""
-    field = entry.get("text_field", "text")
+    fields = _text_fields(entry)
     for batch in open_corpus(entry).iter(batch_size=batch_size):
-        yield batch[field]
+        yield ["".join(parts) for parts in zip(*(batch[field] for field in fields))]

@@ -6,13 +6,14 @@ which is both eos and pad in MambaPEFT. It is saved as a `tokenizer.json` of the
 `load_tokenizer` reads either file with the `tokenizers` library alone (no transformers, no network).
 """
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mambapeft.data.errors import DataError
-from mambapeft.io import atomic_path
+from mambapeft.io import atomic_path, write_bytes_atomic, write_text_atomic
 from mambapeft.data.instruct import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 
 EOS_TOKEN = "<|endoftext|>"
@@ -106,3 +107,15 @@ def load_tokenizer(path_or_dir: str | Path) -> TextTokenizer:
     except Exception as error:  # the Rust library raises plain Exception for any parse failure
         raise DataError(f"{path}: cannot read tokenizer ({error}); the file must be a Hugging Face tokenizer.json") from None
     return TextTokenizer(tokenizer, path)
+
+
+def write_transformers_tokenizer(tokenizer: TextTokenizer, directory: str | Path) -> None:
+    """The tokenizer as `transformers.AutoTokenizer.from_pretrained(directory)` reads it: the same
+    tokenizer.json, with `<|endoftext|>` as bos, eos, unk and pad (as MambaPEFT and the -hf releases)."""
+    directory = Path(directory)
+    specials = {name: EOS_TOKEN for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False,
+              **specials}
+    write_bytes_atomic(directory / "tokenizer.json", tokenizer.source.read_bytes())
+    write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2))
+    write_text_atomic(directory / "special_tokens_map.json", json.dumps(specials, indent=2))

@@ -20,6 +20,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401  (lm-eval registers its own models, hf included, only while its registry is empty: before ours)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model

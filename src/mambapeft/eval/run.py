@@ -20,12 +20,14 @@ from ..runtime import autocast_for, device_name, gpu_identity, resolve_device
 from .classification import evaluate_top1
 from .language import evaluate_language
 from .synthetic import evaluate_lengths
+from .text_classification import evaluate_long_reviews
 
 log = logging.getLogger("mambapeft.eval")
 
 # by domain, except for data kinds evaluated otherwise than their domain (synthetic recall tasks:
 # accuracy per test length), whose entry wins; domain ids and data kinds are disjoint
-EVALUATORS = {"vision": evaluate_top1, "language": evaluate_language, "synthetic": evaluate_lengths}
+EVALUATORS = {"vision": evaluate_top1, "language": evaluate_language, "synthetic": evaluate_lengths,
+              "yelp_polarity": evaluate_long_reviews}
 
 
 def evaluator_for(spec: dict):

@@ -1,16 +1,17 @@
-"""Backbone registry: every variant is an entry of VIM_VARIANTS or LM_VARIANTS."""
+"""Backbone registry: every variant is an entry of VIM_VARIANTS, VIT_VARIANTS or LM_VARIANTS."""
 from __future__ import annotations
 
 import torch.nn as nn
 
 from .lm import LM_VARIANTS, MambaLMHeadModel, build_lm
 from .vim import VIM_VARIANTS, VisionMamba, build_vim
+from .vit import VIT_VARIANTS, VisionTransformer, build_vit
 
-FAMILIES = {"vim": (VIM_VARIANTS, build_vim), "lm": (LM_VARIANTS, build_lm)}
+FAMILIES = {"vim": (VIM_VARIANTS, build_vim), "vit": (VIT_VARIANTS, build_vit), "lm": (LM_VARIANTS, build_lm)}
 
 
 def family_of(name: str) -> str:
-    """'vim' or 'lm' for a backbone id; an unknown id is an error listing the known ones."""
+    """'vim', 'vit' or 'lm' for a backbone id; an unknown id is an error listing the known ones."""
     for family, (variants, _) in FAMILIES.items():
         if name in variants:
             return family
@@ -23,4 +24,5 @@ def build_model(name: str, **overrides) -> nn.Module:
     return FAMILIES[family_of(name)][1](name, **overrides)
 
 
-__all__ = ["build_model", "family_of", "VisionMamba", "MambaLMHeadModel", "VIM_VARIANTS", "LM_VARIANTS"]
+__all__ = ["build_model", "family_of", "VisionMamba", "VisionTransformer", "MambaLMHeadModel", "VIM_VARIANTS",
+           "VIT_VARIANTS", "LM_VARIANTS"]

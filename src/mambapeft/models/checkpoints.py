@@ -14,6 +14,9 @@ unexpected and mis-shaped tensors by name. Every unreadable or ill-formed file i
 * ``state-spaces/mamba-*-hf`` and transformers' ``Mamba2ForCausalLM``: ``model.safetensors`` (or
   ``pytorch_model.bin``) + ``config.json`` with transformers' names (``backbone.embeddings.weight``;
   the mixers' names are mamba_ssm's) and config keys (``hidden_size``, ``model_type``).
+* timm ``VisionTransformer`` (``timm/vit_*`` on the Hub): ``model.safetensors`` (or ``pytorch_model.bin``)
+  holding the plain state dict with timm's names (``blocks.{i}.attn.qkv.*``); the ImageNet head is
+  dropped. A missing file is looked up in the local Hugging Face cache, where timm keeps it.
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..io import torch_save_atomic, write_text_atomic
+from ..io import torch_save_atomic, write_bytes_atomic, write_text_atomic
 from .lm import MambaLMConfig, MambaLMHeadModel, mixer_from_ssm_cfg
 from .vim import VisionMamba
+from .vit import VIT_VARIANTS, VisionTransformer
 
 
 class CheckpointError(ValueError):
@@ -145,12 +149,13 @@ def refuse_other_variant(source: Path, found: dict, declared: dict, backbone: st
 # ------------------------------------------------------------------------------------------------
 # Vim
 # ------------------------------------------------------------------------------------------------
-def vim_dimensions(state_dict: dict) -> dict:
-    """embed_dim and depth as a Vim state dict's tensors show them (those it has)."""
+def block_dimensions(state_dict: dict, blocks: str) -> dict:
+    """embed_dim and depth as a vision state dict's tensors show them (those it has); ``blocks`` is
+    the module list of its blocks (Vim ``layers``, ViT ``blocks``)."""
     dims = {}
     if "cls_token" in state_dict and state_dict["cls_token"].ndim:
         dims["embed_dim"] = state_dict["cls_token"].shape[-1]
-    layers = {int(match.group(1)) for key in state_dict if (match := re.match(r"layers\.(\d+)\.", key))}
+    layers = {int(match.group(1)) for key in state_dict if (match := re.match(rf"{blocks}\.(\d+)\.", key))}
     if layers:
         dims["depth"] = max(layers) + 1
     return dims
@@ -164,13 +169,87 @@ def load_vim(model: VisionMamba, path: str | Path, backbone: str | None = None) 
     """
     path = Path(path)
     state_dict = filter_vim_pth(_read_state_dict(path, wrapper="model"))
-    refuse_other_variant(path, vim_dimensions(state_dict), vim_dimensions(model.state_dict()), backbone)
+    refuse_other_variant(path, block_dimensions(state_dict, "layers"), block_dimensions(model.state_dict(), "layers"),
+                         backbone)
     _strict_load(model, state_dict, path, ignore_missing=model.classifier_names())
 
 
 def save_vim(model: VisionMamba, path: str | Path) -> None:
     """Write ``{"model": state_dict}``, the layout of hustvl/Vim's released checkpoints."""
     torch_save_atomic({"model": model.state_dict()}, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# ViT (timm's VisionTransformer state dicts: the Hub's model.safetensors / pytorch_model.bin)
+# ------------------------------------------------------------------------------------------------
+TIMM_VIT_SENTINEL = "blocks.0.attn.qkv.weight"
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm reads from a Hub repository, in order
+
+
+def filter_timm_vit(state_dict: dict, source: Path) -> dict:
+    """Strip DDP's ``module.``, drop the ImageNet head; a file without ``blocks.0.attn.qkv.weight``
+    is not a timm ViT."""
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if TIMM_VIT_SENTINEL not in state_dict:
+        raise CheckpointError(f"Checkpoint {source} has no {TIMM_VIT_SENTINEL}: it is not a timm VisionTransformer "
+                              "state dict; point the backbone's path at timm's model.safetensors for that ViT.")
+    return {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+
+
+def hub_cached_weights(hub_id: str) -> Path | None:
+    """The weights file of ``hub_id`` in the local Hugging Face cache (where timm's ``pretrained=True``
+    puts it); None when it is not there. Never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in HUB_WEIGHT_FILES:
+        cached = try_to_load_from_cache(hub_id, name)
+        if isinstance(cached, str):
+            return Path(cached)
+    return None
+
+
+def vit_weights_file(path: str | Path, backbone: str | None) -> Path:
+    """``path`` when it exists, else the variant's file in the Hugging Face cache, else a one-line
+    CheckpointError naming both places and how to fill either."""
+    path = Path(path)
+    hub_id = VIT_VARIANTS[backbone].hub_id if backbone in VIT_VARIANTS else None
+    if path.exists():
+        return path
+    cached = hub_cached_weights(hub_id) if hub_id else None
+    if cached is not None:
+        return cached
+    if hub_id is None:
+        raise CheckpointError(f"ViT weights are missing at {path}: put them there or set backbones.<id>.path "
+                              "in the config.")
+    raise CheckpointError(f"Weights for {backbone} are neither at {path} nor in the Hugging Face cache ({hub_id}): "
+                          f"download model.safetensors from https://huggingface.co/{hub_id} to {path}, or fill the "
+                          f"cache with timm.create_model('{hub_id.removeprefix('timm/')}', pretrained=True), or set "
+                          f"backbones.{backbone}.path in the config.")
+
+
+def load_vit(model: VisionTransformer, path: str | Path, backbone: str | None = None) -> None:
+    """Load timm's ViT weights (a file, or a Hub snapshot directory holding one) into ``model``;
+    the head keeps its own init. ``backbone`` (the declared id) finds its Hub cache entry when the file is
+    missing and names the variant in the error for another one's weights."""
+    path = vit_weights_file(path, backbone)
+    if path.is_dir():
+        path = next((path / name for name in HUB_WEIGHT_FILES if (path / name).is_file()), path)
+    state_dict = filter_timm_vit(_read_state_dict(path, wrapper="model"), path)
+    refuse_other_variant(path, block_dimensions(state_dict, "blocks"), block_dimensions(model.state_dict(), "blocks"),
+                         backbone)
+    _strict_load(model, state_dict, path, ignore_missing=model.classifier_names())
+
+
+# the official-weights loader of each vision backbone family (models.family_of)
+VISION_LOADERS = {"vim": load_vim, "vit": load_vit}
+
+
+def save_vit(model: VisionTransformer, path: str | Path) -> None:
+    """Write the state dict as safetensors, the layout of timm's Hub files (``model.safetensors``)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_bytes_atomic(path, save(tensors, metadata={"format": "pt"}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,3 +398,58 @@ def save_lm(model: MambaLMHeadModel, directory: str | Path) -> None:
     config = {k: v for k, v in model.describe().items() if k != "family"}
     write_text_atomic(directory / "config.json", json.dumps(config, indent=2))
     torch_save_atomic(model.state_dict(), directory / "pytorch_model.bin")
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers' MambaForCausalLM layout (the inverse of _hf_mamba and filter_mamba_hf)
+# ------------------------------------------------------------------------------------------------
+HF_EMBEDDING, OUR_EMBEDDING = "backbone.embeddings.weight", "backbone.embedding.weight"
+
+
+def hf_mamba_config(model: MambaLMHeadModel, eos_id: int) -> dict:
+    """transformers' MambaConfig json of ``model``: its vocabulary is the padded one (the embedding's
+    rows, as in state-spaces/mamba-*-hf), the mixer sizes are read off the first mixer."""
+    config, mixer = model.config, model.backbone.layers[0].mixer
+    if config.mixer_layer != "Mamba1":
+        raise CheckpointError(f"ssm_cfg.layer {config.mixer_layer}: only Mamba-1 LMs have a transformers "
+                              "MambaForCausalLM layout here; use the mamba_ssm layout")
+    tied = model.lm_head.weight is model.backbone.embedding.weight
+    return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", "vocab_size": config.padded_vocab_size,
+            "hidden_size": config.d_model, "num_hidden_layers": config.n_layer, "intermediate_size": mixer.d_inner,
+            "state_size": mixer.d_state, "conv_kernel": mixer.d_conv, "expand": mixer.expand,
+            "time_step_rank": mixer.dt_rank, "use_conv_bias": mixer.conv1d.bias is not None,
+            "use_bias": mixer.in_proj.bias is not None, "hidden_act": "silu",
+            "layer_norm_epsilon": config.norm_epsilon, "residual_in_fp32": config.residual_in_fp32,
+            "tie_word_embeddings": tied, "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
+            "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."), "use_cache": True}
+
+
+def save_lm_hf(model: MambaLMHeadModel, directory: str | Path, eos_id: int) -> None:
+    """Write transformers' layout: config.json + model.safetensors (a tied head is not stored)."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    config = hf_mamba_config(model, eos_id)
+    tensors = {(HF_EMBEDDING if k == OUR_EMBEDDING else k): v.detach().contiguous().cpu()
+               for k, v in model.state_dict().items()
+               if not (config["tie_word_embeddings"] and k == "lm_head.weight")}
+    write_bytes_atomic(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    write_text_atomic(directory / "config.json", json.dumps(config, indent=2))
+
+
+# mamba_ssm's MambaConfig fields (its from_pretrained is ``MambaConfig(**config.json)``: no other key may appear)
+MAMBA_SSM_FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
+                    "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")
+MAMBA_SSM_NORM_EPSILON = 1e-5  # what mamba_ssm's create_block uses; its config has no key for it
+
+
+def save_lm_mamba_ssm(model: MambaLMHeadModel, directory: str | Path) -> None:
+    """Write the layout mamba_ssm's ``MambaLMHeadModel.from_pretrained`` reads: config.json with its
+    MambaConfig fields only, and pytorch_model.bin."""
+    config = model.describe()
+    if config["norm_epsilon"] != MAMBA_SSM_NORM_EPSILON:
+        raise CheckpointError(f"norm_epsilon {config['norm_epsilon']} cannot be expressed in mamba_ssm's config "
+                              f"(its blocks use {MAMBA_SSM_NORM_EPSILON}); use the transformers layout")
+    directory = Path(directory)
+    torch_save_atomic(model.state_dict(), directory / "pytorch_model.bin")
+    write_text_atomic(directory / "config.json", json.dumps({k: config[k] for k in MAMBA_SSM_FIELDS}, indent=2))

@@ -97,6 +97,8 @@ LM_VARIANTS: dict[str, LMVariant] = {
     "mamba2-780m": LMVariant(dict(d_model=1536, n_layer=48, **MAMBA2), 780_161_280, "state-spaces/mamba2-780m"),
     "mamba2-1.3b": LMVariant(dict(d_model=2048, n_layer=48, **MAMBA2), 1_343_757_312, "state-spaces/mamba2-1.3b"),
     "mamba2-2.7b": LMVariant(dict(d_model=2560, n_layer=64, **MAMBA2), 2_702_599_680, "state-spaces/mamba2-2.7b"),
+    # the dt_bias initialisation study's model (config/paper.yaml dt_init.model), for its parameter counts
+    "mamba2-dt-study": LMVariant(dict(d_model=256, n_layer=12, **MAMBA2), 18_459_168),
     # CPU-sized Mamba-2 for tests: several heads, and chunks shorter than a test sequence
     "mamba2-mini": LMVariant(dict(d_model=48, n_layer=4, vocab_size=1024, pad_vocab_size_multiple=16,
                                   ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16})),

@@ -10,10 +10,12 @@ base model exactly:
     take the tensors), so it takes a ``parametrize`` delta (partial tuning) but a module wrapper
     or forward hook on it would be skipped;
   * the fused ``mamba_inner`` path reads the weights after ``in_proj`` raw, so it runs only where
-    those modules are plain (no wrapper, hook or parametrisation) and no state extension or affix
-    is set (:meth:`Mamba.uses_fused_inner`);
+    those modules are plain (no wrapper, hook or parametrisation) and no state extension, state
+    offset or affix is set (:meth:`Mamba.uses_fused_inner`);
   * ``state_extensions[direction]``: extra SSM state dimensions (additional-scan);
   * ``affixes[direction]``: tokens prepended to the scan input in xz space (affix-tuning);
+  * ``state_offsets[direction]``: a term added to the gated scan output, computed from the scan's
+    C and z (state-offset tuning: ``y_t + silu(z_t) * C_t h'``), in the parallel and the step forward;
   * parameters such as ``A_log`` may carry a ``torch.nn.utils.parametrize`` delta (partial tuning).
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .scan import TORCH_BACKEND, ScanBackend, causal_conv1d_step, conv_state_of, selective_state_step
+from .scan import TORCH_BACKEND, ScanBackend, causal_conv1d_step, conv_state_of
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class Mamba(Mixer):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self.state_extensions = nn.ModuleDict()
         self.affixes = nn.ModuleDict()
+        self.state_offsets = nn.ModuleDict()
 
     @property
     def directions(self) -> tuple[Direction, ...]:
@@ -210,6 +213,8 @@ class Mamba(Mixer):
             state.conv = conv_state_of(x, self.d_conv)
         else:
             y = result
+        if d.key in self.state_offsets:
+            y = y + self.state_offsets[d.key](C, z).to(y.dtype)
         return y[..., n_affix:]
 
     def uses_fused_inner(self) -> bool:
@@ -217,7 +222,7 @@ class Mamba(Mixer):
         modules' weights directly: only where no method changes anything between in_proj and the
         output, so no adapter, hook or parametrisation can be skipped by it)."""
         return (self.backend.mamba_inner is not None and not self.bidirectional
-                and not self.affixes and not self.state_extensions
+                and not self.affixes and not self.state_extensions and not self.state_offsets
                 and _plain(self.conv1d, nn.Conv1d)
                 and all(_plain(m, nn.Linear) for m in (self.x_proj, self.dt_proj, self.out_proj)))
 
@@ -256,8 +261,10 @@ class Mamba(Mixer):
         x, z = xz.chunk(2, dim=-1)
         x_conv, state.conv = causal_conv1d_step(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         delta, A, B, C = self._ssm_inputs(x_conv.unsqueeze(-1), FORWARD)
-        y = selective_state_step(state.ssm, x_conv, delta[..., 0], A, B[..., 0], C[..., 0],
+        y = self.backend.state_step(state.ssm, x_conv, delta[..., 0], A, B[..., 0], C[..., 0],
                                  self.D.float(), z, delta_softplus=True)
+        if FORWARD.key in self.state_offsets:
+            y = y + self.state_offsets[FORWARD.key](C[..., 0], z).to(y.dtype)
         return self.out_proj(y).unsqueeze(1)
 
 

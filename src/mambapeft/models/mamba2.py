@@ -7,18 +7,26 @@ shared by the heads; a gated RMSNorm ``norm(y, z)``; out_proj.
 
 Extension points for PEFT are those of every mixer (``models/mamba.py``): the projections are
 called (LoRA, (IA)3 wrap them), ``conv1d``, ``A_log``, ``D`` and ``dt_bias`` are read as raw tensors
-(partial tuning's parametrisations apply). Mamba-1's ``state_extensions`` and ``affixes`` do not exist
-here; the families that use them refuse Mamba-2 models.
+(partial tuning's parametrisations apply). The fused path (the backend's ``split_conv1d_scan``,
+mamba_ssm's ``mamba_split_conv1d_scan_combined`` on CUDA) reads conv1d, norm and out_proj raw, so it
+runs only where they are plain (:meth:`Mamba2.uses_fused_inner`). Mamba-1's ``state_extensions`` and
+``affixes`` do not exist here; the families that use them refuse Mamba-2 models.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .dt_init import DEFAULT_DT_INIT, initial_dt, inverse_softplus
 from .mamba import Mixer, MixerState
-from .scan import NO_DT_LIMIT, causal_conv1d_step, chunk_scan_step, conv_state_of
+from .mamba import _plain as plain  # one test of an unwrapped module, shared with Mamba-1's fused-path guard
+from .scan import (
+    NO_DT_LIMIT,
+    causal_conv1d_step,
+    chunk_scan_step,
+    conv_state_of,
+    gated_rms_norm,
+)
 
 
 class RMSNormGated(nn.Module):
@@ -33,15 +41,7 @@ class RMSNormGated(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x, z: (..., dim) -> (..., dim) in x's dtype."""
-        x32, gate = x.float(), F.silu(z.float())
-        if not self.norm_before_gate:
-            x32 = x32 * gate
-        grouped = x32.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
-        out = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        out = out * self.weight.float()
-        if self.norm_before_gate:
-            out = out * gate
-        return out.to(x.dtype)
+        return gated_rms_norm(x, z, self.weight, self.eps, self.group_size, self.norm_before_gate)
 
 
 class Mamba2(Mixer):
@@ -104,13 +104,29 @@ class Mamba2(Mixer):
         return (x.unflatten(-1, (self.nheads, self.headdim)), B.unflatten(-1, (self.ngroups, self.d_state)),
                 C.unflatten(-1, (self.ngroups, self.d_state)))
 
+    def uses_fused_inner(self) -> bool:
+        """Whether :meth:`forward` runs the backend's fused ``split_conv1d_scan``. The kernel reads
+        conv1d, the gated norm and out_proj as raw weights, so only where those modules are plain
+        (no wrapper, hook or parametrisation, which it would skip); A_log, D and dt_bias are read
+        through their attributes, so a parametrised delta on them is kept. causal-conv1d's kernel
+        wants the conv channels in multiples of 8."""
+        return (self.backend.split_conv1d_scan is not None and self.conv_dim % 8 == 0
+                and plain(self.conv1d, nn.Conv1d) and plain(self.norm, RMSNormGated)
+                and plain(self.out_proj, nn.Linear))
+
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).
 
         When ``state`` is given, it is filled with the final conv inputs and SSM state, so
-        :meth:`step` can continue the sequence (generation prefill).
+        :meth:`step` can continue the sequence (generation prefill; the unfused chain, which returns them).
         """
-        z, xBC, dt = self._split(self.in_proj(hidden_states))  # (B, L, D_inner), (B, L, conv_dim), (B, L, H)
+        zxbcdt = self.in_proj(hidden_states)
+        if state is None and self.uses_fused_inner():
+            return self.backend.split_conv1d_scan(
+                zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, -torch.exp(self.A_log.float()),
+                self.D, self.chunk_size, self.dt_limit, self.norm.weight, self.norm.eps, self.out_proj.weight,
+                self.out_proj.bias, self.headdim, self.ngroups, self.norm.norm_before_gate)
+        z, xBC, dt = self._split(zxbcdt)  # (B, L, D_inner), (B, L, conv_dim), (B, L, H)
         # (B, conv_dim, L) with L contiguous: causal-conv1d's channel-last path would need in_proj's
         # width (D_inner + conv_dim + H) to be a multiple of 8, which it need not be
         xBC = xBC.transpose(1, 2).contiguous()

@@ -30,8 +30,13 @@ except ImportError as _error:  # pragma: no cover - depends on the machine
     _cuda_selective_scan, _cuda_mamba_inner, _IMPORT_ERRORS["mamba_ssm"] = None, None, str(_error)
 try:  # Triton SSD (mamba-ssm >= 2): Mamba-2's scan
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _cuda_chunk_scan
+    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined as _cuda_split_conv1d_scan
 except ImportError as _error:  # pragma: no cover - depends on the machine
-    _cuda_chunk_scan, _IMPORT_ERRORS["mamba_ssm_ssd"] = None, str(_error)
+    _cuda_chunk_scan, _cuda_split_conv1d_scan, _IMPORT_ERRORS["mamba_ssm_ssd"] = None, None, str(_error)
+try:  # one Triton kernel for a generation step of the selective scan (what mamba_ssm's own step runs)
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as _cuda_state_update
+except ImportError as _error:  # pragma: no cover - depends on the machine
+    _cuda_state_update, _IMPORT_ERRORS["mamba_ssm_state_update"] = None, str(_error)
 try:
     from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d
 except ImportError as _error:  # pragma: no cover - depends on the machine
@@ -229,6 +234,16 @@ def selective_state_step(state, x, delta, A, B, C, D=None, z=None, delta_bias=No
     return y.to(x.dtype)
 
 
+def selective_state_step_cuda(state, x, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """mamba_ssm's ``selective_state_update`` (Triton): the same step in one kernel, state updated in
+    place in its own dtype (fp32 compute); same arguments as :func:`selective_state_step`."""
+    # The kernel launch reads D's and dt_bias's strides unconditionally (None raises TypeError in
+    # mamba-ssm 2.3), so an absent term goes in as zeros, which leave the step unchanged.
+    zeros = None if D is not None and delta_bias is not None else x.new_zeros(x.shape[-1], dtype=torch.float32)
+    return _cuda_state_update(state, x, delta, A.float(), B, C, D=zeros if D is None else D, z=z,
+                              dt_bias=zeros if delta_bias is None else delta_bias, dt_softplus=delta_softplus)
+
+
 # ----------------------------------------------------------------------------------------------
 # Mamba-2's scan (SSD): PyTorch reference and Triton wrapper (same signature)
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +407,54 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
                              delta_bias=dt_proj_bias.float(), delta_softplus=True)
 
 
+def gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
+    """mamba_ssm's gated RMSNorm (``rms_norm_ref``), fp32 compute: per group of ``group_size``
+    channels, norm(x * silu(z)) (``norm_before_gate=False``, Mamba2's) or norm(x) * silu(z).
+    x, z: (..., dim), weight: (dim,) -> (..., dim) in x's dtype."""
+    x32, gate = x.float(), F.silu(z.float())
+    if not norm_before_gate:
+        x32 = x32 * gate
+    grouped = x32.unflatten(-1, (-1, group_size))  # (..., groups, group_size)
+    out = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.float()
+    if norm_before_gate:
+        out = out * gate
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# A Mamba-2 mixer after in_proj, in one piece: split -> conv -> SSD -> gated RMSNorm -> out_proj
+# ----------------------------------------------------------------------------------------------
+def split_conv1d_scan_torch(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, dt_limit, rmsnorm_weight,
+                            rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate):
+    """Reference of :func:`split_conv1d_scan_cuda`, from this module's kernels.
+
+    zxbcdt: (B, L, D_inner + conv_dim + H), conv_dim = D_inner + 2 G N  conv_weight: (conv_dim, W)
+    dt_bias, A, D: (H,)  rmsnorm_weight: (D_inner,)  outproj_weight: (D_model, D_inner). Returns (B, L, D_model).
+    """
+    heads = A.shape[0]
+    d_inner = heads * headdim
+    z, xBC, dt = zxbcdt.split([d_inner, zxbcdt.shape[-1] - d_inner - heads, heads], dim=-1)
+    xBC = causal_conv1d_torch(xBC.transpose(1, 2), conv_weight, conv_bias, "silu").transpose(1, 2)
+    n = (xBC.shape[-1] - d_inner) // (2 * ngroups)
+    x, B, C = xBC.split([d_inner, ngroups * n, ngroups * n], dim=-1)
+    y = chunk_scan_torch(x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (ngroups, n)),
+                         C.unflatten(-1, (ngroups, n)), chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
+                         dt_limit=dt_limit)
+    y = gated_rms_norm(y.flatten(2), z, rmsnorm_weight, rmsnorm_eps, d_inner // ngroups, norm_before_gate)
+    return F.linear(y, outproj_weight, outproj_bias)
+
+
+def split_conv1d_scan_cuda(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, dt_limit, rmsnorm_weight,
+                           rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate):
+    """mamba_ssm's ``mamba_split_conv1d_scan_combined`` (what its Mamba2 trains with): one autograd
+    node from in_proj's output to out_proj's, which keeps zxbcdt and recomputes the conv in the
+    backward. Same arguments as :func:`split_conv1d_scan_torch`; conv_dim must be a multiple of 8."""
+    return _cuda_split_conv1d_scan(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, dt_limit=dt_limit,
+                                   rmsnorm_weight=rmsnorm_weight, rmsnorm_eps=rmsnorm_eps,
+                                   outproj_weight=outproj_weight, outproj_bias=outproj_bias, headdim=headdim,
+                                   ngroups=ngroups, norm_before_gate=norm_before_gate)
+
+
 # ----------------------------------------------------------------------------------------------
 # Backend selection
 # ----------------------------------------------------------------------------------------------
@@ -399,21 +462,31 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
 class ScanBackend:
     """A consistent set of kernels; ``name`` is recorded in every run's metrics.json.
     ``mamba_inner``, where set, replaces a plain unidirectional Mamba-1 mixer's conv-to-out_proj
-    chain; ``chunk_scan`` is Mamba-2's scan (SSD)."""
+    chain; ``chunk_scan`` is Mamba-2's scan (SSD); ``split_conv1d_scan``, where set, replaces a
+    plain Mamba-2 mixer's chain after in_proj; ``state_step`` is Mamba-1's generation step."""
 
     name: str
     selective_scan: Callable
     causal_conv1d: Callable
     mamba_inner: Callable | None = None
     chunk_scan: Callable = chunk_scan_torch
+    split_conv1d_scan: Callable | None = None
+    state_step: Callable = selective_state_step
+
+    @property
+    def fuses(self) -> bool:
+        """Whether some mixer can run one fused kernel after in_proj on this backend."""
+        return self.mamba_inner is not None or self.split_conv1d_scan is not None
 
 
 TORCH_BACKEND = ScanBackend("torch", selective_scan_torch, causal_conv1d_torch)
-# mamba_inner_fn runs its conv through causal-conv1d's kernels: without them, the unfused chain;
-# mamba-ssm 1.x has no SSD kernel: Mamba-2 mixers then scan in PyTorch
+# both fused functions run their conv through causal-conv1d's kernels: without them, the unfused
+# chain; mamba-ssm 1.x has no SSD kernel: Mamba-2 mixers then scan in PyTorch
 CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda,
                            mamba_inner_cuda if _cuda_mamba_inner and _cuda_causal_conv1d else None,
-                           chunk_scan_cuda if _cuda_chunk_scan is not None else chunk_scan_torch)
+                           chunk_scan_cuda if _cuda_chunk_scan is not None else chunk_scan_torch,
+                           split_conv1d_scan_cuda if _cuda_split_conv1d_scan and _cuda_causal_conv1d else None,
+                           selective_state_step_cuda if _cuda_state_update is not None else selective_state_step)
 
 
 def cuda_kernels_available() -> bool:

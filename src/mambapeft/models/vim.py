@@ -3,12 +3,13 @@ as instantiated by MambaPEFT: rms_norm, residual_in_fp32, fused_add_norm=False, 
 use_middle_cls_token, absolute position embedding)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
 
+from .image_classifier import ImageClassifier
 from .init import init_mamba_weights
 from .mamba import Block, DropPath, Mamba, RMSNorm
 
@@ -63,7 +64,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, M, D)
 
 
-class VisionMamba(nn.Module):
+class VisionMamba(ImageClassifier):
     """Vim backbone + linear head.
 
     Extension point: ``prompt`` (default None) is a module ``(tokens, cls_index) -> (tokens,
@@ -98,20 +99,6 @@ class VisionMamba(nn.Module):
         self.apply(partial(init_mamba_weights, n_layer=self.config.depth))
         self.reset_classifier(self.config.num_classes)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new zero-initialised head (mmpretrain's VisionTransformerClsHead init)."""
-        self.config = replace(self.config, num_classes=num_classes)
-        device = self.pos_embed.device
-        self.head = nn.Linear(self.config.embed_dim, num_classes, device=device)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "pos_embed"}
-
-    def classifier_names(self) -> tuple[str, ...]:
-        return ("head",)
-
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, C, H, W) normalised -> class-token feature (B, D)."""
         x = self.patch_embed(images)  # (B, M, D)
@@ -127,13 +114,6 @@ class VisionMamba(nn.Module):
         residual = residual + self.drop_path(hidden)
         hidden = self.norm_f(residual.to(self.norm_f.weight.dtype))
         return hidden[:, cls_index]
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, C, H, W) -> logits (B, num_classes)."""
-        return self.forward_head(self.forward_features(images))
 
     def describe(self) -> dict:
         return {"family": "vim", **asdict(self.config)}

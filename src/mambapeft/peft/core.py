@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .registry import ParamGroup, PeftConfigError, build_spec
+from .registry import ParamGroup, PeftConfigError, WarmUpRun, build_spec
 
 
 @dataclass
@@ -54,6 +54,21 @@ def apply_peft(model: nn.Module, members: list[dict], method: str = "method") ->
     for p in result.trainable.values():
         p.requires_grad_(True)
     return result
+
+
+def prepare_members(backbone: nn.Module, members: list[dict], method: str, run: WarmUpRun) -> tuple[list[dict], dict]:
+    """The members with what their families' ``prepare`` hooks measured on ``backbone`` (the
+    pretrained model before any PEFT) added as fields, and the hooks' records by member name.
+    Members of families without a hook are returned as they are; no hook, no work."""
+    prepared, records = [], {}
+    for member, (family, spec) in zip(members, parse_members(members, method)):
+        if family.prepare is None:
+            prepared.append(member)
+            continue
+        fields, record = family.prepare(backbone, spec, run)
+        prepared.append({**member, **fields})
+        records[spec.name or family.name] = record
+    return prepared, records
 
 
 def _named_after_member(groups: list[ParamGroup], member: str | None) -> list[ParamGroup]:

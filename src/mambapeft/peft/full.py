@@ -15,7 +15,11 @@ class FullSpec(SpecBase):
     """No fields of its own: ``layers``, ``lr_mult`` and ``weight_decay_mult`` are the base's."""
 
 
-@register("full", spec=FullSpec, order=ORDER_TENSORS)
+def merge_full(model: nn.Module) -> None:
+    """Nothing to fold: the trained tensors are the backbone's own."""
+
+
+@register("full", spec=FullSpec, order=ORDER_TENSORS, merge=merge_full)
 def apply(model: nn.Module, spec: FullSpec) -> list[ParamGroup]:
     classifier = tuple(f"{name}." for name in model.classifier_names())
     params = [p for n, p in model.named_parameters() if not n.startswith(classifier)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .registry import ORDER_WRAPPERS, ParamGroup, SpecBase, register
-from .targets import find_modules, replace_module
+from .targets import find_modules, fold_wrappers, replace_module
 
 SIDES = ("output", "input")
 
@@ -40,6 +40,18 @@ class IA3Linear(nn.Module):
         width = base.out_features if side == "output" else base.in_features
         self.ia3_scale = nn.Parameter(torch.ones(width, device=base.weight.device))
 
+    @torch.no_grad()
+    def folded(self) -> nn.Linear:
+        """A plain Linear whose weight carries the scaling (output side: its rows and bias; input side: its columns)."""
+        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                           device=self.base.weight.device, dtype=self.base.weight.dtype)
+        scale = self.ia3_scale.to(self.base.weight.dtype)
+        output_side = self.side == "output"
+        merged.weight.copy_(self.base.weight * (scale[:, None] if output_side else scale[None, :]))
+        if self.base.bias is not None:
+            merged.bias.copy_(self.base.bias * scale if output_side else self.base.bias)
+        return merged
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.side == "input":
             return self.base(x * self.ia3_scale.to(x.dtype))
@@ -47,7 +59,11 @@ class IA3Linear(nn.Module):
         return out * self.ia3_scale.to(out.dtype)
 
 
-@register("ia3", spec=IA3Spec, order=ORDER_WRAPPERS + 20)
+def merge_ia3(model: nn.Module) -> None:
+    fold_wrappers(model, (IA3Linear,))
+
+
+@register("ia3", spec=IA3Spec, order=ORDER_WRAPPERS + 20, merge=merge_ia3)
 def apply(model: nn.Module, spec: IA3Spec) -> list[ParamGroup]:
     params = []
     for path, base in find_modules(model, list(spec.targets), spec.layers, kinds=(nn.Linear,)).items():

@@ -7,7 +7,9 @@ Two application styles, as in MambaPEFT:
 ``part`` restricts the update to a named block of output rows of a mixer projection (Mamba-1: the X
 or Z half of in_proj, the dt, B or C rows of x_proj; Mamba-2: the z, x, B, C or dt rows of in_proj),
 which is how LoRA_p(X), LoRA_p(B)... are defined; :data:`ROW_BLOCKS` holds the layouts.
-``dora`` re-normalises the updated weight per input column (DoRA), with a trainable magnitude.
+``dora`` re-normalises the updated weight per input column (DoRA), with a trainable magnitude, on
+every kind of target: a Linear's (in) columns, a patch-embedding Conv2d's (in x k x k) columns and
+an Embedding's rows (the columns of the Linear it is on one-hot inputs).
 """
 from __future__ import annotations
 
@@ -22,9 +24,20 @@ import torch.nn.functional as F
 from ..models.mamba import BACKWARD, FORWARD, Mamba, Mixer
 from ..models.mamba2 import Mamba2
 from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
-from .targets import find_modules, owning_mixer, replace_module
+from .targets import find_modules, fold_wrappers, owning_mixer, replace_module
 
 STYLES = ("activation", "merged")
+
+
+def dora_rescaled(magnitude: torch.Tensor, updated: torch.Tensor, dim: int) -> torch.Tensor:
+    """DoRA: ``updated`` with its L2 norm along ``dim`` replaced by ``magnitude``; the norm is a
+    constant in the backward pass (as in the original code)."""
+    return magnitude * updated / updated.norm(p=2, dim=dim, keepdim=True).detach()
+
+
+def dora_magnitude(weight: torch.Tensor, dim: int) -> nn.Parameter:
+    """The trainable DoRA magnitude of a pretrained ``weight``: its L2 norm along ``dim``."""
+    return nn.Parameter(weight.detach().float().norm(p=2, dim=dim))
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,7 @@ class LowRankUpdate(nn.Module):
         self.dropout = nn.Dropout(spec.dropout)
         self.magnitude = None
         if spec.dora:  # DoRA: magnitude of each input column of the adapted rows, from the pretrained W
-            self.magnitude = nn.Parameter(self._block(base_weight).detach().float().norm(p=2, dim=0))
+            self.magnitude = dora_magnitude(self._block(base_weight), dim=0)
 
     def _block(self, weight: torch.Tensor) -> torch.Tensor:
         return weight[self.rows[0]:self.rows[1]]
@@ -91,9 +104,7 @@ class LowRankUpdate(nn.Module):
         if self.magnitude is None:
             return delta
         block = self._block(base_weight)
-        updated = block + delta
-        # DoRA: the column norm is a constant in the backward pass (as in the original code)
-        return self.magnitude * updated / updated.norm(p=2, dim=0).detach() - block
+        return dora_rescaled(self.magnitude, block + delta, dim=0) - block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Activation style: x (..., in) -> (..., stop - start)."""
@@ -135,6 +146,16 @@ class LoraLinear(nn.Module):
     def bias(self):
         return self.base.bias
 
+    @torch.no_grad()
+    def folded(self) -> nn.Linear:
+        """A plain Linear with every update folded into its weight (equal outputs in eval mode)."""
+        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                           device=self.base.weight.device, dtype=self.base.weight.dtype)
+        merged.weight.copy_(self.weight)
+        if self.base.bias is not None:
+            merged.bias.copy_(self.base.bias)
+        return merged
+
     def folds_weight_of(self) -> list[nn.Linear]:
         """The base Linear when an update is folded into its weight (read directly, not called):
         its frozen weight must then stay fp32 (models/precision.py), so ``W + delta`` rounds once."""
@@ -151,7 +172,8 @@ class LoraLinear(nn.Module):
 
 
 class LoraConv2d(nn.Module):
-    """Patch-embedding adapter: Conv2d(in, r, k, stride, no bias) -> dropout -> Conv2d(r, out, 1) (zeros)."""
+    """Patch-embedding adapter: Conv2d(in, r, k, stride, no bias) -> dropout -> Conv2d(r, out, 1) (zeros);
+    with DoRA, one convolution with the re-normalised weight (W + s * up @ down) (no dropout, as Linear DoRA)."""
 
     def __init__(self, base: nn.Conv2d, spec: LoraSpec):
         super().__init__()
@@ -162,14 +184,39 @@ class LoraConv2d(nn.Module):
         self.lora_up = nn.Conv2d(spec.rank, base.out_channels, 1, bias=False, device=device)
         nn.init.zeros_(self.lora_up.weight)
         self.dropout, self.scale = nn.Dropout(spec.dropout), spec.scale
+        # DoRA: magnitude of each (in, kh, kw) column of the pretrained kernel seen as (out, in*k*k)
+        self.magnitude = dora_magnitude(base.weight.flatten(1), dim=0) if spec.dora else None
+
+    def _dora_weight(self) -> torch.Tensor:
+        weight = self.base.weight.flatten(1)  # (out, in*k*k)
+        delta = self.scale * self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)
+        return dora_rescaled(self.magnitude, weight + delta, dim=0).view_as(self.base.weight)
+
+    @torch.no_grad()
+    def folded(self) -> nn.Conv2d:
+        """One Conv2d: the 1x1 up-projection composed with the down-projection is a kernel of the base's shape."""
+        merged = nn.Conv2d(self.base.in_channels, self.base.out_channels, self.base.kernel_size, self.base.stride,
+                           self.base.padding, bias=self.base.bias is not None, device=self.base.weight.device,
+                           dtype=self.base.weight.dtype)
+        if self.magnitude is not None:
+            merged.weight.copy_(self._dora_weight())
+        else:
+            delta = self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)  # (out, in*kh*kw)
+            merged.weight.copy_(self.base.weight + self.scale * delta.view_as(self.base.weight))
+        if self.base.bias is not None:
+            merged.bias.copy_(self.base.bias)
+        return merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, D, H/p, W/p)."""
+        if self.magnitude is not None:
+            return F.conv2d(x, self._dora_weight(), self.base.bias, self.base.stride, self.base.padding)
         return self.base(x) + self.scale * self.lora_up(self.dropout(self.lora_down(x)))
 
 
 class LoraEmbedding(nn.Module):
-    """``base(ids) + s * embedding(ids, A) @ B`` with A ~ N(0, std), B = 0 (SLL LoRA's EmbedAdapter)."""
+    """``base(ids) + s * embedding(ids, A) @ B`` with A ~ N(0, std), B = 0 (SLL LoRA's EmbedAdapter);
+    with DoRA each looked-up row is re-normalised to its token's trainable magnitude."""
 
     def __init__(self, base: nn.Embedding, spec: LoraSpec):
         super().__init__()
@@ -178,14 +225,28 @@ class LoraEmbedding(nn.Module):
         self.lora_down = nn.Parameter(torch.randn(base.num_embeddings, spec.rank, device=device) * spec.embedding_init_std)
         self.lora_up = nn.Parameter(torch.zeros(spec.rank, base.embedding_dim, device=device))
         self.scale = spec.scale
+        self.magnitude = dora_magnitude(base.weight, dim=1) if spec.dora else None  # (num_embeddings,)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
+    @torch.no_grad()
+    def folded(self) -> nn.Embedding:
+        """A plain Embedding whose rows include the update. A head tied to the base weight keeps the
+        pretrained rows (``peft/merge.py`` unties it first), as the adapter model's head does."""
+        merged = nn.Embedding(self.base.num_embeddings, self.base.embedding_dim, device=self.base.weight.device,
+                              dtype=self.base.weight.dtype)
+        rows = self.base.weight + self.scale * self.lora_down @ self.lora_up
+        merged.weight.copy_(rows if self.magnitude is None else dora_rescaled(self.magnitude[:, None], rows, dim=-1))
+        return merged
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: (B, L) -> (B, L, D)."""
-        return self.base(ids) + self.scale * F.embedding(ids, self.lora_down) @ self.lora_up
+        rows = self.base(ids) + self.scale * F.embedding(ids, self.lora_down) @ self.lora_up
+        if self.magnitude is None:
+            return rows
+        return dora_rescaled(F.embedding(ids, self.magnitude[:, None]), rows, dim=-1)  # row norms: (B, L, 1)
 
 
 def _mamba1_x_proj(m: Mamba) -> dict[str, int]:
@@ -234,15 +295,20 @@ def _adapt_linear(model: nn.Module, path: str, target: nn.Module, spec: LoraSpec
 
 
 def _adapt_other(model: nn.Module, path: str, target: nn.Module, spec: LoraSpec) -> list[nn.Parameter]:
-    if spec.part is not None or spec.dora or spec.style != "activation":
+    if spec.part is not None or spec.style != "activation":
         raise PeftConfigError(f"lora on {type(target).__name__} ({path}) supports only style "
-                              "`activation` without `part`/`dora`")
+                              "`activation` without `part`")
     wrapper = LoraConv2d(target, spec) if isinstance(target, nn.Conv2d) else LoraEmbedding(target, spec)
     replace_module(model, path, wrapper)
     return [p for n, p in wrapper.named_parameters() if not n.startswith("base.")]
 
 
-@register("lora", spec=LoraSpec, order=ORDER_WRAPPERS)
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA wrapper (Linear, Conv2d, Embedding) into a plain module (equal outputs in eval mode)."""
+    fold_wrappers(model, (LoraLinear, LoraConv2d, LoraEmbedding))
+
+
+@register("lora", spec=LoraSpec, order=ORDER_WRAPPERS, merge=merge_lora)
 def apply(model: nn.Module, spec: LoraSpec) -> list[ParamGroup]:
     kinds = (nn.Linear, LoraLinear, nn.Conv2d, nn.Embedding)
     params = []
@@ -250,17 +316,4 @@ def apply(model: nn.Module, spec: LoraSpec) -> list[ParamGroup]:
         adapt = _adapt_linear if isinstance(target, (nn.Linear, LoraLinear)) else _adapt_other
         params += adapt(model, path, target, spec)
     return [spec.group("lora", params)]
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold every Linear LoRA into a plain Linear (inference; equal outputs in eval mode)."""
-    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
-    for path, wrapper in wrapped:
-        merged = nn.Linear(wrapper.base.in_features, wrapper.base.out_features,
-                           bias=wrapper.base.bias is not None, device=wrapper.base.weight.device)
-        with torch.no_grad():
-            merged.weight.copy_(wrapper.weight)
-            if wrapper.base.bias is not None:
-                merged.bias.copy_(wrapper.base.bias)
-        replace_module(model, path, merged)
 

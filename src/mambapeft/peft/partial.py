@@ -47,7 +47,15 @@ class AddDelta(nn.Module):
         return original + self.delta.to(original.dtype)
 
 
-@register("partial", spec=PartialSpec, order=ORDER_TENSORS + 10)
+def merge_partial(model: nn.Module) -> None:
+    """Write every ``original + delta`` into the tensor itself and drop the parametrisation."""
+    for module in list(model.modules()):
+        for attr, chain in list(getattr(module, "parametrizations", {}).items()):
+            if any(isinstance(p, AddDelta) for p in chain):
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+
+
+@register("partial", spec=PartialSpec, order=ORDER_TENSORS + 10, merge=merge_partial)
 def apply(model: nn.Module, spec: PartialSpec) -> list[ParamGroup]:
     params = []
     for path in find_parameters(model, list(spec.targets), spec.layers):

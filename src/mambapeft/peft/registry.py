@@ -11,7 +11,7 @@ import importlib.metadata
 import pkgutil
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch.nn as nn
 
@@ -80,15 +80,41 @@ class Family:
     """Applying the family leaves the model's outputs unchanged until it trains (zero-initialised
     updates); token and scan-state families change them from the start."""
     module: str
+    merge: Callable[[nn.Module], None] | None = None
+    """Folds every module or parametrisation the family inserted into the backbone's own weights,
+    in place (``mambapeft merge``); None when the family changes the computation itself (tokens,
+    scan states, nonlinear adapters) and cannot be folded."""
+    prepare: Callable[[nn.Module, object, WarmUpRun], tuple[dict, dict]] | None = None
+    """Measures on the run's data what the member needs before it is applied (the trainer calls
+    it, see :class:`WarmUpRun`); None for families fully defined by their YAML fields."""
+
+
+class WarmUpRun(Protocol):
+    """What a family's ``prepare(backbone, spec, run) -> (fields, record)`` may use of its training
+    job. The hook gets the pretrained backbone before any PEFT and must leave it unchanged (it works
+    on a copy); ``fields`` are added to the member (the adapter's method then rebuilds exactly
+    what trained), ``record`` goes to ``train.json`` under ``prepared``. The trainer runs the hooks
+    once per run and restores its RNG state afterwards."""
+
+    total_steps: int
+    """Optimizer steps of the run."""
+
+    def warm_up(self, model: nn.Module, result, steps: int,
+                after_backward: Callable[[int], None] | None = None) -> None:
+        """Train ``result``'s tensors of ``model`` (placed on the run's device here) for the run's
+        first ``steps`` steps: the same batches, optimizer and learning-rate schedule;
+        ``after_backward(step)`` sees each step's gradients before the optimizer step."""
 
 
 FAMILIES: dict[str, Family] = {}
 
 
-def register(name: str, spec: type, order: int, identity_at_init: bool = True):
+def register(name: str, spec: type, order: int, identity_at_init: bool = True,
+             merge: Callable[[nn.Module], None] | None = None, prepare: Callable | None = None):
     """Decorator: ``@register("lora", spec=LoraSpec, order=ORDER_WRAPPERS) def apply(model, spec)
     -> list[ParamGroup]``. ``spec`` must derive from :class:`SpecBase`; ``order`` is one of the
-    ``ORDER_*`` stages (plus an offset within it)."""
+    ``ORDER_*`` stages (plus an offset within it); ``merge`` makes the family mergeable
+    (:attr:`Family.merge`); ``prepare`` measures before the family applies (:class:`WarmUpRun`)."""
     if not (isinstance(spec, type) and issubclass(spec, SpecBase)):
         raise TypeError(f"PEFT family {name!r}: its spec {spec!r} must be a dataclass deriving from SpecBase")
 
@@ -96,7 +122,8 @@ def register(name: str, spec: type, order: int, identity_at_init: bool = True):
         if name in FAMILIES and FAMILIES[name].module != apply_fn.__module__:
             raise ValueError(f"PEFT family {name!r} is registered twice ({FAMILIES[name].module} and "
                              f"{apply_fn.__module__}); rename one")
-        FAMILIES[name] = Family(name, spec, apply_fn, int(order), identity_at_init, apply_fn.__module__)
+        FAMILIES[name] = Family(name, spec, apply_fn, int(order), identity_at_init, apply_fn.__module__, merge,
+                                prepare)
         return apply_fn
 
     return wrap

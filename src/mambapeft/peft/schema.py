@@ -16,6 +16,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from ..method_check import MERGEABLE_KEY
 from .registry import discover_families
 
 JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
@@ -60,7 +61,7 @@ def member_schema(family) -> dict:
             entry["default"] = list(f.default) if isinstance(f.default, tuple) else f.default
         properties[f.name] = entry
     summary = " ".join((inspect.getmodule(family.apply).__doc__ or family.name).split("\n\n")[0].split())
-    return {"type": "object", "description": summary,
+    return {"type": "object", "description": summary, MERGEABLE_KEY: family.merge is not None,
             "properties": properties, "required": ["family"], "additionalProperties": False}
 
 

@@ -23,8 +23,9 @@ def matches(path: str, pattern: str) -> bool:
 
 
 def layer_of(path: str) -> int | None:
-    """The block index in a path (``layers.3.mixer.in_proj`` -> 3), or None outside the blocks."""
-    found = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
+    """The block index in a path (``layers.3.mixer.in_proj`` -> 3, a ViT's ``blocks.3.attn.qkv`` -> 3),
+    or None outside the blocks."""
+    found = re.search(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.", path)
     return int(found.group(1)) if found else None
 
 
@@ -65,6 +66,14 @@ def parent_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent, attr = parent_and_attr(model, path)
     setattr(parent, attr, new)
+
+
+def fold_wrappers(model: nn.Module, kinds: tuple[type, ...]) -> None:
+    """Replace every wrapper of ``kinds`` by its ``folded()`` plain module, innermost first, so a
+    wrapper folds a base that is already plain."""
+    paths = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    for path in sorted(paths, key=lambda n: n.count("."), reverse=True):
+        replace_module(model, path, model.get_submodule(path).folded())
 
 
 def owning_mixer(model: nn.Module, path: str) -> Mixer:

@@ -14,7 +14,8 @@ import pandas as pd  # noqa: E402
 from ..io import atomic_path  # noqa: E402
 
 META_COLUMNS = {"backbone", "method", "label", "seeds", "mean", "mean_std", "trainable_params", "total_params",
-                "diverged", "trainable_pct", "paper_mean", "delta_vs_paper", "natural", "specialized", "structured"}
+                "diverged", "trainable_pct", "paper_mean", "paper_tasks", "delta_vs_paper", "natural", "specialized",
+                "structured"}
 
 
 def task_columns(table: pd.DataFrame) -> list[str]:

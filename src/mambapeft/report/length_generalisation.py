@@ -1,7 +1,8 @@
 """The learnable-input length study's table and figure, from ``metrics.json`` files only.
 
-Every run of the study is (base model, training set, method, seed) on synthetic data and records
-its accuracy at each test length (``eval/synthetic.py``). The table has one row per (base model,
+Every run of the study is (base model, training set, method, seed) on synthetic data or Yelp
+polarity and records its accuracy at each test length (``eval/synthetic.py``) or band of review
+lengths (``eval/text_classification.py``: the length is the band's start). The table has one row per (base model,
 training set, method, test length) with the mean and standard deviation over seeds; beside ours,
 the study's own numbers (``language/length_generalisation.yaml``), which were read from a plot
 and are labelled so wherever they appear. The figure plots accuracy against test length (log x),
@@ -20,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from ..data import yelp_polarity  # noqa: E402
 from ..data.synthetic import GENERATORS  # noqa: E402
 from ..io import atomic_path, write_text_atomic  # noqa: E402
 from ..runspec import domain_file  # noqa: E402
@@ -32,21 +34,29 @@ SETTING_LABELS = {"short_long": "short → long", "standard": "standard"}
 PANEL = ["backbone", "task"]
 PANEL_COLUMNS = [*PANEL, "generator", "setting", "train_max_length"]
 COUNTS = ["train_max_length", "n_tokens", "period", "trainable_params", "length", "seeds", "diverged_seeds"]
+CLASSES = {**{name: g.symbols for name, g in GENERATORS.items()}, "yelp_polarity": yelp_polarity.NUM_CLASSES}
 
 
 def _tokens_member(method: dict) -> dict:
     return next((m for m in method["peft"] if m["family"] == "input_tokens"), {})
 
 
+def _training(data: dict, task: str) -> dict:
+    """The generator (Yelp: the data kind), setting and longest training length of a run's data."""
+    if data["kind"] == "yelp_polarity":
+        return {"generator": data["kind"], "setting": "short_long", "train_max_length": int(data["train_max_tokens"])}
+    train_set = data["train_sets"][task]
+    longest = train_set.get("max_length") if train_set["setting"] == "short_long" else max(data["test_lengths"])
+    return {"generator": train_set["generator"], "setting": train_set["setting"], "train_max_length": int(longest)}
+
+
 def run_rows(record: dict) -> list[dict]:
     """One row per test length of a run record (no rows for a diverged run: its cell stays empty)."""
     config = record["config"]
-    run, data = config["run"], config["data"]
-    train_set = data["train_sets"][run["task"]]
+    run = config["run"]
     tokens = _tokens_member(config["method"])
-    longest = train_set.get("max_length") if train_set["setting"] == "short_long" else max(data["test_lengths"])
-    base = {"source": OURS, "backbone": run["backbone"], "task": run["task"], "generator": train_set["generator"],
-            "setting": train_set["setting"], "train_max_length": int(longest), "method": run["method"],
+    base = {"source": OURS, "backbone": run["backbone"], "task": run["task"], **_training(config["data"], run["task"]),
+            "method": run["method"],
             "label": config["method"]["label"], "n_tokens": tokens.get("n_tokens"), "period": tokens.get("period"),
             "trainable_params": record.get("trainable_params"), "seed": run["seed"], "status": record["status"]}
     if record["status"] != "ok":
@@ -126,6 +136,8 @@ def _panel_title(row) -> str:
     name = row["task"] if row["task"] == row["generator"] else f"{row['task']} ({row['generator']})"
     trained = (f"trained at lengths up to {int(row['train_max_length'])}" if row["setting"] == "short_long"
                else "trained at the test lengths")
+    if row["generator"] == "yelp_polarity":
+        trained = f"trained on reviews of at most {int(row['train_max_length'])} tokens"
     return f"{name}, {SETTING_LABELS[row['setting']]} ({trained}), base {row['backbone']}"
 
 
@@ -137,7 +149,9 @@ def _diverged_note(records: list[dict]) -> str:
 
 def markdown(ours: pd.DataFrame, readings: pd.DataFrame, source: str, note_end: str = "") -> str:
     note = ("Accuracy (%) of the answer at the query position, per test length (tokens, query included): "
-            "mean ± std over seeds. `trainable` counts the tuned parameters. Rows marked "
+            "mean ± std over seeds; for Yelp polarity, of the review's label, per band of review lengths (the "
+            "column is the band's start: reviews of at least that many tokens, below the next column's). "
+            "`trainable` counts the tuned parameters (the classification head not included). Rows marked "
             f"\"{PLOT_READING}\" are the study's own numbers, approximate values read from its plot ({source}), "
             "not measured here." + note_end)
     sections = [_section(rows_of, _of_panel(readings, panel)) for panel, rows_of in ours.groupby(PANEL, sort=False)]
@@ -159,7 +173,7 @@ def _panel(ax, ours: pd.DataFrame, readings: pd.DataFrame, colours: dict) -> Non
                 color=colours.get(rows["method"].iloc[0], "grey"), label=f"{label}: {PLOT_READING}")
     first = ours.iloc[0]
     ax.axvline(first["train_max_length"], color="black", linestyle="--", linewidth=1, label="longest training length")
-    ax.axhline(100.0 / GENERATORS[first["generator"]].symbols, color="grey", linewidth=0.8, label="chance")
+    ax.axhline(100.0 / CLASSES[first["generator"]], color="grey", linewidth=0.8, label="chance")
     ax.set_xscale("log", base=2)
     ticks = sorted(set(ours["length"]) | set(readings["length"]))
     ax.set_xticks(ticks, [str(int(t)) for t in ticks], fontsize=7)

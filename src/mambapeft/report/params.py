@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..build import build_on_meta, method_spec
 from ..io import write_text_atomic
-from ..runspec import domain_file
+from ..runspec import domain_file, methods_for
 from .markdown import frame_to_markdown
 
 DEFAULT_NUM_CLASSES = 100  # CIFAR-100's head; the paper's table folds an average head into its counts
@@ -29,12 +29,13 @@ def _paper_entry(domain: str, backbone: str, method: str) -> dict:
 
 
 def params_rows(selection: dict) -> list[dict]:
-    """One row per (domain, backbone, method); ``selection``: {domain: {backbone: "all" | [methods]}}."""
+    """One row per (domain, backbone, method); ``selection``: {domain: {backbone: "all" | [methods]}},
+    "all" being the methods that fit the backbone (vision/methods.yaml `backbones`)."""
     rows = []
     for domain, backbones in selection.items():
         methods_yaml = domain_file(domain, "methods")
         for backbone, methods in backbones.items():
-            for method in (list(methods_yaml) if methods == "all" else methods):
+            for method in (list(methods_for(domain, backbone)) if methods == "all" else methods):
                 counted = count_params(backbone, method)
                 paper = _paper_entry(domain, backbone, method)
                 rows.append({"domain": domain, "backbone": backbone, "method": method,

@@ -144,6 +144,10 @@ def summary_frame(records: list[dict]) -> tuple[pd.DataFrame, list[str]]:
     tasks = list(dict.fromkeys(long["task"]))
     per_seed = long.pivot_table(index=["backbone", "method", "seed"], columns="task", values="value",
                                 aggfunc="first", dropna=False).reindex(columns=tasks)
+    # dropna=False keeps a diverged run's NaN, but also crosses the index levels: keep the runs that exist
+    # (each backbone has its own methods: the Vim rows on Vim, the ViT rows on ViT)
+    ran = pd.MultiIndex.from_frame(long[["backbone", "method", "seed"]].drop_duplicates())
+    per_seed = per_seed[per_seed.index.isin(ran)]
     per_seed["mean"] = per_seed[tasks].mean(axis=1, skipna=False)
     grouped = per_seed.groupby(level=["backbone", "method"], dropna=False)
     table = grouped.mean()
@@ -163,10 +167,19 @@ def summary_frame(records: list[dict]) -> tuple[pd.DataFrame, list[str]]:
 
 
 def _add_paper(table: pd.DataFrame, domain: str) -> None:
+    """The paper's mean beside ours. An entry with ``mean_over`` (a paper that reports fewer tasks, e.g.
+    ProDiaL's four) is compared with our mean over those tasks only (empty where we lack one)."""
     paper = domain_file(domain, "paper")
-    values = [paper.get(b, {}).get(m, {}).get("mean", math.nan) for b, m in zip(table["backbone"], table["method"])]
-    table["paper_mean"] = values
-    table["delta_vs_paper"] = table["mean"] - table["paper_mean"]
+    entries = [paper.get(b, {}).get(m, {}) for b, m in zip(table["backbone"], table["method"])]
+    table["paper_mean"] = [e.get("mean", math.nan) for e in entries]
+    table["paper_tasks"] = [len(e["mean_over"]) if "mean_over" in e else math.nan for e in entries]
+    ours = [row["mean"] if "mean_over" not in e else _mean_over(row, e["mean_over"])
+            for e, (_, row) in zip(entries, table.iterrows())]
+    table["delta_vs_paper"] = pd.Series(ours, index=table.index, dtype=float) - table["paper_mean"]
+
+
+def _mean_over(row: pd.Series, tasks: list[str]) -> float:
+    return row[tasks].mean(skipna=False) if all(t in row.index for t in tasks) else math.nan
 
 
 def _fmt(value, digits: int = 1) -> str:
@@ -183,9 +196,11 @@ def markdown_table(experiment: str, table: pd.DataFrame, tasks: list[str]) -> st
     if table["seeds"].max() > 1:
         shown["± (seeds)"] = [f"{_fmt(s, 2)} ({n})" for s, n in zip(table["mean_std"], table["seeds"])]
     if table["paper_mean"].notna().any():
-        shown["paper mean"] = [_fmt(v) for v in table["paper_mean"]]
+        shown["paper mean"] = [_fmt(v) + (f" ({int(n)} tasks)" if n == n else "")
+                               for v, n in zip(table["paper_mean"], table["paper_tasks"])]
         shown["Δ vs paper"] = [_fmt(v) if v == v else "" for v in table["delta_vs_paper"]]
-    note = "Accuracy in % on the test split(s); `trainable` excludes the classification head; mean over the tasks shown."
+    note = ("Accuracy in % on the test split(s); `trainable` excludes the classification head; mean over the tasks shown"
+            " (a paper mean marked \"(n tasks)\" covers fewer tasks: its Δ uses our mean over those).")
     return f"# {experiment}\n\n{note}\n\n{frame_to_markdown(shown)}"
 
 

@@ -98,17 +98,21 @@ class LanguageTask:
         self.root = Path(data["root"])
         backbone = spec["backbone"]
         self.tokenizer = load_tokenizer(backbone.get("tokenizer") or backbone["path"])
-        records = read_instruct_json(self.root / f"{data['task']}.json")
-        train, val = split_train_val(records, int(self.recipe["val_size"]), int(self.recipe["val_seed"]))
-        cutoff = int(self.recipe["cutoff_len"])
-        self.train = [tokenize_example(self.tokenizer, r, cutoff)["input_ids"] for r in train]
-        self.val = [tokenize_example(self.tokenizer, r, cutoff)["input_ids"] for r in val]
+        self.train, self.val = self.examples()
         self.batch_size, self.micro_batch = int(self.recipe["batch_size"]), int(self.recipe["micro_batch_size"])
         self.n_train = len(self.train)
         self.iters_per_epoch = math.ceil(self.n_train / self.batch_size)
         self.total_steps = int(self.recipe["epochs"]) * self.iters_per_epoch
         self.checkpoint_every = int(self.recipe.get("checkpoint_every", 1))  # optimizer steps
         self.graphed: GraphedLoss | None = None
+
+    def examples(self) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids of the training and validation examples: LLM-Adapters records in the Alpaca template."""
+        records = read_instruct_json(self.root / f"{self.spec['data']['task']}.json")
+        train, val = split_train_val(records, int(self.recipe["val_size"]), int(self.recipe["val_seed"]))
+        cutoff = int(self.recipe["cutoff_len"])
+        return ([tokenize_example(self.tokenizer, r, cutoff)["input_ids"] for r in train],
+                [tokenize_example(self.tokenizer, r, cutoff)["input_ids"] for r in val])
 
     @staticmethod
     def count_examples(spec: dict) -> tuple[int | None, str]:

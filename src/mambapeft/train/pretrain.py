@@ -1,8 +1,8 @@
 """Upstream pretraining of the mini backbones (offline stand-ins for the published weights), and of
 the length study's base models (trained from scratch on the synthetic recall tasks, as the study's).
 
-The mini Vim learns an upstream image-classification task (shape kind x colour, generated on the
-fly) and is written as an official Vim ``.pth``; the mini Mamba LM learns next-token prediction
+The mini Vim and the mini ViT learn an upstream image-classification task (shape kind x colour,
+generated on the fly) and are written as an official Vim ``.pth`` or timm ``model.safetensors``; the mini Mamba LM learns next-token prediction
 on a synthetic English corpus with a byte-level BPE tokenizer trained on it, and is written in the
 ``state-spaces/mamba-*`` layout. A ``pretrain.kind: synthetic`` LM learns the recall tasks of
 ``data/synthetic.py`` at short lengths (the answer at the query position, as fine-tuning does).
@@ -27,7 +27,7 @@ from ..data.tokenizer import build_tokenizer, load_tokenizer
 from ..data.vtab import IMAGENET_MEAN, IMAGENET_STD
 from ..io import sha256_file, write_json_atomic
 from ..models import build_model, family_of
-from ..models.checkpoints import save_lm, save_vim
+from ..models.checkpoints import save_lm, save_vim, save_vit
 from ..runspec import ConfigError
 from .seeding import epoch_permutation, seed_everything
 from .synthetic import pad_right, query_logits, query_loss
@@ -66,7 +66,12 @@ def _normalise(images: np.ndarray) -> torch.Tensor:
     return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
-def pretrain_vim(backbone: str, path: Path, cfg: dict) -> dict:
+# how a pretrained mini vision backbone is written: in its family's official layout
+IMAGE_BACKBONE_WRITERS = {"vim": save_vim, "vit": save_vit}
+
+
+def pretrain_image_classifier(backbone: str, path: Path, cfg: dict) -> dict:
+    """A mini Vim or ViT on the upstream shape-kind x colour task, written as its family's official file."""
     images, labels, num_classes = upstream_images(cfg["n_images"] + cfg["n_heldout"], image_size=cfg["image_size"],
                                                   seed=cfg["seed"])
     x, y = _normalise(images), torch.from_numpy(labels)
@@ -85,7 +90,7 @@ def pretrain_vim(backbone: str, path: Path, cfg: dict) -> dict:
         accuracy = float((model(x_held).argmax(-1) == y_held).float().mean()) * 100
     log.info("%s upstream held-out accuracy %.1f%% (%d classes)", backbone, accuracy, num_classes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_vim(model, path)
+    IMAGE_BACKBONE_WRITERS[family_of(backbone)](model, path)
     return {"upstream_task": "shape kind x colour", "num_classes": num_classes,
             "heldout_accuracy": accuracy, "final_loss": float(np.mean(losses[-20:]))}
 
@@ -179,7 +184,8 @@ def pretrain_synthetic(backbone: str, directory: Path, cfg: dict) -> dict:
 
 
 # what a backbone learns upstream: its pretrain `kind` when given, else its family's task
-PRETRAINERS = {"vim": pretrain_vim, "lm": pretrain_lm, "synthetic": pretrain_synthetic}
+PRETRAINERS = {"vim": pretrain_image_classifier, "vit": pretrain_image_classifier, "lm": pretrain_lm,
+               "synthetic": pretrain_synthetic}
 
 
 def pretrain_backbone(backbone: str, weights: Path, manifest: Path, cfg: dict, threads: int = 1) -> dict:

@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 
 from ..build import build_trainable
-from ..io import CorruptFileError, sha256_file, torch_load_verified, torch_save_verifiable, write_record_atomic
+from ..io import (CorruptFileError, record_checksum_mismatch, sha256_file, torch_load_verified, torch_save_verifiable,
+                  write_record_atomic)
 from ..peft import check_gradients, zero_initialised
-from ..peft.groups import describe_groups
+from ..peft.core import prepare_members
+from ..peft.groups import describe_groups, param_groups
 from ..peft.state import adapter_state_dict, save_adapter
 from ..runspec import ADAPTER, TRAIN_RECORD, ConfigError
-from ..runtime import autocast_for, device_name, gpu_identity, peak_memory, resolve_device
+from ..runtime import autocast_for, device_name, gpu_identity, peak_memory, place_model, resolve_device
 from .optim import build_optimizer, set_learning_rate
 from .progress import Progress
 from .provenance import provenance
@@ -35,6 +37,7 @@ log = logging.getLogger("mambapeft.train")
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+PREPARED = "prepared.json"  # what the families' prepare hooks measured (removed with the checkpoint)
 HISTORY_POINTS = 200
 
 
@@ -65,14 +68,45 @@ class Trainer:
         self.autocast = autocast_for(self.device)
         seed_everything(spec["run"]["seed"])
         self.task = task_class(spec)(spec, self.device)
-        built = build_trainable(spec, self.device)
+        self.schedule = build_schedule(self.recipe, self.task.iters_per_epoch, self.task.total_steps)
+        self.prepared: dict = {}  # records of the families' prepare hooks (peft/registry.py WarmUpRun)
+        built = build_trainable(spec, self.device, prepare=self._prepare)
         self.model, self.peft, self.backend, self.groups = built.model, built.peft, built.backend, built.groups
+        self.members = built.members
         self.counts = built.counts()
         if not self.groups and self.task.total_steps:
             raise ConfigError(f"method {spec['method']['id']!r} trains no parameter; give it `train: {{epochs: 0}}` "
                              "(evaluation only) or PEFT members")
         self.optimizer = build_optimizer(self.groups, self.recipe["optimizer"]) if self.groups else None
-        self.schedule = build_schedule(self.recipe, self.task.iters_per_epoch, self.task.total_steps)
+
+    # -- what PEFT families measure before training (their prepare hooks) ------------------
+    @property
+    def total_steps(self) -> int:
+        return self.task.total_steps
+
+    def _prepare(self, backbone: torch.nn.Module, members: list[dict]) -> list[dict]:
+        """The members with what their families' prepare hooks measured, once per run: kept in
+        prepared.json, so a resumed run continues with the same dimensions as its checkpoint."""
+        path = self.out / PREPARED
+        saved = _read_json(path)
+        if saved.get("digest") != spec_digest(self.spec) or record_checksum_mismatch(saved):
+            state = rng_state()  # the run starts as if nothing had been measured
+            members, records = prepare_members(backbone, members, self.spec["method"]["id"], self)
+            set_rng_state(state)
+            saved = {"digest": spec_digest(self.spec), "members": members, "records": records}
+            if records:
+                write_record_atomic(path, saved)
+        self.prepared = saved["records"]
+        return saved["members"]
+
+    def warm_up(self, model: torch.nn.Module, result, steps: int, after_backward=None) -> None:
+        """WarmUpRun (peft/registry.py): the run's first ``steps`` steps on ``model``, training ``result``."""
+        place_model(model, self.device, self.spec["runtime"])
+        groups = param_groups(model, result, self.recipe["optimizer"])
+        optimizer = build_optimizer(groups, self.recipe["optimizer"]) if groups else None
+        for step in range(steps):
+            self._train_step(model, result, optimizer, step, after_backward)
+            model.zero_grad(set_to_none=True)  # also tensors a hook reads gradients of, outside the optimizer
 
     # -- resumable state ---------------------------------------------------------------------
     def _save_checkpoint(self, state: LoopState) -> None:
@@ -117,18 +151,25 @@ class Trainer:
     def _step(self, state: LoopState, check: list[str] | None) -> float:
         """One optimizer step; ``check`` (when not None) lists zero-initialised tensors whose
         gradients must be non-zero (every trainable tensor must have a gradient)."""
-        lr = self.schedule(state.step)
-        set_learning_rate(self.optimizer, lr)
-        self.model.train()
-        loss, items = self.task.train_loss(self.model, state.step, self.autocast)
+        checked = None if check is None else (lambda step: check_gradients(self.peft, check))
+        return self._train_step(self.model, self.peft, self.optimizer, state.step, checked)
+
+    def _train_step(self, model, peft, optimizer, step: int, after_backward=None) -> float:
+        """Step ``step`` of the schedule on ``model``; ``after_backward(step)`` sees the gradients."""
+        lr = self.schedule(step)
+        if optimizer is not None:
+            set_learning_rate(optimizer, lr)
+        model.train()
+        loss, _ = self.task.train_loss(model, step, self.autocast)
         if not torch.isfinite(loss):
-            raise DivergedError(f"loss is {float(loss)} at step {state.step} (lr {lr:.3g})")
-        if check is not None:
-            check_gradients(self.peft, check)
+            raise DivergedError(f"loss is {float(loss)} at step {step} (lr {lr:.3g})")
+        if after_backward is not None:
+            after_backward(step)
         if self.recipe.get("grad_clip_norm"):
-            torch.nn.utils.clip_grad_norm_(list(self.peft.trainable.values()), self.recipe["grad_clip_norm"])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(list(peft.trainable.values()), self.recipe["grad_clip_norm"])
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return float(loss)
 
     def _maybe_validate(self, state: LoopState) -> None:
@@ -182,10 +223,10 @@ class Trainer:
             write_record_atomic(self.out / TRAIN_RECORD, record)
             log.error("run diverged: %s (recorded in %s as status 'diverged')", err, TRAIN_RECORD)
             return record
-        save_adapter(self.out / ADAPTER, self.peft, self.spec["method"])
+        save_adapter(self.out / ADAPTER, self.peft, {**self.spec["method"], "peft": self.members})
         record = self._record(state)
         write_record_atomic(self.out / TRAIN_RECORD, record)  # last: training's completion marker
-        for leftover in (CHECKPOINT, BEST):
+        for leftover in (CHECKPOINT, BEST, PREPARED):
             (self.out / leftover).unlink(missing_ok=True)
         return record
 
@@ -200,7 +241,16 @@ class Trainer:
             "param_groups": describe_groups(self.groups), "data": data_provenance(self.spec),
             "history": [h for i, h in enumerate(state.history) if "val_loss" in h or i % stride == 0],
             "adapter_sha256": sha256_file(self.out / ADAPTER), "config": self.spec, **provenance(),
+            **({"prepared": self.prepared} if self.prepared else {}),
         }
+
+
+def _read_json(path: Path) -> dict:
+    """``path``'s JSON object; {} when it is missing or damaged (then measured again)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def data_provenance(spec: dict) -> dict:

@@ -7,10 +7,13 @@ its own entry, which wins over the domain's. Domain ids and data kinds are disjo
 from __future__ import annotations
 
 from .language import LanguageTask
+from .orca_math import OrcaMathTask
 from .synthetic import SyntheticTask
+from .text_classification import TextClassificationTask
 from .vision import VisionTask
 
-TASKS = {"vision": VisionTask, "language": LanguageTask, "synthetic": SyntheticTask}
+TASKS = {"vision": VisionTask, "language": LanguageTask, "synthetic": SyntheticTask,
+         "yelp_polarity": TextClassificationTask, "orca_math": OrcaMathTask}
 
 
 def task_class(spec: dict) -> type:

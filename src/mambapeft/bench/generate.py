@@ -1,0 +1,253 @@
+"""Generation speed: greedy decoding of ``new`` tokens after a ``prompt``-token prompt, with the same
+weights in every implementation:
+
+* ours: step mode with the decode step captured as a CUDA graph (``models/decoding.py``), bare and
+  with adapters active (affix, additional-scan, periodic: methods whose generation needs the
+  recurrent state, which the original MambaPEFT code cannot do);
+* mamba-ssm's ``MambaLMHeadModel.generate(cg=True)``, built from our checkpoint layout (``save_lm``);
+* transformers' ``generate`` (``MambaForCausalLM`` / ``Mamba2ForCausalLM``, its CUDA-kernel path).
+
+On CUDA all run in bf16 (weights and activations; ours under bf16 autocast for its fp32 parts); on
+CPU (the tests) in fp32, without graphs and without mamba-ssm. Timing: one warm-up call (graph
+capture, autotuning), then the median of ``repeats`` synchronised calls. ``tokens_per_s`` = batch x
+new / the time of a call generating ``new`` tokens; ``ms_per_token`` = (that time - the time of a
+call generating 1 token, i.e. the prefill) / (new - 1): the per-token decode latency.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..io import write_json_atomic, write_text_atomic
+from ..models import build_model
+from ..models.checkpoints import build_lm_from_dir, save_lm_mamba_ssm
+from ..models.decoding import GreedyDecoder
+from ..models.lm import LM_VARIANTS
+from ..peft import PeftConfigError, apply_peft
+from ..runspec import ConfigError, method_definition
+from ..runtime import PERMISSIVE, device_name, select_backend
+from .hf import hf_causal_lm
+from .train import AFFIX_TOO_LARGE
+
+log = logging.getLogger("mambapeft.bench")
+
+ADAPTER_METHODS = ("affix", "additional_scan", "periodic")
+MAMBA_SSM, TRANSFORMERS = "mamba-ssm generate(cg=True)", "transformers generate"
+
+Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (prompt ids (B, P), n) -> new tokens (B, n)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(call: Callable[[], object], repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        call()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_generation(generate: Generate, ids: torch.Tensor, new: int, repeats: int) -> tuple[dict, torch.Tensor]:
+    """One implementation at one batch size: its row and the tokens it generated."""
+    tokens = generate(ids, new)  # the warm-up call
+    if tokens.shape != (ids.shape[0], new):
+        raise RuntimeError(f"generated {tuple(tokens.shape)} tokens, expected {(ids.shape[0], new)} (stopped early?)")
+    full = _median_seconds(lambda: generate(ids, new), repeats, ids.device)
+    prefill = _median_seconds(lambda: generate(ids, 1), repeats, ids.device)
+    return {"generate_s": full, "prefill_s": prefill, "tokens_per_s": ids.shape[0] * new / full,
+            "ms_per_token": 1e3 * (full - prefill) / max(new - 1, 1)}, tokens
+
+
+def _ours(model, device: torch.device) -> Callable[[int], Generate]:
+    """Per batch size, a greedy decoder (on CUDA its decode step captured once) -> its generate."""
+    def autocast():  # no cast cached across a graph capture
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+
+    def for_batch(batch: int) -> Generate:
+        if device.type == "cuda":
+            return GreedyDecoder(model, batch, device, cuda_graph=True, autocast=autocast).generate
+        return GreedyDecoder(model, batch, device).generate
+    return for_batch
+
+
+def _for_inference(model, device: torch.device, dtype: torch.dtype):
+    model = model.to(device, dtype).eval()
+    select_backend(model, device, PERMISSIVE)
+    return model
+
+
+def _mamba_ssm(ours_bare, device: torch.device, dtype: torch.dtype) -> Callable[[int], Generate]:
+    """mamba-ssm's model from our checkpoint written in its layout (config.json + pytorch_model.bin),
+    read as its ``from_pretrained`` does (``MambaConfig(**config.json)``, strict load), without the hub lookup."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    with tempfile.TemporaryDirectory() as directory:
+        save_lm_mamba_ssm(ours_bare, directory)
+        config = MambaConfig(**json.loads((Path(directory) / "config.json").read_text()))
+        model = MambaLMHeadModel(config, device=device, dtype=dtype)
+        model.load_state_dict(torch.load(Path(directory) / "pytorch_model.bin", map_location=device,
+                                         weights_only=True))
+    model.eval()
+
+    def generate(ids: torch.Tensor, n: int) -> torch.Tensor:
+        return model.generate(ids, max_length=ids.shape[1] + n, cg=True, top_k=1)[:, ids.shape[1]:]
+    return lambda batch: generate
+
+
+def _transformers(ours_bare, device: torch.device, dtype: torch.dtype) -> Callable[[int], Generate]:
+    from transformers import GenerationConfig
+
+    model = hf_causal_lm(ours_bare.config, device, dtype, ours_bare.state_dict()).eval()
+
+    def generate(ids: torch.Tensor, n: int) -> torch.Tensor:
+        config = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        return out[:, ids.shape[1]:]
+    return lambda batch: generate
+
+
+def _base_model(backbone: str, weights_root: Path, device: torch.device):
+    """fp32 on ``device`` (initialised there): the checkpoint at weights_root/backbone if present,
+    else random weights of the real sizes. Returns (model, where the weights came from)."""
+    directory = weights_root / backbone
+    with torch.device(device):
+        if (directory / "config.json").is_file():
+            return build_lm_from_dir(directory), str(directory)
+        return build_model(backbone), f"random-init (no checkpoint at {directory})"
+
+
+def _adapted(base, backbone: str, method: str, device: torch.device):
+    model = copy.deepcopy(base)
+    with torch.device(device):
+        apply_peft(model, method_definition("language", method, backbone, None)["peft"], method)
+    return model
+
+
+def _agreement(tokens: torch.Tensor, reference: torch.Tensor | None) -> float | None:
+    """Fraction of generated positions equal to ours (bf16 kernels differ: greedy paths may part)."""
+    return None if reference is None else float((tokens == reference).float().mean())
+
+
+def _measure(name: str, make: Callable[[], Callable[[int], Generate]], prompts: dict[int, torch.Tensor], new: int,
+             repeats: int, reference: dict[int, torch.Tensor]) -> dict:
+    """Rows of one implementation for every batch size; a failure is its row's error, the others still run."""
+    rows = {}
+    try:
+        for_batch = make()
+    except PeftConfigError as err:  # a method whose family this mixer does not have (e.g. affix on Mamba-2)
+        return {batch: {"skipped": str(err)} for batch in prompts}
+    except Exception as err:
+        log.exception("generation benchmark: building %s failed", name)
+        return {batch: {"error": f"{type(err).__name__}: {err}"} for batch in prompts}
+    for batch, ids in prompts.items():
+        log.info("generate %s batch %d", name, batch)
+        try:
+            row, tokens = time_generation(for_batch(batch), ids, new, repeats)
+        except Exception as err:
+            log.exception("generation benchmark: %s at batch %d failed", name, batch)
+            rows[batch] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        if name == "ours":
+            reference[batch] = tokens
+        rows[batch] = {**row, "token_agreement_with_ours": _agreement(tokens, reference.get(batch))}
+    del for_batch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_backbone(backbone: str, batches: list[int], prompt: int, new: int, methods: list[str], repeats: int,
+                   weights_root: Path, device: torch.device, baselines: bool = True) -> dict:
+    on_cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    base, weights = _base_model(backbone, weights_root, device)
+    bare = _for_inference(copy.deepcopy(base), device, dtype)
+    generator = torch.Generator(device).manual_seed(0)
+    prompts = {b: torch.randint(0, base.config.vocab_size, (b, prompt), generator=generator, device=device)
+               for b in batches}
+    reference: dict[int, torch.Tensor] = {}
+    rows = {"ours": _measure("ours", lambda: _ours(bare, device), prompts, new, repeats, reference)}
+    for method in methods:
+        if method == "affix" and backbone in AFFIX_TOO_LARGE:
+            rows[f"ours+{method}"] = {b: {"skipped": "affix's projection is too large here (run at mamba-130m)"}
+                                      for b in batches}
+            continue
+        def adapted(method=method):
+            return _ours(_for_inference(_adapted(base, backbone, method, device), device, dtype), device)
+        rows[f"ours+{method}"] = _measure(f"ours+{method}", adapted, prompts, new, repeats, reference)
+    if baselines:
+        if on_cuda:
+            rows[MAMBA_SSM] = _measure(MAMBA_SSM, lambda: _mamba_ssm(bare, device, dtype), prompts, new, repeats,
+                                       reference)
+        else:
+            rows[MAMBA_SSM] = {b: {"skipped": "mamba-ssm generates on CUDA only"} for b in batches}
+        rows[TRANSFORMERS] = _measure(TRANSFORMERS, lambda: _transformers(bare, device, dtype), prompts, new,
+                                      repeats, reference)
+    return {"weights": weights, "dtype": str(dtype).removeprefix("torch."),
+            "backend": bare.backbone.layers[0].mixer.backend.name, "rows": rows}
+
+
+def run_generate_bench(out_dir: Path, backbones: list[str], batches: list[int], prompt: int, new: int,
+                       methods: list[str] = ADAPTER_METHODS, repeats: int = 3,
+                       weights_root: Path = Path("resources/weights"), device: str = "cuda",
+                       baselines: bool = True) -> dict:
+    """Every backbone; the report is written after each one (an interrupted run keeps what it measured)."""
+    unknown = [b for b in backbones if b not in LM_VARIANTS]
+    if unknown:
+        raise ConfigError(f"bench generate: unknown LM variants {unknown}; known: {', '.join(LM_VARIANTS)}")
+    device = torch.device(device)
+    name = device_name(device)
+    report = {"device": name, "torch": torch.__version__, "prompt": prompt, "new": new, "repeats": repeats,
+              "batches": batches, "backbones": {}}
+    stem = out_dir / f"generate_{name.replace(' ', '_')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for backbone in backbones:
+        report["backbones"][backbone] = bench_backbone(backbone, batches, prompt, new, methods, repeats, weights_root,
+                                                       device, baselines)
+        write_json_atomic(stem.with_suffix(".json"), report)
+        write_text_atomic(stem.with_suffix(".md"), markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Generation speed on {report['device']} (torch {report['torch']})", "",
+             f"Greedy decoding of {report['new']} new tokens after a {report['prompt']}-token prompt; median of "
+             f"{report['repeats']} calls after a warm-up. tok/s = batch x new tokens / call time; ms/token = "
+             "per-token decode latency (call time minus the prefill's, over the remaining tokens). Agreement: "
+             "fraction of generated tokens equal to ours (bare model).", ""]
+    for backbone, entry in report["backbones"].items():
+        lines += [f"## {backbone} ({entry['dtype']}; weights: {entry['weights']})", "",
+                  "| implementation | batch | tok/s | ms/token | prefill (ms) | agreement | ours / this (tok/s) |",
+                  "|---|---|---|---|---|---|---|"]
+        ours = entry["rows"].get("ours", {})
+        for name, rows in entry["rows"].items():
+            for batch, row in rows.items():
+                lines.append(_line(name, batch, row, ours.get(batch, {})))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _line(name: str, batch, row: dict, ours: dict) -> str:
+    if "tokens_per_s" not in row:
+        return f"| {name} | {batch} | {row.get('error', row.get('skipped', ''))[:80]} | | | | |"
+    agreement = row.get("token_agreement_with_ours")
+    ratio = f"{ours['tokens_per_s'] / row['tokens_per_s']:.2f}x" if "tokens_per_s" in ours else ""
+    return (f"| {name} | {batch} | {row['tokens_per_s']:,.0f} | {row['ms_per_token']:.2f} | {row['prefill_s'] * 1e3:.1f} "
+            f"| {'' if agreement is None else f'{agreement:.3f}'} | {ratio} |")

@@ -1,0 +1,98 @@
+"""The merge job (``mambapeft merge``): a trained language run's adapter folded into its backbone's
+weights (``peft/merge.py``) and written in the two published layouts, or the backbone itself
+written the same way (the base model other tools evaluate beside the fine-tuned one).
+
+Under the output directory: ``hf/``, transformers' ``MambaForCausalLM`` directory (config.json,
+model.safetensors, tokenizer files) that ``AutoModelForCausalLM.from_pretrained`` and
+``lm_eval --model hf`` load as they are; ``mamba_ssm/`` (config.json, pytorch_model.bin), the
+``state-spaces/mamba-*`` layout; then ``merge.json``, the record, last. Before writing, the job
+checks that the merged model computes the adapter model's logits on a fixed token sequence.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .build import bare_spec, build_trainable
+from .data.tokenizer import load_tokenizer, write_transformers_tokenizer
+from .io import write_json_atomic
+from .models.checkpoints import save_lm_hf, save_lm_mamba_ssm
+from .models.lm import MambaLMHeadModel
+from .peft.merge import check_mergeable, merge_method
+from .runspec import ADAPTER
+
+log = logging.getLogger("mambapeft.export")
+
+HF_DIR, MAMBA_SSM_DIR, MERGE_RECORD = "hf", "mamba_ssm", "merge.json"
+CHECK_TOKENS = 64  # length of the fixed sequence the merged and adapter logits are compared on
+CHECK_TOLERANCE = 1e-4  # of the logits' scale: fp32 rounding of W x + s B (A x) vs (W + s B A) x, over the layers
+
+
+def _tokenizer_path(backbone: dict) -> str:
+    return backbone.get("tokenizer") or backbone["path"]
+
+
+def _check_ids(model: MambaLMHeadModel) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.config.vocab_size, (1, CHECK_TOKENS), generator=generator)
+
+
+def _refuse_leftovers(model: nn.Module) -> None:
+    """After folding, the model must hold exactly a plain backbone's tensors, or the layouts would drop some."""
+    with torch.device("meta"):
+        plain = set(MambaLMHeadModel(model.config).state_dict())
+    extra, missing = sorted(set(model.state_dict()) - plain), sorted(plain - set(model.state_dict()))
+    if extra or missing:
+        raise RuntimeError(f"after merging, the model's tensors differ from a plain backbone's: extra {extra[:5]}, "
+                           f"missing {missing[:5]}; a family's merge left modules behind")
+
+
+def write_layouts(model: MambaLMHeadModel, tokenizer_path: str, out_dir: Path) -> dict:
+    """``hf/`` and ``mamba_ssm/`` under ``out_dir``; returns their paths."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    hf, mamba_ssm = out_dir / HF_DIR, out_dir / MAMBA_SSM_DIR
+    save_lm_hf(model, hf, tokenizer.eos_id)
+    write_transformers_tokenizer(tokenizer, hf)
+    save_lm_mamba_ssm(model, mamba_ssm)
+    return {"hf": str(hf), "mamba_ssm": str(mamba_ssm)}
+
+
+@torch.no_grad()
+def merge_run(spec: dict, out_dir: str | Path) -> dict:
+    """Fold the run's adapter (``<output_dir>/adapter.safetensors``) into its backbone and write the layouts."""
+    method = spec["method"]
+    check_mergeable(method["peft"], method["id"])  # before loading gigabytes of weights
+    adapter = Path(spec["output_dir"]) / ADAPTER
+    model = build_trainable(spec, torch.device("cpu"), adapter=adapter).model.eval()
+    ids = _check_ids(model)
+    expected = model(ids)
+    merge_method(model, method["peft"], method["id"])
+    _refuse_leftovers(model)
+    difference = float((model(ids) - expected).abs().max())
+    scale = max(1.0, float(expected.abs().max()))
+    if difference > CHECK_TOLERANCE * scale:
+        raise RuntimeError(f"the merged model's logits differ from the adapter model's by {difference:.3g} "
+                           f"(max |logit| {scale:.3g}); the merge of method {method['id']!r} is wrong")
+    out_dir = Path(out_dir)
+    record = {"run": spec.get("run"), "method": method["id"], "adapter": str(adapter),
+              "families": sorted({m["family"] for m in method["peft"]}),
+              "check": {"tokens": CHECK_TOKENS, "max_abs_logit_difference": difference},
+              "tie_embeddings": model.config.tie_embeddings,
+              **write_layouts(model, _tokenizer_path(spec["backbone"]), out_dir)}
+    write_json_atomic(out_dir / MERGE_RECORD, record)
+    log.info("merged %s: logits within %.3g of the adapter model's", method["id"], difference)
+    return record
+
+
+def export_backbone(backbone: dict, out_dir: str | Path) -> dict:
+    """The backbone as it is (``backbone``: its config entry with ``id`` and ``path``), in both layouts."""
+    spec = bare_spec("language", backbone["id"], {"id": "base", "peft": []}, path=backbone["path"])
+    model = build_trainable(spec).model.eval()
+    out_dir = Path(out_dir)
+    record = {"backbone": backbone["id"], "source": backbone["path"],
+              **write_layouts(model, _tokenizer_path(backbone), out_dir)}
+    write_json_atomic(out_dir / MERGE_RECORD, record)
+    return record

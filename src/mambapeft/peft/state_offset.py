@@ -1,0 +1,53 @@
+"""State-offset tuning (Kang et al., ACL 2025; furiosa-ai/ssm-state-tuning, bias type ``SILU_Z_C``).
+
+A learnable offset h' (D_inner, N) per layer and scan direction is added to the state the output
+reads at every step: y_t = C_t (h_t + h') + D x_t, gated by silu(z_t). Because the offset never
+enters the recurrence, it is the extra output term ``silu(z_t) * C_t h'`` on top of the stock scan
+(the original code adds exactly this to the scan's output): the CUDA scan, its step mode and its
+last state stay as they are. The mixer extension point is ``state_offsets[direction]``; a mixer
+with it set never takes the fused ``mamba_inner`` kernel, which could not add the term.
+h' starts at zero (the original's ``bias_init: ZERO``), so the model is unchanged at init.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import ORDER_MIXER, ParamGroup, SpecBase, register
+from .targets import mamba1_mixers
+
+
+@dataclass(frozen=True)
+class StateOffsetSpec(SpecBase):
+    """State-offset tuning on every Mamba-1 mixer (or ``layers``), one offset per scan direction."""
+
+
+class StateOffset(nn.Module):
+    """Mixer extension point ``state_offsets[direction]``: (C, z) -> silu(z) * C h'."""
+
+    def __init__(self, d_inner: int, n_state: int, device=None):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(d_inner, n_state, device=device))  # h': (D_inner, N)
+
+    def forward(self, C: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """C: (B, N, L) or (B, N) (one step), z: (B, D_inner, L) or (B, D_inner) -> z's shape."""
+        return F.silu(z) * torch.einsum("bn...,dn->bd...", C, self.offset.to(C.dtype))
+
+
+# after additional_scan (same stage): the offset then covers the extended state the scan runs
+@register("state_offset", spec=StateOffsetSpec, order=ORDER_MIXER + 10)
+def apply(model: nn.Module, spec: StateOffsetSpec) -> list[ParamGroup]:
+    params = []
+    for index, mixer in enumerate(mamba1_mixers(model, "state_offset")):
+        if spec.layers is not None and index not in spec.layers:
+            continue
+        for direction in mixer.directions:
+            extension = mixer.state_extensions[direction.key] if direction.key in mixer.state_extensions else None
+            n_state = mixer.d_state + (extension.n_extra if extension is not None else 0)
+            offset = StateOffset(mixer.d_inner, n_state, device=getattr(mixer, direction.A_log).device)
+            mixer.state_offsets[direction.key] = offset
+            params.append(offset.offset)
+    return [spec.group("state_offset", params)]

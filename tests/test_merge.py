@@ -1,0 +1,179 @@
+"""Merging a trained method into the weights (`mambapeft merge`) and the Orca-Math data it is
+first used for: merged logits equal the adapter model's; transformers and our mamba_ssm loader
+read the exported directories and give the same logits; unmergeable methods are refused by name,
+at config time too; Orca-Math copies in each published layout read the same records."""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mambapeft.cli import main as cli
+from mambapeft.data.orca_math import FIELDS, STANDIN_FILE, check_orca_math, corpus_entry, write_mini_orca_math
+from mambapeft.data.text_corpus import iter_texts
+from mambapeft.data.token_cache import load_tokens, tokenize_corpus
+from mambapeft.data.tokenizer import build_tokenizer
+from mambapeft.export import HF_DIR, MAMBA_SSM_DIR, MERGE_RECORD, write_layouts
+from mambapeft.models import build_model
+from mambapeft.models.checkpoints import MAMBA_SSM_FIELDS, build_lm_from_dir, save_lm
+from mambapeft.peft import PeftConfigError, apply_peft
+from mambapeft.peft.merge import check_mergeable, merge_method
+from mambapeft.runspec import ConfigError, Run, method_definition, resolve_run, training_spec, validate_config
+from mambapeft.train.orca_math import split_documents
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
+
+MEMBERS = {  # every mergeable family on the LM, tied head and embedding update included
+    "lora_orca": [{"family": "lora", "targets": ["mixer.x_proj", "backbone.embedding", "mixer.in_proj",
+                                                 "mixer.out_proj"], "rank": 4, "scale": 0.125}],
+    "lora_sll": method_definition("language", "lora_sll", "mamba-mini", None)["peft"],
+    "lora_ia3": method_definition("language", "lora_ia3", "mamba-mini", None)["peft"],
+    "partial": [{"family": "partial", "targets": ["mixer.A_log", "mixer.D", "mixer.conv1d.weight"]}],
+    "full": [{"family": "full"}],
+}
+
+
+def _trained(members: list[dict], vocab_size: int = 64):
+    """A mini LM with ``members`` applied and every trainable tensor moved off its initial value."""
+    model = build_model("mamba-mini", vocab_size=vocab_size, n_layer=2)
+    result = apply_peft(model, members, "method")
+    with torch.no_grad():
+        for p in result.trainable.values():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", sorted(MEMBERS))
+def test_merged_logits_equal_the_adapter_models(method):
+    model = _trained(MEMBERS[method])
+    ids = torch.randint(0, 64, (2, 19))
+    with torch.no_grad():
+        expected = model(ids)
+        merge_method(model, MEMBERS[method], method)
+        got = model(ids)
+    plain = build_model("mamba-mini", vocab_size=64, n_layer=2)
+    assert set(model.state_dict()) == set(plain.state_dict())  # nothing of the method is left
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+def test_an_embedding_update_unties_the_head_and_leaves_it_pretrained():
+    model = _trained(MEMBERS["lora_orca"])
+    pretrained_head = model.lm_head.weight.detach().clone()
+    merge_method(model, MEMBERS["lora_orca"], "lora_orca")
+    assert not model.config.tie_embeddings
+    assert torch.equal(model.lm_head.weight, pretrained_head)
+
+
+@pytest.mark.parametrize("method,family", [("affix_noproj", "affix"), ("additional_scan", "additional_scan"),
+                                           ("prefix", "input_tokens"), ("periodic", "input_tokens")])
+def test_an_unmergeable_method_is_refused_by_name(method, family):
+    with pytest.raises(PeftConfigError, match=rf"method '{method}' cannot be merged.*family '{family}'"):
+        check_mergeable(method_definition("language", method, "mamba-mini", None)["peft"], method)
+
+
+def _orca_config(root, methods: list[str]) -> dict:
+    """One merged Orca-Math experiment on a mini LM at ``root/lm``, data at ``root/data``."""
+    return {"results_dir": str(root / "results"), "resources_dir": str(root / "resources"), "device": "cpu",
+            "scan_backend": "torch",
+            "data": {"orca": {"kind": "orca_math", "source": "mini", "n_train": 6, "root": str(root / "data")}},
+            "backbones": {"mamba-mini": {"source": "pretrain", "path": str(root / "lm")}},
+            "experiments": {"orca": {"domain": "language", "data": "orca", "backbones": ["mamba-mini"],
+                                     "tasks": ["orca_math_200k"], "methods": methods, "seeds": [0], "merge": True,
+                                     "train": {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "val_size": 0,
+                                               "select": "final", "schedule": {"warmup_steps": 0}},
+                                     "method_overrides": {"lora_orca": {"lora": {"rank": 4}}}}}}
+
+
+def test_a_merged_experiment_with_an_unmergeable_method_fails_at_config_time(tmp_path):
+    config = _orca_config(tmp_path, ["lora_orca", "affix_noproj"])
+    with pytest.raises(ConfigError, match=r"experiments/orca/merge: method 'affix_noproj' cannot be merged.*"
+                                          r"family 'affix'"):
+        validate_config(config)
+
+
+def _tokenizer(tmp_path, texts):
+    path = tmp_path / "tokenizer.json"
+    build_tokenizer(texts, vocab_size=320, path=path)
+    return path
+
+
+def test_transformers_and_mamba_ssm_layouts_give_the_merged_logits(tmp_path):
+    tokenizer_path = _tokenizer(tmp_path, ["Mia has 3 apples. She buys 2 more apples."] * 20)
+    model = _trained(MEMBERS["lora_orca"], vocab_size=320)
+    merge_method(model, MEMBERS["lora_orca"], "lora_orca")
+    write_layouts(model, str(tokenizer_path), tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / HF_DIR).eval()
+    text = "Mia has 3 apples."
+    ids = torch.tensor([transformers.AutoTokenizer.from_pretrained(tmp_path / "out" / HF_DIR)(text)["input_ids"]])
+    with torch.no_grad():
+        expected = model(ids)
+        assert torch.allclose(hf(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(build_lm_from_dir(tmp_path / "out" / MAMBA_SSM_DIR).eval()(ids), expected, atol=1e-6)
+    assert set(json.loads((tmp_path / "out" / MAMBA_SSM_DIR / "config.json").read_text())) == set(MAMBA_SSM_FIELDS)
+
+
+# --- Orca-Math data ----------------------------------------------------------------------------
+
+def _records(root) -> list[str]:
+    return [text for batch in iter_texts(corpus_entry(root)) for text in batch]
+
+
+def test_the_published_layouts_read_the_same_records(tmp_path):
+    import datasets
+
+    write_mini_orca_math(tmp_path / "parquet", seed=0, n_train=12)
+    frame = pd.read_parquet(tmp_path / "parquet" / STANDIN_FILE)
+    assert list(frame.columns) == list(FIELDS)
+    (tmp_path / "jsonl" / "data").mkdir(parents=True)
+    frame.to_json(tmp_path / "jsonl" / "data" / "train.jsonl", orient="records", lines=True)
+    datasets.Dataset.from_pandas(frame).save_to_disk(str(tmp_path / "arrow"))
+    expected = [q + a for q, a in zip(frame["question"], frame["answer"])]  # no separator, no template
+    for layout in ("parquet", "jsonl", "arrow"):
+        assert _records(tmp_path / layout) == expected, layout
+    assert check_orca_math(tmp_path / "arrow")["splits"]["train"] == 12
+
+
+def test_a_bad_record_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    pd.DataFrame({"question": ["What is 1 + 1?", "And 2 + 2?"], "answer": ["2", ""]}).to_parquet(
+        tmp_path / "data" / "train-00000-of-00001.parquet")
+    assert cli(["data", "check", "--kind", "orca_math", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "record 1" in err and "'answer'" in err
+
+
+def test_the_token_cache_holds_one_eos_terminated_document_per_record(tmp_path):
+    write_mini_orca_math(tmp_path, seed=0, n_train=10)
+    tokenizer = _tokenizer(tmp_path, _records(tmp_path))
+    record = tokenize_corpus(corpus_entry(tmp_path), tokenizer, "documents", tmp_path / "t.bin", tmp_path / "t.json")
+    tokens, _ = load_tokens(tmp_path / "t.json")
+    documents = split_documents(tokens, record["eos_id"])
+    assert len(documents) == record["n_documents"] == 10
+    assert all(d[-1] == record["eos_id"] and record["eos_id"] not in d[:-1] for d in documents)
+
+
+@pytest.mark.parametrize("runtime", [{"device": "cpu", "scan_backend": "torch"},
+                                     pytest.param({"device": "cuda", "scan_backend": "auto", "cuda_graphs": True},
+                                                  marks=pytest.mark.gpu, id="cuda-graphs")],
+                         ids=lambda runtime: runtime["device"])
+def test_train_then_merge_writes_a_model_transformers_loads(tmp_path, runtime):
+    """The pipeline's path on a tiny stand-in: tokens cached, train (CPU, or the GPU's kernels and CUDA
+    graphs as config/paper.yaml), merge and export on the CPU (the rules' commands)."""
+    write_mini_orca_math(tmp_path / "data", seed=0, n_train=6)
+    tokenizer = _tokenizer(tmp_path / "lm", _records(tmp_path / "data"))
+    save_lm(build_model("mamba-mini", vocab_size=320, n_layer=2), tmp_path / "lm")
+    config = {**_orca_config(tmp_path, ["lora_orca"]), **runtime}
+    validate_config(config)
+    spec = resolve_run(config, Run("orca", "mamba-mini", "orca_math_200k", "lora_orca", 0))
+    meta = Path(spec["data"]["tokens"])
+    tokenize_corpus(corpus_entry(tmp_path / "data"), tokenizer, "documents", meta.with_suffix(".bin"), meta)
+    assert cli(["-q", "train", "--spec", json.dumps(training_spec(spec))]) == 0
+    assert cli(["-q", "merge", "--spec", json.dumps(training_spec(spec)), "--out", str(tmp_path / "merged")]) == 0
+    record = json.loads((tmp_path / "merged" / MERGE_RECORD).read_text())
+    assert record["check"]["max_abs_logit_difference"] < 1e-4
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / HF_DIR).eval()
+    ids = torch.randint(0, 320, (1, 12))
+    with torch.no_grad():
+        expected = build_lm_from_dir(tmp_path / "merged" / MAMBA_SSM_DIR).eval()(ids)
+        assert torch.allclose(hf(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,72 @@
+"""ProDiaL: W' = s * W D_b + B A with D_b block-diagonal, its exact parameter count on Mamba-130m,
+and the fp32 weight it folds into."""
+import pytest
+import torch
+import torch.nn as nn
+
+from mambapeft.models import build_model
+from mambapeft.models.precision import frozen_linear_parameters
+from mambapeft.peft import PeftConfigError, apply_peft
+from mambapeft.peft.prodial import ProdialLinear, ProdialSpec
+from mambapeft.report.params import count_params
+
+
+def _trained_looking(linear: nn.Linear, block_size: int) -> ProdialLinear:
+    wrapper = ProdialLinear(linear, ProdialSpec(block_size=block_size, rank=3, dropout=0.0))
+    with torch.no_grad():
+        for p in (wrapper.blocks, wrapper.row_scale, wrapper.low_rank.lora_up.weight):
+            p.add_(0.1 * torch.randn_like(p))
+    return wrapper.eval()
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4])
+def test_the_forward_is_the_scaled_block_diagonal_weight_plus_the_low_rank_update(block_size):
+    linear = nn.Linear(8, 6)
+    wrapper = _trained_looking(linear, block_size)
+    D_b = torch.eye(8) + torch.block_diag(*wrapper.blocks)
+    low_rank = wrapper.low_rank.scale * wrapper.low_rank.lora_up.weight @ wrapper.low_rank.lora_down.weight
+    expected = wrapper.row_scale[:, None] * linear.weight @ D_b + low_rank
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), x @ expected.T + linear.bias)
+        torch.testing.assert_close(wrapper.weight, expected)  # the merged weight: what folding would store
+
+
+def test_both_proj_on_mamba_130m_counts_lora_plus_the_diagonal_and_the_scales():
+    """The paper's Both-Proj LoRA (2.36M) is exactly our rank-16 part; it lists ProDiaL as 2.42M, which
+    is LoRA + D_b (2,414,592) without the row scales s the original code also trains (92,160)."""
+    layers, d_model, d_inner = 24, 768, 1536
+    lora = layers * 16 * ((d_model + 2 * d_inner) + (d_inner + d_model))
+    diagonal = layers * (d_model + d_inner)
+    scales = layers * (2 * d_inner + d_model)
+    assert lora == 2_359_296
+    assert count_params("mamba-130m", "prodial")["trainable"] == lora + diagonal + scales == 2_506_752
+
+
+def test_the_wrapped_weight_stays_fp32_under_bf16_storage():
+    model = build_model("mamba-mini", vocab_size=64)
+    apply_peft(model, [{"family": "prodial", "targets": ["mixer.in_proj"]}], "prodial")
+    wrapped = {id(m.base.weight) for m in model.modules() if isinstance(m, ProdialLinear)}
+    assert wrapped and not wrapped & {id(p) for p in frozen_linear_parameters(model)}
+
+
+def test_a_block_size_that_does_not_divide_the_width_is_an_error():
+    with pytest.raises(PeftConfigError, match="block_size"):
+        apply_peft(build_model("mamba-mini", vocab_size=64), [{"family": "prodial", "block_size": 5}], "prodial")
+
+
+def test_merging_folds_it_into_plain_linears():
+    from mambapeft.peft.merge import merge_method
+
+    model = build_model("mamba-mini", vocab_size=64)
+    members = [{"family": "prodial", "block_size": 2}]
+    result = apply_peft(model, members, "prodial")
+    model.eval()  # no dropout on B A
+    with torch.no_grad():
+        for p in result.trainable.values():
+            p.add_(0.05 * torch.randn_like(p))
+        ids = torch.randint(0, 64, (2, 9))
+        expected = model(ids)
+        merge_method(model, members, "prodial")
+        assert not any(isinstance(m, ProdialLinear) for m in model.modules())
+        torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-5)
