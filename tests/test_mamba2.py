@@ -182,28 +182,6 @@ def test_a_missing_mixer_tensor_is_named(tmp_path):
         build_lm_from_dir(tmp_path)
 
 
-def test_step_mode_equals_parallel_forward():
-    model = build_model("mamba2-mini", vocab_size=64).eval()
-    ids = torch.randint(0, 64, (3, 40))
-    with torch.no_grad():
-        full = model(ids)
-        states = model.empty_states(3)
-        prefill = model(ids[:, :19], states)  # ends inside the second chunk
-        stepped = [model._step_token(ids[:, t], t, states) for t in range(19, 40)]
-    assert torch.allclose(prefill, full[:, :19], atol=1e-6)
-    assert torch.allclose(torch.stack(stepped, 1), full[:, 19:], atol=1e-5)
-
-
-def test_greedy_generation_matches_argmax_of_parallel_forward():
-    model = build_model("mamba2-mini", vocab_size=64).eval()
-    prompt = torch.randint(1, 64, (2, 6))
-    generated = model.generate(prompt, max_new_tokens=5)
-    sequence = prompt
-    for _ in range(5):
-        sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(generated, sequence[:, 6:])
-
-
 # ------------------------------------------------------------------------------------------------
 # configs
 # ------------------------------------------------------------------------------------------------

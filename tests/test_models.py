@@ -112,20 +112,26 @@ def test_lm_checkpoint_mismatch_is_named(tmp_path):
         load_lm(bigger, tmp_path)
 
 
-def test_lm_step_mode_equals_parallel_forward():
-    model = build_model("mamba-mini", vocab_size=64).eval()
-    ids = torch.randint(0, 64, (3, 20))
+# Mamba-2: the prefill of 19 tokens ends inside the mini model's second chunk (chunk_size 16)
+LM_STEP_CASES = [("mamba-mini", 20, 8), ("mamba2-mini", 40, 19)]
+
+
+@pytest.mark.parametrize("variant, length, prefill_length", LM_STEP_CASES)
+def test_lm_step_mode_equals_parallel_forward(variant, length, prefill_length):
+    model = build_model(variant, vocab_size=64).eval()
+    ids = torch.randint(0, 64, (3, length))
     with torch.no_grad():
         full = model(ids)
         states = model.empty_states(3)
-        prefill = model(ids[:, :8], states)
-        stepped = [model._step_token(ids[:, t], t, states) for t in range(8, 20)]
-    assert torch.allclose(prefill, full[:, :8], atol=1e-6)
-    assert torch.allclose(torch.stack(stepped, 1), full[:, 8:], atol=1e-5)
+        prefill = model(ids[:, :prefill_length], states)
+        stepped = [model._step_token(ids[:, t], t, states) for t in range(prefill_length, length)]
+    assert torch.allclose(prefill, full[:, :prefill_length], atol=1e-6)
+    assert torch.allclose(torch.stack(stepped, 1), full[:, prefill_length:], atol=1e-5)
 
 
-def test_greedy_generation_matches_argmax_of_parallel_forward():
-    model = build_model("mamba-mini", vocab_size=64).eval()
+@pytest.mark.parametrize("variant", [variant for variant, _, _ in LM_STEP_CASES])
+def test_greedy_generation_matches_argmax_of_parallel_forward(variant):
+    model = build_model(variant, vocab_size=64).eval()
     prompt = torch.randint(1, 64, (2, 6))
     generated = model.generate(prompt, max_new_tokens=5)
     sequence = prompt
