@@ -14,14 +14,48 @@ and those of Mamba-2's chunked scan (SSD) its ``mamba_chunk_scan_combined``:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+
+def _defer_mamba_ssm_package_init() -> None:
+    """Let ``mamba_ssm.ops.*`` import without running ``mamba_ssm/__init__.py`` until a name of the
+    package itself is used.
+
+    That file imports mamba-ssm's model zoo and, through its generation utilities, transformers and
+    scikit-learn: 6.5 s of the ~10 s every pipeline job spent importing on the GPU machine (measured,
+    ``python -X importtime``), for modules this package never uses. A bare package module (the real
+    spec and ``__path__``, so submodules import as usual) stands in; the first attribute that is not
+    a submodule (``from mamba_ssm import MambaLMHeadModel``, as the benchmarks do) runs the real
+    ``__init__`` in it, so the package behaves as if imported normally.
+    """
+    if "mamba_ssm" in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec("mamba_ssm")
+    except (ImportError, ValueError):  # pragma: no cover - a broken installation: the imports below say why
+        return
+    if spec is None or spec.loader is None:
+        return
+    package = importlib.util.module_from_spec(spec)
+
+    def run_init_on_first_use(name: str):
+        del package.__getattr__  # a plain module from here on: a name __init__ does not define is absent
+        spec.loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = run_init_on_first_use
+    sys.modules["mamba_ssm"] = package
+
+
+_defer_mamba_ssm_package_init()
 _IMPORT_ERRORS: dict[str, str] = {}  # why an optional kernel package did not import (setup-gpu reports it)
 try:  # optional CUDA kernels; None when missing (as in mamba_ssm's own modules)
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as _cuda_mamba_inner
