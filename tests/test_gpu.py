@@ -28,6 +28,53 @@ def set_backend(model, backend):
             m.backend = backend
 
 
+def on_backend(model, backend):
+    """An eval-mode copy of ``model`` whose mixers run on ``backend``."""
+    copied = copy.deepcopy(model).eval()
+    set_backend(copied, backend)
+    return copied
+
+
+MINI_BACKBONES = {"vision": "vim-mini", "language": "mamba-mini"}
+
+
+def adapted_mini(domain, backbone, method, nudge=0.0):
+    """A mini ``backbone`` on the GPU (seed 0) with ``method`` applied; its trainable parameters moved by
+    ``nudge`` x N(0, 1) (trained-looking: zero-initialised updates would make a comparison trivial)."""
+    torch.manual_seed(0)
+    model = build_model(backbone, **({"num_classes": 4} if domain == "vision" else {"vocab_size": 64})).cuda()
+    result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
+    if nudge:
+        with torch.no_grad():
+            for p in result.trainable.values():
+                p.add_(nudge * torch.randn_like(p))
+    return model, result
+
+
+def mini_inputs(domain):
+    return torch.randn(4, 3, 32, 32, device="cuda") if domain == "vision" else torch.randint(0, 64, (2, 40), device="cuda")
+
+
+def forward_backward(model, inputs, autocast=True):
+    """``model``'s output on ``inputs`` (in the training precision, bf16 autocast, unless ``autocast`` is
+    False) and the gradients of a loss on it, by parameter name, of the parameters that got one."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(inputs)
+    if out.requires_grad:  # a method that trains nothing (zero_shot) leaves nothing to differentiate
+        out.float().logsumexp(-1).mean().backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def assert_runs_agree(reference, other, output_tolerance, grad_tolerance):
+    """Two :func:`forward_backward` results: outputs within ``output_tolerance`` (relative norm), the
+    same parameters with gradients, each within ``grad_tolerance``."""
+    (out, grads), (other_out, other_grads) = reference, other
+    assert rel(other_out, out) <= output_tolerance
+    assert other_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert rel(other_grads[name], grad) <= grad_tolerance, name
+
+
 @needs_kernels
 @pytest.mark.parametrize("d_inner,n,length", [(768, 16, 197), (1536, 16, 256), (1536, 22, 256), (96, 8, 17)])
 def test_selective_scan_backends_agree(d_inner, n, length):
@@ -80,47 +127,31 @@ def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
     field, grad_tolerance = FUSED_PATHS[backbone]
     if getattr(CUDA_BACKEND, field) is None:
         pytest.skip(f"no {field} kernel (mamba-ssm >= 2 and causal-conv1d's kernels)")
-    torch.manual_seed(0)
-    model = build_model(backbone, vocab_size=64).cuda()
-    result = apply_peft(model, method_definition("language", method, backbone, None)["peft"], method)
-    with torch.no_grad():
-        for p in result.trainable.values():
-            p.add_(0.05 * torch.randn_like(p))
-    ids = torch.randint(0, 64, (2, 40), device="cuda")
+    model, _ = adapted_mini("language", backbone, method, nudge=0.05)
+    ids = mini_inputs("language")
     runs = []
     for backend in (dataclasses.replace(CUDA_BACKEND, **{field: None}), CUDA_BACKEND):
-        m = copy.deepcopy(model).eval()
-        set_backend(m, backend)
+        m = on_backend(model, backend)
         fused = backend is CUDA_BACKEND and method != "ia3"
         assert all(x.uses_fused_inner() == fused for x in m.modules() if isinstance(x, Mixer))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = m(ids)
-        out.float().logsumexp(-1).mean().backward()
-        runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
-    assert rel(runs[1][0], runs[0][0]) <= 1e-2
-    for name, grad in runs[0][1].items():
-        assert rel(runs[1][1][name], grad) <= grad_tolerance, name
+        runs.append(forward_backward(m, ids))
+    assert_runs_agree(*runs, output_tolerance=1e-2, grad_tolerance=grad_tolerance)
 
 
 # every method of both domains on the mini Mamba backbones (the ViT rows: tests/test_vit.py)
-MAMBA_ROWS = [(d, m) for d, backbone in (("vision", "vim-mini"), ("language", "mamba-mini"))
-              for m in methods_for(d, backbone)]
+MAMBA_ROWS = [(d, m) for d, backbone in MINI_BACKBONES.items() for m in methods_for(d, backbone)]
 
 
 @needs_kernels
 @pytest.mark.parametrize("domain,method", MAMBA_ROWS)
 def test_every_method_runs_through_the_cuda_kernels(domain, method):
-    backbone = "vim-mini" if domain == "vision" else "mamba-mini"
-    model = build_model(backbone, **({"num_classes": 4} if domain == "vision" else {"vocab_size": 64})).cuda()
-    result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
+    model, result = adapted_mini(domain, MINI_BACKBONES[domain], method)
     set_backend(model, CUDA_BACKEND)
     zero = [n for n in zero_initialised(result) if not n.startswith("head.")]
     if domain == "vision":
         with torch.no_grad():
             model.head.weight.normal_()
-        inputs = torch.randn(4, 3, 32, 32, device="cuda")
-    else:
-        inputs = torch.randint(0, 64, (2, 40), device="cuda")
+    inputs = mini_inputs(domain)
     with torch.autocast("cuda", dtype=torch.bfloat16):  # the training precision on CUDA
         loss = model(inputs).float().logsumexp(-1).mean()
     if result.trainable:  # zero_shot and linear probing train nothing in the backbone
@@ -135,29 +166,14 @@ def test_frozen_linears_in_bf16_train_as_fp32_storage(domain, method):
     gradients up to the scan backward's atomics."""
     from mambapeft.models.precision import store_frozen_linears_in_bf16
 
-    backbone = "vim-mini" if domain == "vision" else "mamba-mini"
-    torch.manual_seed(0)
-    model = build_model(backbone, **({"num_classes": 4} if domain == "vision" else {"vocab_size": 64})).cuda()
-    result = apply_peft(model, method_definition(domain, method, backbone, None)["peft"], method)
-    with torch.no_grad():
-        for p in result.trainable.values():
-            p.add_(0.01 * torch.randn_like(p))
+    model, _ = adapted_mini(domain, MINI_BACKBONES[domain], method, nudge=0.01)
     stored = copy.deepcopy(model)
     store_frozen_linears_in_bf16(stored)
-    inputs = torch.randn(4, 3, 32, 32, device="cuda") if domain == "vision" else torch.randint(0, 64, (2, 40), device="cuda")
-    outs, grads = [], []
-    for m in (model.eval(), stored.eval()):
-        set_backend(m, CUDA_BACKEND)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = m(inputs)
-        if out.requires_grad:
-            out.float().logsumexp(-1).mean().backward()
-        outs.append(out)
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad and p.grad is not None})
-    assert torch.equal(outs[0], outs[1])
-    assert grads[0].keys() == grads[1].keys()
-    for name, grad in grads[0].items():  # the scan backward's atomics alone vary by ~1e-3 run to run
-        assert rel(grads[1][name], grad) <= 1e-2, name
+    inputs = mini_inputs(domain)
+    runs = [forward_backward(on_backend(m, CUDA_BACKEND), inputs) for m in (model, stored)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    # the scan backward's atomics alone vary gradients by ~1e-3 run to run
+    assert_runs_agree(*runs, output_tolerance=0.0, grad_tolerance=1e-2)
 
 
 @needs_kernels
@@ -166,27 +182,19 @@ def test_frozen_linears_in_bf16_train_as_fp32_storage(domain, method):
 def test_state_offset_runs_on_the_cuda_scan_as_on_the_torch_scan(backbone, autocast):
     """State-offset tuning adds its term to the CUDA scan's output (no PyTorch-scan fallback):
     outputs and gradients, both directions of Vim, match the PyTorch scan."""
-    torch.manual_seed(0)
-    vision = backbone == "vim-mini"
-    model = build_model(backbone, **({"num_classes": 4} if vision else {"vocab_size": 64})).cuda()
-    result = apply_peft(model, method_definition("vision" if vision else "language", "state_offset", backbone, None)["peft"], "state_offset")
+    domain = "vision" if backbone == "vim-mini" else "language"
+    model, result = adapted_mini(domain, backbone, "state_offset")
     with torch.no_grad():
         for p in result.trainable.values():
             p.normal_()
-    inputs = torch.randn(4, 3, 32, 32, device="cuda") if vision else torch.randint(0, 64, (2, 40), device="cuda")
+    inputs = mini_inputs(domain)
     runs = []
     for backend in (TORCH_BACKEND, CUDA_BACKEND):
-        m = copy.deepcopy(model).eval()
-        set_backend(m, backend)
+        m = on_backend(model, backend)
         assert not any(x.uses_fused_inner() for x in m.modules() if isinstance(x, Mamba))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = m(inputs)
-        out.float().logsumexp(-1).mean().backward()
-        runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+        runs.append(forward_backward(m, inputs, autocast))
     tolerance = 2e-2 if autocast else 1e-4
-    assert rel(runs[1][0], runs[0][0]) <= tolerance
-    for name, grad in runs[0][1].items():
-        assert rel(runs[1][1][name], grad) <= 2 * tolerance, name
+    assert_runs_agree(*runs, output_tolerance=tolerance, grad_tolerance=2 * tolerance)
 
 
 @needs_kernels

@@ -30,6 +30,7 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
     assert counts["finetune"] == vtab + (3 * 18 - 2) + 3 * 7 + length_study + 4 * 3 + 3
     assert counts["evaluate"] == counts["finetune"] - 3  # one evaluation job per run; Orca-Math's: the lm-eval suite
     assert counts["merge"] == counts["export_backbone"] == counts["tokenize_text"] == 3  # Orca-Math, per backbone
+    assert counts["tokenize_labelled"] == 1  # Yelp, once for its one backbone's tokenizer
     assert counts["cache_images"] == 19 * 2  # train800val200 and test of every task, at 224
     assert counts["prepare_data"] == 3 + 1 + 1 + 1 and counts["prepare_backbone"] == 5 + 3  # + synthetic, Orca-Math, Yelp
     assert counts["download_hub_dataset"] == 5  # Yelp, Orca-Math, WikiText-2, OpenWebText, the lm-eval suite

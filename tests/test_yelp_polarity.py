@@ -1,7 +1,8 @@
 """Yelp polarity, the length study's text-classification setting: the stand-in in the Hub's parquet
-layout read through `datasets`, `data check`, the short/long split by tokens, the LM classification
-head (pooling, padding, inserted tokens, always trained), and a tiny train + evaluate whose records
-the length study's table and figure take."""
+layout read through `datasets`, `data check`, the token cache (built once, what in-process tokenization
+gives, refused when stale) and the short/long split by tokens, the LM classification head (pooling,
+padding, inserted tokens, always trained), and a tiny train + evaluate, reading the cache and never
+tokenizing, whose records the length study's table and figure take."""
 import json
 from pathlib import Path
 
@@ -12,15 +13,11 @@ import pytest
 import torch
 from workflow_helpers import REPO
 
+from mambapeft.data import token_cache
 from mambapeft.data.errors import DataError
-from mambapeft.data.tokenizer import build_tokenizer, load_tokenizer
-from mambapeft.data.yelp_polarity import (
-    NUM_CLASSES,
-    check_yelp_polarity,
-    standin_rows,
-    tokenized_reviews,
-    write_standin,
-)
+from mambapeft.data.tokenizer import TextTokenizer, build_tokenizer, load_tokenizer
+from mambapeft.data.yelp_polarity import (NUM_CLASSES, cached_reviews, check_yelp_polarity, read_split, standin_rows,
+                                          tokenize_yelp, write_standin)
 from mambapeft.eval.run import evaluate_run, evaluator_for
 from mambapeft.eval.text_classification import evaluate_long_reviews, length_band
 from mambapeft.models import build_model
@@ -28,7 +25,7 @@ from mambapeft.models.checkpoints import save_lm
 from mambapeft.models.lm_classifier import MambaLMClassifier
 from mambapeft.peft import apply_peft
 from mambapeft.report.length_generalisation import write_length_generalisation
-from mambapeft.runspec import Run, resolve_run, training_spec, validate_config
+from mambapeft.runspec import Run, resolve_run, text_labels, text_tokens, training_spec, validate_config
 from mambapeft.train.runner import run_training
 from mambapeft.train.tasks import task_class
 from mambapeft.train.text_classification import TextClassificationTask
@@ -71,16 +68,41 @@ def tokenizer_dir(tmp_path_factory):
     return directory
 
 
-def test_reviews_are_split_by_their_token_counts(tmp_path, tokenizer_dir):
-    write_standin(tmp_path, ENTRY)
+def tokenize(root, tokenizer_dir, folder):
+    """The stand-in under ``root`` tokenized into ``folder``: the cache's .json."""
+    meta = folder / "cache.json"
+    tokenize_yelp(root, tokenizer_dir / "tokenizer.json", folder / "cache.bin", folder / "cache.labels.bin", meta)
+    return meta
+
+
+def test_the_cache_holds_what_tokenizing_in_process_gives_and_splits_reviews_by_length(tmp_path, tokenizer_dir):
+    write_standin(tmp_path / "data", ENTRY)
+    meta = tokenize(tmp_path / "data", tokenizer_dir, tmp_path)
     tokenizer = load_tokenizer(tokenizer_dir)
-    short = tokenized_reviews(tmp_path, "train", tokenizer, max_tokens=40)
-    long = tokenized_reviews(tmp_path, "test", tokenizer, min_tokens=100)
-    assert short and all(len(r["tokens"]) <= 40 for r in short)
-    assert long and all(len(r["tokens"]) >= 100 for r in long)
+    for split, lengths in (("train", {"max_tokens": 40}), ("test", {"min_tokens": 100})):
+        in_process = [{"tokens": tokenizer.encode(row["text"]), "label": row["label"]}
+                      for row in read_split(tmp_path / "data", split)]
+        assert cached_reviews(meta, tmp_path / "data", split, tokenizer) == in_process
+        kept = cached_reviews(meta, tmp_path / "data", split, tokenizer, **lengths)
+        assert kept and kept == [r for r in in_process if lengths.get("min_tokens", 0) <= len(r["tokens"])
+                                 <= lengths.get("max_tokens", 10**9)]
     with pytest.raises(DataError, match="no review of 100000..any tokens"):
-        tokenized_reviews(tmp_path, "test", tokenizer, min_tokens=100_000)
+        cached_reviews(meta, tmp_path / "data", "test", tokenizer, min_tokens=100_000)
     assert [length_band(n, [100, 140]) for n in (100, 139, 140, 900)] == [100, 100, 140, 140]
+
+
+def test_a_cache_of_other_files_or_another_tokenizer_is_refused(tmp_path, tokenizer_dir):
+    write_standin(tmp_path / "data", ENTRY)
+    meta = tokenize(tmp_path / "data", tokenizer_dir, tmp_path)
+    other = tmp_path / "other_tokenizer"
+    build_tokenizer([r["text"] for r in standin_rows(1, "train", 50)], vocab_size=280, path=other)
+    with pytest.raises(DataError, match=r"cache.json was tokenized with .*, not with this run's tokenizer .*"
+                                        r"other_tokenizer.*; delete .*cache.json and re-run its tokenization"):
+        cached_reviews(meta, tmp_path / "data", "train", load_tokenizer(other))
+    write_standin(tmp_path / "data", {**ENTRY, "seed": 1})
+    with pytest.raises(DataError, match=r"cache.json was tokenized from other files than the parquet files now under "
+                                        r".*rule tokenize_labelled"):
+        cached_reviews(meta, tmp_path / "data", "train", load_tokenizer(tokenizer_dir))
 
 
 def _classifier(**tokens):
@@ -137,12 +159,18 @@ def tiny_yelp(tmp_path_factory, tokenizer_dir):
     }
     validate_config(config)
     write_standin(root / "data", ENTRY)
+    tokens, meta = text_tokens(config, "yelp", "mamba-mini")
+    tokenize_yelp(root / "data", weights, tokens, text_labels(config, "yelp", "mamba-mini"), meta)
     metrics = []
-    for method in ("head_only", "periodic"):
-        spec = resolve_run(config, Run("length_yelp", "mamba-mini", "yelp_polarity", method, 0))
-        run_training(training_spec(spec))
-        evaluate_run(spec)
-        metrics.append(f"{spec['output_dir']}/metrics.json")
+    with pytest.MonkeyPatch.context() as patch:  # the jobs read the cache: tokenizing again would fail them
+        patch.setattr(TextTokenizer, "encode", lambda *_: pytest.fail("a job tokenized a review"))
+        patch.setattr(token_cache, "_batch_encoder", lambda *_: pytest.fail("a job tokenized the dataset"))
+        for method in ("head_only", "periodic"):
+            spec = resolve_run(config, Run("length_yelp", "mamba-mini", "yelp_polarity", method, 0))
+            assert spec["data"]["tokens"] == str(meta)
+            run_training(training_spec(spec))
+            evaluate_run(spec)
+            metrics.append(f"{spec['output_dir']}/metrics.json")
     return metrics
 
 

@@ -102,6 +102,29 @@ def record_checksum_mismatch(record: dict) -> bool:
     return RECORD_CHECKSUM in record and record[RECORD_CHECKSUM] != _record_digest(record)
 
 
+def read_job_record(path: Path, config: dict, artifact: tuple[Path, str], *, job: str, rule: str,
+                    error: type[Exception]) -> dict:
+    """The record a job wrote last (``train.json``, ``pretrain.json``), before the next job uses its
+    outputs: present, valid JSON, untouched (record_sha256), written for ``config``, and, when its
+    status is ok, with ``artifact`` (a file, the key of its recorded sha256) intact. Else ``error``,
+    one line naming the file and the ``job`` (rule ``rule``) to re-run."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path} is missing: run the {job} job first (rule {rule})") from None
+    except ValueError as err:  # not JSON, or not even UTF-8 (a damaged byte)
+        raise error(f"{path} is not valid JSON ({err}); delete it and re-run the {job} job") from None
+    if record_checksum_mismatch(record):
+        raise error(f"{path} differs from what {job} wrote (record_sha256); delete it and re-run the {job} job")
+    if record.get("config") != config:
+        raise error(f"{path} was written for another configuration of this run; re-run its {job} job")
+    file, checksum_key = artifact
+    if record.get("status") == "ok" and (not file.is_file() or sha256_file(file) != record.get(checksum_key)):
+        raise error(f"{file} is missing or differs from the one {job} wrote (sha256); delete {path.name} and "
+                    f"re-run the {job} job")
+    return record
+
+
 def _record_digest(record: dict) -> str:
     body = {key: value for key, value in record.items() if key != RECORD_CHECKSUM}
     as_read_back = json.loads(json.dumps(body, default=str))  # what a reader of the file sees

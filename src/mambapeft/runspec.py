@@ -327,21 +327,30 @@ def dataset_spec(config: dict, dataset: str) -> dict:
     return {**config["data"][dataset], "root": str(data_root(config, dataset)), "tasks": tasks}
 
 
-TOKENIZED_KINDS = ("orca_math",)  # data kinds whose runs train on a token cache (rule tokenize_text)
+# data kinds whose runs read a token cache, by its layout (data/token_cache.py): orca_math's training
+# texts each followed by eos (rule tokenize_text), yelp_polarity's reviews with their labels (rule tokenize_labelled)
+TOKEN_LAYOUTS = {"orca_math": "documents", "yelp_polarity": "labelled"}
+SUITE_EVALUATED_KINDS = ("orca_math",)  # runs scored by the lm-eval suite on their merged models, not rule evaluate
 
 
 def text_tokens(config: dict, dataset: str, backbone: str) -> tuple[Path, Path]:
-    """A text dataset tokenized once with a backbone's tokenizer (data/token_cache.py): (.bin, .json written last)."""
+    """A text dataset tokenized once with a backbone's tokenizer (data/token_cache.py): (.bin, .json written
+    last); a labelled cache is ``<backbone>.labelled.{bin,json}``, with :func:`text_labels` beside."""
     folder = resources_dir(config) / "tokens" / dataset
-    return folder / f"{backbone}.bin", folder / f"{backbone}.json"  # not with_suffix: ids like mamba-1.4b have dots
+    stem = f"{backbone}.labelled" if TOKEN_LAYOUTS[config["data"][dataset]["kind"]] == "labelled" else backbone
+    return folder / f"{stem}.bin", folder / f"{stem}.json"  # not with_suffix: ids like mamba-1.4b have dots
+
+
+def text_labels(config: dict, dataset: str, backbone: str) -> Path:
+    """The (token count, label) of each text of a labelled cache."""
+    return resources_dir(config) / "tokens" / dataset / f"{backbone}.labels.bin"
 
 
 def text_tokenize_spec(config: dict, dataset: str, backbone: str) -> dict:
-    """What the tokenization of ``dataset`` with ``backbone``'s tokenizer reads (``mambapeft data tokenize``):
-    every training text followed by eos (layout ``documents``)."""
-    entry = config["backbones"][backbone]
-    return {"kind": config["data"][dataset]["kind"], "root": str(data_root(config, dataset)),
-            "tokenizer": entry.get("tokenizer") or entry["path"], "layout": "documents"}
+    """What the tokenization of ``dataset`` with ``backbone``'s tokenizer reads (``mambapeft data tokenize``)."""
+    entry, kind = config["backbones"][backbone], config["data"][dataset]["kind"]
+    return {"kind": kind, "root": str(data_root(config, dataset)),
+            "tokenizer": entry.get("tokenizer") or entry["path"], "layout": TOKEN_LAYOUTS[kind]}
 
 
 def image_cache(config: dict, dataset: str, task: str, split: str, resolution: int) -> Path:
@@ -436,7 +445,7 @@ def resolve_method_run(config: dict, run: Run, method: dict, train_overrides: di
                     "threads": int(config.get("threads", 1)), "wandb": config.get("wandb", {"mode": "disabled"})},
         "output_dir": str(run.directory(results_dir(config))),
     }
-    if config["data"][dataset]["kind"] in TOKENIZED_KINDS:
+    if config["data"][dataset]["kind"] in TOKEN_LAYOUTS:
         spec["data"]["tokens"] = str(text_tokens(config, dataset, run.backbone)[1])
     if domain == "vision":
         resolution = image_size(config, run.backbone)

@@ -553,7 +553,7 @@ def merge_outputs():
 
 def _has_generic_evaluation(experiment):
     """Orca-Math runs are evaluated by the lm-eval suite on their merged models, not by rule evaluate."""
-    return config["data"][config["experiments"][experiment]["data"]]["kind"] not in runspec.TOKENIZED_KINDS
+    return config["data"][config["experiments"][experiment]["data"]]["kind"] not in runspec.SUITE_EVALUATED_KINDS
 
 
 def final_outputs():

@@ -1,7 +1,8 @@
 # Datasets: fetch VTAB-1k where the config says how (`download:`) and the Hub datasets of the
 # `hub_datasets` table (each before the jobs that read its target), write the offline stand-ins
 # (source: mini) or check real data (anything else), then decode and resize VTAB images once per
-# task, split and resolution; tokenize a text dataset (orca_math) once per backbone tokenizer.
+# task, split and resolution; tokenize a text dataset (orca_math; yelp_polarity with its labels) once
+# per backbone tokenizer.
 
 
 localrules:
@@ -96,3 +97,25 @@ rule tokenize_text:
         "../envs/mambapeft.yaml"
     shell:
         "mambapeft data tokenize --spec {params.spec:q} --tokens {output.tokens} --meta {output.meta} > {log} 2>&1"
+
+
+# A classification dataset (yelp_polarity): both splits tokenized once per backbone tokenizer, with
+# each review's label; its training and evaluation jobs read their reviews from it.
+rule tokenize_labelled:
+    input:
+        unpack(tokenize_text_inputs),
+    output:
+        tokens=f"{RESOURCES}/tokens/{{dataset}}/{{backbone}}.labelled.bin",
+        labels=f"{RESOURCES}/tokens/{{dataset}}/{{backbone}}.labels.bin",
+        meta=f"{RESOURCES}/tokens/{{dataset}}/{{backbone}}.labelled.json",
+    log:
+        f"{RESOURCES}/logs/tokens/{{dataset}}/{{backbone}}.labelled.log",
+    benchmark:
+        f"{RESOURCES}/logs/tokens/{{dataset}}/{{backbone}}.labelled.benchmark.tsv"
+    params:
+        spec=tokenize_text_spec,
+    conda:
+        "../envs/mambapeft.yaml"
+    shell:
+        "mambapeft data tokenize --spec {params.spec:q} --tokens {output.tokens} --labels {output.labels}"
+        " --meta {output.meta} > {log} 2>&1"

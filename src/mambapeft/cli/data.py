@@ -118,10 +118,13 @@ def cmd_data_check(args) -> None:
 
 
 def _add_tokenize(data) -> None:
-    p = data.add_parser("tokenize", help="tokenize a text dataset's training texts once into a memory-mapped "
-                                         "token array (orca_math: question + answer, each followed by eos)")
-    p.add_argument("--spec", required=True, help='JSON {"kind": "orca_math", "root": ..., "tokenizer": ..., "layout": ...}')
+    p = data.add_parser("tokenize", help="tokenize a text dataset once into a memory-mapped token array "
+                                         "(orca_math: question + answer, each followed by eos; yelp_polarity: "
+                                         "the reviews of both splits, with their labels in --labels)")
+    p.add_argument("--spec", required=True, help='JSON {"kind": "orca_math" or "yelp_polarity", "root": ..., '
+                                                 '"tokenizer": ..., "layout": ...}')
     p.add_argument("--tokens", required=True, help="token array to write (.bin)")
+    p.add_argument("--labels", help="yelp_polarity: the (token count, label) array to write (.labels.bin)")
     p.add_argument("--meta", required=True, help="its description (.json), written last")
     p.set_defaults(func=cmd_data_tokenize)
 
@@ -129,10 +132,15 @@ def _add_tokenize(data) -> None:
 def cmd_data_tokenize(args) -> None:
     from ..data.orca_math import corpus_entry
     from ..data.token_cache import tokenize_corpus
+    from ..data.yelp_polarity import tokenize_yelp
 
     spec = json_arg(args.spec)
-    if spec.get("kind") != "orca_math":
-        raise ConfigError(f"data tokenize reads data of kind orca_math, not {spec.get('kind')!r}")
-    record = tokenize_corpus(corpus_entry(spec["root"]), spec["tokenizer"], spec["layout"], Path(args.tokens),
-                             Path(args.meta))
+    if spec.get("kind") == "orca_math":
+        record = tokenize_corpus(corpus_entry(spec["root"]), spec["tokenizer"], spec["layout"], Path(args.tokens),
+                                 Path(args.meta))
+    elif spec.get("kind") == "yelp_polarity" and args.labels:
+        record = tokenize_yelp(spec["root"], spec["tokenizer"], Path(args.tokens), Path(args.labels), Path(args.meta))
+    else:
+        raise ConfigError(f"data tokenize reads data of kind orca_math, or yelp_polarity with --labels; got kind "
+                          f"{spec.get('kind')!r}{'' if args.labels else ' and no --labels'}")
     print(json.dumps({k: record[k] for k in ("n_tokens", "n_documents")}))

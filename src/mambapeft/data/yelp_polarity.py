@@ -9,8 +9,10 @@ The data is a local copy of the Hugging Face dataset ``fancyzhx/yelp_polarity`` 
 Any number of shards per split is accepted (``<split>-*.parquet``). The study trains on the
 reviews of at most ``train_max_tokens`` tokens and tests on those of at least the first of
 ``test_lengths`` (128 and 512 with the GPT-NeoX tokenizer: "short -> long"); the lengths are counted
-with the run's backbone tokenizer, so the split is made at training and evaluation time
-(:func:`tokenized_reviews`).
+with the run's backbone tokenizer. Both splits are tokenized once per dataset and tokenizer into a
+labelled token cache (:func:`tokenize_yelp`, ``data/token_cache.py``; rule tokenize_labelled), which
+records the sha256 of the parquet files and of the tokenizer; training and evaluation take the reviews
+of their lengths from it (:func:`cached_reviews`), after checking both.
 
 ``source: mini`` writes an offline stand-in in the same layout (:func:`write_standin`): reviews
 built from sentiment and filler words, short and long, deterministic by seed. Each ends with a word
@@ -20,12 +22,14 @@ the stand-in tests the pipeline, not the study's claim.
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 
 import numpy as np
 
 from ..io import sha256_file, write_bytes_atomic
 from .errors import DataError
+from .token_cache import load_labelled, read_token_meta, tokenize_labelled
 from .tokenizer import TextTokenizer
 
 HUB_DATASET = "fancyzhx/yelp_polarity"
@@ -61,14 +65,37 @@ def read_split(root: str | Path, split: str):
         yield row
 
 
-def tokenized_reviews(root: str | Path, split: str, tokenizer: TextTokenizer, min_tokens: int = 0,
-                      max_tokens: int | None = None) -> list[dict]:
-    """``{"tokens", "label"}`` of the reviews of ``split`` whose token count is in [min_tokens, max_tokens]."""
-    kept = []
-    for row in read_split(root, split):
-        tokens = tokenizer.encode(row["text"])
-        if len(tokens) >= max(min_tokens, 1) and (max_tokens is None or len(tokens) <= max_tokens):
-            kept.append({"tokens": tokens, "label": int(row["label"])})
+def source_files(root: str | Path) -> dict[str, str]:
+    """sha256 of every parquet file of both splits, by path under ``root``: what a token cache was built from."""
+    return {str(p.relative_to(root)): sha256_file(p) for split in SPLITS for p in split_files(root, split)}
+
+
+def _batches(root: str | Path, split: str, size: int = 1000):
+    """The rows of ``split`` in lists of ``size`` (the tokenizer encodes a list on several threads)."""
+    rows = read_split(root, split)
+    while batch := list(itertools.islice(rows, size)):
+        yield batch
+
+
+def tokenize_yelp(root: str | Path, tokenizer_path: str | Path, tokens: Path, labels: Path, meta: Path) -> dict:
+    """Every review of both splits, tokenized once into a labelled token cache (``mambapeft data tokenize``)."""
+    source = {"dataset": HUB_DATASET, "root": str(root), "files": source_files(root)}
+    return tokenize_labelled({split: _batches(root, split) for split in SPLITS}, tokenizer_path, source,
+                             tokens, labels, meta)
+
+
+def cached_reviews(meta: str | Path, root: str | Path, split: str, tokenizer: TextTokenizer, min_tokens: int = 0,
+                   max_tokens: int | None = None) -> list[dict]:
+    """``{"tokens", "label"}`` of the reviews of ``split`` whose token count is in [min_tokens, max_tokens],
+    from the token cache ``meta``, once it is shown to hold ``root``'s files tokenized by ``tokenizer``."""
+    record = read_token_meta(meta)
+    rebuild = f"delete {meta} and re-run its tokenization (rule tokenize_labelled: `mambapeft data tokenize`)"
+    if record.get("tokenizer_sha256") != sha256_file(tokenizer.source):
+        raise DataError(f"{meta} was tokenized with {record.get('tokenizer')}, not with this run's tokenizer "
+                        f"{tokenizer.source}; {rebuild}")
+    if record.get("source", {}).get("files") != source_files(root):
+        raise DataError(f"{meta} was tokenized from other files than the parquet files now under {root}; {rebuild}")
+    kept = load_labelled(meta, split, min_tokens, max_tokens)
     if not kept:
         raise DataError(f"{split_pattern(root, split)}: no review of {min_tokens}..{max_tokens or 'any'} tokens "
                         f"({tokenizer.source}); check train_max_tokens / test_lengths of the data entry")

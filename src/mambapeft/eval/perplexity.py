@@ -14,7 +14,6 @@ same sum / the number of whitespace-separated words of the text).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.token_cache import load_tokens
-from ..io import record_checksum_mismatch, sha256_file, write_record_atomic
+from ..io import read_job_record, write_record_atomic
 from ..models.checkpoints import build_lm_from_dir
 from ..runspec import PERPLEXITY_RECORD, PRETRAIN_MODEL, PRETRAIN_RECORD, ConfigError, dt_init_training_spec
 from ..runtime import autocast_for, device_name, gpu_identity, place_model, resolve_device
@@ -81,21 +80,9 @@ class PretrainRecordError(ConfigError):
 
 def read_pretrain_record(run_dir: Path, spec: dict) -> dict:
     """``pretrain.json`` of this run's configuration, with its model file intact (sha256 as recorded)."""
-    path = run_dir / PRETRAIN_RECORD
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PretrainRecordError(f"{path} is missing: run the pretraining job first (rule pretrain_dt_init)") from None
-    except ValueError as err:
-        raise PretrainRecordError(f"{path} is not valid JSON ({err}); delete it and re-run the pretraining job") from None
-    if record_checksum_mismatch(record) or record.get("config") != dt_init_training_spec(spec):
-        raise PretrainRecordError(f"{path} differs from what pretraining wrote or was written for another "
-                                  "configuration of this run; delete it and re-run the pretraining job")
-    weights = run_dir / PRETRAIN_MODEL / "pytorch_model.bin"
-    if record["status"] == "ok" and (not weights.is_file() or sha256_file(weights) != record["model_sha256"]):
-        raise PretrainRecordError(f"{weights} is missing or differs from the one pretraining wrote (sha256); "
-                                  f"delete {path} and re-run the pretraining job")
-    return record
+    return read_job_record(run_dir / PRETRAIN_RECORD, dt_init_training_spec(spec),
+                           (run_dir / PRETRAIN_MODEL / "pytorch_model.bin", "model_sha256"),
+                           job="pretraining", rule="pretrain_dt_init", error=PretrainRecordError)
 
 
 def evaluate_perplexity(spec: dict) -> dict:

@@ -6,7 +6,6 @@ It is its own job so that adding an evaluation task or a metric re-runs evaluati
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..build import build_trainable
-from ..io import record_checksum_mismatch, sha256_file, write_record_atomic
+from ..io import read_job_record, write_record_atomic
 from ..runspec import ADAPTER, METRICS, TRAIN_RECORD, ConfigError, training_spec
 from ..runtime import autocast_for, device_name, gpu_identity, resolve_device
 from .classification import evaluate_top1
@@ -42,23 +41,8 @@ class TrainingRecordError(ConfigError):
 
 def read_training_record(run_dir: Path, spec: dict) -> dict:
     """``train.json`` of this run's configuration, with its adapter intact (sha256 as recorded)."""
-    path = run_dir / TRAIN_RECORD
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrainingRecordError(f"{path} is missing: run the training job first (rule finetune)") from None
-    except ValueError as err:  # not JSON, or not even UTF-8 (a damaged byte)
-        raise TrainingRecordError(f"{path} is not valid JSON ({err}); delete it and re-run the training job") from None
-    if record_checksum_mismatch(record):
-        raise TrainingRecordError(f"{path} differs from what training wrote (record_sha256); "
-                                  "delete it and re-run the training job")
-    if record.get("config") != training_spec(spec):
-        raise TrainingRecordError(f"{path} was written for another configuration of this run; re-run its training job")
-    adapter = run_dir / ADAPTER
-    if record.get("status") == "ok" and (not adapter.is_file() or sha256_file(adapter) != record.get("adapter_sha256")):
-        raise TrainingRecordError(f"{adapter} is missing or differs from the one training wrote (sha256); "
-                                  "delete train.json and re-run the training job")
-    return record
+    return read_job_record(run_dir / TRAIN_RECORD, training_spec(spec), (run_dir / ADAPTER, "adapter_sha256"),
+                           job="training", rule="finetune", error=TrainingRecordError)
 
 
 def evaluate_run(spec: dict) -> dict:

@@ -1,8 +1,8 @@
 """Accuracy of a Mamba LM classifier (``models/lm_classifier.py``) on Yelp polarity's long test
 reviews, the learnable-input study's "short -> long" setting: every test review of at least the
 first of ``test_lengths`` tokens, overall and per length band (band ``L`` holds the reviews of
-``L`` up to the next of ``test_lengths`` tokens; the last band is open). One line per review goes beside the
-run's metrics."""
+``L`` up to the next of ``test_lengths`` tokens; the last band is open), read from the dataset's
+token cache (rule tokenize_labelled). One line per review goes beside the run's metrics."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..data.tokenizer import load_tokenizer
-from ..data.yelp_polarity import tokenized_reviews
+from ..data.yelp_polarity import cached_reviews
 from ..io import write_text_atomic
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -41,7 +41,7 @@ def evaluate_long_reviews(model: nn.Module, spec: dict, device: torch.device, au
     data, backbone = spec["data"], spec["backbone"]
     tokenizer = load_tokenizer(backbone.get("tokenizer") or backbone["path"])
     bands = sorted(int(n) for n in data["test_lengths"])
-    records = tokenized_reviews(data["root"], "test", tokenizer, min_tokens=bands[0])
+    records = cached_reviews(data["tokens"], data["root"], "test", tokenizer, min_tokens=bands[0])
     predictions = predict(model, records, int(spec["train"]["eval"]["batch_size"]), tokenizer.pad_id, autocast)
     rows = [{"index": i, "length": len(r["tokens"]), "band": length_band(len(r["tokens"]), bands),
              "label": r["label"], "prediction": p} for i, (r, p) in enumerate(zip(records, predictions))]

@@ -11,32 +11,17 @@
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..io import record_checksum_mismatch, write_text_atomic
+from ..io import write_text_atomic
 from .figures import _save as save_figure
 from .figures import plt  # pyplot on the file-only backend figures.py selects
 from .markdown import frame_to_markdown
-from .tables import ResultsError
-
-
-def read_run_record(path: str | Path) -> dict:
-    """A dt_init run record that may reach the table or figures, or ResultsError naming the file."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ResultsError(f"{path}: cannot read run record ({err}); delete it and re-run that run") from err
-    if not isinstance(record, dict) or record.get("status") not in ("ok", "diverged"):
-        raise ResultsError(f"{path}: not a complete dt_init run record; delete it and re-run that run")
-    if record_checksum_mismatch(record):
-        raise ResultsError(f"{path}: its contents differ from what the job wrote (record_sha256); delete it and "
-                           "re-run that run")
-    return record
+from .tables import incomplete_or_altered, read_record
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -86,7 +71,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def write_dt_init_table(perplexity_records: list[str], csv_path: Path, md_path: Path) -> pd.DataFrame:
-    table = summary_frame([read_run_record(p) for p in perplexity_records])
+    table = summary_frame([read_record(p, problem=incomplete_or_altered) for p in perplexity_records])
     write_text_atomic(csv_path, table.to_csv(index=False))
     write_text_atomic(md_path, markdown_table(table))
     return table
@@ -135,6 +120,6 @@ def dt_figure(records: list[dict], path: Path) -> None:
 
 
 def write_dt_init_figures(pretrain_records: list[str], loss_png: Path, dt_png: Path) -> None:
-    records = [read_run_record(p) for p in pretrain_records]
+    records = [read_record(p, problem=incomplete_or_altered) for p in pretrain_records]
     loss_figure(records, loss_png)
     dt_figure(records, dt_png)

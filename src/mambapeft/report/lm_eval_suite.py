@@ -8,7 +8,6 @@ labelled so). The figure shows the change from fine-tuning per task, one bar per
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from ..data.language_tasks import language_task
 from ..eval.lm_eval_suite import FAMILY, is_percent
 from ..io import atomic_path, write_text_atomic
 from .markdown import frame_to_markdown
-from .tables import ResultsError
+from .tables import ResultsError, read_record
 
 BASE, FINE_TUNED = "base", "fine-tuned"
 PLOT_READING = "read from the study's poster plot"
@@ -31,17 +30,12 @@ COLUMNS = ["backbone", "method", "seed", "task", "metric", "n", "base", "fine_tu
            "study_fine_tuned"]
 
 
-def read_suite_record(path: str | Path) -> dict:
-    """An evaluation record of the suite, or ResultsError naming the file and the fix."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ResultsError(f"{path}: cannot read the lm-eval suite record ({err}); delete it and re-run its job") from err
+def suite_record_problem(record) -> str | None:
+    """Why an evaluation record of the suite must not be read (None if it may)."""
     missing = [key for key in ("status", "backbone", "model", "scores") if key not in record]
     if missing or record["status"] != "ok" or record["model"] not in (BASE, FINE_TUNED):
-        raise ResultsError(f"{path}: not a complete lm-eval suite record (lacks {missing or 'status ok'}); "
-                           "delete it and re-run its job")
-    return record
+        return f"not a complete lm-eval suite record (lacks {missing or 'status ok'})"
+    return None
 
 
 def read_readings(path: str | Path) -> tuple[str, list[dict]]:
@@ -162,7 +156,7 @@ def delta_figure(table: pd.DataFrame, path: Path, title: str) -> None:
 
 def write_suite_report(record_paths: list[str], readings_yaml: Path, csv_path: Path, md_path: Path, png_path: Path,
                        title: str) -> pd.DataFrame:
-    records = [read_suite_record(p) for p in record_paths]
+    records = [read_record(p, problem=suite_record_problem) for p in record_paths]
     source, readings = read_readings(readings_yaml)
     table = suite_frame(records, readings)
     if table.empty:

@@ -24,27 +24,37 @@ class ResultsError(ValueError):
     """A metrics.json that cannot be tabulated; the message names the file."""
 
 
-def read_record(path: str | Path) -> dict:
-    """A run record that may reach a table, or ResultsError naming the file, the key and the fix."""
+def read_record(path: str | Path, problem=None) -> dict:
+    """A run record that may reach a table or figure, or ResultsError naming the file, what is wrong
+    and the fix; ``problem(record)`` says what is wrong (None if nothing): :func:`record_problem`
+    unless given (the dt_init study: :func:`incomplete_or_altered`)."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:  # ValueError: not JSON, or not even UTF-8 (a damaged byte)
         raise ResultsError(f"{path}: cannot read run record ({err}); delete it and re-run that run") from err
-    problem = record_problem(record)
-    if problem:
-        raise ResultsError(f"{path}: {problem}; delete it and re-run that run's evaluation")
+    found = (problem or record_problem)(record)
+    if found:
+        raise ResultsError(f"{path}: {found}; delete it and re-run that run's evaluation")
     return record
+
+
+def incomplete_or_altered(record) -> str | None:
+    """Why a record must not be read (None if it may): not complete, or not what its job wrote (record_sha256)."""
+    if not isinstance(record, dict) or record.get("status") not in ("ok", "diverged"):
+        status = record.get("status") if isinstance(record, dict) else None
+        return f"not a complete run record (status {status!r})"
+    if record_checksum_mismatch(record):
+        return "its contents differ from what evaluation wrote (record_sha256)"
+    return None
 
 
 def record_problem(record) -> str | None:
     """Why a run record must not reach a table (None if it may): not complete, not what evaluation
     wrote (record_sha256), or a key of the run contract that the table uses missing, of the wrong
     type or out of range."""
-    if not isinstance(record, dict) or record.get("status") not in ("ok", "diverged"):
-        status = record.get("status") if isinstance(record, dict) else None
-        return f"not a complete run record (status {status!r})"
-    if record_checksum_mismatch(record):
-        return "its contents differ from what evaluation wrote (record_sha256)"
+    altered = incomplete_or_altered(record)
+    if altered:
+        return altered
     if record["status"] == "diverged":
         return _first_field_problem(record, EVERY_RECORD)
     return _first_field_problem(record, EVERY_RECORD + COMPLETED_RECORD) or _scores_problem(record)

@@ -1,5 +1,6 @@
 """Training a Mamba LM with a classification head on Yelp polarity (``data/yelp_polarity.py``), the
-learnable-input study's real-data setting: the reviews of at most ``train_max_tokens`` tokens,
+learnable-input study's real-data setting: the reviews of at most ``train_max_tokens`` tokens, read
+from the dataset's token cache (built once per tokenizer, rule tokenize_labelled),
 cross-entropy of the head's logits at each review's last token (``models/lm_classifier.py``). Its
 evaluation, accuracy on the long reviews per length band, is ``eval/text_classification.py``."""
 from __future__ import annotations
@@ -9,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.tokenizer import load_tokenizer
-from ..data.yelp_polarity import tokenized_reviews
+from ..data.yelp_polarity import cached_reviews
 from .records import RecordTask
 
 
@@ -20,8 +21,8 @@ class TextClassificationTask(RecordTask):
         self.spec, self.device, self.recipe = spec, device, spec["train"]
         backbone, data = spec["backbone"], spec["data"]
         self.tokenizer = load_tokenizer(backbone.get("tokenizer") or backbone["path"])
-        self.use_records(tokenized_reviews(data["root"], "train", self.tokenizer,
-                                           max_tokens=int(data["train_max_tokens"])))
+        self.use_records(cached_reviews(data["tokens"], data["root"], "train", self.tokenizer,
+                                        max_tokens=int(data["train_max_tokens"])))
 
     @staticmethod
     def count_examples(spec: dict) -> tuple[int | None, str]:
