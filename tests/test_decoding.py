@@ -1,7 +1,8 @@
 """The static-buffer greedy decoder (the one `bench generate` captures as a CUDA graph) gives the
 tokens of a plain loop that re-runs the parallel forward and takes the argmax, for the bare model
 and with adapters active in the scan (affix, additional-scan) and in the input (periodic tokens
-re-inserted during decoding). tests/test_gpu.py checks the captured graph against it."""
+re-inserted during decoding), one token or several per call. tests/test_gpu.py and
+tests/test_gpu_step.py check the captured graphs against it."""
 import pytest
 import torch
 
@@ -48,7 +49,33 @@ def test_greedy_decoder_equals_a_full_forward_argmax_loop(backbone, method):
     assert all(s.conv is conv and s.ssm is ssm for s, (conv, ssm) in zip(decoder.states, decoder._buffers))
 
 
+@pytest.mark.parametrize("method", ["zero_shot", "affix", "additional_scan", "periodic", "prefix", "lora_in_proj"])
+@pytest.mark.parametrize("steps_per_call", [1, 3, 8])
+def test_several_steps_per_call_give_the_tokens_of_model_generate(method, steps_per_call):
+    """The multi-step call (one CUDA graph replay on GPU) and the one-step calls for the remainder and
+    around periodic insertions (at position 40: inside a 3- or 8-step window here) together decode
+    what ``model.generate`` does."""
+    model = adapted_model("mamba-mini", method)
+    ids = torch.randint(0, 64, (2, PROMPT))
+    decoder = GreedyDecoder(model, 2, "cpu", steps_per_call=steps_per_call)
+    assert torch.equal(decoder.generate(ids, NEW), model.generate(ids, NEW))
+    assert torch.equal(decoder.generate(ids, 2), model.generate(ids, 2))
+
+
 def test_decoder_refuses_another_batch_size():
     model = build_model("mamba-mini", vocab_size=64).eval()
     with pytest.raises(ValueError, match="built for batch 2, got 3 rows"):
         GreedyDecoder(model, 2, "cpu").generate(torch.zeros(3, 4, dtype=torch.long), 2)
+
+
+@pytest.mark.parametrize("method", ["zero_shot", "affix", "additional_scan", "periodic", "prefix"])
+def test_states_stored_in_bf16_decode_and_stay_bf16(method):
+    """bf16 state storage (what bench generate uses on CUDA, as mamba_ssm): every method's step runs
+    with it, the states keep their dtype, and the tokens are the fp32 states' up to bf16 rounding."""
+    model = adapted_model("mamba-mini", method)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    fp32 = GreedyDecoder(model, 3, "cpu", steps_per_call=4).generate(ids, 9)
+    decoder = GreedyDecoder(model, 3, "cpu", steps_per_call=4, state_dtype=torch.bfloat16)
+    bf16 = decoder.generate(ids, 9)
+    assert all(s.conv.dtype == s.ssm.dtype == torch.bfloat16 for s in decoder.states)
+    assert (bf16 == fp32).float().mean() >= 0.75

@@ -89,3 +89,18 @@ def test_weights_a_method_reads_or_trains_stay_fp32(method, kept):
     moved = _moved(model)
     assert moved, "some frozen Linear should move"
     assert not any(n.endswith(kept) for n in moved)
+
+
+def test_a_bf16_model_keeps_its_ssm_parameters_in_fp32_as_mamba_ssm():
+    """What bench generate runs: every other tensor bf16, A_log and D fp32 (no cast kernel per step)."""
+    from mambapeft.models.precision import keep_ssm_parameters_in_fp32
+
+    model = build_model("mamba-mini", vocab_size=64)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.to(torch.bfloat16)
+    keep_ssm_parameters_in_fp32(model)
+    for name, p in model.named_parameters():
+        ssm = name.rsplit(".", 1)[-1] in ("A_log", "D")
+        assert p.dtype == (torch.float32 if ssm else torch.bfloat16), name
+        if ssm:  # restored from bf16: the bf16 rounding of the original values, now held in fp32
+            assert torch.equal(p, reference[name].to(torch.bfloat16).float()), name

@@ -1,15 +1,18 @@
 """Generation speed: greedy decoding of ``new`` tokens after a ``prompt``-token prompt, with the same
 weights in every implementation:
 
-* ours: step mode with the decode step captured as a CUDA graph (``models/decoding.py``), bare and
-  with adapters active (affix, additional-scan, periodic: methods whose generation needs the
-  recurrent state, which the original MambaPEFT code cannot do);
+* ours: step mode with the decode steps captured as CUDA graphs, 16 tokens per replay
+  (``models/decoding.py``), on the step kernels mamba_ssm's own step runs (``Mamba.uses_step_kernels``),
+  bare and with adapters active (affix, additional-scan, periodic: methods whose generation needs
+  the recurrent state, which the original MambaPEFT code cannot do);
 * mamba-ssm's ``MambaLMHeadModel.generate(cg=True)``, built from our checkpoint layout (``save_lm``);
 * transformers' ``generate`` (``MambaForCausalLM`` / ``Mamba2ForCausalLM``, its CUDA-kernel path).
 
-On CUDA all run in bf16 (weights and activations; ours under bf16 autocast for its fp32 parts); on
-CPU (the tests) in fp32, without graphs and without mamba-ssm. Timing: one warm-up call (graph
-capture, autotuning), then the median of ``repeats`` synchronised calls. ``tokens_per_s`` = batch x
+On CUDA all run with bf16 weights and activations (``model.to(bfloat16)``, as mamba-ssm; ours under
+a bf16 autocast that casts nothing but an adapter's fp32 intermediates; the recurrent states stored
+in bf16 as mamba-ssm's inference cache stores them, plus a row with fp32 states); on CPU (the tests) in fp32, without graphs and without mamba-ssm. Timing: one warm-up call
+(graph capture, autotuning), then the median of ``repeats`` synchronised calls (per backbone:
+fewer for the large ones keeps a run within minutes). ``tokens_per_s`` = batch x
 new / the time of a call generating ``new`` tokens; ``ms_per_token`` = (that time - the time of a
 call generating 1 token, i.e. the prefill) / (new - 1): the per-token decode latency.
 """
@@ -32,6 +35,7 @@ from ..models import build_model
 from ..models.checkpoints import build_lm_from_dir, save_lm_mamba_ssm
 from ..models.decoding import GreedyDecoder
 from ..models.lm import LM_VARIANTS
+from ..models.precision import keep_ssm_parameters_in_fp32
 from ..peft import PeftConfigError, apply_peft
 from ..runspec import ConfigError, method_definition
 from ..runtime import PERMISSIVE, device_name, select_backend
@@ -42,6 +46,7 @@ log = logging.getLogger("mambapeft.bench")
 
 ADAPTER_METHODS = ("affix", "additional_scan", "periodic")
 MAMBA_SSM, TRANSFORMERS = "mamba-ssm generate(cg=True)", "transformers generate"
+FP32_STATES = "ours, fp32 states"
 
 Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (prompt ids (B, P), n) -> new tokens (B, n)
 
@@ -73,20 +78,26 @@ def time_generation(generate: Generate, ids: torch.Tensor, new: int, repeats: in
             "ms_per_token": 1e3 * (full - prefill) / max(new - 1, 1)}, tokens
 
 
-def _ours(model, device: torch.device) -> Callable[[int], Generate]:
-    """Per batch size, a greedy decoder (on CUDA its decode step captured once) -> its generate."""
-    def autocast():  # no cast cached across a graph capture
+def _ours(model, device: torch.device, state_dtype: torch.dtype | None = None) -> Callable[[int], Generate]:
+    """Per batch size, a greedy decoder (on CUDA its decode steps captured once) -> its generate.
+    The recurrent states are stored in the model's dtype, as mamba_ssm's inference cache keeps them,
+    unless ``state_dtype`` says otherwise (the step computes in fp32 either way)."""
+    state_dtype = state_dtype or next(model.parameters()).dtype
+
+    def autocast():  # the weights are bf16 already: no per-token weight cast; none cached across a capture
         return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
 
     def for_batch(batch: int) -> Generate:
         if device.type == "cuda":
-            return GreedyDecoder(model, batch, device, cuda_graph=True, autocast=autocast).generate
-        return GreedyDecoder(model, batch, device).generate
+            return GreedyDecoder(model, batch, device, cuda_graph=True, autocast=autocast,
+                                 state_dtype=state_dtype).generate
+        return GreedyDecoder(model, batch, device, state_dtype=state_dtype).generate
     return for_batch
 
 
 def _for_inference(model, device: torch.device, dtype: torch.dtype):
     model = model.to(device, dtype).eval()
+    keep_ssm_parameters_in_fp32(model)  # as mamba-ssm's model holds them
     select_backend(model, device, PERMISSIVE)
     return model
 
@@ -184,6 +195,9 @@ def bench_backbone(backbone: str, batches: list[int], prompt: int, new: int, met
                for b in batches}
     reference: dict[int, torch.Tensor] = {}
     rows = {"ours": _measure("ours", lambda: _ours(bare, device), prompts, new, repeats, reference)}
+    if on_cuda:  # what keeping the states in fp32 (the training step's precision) costs
+        rows[FP32_STATES] = _measure(FP32_STATES, lambda: _ours(bare, device, torch.float32), prompts, new, repeats,
+                                     reference)
     for method in methods:
         if method == "affix" and backbone in AFFIX_TOO_LARGE:
             rows[f"ours+{method}"] = {b: {"skipped": "affix's projection is too large here (run at mamba-130m)"}
@@ -205,22 +219,27 @@ def bench_backbone(backbone: str, batches: list[int], prompt: int, new: int, met
 
 
 def run_generate_bench(out_dir: Path, backbones: list[str], batches: list[int], prompt: int, new: int,
-                       methods: list[str] = ADAPTER_METHODS, repeats: int = 3,
+                       methods: list[str] = ADAPTER_METHODS, repeats: int | list[int] = 3,
                        weights_root: Path = Path("resources/weights"), device: str = "cuda",
                        baselines: bool = True) -> dict:
-    """Every backbone; the report is written after each one (an interrupted run keeps what it measured)."""
+    """Every backbone; the report is written after each one (an interrupted run keeps what it measured).
+    ``repeats``: one count for all, or one per backbone in order (the last one for the rest)."""
     unknown = [b for b in backbones if b not in LM_VARIANTS]
     if unknown:
         raise ConfigError(f"bench generate: unknown LM variants {unknown}; known: {', '.join(LM_VARIANTS)}")
+    repeats = [repeats] if isinstance(repeats, int) else list(repeats)
+    if not repeats or min(repeats) < 1:
+        raise ConfigError(f"bench generate: repeats must be one or more counts >= 1, got {repeats}")
     device = torch.device(device)
     name = device_name(device)
     report = {"device": name, "torch": torch.__version__, "prompt": prompt, "new": new, "repeats": repeats,
               "batches": batches, "backbones": {}}
     stem = out_dir / f"generate_{name.replace(' ', '_')}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for backbone in backbones:
-        report["backbones"][backbone] = bench_backbone(backbone, batches, prompt, new, methods, repeats, weights_root,
-                                                       device, baselines)
+    for i, backbone in enumerate(backbones):
+        count = repeats[min(i, len(repeats) - 1)]
+        report["backbones"][backbone] = {**bench_backbone(backbone, batches, prompt, new, methods, count,
+                                                          weights_root, device, baselines), "repeats": count}
         write_json_atomic(stem.with_suffix(".json"), report)
         write_text_atomic(stem.with_suffix(".md"), markdown(report))
     return report
@@ -229,11 +248,12 @@ def run_generate_bench(out_dir: Path, backbones: list[str], batches: list[int], 
 def markdown(report: dict) -> str:
     lines = [f"# Generation speed on {report['device']} (torch {report['torch']})", "",
              f"Greedy decoding of {report['new']} new tokens after a {report['prompt']}-token prompt; median of "
-             f"{report['repeats']} calls after a warm-up. tok/s = batch x new tokens / call time; ms/token = "
+             "the stated number of calls after a warm-up. tok/s = batch x new tokens / call time; ms/token = "
              "per-token decode latency (call time minus the prefill's, over the remaining tokens). Agreement: "
              "fraction of generated tokens equal to ours (bare model).", ""]
     for backbone, entry in report["backbones"].items():
-        lines += [f"## {backbone} ({entry['dtype']}; weights: {entry['weights']})", "",
+        calls = f"{entry['repeats']} call" + ("s" if entry["repeats"] > 1 else "")
+        lines += [f"## {backbone} ({entry['dtype']}; weights: {entry['weights']}; median of {calls})", "",
                   "| implementation | batch | tok/s | ms/token | prefill (ms) | agreement | ours / this (tok/s) |",
                   "|---|---|---|---|---|---|---|"]
         ours = entry["rows"].get("ours", {})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import logging
 import statistics
 import time
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from ..build import build_trainable, method_spec
 from ..io import write_json_atomic, write_text_atomic
+from ..models.cuda_graphs import captured_replay
 from ..models.lm import LM_VARIANTS, MambaLMConfig
 from ..runspec import domain_file, methods_for
 from ..runtime import autocast_for, device_name
@@ -35,6 +37,12 @@ HF_WEIGHTS = {"": torch.float32, "-bf16-weights": torch.bfloat16}  # baseline na
 # affix's projection would add billions of parameters to these (the paper ran it at mamba-130m)
 AFFIX_TOO_LARGE = ("mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b")
 CUDA = torch.device("cuda")  # where the benchmarks run unless told otherwise (tests: CPU)
+# dense (no 2:4 sparsity) bf16 tensor-core peak by GPU model, for model FLOP utilisation; NVIDIA's H200
+# datasheet gives 1,979 TFLOPS "with sparsity" for the SXM part, half of it dense
+PEAK_BF16_FLOPS = {"H200": 989e12}
+TIMM_BASELINE = "timm-vit-s16+peft-lora"  # + GRAPHED: its whole training step replayed as one CUDA graph
+GRAPHED = "-graphed"
+LANGUAGE_SHAPE = (4, 256)  # (micro-batch, tokens) of the language rows: the paper recipe's micro-batch
 
 
 def _timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device = CUDA) -> dict:
@@ -138,7 +146,7 @@ def bench_language_method(method: str, backbone: str, micro_batch=4, length=256,
     row = _timed(step, warmup, steps, device)
     row.update(tokens_per_s=micro_batch * length / row["step_s"], trainable_params=result.count(), backend=backend,
                cuda_graphs=cuda_graphs)
-    return row
+    return add_flop_utilisation(row, model, device_name(device))
 
 
 def bench_hf_mamba_lora(backbone: str, micro_batch=4, length=256, rank=32, warmup=3, steps=10,
@@ -162,22 +170,62 @@ def bench_hf_mamba_lora(backbone: str, micro_batch=4, length=256, rank=32, warmu
     row.update(tokens_per_s=micro_batch * (length - 1) / row["step_s"],
                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                weights_dtype=str(weights_dtype).removeprefix("torch."))
+    return add_flop_utilisation(row, model, device_name(device))
+
+
+def add_flop_utilisation(row: dict, model: torch.nn.Module, device_label: str) -> dict:
+    """``row`` with the model's parameter count and, on a GPU of :data:`PEAK_BF16_FLOPS`, its model
+    FLOP utilisation: tokens/s x 6 N / peak, N the parameters the step's matmuls read (all of
+    them, a tied embedding once: it is the LM head's matmul). 6 N is PaLM's MFU convention
+    (Chowdhery et al. 2022, appendix B): forward 2 N, backward 4 N per token. It counts a full
+    training step's FLOPs, so a PEFT step, which skips the frozen weights' gradients (~4 N + 2 N
+    trainable), scores up to 1.5x lower than its hardware utilisation; the selective scan's own
+    FLOPs (O(d_inner x d_state) per token and layer against O(d_model x d_inner)) are left out."""
+    row["model_params"] = sum(p.numel() for p in model.parameters())  # shared tensors once
+    peak = peak_bf16_flops(device_label)
+    if peak and "tokens_per_s" in row:
+        row["mfu"] = row["tokens_per_s"] * 6 * row["model_params"] / peak
     return row
 
 
-def bench_timm_vit_lora(batch=32, rank=8, warmup=5, steps=20) -> dict:
-    """timm ViT-S/16 (the paper's comparison backbone) + peft LoRA on qkv, batch 32, 224x224."""
+def peak_bf16_flops(device_label: str) -> float | None:
+    """The dense bf16 peak of the GPU named ``device_label`` (:data:`PEAK_BF16_FLOPS`); None if not listed."""
+    return next((flops for model, flops in PEAK_BF16_FLOPS.items() if model in device_label), None)
+
+
+def bench_timm_vit_lora(batch=32, rank=8, warmup=5, steps=20, cuda_graphs=False) -> dict:
+    """timm ViT-S/16 (the paper's comparison backbone) + peft LoRA on qkv, batch 32, 224x224, bf16
+    autocast; ``cuda_graphs``: forward, backward and AdamW step replayed as one CUDA graph (static
+    inputs), what a timm user gets from graph capture alone."""
+    if importlib.util.find_spec("timm") is None or not torch.cuda.is_available():
+        return {"skipped": "needs timm and a CUDA device (pip install timm; the GPU environment has it)"}
+    _, step = timm_lora_step(batch, rank, cuda_graphs)
+    row = _timed(step, warmup, steps)
+    row.update(images_per_s=batch / row["step_s"], cuda_graphs=cuda_graphs)
+    return row
+
+
+def timm_lora_step(batch: int, rank: int, cuda_graphs: bool) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """(the peft model, one training step on static random images) of :func:`bench_timm_vit_lora`."""
     import timm
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(timm.create_model("vit_small_patch16_224", num_classes=100).cuda(),
+    model = get_peft_model(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=100).cuda(),
                            LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv"], modules_to_save=["head"]))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    # capturable: the step counters live on the GPU, so the graph's replays advance them
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, capturable=cuda_graphs)
     images, labels = _random_images(batch, 224)
     model.train()
-    row = _timed(_train_step(model, optimizer, lambda m: F.cross_entropy(m(images).float(), labels)), warmup, steps)
-    row.update(images_per_s=batch / row["step_s"])
-    return row
+    step = _train_step(model, optimizer, lambda m: F.cross_entropy(m(images).float(), labels))
+    return model, _captured_whole(step) if cuda_graphs else step
+
+
+def _captured_whole(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` (on static tensors: forward, backward, optimizer step) as one CUDA graph's replay;
+    its warm-up also creates the optimizer's state before capture."""
+    # autocast's weight cache must be off while capturing; the step's own autocast inherits the setting
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        return captured_replay(step, warmup=3)
 
 
 def _guarded(fn, *args, **kwargs) -> dict:
@@ -198,7 +246,7 @@ def _guarded(fn, *args, **kwargs) -> dict:
 
 def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("mamba-130m", "mamba-1.4b"),
                    vision_methods=None, language_methods=None, baselines=True, cuda_graphs=False,
-                   language_shape=(4, 256), warmup_steps=(3, 10), device: str = "cuda") -> dict:
+                   language_shape=LANGUAGE_SHAPE, warmup_steps=(3, 10), device: str = "cuda") -> dict:
     """Every row, written out after each one: an interrupted run keeps what it measured.
     ``cuda_graphs``: training steps as the trainer runs them with the runtime key ``cuda_graphs``.
     Methods None: every method of the domain's methods.yaml (an empty list: none, and for vision
@@ -209,7 +257,7 @@ def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("
     vision_methods = list(methods_for("vision", vision_backbone)) if vision_methods is None else vision_methods
     language_methods = list(domain_file("language", "methods")) if language_methods is None else language_methods
     report = {"device": device_label, "torch": torch.__version__, "cuda_graphs": cuda_graphs,
-              "vision": {}, "language": {}, "baselines": {}}
+              "language_shape": list(language_shape), "vision": {}, "language": {}, "baselines": {}}
     slug = device_label.replace(" ", "_") + ("-cuda_graphs" if cuda_graphs else "")
     language = {"micro_batch": language_shape[0], "length": language_shape[1], "warmup": warmup_steps[0],
                 "steps": warmup_steps[1], "device": device}
@@ -239,8 +287,8 @@ def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("
                     report["baselines"][hf_baseline_name(backbone, suffix)] = _guarded(
                         bench_hf_mamba_lora, backbone, weights_dtype=dtype, **language)
                     save()
-        if vision_methods:
-            report["baselines"]["timm-vit-s16+peft-lora"] = _guarded(bench_timm_vit_lora)
+        for suffix, graphs in (("", False), (GRAPHED, True)) if vision_methods else ():
+            report["baselines"][TIMM_BASELINE + suffix] = _guarded(bench_timm_vit_lora, cuda_graphs=graphs)
             save()
     return report
 
@@ -265,6 +313,9 @@ def markdown(report: dict) -> str:
     graphs = ", training steps as CUDA graphs" if report.get("cuda_graphs") else ""
     precision = "fp32" if report["device"] == "cpu" else "bf16 autocast"
     lines = [f"# Training-step benchmark on {report['device']} (torch {report['torch']}, {precision}{graphs})", ""]
+    if "language_shape" in report:
+        lines += ["Language rows: micro-batch {} x {} tokens; MFU = tokens/s x 6 x parameters / dense bf16 "
+                  "peak.".format(*report["language_shape"]), ""]
     lines += ["| backbone | method | trainable | step (ms) | throughput | peak memory (GiB) | vs linear_probe |", "|---|---|---|---|---|---|---|"]
     base = report["vision"].get("linear_probe", {}).get("step_s")
     for method, row in report["vision"].items():
@@ -289,8 +340,8 @@ def _ratio_lines(report: dict) -> list[str]:
     pairs = [(f"{backbone} lora_in_proj", report["language"].get(backbone, {}).get("lora_in_proj", {}),
               hf_baseline_name(backbone, suffix), "tokens_per_s")
              for backbone in report["language"] for suffix in HF_WEIGHTS]
-    pairs += [(f"vim-s {method}", report["vision"].get(method, {}), "timm-vit-s16+peft-lora", "images_per_s")
-              for method in ("lora_in_proj", "lorap_x")]
+    pairs += [(f"vim-s {method}", report["vision"].get(method, {}), TIMM_BASELINE + suffix, "images_per_s")
+              for method in ("lora_in_proj", "lorap_x") for suffix in ("", GRAPHED)]
     lines = []
     for ours_name, ours, baseline_name, key in pairs:
         baseline = report["baselines"].get(baseline_name, {})
@@ -305,7 +356,8 @@ def _ms(row):
 
 
 def _rate(row, key, unit):
-    return f"{row[key]:,.0f} {unit}" if key in row else ""
+    utilisation = f" ({row['mfu']:.1%} MFU)" if "mfu" in row else ""
+    return f"{row[key]:,.0f} {unit}{utilisation}" if key in row else ""
 
 
 def _memory(row) -> int | None:

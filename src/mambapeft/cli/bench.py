@@ -72,15 +72,19 @@ def _add_train(bench) -> None:
     p.add_argument("--language-methods", nargs="+", help="default: every method of language/methods.yaml")
     p.add_argument("--no-baselines", action="store_true", help="skip transformers+peft and timm+peft")
     p.add_argument("--cuda-graphs", action="store_true", help="training steps as CUDA graphs (runtime key cuda_graphs)")
+    p.add_argument("--micro-batch", type=int, help="sequences of 256 tokens per language step, ours and transformers' "
+                   "(default 4, the paper recipe's); memory only in training, so raise it to fill the GPU. Give "
+                   "other values their own --out: the files are named by device")
     p.set_defaults(func=cmd_bench_train)
 
 
 def cmd_bench_train(args) -> None:
-    from ..bench.train import run_benchmarks
+    from ..bench.train import LANGUAGE_SHAPE, run_benchmarks
 
     report = run_benchmarks(Path(args.out), args.vision_backbone, tuple(args.language_backbones),
                             [] if args.no_vision else args.vision_methods, args.language_methods,
-                            baselines=not args.no_baselines, cuda_graphs=args.cuda_graphs)
+                            baselines=not args.no_baselines, cuda_graphs=args.cuda_graphs,
+                            language_shape=(args.micro_batch or LANGUAGE_SHAPE[0], LANGUAGE_SHAPE[1]))
     print(json.dumps(report["projection"], indent=1))
 
 
@@ -93,8 +97,8 @@ def _comma_list(kind: type):
 def _add_generate(bench) -> None:
     p = bench.add_parser("generate", help="GPU: greedy generation speed, ours (CUDA graph) vs mamba-ssm and transformers",
                          description="Greedy decoding of --new tokens after a --prompt-token prompt, bf16 on CUDA: "
-                                     "tokens/s and per-token latency of ours (step mode, decode step as a CUDA "
-                                     "graph; bare and with adapters active), mamba-ssm's generate(cg=True) and "
+                                     "tokens/s and per-token latency of ours (step mode, decode steps as CUDA "
+                                     "graphs; bare and with adapters active), mamba-ssm's generate(cg=True) and "
                                      "transformers' generate, with the same weights. Writes generate_<device>.json "
                                      "and .md under --out.")
     p.add_argument("--backbones", type=_comma_list(str), default=["mamba-130m", "mamba-1.4b"],
@@ -104,7 +108,9 @@ def _add_generate(bench) -> None:
     p.add_argument("--new", type=int, default=256, help="generated tokens")
     p.add_argument("--methods", type=_comma_list(str), default=["affix", "additional_scan", "periodic"],
                    help="methods of language/methods.yaml whose adapters generate too (comma-separated; '' for none)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up")
+    p.add_argument("--repeats", type=_comma_list(int), default=[3, 1],
+                   help="timed calls after one warm-up, per backbone in order (comma-separated; the last one for "
+                        "the rest): fewer for mamba-1.4b keeps the default run within ~4 minutes on an H200")
     p.add_argument("--weights-root", default="resources/weights",
                    help="<root>/<backbone>/ with config.json + weights; random weights of the real sizes where absent")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: fp32, no graphs (tests)")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .init import init_mamba_weights
-from .mamba import Block, Mamba, Mixer, MixerState, RMSNorm
+from .mamba import Block, Mamba, Mixer, MixerState, RMSNorm, fused_add_norm
 from .mamba2 import Mamba2
 
 # mamba_ssm's ``ssm_layer_map``: what ``ssm_cfg.layer`` selects
@@ -142,6 +142,9 @@ class MixerModel(nn.Module):
         residual = None
         for layer, state in zip(self.layers, states):
             hidden, residual = layer.step(hidden, residual, state)
+        add_norm = fused_add_norm(self.norm_f, self.layers[0].mixer.backend)
+        if add_norm is not None:
+            return add_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps)[0]
         return self.norm_f((hidden + residual).to(self.norm_f.weight.dtype))
 
 

@@ -12,6 +12,9 @@ base model exactly:
   * the fused ``mamba_inner`` path reads the weights after ``in_proj`` raw, so it runs only where
     those modules are plain (no wrapper, hook or parametrisation) and no state extension, state
     offset or affix is set (:meth:`Mamba.uses_fused_inner`);
+  * the generation step's kernels (mamba_ssm's step: conv update in place, dt_proj's bias inside the
+    state update, fused residual add + RMSNorm) read ``dt_proj`` and the blocks' norms raw, so they
+    run only where those are plain (:meth:`Mamba.uses_step_kernels`, :func:`fused_add_norm`);
   * ``state_extensions[direction]``: extra SSM state dimensions (additional-scan);
   * ``affixes[direction]``: tokens prepended to the scan input in xz space (affix-tuning);
   * ``state_offsets[direction]``: a term added to the gated scan output, computed from the scan's
@@ -23,10 +26,12 @@ from __future__ import annotations
 import abc
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .scan import TORCH_BACKEND, ScanBackend, causal_conv1d_step, conv_state_of
 
@@ -183,11 +188,13 @@ class Mamba(Mixer):
         self.register_parameter(d.D, D)
 
     # -- one direction of the SSM ------------------------------------------------------------
-    def _ssm_inputs(self, x: torch.Tensor, d: Direction):
-        """x: (B, D_inner, L) after conv. Returns delta (B, D_inner, L), A (D_inner, N'), B, C (B, N', L)."""
+    def _ssm_inputs(self, x: torch.Tensor, d: Direction, dt_bias: bool = True):
+        """x: (B, D_inner, L) after conv. Returns delta (B, D_inner, L), A (D_inner, N'), B, C (B, N', L).
+        Without ``dt_bias`` delta leaves out dt_proj's bias (a plain dt_proj's: the step kernel adds it)."""
         x_dbl = getattr(self, d.x_proj)(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = getattr(self, d.dt_proj)(dt).transpose(1, 2)  # (B, D_inner, L), bias included
+        dt_proj = getattr(self, d.dt_proj)
+        delta = (dt_proj(dt) if dt_bias else F.linear(dt, dt_proj.weight)).transpose(1, 2)  # (B, D_inner, L)
         A = -torch.exp(getattr(self, d.A_log).float())  # (D_inner, N)
         B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, N, L)
         if d.key in self.state_extensions:
@@ -253,16 +260,24 @@ class Mamba(Mixer):
         return MixerState(conv=torch.zeros(batch, self.d_inner, self.d_conv, device=device),
                           ssm=torch.zeros(batch, self.d_inner, n_state, device=device))
 
+    def uses_step_kernels(self) -> bool:
+        """Whether :meth:`step` runs the backend's step kernels as mamba_ssm's step does: dt_proj's
+        bias added inside the state update (read raw: only where dt_proj is plain, so a wrapper or
+        parametrisation on it is never skipped). The conv step is the backend's on every path."""
+        return self.backend.conv_update is not None and _plain(self.dt_proj, nn.Linear)
+
     def step(self, hidden_states: torch.Tensor, state: MixerState) -> torch.Tensor:
         """One token: hidden_states (B, 1, D_model) -> (B, 1, D_model); updates ``state``."""
         if self.bidirectional:
             raise ValueError("Step mode is only defined for unidirectional (language) mixers.")
         xz = self.in_proj(hidden_states.squeeze(1))  # (B, 2*D_inner)
         x, z = xz.chunk(2, dim=-1)
-        x_conv, state.conv = causal_conv1d_step(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias)
-        delta, A, B, C = self._ssm_inputs(x_conv.unsqueeze(-1), FORWARD)
+        x_conv = conv_step(self.conv1d, x, state, self.backend)  # the conv weight is read raw on every path
+        kernels = self.uses_step_kernels()
+        delta, A, B, C = self._ssm_inputs(x_conv.unsqueeze(-1), FORWARD, dt_bias=not kernels)
         y = self.backend.state_step(state.ssm, x_conv, delta[..., 0], A, B[..., 0], C[..., 0],
-                                 self.D.float(), z, delta_softplus=True)
+                                    self.D if kernels else self.D.float(), z,
+                                    delta_bias=self.dt_proj.bias if kernels else None, delta_softplus=True)
         if FORWARD.key in self.state_offsets:
             y = y + self.state_offsets[FORWARD.key](C[..., 0], z).to(y.dtype)
         return self.out_proj(y).unsqueeze(1)
@@ -273,8 +288,27 @@ def _plain(module: nn.Module, kind: type) -> bool:
     return type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
 
 
+def conv_step(conv: nn.Conv1d, x: torch.Tensor, state: MixerState, backend: ScanBackend) -> torch.Tensor:
+    """One step of the depthwise causal ``conv`` (its weight and bias read raw): x (B, C) -> (B, C),
+    advancing ``state.conv``; in place by the backend's ``conv_update`` where it has one, else the
+    PyTorch step, which hands back a new state tensor."""
+    weight, bias = conv.weight.squeeze(1), conv.bias
+    if backend.conv_update is not None:
+        return backend.conv_update(x, state.conv, weight, bias)
+    out, state.conv = causal_conv1d_step(x, state.conv, weight, bias)
+    return out
+
+
+def fused_add_norm(norm: nn.Module, backend: ScanBackend) -> Callable | None:
+    """The backend's fused residual add + RMSNorm where it can stand in for ``norm`` in a generation
+    step (it reads the weight raw: a plain :class:`RMSNorm` only), else None. Called as
+    ``(hidden, residual, weight, eps, residual_in_fp32) -> (normed, residual)``."""
+    return backend.add_rms_norm if backend.add_rms_norm is not None and _plain(norm, RMSNorm) else None
+
+
 class Block(nn.Module):
-    """Pre-norm residual block of Vim and mamba_ssm (``fused_add_norm=False`` semantics).
+    """Pre-norm residual block of Vim and mamba_ssm (``fused_add_norm=False`` semantics; a generation
+    step on a backend with ``add_rms_norm`` has ``fused_add_norm=True``'s: the norm of the fp32 residual).
 
     residual <- residual + drop_path(hidden); hidden <- mixer(norm(residual)); the residual stream
     is kept in fp32 when residual_in_fp32. Vim applies each block's drop-path to the *incoming*
@@ -302,6 +336,11 @@ class Block(nn.Module):
         return self.mixer(normed, state=state), residual
 
     def step(self, hidden, residual, state: MixerState):
-        """hidden, residual: (B, 1, D) -> (mixer output, residual) for one generated token."""
-        normed, residual = self._add_and_norm(hidden, residual)
+        """hidden, residual: (B, 1, D) -> (mixer output, residual) for one generated token; the add and
+        norm in one kernel where the backend has it (the residual and norm computed in fp32)."""
+        add_norm = fused_add_norm(self.norm, self.mixer.backend)
+        if add_norm is None or (self.training and self.drop_path.p > 0):
+            normed, residual = self._add_and_norm(hidden, residual)
+        else:
+            normed, residual = add_norm(hidden, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32)
         return self.mixer.step(normed, state), residual

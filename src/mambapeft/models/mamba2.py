@@ -18,11 +18,10 @@ import torch
 import torch.nn as nn
 
 from .dt_init import DEFAULT_DT_INIT, initial_dt, inverse_softplus
-from .mamba import Mixer, MixerState
+from .mamba import Mixer, MixerState, conv_step
 from .mamba import _plain as plain  # one test of an unwrapped module, shared with Mamba-1's fused-path guard
 from .scan import (
     NO_DT_LIMIT,
-    causal_conv1d_step,
     chunk_scan_step,
     conv_state_of,
     gated_rms_norm,
@@ -151,7 +150,7 @@ class Mamba2(Mixer):
     def step(self, hidden_states: torch.Tensor, state: MixerState) -> torch.Tensor:
         """One token: hidden_states (B, 1, D_model) -> (B, 1, D_model); updates ``state``."""
         z, xBC, dt = self._split(self.in_proj(hidden_states.squeeze(1)))  # (B, D_inner), (B, conv_dim), (B, H)
-        xBC, state.conv = causal_conv1d_step(xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        xBC = conv_step(self.conv1d, xBC, state, self.backend)  # the conv weight is read raw on every path
         x, B, C = self._heads(xBC)  # (B, H, P), (B, G, N), (B, G, N)
         y = chunk_scan_step(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D, dt_bias=self.dt_bias,
                             dt_softplus=True, dt_limit=self.dt_limit)

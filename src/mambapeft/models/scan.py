@@ -71,6 +71,18 @@ try:  # one Triton kernel for a generation step of the selective scan (what mamb
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update as _cuda_state_update
 except ImportError as _error:  # pragma: no cover - depends on the machine
     _cuda_state_update, _IMPORT_ERRORS["mamba_ssm_state_update"] = None, str(_error)
+try:  # mamba_ssm's fused residual add + LayerNorm/RMSNorm (what its blocks run with fused_add_norm)
+    from mamba_ssm.ops.triton.layer_norm import layer_norm_fn as _cuda_layer_norm
+except ImportError as _error:  # pragma: no cover - depends on the machine
+    _cuda_layer_norm, _IMPORT_ERRORS["mamba_ssm_layer_norm"] = None, str(_error)
+try:  # our Triton conv step (causal-conv1d's causal_conv1d_update), for machines without that package
+    from .conv_step_triton import causal_conv1d_update_triton as _triton_conv_update
+except ImportError as _error:  # pragma: no cover - depends on the machine
+    _triton_conv_update, _IMPORT_ERRORS["triton"] = None, str(_error)
+try:  # causal-conv1d's own conv step, what mamba_ssm's step runs where that package is installed
+    from causal_conv1d import causal_conv1d_update as _causal_conv1d_update
+except ImportError as _error:  # pragma: no cover - depends on the machine
+    _causal_conv1d_update, _IMPORT_ERRORS["causal_conv1d_update"] = None, str(_error)
 try:
     from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d
 except ImportError as _error:  # pragma: no cover - depends on the machine
@@ -251,7 +263,7 @@ def selective_state_step(state, x, delta, A, B, C, D=None, z=None, delta_bias=No
 
     state: (B, D, N)  x, delta, z: (B, D)  A: (D, N)  B, C: (B, N)  D: (D,). Returns y: (B, D).
     """
-    compute = state.dtype  # fp32 (fp64 in checks), whatever the activations' dtype
+    compute = torch.promote_types(state.dtype, torch.float32)  # fp32 (fp64 in checks), whatever is stored
     delta = delta.to(compute)
     if delta_bias is not None:
         delta = delta + delta_bias.to(compute)
@@ -259,8 +271,9 @@ def selective_state_step(state, x, delta, A, B, C, D=None, z=None, delta_bias=No
         delta = F.softplus(delta)
     decay = torch.exp(delta[..., None] * A.to(compute))  # (B, D, N)
     drive = (delta * x.to(compute))[..., None] * B.to(compute)[:, None, :]  # (B, D, N)
-    state.copy_(state * decay + drive)
-    y = torch.einsum("bdn,bn->bd", state, C.to(compute))
+    new_state = state.to(compute) * decay + drive
+    state.copy_(new_state)
+    y = torch.einsum("bdn,bn->bd", new_state, C.to(compute))
     if D is not None:
         y = y + x.to(compute) * D.to(compute)
     if z is not None:
@@ -364,7 +377,7 @@ def chunk_scan_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=Fal
 
     state: (B, H, P, N)  x: (B, H, P)  dt: (B, H)  A, D, dt_bias: (H,)  B, C: (B, G, N). Returns y: (B, H, P).
     """
-    compute = state.dtype  # fp32 (fp64 in checks), whatever the activations' dtype
+    compute = torch.promote_types(state.dtype, torch.float32)  # fp32 (fp64 in checks), whatever is stored
     batch, heads, headdim, n = state.shape
     dt = _discretised_dt(dt, dt_bias, dt_softplus, dt_limit, compute)
     grouped = state.view(batch, B.shape[1], -1, headdim, n)  # (B, G, R, P, N)
@@ -408,6 +421,46 @@ def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
     if bias is not None:
         out = out + bias
     return (F.silu(out) if activation == "silu" else out).to(x.dtype), conv_state
+
+
+def causal_conv1d_update_cuda(x, conv_state, weight, bias=None, activation="silu"):
+    """The conv step in place on CUDA: causal-conv1d's ``causal_conv1d_update`` (the kernel
+    mamba_ssm's own step runs) where installed and the state has x's dtype, as its kernel requires;
+    else our Triton kernel (any state dtype). Same arguments as :func:`causal_conv1d_update_torch`."""
+    if _causal_conv1d_update is not None and conv_state.dtype == x.dtype:
+        return _causal_conv1d_update(x, conv_state, weight, bias, activation)
+    return _triton_conv_update(x, conv_state, weight, bias, activation)
+
+
+def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation="silu"):
+    """:func:`causal_conv1d_step` with ``conv_state`` updated in place (causal-conv1d's
+    ``causal_conv1d_update``): returns out (B, D) in x's dtype. The reference of the Triton kernel."""
+    out, new_state = causal_conv1d_step(x, conv_state, weight, bias, activation)
+    conv_state.copy_(new_state)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual add + RMSNorm of a block (mamba_ssm's fused_add_norm)
+# ----------------------------------------------------------------------------------------------
+def add_rms_norm_torch(hidden, residual, weight, eps, residual_in_fp32=True):
+    """residual <- hidden + residual (hidden alone when residual is None), summed and normalised in
+    fp32: hidden, residual (..., D), weight (D,) -> (RMSNorm(residual) in hidden's dtype, residual in
+    its own dtype; fp32 for a first block when residual_in_fp32, else hidden's dtype)."""
+    total = hidden.float() if residual is None else hidden.float() + residual.float()
+    out = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    if residual is not None:
+        residual_dtype = residual.dtype
+    else:
+        residual_dtype = torch.float32 if residual_in_fp32 else hidden.dtype
+    return out.to(hidden.dtype), total.to(residual_dtype)
+
+
+def add_rms_norm_cuda(hidden, residual, weight, eps, residual_in_fp32=True):
+    """mamba_ssm's Triton ``layer_norm_fn(..., prenorm=True, is_rms_norm=True)``: the same in one kernel;
+    same arguments as :func:`add_rms_norm_torch`."""
+    return _cuda_layer_norm(hidden, weight, None, residual=residual, eps=eps, prenorm=True,
+                            residual_in_fp32=residual_in_fp32, is_rms_norm=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,7 +550,10 @@ class ScanBackend:
     """A consistent set of kernels; ``name`` is recorded in every run's metrics.json.
     ``mamba_inner``, where set, replaces a plain unidirectional Mamba-1 mixer's conv-to-out_proj
     chain; ``chunk_scan`` is Mamba-2's scan (SSD); ``split_conv1d_scan``, where set, replaces a
-    plain Mamba-2 mixer's chain after in_proj; ``state_step`` is Mamba-1's generation step."""
+    plain Mamba-2 mixer's chain after in_proj; ``state_step`` is Mamba-1's generation step.
+    ``conv_update`` (the conv step in place) and ``add_rms_norm`` (a block's residual add + RMSNorm),
+    where set, give a generation step mamba_ssm's kernel sequence (``Mamba.uses_step_kernels``,
+    ``Block.step``); both read weights raw, so only plain modules take them."""
 
     name: str
     selective_scan: Callable
@@ -506,6 +562,8 @@ class ScanBackend:
     chunk_scan: Callable = chunk_scan_torch
     split_conv1d_scan: Callable | None = None
     state_step: Callable = selective_state_step
+    conv_update: Callable | None = None
+    add_rms_norm: Callable | None = None
 
     @property
     def fuses(self) -> bool:
@@ -520,7 +578,9 @@ CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda,
                            mamba_inner_cuda if _cuda_mamba_inner and _cuda_causal_conv1d else None,
                            chunk_scan_cuda if _cuda_chunk_scan is not None else chunk_scan_torch,
                            split_conv1d_scan_cuda if _cuda_split_conv1d_scan and _cuda_causal_conv1d else None,
-                           selective_state_step_cuda if _cuda_state_update is not None else selective_state_step)
+                           selective_state_step_cuda if _cuda_state_update is not None else selective_state_step,
+                           conv_update=causal_conv1d_update_cuda if _triton_conv_update is not None else None,
+                           add_rms_norm=add_rms_norm_cuda if _cuda_layer_norm is not None else None)
 
 
 def cuda_kernels_available() -> bool:

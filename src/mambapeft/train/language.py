@@ -16,6 +16,7 @@ from ..data.instruct import read_instruct_json, split_train_val, tokenize_exampl
 from ..data.tokenizer import load_tokenizer
 from ..models.lm import MambaLMHeadModel
 from .graphs import capture
+from .micro_batch import AUTO, micro_batch_setting
 from .seeding import epoch_permutation
 
 LOSS_CHUNK = 256  # positions per lm_head call: fp32 logits of a whole batch are never materialised
@@ -99,7 +100,10 @@ class LanguageTask:
         backbone = spec["backbone"]
         self.tokenizer = load_tokenizer(backbone.get("tokenizer") or backbone["path"])
         self.train, self.val = self.examples()
-        self.batch_size, self.micro_batch = int(self.recipe["batch_size"]), int(self.recipe["micro_batch_size"])
+        self.batch_size = int(self.recipe["batch_size"])
+        self.micro_batch_setting = micro_batch_setting(self.recipe)
+        # None until the trainer resolves `auto` on the built model (train/micro_batch.py)
+        self.micro_batch: int | None = None if self.micro_batch_setting == AUTO else self.micro_batch_setting
         self.n_train = len(self.train)
         self.iters_per_epoch = math.ceil(self.n_train / self.batch_size)
         self.total_steps = int(self.recipe["epochs"]) * self.iters_per_epoch
@@ -127,13 +131,22 @@ class LanguageTask:
             return int(data["nominal_train_records"]) - val, "nominal size of the training file (data not present)"
         return None, "unknown until the training file is present"
 
-    def use_cuda_graph(self, model: nn.Module) -> None:
-        """Replay full micro-batches' forward and backward as CUDA graphs from now on, one per
-        width in steps of GRAPH_WIDTH_STEP up to the cutoff (each micro-batch is padded up to one)."""
+    def graph_widths(self) -> list[int]:
+        """The padded widths of the CUDA graphs: steps of GRAPH_WIDTH_STEP up to the cutoff's."""
         cutoff = int(self.recipe["cutoff_len"])
         top = cutoff + (-cutoff) % GRAPH_WIDTH_STEP
-        self.graphed = GraphedLoss(model, self.micro_batch, list(range(GRAPH_WIDTH_STEP, top + 1, GRAPH_WIDTH_STEP)),
-                                   self.device)
+        return list(range(GRAPH_WIDTH_STEP, top + 1, GRAPH_WIDTH_STEP))
+
+    def use_cuda_graph(self, model: nn.Module) -> None:
+        """Replay full micro-batches' forward and backward as CUDA graphs from now on, one per
+        width of :meth:`graph_widths` (each micro-batch is padded up to one)."""
+        self.graphed = GraphedLoss(model, self.micro_batch, self.graph_widths(), self.device)
+
+    def micro_batch_trial(self, model: nn.Module, micro_batch: int, autocast) -> None:
+        """One training forward and backward of ``micro_batch`` sequences at the widest padded
+        width any micro-batch can have (the cutoff's graph width): what ``auto`` measures."""
+        ids = torch.zeros(micro_batch, self.graph_widths()[-1], dtype=torch.long, device=self.device)
+        token_loss_sum(model, ids, ids[:, 1:], autocast).backward()
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Without a host sync on CUDA (pinned memory, asynchronous copy): the GPU keeps its queue."""

@@ -26,6 +26,7 @@ from ..peft.groups import describe_groups, param_groups
 from ..peft.state import adapter_state_dict, save_adapter
 from ..runspec import ADAPTER, TRAIN_RECORD, ConfigError
 from ..runtime import autocast_for, device_name, gpu_identity, peak_memory, place_model, resolve_device
+from .micro_batch import choose_micro_batch
 from .optim import build_optimizer, set_learning_rate
 from .progress import Progress
 from .provenance import provenance
@@ -52,6 +53,7 @@ class LoopState:
     best_step: int | None = None
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
+    micro_batch: dict | None = None  # how it was chosen (micro_batch.py); a resumed run keeps its checkpoint's
 
 
 def spec_digest(spec: dict) -> str:
@@ -104,6 +106,7 @@ class Trainer:
         place_model(model, self.device, self.spec["runtime"])
         groups = param_groups(model, result, self.recipe["optimizer"])
         optimizer = build_optimizer(groups, self.recipe["optimizer"]) if groups else None
+        self._fit_micro_batch(model, result, optimizer, graphs=False)
         for step in range(steps):
             self._train_step(model, result, optimizer, step, after_backward)
             model.zero_grad(set_to_none=True)  # also tensors a hook reads gradients of, outside the optimizer
@@ -146,6 +149,39 @@ class Trainer:
         with torch.no_grad():
             for name, p in self.peft.trainable.items():
                 p.copy_(tensors[name].to(p.device))
+
+    # -- micro-batch (tasks that accumulate micro-batches) -------------------------------------
+    def _fit_micro_batch(self, model, peft, optimizer, graphs: bool) -> dict | None:
+        """Sets the task's micro-batch for training ``model`` (its ``micro_batch_size``, resolved on
+        CUDA by probing memory) and returns how it was chosen; None for tasks without micro-batches."""
+        if not hasattr(self.task, "micro_batch_trial"):
+            return None
+        trainable_bytes = sum(p.numel() * p.element_size() for p in peft.trainable.values())
+        adamw_state = 2 * trainable_bytes if optimizer is not None and not optimizer.state else 0  # created lazily
+
+        def trial(size: int) -> None:
+            model.train()
+            try:
+                self.task.micro_batch_trial(model, size, self.autocast)
+            finally:
+                model.zero_grad(set_to_none=True)
+
+        graph_bytes = len(self.task.graph_widths()) * trainable_bytes if graphs else None  # static grads per graph
+        rng = rng_state()  # the run draws as if nothing had been probed
+        choice = choose_micro_batch(self.task.micro_batch_setting, self.task.batch_size, self.device, trial,
+                                    adamw_state, graph_bytes)
+        set_rng_state(rng)
+        self.task.micro_batch = choice["micro_batch"]
+        return choice
+
+    def _use_micro_batch(self, state: LoopState, graphs: bool) -> None:
+        if state.step >= self.task.total_steps:  # nothing to train (evaluation only, or done)
+            return
+        if state.micro_batch is None:
+            state.micro_batch = self._fit_micro_batch(self.model, self.peft, self.optimizer, graphs)
+        else:  # the resumed run sums its micro-batches in the same order as the run it continues
+            self.task.micro_batch = state.micro_batch["micro_batch"]
+            log.info("micro-batch %d, as the checkpoint's", self.task.micro_batch)
 
     # -- loop --------------------------------------------------------------------------------
     def _step(self, state: LoopState, check: list[str] | None) -> float:
@@ -194,6 +230,7 @@ class Trainer:
         # captured once, after the gradient checks: a replay runs no Python, so they run eagerly first
         graph_pending = (bool(self.spec["runtime"].get("cuda_graphs")) and self.device.type == "cuda"
                          and hasattr(self.task, "use_cuda_graph"))
+        self._use_micro_batch(state, graph_pending)
         progress = Progress(self.task.total_steps, state.step, self.spec["run"], self.spec["runtime"].get("wandb"))
         while state.step < self.task.total_steps:
             if graph_pending and not checks:
@@ -242,6 +279,7 @@ class Trainer:
             "history": [h for i, h in enumerate(state.history) if "val_loss" in h or i % stride == 0],
             "adapter_sha256": sha256_file(self.out / ADAPTER), "config": self.spec, **provenance(),
             **({"prepared": self.prepared} if self.prepared else {}),
+            **({"micro_batch": state.micro_batch} if state.micro_batch else {}),
         }
 
 

@@ -1,0 +1,72 @@
+"""`bench train`'s rows beside the measured steps: model FLOP utilisation of the LM rows, the timm
+ViT-S baselines (eager and graphed) and their ratios; the timm steps themselves on a GPU."""
+import importlib.util
+
+import pytest
+import torch
+
+from mambapeft.bench.train import (
+    GRAPHED,
+    TIMM_BASELINE,
+    add_flop_utilisation,
+    bench_language_method,
+    bench_timm_vit_lora,
+    markdown,
+    peak_bf16_flops,
+    timm_lora_step,
+)
+
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="needs timm (pip install timm)")
+
+
+def test_flop_utilisation_is_six_n_tokens_over_the_dense_peak():
+    assert peak_bf16_flops("NVIDIA H200") == 989e12 and peak_bf16_flops("cpu") is None
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 10), torch.nn.Linear(10, 7, bias=False))
+    model[1].weight = model[0].weight  # tied: one matrix, counted once
+    row = add_flop_utilisation({"tokens_per_s": 1e9}, model, "NVIDIA H200")
+    assert row["model_params"] == 70 and row["mfu"] == pytest.approx(1e9 * 6 * 70 / 989e12)
+    assert "mfu" not in add_flop_utilisation({"tokens_per_s": 1e9}, model, "cpu")
+
+
+def test_the_timm_rows_say_why_they_did_not_run():
+    if importlib.util.find_spec("timm") and torch.cuda.is_available():
+        pytest.skip("timm and CUDA are here: the rows run (test_timm_graphed_step_trains_and_is_timed)")
+    row = bench_timm_vit_lora(cuda_graphs=True)
+    assert set(row) == {"skipped"} and "timm" in row["skipped"] and "CUDA" in row["skipped"]
+
+
+def test_markdown_compares_vim_rows_with_both_timm_baselines_and_shows_mfu():
+    report = {"device": "NVIDIA H200", "torch": "2.11", "cuda_graphs": True, "language_shape": [32, 256],
+              "vision": {"lorap_x": {"step_s": 0.02, "images_per_s": 1600.0, "peak_mem_bytes": 2**30}},
+              "language": {"mamba-1.4b": {"lora_in_proj": {"step_s": 0.4, "tokens_per_s": 20480.0, "mfu": 0.174,
+                                                           "peak_mem_bytes": 2**33}}},
+              "baselines": {TIMM_BASELINE: {"step_s": 0.03, "images_per_s": 1100.0, "peak_mem_bytes": 2**30},
+                            TIMM_BASELINE + GRAPHED: {"skipped": "needs timm and a CUDA device"}}}
+    text = markdown(report)
+    assert "20,480 tok/s (17.4% MFU)" in text and "micro-batch 32 x 256 tokens" in text
+    assert f"| vim-s lorap_x / {TIMM_BASELINE} | 1.45x |" in text
+    assert f"| {TIMM_BASELINE + GRAPHED} | needs timm and a CUDA device |" in text
+
+
+@pytest.mark.gpu
+@needs_timm
+def test_timm_graphed_step_trains_and_is_timed():
+    """The captured graph holds the optimizer step: each replay moves the LoRA weights."""
+    model, step = timm_lora_step(batch=4, rank=4, cuda_graphs=True)
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    before = [p.detach().clone() for p in lora_b]
+    step()
+    torch.cuda.synchronize()
+    assert lora_b and all(not torch.equal(a, p) for a, p in zip(before, lora_b))
+    row = bench_timm_vit_lora(batch=4, rank=4, warmup=1, steps=2, cuda_graphs=True)
+    assert row["images_per_s"] > 0 and row["cuda_graphs"] is True
+
+
+@pytest.mark.gpu
+def test_language_rows_report_model_flop_utilisation_on_an_h200():
+    row = bench_language_method("lora_in_proj", "mamba-mini", micro_batch=2, length=32, warmup=1, steps=2)
+    assert row["tokens_per_s"] > 0 and row["model_params"] > 0
+    if "H200" in torch.cuda.get_device_name():
+        assert 0 < row["mfu"] < 1
+    else:
+        assert "mfu" not in row

@@ -1,0 +1,153 @@
+"""On a CUDA machine with mamba-ssm: the generation step's kernels (our Triton conv update,
+mamba_ssm's fused residual add + RMSNorm and selective_state_update) compute what the PyTorch step
+computes, layer by layer in fp32 and bf16; decoding with several steps per CUDA graph replay gives
+the eager tokens; a hooked dt_proj or a parametrised norm keeps the reference step. The CPU side of
+these checks (every method, with the kernels' PyTorch references) is tests/test_step_kernels.py.
+
+Tolerances: fp32 results differ only by the kernels' summation order and exp/rsqrt approximations
+(~1e-6 relative); a bf16 output may differ by one bf16 rounding (2^-8 relative); a bf16 block step
+rounds its norm input and dt (+ bias) at different places than the reference: a few roundings."""
+import pytest
+import torch
+from test_decoding import adapted_model
+from test_fused_inner import _mixers
+from torch.nn.utils import parametrize
+
+from mambapeft.models.decoding import GreedyDecoder
+from mambapeft.models.mamba import Block, Mamba, MixerState, fused_add_norm
+from mambapeft.models.scan import (
+    CUDA_BACKEND,
+    TORCH_BACKEND,
+    add_rms_norm_torch,
+    causal_conv1d_update_torch,
+    cuda_kernels_available,
+)
+
+pytestmark = pytest.mark.gpu
+needs_kernels = pytest.mark.skipif(not cuda_kernels_available() or CUDA_BACKEND.conv_update is None
+                                   or CUDA_BACKEND.add_rms_norm is None,
+                                   reason="needs a CUDA device with mamba-ssm and triton")
+BF16_ROUNDING = 2 ** -8
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def set_backend(model, backend):
+    for m in _mixers(model):
+        m.backend = backend
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize("x_dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_conv_update_equals_the_torch_one(x_dtype, state_dtype, bias):
+    torch.manual_seed(0)
+    channels = 200  # not a multiple of the kernel's 128-channel block: the masked tail runs too
+    xz = torch.randn(3, 2 * channels, device="cuda", dtype=x_dtype)
+    x = xz[:, :channels]  # a strided view, as the step's chunk of in_proj's output
+    state = torch.randn(3, channels, 4, device="cuda").to(state_dtype)
+    weight, b = torch.randn(channels, 4, device="cuda"), torch.randn(channels, device="cuda") if bias else None
+    expected_state = state.clone()
+    expected = causal_conv1d_update_torch(x, expected_state, weight, b)
+    out = CUDA_BACKEND.conv_update(x, state, weight, b)
+    assert out.dtype == x_dtype and torch.equal(state, expected_state)  # the state update is a copy: exact
+    tol = 1e-5 if x_dtype == torch.float32 else 2 * BF16_ROUNDING
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("first", [True, False])
+def test_fused_add_rms_norm_equals_the_torch_one(dtype, first):
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 1, 256, device="cuda", dtype=dtype)
+    residual = None if first else torch.randn(4, 1, 256, device="cuda")
+    weight = torch.randn(256, device="cuda", dtype=dtype)
+    expected = add_rms_norm_torch(hidden, residual, weight, 1e-5, True)
+    got = CUDA_BACKEND.add_rms_norm(hidden, residual, weight, 1e-5, True)
+    tol = 1e-5 if dtype == torch.float32 else 2 * BF16_ROUNDING
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    torch.testing.assert_close(got[0], expected[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=1e-6)  # an fp32 sum either way
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 6 * BF16_ROUNDING)])
+@pytest.mark.parametrize("first", [True, False])
+def test_a_block_step_on_the_kernels_equals_the_torch_step(dtype, tolerance, first):
+    """One block (add + norm + mixer step) from the same state: outputs, residual and both states."""
+    torch.manual_seed(0)
+    block = Block(128, Mamba(128, d_state=16, device="cuda"), device="cuda").eval()
+    block.norm.weight.data.normal_(1.0, 0.2)
+    block = block.to(dtype)
+    state = MixerState(conv=torch.randn(3, 256, 4, device="cuda").to(dtype).float(),
+                       ssm=torch.randn(3, 256, 16, device="cuda"))
+    hidden = torch.randn(3, 1, 128, device="cuda", dtype=dtype)
+    residual = None if first else torch.randn(3, 1, 128, device="cuda")
+    results = {}
+    for backend in (TORCH_BACKEND, CUDA_BACKEND):
+        block.mixer.backend = backend
+        copy = MixerState(state.conv.clone(), state.ssm.clone())
+        with torch.no_grad():
+            out, res = block.step(hidden, residual, copy)
+        results[backend.name] = (out, res, copy.conv, copy.ssm)
+    assert block.mixer.uses_step_kernels() and fused_add_norm(block.norm, CUDA_BACKEND) is not None
+    (out, res, conv, ssm), (ref_out, ref_res, ref_conv, ref_ssm) = results["cuda"], results["torch"]
+    # the conv state's newest tap is in_proj of the normed input, and the fused norm rounds differently
+    assert out.dtype == ref_out.dtype and res.dtype == torch.float32 and rel(conv, ref_conv) <= tolerance
+    assert rel(out, ref_out) <= tolerance and rel(ssm, ref_ssm) <= tolerance
+    assert rel(res, ref_res) <= 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["zero_shot", "additional_scan", "periodic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_several_steps_per_graph_replay_give_the_eager_tokens(method, dtype):
+    """The 4-step graph (with 1-step graphs for the remainder and periodic's insertions) replays
+    what the eager kernel path computes; in fp32 that is also the PyTorch step's tokens."""
+    model = set_backend(adapted_model("mamba-mini", method).to("cuda", dtype), CUDA_BACKEND)
+    assert all(m.uses_step_kernels() for m in _mixers(model))
+    ids = torch.randint(0, 64, (3, 30), device="cuda")
+
+    def autocast():  # as bench generate runs bf16 (the adapters' fp32 pieces); no cast cached across a capture
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False, enabled=dtype == torch.bfloat16)
+
+    eager = GreedyDecoder(model, 3, "cuda", steps_per_call=1, autocast=autocast).generate(ids, 21)
+    graphed = GreedyDecoder(model, 3, "cuda", cuda_graph=True, steps_per_call=4, autocast=autocast)
+    for _ in range(2):
+        assert torch.equal(graphed.generate(ids, 21), eager)
+    if dtype == torch.float32:
+        reference = GreedyDecoder(set_backend(model, TORCH_BACKEND), 3, "cuda").generate(ids, 21)
+        assert torch.equal(eager, reference)
+
+
+@needs_kernels
+def test_bf16_states_replay_as_the_eager_steps():
+    """States stored in bf16 (as bench generate and mamba_ssm keep them): the graphs replay the eager
+    kernel path's tokens, and the states stay bf16 across replays."""
+    model = set_backend(adapted_model("mamba-mini", "zero_shot").to("cuda", torch.bfloat16), CUDA_BACKEND)
+    ids = torch.randint(0, 64, (3, 30), device="cuda")
+    eager = GreedyDecoder(model, 3, "cuda", steps_per_call=1, state_dtype=torch.bfloat16).generate(ids, 21)
+    graphed = GreedyDecoder(model, 3, "cuda", cuda_graph=True, steps_per_call=4, state_dtype=torch.bfloat16)
+    for _ in range(2):
+        assert torch.equal(graphed.generate(ids, 21), eager)
+    assert all(s.conv.dtype == s.ssm.dtype == torch.bfloat16 for s in graphed.states)
+
+
+@needs_kernels
+def test_a_hooked_dt_proj_and_a_parametrised_norm_keep_the_reference_step_on_cuda():
+    model = adapted_model("mamba-mini", "zero_shot").cuda()
+    for mixer in _mixers(model):
+        mixer.dt_proj.register_forward_hook(lambda module, args, out: out - 1.0)
+    for layer in model.backbone.layers:
+        parametrize.register_parametrization(layer.norm, "weight", torch.nn.Identity())
+    set_backend(model, CUDA_BACKEND)
+    assert not any(m.uses_step_kernels() for m in _mixers(model))
+    assert all(fused_add_norm(layer.norm, CUDA_BACKEND) is None for layer in model.backbone.layers)
+    ids = torch.randint(0, 64, (2, 30), device="cuda")
+    graphed = GreedyDecoder(model, 2, "cuda", cuda_graph=True, steps_per_call=4).generate(ids, 13)
+    assert torch.equal(graphed, GreedyDecoder(set_backend(model, TORCH_BACKEND), 2, "cuda").generate(ids, 13))

@@ -1,0 +1,100 @@
+"""The generation step's kernel sequence (mamba_ssm's step: conv state updated in place, dt_proj's
+bias inside the state update, a block's residual add + RMSNorm in one kernel) computes what the
+reference step computes, for every language method, and only plain modules take it: an adapter
+on dt_proj or a norm keeps the reference step, so it is never silently skipped. Here with the
+PyTorch references of those kernels (``STEP_TORCH``); tests/test_gpu_step.py runs the CUDA ones."""
+import dataclasses
+
+import pytest
+import torch
+from test_fused_inner import _adapted, _mixers
+from torch.nn.utils import parametrize
+
+from mambapeft.models.mamba import Block, Mamba, fused_add_norm
+from mambapeft.models.scan import (
+    TORCH_BACKEND,
+    add_rms_norm_torch,
+    causal_conv1d_step,
+    causal_conv1d_update_torch,
+)
+from mambapeft.runspec import domain_file
+
+STEP_TORCH = dataclasses.replace(TORCH_BACKEND, conv_update=causal_conv1d_update_torch,
+                                 add_rms_norm=add_rms_norm_torch)
+
+
+def set_backend(model, backend):
+    for m in _mixers(model):
+        m.backend = backend
+    return model
+
+
+@torch.no_grad()
+def stepped_logits(model, ids, prefill: int):
+    """Prefill ``prefill`` tokens, then step through the rest: logits (B, L - prefill, V) and the states."""
+    states = model.empty_states(ids.shape[0], "cpu")
+    model(ids[:, :prefill], states)
+    logits = torch.stack([model._step_token(ids[:, t], t, states) for t in range(prefill, ids.shape[1])], 1)
+    return logits, states
+
+
+@pytest.mark.parametrize("method", sorted(domain_file("language", "methods")))
+def test_step_kernels_equal_the_reference_step_for_every_language_method(method):
+    model = _adapted("language", method)
+    ids = torch.randint(0, 64, (2, 16))
+    expected, expected_states = stepped_logits(set_backend(model, TORCH_BACKEND), ids, 10)
+    logits, states = stepped_logits(set_backend(model, STEP_TORCH), ids, 10)
+    for mixer in _mixers(model):  # the kernel path wherever dt_proj is plain, the reference step elsewhere
+        assert mixer.uses_step_kernels() == (type(mixer.dt_proj) is torch.nn.Linear and not mixer.dt_proj._forward_hooks)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    for state, reference in zip(states, expected_states):
+        torch.testing.assert_close(state.conv, reference.conv, rtol=0, atol=0)
+        torch.testing.assert_close(state.ssm, reference.ssm, rtol=1e-5, atol=1e-6)
+
+
+def test_a_hook_on_dt_proj_is_not_skipped_by_the_step():
+    model = _adapted("language", "zero_shot")
+    ids = torch.randint(0, 64, (2, 14))
+    for mixer in _mixers(model):
+        mixer.dt_proj.register_forward_hook(lambda module, args, out: out - 1.0)
+    expected, _ = stepped_logits(set_backend(model, TORCH_BACKEND), ids, 10)
+    logits, _ = stepped_logits(set_backend(model, STEP_TORCH), ids, 10)
+    assert not any(m.uses_step_kernels() for m in _mixers(model))
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_wrapped_dt_proj_or_norm_keeps_the_reference_step():
+    block = Block(32, Mamba(32, d_state=4))
+    block.mixer.backend = STEP_TORCH
+    assert block.mixer.uses_step_kernels() and fused_add_norm(block.norm, STEP_TORCH) is not None
+    block.mixer.dt_proj = torch.nn.Sequential(block.mixer.dt_proj)
+    assert not block.mixer.uses_step_kernels()
+    parametrize.register_parametrization(block.norm, "weight", torch.nn.Identity())
+    assert fused_add_norm(block.norm, STEP_TORCH) is None
+    assert fused_add_norm(block.norm, TORCH_BACKEND) is None and not Mamba(32).uses_step_kernels()
+
+
+def test_a_lora_in_proj_still_takes_the_step_kernels():
+    model = set_backend(_adapted("language", "lora_in_proj"), STEP_TORCH)
+    assert all(m.uses_step_kernels() for m in _mixers(model))
+
+
+def test_the_in_place_conv_update_equals_the_functional_step():
+    torch.manual_seed(0)
+    x, state, weight, bias = torch.randn(3, 10), torch.randn(3, 10, 4), torch.randn(10, 4), torch.randn(10)
+    expected, new_state = causal_conv1d_step(x, state, weight, bias)
+    out = causal_conv1d_update_torch(x, state, weight, bias)
+    assert torch.equal(out, expected) and torch.equal(state, new_state)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_the_fused_add_norm_reference_equals_the_block_add_and_norm(first):
+    torch.manual_seed(0)
+    block = Block(16, Mamba(16, d_state=4))
+    block.norm.weight.data.normal_()
+    hidden, residual = torch.randn(2, 1, 16), None if first else torch.randn(2, 1, 16)
+    expected = block._add_and_norm(hidden, residual)
+    got = add_rms_norm_torch(hidden, residual, block.norm.weight, block.norm.eps, True)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
