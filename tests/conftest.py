@@ -13,6 +13,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def isolated_datasets_cache(tmp_path, monkeypatch):
+    """For tests that run lm-eval: its datasets cache goes under the test's tmp_path."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))  # never the user's home
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

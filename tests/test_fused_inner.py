@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from mixer_helpers import assert_steps_continue_the_forward, recorded_backend
 
 from mambapeft.models import build_model
 from mambapeft.models.mamba import Mamba, Mixer
 from mambapeft.models.scan import TORCH_BACKEND, ScanBackend, mamba_inner_torch
 from mambapeft.peft import apply_peft
 from mambapeft.runspec import domain_file, method_definition, methods_for
-from mambapeft import runtime
 
 FUSED_TORCH = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch)
 # methods whose every mixer keeps conv1d, x_proj, dt_proj and out_proj plain and adds no scan state
@@ -82,18 +82,10 @@ def test_step_mode_after_a_fused_prefill_continues_the_sequence():
     model = _adapted("language", "lora_in_proj")
     for m in _mixers(model):
         m.backend = FUSED_TORCH
-    ids = torch.randint(0, 64, (2, 30))
-    with torch.no_grad():
-        full = model(ids)
-        states = model.empty_states(2, "cpu")
-        model(ids[:, :20], states)
-        stepped = torch.stack([model._step_token(ids[:, t], t, states) for t in range(20, 30)], 1)
-    torch.testing.assert_close(stepped, full[:, 20:], rtol=1e-4, atol=1e-4)
+    assert_steps_continue_the_forward(model, torch.randint(0, 64, (2, 30)), 20)
 
 
 @pytest.mark.parametrize("backbone,recorded", [("mamba-mini", "torch-fused"), ("vim-mini", "torch")])
 def test_the_recorded_backend_says_whether_the_fused_path_ran(monkeypatch, backbone, recorded):
-    monkeypatch.setattr(runtime, "resolve_backend", lambda device, requested: FUSED_TORCH)
     model = build_model(backbone, **({"num_classes": 4} if backbone == "vim-mini" else {"vocab_size": 64}))
-    settings = {"scan_backend": "auto", "allow_torch_fallback": False}
-    assert runtime.select_backend(model, torch.device("cpu"), settings) == recorded
+    assert recorded_backend(monkeypatch, model, FUSED_TORCH) == recorded

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from mixer_helpers import assert_steps_continue_the_forward, recorded_backend
 from test_fused_inner import _mixers, _output_and_grads
 from test_mamba2 import MEMBER_METHODS, YAML_METHODS, members
 
-from mambapeft import runtime
 from mambapeft.models import build_model
 from mambapeft.models.mamba2 import Mamba2
 from mambapeft.models.scan import TORCH_BACKEND, ScanBackend, split_conv1d_scan_torch
@@ -65,17 +65,9 @@ def test_step_mode_after_a_prefill_continues_the_fused_sequence():
     model = _adapted("lora_in_proj")
     for m in _mixers(model):
         m.backend = FUSED_TORCH
-    ids = torch.randint(0, 64, (2, 40))
-    with torch.no_grad():
-        full = model(ids)
-        states = model.empty_states(2, "cpu")
-        model(ids[:, :25], states)
-        stepped = torch.stack([model._step_token(ids[:, t], t, states) for t in range(25, 40)], 1)
-    torch.testing.assert_close(stepped, full[:, 25:], rtol=1e-4, atol=1e-4)
+    assert_steps_continue_the_forward(model, torch.randint(0, 64, (2, 40)), 25)
 
 
 def test_the_recorded_backend_says_the_fused_path_ran(monkeypatch):
-    monkeypatch.setattr(runtime, "resolve_backend", lambda device, requested: FUSED_TORCH)
     model = build_model("mamba2-mini", vocab_size=64)
-    settings = {"scan_backend": "auto", "allow_torch_fallback": False}
-    assert runtime.select_backend(model, torch.device("cpu"), settings) == "torch-fused"
+    assert recorded_backend(monkeypatch, model, FUSED_TORCH) == "torch-fused"

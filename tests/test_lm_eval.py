@@ -35,9 +35,7 @@ LORAP_X = {"id": "lorap_x", "peft": [{"family": "lora", "name": "lora", "targets
                                        "rank": 4, "scale": 0.1, "dropout": 0.0}]}
 
 
-@pytest.fixture(autouse=True)
-def _datasets_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))  # never the user's home
+pytestmark = pytest.mark.usefixtures("isolated_datasets_cache")
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,7 @@ REQUESTS_PER_DOC = {"hellaswag": 4, "cola": 2, "openbookqa": 4, "mathqa": 5, "wi
                     "arc_challenge": 4, "wikitext": 1, "lambada_openai": 1, "lambada_standard": 1, "gsm8k": 1}
 
 
-@pytest.fixture(autouse=True)
-def _datasets_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))  # never the user's home
+pytestmark = pytest.mark.usefixtures("isolated_datasets_cache")
 
 
 @pytest.fixture(scope="module")

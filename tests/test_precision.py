@@ -9,6 +9,7 @@ from mambapeft.peft import apply_peft
 from mambapeft.runspec import domain_file, method_definition, methods_for
 from mambapeft.models.precision import (
     frozen_linear_parameters,
+    keep_ssm_parameters_in_fp32,
     store_frozen_linears_in_bf16,
 )
 
@@ -93,8 +94,6 @@ def test_weights_a_method_reads_or_trains_stay_fp32(method, kept):
 
 def test_a_bf16_model_keeps_its_ssm_parameters_in_fp32_as_mamba_ssm():
     """What bench generate runs: every other tensor bf16, A_log and D fp32 (no cast kernel per step)."""
-    from mambapeft.models.precision import keep_ssm_parameters_in_fp32
-
     model = build_model("mamba-mini", vocab_size=64)
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.to(torch.bfloat16)

@@ -3,6 +3,7 @@ recurrence reads, in both scan directions, in step mode, and never on the fused 
 import pytest
 import torch
 import torch.nn.functional as F
+from mixer_helpers import assert_steps_continue_the_forward
 
 from mambapeft.models import build_model
 from mambapeft.models.mamba import FORWARD, Mamba
@@ -57,13 +58,7 @@ def test_step_mode_continues_the_parallel_forward():
     for m in model.modules():
         if isinstance(m, Mamba):
             _with_offsets(m)
-    ids = torch.randint(0, 64, (2, 16))
-    with torch.no_grad():
-        full = model(ids)
-        states = model.empty_states(2, "cpu")
-        model(ids[:, :10], states)
-        stepped = torch.stack([model._step_token(ids[:, t], t, states) for t in range(10, 16)], 1)
-    torch.testing.assert_close(stepped, full[:, 10:], rtol=1e-4, atol=1e-4)
+    assert_steps_continue_the_forward(model, torch.randint(0, 64, (2, 16)), 10)
 
 
 def test_a_mixer_with_an_offset_never_takes_the_fused_kernel():

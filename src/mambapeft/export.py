@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .build import bare_spec, build_trainable
-from .data.tokenizer import load_tokenizer, write_transformers_tokenizer
+from .data.tokenizer import backbone_tokenizer_path, load_tokenizer, write_transformers_tokenizer
 from .io import write_json_atomic
 from .models.checkpoints import save_lm_hf, save_lm_mamba_ssm
 from .models.lm import MambaLMHeadModel
@@ -29,10 +29,6 @@ log = logging.getLogger("mambapeft.export")
 HF_DIR, MAMBA_SSM_DIR, MERGE_RECORD = "hf", "mamba_ssm", "merge.json"
 CHECK_TOKENS = 64  # length of the fixed sequence the merged and adapter logits are compared on
 CHECK_TOLERANCE = 1e-4  # of the logits' scale: fp32 rounding of W x + s B (A x) vs (W + s B A) x, over the layers
-
-
-def _tokenizer_path(backbone: dict) -> str:
-    return backbone.get("tokenizer") or backbone["path"]
 
 
 def _check_ids(model: MambaLMHeadModel) -> torch.Tensor:
@@ -81,7 +77,7 @@ def merge_run(spec: dict, out_dir: str | Path) -> dict:
               "families": sorted({m["family"] for m in method["peft"]}),
               "check": {"tokens": CHECK_TOKENS, "max_abs_logit_difference": difference},
               "tie_embeddings": model.config.tie_embeddings,
-              **write_layouts(model, _tokenizer_path(spec["backbone"]), out_dir)}
+              **write_layouts(model, backbone_tokenizer_path(spec["backbone"]), out_dir)}
     write_json_atomic(out_dir / MERGE_RECORD, record)
     log.info("merged %s: logits within %.3g of the adapter model's", method["id"], difference)
     return record
@@ -93,6 +89,6 @@ def export_backbone(backbone: dict, out_dir: str | Path) -> dict:
     model = build_trainable(spec).model.eval()
     out_dir = Path(out_dir)
     record = {"backbone": backbone["id"], "source": backbone["path"],
-              **write_layouts(model, _tokenizer_path(backbone), out_dir)}
+              **write_layouts(model, backbone_tokenizer_path(backbone), out_dir)}
     write_json_atomic(out_dir / MERGE_RECORD, record)
     return record

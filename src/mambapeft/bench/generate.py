@@ -19,12 +19,10 @@ call generating 1 token, i.e. the prefill) / (new - 1): the per-token decode lat
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import logging
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from ..models.precision import keep_ssm_parameters_in_fp32
 from ..peft import PeftConfigError, apply_peft
 from ..runspec import ConfigError, method_definition
 from ..runtime import PERMISSIVE, device_name, select_backend
+from .common import error_row, release_memory, timed_calls
 from .hf import hf_causal_lm
 from .train import AFFIX_TOO_LARGE
 
@@ -51,20 +50,8 @@ FP32_STATES = "ours, fp32 states"
 Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (prompt ids (B, P), n) -> new tokens (B, n)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_seconds(call: Callable[[], object], repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        call()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_calls(call, repeats, device))
 
 
 def time_generation(generate: Generate, ids: torch.Tensor, new: int, repeats: int) -> tuple[dict, torch.Tensor]:
@@ -165,22 +152,20 @@ def _measure(name: str, make: Callable[[], Callable[[int], Generate]], prompts: 
         return {batch: {"skipped": str(err)} for batch in prompts}
     except Exception as err:
         log.exception("generation benchmark: building %s failed", name)
-        return {batch: {"error": f"{type(err).__name__}: {err}"} for batch in prompts}
+        return {batch: error_row(err) for batch in prompts}
     for batch, ids in prompts.items():
         log.info("generate %s batch %d", name, batch)
         try:
             row, tokens = time_generation(for_batch(batch), ids, new, repeats)
         except Exception as err:
             log.exception("generation benchmark: %s at batch %d failed", name, batch)
-            rows[batch] = {"error": f"{type(err).__name__}: {err}"}
+            rows[batch] = error_row(err)
             continue
         if name == "ours":
             reference[batch] = tokens
         rows[batch] = {**row, "token_agreement_with_ours": _agreement(tokens, reference.get(batch))}
     del for_batch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
     return rows
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..models.checkpoints import HF_EMBEDDING, OUR_EMBEDDING
 from ..models.lm import MambaLMConfig, mixer_from_ssm_cfg
 
 
@@ -40,9 +41,8 @@ def hf_causal_lm(config: MambaLMConfig, device: torch.device | str, dtype: torch
     with torch.device(device):  # initialised where it runs: seconds for Mamba-1.4b instead of a minute on CPU
         model = model_class(hf)
     if weights is not None:
-        renamed = {("backbone.embeddings.weight" if k == "backbone.embedding.weight" else k): v
-                   for k, v in weights.items()}
+        renamed = {(HF_EMBEDDING if k == OUR_EMBEDDING else k): v for k, v in weights.items()}
         if config.tie_embeddings:
-            renamed.setdefault("lm_head.weight", renamed["backbone.embeddings.weight"])
+            renamed.setdefault("lm_head.weight", renamed[HF_EMBEDDING])
         model.load_state_dict(renamed, strict=True)
     return model.to(dtype)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.scan import cuda_kernels_available, selective_scan_cuda, selective_scan_torch
+from .common import synchronize
 
 
 def naive_loop_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -40,12 +41,10 @@ def _time(fn, args, repeats: int, device: str) -> list[float]:
     times = []
     for _ in range(repeats + 1):  # the first call warms up
         inputs = [a.detach().clone().requires_grad_() for a in args]
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         fn(*inputs[:5], inputs[5], inputs[6], delta_softplus=True).sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times[1:]
 

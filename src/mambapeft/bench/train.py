@@ -10,11 +10,9 @@ CPU (fp32, no memory figures), which the tests use with tiny sizes.
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib.util
 import logging
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from ..runspec import domain_file, methods_for
 from ..runtime import autocast_for, device_name
 from ..train.language import GraphedLoss, next_token_targets, token_loss_sum
 from ..train.optim import build_optimizer
+from .common import error_row, release_memory, timed_calls
 
 log = logging.getLogger("mambapeft.bench")
 
@@ -52,13 +51,7 @@ def _timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devi
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = timed_calls(step, steps, device)
     row = {"step_s": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times)}
     if cuda:  # reserved, not only allocated: a CUDA graph's private pool is reserved before the timed steps
         row.update(peak_mem_bytes=torch.cuda.max_memory_allocated(), reserved_bytes=torch.cuda.max_memory_reserved())
@@ -231,16 +224,15 @@ def _captured_whole(step: Callable[[], None]) -> Callable[[], None]:
 def _guarded(fn, *args, **kwargs) -> dict:
     """One benchmark row: a row that fails is reported and the others still run. Its memory is
     counted from what earlier rows left behind (captured CUDA graphs keep their pools)."""
-    gc.collect()
+    release_memory()
     held = {}
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
         held = {"peak_mem_bytes": torch.cuda.memory_allocated(), "reserved_bytes": torch.cuda.memory_reserved()}
     try:
         row = fn(*args, **kwargs)
     except Exception as err:
         log.exception("benchmark %s%s failed", fn.__name__, args)
-        return {"error": f"{type(err).__name__}: {err}"}
+        return error_row(err)
     return {key: value - held[key] if key in held else value for key, value in row.items()}
 
 

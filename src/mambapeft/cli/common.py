@@ -21,6 +21,13 @@ def json_arg(text: str) -> dict:
     return value
 
 
+def require_spec_keys(spec: dict, keys, computed_by: str) -> None:
+    """A ConfigError naming the ``keys`` a job's ``--spec`` lacks and the function that computes it."""
+    missing = [key for key in keys if key not in spec]
+    if missing:
+        raise ConfigError(f"--spec lacks {', '.join(missing)}: pass the spec the rule computes ({computed_by})")
+
+
 def add_run_arguments(parser) -> None:
     """The options naming one run, read by `spec_from_args`: a resolved --spec, or configs and the run's coordinates."""
     parser.add_argument("--spec", help="fully resolved run spec as JSON (what the Snakemake rule passes)")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..runspec import ConfigError
-from .common import add_gpu_arguments, claim_gpus_for, json_arg
+from .common import add_gpu_arguments, claim_gpus_for, json_arg, require_spec_keys
 
 TRAINING_KEYS = ("run", "model", "dt_init", "tokens", "train", "runtime", "output_dir")
 
@@ -75,9 +75,7 @@ def _run_spec(args, training: bool) -> dict:
         spec = dt_init_training_spec(spec) if training else spec
     else:
         raise ConfigError("give --spec JSON, or --config with --init and --seed")
-    missing = [key for key in TRAINING_KEYS + (() if training else ("perplexity",)) if key not in spec]
-    if missing:
-        raise ConfigError(f"--spec lacks {', '.join(missing)}: pass the spec the rule computes (runspec.dt_init_spec)")
+    require_spec_keys(spec, TRAINING_KEYS + (() if training else ("perplexity",)), "runspec.dt_init_spec")
     return spec
 
 

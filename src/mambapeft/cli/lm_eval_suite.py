@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..runspec import ConfigError
-from .common import add_gpu_arguments, claim_gpus_for, json_arg
+from .common import add_gpu_arguments, claim_gpus_for, json_arg, require_spec_keys
 
 EVALUATE_KEYS = ("backbone", "model", "run", "tasks", "data_root", "lm_eval", "device", "batch_size")
 
@@ -61,24 +60,15 @@ def _add_evaluate(commands) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def _lm_eval_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
 def cmd_evaluate(args) -> None:
     from ..eval.lm_eval_suite import agreement, evaluate_suite
     from ..io import write_json_atomic
+    from ..runtime import resolve_device
 
     spec = json_arg(args.spec)
-    missing = [key for key in EVALUATE_KEYS if key not in spec]
-    if missing:
-        raise ConfigError(f"--spec lacks {', '.join(missing)}: pass the spec the rule computes (common.smk suite_base_spec, suite_tuned_spec)")
+    require_spec_keys(spec, EVALUATE_KEYS, "common.smk suite_base_spec, suite_tuned_spec")
     claim_gpus_for(args, spec["device"])
-    device = _lm_eval_device(spec["device"])
+    device = str(resolve_device(spec["device"]))
     common = {"device": device, "batch_size": int(spec["batch_size"]), "limit": spec.get("limit")}
     evaluated = evaluate_suite(spec["lm_eval"]["model"], spec["lm_eval"]["model_args"], spec["tasks"], spec["data_root"],
                                gen_kwargs=spec.get("gen_kwargs"), **common)

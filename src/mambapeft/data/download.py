@@ -40,7 +40,7 @@ from ..io import sha256_file
 from ..runspec import ConfigError
 from .errors import DataError
 from .hub import HubFiles, HubSplit, RawFile, download_url, fetch_all, offline_reason
-from .language_tasks import TASKS_YAML, commonsense_eval_file, language_task
+from .language_tasks import TASKS_YAML, commonsense_eval_file, language_task, task_splits
 
 ARCHIVE_TOP = "vtab-1k"
 REQUIRED_SPLITS = ("train800val200.txt", "test.txt")
@@ -178,10 +178,9 @@ def _task_splits(root: Path, family: str, task: str, revision: str, where: str) 
     entry = language_task(family, task)
     if not entry.get("hf_dataset"):
         raise ConfigError(f"{where}: {TASKS_YAML} gives {family} task {task!r} no hf_dataset to fetch it from")
-    splits = [entry["split"], *([entry["fewshot_split"]] if entry.get("fewshot_split") else [])]
     return [HubSplit(f"eval/{task}" + ("" if split == entry["split"] else f"/{split}"), entry["hf_dataset"], split,
                      revision, commonsense_eval_file(root, dict(entry, split=split)), root / ".download" / "datasets",
-                     where) for split in splits]
+                     where) for split in task_splits(entry)]
 
 
 def fetch_hub_dataset(name: str, entry: dict) -> dict:

@@ -39,6 +39,11 @@ def commonsense_eval_file(root: str | Path, entry: dict) -> Path:
     return Path(root) / "eval" / entry["name"] / f"{entry['split']}.jsonl"
 
 
+def task_splits(entry: dict) -> list[str]:
+    """The split a task scores, then its few-shot split when it has one."""
+    return [entry["split"], *([entry["fewshot_split"]] if entry.get("fewshot_split") else [])]
+
+
 def math_eval_file(root: str | Path, entry: dict) -> Path:
     """A math task's LLM-Adapters test set under a math data root: eval/<dir>/test.json."""
     return Path(root) / "eval" / entry["dir"] / "test.json"

@@ -99,6 +99,12 @@ class TextTokenizer:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
+def backbone_tokenizer_path(backbone: dict) -> str:
+    """Where the tokenizer of a run's backbone entry is: its own ``tokenizer`` when given, else the
+    checkpoint directory."""
+    return backbone.get("tokenizer") or backbone["path"]
+
+
 def load_tokenizer(path_or_dir: str | Path) -> TextTokenizer:
     """Load a tokenizer.json (or a directory holding one): the mini one or GPT-NeoX-20B's."""
     path = _json_path(path_or_dir, must_exist=True)

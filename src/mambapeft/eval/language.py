@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..data.instruct import read_instruct_json
 from ..data.language_tasks import language_task, math_eval_file
-from ..data.tokenizer import load_tokenizer
+from ..data.tokenizer import backbone_tokenizer_path, load_tokenizer
 from ..io import write_text_atomic
 from .generate import evaluate_math_task
 
@@ -21,7 +21,7 @@ SAMPLES_FILE = {"commonsense": "lm_eval_samples.jsonl", "math": "generations.jso
 @torch.no_grad()
 def evaluate_language(model: nn.Module, spec: dict, device: torch.device, autocast, run_dir: Path) -> dict:
     kind = spec["data"]["kind"]
-    tokenizer = load_tokenizer(spec["backbone"].get("tokenizer") or spec["backbone"]["path"])
+    tokenizer = load_tokenizer(backbone_tokenizer_path(spec["backbone"]))
     evaluate = _evaluate_choice if kind == "commonsense" else _evaluate_math
     results, rows = evaluate(model, tokenizer, spec, device, autocast)
     write_text_atomic(Path(run_dir) / SAMPLES_FILE[kind], "".join(json.dumps(r) + "\n" for r in rows))

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ..data.errors import DataError
-from ..data.language_tasks import commonsense_eval_file, language_task, language_tasks
+from ..data.language_tasks import commonsense_eval_file, language_task, language_tasks, task_splits
 from ..io import write_text_atomic
 
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
@@ -38,8 +38,8 @@ def offline_datasets() -> None:
 
 def eval_files(data_root: str | Path, entry: dict) -> dict[str, Path]:
     """{split: <root>/eval/<task>/<split>.jsonl} of the split a task scores and of its few-shot split."""
-    splits = [entry["split"], *([entry["fewshot_split"]] if "fewshot_split" in entry else [])]
-    return {split: commonsense_eval_file(Path(data_root).resolve(), dict(entry, split=split)) for split in splits}
+    return {split: commonsense_eval_file(Path(data_root).resolve(), dict(entry, split=split))
+            for split in task_splits(entry)}
 
 
 def task_definition(name: str, data_root: str | Path, cache_dir: str | Path, family: str = "commonsense") -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..data.tokenizer import load_tokenizer
+from ..data.tokenizer import backbone_tokenizer_path, load_tokenizer
 from ..data.yelp_polarity import cached_reviews
 from ..io import write_text_atomic
 
@@ -21,6 +21,11 @@ PREDICTIONS_FILE = "predictions.jsonl"
 def length_band(length: int, bands: list[int]) -> int:
     """The largest band start at most ``length`` (``bands`` sorted; ``length`` >= the first)."""
     return max(b for b in bands if b <= length)
+
+
+def _accuracy(rows: list[dict]) -> float:
+    """% of ``rows`` whose prediction is their label."""
+    return 100.0 * sum(r["label"] == r["prediction"] for r in rows) / len(rows)
 
 
 @torch.no_grad()
@@ -38,8 +43,8 @@ def predict(model: nn.Module, records: list[dict], batch_size: int, pad_id: int,
 
 
 def evaluate_long_reviews(model: nn.Module, spec: dict, device: torch.device, autocast, run_dir: Path) -> dict:
-    data, backbone = spec["data"], spec["backbone"]
-    tokenizer = load_tokenizer(backbone.get("tokenizer") or backbone["path"])
+    data = spec["data"]
+    tokenizer = load_tokenizer(backbone_tokenizer_path(spec["backbone"]))
     bands = sorted(int(n) for n in data["test_lengths"])
     records = cached_reviews(data["tokens"], data["root"], "test", tokenizer, min_tokens=bands[0])
     predictions = predict(model, records, int(spec["train"]["eval"]["batch_size"]), tokenizer.pad_id, autocast)
@@ -49,8 +54,6 @@ def evaluate_long_reviews(model: nn.Module, spec: dict, device: torch.device, au
     for band in bands:
         scored = [r for r in rows if r["band"] == band]
         if scored:
-            accuracy = 100.0 * sum(r["label"] == r["prediction"] for r in scored) / len(scored)
-            results[str(band)] = {"acc": accuracy, "n": len(scored), "length": band, "report": "acc"}
+            results[str(band)] = {"acc": _accuracy(scored), "n": len(scored), "length": band, "report": "acc"}
     write_text_atomic(Path(run_dir) / PREDICTIONS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
-    overall = 100.0 * sum(r["label"] == r["prediction"] for r in rows) / len(rows)
-    return {"metric": "acc", "value": overall, "n_eval": len(rows), "results": results}
+    return {"metric": "acc", "value": _accuracy(rows), "n_eval": len(rows), "results": results}

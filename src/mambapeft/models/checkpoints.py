@@ -161,6 +161,14 @@ def block_dimensions(state_dict: dict, blocks: str) -> dict:
     return dims
 
 
+def _load_backbone(model: nn.Module, state_dict: dict, source: Path, backbone: str | None, blocks: str) -> None:
+    """A vision backbone's weights into ``model``, refused when they are another variant's (``blocks``:
+    see :func:`block_dimensions`); the head keeps its own init."""
+    refuse_other_variant(source, block_dimensions(state_dict, blocks), block_dimensions(model.state_dict(), blocks),
+                         backbone)
+    _strict_load(model, state_dict, source, ignore_missing=model.classifier_names())
+
+
 def load_vim(model: VisionMamba, path: str | Path, backbone: str | None = None) -> None:
     """Load an official Vim ``.pth`` into ``model``'s backbone; the head keeps its own init.
 
@@ -168,10 +176,7 @@ def load_vim(model: VisionMamba, path: str | Path, backbone: str | None = None) 
     (the declared id) names the variant in the error when the file holds another one.
     """
     path = Path(path)
-    state_dict = filter_vim_pth(_read_state_dict(path, wrapper="model"))
-    refuse_other_variant(path, block_dimensions(state_dict, "layers"), block_dimensions(model.state_dict(), "layers"),
-                         backbone)
-    _strict_load(model, state_dict, path, ignore_missing=model.classifier_names())
+    _load_backbone(model, filter_vim_pth(_read_state_dict(path, wrapper="model")), path, backbone, "layers")
 
 
 def save_vim(model: VisionMamba, path: str | Path) -> None:
@@ -183,7 +188,7 @@ def save_vim(model: VisionMamba, path: str | Path) -> None:
 # ViT (timm's VisionTransformer state dicts: the Hub's model.safetensors / pytorch_model.bin)
 # ------------------------------------------------------------------------------------------------
 TIMM_VIT_SENTINEL = "blocks.0.attn.qkv.weight"
-HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm reads from a Hub repository, in order
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a Hub repository's weights, in the order read
 
 
 def filter_timm_vit(state_dict: dict, source: Path) -> dict:
@@ -234,22 +239,24 @@ def load_vit(model: VisionTransformer, path: str | Path, backbone: str | None = 
     path = vit_weights_file(path, backbone)
     if path.is_dir():
         path = next((path / name for name in HUB_WEIGHT_FILES if (path / name).is_file()), path)
-    state_dict = filter_timm_vit(_read_state_dict(path, wrapper="model"), path)
-    refuse_other_variant(path, block_dimensions(state_dict, "blocks"), block_dimensions(model.state_dict(), "blocks"),
-                         backbone)
-    _strict_load(model, state_dict, path, ignore_missing=model.classifier_names())
+    _load_backbone(model, filter_timm_vit(_read_state_dict(path, wrapper="model"), path), path, backbone, "blocks")
 
 
 # the official-weights loader of each vision backbone family (models.family_of)
 VISION_LOADERS = {"vim": load_vim, "vit": load_vit}
 
 
-def save_vit(model: VisionTransformer, path: str | Path) -> None:
-    """Write the state dict as safetensors, the layout of timm's Hub files (``model.safetensors``)."""
+def _write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` as a safetensors file (contiguous CPU copies, ``format: pt`` as the Hub's files)."""
     from safetensors.torch import save
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     write_bytes_atomic(path, save(tensors, metadata={"format": "pt"}))
+
+
+def save_vit(model: VisionTransformer, path: str | Path) -> None:
+    """Write the state dict as safetensors, the layout of timm's Hub files (``model.safetensors``)."""
+    _write_safetensors(path, model.state_dict())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,7 +360,7 @@ def read_lm_config(directory: str | Path) -> MambaLMConfig:
 
 
 def _read_lm_tensors(directory: Path) -> tuple[dict, Path]:
-    present = [directory / name for name in ("model.safetensors", "pytorch_model.bin") if (directory / name).is_file()]
+    present = [directory / name for name in HUB_WEIGHT_FILES if (directory / name).is_file()]
     if not present:
         raise CheckpointError(f"{directory} holds neither model.safetensors nor pytorch_model.bin: download the "
                               "weights next to config.json.")
@@ -426,14 +433,11 @@ def hf_mamba_config(model: MambaLMHeadModel, eos_id: int) -> dict:
 
 def save_lm_hf(model: MambaLMHeadModel, directory: str | Path, eos_id: int) -> None:
     """Write transformers' layout: config.json + model.safetensors (a tied head is not stored)."""
-    from safetensors.torch import save
-
     directory = Path(directory)
     config = hf_mamba_config(model, eos_id)
-    tensors = {(HF_EMBEDDING if k == OUR_EMBEDDING else k): v.detach().contiguous().cpu()
-               for k, v in model.state_dict().items()
+    tensors = {(HF_EMBEDDING if k == OUR_EMBEDDING else k): v for k, v in model.state_dict().items()
                if not (config["tie_word_embeddings"] and k == "lm_head.weight")}
-    write_bytes_atomic(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    _write_safetensors(directory / "model.safetensors", tensors)
     write_text_atomic(directory / "config.json", json.dumps(config, indent=2))
 
 

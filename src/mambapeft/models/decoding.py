@@ -160,6 +160,4 @@ class GreedyDecoder:
 
     def _uninterrupted(self, position: int, count: int) -> bool:
         """Whether the model inserts no token before the ``count`` positions from ``position``."""
-        if self.model.backbone.input_tokens is None:
-            return True
         return all(self._inserted_before(p) is None for p in range(position, position + count))

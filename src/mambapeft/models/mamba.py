@@ -230,8 +230,8 @@ class Mamba(Mixer):
         output, so no adapter, hook or parametrisation can be skipped by it)."""
         return (self.backend.mamba_inner is not None and not self.bidirectional
                 and not self.affixes and not self.state_extensions and not self.state_offsets
-                and _plain(self.conv1d, nn.Conv1d)
-                and all(_plain(m, nn.Linear) for m in (self.x_proj, self.dt_proj, self.out_proj)))
+                and plain(self.conv1d, nn.Conv1d)
+                and all(plain(m, nn.Linear) for m in (self.x_proj, self.dt_proj, self.out_proj)))
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).
@@ -264,7 +264,7 @@ class Mamba(Mixer):
         """Whether :meth:`step` runs the backend's step kernels as mamba_ssm's step does: dt_proj's
         bias added inside the state update (read raw: only where dt_proj is plain, so a wrapper or
         parametrisation on it is never skipped). The conv step is the backend's on every path."""
-        return self.backend.conv_update is not None and _plain(self.dt_proj, nn.Linear)
+        return self.backend.conv_update is not None and plain(self.dt_proj, nn.Linear)
 
     def step(self, hidden_states: torch.Tensor, state: MixerState) -> torch.Tensor:
         """One token: hidden_states (B, 1, D_model) -> (B, 1, D_model); updates ``state``."""
@@ -275,15 +275,15 @@ class Mamba(Mixer):
         x_conv = conv_step(self.conv1d, x, state, self.backend)  # the conv weight is read raw on every path
         kernels = self.uses_step_kernels()
         delta, A, B, C = self._ssm_inputs(x_conv.unsqueeze(-1), FORWARD, dt_bias=not kernels)
-        y = self.backend.state_step(state.ssm, x_conv, delta[..., 0], A, B[..., 0], C[..., 0],
-                                    self.D if kernels else self.D.float(), z,
-                                    delta_bias=self.dt_proj.bias if kernels else None, delta_softplus=True)
+        D, delta_bias = (self.D, self.dt_proj.bias) if kernels else (self.D.float(), None)
+        y = self.backend.state_step(state.ssm, x_conv, delta[..., 0], A, B[..., 0], C[..., 0], D, z,
+                                    delta_bias=delta_bias, delta_softplus=True)
         if FORWARD.key in self.state_offsets:
             y = y + self.state_offsets[FORWARD.key](C[..., 0], z).to(y.dtype)
         return self.out_proj(y).unsqueeze(1)
 
 
-def _plain(module: nn.Module, kind: type) -> bool:
+def plain(module: nn.Module, kind: type) -> bool:
     """Exactly ``kind`` (a wrapper or parametrisation changes the type) and without forward hooks."""
     return type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
 
@@ -303,7 +303,7 @@ def fused_add_norm(norm: nn.Module, backend: ScanBackend) -> Callable | None:
     """The backend's fused residual add + RMSNorm where it can stand in for ``norm`` in a generation
     step (it reads the weight raw: a plain :class:`RMSNorm` only), else None. Called as
     ``(hidden, residual, weight, eps, residual_in_fp32) -> (normed, residual)``."""
-    return backend.add_rms_norm if backend.add_rms_norm is not None and _plain(norm, RMSNorm) else None
+    return backend.add_rms_norm if backend.add_rms_norm is not None and plain(norm, RMSNorm) else None
 
 
 class Block(nn.Module):

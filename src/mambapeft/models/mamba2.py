@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 
 from .dt_init import DEFAULT_DT_INIT, initial_dt, inverse_softplus
-from .mamba import Mixer, MixerState, conv_step
-from .mamba import _plain as plain  # one test of an unwrapped module, shared with Mamba-1's fused-path guard
+from .mamba import Mixer, MixerState, conv_step, plain
 from .scan import (
     NO_DT_LIMIT,
     chunk_scan_step,

@@ -575,10 +575,12 @@ TORCH_BACKEND = ScanBackend("torch", selective_scan_torch, causal_conv1d_torch)
 # both fused functions run their conv through causal-conv1d's kernels: without them, the unfused
 # chain; mamba-ssm 1.x has no SSD kernel: Mamba-2 mixers then scan in PyTorch
 CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda,
-                           mamba_inner_cuda if _cuda_mamba_inner and _cuda_causal_conv1d else None,
-                           chunk_scan_cuda if _cuda_chunk_scan is not None else chunk_scan_torch,
-                           split_conv1d_scan_cuda if _cuda_split_conv1d_scan and _cuda_causal_conv1d else None,
-                           selective_state_step_cuda if _cuda_state_update is not None else selective_state_step,
+                           mamba_inner=mamba_inner_cuda if _cuda_mamba_inner and _cuda_causal_conv1d else None,
+                           chunk_scan=chunk_scan_cuda if _cuda_chunk_scan is not None else chunk_scan_torch,
+                           split_conv1d_scan=(split_conv1d_scan_cuda if _cuda_split_conv1d_scan and _cuda_causal_conv1d
+                                              else None),
+                           state_step=(selective_state_step_cuda if _cuda_state_update is not None
+                                       else selective_state_step),
                            conv_update=causal_conv1d_update_cuda if _triton_conv_update is not None else None,
                            add_rms_norm=add_rms_norm_cuda if _cuda_layer_norm is not None else None)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch.nn as nn
 
 from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
-from .targets import find_modules, replace_module
+from .targets import find_modules, fold_wrappers, matches
 
 ADAPTER_NAME = "default"  # one peft adapter per model: a second hf_peft member is refused
 # spec field -> the tuner config field it sets, where that tuner has one
@@ -65,7 +65,7 @@ def tuner_config(spec: HfPeftSpec, target_paths: list[str]):
             continue
         if key not in accepted:
             raise PeftConfigError(f"hf_peft: tuner {spec.tuner!r} has no {key!r}: drop `{name}` from the member")
-        options[key] = [p for p in target_paths if any(p == f or p.endswith("." + f) for f in value)] \
+        options[key] = [p for p in target_paths if any(matches(p, f) for f in value)] \
             if name == "feedforward" else value
     return config_cls(**options)
 
@@ -87,11 +87,16 @@ def adapter_parameters(layer: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def _merged_base(layer: nn.Module) -> nn.Module:
+    layer.merge(adapter_names=[ADAPTER_NAME])
+    return layer.get_base_layer()
+
+
 def merge_hf_peft(model: nn.Module) -> None:
     """Fold each tuner layer into its base module and put the base back (peft's merge_and_unload)."""
-    for path, layer in sorted(tuner_layers(model).items(), key=lambda item: item[0].count("."), reverse=True):
-        layer.merge(adapter_names=[ADAPTER_NAME])
-        replace_module(model, path, layer.get_base_layer())
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    fold_wrappers(model, (BaseTunerLayer,), fold=_merged_base)
 
 
 @register("hf_peft", spec=HfPeftSpec, order=ORDER_WRAPPERS + 30, merge=merge_hf_peft)

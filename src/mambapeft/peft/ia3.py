@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .registry import ORDER_WRAPPERS, ParamGroup, SpecBase, register
-from .targets import find_modules, fold_wrappers, replace_module
+from .targets import find_modules, fold_wrappers, plain_linear, replace_module
 
 SIDES = ("output", "input")
 
@@ -43,14 +43,10 @@ class IA3Linear(nn.Module):
     @torch.no_grad()
     def folded(self) -> nn.Linear:
         """A plain Linear whose weight carries the scaling (output side: its rows and bias; input side: its columns)."""
-        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                           device=self.base.weight.device, dtype=self.base.weight.dtype)
-        scale = self.ia3_scale.to(self.base.weight.dtype)
-        output_side = self.side == "output"
-        merged.weight.copy_(self.base.weight * (scale[:, None] if output_side else scale[None, :]))
-        if self.base.bias is not None:
-            merged.bias.copy_(self.base.bias * scale if output_side else self.base.bias)
-        return merged
+        scale, bias = self.ia3_scale.to(self.base.weight.dtype), self.base.bias
+        if self.side == "output":
+            return plain_linear(self.base, self.base.weight * scale[:, None], None if bias is None else bias * scale)
+        return plain_linear(self.base, self.base.weight * scale[None, :], bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.side == "input":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..models.mamba import BACKWARD, FORWARD, Mamba, Mixer
 from ..models.mamba2 import Mamba2
 from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
-from .targets import find_modules, fold_wrappers, owning_mixer, replace_module
+from .targets import find_modules, fold_wrappers, owning_mixer, plain_linear, replace_module
 
 STYLES = ("activation", "merged")
 
@@ -149,12 +149,7 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def folded(self) -> nn.Linear:
         """A plain Linear with every update folded into its weight (equal outputs in eval mode)."""
-        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                           device=self.base.weight.device, dtype=self.base.weight.dtype)
-        merged.weight.copy_(self.weight)
-        if self.base.bias is not None:
-            merged.bias.copy_(self.base.bias)
-        return merged
+        return plain_linear(self.base, self.weight, self.base.bias)
 
     def folds_weight_of(self) -> list[nn.Linear]:
         """The base Linear when an update is folded into its weight (read directly, not called):

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .registry import ORDER_TENSORS, ParamGroup, SpecBase, register
-from .targets import find_parameters, parent_and_attr
+from .targets import find_parameters, fold_parametrizations, parent_and_attr
 
 MODES = ("delta", "direct")
 
@@ -49,10 +49,7 @@ class AddDelta(nn.Module):
 
 def merge_partial(model: nn.Module) -> None:
     """Write every ``original + delta`` into the tensor itself and drop the parametrisation."""
-    for module in list(model.modules()):
-        for attr, chain in list(getattr(module, "parametrizations", {}).items()):
-            if any(isinstance(p, AddDelta) for p in chain):
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+    fold_parametrizations(model, (AddDelta,))
 
 
 @register("partial", spec=PartialSpec, order=ORDER_TENSORS + 10, merge=merge_partial)

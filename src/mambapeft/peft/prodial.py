@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import LoraLinear, LoraSpec, LowRankUpdate
+from .lora import LoraSpec, LowRankUpdate
 from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
-from .targets import find_modules, fold_wrappers, replace_module
+from .targets import find_modules, fold_wrappers, plain_linear, replace_module
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,10 @@ class ProdialLinear(nn.Module):
         """W is read directly (models/precision.py keeps it fp32)."""
         return [self.base]
 
-    folded = LoraLinear.folded  # a plain Linear with :attr:`weight` and the base's bias (``mambapeft merge``)
+    @torch.no_grad()
+    def folded(self) -> nn.Linear:
+        """A plain Linear with :attr:`weight` and the base's bias (``mambapeft merge``)."""
+        return plain_linear(self.base, self.weight, self.base.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""

@@ -28,7 +28,7 @@ from .core import apply_peft
 from .lora import LoraSpec, merge_lora, row_blocks
 from .lora import apply as apply_lora
 from .registry import ORDER_TENSORS, ParamGroup, PeftConfigError, SpecBase, WarmUpRun, register
-from .targets import layer_of, mamba1_mixers
+from .targets import fold_parametrizations, layer_of, mamba1_mixers
 
 
 @dataclass(frozen=True)
@@ -186,10 +186,7 @@ def prepare(backbone: nn.Module, spec: SdtSpec, run: WarmUpRun) -> tuple[dict, d
 
 def merge_sdt(model: nn.Module) -> None:
     """Write every sparse update into its tensor, then fold the LoRA part."""
-    for module in list(model.modules()):
-        for attr, chain in list(getattr(module, "parametrizations", {}).items()):
-            if any(isinstance(p, SparseUpdate) for p in chain):
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+    fold_parametrizations(model, (SparseUpdate,))
     merge_lora(model)
 
 

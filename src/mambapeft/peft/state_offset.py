@@ -45,8 +45,9 @@ def apply(model: nn.Module, spec: StateOffsetSpec) -> list[ParamGroup]:
         if spec.layers is not None and index not in spec.layers:
             continue
         for direction in mixer.directions:
-            extension = mixer.state_extensions[direction.key] if direction.key in mixer.state_extensions else None
-            n_state = mixer.d_state + (extension.n_extra if extension is not None else 0)
+            extensions = mixer.state_extensions
+            n_extra = extensions[direction.key].n_extra if direction.key in extensions else 0
+            n_state = mixer.d_state + n_extra
             offset = StateOffset(mixer.d_inner, n_state, device=getattr(mixer, direction.A_log).device)
             mixer.state_offsets[direction.key] = offset
             params.append(offset.offset)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
+import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from ..models.mamba import Mamba, Mixer
 from .registry import PeftConfigError
@@ -68,12 +70,34 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def fold_wrappers(model: nn.Module, kinds: tuple[type, ...]) -> None:
-    """Replace every wrapper of ``kinds`` by its ``folded()`` plain module, innermost first, so a
-    wrapper folds a base that is already plain."""
+def fold_wrappers(model: nn.Module, kinds: tuple[type, ...],
+                  fold: Callable[[nn.Module], nn.Module] = lambda wrapper: wrapper.folded()) -> None:
+    """Replace every wrapper of ``kinds`` by its plain module ``fold(wrapper)`` (by default its
+    ``folded()``), innermost first, so a wrapper folds a base that is already plain."""
     paths = [n for n, m in model.named_modules() if isinstance(m, kinds)]
     for path in sorted(paths, key=lambda n: n.count("."), reverse=True):
-        replace_module(model, path, model.get_submodule(path).folded())
+        replace_module(model, path, fold(model.get_submodule(path)))
+
+
+def fold_parametrizations(model: nn.Module, kinds: tuple[type, ...]) -> None:
+    """Write every parametrised tensor whose chain holds one of ``kinds`` into the tensor itself
+    and drop its parametrisation."""
+    for module in list(model.modules()):
+        for attr, chain in list(getattr(module, "parametrizations", {}).items()):
+            if any(isinstance(p, kinds) for p in chain):
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+
+
+@torch.no_grad()
+def plain_linear(base: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain Linear shaped, placed and typed as ``base``, holding copies of ``weight`` and ``bias``
+    (what a folded Linear wrapper becomes)."""
+    merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                       device=base.weight.device, dtype=base.weight.dtype)
+    merged.weight.copy_(weight)
+    if base.bias is not None:
+        merged.bias.copy_(bias)
+    return merged
 
 
 def owning_mixer(model: nn.Module, path: str) -> Mixer:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import write_text_atomic
-from .figures import _save as save_figure
+from .figures import save_figure
 from .figures import plt  # pyplot on the file-only backend figures.py selects
 from .markdown import frame_to_markdown
 from .tables import incomplete_or_altered, read_record

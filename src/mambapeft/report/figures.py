@@ -22,10 +22,20 @@ def task_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in META_COLUMNS]
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Every figure of the reports: PNG at 150 dpi, written atomically; the figure is closed."""
     with atomic_path(path) as temporary:
         fig.savefig(temporary, format="png", dpi=150, bbox_inches="tight")
     plt.close(fig)
+
+
+def shared_legend(fig, axes) -> None:
+    """One legend right of the figure for the labelled artists of all ``axes``, each label once."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def scatter(table: pd.DataFrame, path: Path, title: str) -> None:
@@ -51,7 +61,7 @@ def scatter(table: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_title(title or "Trainable parameters vs accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def per_task(table: pd.DataFrame, path: Path, title: str) -> None:
@@ -72,7 +82,7 @@ def per_task(table: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_title(title or "Accuracy per task")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_figures(table_csv: Path, scatter_png: Path, per_task_png: Path, title: str = "") -> None:

@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from ..io import write_text_atomic  # noqa: E402
 from ..runspec import domain_file  # noqa: E402
 from ..search.plan import read_json  # noqa: E402
-from .figures import _save as save_figure  # noqa: E402
+from .figures import save_figure  # noqa: E402
 from .markdown import frame_to_markdown  # noqa: E402
 from .tables import read_record  # noqa: E402
 
@@ -123,8 +123,6 @@ def write_search_report(result_paths: list[str], final_metrics: list[str], csv_p
                         figure_path: Path) -> pd.DataFrame:
     results = [read_json(p) for p in result_paths]
     table = search_table(results, final_metrics)
-    for path in (csv_path, md_path, figure_path):
-        path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(csv_path, table.to_csv(index=False))
     write_text_atomic(md_path, markdown(table))
     history_figure(results, figure_path)

@@ -23,8 +23,9 @@ import yaml  # noqa: E402
 
 from ..data import yelp_polarity  # noqa: E402
 from ..data.synthetic import GENERATORS  # noqa: E402
-from ..io import atomic_path, write_text_atomic  # noqa: E402
+from ..io import write_text_atomic  # noqa: E402
 from ..runspec import domain_file  # noqa: E402
+from .figures import save_figure, shared_legend  # noqa: E402
 from .markdown import frame_to_markdown  # noqa: E402
 from .tables import read_record  # noqa: E402
 
@@ -196,16 +197,10 @@ def figure(ours: pd.DataFrame, readings: pd.DataFrame, path: Path) -> None:
         _panel(ax, rows_of, _of_panel(readings, panel), colours)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    handles = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    shared_legend(fig, axes.flat)
     fig.suptitle("Accuracy vs test length: mean ± std over seeds", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_length_generalisation(metrics: list[str], readings_yaml: Path, csv_path: Path, md_path: Path,

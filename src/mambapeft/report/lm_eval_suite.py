@@ -20,7 +20,8 @@ import yaml
 
 from ..data.language_tasks import language_task
 from ..eval.lm_eval_suite import FAMILY, is_percent
-from ..io import atomic_path, write_text_atomic
+from ..io import write_text_atomic
+from .figures import save_figure, shared_legend
 from .markdown import frame_to_markdown
 from .tables import ResultsError, read_record
 
@@ -72,7 +73,7 @@ def _number(value: float, metric: str) -> str:
 
 
 def _markdown_rows(table: pd.DataFrame) -> pd.DataFrame:
-    shown = pd.DataFrame({
+    return pd.DataFrame({
         "backbone": table["backbone"], "run": table["method"] + " seed" + table["seed"].astype(str),
         "task": table["task"], "metric": table["metric"], "n": table["n"],
         "base → fine-tuned (ours)": [f"{_number(b, m)} → {_number(f, m)}"
@@ -81,7 +82,6 @@ def _markdown_rows(table: pd.DataFrame) -> pd.DataFrame:
         "study: base → fine-tuned": [f"{_number(b, m)} → ≈{_number(f, m)}" if not pd.isna(b) else ""
                                      for b, f, m in zip(table["study_base"], table["study_fine_tuned"], table["metric"])],
     })
-    return shown
 
 
 def _agreement_lines(records: list[dict]) -> list[str]:
@@ -142,16 +142,10 @@ def delta_figure(table: pd.DataFrame, path: Path, title: str) -> None:
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    handles = {}
-    for ax in axes[0]:
-        for handle, name in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(name, handle)
-    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    shared_legend(fig, axes[0])
     fig.suptitle(f"{title}: change from fine-tuning (fine-tuned − base)", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_suite_report(record_paths: list[str], readings_yaml: Path, csv_path: Path, md_path: Path, png_path: Path,

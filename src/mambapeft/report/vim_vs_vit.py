@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 
 from ..method_check import backbone_family  # noqa: E402
 from ..runspec import domain_file  # noqa: E402
-from .figures import _save  # noqa: E402
+from .figures import save_figure  # noqa: E402
 
 MARKERS = {"vim": "o", "vit": "s"}
 PAPER_BACKBONES = ("vim-s", "vit-s")  # the paper's table rows shown for reference
@@ -109,4 +109,4 @@ def write_vim_vs_vit(table_csv: Path, out_png: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [2.2, 1]})
     _gain_panel(left, ours, paper_gains(domain_file("vision", "paper"), domain_file("vision", "methods")))
     _plot_read_panel(right, domain_file("vision", "paper_plot"))
-    _save(fig, out_png)
+    save_figure(fig, out_png)

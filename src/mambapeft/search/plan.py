@@ -35,7 +35,8 @@ def settings(config: dict, name: str) -> dict:
     entry = {**DEFAULTS, **config["search"][name]}
     exp = config["experiments"][entry["experiment"]]
     entry.setdefault("backbone", exp["backbones"][0])
-    entry.setdefault("steps", list(domain_file("vision", "search")[entry["space"]]["steps"]))
+    if "steps" not in entry:  # read search.yaml only when the config leaves the steps out
+        entry["steps"] = list(domain_file("vision", "search")[entry["space"]]["steps"])
     return entry
 
 

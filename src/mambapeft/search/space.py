@@ -31,7 +31,7 @@ def load_space(space_id: str) -> dict:
 def base_members(space: dict) -> dict[str, dict]:
     """The base method's members by name, at the sizes step 1 uses."""
     members = domain_file("vision", "methods")[space["members_of"]]["peft"]
-    return {m.get("name", m["family"]): m for m in members}
+    return dict(zip(member_names(members), members))
 
 
 def _check_space(space_id: str, space: dict) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.token_cache import load_tokens
-from ..io import CorruptFileError, sha256_file, torch_load_verified, torch_save_verifiable, write_record_atomic
+from ..io import sha256_file, torch_load_verified, torch_save_verifiable, write_record_atomic
 from ..models import build_model
 from ..models.checkpoints import save_lm
 from ..models.dt_init import check_dt_init
@@ -37,7 +37,7 @@ from .language import token_loss_sum
 from .optim import build_optimizer, set_learning_rate
 from .progress import Progress
 from .provenance import provenance
-from .runner import DivergedError, spec_digest
+from .runner import DivergedError, spec_digest, trusted_checkpoint
 from .schedules import WarmupCosine
 
 log = logging.getLogger("mambapeft.pretrain")
@@ -129,15 +129,9 @@ class Pretrainer:
     def _resume(self) -> PretrainState:
         """The last checkpoint's state, or a fresh one when there is none or it cannot be trusted."""
         path = self.out / CHECKPOINT
-        if not path.is_file():
-            return PretrainState()
-        try:
-            saved = torch_load_verified(path, map_location=self.device)
-        except CorruptFileError as err:
-            log.warning("%s; starting this run from scratch", err)
-            return PretrainState()
-        if saved["digest"] != spec_digest(self.spec):
-            log.warning("%s was written for another configuration; starting this run from scratch", path)
+        saved = trusted_checkpoint(path, spec_digest(self.spec),
+                                   lambda p: torch_load_verified(p, map_location=self.device), log)
+        if saved is None:
             return PretrainState()
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..data.instruct import read_instruct_json, split_train_val, tokenize_example
-from ..data.tokenizer import load_tokenizer
+from ..data.tokenizer import backbone_tokenizer_path, load_tokenizer
 from ..models.lm import MambaLMHeadModel
 from .graphs import capture
 from .micro_batch import AUTO, micro_batch_setting
@@ -97,8 +97,7 @@ class LanguageTask:
         self.spec, self.device, self.recipe = spec, device, spec["train"]
         data = spec["data"]
         self.root = Path(data["root"])
-        backbone = spec["backbone"]
-        self.tokenizer = load_tokenizer(backbone.get("tokenizer") or backbone["path"])
+        self.tokenizer = load_tokenizer(backbone_tokenizer_path(spec["backbone"]))
         self.train, self.val = self.examples()
         self.batch_size = int(self.recipe["batch_size"])
         self.micro_batch_setting = micro_batch_setting(self.recipe)

@@ -122,15 +122,8 @@ class Trainer:
         """The loop state of the last checkpoint, or a fresh one when there is none or it cannot be
         trusted: a run restarts from scratch rather than continue from a damaged state."""
         path = self.out / CHECKPOINT
-        if not path.is_file():
-            return LoopState()
-        try:
-            saved = self._read_checkpoint(path)
-        except CorruptFileError as err:
-            log.warning("%s; starting this run from scratch", err)
-            return LoopState()
-        if saved["digest"] != spec_digest(self.spec):
-            log.warning("%s was written for another configuration; starting this run from scratch", path)
+        saved = trusted_checkpoint(path, spec_digest(self.spec), self._read_checkpoint, log)
+        if saved is None:
             return LoopState()
         self._load_trainable(saved["trainable"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -281,6 +274,22 @@ class Trainer:
             **({"prepared": self.prepared} if self.prepared else {}),
             **({"micro_batch": state.micro_batch} if state.micro_batch else {}),
         }
+
+
+def trusted_checkpoint(path: Path, digest: str, read, logger: logging.Logger) -> dict | None:
+    """The checkpoint at ``path`` as ``read(path)`` loads it, or None (``logger`` says why) when there
+    is none, it is damaged (CorruptFileError) or it was written for a spec of another ``digest``."""
+    if not path.is_file():
+        return None
+    try:
+        saved = read(path)
+    except CorruptFileError as err:
+        logger.warning("%s; starting this run from scratch", err)
+        return None
+    if saved["digest"] != digest:
+        logger.warning("%s was written for another configuration; starting this run from scratch", path)
+        return None
+    return saved
 
 
 def _read_json(path: Path) -> dict:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.tokenizer import load_tokenizer
+from ..data.tokenizer import backbone_tokenizer_path, load_tokenizer
 from ..data.yelp_polarity import cached_reviews
 from .records import RecordTask
 
@@ -19,8 +19,8 @@ class TextClassificationTask(RecordTask):
 
     def __init__(self, spec: dict, device: torch.device):
         self.spec, self.device, self.recipe = spec, device, spec["train"]
-        backbone, data = spec["backbone"], spec["data"]
-        self.tokenizer = load_tokenizer(backbone.get("tokenizer") or backbone["path"])
+        data = spec["data"]
+        self.tokenizer = load_tokenizer(backbone_tokenizer_path(spec["backbone"]))
         self.use_records(cached_reviews(data["tokens"], data["root"], "train", self.tokenizer,
                                         max_tokens=int(data["train_max_tokens"])))
 

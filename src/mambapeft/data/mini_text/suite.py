@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mambapeft.data.errors import DataError
+from mambapeft.data.language_tasks import task_splits
 
 from .commonsense import _statement_question
 from .helpers import others, pick, seeded_rng
@@ -104,8 +105,7 @@ def write_mini_suite(root: str | Path, entries: list[dict], *, seed: int, n_test
             raise DataError(f"language/tasks.yaml: suite task '{entry['name']}' has format {entry['format']!r}; "
                             f"the stand-in writer knows {', '.join(FORMATS)}")
         rng = seeded_rng(seed, f"suite/{entry['name']}")
-        sizes = {entry["split"]: n_test, **({entry["fewshot_split"]: n_fewshot} if "fewshot_split" in entry else {})}
-        for split, n in sizes.items():
+        for split, n in dict(zip(task_splits(entry), (n_test, n_fewshot))).items():
             records = [FORMATS[entry["format"]](rng, world, i) for i in range(n)]
             files[f"eval/{entry['name']}/{split}.jsonl"] = (json_lines(records), n)
     return write_all(Path(root), files)
