@@ -89,3 +89,22 @@ def test_step_mode_after_a_fused_prefill_continues_the_sequence():
 def test_the_recorded_backend_says_whether_the_fused_path_ran(monkeypatch, backbone, recorded):
     model = build_model(backbone, **({"num_classes": 4} if backbone == "vim-mini" else {"vocab_size": 64}))
     assert recorded_backend(monkeypatch, model, FUSED_TORCH) == recorded
+
+
+@pytest.mark.parametrize("wrap", ["plain", "bias_free", "hooked", "wrapped"])
+def test_projections_come_out_channel_major_and_every_wrapper_still_runs(wrap):
+    """The mixer's (B, channels, L) projections are stored as (channels, B, L), mamba_ssm's layout,
+    whatever wraps the projection; a hook or wrapper is called, never read past."""
+    from mambapeft.models.mamba import linear_channel_major
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 10, bias=wrap != "bias_free")
+    calls = []
+    if wrap == "hooked":
+        linear.register_forward_hook(lambda module, args, out: calls.append(1) or out * 2)
+    module = torch.nn.Sequential(linear, torch.nn.Tanh()) if wrap == "wrapped" else linear
+    x = torch.randn(3, 5, 6)
+    out = linear_channel_major(module, x)
+    torch.testing.assert_close(out, module(x).transpose(1, 2))
+    assert out.shape == (3, 10, 5) and out.permute(1, 0, 2).is_contiguous()
+    assert out.transpose(1, 2).reshape(15, 10).data_ptr() == out.data_ptr()  # the next GEMM reads it uncopied
+    assert len(calls) == (2 if wrap == "hooked" else 0)

@@ -191,10 +191,11 @@ class Mamba(Mixer):
     def _ssm_inputs(self, x: torch.Tensor, d: Direction, dt_bias: bool = True):
         """x: (B, D_inner, L) after conv. Returns delta (B, D_inner, L), A (D_inner, N'), B, C (B, N', L).
         Without ``dt_bias`` delta leaves out dt_proj's bias (a plain dt_proj's: the step kernel adds it)."""
-        x_dbl = getattr(self, d.x_proj)(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
+        x_dbl = getattr(self, d.x_proj)(x.transpose(1, 2))  # (B, L, dt_rank + 2N); no copy when x is channel-major
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt_proj = getattr(self, d.dt_proj)
-        delta = (dt_proj(dt) if dt_bias else F.linear(dt, dt_proj.weight)).transpose(1, 2)  # (B, D_inner, L)
+        delta = (linear_channel_major(dt_proj, dt) if dt_bias
+                 else F.linear(dt, dt_proj.weight).transpose(1, 2))  # (B, D_inner, L)
         A = -torch.exp(getattr(self, d.A_log).float())  # (D_inner, N)
         B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, N, L)
         if d.key in self.state_extensions:
@@ -239,9 +240,7 @@ class Mamba(Mixer):
         When ``state`` is given (unidirectional only), it is filled with the final recurrent state,
         so :meth:`step` can continue the sequence (generation prefill).
         """
-        # (B, 2*D_inner, L) with L contiguous: the conv's x and the scan's z are then views the
-        # kernels take as they are, instead of a strided view each kernel copies (and saves)
-        xz = self.in_proj(hidden_states).transpose(1, 2).contiguous()
+        xz = linear_channel_major(self.in_proj, hidden_states)  # (B, 2*D_inner, L), channel-major
         if state is None and self.uses_fused_inner():
             return self.backend.mamba_inner(
                 xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
@@ -286,6 +285,22 @@ class Mamba(Mixer):
 def plain(module: nn.Module, kind: type) -> bool:
     """Exactly ``kind`` (a wrapper or parametrisation changes the type) and without forward hooks."""
     return type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def linear_channel_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear`` on x (B, L, in) -> (B, out, L) stored channel-major, as (out, B, L): mamba_ssm's own
+    layout. L is contiguous, as the kernels want, and the (B, L, channels) views the next projection
+    takes fold into its GEMM as a transposed operand: without it the mixer copied (B, D_inner, L)-sized
+    tensors about nine times per layer (prefill of mamba-1.4b at batch 64: a third of the GPU time).
+    A plain ``nn.Linear`` computes it directly (weight @ x^T); any other module (a wrapper, hook or
+    parametrisation, so that none is skipped) is called and its output copied once into the layout."""
+    batch, length = x.shape[:2]
+    if plain(linear, nn.Linear):
+        rows = x.reshape(batch * length, x.shape[-1]).t()  # (in, B*L)
+        out = linear.weight @ rows if linear.bias is None else torch.addmm(linear.bias[:, None], linear.weight, rows)
+    else:
+        out = linear(x).flatten(0, 1).t().contiguous()
+    return out.unflatten(1, (batch, length)).transpose(0, 1)
 
 
 def conv_step(conv: nn.Conv1d, x: torch.Tensor, state: MixerState, backend: ScanBackend) -> torch.Tensor:

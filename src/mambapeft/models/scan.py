@@ -245,15 +245,21 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     if _cuda_selective_scan is None:
         raise RuntimeError("The CUDA scan backend needs mamba-ssm: install it with "
                            "`pip install mamba-ssm` (or `mambapeft setup-gpu`).")
-    # the kernel wants delta and z in u's dtype and B, C either fp32 or u's dtype (autocast mixes them)
+    # the kernel wants delta and z in u's dtype and B, C either fp32 or u's dtype (autocast mixes them);
+    # any batch and channel strides, time contiguous (a channel-major layout goes in uncopied)
     def like_u(t):
-        return t if t is None else t.to(u.dtype).contiguous()
+        return t if t is None else time_contiguous(t.to(u.dtype))
 
     def fp32_or_like_u(t):
-        return t.contiguous() if t.dtype == torch.float32 else like_u(t)
+        return time_contiguous(t) if t.dtype == torch.float32 else like_u(t)
 
-    return _cuda_selective_scan(u.contiguous(), like_u(delta), A.float().contiguous(), fp32_or_like_u(B),
+    return _cuda_selective_scan(time_contiguous(u), like_u(delta), A.float().contiguous(), fp32_or_like_u(B),
                                 fp32_or_like_u(C), D, like_u(z), delta_bias, delta_softplus, return_last_state)
+
+
+def time_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t (..., L) with a unit stride along L, as mamba-ssm's scan kernels require of every sequence."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 @_outside_autocast
