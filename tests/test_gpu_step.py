@@ -76,6 +76,32 @@ def test_fused_add_rms_norm_equals_the_torch_one(dtype, first):
 
 
 @needs_kernels
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("first", [True, False])
+def test_fused_add_rms_norm_trains_as_the_torch_one(hidden_dtype, first):
+    """Training shapes: an fp32 weight, a mixer output in fp32 or bf16 (autocast), an fp32 residual
+    stream. Outputs and the gradients of hidden, residual and weight, through both outputs."""
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 197, 384, device="cuda").to(hidden_dtype).requires_grad_()
+    residual = None if first else torch.randn(8, 197, 384, device="cuda", requires_grad=True)
+    weight = torch.randn(384, device="cuda").add(1.0).requires_grad_()
+    out_grad, residual_grad = torch.randn(2, 8, 197, 384, device="cuda")
+    leaves = [t for t in (hidden, residual, weight) if t is not None]
+    results = []
+    for add_norm in (add_rms_norm_torch, CUDA_BACKEND.add_rms_norm):
+        normed, new_residual = add_norm(hidden, residual, weight, 1e-5, True)
+        grads = torch.autograd.grad([normed, new_residual], leaves, [out_grad.to(normed.dtype), residual_grad])
+        results.append((normed, new_residual, grads))
+    (expected, expected_residual, expected_grads), (got, got_residual, got_grads) = results
+    tol = 1e-5 if hidden_dtype == torch.float32 else 2 * BF16_ROUNDING
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_residual, expected_residual, rtol=1e-6, atol=1e-6)
+    names = ("hidden", "weight") if first else ("hidden", "residual", "weight")
+    for name, g, e in zip(names, got_grads, expected_grads):
+        assert rel(g, e) < (1e-5 if hidden_dtype == torch.float32 else 4 * BF16_ROUNDING), name
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 6 * BF16_ROUNDING)])
 @pytest.mark.parametrize("first", [True, False])
 def test_a_block_step_on_the_kernels_equals_the_torch_step(dtype, tolerance, first):

@@ -98,3 +98,29 @@ def test_the_fused_add_norm_reference_equals_the_block_add_and_norm(first):
     for a, b in zip(got, expected):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_every_forward_takes_the_fused_add_norm_where_the_norm_is_plain():
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return add_rms_norm_torch(*args, **kwargs)
+
+    model = _adapted("language", "full").train()  # every weight trains: the norms' gradients are checked too
+    ids = torch.randint(0, 64, (2, 8))
+    expected = set_backend(model, TORCH_BACKEND)(ids)
+    expected.sum().backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    fused = set_backend(model, dataclasses.replace(STEP_TORCH, add_rms_norm=counted))(ids)
+    fused.sum().backward()
+    layers = len(model.backbone.layers)
+    assert len(calls) == layers + 1  # every block and the final norm, in training too
+    torch.testing.assert_close(fused, expected)  # fp32 weights: the same norm as the PyTorch path
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+    calls.clear()
+    parametrize.register_parametrization(model.backbone.layers[0].norm, "weight", torch.nn.Identity())
+    model(ids, model.empty_states(2, "cpu"))  # a generation prefill
+    assert len(calls) == layers  # all but the parametrised norm, which is never read past

@@ -134,7 +134,7 @@ class MixerModel(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, state=None if states is None else states[i])
-        hidden = self.norm_f((hidden + residual).to(self.norm_f.weight.dtype))
+        hidden = self._final_norm(hidden, residual)
         return hidden if keep is None else hidden[:, keep]
 
     def step_embedded(self, hidden: torch.Tensor, states: list[MixerState]) -> torch.Tensor:
@@ -142,6 +142,10 @@ class MixerModel(nn.Module):
         residual = None
         for layer, state in zip(self.layers, states):
             hidden, residual = layer.step(hidden, residual, state)
+        return self._final_norm(hidden, residual)
+
+    def _final_norm(self, hidden, residual) -> torch.Tensor:
+        """norm_f of the last residual, in the blocks' fused kernel where the backend has it (:class:`Block`)."""
         add_norm = fused_add_norm(self.norm_f, self.layers[0].mixer.backend)
         if add_norm is not None:
             return add_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps)[0]

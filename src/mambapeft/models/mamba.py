@@ -13,8 +13,9 @@ base model exactly:
     those modules are plain (no wrapper, hook or parametrisation) and no state extension, state
     offset or affix is set (:meth:`Mamba.uses_fused_inner`);
   * the generation step's kernels (mamba_ssm's step: conv update in place, dt_proj's bias inside the
-    state update, fused residual add + RMSNorm) read ``dt_proj`` and the blocks' norms raw, so they
-    run only where those are plain (:meth:`Mamba.uses_step_kernels`, :func:`fused_add_norm`);
+    state update) read ``dt_proj`` raw, so they run only where it is plain (:meth:`Mamba.uses_step_kernels`);
+  * a block's residual add + RMSNorm runs in one kernel on CUDA (training and generation), reading the
+    norm's weight raw: only where the norm is plain (:func:`fused_add_norm`);
   * ``state_extensions[direction]``: extra SSM state dimensions (additional-scan);
   * ``affixes[direction]``: tokens prepended to the scan input in xz space (affix-tuning);
   * ``state_offsets[direction]``: a term added to the gated scan output, computed from the scan's
@@ -315,19 +316,21 @@ def conv_step(conv: nn.Conv1d, x: torch.Tensor, state: MixerState, backend: Scan
 
 
 def fused_add_norm(norm: nn.Module, backend: ScanBackend) -> Callable | None:
-    """The backend's fused residual add + RMSNorm where it can stand in for ``norm`` in a generation
-    step (it reads the weight raw: a plain :class:`RMSNorm` only), else None. Called as
+    """The backend's fused residual add + RMSNorm where it can stand in for ``norm`` (it reads the
+    weight raw: a plain :class:`RMSNorm` only, so a wrapped or parametrised norm is never skipped), else None. Called as
     ``(hidden, residual, weight, eps, residual_in_fp32) -> (normed, residual)``."""
     return backend.add_rms_norm if backend.add_rms_norm is not None and plain(norm, RMSNorm) else None
 
 
 class Block(nn.Module):
-    """Pre-norm residual block of Vim and mamba_ssm (``fused_add_norm=False`` semantics; a generation
-    step on a backend with ``add_rms_norm`` has ``fused_add_norm=True``'s: the norm of the fp32 residual).
+    """Pre-norm residual block of Vim and mamba_ssm.
 
     residual <- residual + drop_path(hidden); hidden <- mixer(norm(residual)); the residual stream
     is kept in fp32 when residual_in_fp32. Vim applies each block's drop-path to the *incoming*
-    previous-layer output.
+    previous-layer output. On a backend with ``add_rms_norm`` (CUDA) the add and norm run in one kernel
+    with its own backward, mamba_ssm's ``fused_add_norm=True``: the norm of the fp32 residual. That is
+    ``fused_add_norm=False``'s result (the PyTorch path here) wherever the norm's weight is fp32, as in
+    training; a bf16 model (generation) normalises the fp32 residual instead of its bf16 rounding.
     """
 
     def __init__(self, d_model: int, mixer: Mixer, norm_eps: float = 1e-5, drop_path: float = 0.0,
@@ -339,7 +342,12 @@ class Block(nn.Module):
         self.residual_in_fp32 = residual_in_fp32
 
     def _add_and_norm(self, hidden, residual):
-        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        if residual is not None:
+            hidden = self.drop_path(hidden)
+        add_norm = fused_add_norm(self.norm, self.mixer.backend)
+        if add_norm is not None:
+            return add_norm(hidden, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32)
+        residual = hidden if residual is None else residual + hidden
         normed = self.norm(residual.to(self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.float()
@@ -351,11 +359,6 @@ class Block(nn.Module):
         return self.mixer(normed, state=state), residual
 
     def step(self, hidden, residual, state: MixerState):
-        """hidden, residual: (B, 1, D) -> (mixer output, residual) for one generated token; the add and
-        norm in one kernel where the backend has it (the residual and norm computed in fp32)."""
-        add_norm = fused_add_norm(self.norm, self.mixer.backend)
-        if add_norm is None or (self.training and self.drop_path.p > 0):
-            normed, residual = self._add_and_norm(hidden, residual)
-        else:
-            normed, residual = add_norm(hidden, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32)
+        """hidden, residual: (B, 1, D) -> (mixer output, residual) for one generated token."""
+        normed, residual = self._add_and_norm(hidden, residual)
         return self.mixer.step(normed, state), residual
