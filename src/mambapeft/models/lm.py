@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .init import init_mamba_weights
-from .mamba import Block, Mamba, Mixer, MixerState, RMSNorm, fused_add_norm
+from .mamba import Block, Mamba, Mixer, MixerState, RMSNorm, add_and_norm
 from .mamba2 import Mamba2
 
 # mamba_ssm's ``ssm_layer_map``: what ``ssm_cfg.layer`` selects
@@ -145,11 +145,8 @@ class MixerModel(nn.Module):
         return self._final_norm(hidden, residual)
 
     def _final_norm(self, hidden, residual) -> torch.Tensor:
-        """norm_f of the last residual, in the blocks' fused kernel where the backend has it (:class:`Block`)."""
-        add_norm = fused_add_norm(self.norm_f, self.layers[0].mixer.backend)
-        if add_norm is not None:
-            return add_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps)[0]
-        return self.norm_f((hidden + residual).to(self.norm_f.weight.dtype))
+        """norm_f of the last residual, added and normalised as in the blocks (:func:`add_and_norm`)."""
+        return add_and_norm(self.norm_f, self.layers[0].mixer.backend, hidden, residual)[0]
 
 
 class MambaLMHeadModel(nn.Module):

@@ -322,6 +322,19 @@ def fused_add_norm(norm: nn.Module, backend: ScanBackend) -> Callable | None:
     return backend.add_rms_norm if backend.add_rms_norm is not None and plain(norm, RMSNorm) else None
 
 
+def add_and_norm(norm: nn.Module, backend: ScanBackend, hidden, residual, residual_in_fp32: bool = True):
+    """residual <- residual + hidden (hidden alone when residual is None); returns (norm(residual),
+    residual), the residual in fp32 when ``residual_in_fp32``. In the backend's fused kernel where it
+    can stand in for ``norm`` (:func:`fused_add_norm`), else ``norm`` called on the residual in its
+    weight's dtype (mamba_ssm's ``fused_add_norm=False``)."""
+    fused = fused_add_norm(norm, backend)
+    if fused is not None:
+        return fused(hidden, residual, norm.weight, norm.eps, residual_in_fp32)
+    residual = hidden if residual is None else residual + hidden
+    normed = norm(residual.to(norm.weight.dtype))
+    return normed, residual.float() if residual_in_fp32 else residual
+
+
 class Block(nn.Module):
     """Pre-norm residual block of Vim and mamba_ssm.
 
@@ -344,14 +357,7 @@ class Block(nn.Module):
     def _add_and_norm(self, hidden, residual):
         if residual is not None:
             hidden = self.drop_path(hidden)
-        add_norm = fused_add_norm(self.norm, self.mixer.backend)
-        if add_norm is not None:
-            return add_norm(hidden, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32)
-        residual = hidden if residual is None else residual + hidden
-        normed = self.norm(residual.to(self.norm.weight.dtype))
-        if self.residual_in_fp32:
-            residual = residual.float()
-        return normed, residual
+        return add_and_norm(self.norm, self.mixer.backend, hidden, residual, self.residual_in_fp32)
 
     def forward(self, hidden, residual=None, state: MixerState | None = None):
         """hidden, residual: (B, L, D) -> (mixer output, residual)."""

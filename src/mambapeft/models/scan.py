@@ -557,9 +557,10 @@ class ScanBackend:
     ``mamba_inner``, where set, replaces a plain unidirectional Mamba-1 mixer's conv-to-out_proj
     chain; ``chunk_scan`` is Mamba-2's scan (SSD); ``split_conv1d_scan``, where set, replaces a
     plain Mamba-2 mixer's chain after in_proj; ``state_step`` is Mamba-1's generation step.
-    ``conv_update`` (the conv step in place) and ``add_rms_norm`` (a block's residual add + RMSNorm),
-    where set, give a generation step mamba_ssm's kernel sequence (``Mamba.uses_step_kernels``,
-    ``Block.step``); both read weights raw, so only plain modules take them."""
+    ``conv_update`` (the conv step in place), where set, gives a generation step mamba_ssm's kernel
+    sequence (``Mamba.uses_step_kernels``); ``add_rms_norm``, where set, is every block's residual
+    add + RMSNorm, in training and generation (``models/mamba.py: add_and_norm``). Both read weights
+    raw, so only plain modules take them."""
 
     name: str
     selective_scan: Callable
