@@ -156,3 +156,57 @@ def test_micro_batch_size_does_not_change_the_update(tiny_language, tmp_path):
     assert [h["step"] for h in one] == [h["step"] for h in four]
     for a, b in zip(one, four):
         assert a.get("loss", a.get("val_loss")) == pytest.approx(b.get("loss", b.get("val_loss")), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the language loss
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_loss_casts_the_lm_head_once_and_computes_what_calling_it_per_chunk_does(head_trains):
+    """Under autocast, a frozen plain LM head's weight is cast once per loss, not in each chunk's
+    forward and recompute, and loss and gradients equal those of the head module called per chunk
+    (a hook forces that path); a head that trains is still called per chunk (its gradient summed
+    in fp32)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mambapeft.train.language import LOSS_CHUNK, next_token_targets, token_loss_sum
+
+    torch.manual_seed(0)
+    model = build_model("mamba-mini", vocab_size=64)
+    for p in model.parameters():
+        p.requires_grad_(head_trains)
+    model.backbone.layers[0].mixer.out_proj.weight.requires_grad_(True)  # something below the head trains
+    ids = torch.randint(1, 64, (2, LOSS_CHUNK + 45))  # three chunks of positions
+    targets = next_token_targets(ids, torch.tensor([ids.shape[1], 200]))
+    weight = model.lm_head.weight
+
+    class HeadCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape == weight.shape:
+                HeadCasts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        HeadCasts.count = 0
+        with HeadCasts():
+            loss = token_loss_sum(model, ids, targets, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, HeadCasts.count
+
+    loss, grads, casts = loss_and_grads()
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: out)  # the module is called per chunk
+    called_loss, called_grads, called_casts = loss_and_grads()
+    hook.remove()
+    # per chunk: cast in the forward and again in the recompute (and the gradient cast back, when it trains)
+    assert (casts, called_casts) == ((9, 9) if head_trains else (1, 6))
+    assert torch.equal(loss, called_loss)
+    assert grads.keys() == called_grads.keys() and len(grads) == (len(list(model.parameters())) if head_trains else 1)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, called_grads[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ..data.instruct import read_instruct_json, split_train_val, tokenize_example
 from ..data.tokenizer import backbone_tokenizer_path, load_tokenizer
 from ..models.lm import MambaLMHeadModel
+from ..models.mamba import plain
 from .graphs import capture
 from .micro_batch import AUTO, micro_batch_setting
 from .seeding import epoch_permutation
@@ -50,18 +51,34 @@ def token_loss_sum(model: MambaLMHeadModel, ids: torch.Tensor, targets: torch.Te
     """
     with autocast():
         hidden = model.forward_hidden(ids[:, :-1]).flatten(0, 1)  # (B * (W-1), D): position t predicts t+1
+        head = _loss_head(model.lm_head, hidden.device)
     total = hidden.new_zeros((), dtype=torch.float32)
     for h, t in zip(hidden.split(LOSS_CHUNK), targets.flatten().split(LOSS_CHUNK)):
-        # recomputed in the backward: a chunk's logits (and the LM head's bf16 weight copy) are
-        # freed before the next chunk instead of living until the backward
-        total = total + checkpoint(_chunk_loss, model.lm_head, h, t, autocast, use_reentrant=False,
+        # recomputed in the backward: a chunk's logits are freed before the next chunk instead of
+        # living until the backward
+        total = total + checkpoint(_chunk_loss, head, h, t, autocast, use_reentrant=False,
                                    preserve_rng_state=False)  # nothing random in it; RNG state reads break graph capture
     return total
 
 
-def _chunk_loss(lm_head: nn.Module, h: torch.Tensor, targets: torch.Tensor, autocast) -> torch.Tensor:
+def _loss_head(lm_head: nn.Module, device: torch.device) -> nn.Module | torch.Tensor:
+    """What every loss chunk applies: a frozen, plain, bias-free Linear's weight, cast to the autocast
+    dtype here once per loss, or else the head module itself (called, so nothing on it is skipped,
+    and a trained weight's gradient is summed over the chunks in fp32, not in the cast's dtype).
+    Left to autocast, which caches no cast of a frozen weight, the (tied, fp32) LM head was cast
+    again in each chunk's forward and recompute: 64 copies of a 50k x D matrix per step of
+    mamba-1.4b at micro-batch 32."""
+    if not (plain(lm_head, nn.Linear) and lm_head.bias is None and not lm_head.weight.requires_grad):
+        return lm_head
+    weight = lm_head.weight
+    if torch.is_autocast_enabled(device.type):
+        weight = weight.to(torch.get_autocast_dtype(device.type))
+    return weight
+
+
+def _chunk_loss(head: nn.Module | torch.Tensor, h: torch.Tensor, targets: torch.Tensor, autocast) -> torch.Tensor:
     with autocast():
-        logits = lm_head(h)  # (n, vocab)
+        logits = F.linear(h, head) if isinstance(head, torch.Tensor) else head(h)  # (n, vocab)
     return F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE)
 
 
