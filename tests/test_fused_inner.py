@@ -116,14 +116,14 @@ LORA_CASES = {  # name: (bias, [(key, rows, spec arguments)])
     "z_half_and_full": (False, [("full", (0, 10), {}), ("z", (5, 10), {"rank": 3})]),
     "merged_with_bias": (True, [("full", (0, 10), {"style": "merged"})]),
     "dora_and_activation": (False, [("x", (0, 5), {"dora": True}), ("z", (5, 10), {})]),
-    "dropout_in_eval": (False, [("full", (0, 10), {"dropout": 0.3})]),
+    "dropout": (False, [("full", (0, 10), {"dropout": 0.3}), ("x", (0, 5), {"dropout": 0.5})]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(LORA_CASES))
 def test_lora_projections_write_the_channel_major_layout_as_their_forward_computes(case):
     """LoRA's channel_major (the frozen GEMM and each update's GEMM writing mamba_ssm's layout) gives
-    the output and every gradient that calling the module and copying does."""
+    the output and every gradient that calling the module and copying does, dropout masks included."""
     from mambapeft.models.mamba import linear_channel_major
     from mambapeft.peft.lora import LoraLinear, LoraSpec, LowRankUpdate
 
@@ -135,12 +135,11 @@ def test_lora_projections_write_the_channel_major_layout_as_their_forward_comput
         torch.nn.init.normal_(update.lora_up.weight)  # a non-zero update
         module.add(key, update, "in_proj")
     module.base.weight.requires_grad_(False)
-    if case == "dropout_in_eval":
-        module.eval()
     x = torch.randn(3, 5, 6, requires_grad=True)
     grad_out = torch.randn(3, 10, 5)
     results = []
     for run in (lambda: linear_channel_major(module, x), lambda: module(x).transpose(1, 2)):
+        torch.manual_seed(1)  # dropout draws the same masks in the same order
         out = run()
         out.backward(grad_out)
         grads = {n: p.grad.clone() for n, p in [("x", x), *module.named_parameters()] if p.grad is not None}
@@ -155,29 +154,25 @@ def test_lora_projections_write_the_channel_major_layout_as_their_forward_comput
         torch.testing.assert_close(grad, reference_grads[name], msg=name)
 
 
-@pytest.mark.parametrize("reason", ["hook_on_down", "hook_on_wrapper", "dropout_training"])
-def test_lora_channel_major_steps_aside_where_it_would_not_equal_the_call(reason):
-    """A hook on any part of the LoRA module, or dropout drawing a mask, sends the projection
-    through the module's own forward (the hook is called; nothing is read past)."""
+@pytest.mark.parametrize("hooked", ["lora_down", "wrapper"])
+def test_lora_channel_major_steps_aside_for_a_hook(hooked):
+    """A hook on any part of the LoRA module sends the projection through the module's own forward:
+    the hook is called, nothing is read past."""
     from mambapeft.models.mamba import linear_channel_major
     from mambapeft.peft.lora import LoraLinear, LoraSpec, LowRankUpdate
 
     torch.manual_seed(0)
     module = LoraLinear(torch.nn.Linear(6, 10))
-    update = LowRankUpdate(6, (0, 10), LoraSpec(targets=("in_proj",), dropout=0.5 if reason == "dropout_training" else 0.0),
-                           module.base.weight)
+    update = LowRankUpdate(6, (0, 10), LoraSpec(targets=("in_proj",)), module.base.weight)
     module.add("full", update, "in_proj")
-    calls = []
-    hooked = {"hook_on_down": update.lora_down, "hook_on_wrapper": module}.get(reason)
-    if hooked is not None:
-        hooked.register_forward_hook(lambda m, args, out: calls.append(1) or out)
-    rows = torch.randn(6, 15)
-    assert module.channel_major(rows) is None
     x = torch.randn(3, 5, 6)
-    torch.manual_seed(1)
+    assert module.channel_major(x) is not None
+    calls = []
+    handle = {"lora_down": update.lora_down, "wrapper": module}[hooked].register_forward_hook(
+        lambda m, args, out: calls.append(1) or out * 2)
+    assert module.channel_major(x) is None
     out = linear_channel_major(module, x)
-    torch.manual_seed(1)
     torch.testing.assert_close(out, module(x).transpose(1, 2))
-    assert len(calls) == (0 if hooked is None else 2)
-    module.eval()
-    assert (module.channel_major(rows) is None) == (hooked is not None)
+    assert len(calls) == 2
+    handle.remove()
+    assert module.channel_major(x) is not None

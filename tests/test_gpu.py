@@ -138,6 +138,100 @@ def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
     assert_runs_agree(*runs, output_tolerance=1e-2, grad_tolerance=grad_tolerance)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_our_mamba_inner_fn_computes_what_mamba_ssms_does(dtype, frozen):
+    """models/mamba_inner_cuda.py against mamba_ssm's mamba_inner_fn: the output and every gradient
+    (fp32, and bf16 inputs and weights under autocast); with the projections frozen, their
+    gradients are not computed and the others are unchanged."""
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as upstream
+    from mambapeft.models.mamba_inner_cuda import mamba_inner_fn as ours
+
+    torch.manual_seed(0)
+    batch, d_inner, length, n, rank, d_model = 2, 64, 77, 8, 4, 32
+    xz = torch.randn(batch, 2 * d_inner, length, device="cuda", dtype=dtype, requires_grad=True)
+    conv_w, conv_b = torch.randn(d_inner, 1, 4, device="cuda") / 2, torch.randn(d_inner, device="cuda") / 2
+    x_proj, dt_proj = torch.randn(rank + 2 * n, d_inner, device="cuda") / 8, torch.randn(d_inner, rank, device="cuda") / 2
+    out_proj = torch.randn(d_model, d_inner, device="cuda") / 8
+    A, D = -torch.rand(d_inner, n, device="cuda") - 0.5, torch.randn(d_inner, device="cuda")
+    dt_bias = torch.rand(d_inner, device="cuda") - 4
+    weights = [conv_w, conv_b, x_proj, dt_proj, out_proj, A, D, dt_bias]
+    for w in weights:
+        w.requires_grad_(not (frozen and w in (x_proj, dt_proj, out_proj)))
+    grad_out = torch.randn(batch, length, d_model, device="cuda", dtype=dtype)
+    runs = []
+    for fn in (lambda: upstream(xz, conv_w, conv_b, x_proj, dt_proj, out_proj, None, A, None, None, D, dt_bias, None, None, True),
+               lambda: ours(xz, conv_w.squeeze(1), conv_b, x_proj, dt_proj, out_proj, None, A, D, dt_bias)):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = fn()
+        out.backward(grad_out)
+        runs.append((out.detach(), [None if t.grad is None else t.grad.clone() for t in [xz, *weights]]))
+        for t in [xz, *weights]:
+            t.grad = None
+    (reference, reference_grads), (out, grads) = runs
+    assert rel(out, reference) <= (1e-6 if dtype == torch.float32 else 1e-3)
+    for name, grad, expected in zip(["xz", "conv_w", "conv_b", "x_proj", "dt_proj", "out_proj", "A", "D", "dt_bias"],
+                                    grads, reference_grads):
+        assert (grad is None) == (expected is None), name
+        if grad is not None:  # the scan backward's atomics vary gradients run to run
+            assert grad.shape == expected.shape and rel(grad, expected) <= 2e-3, name
+
+
+@needs_kernels
+@pytest.mark.parametrize("length", [197, 100])
+def test_the_cuda_scan_padded_to_whole_blocks_computes_what_the_kernel_does_unpadded(length):
+    """selective_scan_cuda pads Vim's 197 steps to 256 (the kernel's fast path): the output equals
+    mamba_ssm's selective_scan_fn on the unpadded inputs bit for bit, the gradients up to the
+    backward's atomics."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    torch.manual_seed(0)
+    b, d, n = 4, 64, 16
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    leaves = [torch.randn(d, b, length, **bf).transpose(0, 1), torch.randn(b, d, length, **bf) - 2,
+              -torch.rand(d, n, device="cuda") - 0.5, torch.randn(b, n, length, **bf), torch.randn(b, n, length, **bf),
+              torch.randn(d, device="cuda"), torch.randn(b, d, length, **bf), torch.randn(d, device="cuda")]
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    grad_out = torch.randn(b, d, length, **bf)
+    runs = []
+    for scan in (selective_scan_fn, selective_scan_cuda):
+        out = scan(*leaves, delta_softplus=True)
+        out.backward(grad_out)
+        runs.append((out.detach(), [t.grad.clone() for t in leaves]))
+        for t in leaves:
+            t.grad = None
+    (reference, reference_grads), (out, grads) = runs
+    assert torch.equal(out, reference)
+    for i, (grad, expected) in enumerate(zip(grads, reference_grads)):
+        assert rel(grad, expected) <= 1e-2, i
+
+
+@needs_kernels
+def test_our_mamba_inner_fn_sums_the_out_proj_bias_gradient_over_tokens():
+    """An out_proj bias (mamba_ssm's own sums its gradient to a scalar): ours against the PyTorch
+    reference, scan.mamba_inner_torch, in fp32."""
+    from mambapeft.models.scan import mamba_inner_cuda, mamba_inner_torch
+
+    torch.manual_seed(0)
+    d_inner, n, rank, d_model = 32, 8, 4, 16
+    args = [torch.randn(2, 2 * d_inner, 40, device="cuda"), torch.randn(d_inner, 1, 4, device="cuda") / 2,
+            torch.randn(d_inner, device="cuda") / 2, torch.randn(rank + 2 * n, d_inner, device="cuda") / 8,
+            torch.randn(d_inner, rank, device="cuda") / 2, torch.rand(d_inner, device="cuda") - 4,
+            torch.randn(d_model, d_inner, device="cuda") / 8, torch.randn(d_model, device="cuda"),
+            -torch.rand(d_inner, n, device="cuda") - 0.5, torch.randn(d_inner, device="cuda")]
+    runs = []
+    for fn in (mamba_inner_torch, mamba_inner_cuda):
+        leaves = [a.detach().clone().requires_grad_() for a in args]
+        out = fn(*leaves)
+        out.square().sum().backward()
+        runs.append((out.detach(), [leaf.grad for leaf in leaves]))
+    (reference, reference_grads), (out, grads) = runs
+    assert rel(out, reference) <= 1e-4
+    for i, (grad, expected) in enumerate(zip(grads, reference_grads)):
+        assert grad.shape == expected.shape and rel(grad, expected) <= 1e-3, i
+
+
 # every method of both domains on the mini Mamba backbones (the ViT rows: tests/test_vit.py)
 MAMBA_ROWS = [(d, m) for d, backbone in MINI_BACKBONES.items() for m in methods_for(d, backbone)]
 

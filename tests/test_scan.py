@@ -105,3 +105,47 @@ def test_reference_kernels_compute_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(stepped, selective_state_step(state.clone(), u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0],
                                                          D, z[..., 0], bias, True))
+
+
+def test_lengths_are_padded_to_whole_kernel_blocks_only_where_measured():
+    from mambapeft.models.scan import whole_kernel_chunks
+    assert [whole_kernel_chunks(n) for n in (197, 256, 64, 100, 40, 1500, 2048, 3000)] == \
+        [256, 256, 128, 128, 40, 2048, 2048, 3000]
+
+
+def test_a_scan_zero_padded_at_the_end_computes_the_same_outputs_and_gradients():
+    """padded_to_whole_chunks (what the CUDA scan runs through) around the PyTorch scan: outputs and
+    every gradient equal the unpadded scan's; a channel-major input stays channel-major."""
+    from mambapeft.models.scan import padded_to_whole_chunks
+
+    torch.manual_seed(0)
+    b, d, length, n = 2, 4, 100, 3
+    u = torch.randn(d, b, length).transpose(0, 1).requires_grad_()  # channel-major, as the mixer stores it
+    delta = torch.randn(b, d, length, requires_grad=True)
+    z = torch.randn(b, d, length, requires_grad=True)
+    A = (-torch.rand(d, n) - 0.5).requires_grad_()
+    B, C = torch.randn(b, n, length, requires_grad=True), torch.randn(b, n, length, requires_grad=True)
+    D, bias = torch.randn(d, requires_grad=True), torch.randn(d, requires_grad=True)
+    leaves = (u, delta, z, A, B, C, D, bias)
+    seen = []
+
+    def recording_scan(u, *args, **kwargs):
+        seen.append((u.shape[-1], u.transpose(0, 1).is_contiguous()))
+        return selective_scan_torch(u, *args, **kwargs)
+
+    runs = []
+    for scan in (selective_scan_torch, padded_to_whole_chunks(recording_scan)):
+        out = scan(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin())
+        runs.append((out.detach(), [t.grad.clone() for t in leaves]))
+        for t in leaves:
+            t.grad = None
+    assert seen == [(128, True)]
+    (reference, reference_grads), (out, grads) = runs
+    assert out.shape == reference.shape
+    torch.testing.assert_close(out, reference)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected)
+    # the final state is asked for: no padding (the added steps would move it)
+    padded_to_whole_chunks(recording_scan)(u, delta, A, B, C, D, z, bias, True, return_last_state=True)
+    assert seen[-1][0] == length

@@ -293,8 +293,8 @@ def linear_channel_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     layout. L is contiguous, as the kernels want, and the (B, L, channels) views the next projection
     takes fold into its GEMM as a transposed operand: without it the mixer copied (B, D_inner, L)-sized
     tensors about nine times per layer (prefill of mamba-1.4b at batch 64: a third of the GPU time).
-    A plain ``nn.Linear`` computes it directly (weight @ x^T), a module with a ``channel_major(rows)``
-    method (LoRA's: (in, N) -> (out, N), or None where it cannot stand in for the call) through it;
+    A plain ``nn.Linear`` computes it directly (weight @ x^T), a module with a ``channel_major(x)``
+    method (LoRA's: (..., in) -> (out, N), or None where it cannot stand in for the call) through it;
     any other module (a wrapper, hook or parametrisation, so that none is skipped) is called and its
     output copied once into the layout."""
     batch, length = x.shape[:2]
@@ -303,7 +303,7 @@ def linear_channel_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = linear.weight @ rows if linear.bias is None else torch.addmm(linear.bias[:, None], linear.weight, rows)
     else:
         direct = getattr(linear, "channel_major", None)
-        out = direct(rows) if callable(direct) else None
+        out = direct(x) if callable(direct) else None
         if out is None:
             out = linear(x).flatten(0, 1).t().contiguous()
     return out.unflatten(1, (batch, length)).transpose(0, 1)

@@ -156,29 +156,30 @@ class LoraLinear(nn.Module):
         its frozen weight must then stay fp32 (models/precision.py), so ``W + delta`` rounds once."""
         return [self.base] if any(u.acts_on_weight for u in self.updates.values()) else []
 
-    def channel_major(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """This module on the columns of rows (in, N): (out, N), the transposed output, for
+    def channel_major(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This module on x (..., in) as (out, N), N = x.numel() // in: the transposed output, for
         models/mamba.py's ``linear_channel_major``. The frozen GEMM writes that layout directly and
         each activation-style update is added to its rows by one more GEMM, in place of the (N, out)
-        output, the padded update, their sum and a transposed copy (at mamba-1.4b's in_proj, passes
-        over a 32 x 256 x 8192 tensor). None where it would not equal :meth:`forward` call for call:
-        a hook on any part, a wrapped base, or active dropout (its mask is drawn in another order)."""
+        output, the scaled and padded update, their sum and a transposed copy (at mamba-1.4b's
+        in_proj, five passes over a 32 x 256 x 8192 tensor). Dropout draws its mask on x as
+        :meth:`forward` does. None where it would not equal :meth:`forward` call for call: a hook on
+        any part, or a wrapped base."""
         parts = [self, self.base, *(m for u in self.updates.values() for m in (u, *u.children()))]
         if (type(self) is not LoraLinear or type(self.base) is not nn.Linear
-                or any(m._forward_hooks or m._forward_pre_hooks for m in parts)
-                or any(u.dropout.p and u.dropout.training for u in self.updates.values() if not u.acts_on_weight)):
+                or any(m._forward_hooks or m._forward_pre_hooks for m in parts)):
             return None
+        rows = x.reshape(-1, x.shape[-1]).t()  # (in, N)
         weight = self._weight([u for u in self.updates.values() if u.acts_on_weight])
         out = weight @ rows if self.base.bias is None else torch.addmm(self.base.bias[:, None], weight, rows)
         for u in self.updates.values():
             if u.acts_on_weight:
                 continue
-            down = u.lora_down.weight @ rows  # (r, N)
-            up = u.lora_up.weight.to(out.dtype)
+            down = u.lora_down.weight @ u.dropout(x).reshape(-1, x.shape[-1]).t()  # (r, N)
+            up, down = u.lora_up.weight.to(out.dtype), down.to(out.dtype)
             if u.rows == (0, out.shape[0]):
-                out = torch.addmm(out, up, down.to(out.dtype), alpha=u.scale)
+                out = torch.addmm(out, up, down, alpha=u.scale)
             else:  # in place on its block (the frozen GEMM's output is not saved for its backward)
-                out[u.rows[0]:u.rows[1]].addmm_(up, down.to(out.dtype), alpha=u.scale)
+                out[u.rows[0]:u.rows[1]].addmm_(up, down, alpha=u.scale)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
