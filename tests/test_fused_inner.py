@@ -176,3 +176,26 @@ def test_lora_channel_major_steps_aside_for_a_hook(hooked):
     assert len(calls) == 2
     handle.remove()
     assert module.channel_major(x) is not None
+
+
+def test_lora_channel_major_under_autocast_computes_in_its_dtype():
+    """Under bf16 autocast (the CUDA training precision; here on the CPU) the stacked GEMM runs in
+    bf16 as the module's own GEMMs do, and lands close to them; gradients reach the fp32 LoRA weights."""
+    from mambapeft.models.mamba import linear_channel_major
+    from mambapeft.peft.lora import LoraLinear, LoraSpec, LowRankUpdate
+
+    torch.manual_seed(0)
+    module = LoraLinear(torch.nn.Linear(64, 96, bias=False))
+    module.base.weight.requires_grad_(False)
+    update = LowRankUpdate(64, (0, 48), LoraSpec(targets=("in_proj",), rank=4), module.base.weight)
+    torch.nn.init.normal_(update.lora_up.weight)
+    module.add("x", update, "in_proj")
+    x = torch.randn(2, 30, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_channel_major(module, x)
+        reference = module(x).transpose(1, 2)
+    assert out.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
+    out.float().square().sum().backward()
+    assert update.lora_up.weight.grad.dtype == torch.float32 and update.lora_up.weight.grad.abs().sum() > 0
+    assert update.lora_down.weight.grad.abs().sum() > 0

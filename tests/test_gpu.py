@@ -158,7 +158,7 @@ def test_our_mamba_inner_fn_computes_what_mamba_ssms_does(dtype, frozen):
     dt_bias = torch.rand(d_inner, device="cuda") - 4
     weights = [conv_w, conv_b, x_proj, dt_proj, out_proj, A, D, dt_bias]
     for w in weights:
-        w.requires_grad_(not (frozen and w in (x_proj, dt_proj, out_proj)))
+        w.requires_grad_(not (frozen and any(w is p for p in (x_proj, dt_proj, out_proj))))
     grad_out = torch.randn(batch, length, d_model, device="cuda", dtype=dtype)
     runs = []
     for fn in (lambda: upstream(xz, conv_w, conv_b, x_proj, dt_proj, out_proj, None, A, None, None, D, dt_bias, None, None, True),
