@@ -111,36 +111,6 @@ class LowRankUpdate(nn.Module):
         return self.scale * self.lora_up(self.lora_down(self.dropout(x)))
 
 
-class _StackedLowRank(torch.autograd.Function):
-    """out (out, N) = W @ rows (+ bias) + sum_i s_i up_i @ down_i on rows [a_i, b_i), as one GEMM over
-    a stacked inner dimension: [W | s_1 up_1 | ...] @ [rows; down_1; ...], each up block zero outside
-    its rows. The backward computes no gradient for a frozen W (a GEMM over all N for nothing) and
-    saves no stacked copy: W^T g for rows, s_i up_i^T g[a_i:b_i] for each down_i, s_i g[a_i:b_i] down_i^T
-    for each up_i. rows: (in, N); up_i: (b_i - a_i, r_i); down_i: (r_i, N), all in one dtype."""
-
-    @staticmethod
-    def forward(ctx, rows, weight, bias, spans, scales, *ups_and_downs):
-        ups, downs = ups_and_downs[:len(spans)], ups_and_downs[len(spans):]
-        blocks = [F.pad(s * up, (0, 0, a, weight.shape[0] - b)) for up, s, (a, b) in zip(ups, scales, spans)]
-        stacked_weight, stacked_rows = torch.cat([weight, *blocks], dim=1), torch.cat([rows, *downs], dim=0)
-        ctx.spans, ctx.scales, ctx.has_bias = spans, scales, bias is not None
-        ctx.save_for_backward(rows, weight, *ups, *downs)
-        return stacked_weight @ stacked_rows if bias is None else torch.addmm(bias[:, None], stacked_weight, stacked_rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, weight, *ups_and_downs = ctx.saved_tensors
-        ups, downs = ups_and_downs[:len(ctx.spans)], ups_and_downs[len(ctx.spans):]
-        needs = ctx.needs_input_grad
-        d_rows = weight.t() @ grad if needs[0] else None
-        d_weight = grad @ rows.t() if needs[1] else None
-        d_bias = grad.sum(1) if ctx.has_bias and needs[2] else None
-        blocks = [grad[a:b] for a, b in ctx.spans]
-        d_ups = [(g @ down.t()).mul_(s) for g, s, down in zip(blocks, ctx.scales, downs)]  # scaled after: g is large
-        d_downs = [s * up.t() @ g for g, s, up in zip(blocks, ctx.scales, ups)]
-        return d_rows, d_weight, d_bias, None, None, *d_ups, *d_downs
-
-
 class LoraLinear(nn.Module):
     """Wraps ``base`` (kept as ``self.base``) with one or more low-rank updates, keyed by the output
     part they adapt (``full``, ``x``, ``z``, ``dt``, ``B``, ``C``), so LoRA(in_proj) and LoRA_p(X)
@@ -188,24 +158,29 @@ class LoraLinear(nn.Module):
 
     def channel_major(self, x: torch.Tensor) -> torch.Tensor | None:
         """This module on x (..., in) as (out, N), N = x.numel() // in: the transposed output, for
-        models/mamba.py's ``linear_channel_major``, in one GEMM (:class:`_StackedLowRank`) in place
-        of the (N, out) output, the scaled and padded update, their sum and a transposed copy (at
-        mamba-1.4b's in_proj, five passes over a 32 x 256 x 8192 tensor). Dropout draws its mask on
-        x as :meth:`forward` does. None where it would not equal :meth:`forward` call for call: a
-        hook on any part, or a wrapped base."""
+        models/mamba.py's ``linear_channel_major``. The frozen GEMM writes that layout directly and
+        each activation-style update is added to its rows by one more GEMM, in place of the (N, out)
+        output, the scaled and padded update, their sum and a transposed copy (at mamba-1.4b's
+        in_proj, five passes over a 32 x 256 x 8192 tensor). Dropout draws its mask on x as
+        :meth:`forward` does. None where it would not equal :meth:`forward` call for call: a hook on
+        any part, or a wrapped base."""
         parts = [self, self.base, *(m for u in self.updates.values() for m in (u, *u.children()))]
         if (type(self) is not LoraLinear or type(self.base) is not nn.Linear
                 or any(m._forward_hooks or m._forward_pre_hooks for m in parts)):
             return None
-        weight = self._weight([u for u in self.updates.values() if u.acts_on_weight])
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        active = [u for u in self.updates.values() if not u.acts_on_weight]
         rows = x.reshape(-1, x.shape[-1]).t()  # (in, N)
-        downs = [(u.lora_down.weight.to(dtype) @ u.dropout(x).reshape(-1, x.shape[-1]).t().to(dtype)) for u in active]
-        bias = self.base.bias.to(dtype) if self.base.bias is not None else None
-        return _StackedLowRank.apply(rows.to(dtype), weight.to(dtype), bias, tuple(u.rows for u in active),
-                                     tuple(u.scale for u in active), *(u.lora_up.weight.to(dtype) for u in active), *downs)
+        weight = self._weight([u for u in self.updates.values() if u.acts_on_weight])
+        out = weight @ rows if self.base.bias is None else torch.addmm(self.base.bias[:, None], weight, rows)
+        for u in self.updates.values():
+            if u.acts_on_weight:
+                continue
+            down = u.lora_down.weight @ u.dropout(x).reshape(-1, x.shape[-1]).t()  # (r, N)
+            up, down = u.lora_up.weight.to(out.dtype), down.to(out.dtype)
+            if u.rows == (0, out.shape[0]):
+                out = torch.addmm(out, up, down, alpha=u.scale)
+            else:  # in place on its block (the frozen GEMM's output is not saved for its backward)
+                out[u.rows[0]:u.rows[1]].addmm_(up, down, alpha=u.scale)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
