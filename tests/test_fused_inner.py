@@ -112,6 +112,8 @@ def test_projections_come_out_channel_major_and_every_wrapper_still_runs(wrap):
 
 LORA_CASES = {  # name: (bias, [(key, rows, spec arguments)])
     "full_rows": (False, [("full", (0, 10), {})]),
+    "full_rows_with_bias": (True, [("full", (0, 10), {"scale": 2.0})]),
+    "two_of_all_rows": (True, [("full", (0, 10), {}), ("x", (0, 10), {"rank": 3, "scale": 0.5})]),
     "x_half": (False, [("x", (0, 5), {"scale": 0.5})]),
     "z_half_and_full": (False, [("full", (0, 10), {}), ("z", (5, 10), {"rank": 3})]),
     "merged_with_bias": (True, [("full", (0, 10), {"style": "merged"})]),

@@ -158,28 +158,38 @@ class LoraLinear(nn.Module):
 
     def channel_major(self, x: torch.Tensor) -> torch.Tensor | None:
         """This module on x (..., in) as (out, N), N = x.numel() // in: the transposed output, for
-        models/mamba.py's ``linear_channel_major``. The frozen GEMM writes that layout directly and
-        each activation-style update is added to its rows by one more GEMM, in place of the (N, out)
-        output, the scaled and padded update, their sum and a transposed copy (at mamba-1.4b's
-        in_proj, five passes over a 32 x 256 x 8192 tensor). Dropout draws its mask on x as
-        :meth:`forward` does. None where it would not equal :meth:`forward` call for call: a hook on
-        any part, or a wrapped base."""
+        models/mamba.py's ``linear_channel_major``, in place of the (N, out) output, the scaled and
+        padded update, their sum and a transposed copy (at mamba-1.4b's in_proj, five passes over a
+        32 x 256 x 8192 tensor). An update of all rows is computed first and the frozen GEMM
+        accumulates onto it (its epilogue reads it: no pass of its own); any other update is added
+        to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does. None
+        where it would not equal :meth:`forward` call for call: a hook on any part, or a wrapped base."""
         parts = [self, self.base, *(m for u in self.updates.values() for m in (u, *u.children()))]
         if (type(self) is not LoraLinear or type(self.base) is not nn.Linear
                 or any(m._forward_hooks or m._forward_pre_hooks for m in parts)):
             return None
         rows = x.reshape(-1, x.shape[-1]).t()  # (in, N)
-        weight = self._weight([u for u in self.updates.values() if u.acts_on_weight])
-        out = weight @ rows if self.base.bias is None else torch.addmm(self.base.bias[:, None], weight, rows)
-        for u in self.updates.values():
-            if u.acts_on_weight:
+        weight, bias = self._weight([u for u in self.updates.values() if u.acts_on_weight]), self.base.bias
+        active = [u for u in self.updates.values() if not u.acts_on_weight]
+
+        def down(u):  # (r, N)
+            return u.lora_down.weight @ u.dropout(x).reshape(-1, x.shape[-1]).t()
+
+        first = next((u for u in active if u.rows == (0, weight.shape[0])), None)
+        if first is None:
+            out = weight @ rows if bias is None else torch.addmm(bias[:, None], weight, rows)
+        else:  # scale folded into up, so the gradient reaching the update is the output's, uncopied
+            update = (first.scale * first.lora_up.weight) @ down(first) if bias is None else \
+                torch.addmm(bias[:, None], first.scale * first.lora_up.weight, down(first))
+            out = torch.addmm(update, weight, rows)
+        for u in active:
+            if u is first:
                 continue
-            down = u.lora_down.weight @ u.dropout(x).reshape(-1, x.shape[-1]).t()  # (r, N)
-            up, down = u.lora_up.weight.to(out.dtype), down.to(out.dtype)
+            up, low = u.lora_up.weight.to(out.dtype), down(u).to(out.dtype)
             if u.rows == (0, out.shape[0]):
-                out = torch.addmm(out, up, down, alpha=u.scale)
+                out = torch.addmm(out, up, low, alpha=u.scale)
             else:  # in place on its block (the frozen GEMM's output is not saved for its backward)
-                out[u.rows[0]:u.rows[1]].addmm_(up, down, alpha=u.scale)
+                out[u.rows[0]:u.rows[1]].addmm_(up, low, alpha=u.scale)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
