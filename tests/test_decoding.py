@@ -79,3 +79,33 @@ def test_states_stored_in_bf16_decode_and_stay_bf16(method):
     bf16 = decoder.generate(ids, 9)
     assert all(s.conv.dtype == s.ssm.dtype == torch.bfloat16 for s in decoder.states)
     assert (bf16 == fp32).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_captures_run_with_the_garbage_collector_collected_then_paused(enabled_before):
+    """What every CUDA-graph capture runs under (models/cuda_graphs.py): garbage in cycles is freed
+    before the capture, none during it, and the collector's state is restored after, also on error."""
+    import gc
+
+    from mambapeft.models.cuda_graphs import garbage_collection_paused
+
+    freed = []
+
+    class Cyclic:
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            freed.append(1)
+
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        Cyclic()
+        with pytest.raises(ValueError), garbage_collection_paused():
+            assert freed == [1] and not gc.isenabled()
+            Cyclic()
+            assert freed == [1]
+            raise ValueError
+        assert gc.isenabled() == enabled_before
+    finally:
+        gc.enable()

@@ -2,9 +2,28 @@
 (``decoding.py``) and the benchmarks' whole training steps (``bench/train.py``)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
 
 import torch
+
+
+@contextlib.contextmanager
+def garbage_collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector collected, then off until the block ends. A collection
+    during a capture can free an earlier graph (and its memory pool), a CUDA call a capturing stream
+    does not permit: the capture fails, and the CUDA generator is left in capture mode, failing
+    every capture after it (seen on the GPU machine as one failed capture and a cascade of
+    "Offset increment outside graph capture" errors after it)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def captured_replay(step: Callable[[], None], warmup: int = 2) -> Callable[[], None]:
@@ -19,6 +38,6 @@ def captured_replay(step: Callable[[], None], warmup: int = 2) -> Callable[[], N
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with garbage_collection_paused(), torch.cuda.graph(graph):
         step()
     return graph.replay

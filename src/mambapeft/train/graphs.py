@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from ..models.cuda_graphs import garbage_collection_paused
+
 
 class _Call(nn.Module):
     """``fn(model, *inputs)`` as a module of its own: make_graphed_callables replaces this
@@ -31,5 +33,5 @@ def capture(model: nn.Module, fn: Callable, sample_args: tuple[torch.Tensor, ...
     run under bf16 autocast. Captures given one ``pool`` share its memory; they must not run
     concurrently (a replay's outputs are consumed before the next replay)."""
     # autocast's weight cache must be off while capturing (torch.cuda.make_graphed_callables)
-    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+    with garbage_collection_paused(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
         return torch.cuda.make_graphed_callables(_Call(model, fn), sample_args, pool=pool)
