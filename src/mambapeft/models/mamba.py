@@ -298,8 +298,8 @@ def linear_channel_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     any other module (a wrapper, hook or parametrisation, so that none is skipped) is called and its
     output copied once into the layout."""
     batch, length = x.shape[:2]
-    rows = x.reshape(batch * length, x.shape[-1]).t()  # (in, B*L)
     if plain(linear, nn.Linear):
+        rows = x.reshape(batch * length, x.shape[-1]).t()  # (in, B*L)
         out = linear.weight @ rows if linear.bias is None else torch.addmm(linear.bias[:, None], linear.weight, rows)
     else:
         direct = getattr(linear, "channel_major", None)

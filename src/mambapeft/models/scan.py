@@ -257,8 +257,9 @@ class _ZeroPaddedInTime(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, length):
         ctx.steps = t.shape[-1]
-        order = sorted(range(t.dim() - 1), key=lambda i: -t.stride(i)) + [t.dim() - 1]
-        padded = t.new_empty([t.shape[i] for i in order[:-1]] + [length]).permute(*(order.index(i) for i in range(t.dim())))
+        order = sorted(range(t.dim() - 1), key=lambda i: -t.stride(i)) + [t.dim() - 1]  # outermost first, time last
+        padded = t.new_empty([t.shape[i] for i in order[:-1]] + [length])
+        padded = padded.permute(*(order.index(i) for i in range(t.dim())))
         padded[..., ctx.steps:].zero_()
         padded[..., :ctx.steps].copy_(t)
         return padded
