@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mixer_helpers import assert_steps_continue_the_forward, recorded_backend
 
 from mambapeft.models import build_model
 from mambapeft.models.mamba import Mamba, Mixer
-from mambapeft.models.scan import TORCH_BACKEND, ScanBackend, mamba_inner_torch
+from mambapeft.models.scan import (TORCH_BACKEND, ScanBackend, causal_conv1d_torch, mamba_inner_torch,
+                                    selective_scan_torch)
 from mambapeft.peft import apply_peft
 from mambapeft.runspec import domain_file, method_definition, methods_for
 
@@ -201,3 +203,69 @@ def test_lora_channel_major_under_autocast_computes_in_its_dtype():
     out.float().square().sum().backward()
     assert update.lora_up.weight.grad.dtype == torch.float32 and update.lora_up.weight.grad.abs().sum() > 0
     assert update.lora_down.weight.grad.abs().sum() > 0
+
+
+class _ReferenceScanKernels:
+    """mamba_ssm's compiled ``selective_scan_cuda`` interface (fwd, bwd) computed by the PyTorch scan
+    and autograd, so that the fused function's own code (layouts, the B/C/delta plumbing, which
+    gradients it computes) runs on the CPU. B, C: (B, 1, N, L), as the fused function passes them."""
+
+    @staticmethod
+    def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        out = selective_scan_torch(u, delta, A, B[:, 0], C[:, 0], D, None, delta_bias, delta_softplus)
+        return out, None, out * F.silu(z)
+
+    @staticmethod
+    def bwd(u, delta, A, B, C, D, z, delta_bias, dout, intermediates, out, dz, delta_softplus, recompute_out_z):
+        leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
+        u_, delta_, A_, B_, C_, D_, z_, bias_ = leaves
+        with torch.enable_grad():  # a Function's backward runs without it
+            out_z = selective_scan_torch(u_, delta_, A_, B_[:, 0], C_[:, 0], D_, z_, bias_, delta_softplus)
+            grads = torch.autograd.grad(out_z, leaves, dout)
+        dz.copy_(grads[6])  # into the caller's buffer, as the kernel writes it
+        return (*grads[:6], grads[7], dz, out_z.detach())
+
+
+def _reference_conv_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
+    return causal_conv1d_torch(x, weight, bias, "silu")
+
+
+def _reference_conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial, silu):
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(causal_conv1d_torch(*leaves, "silu"), leaves, dout)
+    dx.copy_(grads[0])
+    return dx, grads[1], grads[2], None
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, frozen):
+    """scan._MambaInnerFn with the CUDA kernels' interfaces served by the PyTorch scan and conv: the
+    output and gradients equal mamba_inner_torch's, channel-major input included; frozen
+    projections get no gradient (none computed), the rest the same. (On the GPU, the same function
+    on the real kernels is compared with mamba_ssm's: tests/test_gpu.py.)"""
+    import mambapeft.models.scan as scan
+
+    monkeypatch.setattr(scan, "_selective_scan_kernels", _ReferenceScanKernels)
+    monkeypatch.setattr(scan, "_conv_fwd_kernel", _reference_conv_fwd)
+    monkeypatch.setattr(scan, "_conv_bwd_kernel", _reference_conv_bwd)
+    torch.manual_seed(0)
+    batch, d_inner, length, n, rank, d_model = 2, 8, 13, 4, 3, 6
+    xz = torch.randn(2 * d_inner, batch, length).transpose(0, 1)  # channel-major, as in_proj writes it
+    args = [xz, torch.randn(d_inner, 1, 4) / 2, torch.randn(d_inner) / 2, torch.randn(rank + 2 * n, d_inner) / 4,
+            torch.randn(d_inner, rank) / 2, torch.rand(d_inner) - 3, torch.randn(d_model, d_inner) / 4,
+            torch.randn(d_model), -torch.rand(d_inner, n) - 0.5, torch.randn(d_inner)]
+    projections = {3, 4, 6}  # x_proj, dt_proj, out_proj weights
+    grad_out = torch.randn(batch, length, d_model)
+    runs = []
+    for fn in (scan.mamba_inner_torch, scan.mamba_inner_cuda):
+        leaves = [a.detach().requires_grad_(not (frozen and i in projections)) for i, a in enumerate(args)]
+        out = fn(*leaves)
+        out.backward(grad_out)
+        runs.append((out.detach(), [leaf.grad for leaf in leaves]))
+    (reference, reference_grads), (out, grads) = runs
+    torch.testing.assert_close(out, reference)
+    for i, (grad, expected) in enumerate(zip(grads, reference_grads)):
+        assert (grad is None) == (expected is None) == (frozen and i in projections), i
+        if grad is not None:
+            torch.testing.assert_close(grad, expected, msg=str(i))

@@ -142,11 +142,11 @@ def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("frozen", [False, True])
 def test_our_mamba_inner_fn_computes_what_mamba_ssms_does(dtype, frozen):
-    """models/mamba_inner_cuda.py against mamba_ssm's mamba_inner_fn: the output and every gradient
-    (fp32, and bf16 inputs and weights under autocast); with the projections frozen, their
-    gradients are not computed and the others are unchanged."""
+    """Our fused mixer function (scan.mamba_inner_cuda) against mamba_ssm's mamba_inner_fn: the
+    output and every gradient (fp32, and bf16 inputs and weights under autocast); with the
+    projections frozen, their gradients are not computed and the others are unchanged."""
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as upstream
-    from mambapeft.models.mamba_inner_cuda import mamba_inner_fn as ours
+    from mambapeft.models.scan import mamba_inner_cuda as ours
 
     torch.manual_seed(0)
     batch, d_inner, length, n, rank, d_model = 2, 64, 77, 8, 4, 32
@@ -162,7 +162,7 @@ def test_our_mamba_inner_fn_computes_what_mamba_ssms_does(dtype, frozen):
     grad_out = torch.randn(batch, length, d_model, device="cuda", dtype=dtype)
     runs = []
     for fn in (lambda: upstream(xz, conv_w, conv_b, x_proj, dt_proj, out_proj, None, A, None, None, D, dt_bias, None, None, True),
-               lambda: ours(xz, conv_w.squeeze(1), conv_b, x_proj, dt_proj, out_proj, None, A, D, dt_bias)):
+               lambda: ours(xz, conv_w, conv_b, x_proj, dt_proj, dt_bias, out_proj, None, A, D)):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = fn()
         out.backward(grad_out)

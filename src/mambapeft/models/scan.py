@@ -58,11 +58,10 @@ def _defer_mamba_ssm_package_init() -> None:
 _defer_mamba_ssm_package_init()
 _IMPORT_ERRORS: dict[str, str] = {}  # why an optional kernel package did not import (setup-gpu reports it)
 try:  # optional CUDA kernels; None when missing (as in mamba_ssm's own modules)
+    import selective_scan_cuda as _selective_scan_kernels  # mamba_ssm's compiled scan, under its Python wrappers
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
-
-    from .mamba_inner_cuda import mamba_inner_fn as _cuda_mamba_inner
 except ImportError as _error:  # pragma: no cover - depends on the machine
-    _cuda_selective_scan, _cuda_mamba_inner, _IMPORT_ERRORS["mamba_ssm"] = None, None, str(_error)
+    _cuda_selective_scan, _selective_scan_kernels, _IMPORT_ERRORS["mamba_ssm"] = None, None, str(_error)
 try:  # Triton SSD (mamba-ssm >= 2): Mamba-2's scan
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _cuda_chunk_scan
     from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined as _cuda_split_conv1d_scan
@@ -88,6 +87,11 @@ try:
     from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d
 except ImportError as _error:  # pragma: no cover - depends on the machine
     _cuda_causal_conv1d, _IMPORT_ERRORS["causal_conv1d"] = None, str(_error)
+try:  # causal-conv1d's raw forward and backward, which the fused mixer function calls directly
+    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function as _conv_bwd_kernel
+    from causal_conv1d.cpp_functions import causal_conv1d_fwd_function as _conv_fwd_kernel
+except ImportError as _error:  # pragma: no cover - depends on the machine
+    _conv_fwd_kernel, _conv_bwd_kernel, _IMPORT_ERRORS["causal_conv1d_cpp_functions"] = None, None, str(_error)
 
 BACKEND_ENV = "MAMBAPEFT_SCAN_BACKEND"
 BACKEND_NAMES = ("auto", "torch", "cuda")
@@ -540,14 +544,107 @@ def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 
+def _conv_silu(x, conv_weight, conv_bias):
+    """causal-conv1d's forward kernel with SiLU: x (B, D_inner, L) -> (B, D_inner, L) in x's layout."""
+    return _conv_fwd_kernel(x, conv_weight, conv_bias, None, None, None, True)  # SiLU
+
+
+def _delta(dt_proj_weight, x_dbl, batch):
+    """(D_inner, R) @ (R, B*L) -> (B, D_inner, L), channel-major as the scan wants it."""
+    rank = dt_proj_weight.shape[1]
+    return (dt_proj_weight @ x_dbl[:, :rank].t()).unflatten(1, (batch, -1)).transpose(0, 1)
+
+
+def _tokens_major(t):
+    """(B, C, L) -> (B*L, C): a view where t is channel-major, else one copy."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])
+
+
+def _channels_major(t):
+    """(B, C, L) -> (C, B*L): a view where t is channel-major, else one copy."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+class _MambaInnerFn(torch.autograd.Function):
+    """mamba_ssm's ``MambaInnerFn`` (real A, B and C from x_proj, conv and delta recomputed in the
+    backward: its checkpoint_lvl 1) with a backward that computes only the gradients asked for: under
+    PEFT the out_proj, x_proj and dt_proj weights are frozen, and mamba_ssm's computes their gradient
+    GEMMs anyway (11 ms of a 333 ms mamba-1.4b LoRA(in_proj) step at micro-batch 32, one H200). It
+    also sums out_proj's bias gradient over every dimension (a scalar); here over tokens.
+
+    xz (B, 2*D_inner, L), L contiguous (a channel-major (2*D_inner, B, L) storage reads uncopied);
+    conv_weight (D_inner, W); x_proj_weight (R + 2N, D_inner); dt_proj_weight (D_inner, R);
+    out_proj_weight (D_model, D_inner); A (D_inner, N), D and delta_bias (D_inner,) fp32.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
+                out_proj_bias, A, D, delta_bias):
+        if torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+            x_proj_weight, dt_proj_weight, out_proj_weight = (
+                w.to(dtype) for w in (x_proj_weight, dt_proj_weight, out_proj_weight))
+            out_proj_bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
+        xz = xz if xz.stride(-1) == 1 else xz.contiguous()
+        batch, n = xz.shape[0], A.shape[1]
+        x, z = xz.chunk(2, dim=1)
+        conv_out = _conv_silu(x, conv_weight, conv_bias)
+        x_dbl = F.linear(_tokens_major(conv_out), x_proj_weight)  # (B*L, R + 2N)
+        delta = _delta(dt_proj_weight, x_dbl, batch)
+        B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1).contiguous()
+                for i in (x_dbl.shape[1] - 2 * n, x_dbl.shape[1] - n))  # (B, 1, N, L)
+        out, scan_intermediates, out_z = _selective_scan_kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True)
+        ctx.has_out_bias = out_proj_bias is not None
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight,
+                              out_proj_weight, A, B, C, D, delta_bias, scan_intermediates, out)
+        return F.linear(out_z.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        (xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, out_proj_weight,
+         A, B, C, D, delta_bias, scan_intermediates, out) = ctx.saved_tensors
+        want_x_proj, want_dt_proj, want_out_proj, want_out_bias = ctx.needs_input_grad[3:7]
+        batch, rank, n = xz.shape[0], dt_proj_weight.shape[1], A.shape[1]
+        x, z = xz.chunk(2, dim=1)
+        conv_out = _conv_silu(x, conv_weight, conv_bias)  # recomputed, not saved (mamba_ssm's checkpoint_lvl 1)
+        delta = _delta(dt_proj_weight, x_dbl, batch)
+        dxz = torch.empty_like(xz)
+        dx, dz = dxz.chunk(2, dim=1)
+        dout = dout.reshape(-1, dout.shape[-1]).t()  # (D_model, B*L)
+        dy = (out_proj_weight.t() @ dout).unflatten(1, (batch, -1)).transpose(0, 1)  # (B, D_inner, L)
+        dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = _selective_scan_kernels.bwd(
+            conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz, True, True)
+        dout_proj = dout @ _tokens_major(out_z) if want_out_proj else None
+        dout_bias = dout.sum(dim=1) if ctx.has_out_bias and want_out_bias else None
+        dx_dbl = torch.empty_like(x_dbl)
+        dx_dbl[:, rank:rank + n] = dB[:, 0].transpose(1, 2).flatten(0, 1)
+        dx_dbl[:, rank + n:] = dC[:, 0].transpose(1, 2).flatten(0, 1)
+        ddelta = _channels_major(ddelta)  # (D_inner, B*L)
+        ddt_proj = ddelta @ x_dbl[:, :rank] if want_dt_proj else None
+        dx_dbl[:, :rank] = ddelta.t() @ dt_proj_weight
+        dx_proj = dx_dbl.t() @ _tokens_major(conv_out) if want_x_proj else None
+        dconv_out = _channels_major(dconv_out)
+        dconv_out = torch.addmm(dconv_out, x_proj_weight.t(), dx_dbl.t(), out=dconv_out)
+        dconv_out = dconv_out.unflatten(1, (batch, -1)).transpose(0, 1)
+        dx, dconv_weight, dconv_bias, *_ = _conv_bwd_kernel(
+            x, conv_weight, conv_bias, dconv_out, None, None, None, dx, False, True)
+        return (dxz, dconv_weight, dconv_bias if conv_bias is not None else None, dx_proj, ddt_proj,
+                dout_proj, dout_bias, dA, dD, ddelta_bias)
+
+
 def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
                      out_proj_weight, out_proj_bias, A, D):
     """mamba_ssm's ``mamba_inner_fn`` (what its own Mamba and transformers' MambaForCausalLM train
-    with): one autograd node that keeps xz and recomputes the conv and delta in the backward,
-    instead of saving every intermediate; ours (models/mamba_inner_cuda.py) skips the gradients of
-    frozen weights. Same arguments as :func:`mamba_inner_torch`."""
-    return _cuda_mamba_inner(xz, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
-                             out_proj_bias, A.float(), D.float(), dt_proj_bias.float())
+    with) on its kernels: one autograd node that keeps xz and recomputes the conv and delta in the
+    backward, instead of saving every intermediate; ours (:class:`_MambaInnerFn`) skips the
+    gradients of frozen weights. Same arguments as :func:`mamba_inner_torch`."""
+    if _selective_scan_kernels is None or _conv_fwd_kernel is None:
+        raise RuntimeError("The fused mixer needs mamba-ssm and causal-conv1d: install them with "
+                           "`pip install mamba-ssm causal-conv1d` (or `mambapeft setup-gpu`).")
+    return _MambaInnerFn.apply(xz, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
+                               out_proj_bias, A.float(), D.float(), dt_proj_bias.float())
 
 
 def gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
@@ -632,7 +729,8 @@ TORCH_BACKEND = ScanBackend("torch", selective_scan_torch, causal_conv1d_torch)
 # both fused functions run their conv through causal-conv1d's kernels: without them, the unfused
 # chain; mamba-ssm 1.x has no SSD kernel: Mamba-2 mixers then scan in PyTorch
 CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda,
-                           mamba_inner=mamba_inner_cuda if _cuda_mamba_inner and _cuda_causal_conv1d else None,
+                           mamba_inner=(mamba_inner_cuda if _selective_scan_kernels and _conv_fwd_kernel and _cuda_causal_conv1d
+                                        else None),
                            chunk_scan=chunk_scan_cuda if _cuda_chunk_scan is not None else chunk_scan_torch,
                            split_conv1d_scan=(split_conv1d_scan_cuda if _cuda_split_conv1d_scan and _cuda_causal_conv1d
                                               else None),
