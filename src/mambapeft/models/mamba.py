@@ -283,9 +283,19 @@ class Mamba(Mixer):
         return self.out_proj(y).unsqueeze(1)
 
 
+def unhooked(module: nn.Module) -> bool:
+    """Without forward hooks: reading its parameters directly skips nothing its call would run."""
+    return not module._forward_hooks and not module._forward_pre_hooks
+
+
 def plain(module: nn.Module, kind: type) -> bool:
     """Exactly ``kind`` (a wrapper or parametrisation changes the type) and without forward hooks."""
-    return type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
+    return type(module) is kind and unhooked(module)
+
+
+def linear_columns(weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) @ columns (in, N) (+ bias per row): a Linear applied to inputs stored as columns."""
+    return weight @ columns if bias is None else torch.addmm(bias[:, None], weight, columns)
 
 
 def linear_channel_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -300,7 +310,7 @@ def linear_channel_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     batch, length = x.shape[:2]
     if plain(linear, nn.Linear):
         rows = x.reshape(batch * length, x.shape[-1]).t()  # (in, B*L)
-        out = linear.weight @ rows if linear.bias is None else torch.addmm(linear.bias[:, None], linear.weight, rows)
+        out = linear_columns(linear.weight, linear.bias, rows)
     else:
         direct = getattr(linear, "channel_major", None)
         out = direct(x) if callable(direct) else None

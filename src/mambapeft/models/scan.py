@@ -552,7 +552,7 @@ def _conv_silu(x, conv_weight, conv_bias):
 def _delta(dt_proj_weight, x_dbl, batch):
     """(D_inner, R) @ (R, B*L) -> (B, D_inner, L), channel-major as the scan wants it."""
     rank = dt_proj_weight.shape[1]
-    return (dt_proj_weight @ x_dbl[:, :rank].t()).unflatten(1, (batch, -1)).transpose(0, 1)
+    return _from_channels_major(dt_proj_weight @ x_dbl[:, :rank].t(), batch)
 
 
 def _tokens_major(t):
@@ -563,6 +563,11 @@ def _tokens_major(t):
 def _channels_major(t):
     """(B, C, L) -> (C, B*L): a view where t is channel-major, else one copy."""
     return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _from_channels_major(t, batch):
+    """(C, B*L) -> (B, C, L), a view (the inverse of :func:`_channels_major`)."""
+    return t.unflatten(1, (batch, -1)).transpose(0, 1)
 
 
 class _MambaInnerFn(torch.autograd.Function):
@@ -586,7 +591,7 @@ class _MambaInnerFn(torch.autograd.Function):
             x_proj_weight, dt_proj_weight, out_proj_weight = (
                 w.to(dtype) for w in (x_proj_weight, dt_proj_weight, out_proj_weight))
             out_proj_bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
-        xz = xz if xz.stride(-1) == 1 else xz.contiguous()
+        xz = time_contiguous(xz)
         batch, n = xz.shape[0], A.shape[1]
         x, z = xz.chunk(2, dim=1)
         conv_out = _conv_silu(x, conv_weight, conv_bias)
@@ -613,7 +618,7 @@ class _MambaInnerFn(torch.autograd.Function):
         dxz = torch.empty_like(xz)
         dx, dz = dxz.chunk(2, dim=1)
         dout = dout.reshape(-1, dout.shape[-1]).t()  # (D_model, B*L)
-        dy = (out_proj_weight.t() @ dout).unflatten(1, (batch, -1)).transpose(0, 1)  # (B, D_inner, L)
+        dy = _from_channels_major(out_proj_weight.t() @ dout, batch)  # (B, D_inner, L)
         dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = _selective_scan_kernels.bwd(
             conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz, True, True)
         dout_proj = dout @ _tokens_major(out_z) if want_out_proj else None
@@ -627,7 +632,7 @@ class _MambaInnerFn(torch.autograd.Function):
         dx_proj = dx_dbl.t() @ _tokens_major(conv_out) if want_x_proj else None
         dconv_out = _channels_major(dconv_out)
         dconv_out = torch.addmm(dconv_out, x_proj_weight.t(), dx_dbl.t(), out=dconv_out)
-        dconv_out = dconv_out.unflatten(1, (batch, -1)).transpose(0, 1)
+        dconv_out = _from_channels_major(dconv_out, batch)
         dx, dconv_weight, dconv_bias, *_ = _conv_bwd_kernel(
             x, conv_weight, conv_bias, dconv_out, None, None, None, dx, False, True)
         return (dxz, dconv_weight, dconv_bias if conv_bias is not None else None, dx_proj, ddt_proj,

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.mamba import BACKWARD, FORWARD, Mamba, Mixer
+from ..models.mamba import BACKWARD, FORWARD, Mamba, Mixer, linear_columns, plain, unhooked
 from ..models.mamba2 import Mamba2
 from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
 from .targets import find_modules, fold_wrappers, owning_mixer, plain_linear, replace_module
@@ -164,9 +164,8 @@ class LoraLinear(nn.Module):
         accumulates onto it (its epilogue reads it: no pass of its own); any other update is added
         to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does. None
         where it would not equal :meth:`forward` call for call: a hook on any part, or a wrapped base."""
-        parts = [self, self.base, *(m for u in self.updates.values() for m in (u, *u.children()))]
-        if (type(self) is not LoraLinear or type(self.base) is not nn.Linear
-                or any(m._forward_hooks or m._forward_pre_hooks for m in parts)):
+        update_parts = [m for u in self.updates.values() for m in (u, *u.children())]
+        if not (plain(self, LoraLinear) and plain(self.base, nn.Linear) and all(map(unhooked, update_parts))):
             return None
         rows = x.reshape(-1, x.shape[-1]).t()  # (in, N)
         weight, bias = self._weight([u for u in self.updates.values() if u.acts_on_weight]), self.base.bias
@@ -177,11 +176,9 @@ class LoraLinear(nn.Module):
 
         first = next((u for u in active if u.rows == (0, weight.shape[0])), None)
         if first is None:
-            out = weight @ rows if bias is None else torch.addmm(bias[:, None], weight, rows)
+            out = linear_columns(weight, bias, rows)
         else:  # scale folded into up, so the gradient reaching the update is the output's, uncopied
-            update = (first.scale * first.lora_up.weight) @ down(first) if bias is None else \
-                torch.addmm(bias[:, None], first.scale * first.lora_up.weight, down(first))
-            out = torch.addmm(update, weight, rows)
+            out = torch.addmm(linear_columns(first.scale * first.lora_up.weight, bias, down(first)), weight, rows)
         for u in active:
             if u is first:
                 continue
