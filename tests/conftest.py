@@ -6,6 +6,8 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(1)  # CI machines have 2 cores; Snakemake jobs in the pipeline test use the other
+if not torch.cuda.is_available():  # our Triton kernels run in Triton's interpreter (numpy) on the CPU; the
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # variable is read when triton is first imported
 
 
 @pytest.fixture(autouse=True)

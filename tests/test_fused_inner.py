@@ -227,15 +227,62 @@ class _ReferenceScanKernels:
 
 
 def _reference_conv_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
-    return causal_conv1d_torch(x, weight, bias, "silu")
+    return causal_conv1d_torch(x, weight, bias, "silu" if silu else None)
 
 
 def _reference_conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial, silu):
-    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    """causal-conv1d's raw backward: dx into ``dx`` where given (the kernel's buffer), else a new tensor."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
     with torch.enable_grad():
-        grads = torch.autograd.grad(causal_conv1d_torch(*leaves, "silu"), leaves, dout)
-    dx.copy_(grads[0])
-    return dx, grads[1], grads[2], None
+        out = causal_conv1d_torch(*leaves, "silu" if silu else None)
+        grads = torch.autograd.grad(out, [t for t in leaves if t is not None], dout)
+    dx = grads[0] if dx is None else dx.copy_(grads[0])
+    return dx, grads[1], grads[2] if bias is not None else None, None
+
+
+@pytest.mark.parametrize("layout,length,bias,silu", [("channel-major", 300, True, True), ("batch-major", 7, False, True),
+                                                     ("channel-major", 5, True, False), ("batch-major", 1, True, True)])
+def test_the_triton_conv_forward_computes_the_reference(layout, length, bias, silu):
+    """models/conv_triton.py's kernel (in Triton's interpreter here: conftest.py) against
+    scan.causal_conv1d_torch: the output, in x's layout (300 steps: two time tiles, the second partial)."""
+    from mambapeft.models import conv_triton
+
+    torch.manual_seed(0)
+    b, d = 2, 20  # 20 channels: two channel tiles, the second partial
+    x = torch.randn(d, b, length).transpose(0, 1) if layout == "channel-major" else torch.randn(b, d, length)
+    weight, bias_t = torch.randn(d, 4) / 2, torch.randn(d) if bias else None
+    out = conv_triton.causal_conv1d_fwd_function(x, weight, bias_t, None, None, None, silu)
+    assert out.stride() == x.stride()
+    torch.testing.assert_close(out, causal_conv1d_torch(x, weight, bias_t, "silu" if silu else None))
+    with pytest.raises(NotImplementedError, match="initial_states"):
+        conv_triton.causal_conv1d_fwd_function(x, weight, bias_t, None, torch.zeros(b, d, 3), None, silu)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_cuda_conv_function_computes_the_reference(monkeypatch, bias):
+    """scan.causal_conv1d_cuda's own autograd function on the kernels' interfaces: the forward our
+    Triton kernel (interpreted), the backward causal-conv1d's served by PyTorch; output and gradients
+    equal causal_conv1d_torch's, a channel-major x and a non-contiguous output gradient included."""
+    import mambapeft.models.scan as scan
+    from mambapeft.models import conv_triton
+
+    monkeypatch.setattr(scan, "_cuda_causal_conv1d", lambda *a, **k: pytest.fail("causal_conv1d_fn called"))
+    monkeypatch.setattr(scan, "_conv_fwd_kernel", conv_triton.causal_conv1d_fwd_function)
+    monkeypatch.setattr(scan, "_conv_bwd_kernel", _reference_conv_bwd)
+    torch.manual_seed(0)
+    b, d, length = 2, 6, 11
+    args = [torch.randn(d, b, length).transpose(0, 1), torch.randn(d, 4) / 2, torch.randn(d) if bias else None]
+    grad_out = torch.randn(length, b, d).permute(1, 2, 0)  # time-major: the function makes it time-contiguous
+    runs = []
+    for conv in (scan.causal_conv1d_torch, scan.causal_conv1d_cuda):
+        leaves = [a.detach().requires_grad_() if a is not None else None for a in args]
+        out = conv(*leaves, "silu")
+        out.backward(grad_out)
+        runs.append((out.detach(), [t.grad for t in leaves if t is not None]))
+    (reference, reference_grads), (out, grads) = runs
+    torch.testing.assert_close(out, reference)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected)
 
 
 @pytest.mark.parametrize("frozen", [False, True])

@@ -208,6 +208,39 @@ def test_the_cuda_scan_padded_to_whole_blocks_computes_what_the_kernel_does_unpa
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout,length,bias", [("channel-major", 256, True), ("batch-major", 197, True),
+                                                ("channel-major", 300, False), ("batch-major", 3, True)])
+def test_the_conv_runs_our_forward_and_computes_what_causal_conv1d_does(layout, length, bias):
+    """scan.causal_conv1d_cuda (our Triton forward where Triton imports, causal-conv1d's backward) against
+    causal-conv1d's causal_conv1d_fn, bf16 x and fp32 weights as in training: the output bit for bit
+    in x's layout, the gradients up to the backward's atomics."""
+    from causal_conv1d import causal_conv1d_fn
+
+    import mambapeft.models.scan as scan
+
+    assert scan._triton_conv_fwd is not None and scan._conv_fwd_kernel is scan._triton_conv_fwd
+    torch.manual_seed(0)
+    b, d = 4, 80
+    x = (torch.randn(d, b, length, device="cuda").transpose(0, 1) if layout == "channel-major"
+         else torch.randn(b, d, length, device="cuda")).to(torch.bfloat16)  # .to keeps the strides
+    leaves = [x, torch.randn(d, 4, device="cuda") / 2, torch.randn(d, device="cuda") if bias else None]
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in leaves]
+    grad_out = torch.randn(b, d, length, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for conv in (lambda *a: causal_conv1d_fn(*a, activation="silu"), scan.causal_conv1d_cuda):
+        out = conv(*leaves)
+        out.backward(grad_out)
+        runs.append((out.detach(), [t.grad.clone() for t in leaves if t is not None]))
+        for t in leaves:
+            if t is not None:
+                t.grad = None
+    (reference, reference_grads), (out, grads) = runs
+    assert torch.equal(out, reference) and out.stride() == reference.stride()
+    for i, (grad, expected) in enumerate(zip(grads, reference_grads)):
+        assert rel(grad, expected) <= 1e-5, i
+
+
+@needs_kernels
 def test_our_mamba_inner_fn_sums_the_out_proj_bias_gradient_over_tokens():
     """An out_proj bias (mamba_ssm's own sums its gradient to a scalar): ours against the PyTorch
     reference, scan.mamba_inner_torch, in fp32."""

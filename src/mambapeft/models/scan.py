@@ -75,10 +75,12 @@ try:  # mamba_ssm's fused residual add + LayerNorm/RMSNorm (what its blocks run 
     from mamba_ssm.ops.triton.layer_norm import layer_norm_fn as _cuda_layer_norm
 except ImportError as _error:  # pragma: no cover - depends on the machine
     _cuda_layer_norm, _IMPORT_ERRORS["mamba_ssm_layer_norm"] = None, str(_error)
-try:  # our Triton conv step (causal-conv1d's causal_conv1d_update), for machines without that package
+try:  # our Triton kernels: the conv step (causal-conv1d's causal_conv1d_update), for machines without that
+    # package, and the conv forward (its causal_conv1d_fwd_function), run in place of that package's
     from .conv_step_triton import causal_conv1d_update_triton as _triton_conv_update
+    from .conv_triton import causal_conv1d_fwd_function as _triton_conv_fwd
 except ImportError as _error:  # pragma: no cover - depends on the machine
-    _triton_conv_update, _IMPORT_ERRORS["triton"] = None, str(_error)
+    _triton_conv_update, _triton_conv_fwd, _IMPORT_ERRORS["triton"] = None, None, str(_error)
 try:  # causal-conv1d's own conv step, what mamba_ssm's step runs where that package is installed
     from causal_conv1d import causal_conv1d_update as _causal_conv1d_update
 except ImportError as _error:  # pragma: no cover - depends on the machine
@@ -87,11 +89,13 @@ try:
     from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d
 except ImportError as _error:  # pragma: no cover - depends on the machine
     _cuda_causal_conv1d, _IMPORT_ERRORS["causal_conv1d"] = None, str(_error)
-try:  # causal-conv1d's raw forward and backward, which the fused mixer function calls directly
+try:  # causal-conv1d's raw forward and backward, which the conv and fused mixer functions call directly
     from causal_conv1d.cpp_functions import causal_conv1d_bwd_function as _conv_bwd_kernel
     from causal_conv1d.cpp_functions import causal_conv1d_fwd_function as _conv_fwd_kernel
 except ImportError as _error:  # pragma: no cover - depends on the machine
     _conv_fwd_kernel, _conv_bwd_kernel, _IMPORT_ERRORS["causal_conv1d_cpp_functions"] = None, None, str(_error)
+if _conv_fwd_kernel is not None and _triton_conv_fwd is not None:  # pragma: no cover - depends on the machine
+    _conv_fwd_kernel = _triton_conv_fwd  # the same output bit for bit in about half the time (conv_triton.py)
 
 BACKEND_ENV = "MAMBAPEFT_SCAN_BACKEND"
 BACKEND_NAMES = ("auto", "torch", "cuda")
@@ -460,11 +464,32 @@ def causal_conv1d_torch(x, weight, bias=None, activation="silu"):
     return F.silu(out) if activation == "silu" else out
 
 
+class _CausalConv1d(torch.autograd.Function):
+    """causal-conv1d's ``causal_conv1d_fn`` (time-contiguous x) on :data:`_conv_fwd_kernel` (ours, in
+    Triton, where it imports) and causal-conv1d's backward kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu = silu
+        return _conv_fwd_kernel(x, weight, bias, None, None, None, silu)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        dx, dweight, dbias, _ = _conv_bwd_kernel(x, weight, bias, time_contiguous(dout), None, None, None, None,
+                                                 False, ctx.silu)
+        return dx, dweight, dbias if bias is not None else None, None
+
+
 def causal_conv1d_cuda(x, weight, bias=None, activation="silu"):
-    """causal-conv1d's CUDA kernel, or the PyTorch conv when the package is missing (documented)."""
+    """causal-conv1d's CUDA kernels (the forward ours where Triton imports), or the PyTorch conv when
+    the package is missing (documented)."""
     if _cuda_causal_conv1d is None:
         return causal_conv1d_torch(x, weight, bias, activation)
-    return _cuda_causal_conv1d(x, weight, bias, activation=activation)
+    if _conv_fwd_kernel is None or _conv_bwd_kernel is None:  # pragma: no cover - a causal-conv1d without them
+        return _cuda_causal_conv1d(x, weight, bias, activation=activation)
+    return _CausalConv1d.apply(time_contiguous(x), weight, bias, activation in ("silu", "swish"))
 
 
 def conv_state_of(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -545,7 +570,7 @@ def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
 
 
 def _conv_silu(x, conv_weight, conv_bias):
-    """causal-conv1d's forward kernel with SiLU: x (B, D_inner, L) -> (B, D_inner, L) in x's layout."""
+    """The conv forward kernel (ours where Triton imports) with SiLU: x (B, D_inner, L) -> (B, D_inner, L), x's layout."""
     return _conv_fwd_kernel(x, conv_weight, conv_bias, None, None, None, True)  # SiLU
 
 
