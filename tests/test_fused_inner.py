@@ -182,16 +182,18 @@ def test_lora_channel_major_steps_aside_for_a_hook(hooked):
     assert module.channel_major(x) is not None
 
 
-def test_lora_channel_major_under_autocast_computes_in_its_dtype():
-    """Under bf16 autocast (the CUDA training precision; here on the CPU) the stacked GEMM runs in
-    bf16 as the module's own GEMMs do, and lands close to them; gradients reach the fp32 LoRA weights."""
+@pytest.mark.parametrize("rows", [(0, 48), (0, 96)])  # a block (its own GEMM), all rows (under the frozen one's)
+def test_lora_channel_major_under_autocast_computes_in_its_dtype(rows):
+    """Under bf16 autocast (the CUDA training precision; here on the CPU) its GEMMs run in bf16 as the
+    module's own do, fp32 weight and input included, and land close to them; gradients reach the
+    fp32 LoRA weights."""
     from mambapeft.models.mamba import linear_channel_major
     from mambapeft.peft.lora import LoraLinear, LoraSpec, LowRankUpdate
 
     torch.manual_seed(0)
     module = LoraLinear(torch.nn.Linear(64, 96, bias=False))
     module.base.weight.requires_grad_(False)
-    update = LowRankUpdate(64, (0, 48), LoraSpec(targets=("in_proj",), rank=4), module.base.weight)
+    update = LowRankUpdate(64, rows, LoraSpec(targets=("in_proj",), rank=4), module.base.weight)
     torch.nn.init.normal_(update.lora_up.weight)
     module.add("x", update, "in_proj")
     x = torch.randn(2, 30, 64)

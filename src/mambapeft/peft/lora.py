@@ -161,7 +161,7 @@ class LoraLinear(nn.Module):
         models/mamba.py's ``linear_channel_major``, in place of the (N, out) output, the scaled and
         padded update, their sum and a transposed copy (at mamba-1.4b's in_proj, five passes over a
         32 x 256 x 8192 tensor). An update of all rows is computed first and the frozen GEMM
-        accumulates onto it (its epilogue reads it: no pass of its own); any other update is added
+        accumulates onto it in place (its epilogue reads it: no pass of its own); any other update is added
         to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does. None
         where it would not equal :meth:`forward` call for call: a hook on any part, or a wrapped base."""
         update_parts = [m for u in self.updates.values() for m in (u, *u.children())]
@@ -177,8 +177,11 @@ class LoraLinear(nn.Module):
         first = next((u for u in active if u.rows == (0, weight.shape[0])), None)
         if first is None:
             out = linear_columns(weight, bias, rows)
-        else:  # scale folded into up, so the gradient reaching the update is the output's, uncopied
-            out = torch.addmm(linear_columns(first.scale * first.lora_up.weight, bias, down(first)), weight, rows)
+        else:  # scale folded into up, so the gradient reaching the update is the output's, uncopied; in
+            # place (addmm_, which autocast leaves alone: the operands cast here as it casts them), as
+            # torch.addmm copied the update into a new output first (65 us a layer at mamba-1.4b's in_proj)
+            out = linear_columns(first.scale * first.lora_up.weight, bias, down(first))
+            out = out.addmm_(weight.to(out.dtype), rows.to(out.dtype))
         for u in active:
             if u is first:
                 continue
