@@ -247,6 +247,7 @@ def _reference_conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_s
 def test_the_triton_conv_forward_computes_the_reference(layout, length, bias, silu):
     """models/conv_triton.py's kernel (in Triton's interpreter here: conftest.py) against
     scan.causal_conv1d_torch: the output, in x's layout (300 steps: two time tiles, the second partial)."""
+    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
     from mambapeft.models import conv_triton
 
     torch.manual_seed(0)
@@ -265,6 +266,7 @@ def test_the_cuda_conv_function_computes_the_reference(monkeypatch, bias):
     """scan.causal_conv1d_cuda's own autograd function on the kernels' interfaces: the forward our
     Triton kernel (interpreted), the backward causal-conv1d's served by PyTorch; output and gradients
     equal causal_conv1d_torch's, a channel-major x and a non-contiguous output gradient included."""
+    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
     import mambapeft.models.scan as scan
     from mambapeft.models import conv_triton
 

@@ -240,6 +240,46 @@ def test_the_conv_runs_our_forward_and_computes_what_causal_conv1d_does(layout, 
         assert rel(grad, expected) <= 1e-5, i
 
 
+def test_the_language_loss_runs_our_cross_entropy_and_computes_what_torch_does(monkeypatch):
+    """On CUDA the loss chunks run train/cross_entropy_triton.py: a mamba-mini LM's summed loss and
+    gradients under bf16 autocast against the same loss with F.cross_entropy on fp32 logits; and
+    the kernel alone at a chunk of mamba's vocabulary (256 x 50,280 bf16 logits)."""
+    import torch.nn.functional as F
+
+    import mambapeft.train.language as language
+    from mambapeft.train.cross_entropy_triton import token_cross_entropy_sum
+
+    assert language._triton_cross_entropy_sum is token_cross_entropy_sum
+    torch.manual_seed(0)
+    logits = (torch.randn(256, 50280, device="cuda") * 3).to(torch.bfloat16)
+    targets = torch.randint(0, 50280, (256,), device="cuda")
+    targets[::7] = language.IGNORE
+    runs = []
+    for loss_fn in (lambda x: F.cross_entropy(x.float(), targets, reduction="sum", ignore_index=language.IGNORE),
+                    lambda x: token_cross_entropy_sum(x, targets, language.IGNORE)):
+        leaf = logits.detach().requires_grad_()
+        loss = loss_fn(leaf)
+        loss.backward()
+        runs.append((loss.detach(), leaf.grad))
+    assert rel(runs[1][0], runs[0][0]) <= 1e-6
+    assert (runs[1][1].float() - runs[0][1].float()).abs().max() <= 2 ** -7  # one bf16 step at |grad| <= 1
+
+    model = build_model("mamba-mini", vocab_size=64).cuda()
+    ids = torch.randint(1, 64, (4, 300), device="cuda")
+    targets = language.next_token_targets(ids, torch.tensor([300, 250, 120, 300]))
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    results = []
+    for kernel in (None, token_cross_entropy_sum):
+        monkeypatch.setattr(language, "_triton_cross_entropy_sum", kernel)
+        model.zero_grad(set_to_none=True)
+        loss = language.token_loss_sum(model, ids, targets, autocast)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert rel(results[1][0], results[0][0]) <= 1e-5
+    for name, grad in results[0][1].items():
+        assert rel(results[1][1][name], grad) <= 1e-2, name
+
+
 @needs_kernels
 def test_our_mamba_inner_fn_sums_the_out_proj_bias_gradient_over_tokens():
     """An out_proj bias (mamba_ssm's own sums its gradient to a scalar): ours against the PyTorch

@@ -210,3 +210,36 @@ def test_loss_casts_the_lm_head_once_and_computes_what_calling_it_per_chunk_does
     assert grads.keys() == called_grads.keys() and len(grads) == (len(list(model.parameters())) if head_trains else 1)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, called_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_triton_cross_entropy_computes_what_torch_does(monkeypatch, dtype):
+    """train/cross_entropy_triton.py (in Triton's interpreter here: conftest.py) against
+    F.cross_entropy on fp32 logits, what the loss computes without it: the summed loss, and the
+    gradient in the logits' dtype (to a bf16 rounding step), ignored targets included; a vocabulary
+    over several blocks, the last partial, and logits with a row stride of their own."""
+    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    import torch
+    import torch.nn.functional as F
+
+    from mambapeft.train import cross_entropy_triton
+    from mambapeft.train.language import IGNORE
+
+    monkeypatch.setattr(cross_entropy_triton, "BLOCK_V", 64)  # 150 entries: three blocks
+    torch.manual_seed(0)
+    logits = (torch.randn(7, 160) * 4).to(getattr(torch, dtype))[:, :150]
+    targets = torch.randint(0, 150, (7,))
+    targets[[2, 5]] = IGNORE
+    runs = []
+    for loss_fn in (lambda x: F.cross_entropy(x.float(), targets, reduction="sum", ignore_index=IGNORE),
+                    lambda x: cross_entropy_triton.token_cross_entropy_sum(x, targets, IGNORE)):
+        leaf = logits.detach().requires_grad_()
+        loss = loss_fn(leaf)
+        (loss * 1.7).backward()
+        runs.append((loss.detach(), leaf.grad))
+    (expected, expected_grad), (loss, grad) = runs
+    assert loss.dtype == torch.float32 and grad.dtype == logits.dtype
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    assert not grad[[2, 5]].any()
+    step = 2 ** -7 if dtype == "bfloat16" else 1e-6  # one bf16 rounding step at |grad| <= 1.7
+    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=0, atol=step * 2)

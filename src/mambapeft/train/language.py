@@ -20,6 +20,11 @@ from .graphs import capture
 from .micro_batch import AUTO, micro_batch_setting
 from .seeding import epoch_permutation
 
+try:  # our Triton cross-entropy on the logits' own dtype (cross_entropy_triton.py), for CUDA tensors
+    from .cross_entropy_triton import token_cross_entropy_sum as _triton_cross_entropy_sum
+except ImportError:  # pragma: no cover - a machine without Triton (the PyTorch loss then)
+    _triton_cross_entropy_sum = None
+
 LOSS_CHUNK = 256  # positions per lm_head call: fp32 logits of a whole batch are never materialised
 
 
@@ -79,6 +84,8 @@ def _loss_head(lm_head: nn.Module, device: torch.device) -> nn.Module | torch.Te
 def _chunk_loss(head: nn.Module | torch.Tensor, h: torch.Tensor, targets: torch.Tensor, autocast) -> torch.Tensor:
     with autocast():
         logits = F.linear(h, head) if isinstance(head, torch.Tensor) else head(h)  # (n, vocab)
+    if logits.is_cuda and _triton_cross_entropy_sum is not None:  # the same fp32 loss, no fp32 copy of the logits
+        return _triton_cross_entropy_sum(logits, targets, IGNORE)
     return F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE)
 
 
