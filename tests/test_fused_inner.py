@@ -287,6 +287,8 @@ def test_the_cuda_conv_function_computes_the_reference(monkeypatch, bias):
     torch.testing.assert_close(out, reference)
     for grad, expected in zip(grads, reference_grads):
         torch.testing.assert_close(grad, expected)
+    with pytest.raises(ValueError, match="'relu'"):  # causal-conv1d's activations only, not silently none
+        scan.causal_conv1d_cuda(*args, "relu")
 
 
 @pytest.mark.parametrize("frozen", [False, True])

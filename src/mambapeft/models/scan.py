@@ -487,6 +487,8 @@ def causal_conv1d_cuda(x, weight, bias=None, activation="silu"):
     the package is missing (documented)."""
     if _cuda_causal_conv1d is None:
         return causal_conv1d_torch(x, weight, bias, activation)
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"causal conv activation {activation!r}: use None, 'silu' or 'swish'")
     if _conv_fwd_kernel is None or _conv_bwd_kernel is None:  # pragma: no cover - a causal-conv1d without them
         return _cuda_causal_conv1d(x, weight, bias, activation=activation)
     return _CausalConv1d.apply(time_contiguous(x), weight, bias, activation in ("silu", "swish"))
