@@ -44,12 +44,12 @@ def _cross_entropy_fwd_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, stride
 
 
 @triton.jit
-def _cross_entropy_bwd_kernel(logits_ptr, targets_ptr, lse_ptr, grad_loss_ptr, grad_ptr, vocab, stride_row,
-                              stride_grad_row, ignore_index, BLOCK_V: tl.constexpr):
+def _cross_entropy_bwd_kernel(logits_ptr, targets_ptr, lse_ptr, grad_loss_ptr, grad_ptr, stride_row,
+                              stride_grad_row, ignore_index, VOCAB: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     first = tl.program_id(1) * BLOCK_V
     offsets = first + tl.arange(0, BLOCK_V)
-    in_vocab = offsets < vocab
+    in_vocab = offsets < VOCAB
     target = tl.load(targets_ptr + row)
     x = tl.load(logits_ptr + row.to(tl.int64) * stride_row + offsets, mask=in_vocab, other=0.0).to(tl.float32)
     grad = tl.exp(x - tl.load(lse_ptr + row)) - tl.where(offsets == target, 1.0, 0.0)
@@ -77,8 +77,8 @@ class _TokenCrossEntropySum(torch.autograd.Function):
         rows, vocab = logits.shape
         grad = torch.empty_like(logits)
         _cross_entropy_bwd_kernel[(rows, triton.cdiv(vocab, BLOCK_V))](
-            logits, targets, lse, grad_loss.float(), grad, vocab, logits.stride(0), grad.stride(0), ctx.ignore_index,
-            BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+            logits, targets, lse, grad_loss.float(), grad, logits.stride(0), grad.stride(0), ctx.ignore_index,
+            VOCAB=vocab, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
         return grad, None, None
 
 
