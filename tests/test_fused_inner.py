@@ -215,10 +215,13 @@ class _ReferenceScanKernels:
     @staticmethod
     def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         out = selective_scan_torch(u, delta, A, B[:, 0], C[:, 0], D, None, delta_bias, delta_softplus)
-        return out, None, out * F.silu(z)
+        chunks = -(-u.shape[-1] // 2048)  # the kernel's: the state at each 2048-step chunk's end
+        return out, torch.zeros(*u.shape[:2], chunks, 2 * A.shape[1]), out * F.silu(z)
 
     @staticmethod
     def bwd(u, delta, A, B, C, D, z, delta_bias, dout, intermediates, out, dz, delta_softplus, recompute_out_z):
+        if u.shape[-1] > 2048:  # the kernel's own check: it reads the chunk states past the first chunk
+            assert intermediates is not None and intermediates.shape[2] == 2
         leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
         u_, delta_, A_, B_, C_, D_, z_, bias_ = leaves
         with torch.enable_grad():  # a Function's backward runs without it
@@ -292,18 +295,20 @@ def test_the_cuda_conv_function_computes_the_reference(monkeypatch, bias):
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, frozen):
+@pytest.mark.parametrize("length", [13, 2049])
+def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, frozen, length):
     """scan._MambaInnerFn with the CUDA kernels' interfaces served by the PyTorch scan and conv: the
     output and gradients equal mamba_inner_torch's, channel-major input included; frozen
-    projections get no gradient (none computed), the rest the same. (On the GPU, the same function
-    on the real kernels is compared with mamba_ssm's: tests/test_gpu.py.)"""
+    projections get no gradient (none computed), the rest the same; past 2048 steps the backward
+    is given the chunk states it reads. (On the GPU, the same function on the real kernels is
+    compared with mamba_ssm's: tests/test_gpu.py.)"""
     import mambapeft.models.scan as scan
 
     monkeypatch.setattr(scan, "_selective_scan_kernels", _ReferenceScanKernels)
     monkeypatch.setattr(scan, "_conv_fwd_kernel", _reference_conv_fwd)
     monkeypatch.setattr(scan, "_conv_bwd_kernel", _reference_conv_bwd)
     torch.manual_seed(0)
-    batch, d_inner, length, n, rank, d_model = 2, 8, 13, 4, 3, 6
+    batch, d_inner, n, rank, d_model = 2, 8, 4, 3, 6
     xz = torch.randn(2 * d_inner, batch, length).transpose(0, 1)  # channel-major, as in_proj writes it
     args = [xz, torch.randn(d_inner, 1, 4) / 2, torch.randn(d_inner) / 2, torch.randn(rank + 2 * n, d_inner) / 4,
             torch.randn(d_inner, rank) / 2, torch.rand(d_inner) - 3, torch.randn(d_model, d_inner) / 4,

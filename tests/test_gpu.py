@@ -280,6 +280,93 @@ def test_the_language_loss_runs_our_cross_entropy_and_computes_what_torch_does(m
         assert rel(results[1][1][name], grad) <= 1e-2, name
 
 
+def _lora_in_proj_lm(dropout: float):
+    """mamba-mini LM on the GPU with LoRA(in_proj) at ``dropout``, updates nudged off zero."""
+    torch.manual_seed(0)
+    model = build_model("mamba-mini", vocab_size=64).cuda().train()
+    peft = [dict(member, dropout=dropout) for member in method_definition("language", "lora_in_proj", "mamba-mini", None)["peft"]]
+    result = apply_peft(model, peft, "lora_in_proj")
+    with torch.no_grad():
+        for p in result.trainable.values():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _held_after_forward_and_grads(model, ids):
+    """Bytes the forward leaves allocated for the backward, and the gradients (bf16 autocast)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids).float().logsumexp(-1).mean()
+    held = torch.cuda.memory_allocated() - before
+    loss.backward()
+    return held, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@needs_kernels
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_in_proj_keeps_neither_the_normed_input_nor_a_dropout_mask(monkeypatch, dropout):
+    """A LoRA(in_proj) LM on the CUDA kernels under bf16 autocast: its forward holds less for the backward
+    than with each block's normed input kept (models/rebuild.py off) and nn.Dropout's mask and output
+    (peft/dropout_triton.py off), by at least those per block; without dropout (no mask drawn either
+    way) the gradients are bit for bit the same."""
+    import contextlib
+
+    import mambapeft.models.mamba as mamba
+    import mambapeft.peft.lora as lora
+
+    ids = torch.randint(0, 64, (16, 256), device="cuda")
+    held, grads = _held_after_forward_and_grads(_lora_in_proj_lm(dropout), ids)
+    monkeypatch.setattr(mamba, "rebuilt_when_saved", lambda tensor, rebuild: contextlib.nullcontext())
+    monkeypatch.setattr(lora, "_dropout_linear", None)
+    model = _lora_in_proj_lm(dropout)
+    kept, kept_grads = _held_after_forward_and_grads(model, ids)
+    layers, width = len(model.backbone.layers), model.config.d_model
+    per_block = ids.numel() * width * (2 + (1 if dropout else 0))  # bf16 normed input (or dropped), bool mask
+    assert kept - held >= (layers - 1) * per_block, (kept, held)  # the first block's norm has no graph: kept
+    if not dropout:
+        assert grads.keys() == kept_grads.keys() and all(torch.equal(grads[n], kept_grads[n]) for n in grads)
+
+
+@needs_kernels
+def test_lora_dropout_on_cuda_trains_as_its_mask_says_and_a_hook_keeps_the_module_calls():
+    """LowRankUpdate.down on CUDA under bf16 autocast: dropout_linear against F.linear on x times the
+    kernel's mask (output and gradients, one bf16 step); with a hook on lora_down, the modules run."""
+    import torch.nn.functional as F
+
+    from mambapeft.peft.dropout_triton import dropout_linear, seeded_dropout
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 256, 768, device="cuda").to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(32, 768, device="cuda") / 30).requires_grad_()
+    state = torch.cuda.get_rng_state()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = dropout_linear(x, weight, 0.1)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.cuda.set_rng_state(state)  # the same seed draw, for the reference's mask
+    mask = seeded_dropout(torch.ones_like(x), torch.randint(2**31 - 1, (1,), device="cuda"), 0.1) != 0
+    assert abs(mask.float().mean().item() - 0.9) < 0.01
+
+    def dropped(t):
+        return torch.where(mask, t.float() * (1 / 0.9), 0.0).to(t.dtype)
+
+    leaves = [dropped(x.detach()).requires_grad_(), weight.detach().clone().requires_grad_()]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = F.linear(*leaves)
+    expected.backward(grad)
+    assert torch.equal(out, expected)
+    assert rel(weight.grad, leaves[1].grad) <= 1e-2 and rel(x.grad, dropped(leaves[0].grad)) <= 1e-2
+
+    model = _lora_in_proj_lm(0.1)
+    update = next(m for m in model.modules() if hasattr(m, "lora_down"))
+    calls = []
+    update.lora_down.register_forward_hook(lambda *args: calls.append(1))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.randint(0, 64, (2, 40), device="cuda")).float().sum().backward()
+    assert calls == [1]
+
+
 @needs_kernels
 def test_our_mamba_inner_fn_sums_the_out_proj_bias_gradient_over_tokens():
     """An out_proj bias (mamba_ssm's own sums its gradient to a scalar): ours against the PyTorch

@@ -89,7 +89,8 @@ def test_fused_add_rms_norm_trains_as_the_torch_one(hidden_dtype, first):
     leaves = [t for t in (hidden, residual, weight) if t is not None]
     results = []
     for add_norm in (add_rms_norm_torch, CUDA_BACKEND.add_rms_norm):
-        normed, new_residual = add_norm(hidden, residual, weight, 1e-5, True)
+        normed, new_residual, rebuild = add_norm(hidden, residual, weight, 1e-5, True)
+        assert torch.equal(rebuild(), normed)  # bit for bit, from the residual (and the kernel's 1/rms)
         grads = torch.autograd.grad([normed, new_residual], leaves, [out_grad.to(normed.dtype), residual_grad])
         results.append((normed, new_residual, grads))
     (expected, expected_residual, expected_grads), (got, got_residual, got_grads) = results

@@ -95,17 +95,18 @@ def test_the_fused_add_norm_reference_equals_the_block_add_and_norm(first):
     hidden, residual = torch.randn(2, 1, 16), None if first else torch.randn(2, 1, 16)
     expected = block._add_and_norm(hidden, residual)
     got = add_rms_norm_torch(hidden, residual, block.norm.weight, block.norm.eps, True)
-    for a, b in zip(got, expected):
+    for a, b in zip(got[:2], expected[:2]):  # the third: how to rebuild the normed tensor (fused only)
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_every_forward_takes_the_fused_add_norm_where_the_norm_is_plain():
-    calls = []
+    calls, rebuilds = [], []
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return add_rms_norm_torch(*args, **kwargs)
+        normed, residual, rebuild = add_rms_norm_torch(*args, **kwargs)
+        return normed, residual, rebuild and (lambda: rebuilds.append(1) or rebuild())
 
     model = _adapted("language", "full").train()  # every weight trains: the norms' gradients are checked too
     ids = torch.randint(0, 64, (2, 8))
@@ -117,6 +118,7 @@ def test_every_forward_takes_the_fused_add_norm_where_the_norm_is_plain():
     fused.sum().backward()
     layers = len(model.backbone.layers)
     assert len(calls) == layers + 1  # every block and the final norm, in training too
+    assert len(rebuilds) >= layers  # in_proj's weight gradient read each block's normed input, rebuilt
     torch.testing.assert_close(fused, expected)  # fp32 weights: the same norm as the PyTorch path
     for name, grad in expected_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)

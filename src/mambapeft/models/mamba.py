@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .rebuild import rebuilt_when_saved
 from .scan import TORCH_BACKEND, ScanBackend, causal_conv1d_step, conv_state_of
 
 
@@ -333,21 +334,23 @@ def conv_step(conv: nn.Conv1d, x: torch.Tensor, state: MixerState, backend: Scan
 def fused_add_norm(norm: nn.Module, backend: ScanBackend) -> Callable | None:
     """The backend's fused residual add + RMSNorm where it can stand in for ``norm`` (it reads the
     weight raw: a plain :class:`RMSNorm` only, so a wrapped or parametrised norm is never skipped), else None. Called as
-    ``(hidden, residual, weight, eps, residual_in_fp32) -> (normed, residual)``."""
+    ``(hidden, residual, weight, eps, residual_in_fp32) -> (normed, residual, rebuild of normed or None)``."""
     return backend.add_rms_norm if backend.add_rms_norm is not None and plain(norm, RMSNorm) else None
 
 
 def add_and_norm(norm: nn.Module, backend: ScanBackend, hidden, residual, residual_in_fp32: bool = True):
     """residual <- residual + hidden (hidden alone when residual is None); returns (norm(residual),
-    residual), the residual in fp32 when ``residual_in_fp32``. In the backend's fused kernel where it
-    can stand in for ``norm`` (:func:`fused_add_norm`), else ``norm`` called on the residual in its
-    weight's dtype (mamba_ssm's ``fused_add_norm=False``)."""
+    residual, rebuild), the residual in fp32 when ``residual_in_fp32``. In the backend's fused kernel
+    where it can stand in for ``norm`` (:func:`fused_add_norm`), with a zero-argument ``rebuild`` giving
+    the normalised tensor again bit for bit from what the norm's backward keeps (None where it would
+    not pay), else ``norm`` called on the residual in its weight's dtype (mamba_ssm's
+    ``fused_add_norm=False``) and no rebuild."""
     fused = fused_add_norm(norm, backend)
     if fused is not None:
         return fused(hidden, residual, norm.weight, norm.eps, residual_in_fp32)
     residual = hidden if residual is None else residual + hidden
     normed = norm(residual.to(norm.weight.dtype))
-    return normed, residual.float() if residual_in_fp32 else residual
+    return normed, residual.float() if residual_in_fp32 else residual, None
 
 
 class Block(nn.Module):
@@ -375,11 +378,14 @@ class Block(nn.Module):
         return add_and_norm(self.norm, self.mixer.backend, hidden, residual, self.residual_in_fp32)
 
     def forward(self, hidden, residual=None, state: MixerState | None = None):
-        """hidden, residual: (B, L, D) -> (mixer output, residual)."""
-        normed, residual = self._add_and_norm(hidden, residual)
-        return self.mixer(normed, state=state), residual
+        """hidden, residual: (B, L, D) -> (mixer output, residual). What the mixer saves of its input
+        for the backward (LoRA's down-projection on in_proj does) is rebuilt there from the norm's
+        own saved tensors where the add and norm fuse (``models/rebuild.py``), not kept twice."""
+        normed, residual, rebuild = self._add_and_norm(hidden, residual)
+        with rebuilt_when_saved(normed, rebuild):
+            return self.mixer(normed, state=state), residual
 
     def step(self, hidden, residual, state: MixerState):
         """hidden, residual: (B, 1, D) -> (mixer output, residual) for one generated token."""
-        normed, residual = self._add_and_norm(hidden, residual)
+        normed, residual, _ = self._add_and_norm(hidden, residual)
         return self.mixer.step(normed, state), residual

@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .rebuild import checked
+
 
 def _defer_mamba_ssm_package_init() -> None:
     """Let ``mamba_ssm.ops.*`` import without running ``mamba_ssm/__init__.py`` until a name of the
@@ -71,10 +73,11 @@ try:  # one Triton kernel for a generation step of the selective scan (what mamb
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update as _cuda_state_update
 except ImportError as _error:  # pragma: no cover - depends on the machine
     _cuda_state_update, _IMPORT_ERRORS["mamba_ssm_state_update"] = None, str(_error)
-try:  # mamba_ssm's fused residual add + LayerNorm/RMSNorm (what its blocks run with fused_add_norm)
-    from mamba_ssm.ops.triton.layer_norm import layer_norm_fn as _cuda_layer_norm
+try:  # mamba_ssm's fused residual add + LayerNorm/RMSNorm kernels (what its blocks run with fused_add_norm)
+    from mamba_ssm.ops.triton.layer_norm import _layer_norm_bwd, _layer_norm_fwd
+    from .norm_triton import rms_normed as _rms_normed
 except ImportError as _error:  # pragma: no cover - depends on the machine
-    _cuda_layer_norm, _IMPORT_ERRORS["mamba_ssm_layer_norm"] = None, str(_error)
+    _layer_norm_fwd, _layer_norm_bwd, _rms_normed, _IMPORT_ERRORS["mamba_ssm_layer_norm"] = None, None, None, str(_error)
 try:  # our Triton kernels: the conv step (causal-conv1d's causal_conv1d_update), for machines without that
     # package, and the conv forward (its causal_conv1d_fwd_function), run in place of that package's
     from .conv_step_triton import causal_conv1d_update_triton as _triton_conv_update
@@ -530,24 +533,81 @@ def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation="sil
 # ----------------------------------------------------------------------------------------------
 # Residual add + RMSNorm of a block (mamba_ssm's fused_add_norm)
 # ----------------------------------------------------------------------------------------------
+def _residual_dtype(hidden, residual, residual_in_fp32) -> torch.dtype:
+    """The residual stream's dtype after a block's add: the incoming residual's, else (first block) fp32
+    when residual_in_fp32, else hidden's."""
+    if residual is not None:
+        return residual.dtype
+    return torch.float32 if residual_in_fp32 else hidden.dtype
+
+
+def _rms_normed_torch(total, weight, eps):
+    return total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
 def add_rms_norm_torch(hidden, residual, weight, eps, residual_in_fp32=True):
     """residual <- hidden + residual (hidden alone when residual is None), summed and normalised in
     fp32: hidden, residual (..., D), weight (D,) -> (RMSNorm(residual) in hidden's dtype, residual in
-    its own dtype; fp32 for a first block when residual_in_fp32, else hidden's dtype)."""
+    its own dtype (:func:`_residual_dtype`), a zero-argument function giving the first again bit for bit
+    from the second, or None where that would not pay (:func:`_rebuildable`))."""
     total = hidden.float() if residual is None else hidden.float() + residual.float()
-    out = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    if residual is not None:
-        residual_dtype = residual.dtype
-    else:
-        residual_dtype = torch.float32 if residual_in_fp32 else hidden.dtype
-    return out.to(hidden.dtype), total.to(residual_dtype)
+    out = _rms_normed_torch(total, weight, eps).to(hidden.dtype)
+    residual, dtype = total.to(_residual_dtype(hidden, residual, residual_in_fp32)), out.dtype
+    if not _rebuildable(out, residual):
+        return out, residual, None
+    return out, residual, checked(lambda: _rms_normed_torch(residual, weight, eps).to(dtype), residual, weight)
+
+
+def _rebuildable(normed, residual) -> bool:
+    """Whether a rebuild of ``normed`` from ``residual`` pays: the residual holds what the norm read (fp32)
+    and the norm's backward keeps it anyway (a graph reaches it; else the rebuild would keep it alone)."""
+    return residual.dtype == torch.float32 and normed.requires_grad
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(..., D) -> (rows, D) with unit stride along D, as mamba_ssm's norm kernels read it."""
+    if t is None:
+        return None
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    """mamba_ssm's ``LayerNormFn`` as a pre-norm block calls it (``prenorm=True, is_rms_norm=True``, no
+    bias, dropout or second input), on its kernels, also returning each row's 1/rms (not
+    differentiable): with it and the fp32 residual the output is rebuilt bit for bit
+    (``norm_triton.rms_normed``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, residual, weight, eps, residual_dtype):
+        outputs = _layer_norm_fwd(_rows(hidden), weight.contiguous(), None, eps, _rows(residual),
+                                  residual_dtype=residual_dtype, is_rms_norm=True)
+        normed, rstd, residual_out = outputs[0], outputs[3], outputs[4]
+        ctx.save_for_backward(residual_out, weight, rstd)
+        ctx.eps, ctx.has_residual, ctx.hidden_dtype = eps, residual is not None, hidden.dtype
+        ctx.mark_non_differentiable(rstd)
+        return normed.view(hidden.shape), residual_out.view(hidden.shape), rstd
+
+    @staticmethod
+    def backward(ctx, dnormed, dresidual, _drstd):
+        residual_out, weight, rstd = ctx.saved_tensors
+        dhidden, dweight, _, dresidual_in, *_ = _layer_norm_bwd(
+            _rows(dnormed), residual_out, weight, None, ctx.eps, None, rstd, _rows(dresidual),
+            has_residual=ctx.has_residual, is_rms_norm=True, x_dtype=ctx.hidden_dtype)
+        shape = dnormed.shape
+        return (dhidden.view(shape), dresidual_in.view(shape) if ctx.has_residual else None, dweight, None, None)
 
 
 def add_rms_norm_cuda(hidden, residual, weight, eps, residual_in_fp32=True):
-    """mamba_ssm's Triton ``layer_norm_fn(..., prenorm=True, is_rms_norm=True)``: the same in one kernel;
-    same arguments as :func:`add_rms_norm_torch`."""
-    return _cuda_layer_norm(hidden, weight, None, residual=residual, eps=eps, prenorm=True,
-                            residual_in_fp32=residual_in_fp32, is_rms_norm=True)
+    """mamba_ssm's ``layer_norm_fn(..., prenorm=True, is_rms_norm=True)``: the same in one kernel, and
+    the rebuild from the fp32 residual and 1/rms in one more (``norm_triton.py``); same arguments and
+    results as :func:`add_rms_norm_torch`."""
+    normed, residual, rstd = _AddRMSNorm.apply(hidden, residual, weight, eps,
+                                               _residual_dtype(hidden, residual, residual_in_fp32))
+    if not _rebuildable(normed, residual):
+        return normed, residual, None
+    dtype = normed.dtype  # not normed itself: the rebuild must not keep it
+    return normed, residual, checked(lambda: _rms_normed(residual, rstd, weight, dtype), residual, rstd, weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,6 +687,8 @@ class _MambaInnerFn(torch.autograd.Function):
         B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1).contiguous()
                 for i in (x_dbl.shape[1] - 2 * n, x_dbl.shape[1] - n))  # (B, 1, N, L)
         out, scan_intermediates, out_z = _selective_scan_kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True)
+        if scan_intermediates.shape[2] == 1:  # the backward reads the states at chunk ends only past the first
+            scan_intermediates = None  # of its 2048-step chunks (B x D_inner x 2N fp32 a layer not kept: 16 MiB at mamba-1.4b)
         ctx.has_out_bias = out_proj_bias is not None
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight,
                               out_proj_weight, A, B, C, D, delta_bias, scan_intermediates, out)
@@ -769,7 +831,7 @@ CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda,
                            state_step=(selective_state_step_cuda if _cuda_state_update is not None
                                        else selective_state_step),
                            conv_update=causal_conv1d_update_cuda if _triton_conv_update is not None else None,
-                           add_rms_norm=add_rms_norm_cuda if _cuda_layer_norm is not None else None)
+                           add_rms_norm=add_rms_norm_cuda if _layer_norm_fwd is not None else None)
 
 
 def cuda_kernels_available() -> bool:

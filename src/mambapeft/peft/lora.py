@@ -26,6 +26,12 @@ from ..models.mamba2 import Mamba2
 from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
 from .targets import find_modules, fold_wrappers, owning_mixer, plain_linear, replace_module
 
+try:  # the dropout and down-projection as one node keeping x and a seed (CUDA; None without Triton)
+    from .dropout_triton import MAX_ELEMENTS as _DROPOUT_MAX_ELEMENTS
+    from .dropout_triton import dropout_linear as _dropout_linear
+except ImportError:  # pragma: no cover - depends on the machine
+    _dropout_linear, _DROPOUT_MAX_ELEMENTS = None, 0
+
 STYLES = ("activation", "merged")
 
 
@@ -106,9 +112,19 @@ class LowRankUpdate(nn.Module):
         block = self._block(base_weight)
         return dora_rescaled(self.magnitude, block + delta, dim=0) - block
 
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """``lora_down(dropout(x))``: (..., in) -> (..., r). With the dropout active on a contiguous CUDA
+        x, and both modules plain (nothing on them skipped), one node that keeps x and its mask's seed,
+        not the dropped x and the mask (``dropout_triton.py``; its own draws of the same distribution)."""
+        dropout, down = self.dropout, self.lora_down
+        if (_dropout_linear is not None and x.is_cuda and dropout.training and dropout.p > 0 and x.is_contiguous()
+                and x.numel() < _DROPOUT_MAX_ELEMENTS and plain(dropout, nn.Dropout) and plain(down, nn.Linear)):
+            return _dropout_linear(x, down.weight, dropout.p)
+        return down(dropout(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Activation style: x (..., in) -> (..., stop - start)."""
-        return self.scale * self.lora_up(self.lora_down(self.dropout(x)))
+        return self.scale * self.lora_up(self.down(x))
 
 
 class LoraLinear(nn.Module):
@@ -162,7 +178,7 @@ class LoraLinear(nn.Module):
         padded update, their sum and a transposed copy (at mamba-1.4b's in_proj, five passes over a
         32 x 256 x 8192 tensor). An update of all rows is computed first and the frozen GEMM
         accumulates onto it in place (its epilogue reads it: no pass of its own); any other update is added
-        to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does. None
+        to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does (:meth:`LowRankUpdate.down`). None
         where it would not equal :meth:`forward` call for call: a hook on any part, or a wrapped base."""
         update_parts = [m for u in self.updates.values() for m in (u, *u.children())]
         if not (plain(self, LoraLinear) and plain(self.base, nn.Linear) and all(map(unhooked, update_parts))):
@@ -172,7 +188,7 @@ class LoraLinear(nn.Module):
         active = [u for u in self.updates.values() if not u.acts_on_weight]
 
         def down(u):  # (r, N)
-            return u.lora_down.weight @ u.dropout(x).reshape(-1, x.shape[-1]).t()
+            return u.down(x).reshape(-1, u.lora_down.out_features).t()
 
         first = next((u for u in active if u.rows == (0, weight.shape[0])), None)
         if first is None:

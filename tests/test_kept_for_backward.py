@@ -1,0 +1,108 @@
+"""What a training step keeps for its backward: the block's normalised input rebuilt from the norm's
+own saved tensors (models/rebuild.py, models/norm_triton.py) and LoRA's dropout kept as a seed
+(peft/dropout_triton.py), with the gradients they give. The Triton kernels run in Triton's
+interpreter here (conftest.py); tests/test_gpu_step.py and tests/test_gpu.py run them on the GPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mambapeft.models.rebuild import checked, rebuilt_when_saved
+from mambapeft.models.scan import add_rms_norm_torch
+
+
+def _normed_and_rebuild(calls):
+    torch.manual_seed(0)
+    hidden, residual = torch.randn(3, 5, 8, requires_grad=True), torch.randn(3, 5, 8)
+    normed, residual, rebuild = add_rms_norm_torch(hidden, residual, torch.rand(8) + 0.5, 1e-5)
+
+    def counted():
+        calls.append(1)
+        return rebuild()
+
+    return hidden, normed, counted
+
+
+def _gradients(rebuilt: bool):
+    """Gradients of the norm's input and a weight through ops that save normed, a view of it and a
+    product of it; and how many saves were rebuilt."""
+    calls, weight = [], torch.randn(8, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    hidden, normed, rebuild = _normed_and_rebuild(calls)
+    with rebuilt_when_saved(normed, rebuild if rebuilt else None):
+        loss = (normed @ weight).square().sum() + normed.reshape(-1, 8).t().sin().sum() + (normed * normed).sum()
+    loss.backward()
+    return hidden.grad, weight.grad, len(calls)
+
+
+def test_saves_of_the_normed_tensor_and_its_views_are_rebuilt_with_the_same_gradients():
+    *expected, kept = _gradients(rebuilt=False)
+    *got, rebuilt = _gradients(rebuilt=True)
+    assert (kept, rebuilt) == (0, 4)  # the matmul, the sine of a transposed view, both factors of the product
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_the_rebuild_of_the_fp32_residual_is_the_normed_tensor_bit_for_bit():
+    hidden, normed, rebuild = _normed_and_rebuild([])
+    assert torch.equal(rebuild(), normed)
+    _, _, none = add_rms_norm_torch(hidden, torch.randn(3, 5, 8).bfloat16(), torch.ones(8), 1e-5)
+    assert none is None  # a bf16 residual is a rounding of what the norm read: no rebuild
+
+
+def test_a_rebuild_whose_inputs_changed_in_place_raises():
+    source = torch.ones(4)
+    rebuild = checked(lambda: source * 2, source)
+    assert torch.equal(rebuild(), torch.full((4,), 2.0))
+    source.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        rebuild()
+
+
+def test_the_triton_norm_rebuild_computes_the_torch_products():
+    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    from mambapeft.models.norm_triton import BLOCK_N, rms_normed
+
+    torch.manual_seed(0)
+    x = torch.randn(7, BLOCK_N + 100)  # 7 rows: two row tiles, the second partial; so are the columns
+    rstd, weight = torch.rand(7) + 0.5, torch.randn(BLOCK_N + 100)
+    # fp32 out: the interpreter rounds to bf16 by truncation, the GPU to nearest (bf16: tests/test_gpu_step.py)
+    assert torch.equal(rms_normed(x, rstd, weight, torch.float32), x * rstd[:, None] * weight)
+
+
+def _mask(seed, shape, p):
+    """The kernel's mask of ``seed``: True where an element is kept."""
+    from mambapeft.peft.dropout_triton import seeded_dropout
+
+    return seeded_dropout(torch.ones(shape), seed, p) != 0
+
+
+def test_the_seeded_dropout_draws_one_mask_per_seed_of_the_right_rate():
+    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    from mambapeft.peft.dropout_triton import seeded_dropout
+
+    seed, other, p = torch.tensor([7]), torch.tensor([8]), 0.25
+    mask = _mask(seed, (40, 500), p)
+    assert abs(mask.float().mean().item() - 0.75) < 0.01
+    assert torch.equal(mask, _mask(seed, (40, 500), p)) and not torch.equal(mask, _mask(other, (40, 500), p))
+    x = torch.randn(40, 500)
+    assert torch.equal(seeded_dropout(x, seed, p), torch.where(mask, x * (1 / (1 - p)), 0.0))
+
+
+def test_dropout_linear_computes_and_differentiates_the_reference():
+    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    from mambapeft.peft.dropout_triton import dropout_linear
+
+    torch.manual_seed(0)
+    x, weight, p = torch.randn(2, 9, 300, requires_grad=True), torch.randn(4, 300, requires_grad=True), 0.1
+    state = torch.get_rng_state()
+    out = dropout_linear(x, weight, p)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.set_rng_state(state)  # the same seed draw, for the reference's mask
+    seed = torch.randint(2**31 - 1, (1,))
+    mask = _mask(seed, x.shape, p)
+    reference = torch.where(mask, x.detach() * (1 / (1 - p)), 0.0).requires_grad_()
+    weight_ref = weight.detach().clone().requires_grad_()
+    expected = F.linear(reference, weight_ref)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(weight.grad, weight_ref.grad)
+    torch.testing.assert_close(x.grad, torch.where(mask, reference.grad * (1 / (1 - p)), 0.0))
