@@ -284,6 +284,7 @@ def _lora_in_proj_lm(dropout: float):
     """mamba-mini LM on the GPU with LoRA(in_proj) at ``dropout``, updates nudged off zero."""
     torch.manual_seed(0)
     model = build_model("mamba-mini", vocab_size=64).cuda().train()
+    set_backend(model, CUDA_BACKEND)
     peft = [dict(member, dropout=dropout) for member in method_definition("language", "lora_in_proj", "mamba-mini", None)["peft"]]
     result = apply_peft(model, peft, "lora_in_proj")
     with torch.no_grad():
