@@ -294,7 +294,11 @@ def _lora_in_proj_lm(dropout: float):
 
 
 def _held_after_forward_and_grads(model, ids):
-    """Bytes the forward leaves allocated for the backward, and the gradients (bf16 autocast)."""
+    """Bytes the forward leaves allocated for the backward, and the gradients (bf16 autocast), after
+    one step that allocates what a first step does once (cuBLAS' workspace)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(ids).float().logsumexp(-1).mean().backward()
+    model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -2,6 +2,8 @@
 own saved tensors (models/rebuild.py, models/norm_triton.py) and LoRA's dropout kept as a seed
 (peft/dropout_triton.py), with the gradients they give. The Triton kernels run in Triton's
 interpreter here (conftest.py); tests/test_gpu_step.py and tests/test_gpu.py run them on the GPU."""
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,23 @@ def test_saves_of_the_normed_tensor_and_its_views_are_rebuilt_with_the_same_grad
     *got, rebuilt = _gradients(rebuilt=True)
     assert (kept, rebuilt) == (0, 4)  # the matmul, the sine of a transposed view, both factors of the product
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("consumer", ["matmul", "dropout_linear"])
+def test_a_rebuilt_tensor_is_freed_after_the_forward(consumer):
+    """Nothing of the context keeps the tensor (autograd holds a pack hook as long as what it saved)."""
+    if consumer == "dropout_linear":
+        pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+        from mambapeft.peft.dropout_triton import dropout_linear
+    base, weight = torch.randn(64, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    x = base * 2
+    alive = weakref.ref(x)
+    with rebuilt_when_saved(x, lambda: (base * 2).detach()):
+        out = F.linear(x, weight) if consumer == "matmul" else dropout_linear(x, weight, 0.5)
+    del x
+    assert alive() is None
+    out.square().sum().backward()
+    assert weight.grad.abs().sum() > 0
 
 
 def test_the_rebuild_of_the_fp32_residual_is_the_normed_tensor_bit_for_bit():

@@ -33,10 +33,11 @@ def rebuilt_when_saved(tensor: torch.Tensor, rebuild: Callable[[], torch.Tensor]
     if rebuild is None or not torch.is_grad_enabled() or not tensor.is_contiguous():
         yield
         return
-    storage, version = tensor.untyped_storage().data_ptr(), tensor._version
+    # what pack reads of the tensor, not the tensor: autograd keeps a pack hook as long as what it saved
+    storage, version, dtype, device = tensor.untyped_storage().data_ptr(), tensor._version, tensor.dtype, tensor.device
 
     def pack(saved: torch.Tensor):
-        if (saved.dtype == tensor.dtype and saved.device == tensor.device and saved._version == version
+        if (saved.dtype == dtype and saved.device == device and saved._version == version
                 and saved.untyped_storage().data_ptr() == storage):
             return _Rebuilt(rebuild, saved)
         return saved
