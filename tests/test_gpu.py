@@ -314,7 +314,8 @@ def test_lora_in_proj_keeps_neither_the_normed_input_nor_a_dropout_mask(monkeypa
     """A LoRA(in_proj) LM on the CUDA kernels under bf16 autocast: its forward holds less for the backward
     than with each block's normed input kept (models/rebuild.py off) and nn.Dropout's mask and output
     (peft/dropout_triton.py off), by at least those per block; without dropout (no mask drawn either
-    way) the gradients are bit for bit the same."""
+    way) the gradients are the same up to the kernels' atomics (the rebuild itself is bit for bit:
+    tests/test_gpu_step.py)."""
     import contextlib
 
     import mambapeft.models.mamba as mamba
@@ -330,7 +331,7 @@ def test_lora_in_proj_keeps_neither_the_normed_input_nor_a_dropout_mask(monkeypa
     per_block = ids.numel() * width * (2 + (1 if dropout else 0))  # bf16 normed input (or dropped), bool mask
     assert kept - held >= (layers - 1) * per_block, (kept, held)  # the first block's norm has no graph: kept
     if not dropout:
-        assert grads.keys() == kept_grads.keys() and all(torch.equal(grads[n], kept_grads[n]) for n in grads)
+        assert grads.keys() == kept_grads.keys() and all(rel(grads[n], kept_grads[n]) <= 1e-4 for n in grads)
 
 
 @needs_kernels
