@@ -10,6 +10,7 @@ must return the tensor bit for bit (``scan.add_rms_norm_cuda`` and ``add_rms_nor
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -25,20 +26,29 @@ class _Rebuilt:
         return self.rebuild().as_strided(self.size, self.stride, self.offset)
 
 
+def _whole_storage(tensor: torch.Tensor) -> bool:
+    """Contiguous over all of its storage: every view of its storage is a view of it."""
+    return (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+
+
 @contextlib.contextmanager
 def rebuilt_when_saved(tensor: torch.Tensor, rebuild: Callable[[], torch.Tensor] | None) -> Iterator[None]:
-    """Saves of ``tensor`` (contiguous) or of a view of it, made inside, keep ``rebuild`` instead.
-    A save after ``tensor`` was changed in place is kept as usual (autograd then reports the change,
-    as it would). No-op when ``rebuild`` is None or nothing records a graph."""
-    if rebuild is None or not torch.is_grad_enabled() or not tensor.is_contiguous():
+    """Saves of ``tensor`` (contiguous over its whole storage) or of a view of it, made inside, keep
+    ``rebuild`` instead. A save after ``tensor`` was changed in place is kept as usual (autograd then
+    reports the change, as it would). No-op when ``rebuild`` is None or nothing records a graph."""
+    if rebuild is None or not torch.is_grad_enabled() or not _whole_storage(tensor):
         yield
         return
-    # what pack reads of the tensor, not the tensor: autograd keeps a pack hook as long as what it saved
-    storage, version, dtype, device = tensor.untyped_storage().data_ptr(), tensor._version, tensor.dtype, tensor.device
+    # pack runs on every save in the block (Python, in an eager step), so it compares identities; it
+    # holds a weak reference: autograd keeps a pack hook as long as what it saved
+    root = weakref.ref(tensor if tensor._base is None else tensor._base)
+    version, dtype = tensor._version, tensor.dtype
 
     def pack(saved: torch.Tensor):
-        if (saved.dtype == dtype and saved.device == device and saved._version == version
-                and saved.untyped_storage().data_ptr() == storage):
+        target = root()  # alive inside the context (the caller holds the tensor)
+        if (target is not None and (saved is target or saved._base is target) and saved.dtype == dtype
+                and saved._version == version):
             return _Rebuilt(rebuild, saved)
         return saved
 

@@ -19,25 +19,48 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-BLOCK = 2048  # elements a program: 16 per thread at 4 warps
-MAX_ELEMENTS = 2**31  # the Philox counter is the element's int32 index
+BLOCK = 2048  # elements a program: 16 per thread at 4 warps, four runs of BLOCK // 4
+MAX_ELEMENTS = 2**31  # element indices are int32
 
 
 @triton.jit
-def _seeded_dropout_kernel(x_ptr, out_ptr, seed_ptr, numel, p, scale, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < numel
-    x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    keep = tl.rand(tl.load(seed_ptr), offsets) >= p
-    tl.store(out_ptr + offsets, tl.where(keep, x * scale, 0.0).to(out_ptr.dtype.element_ty), mask=inside)
+def _masked_run(src_ptr, dst_ptr, index, keep, numel, scale):
+    inside = index < numel
+    x = tl.load(src_ptr + index, mask=inside, other=0.0).to(tl.float32)
+    tl.store(dst_ptr + index, tl.where(keep, x * scale, 0.0).to(dst_ptr.dtype.element_ty), mask=inside)
 
 
-def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+@triton.jit
+def _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, index, keep, numel, scale, HAS_B: tl.constexpr):
+    _masked_run(a_ptr, a_out_ptr, index, keep, numel, scale)
+    if HAS_B:
+        _masked_run(b_ptr, b_out_ptr, index, keep, numel, scale)
+
+
+@triton.jit
+def _dropout_kernel(a_ptr, a_out_ptr, b_ptr, b_out_ptr, seed_ptr, numel, p, scale,
+                    HAS_B: tl.constexpr, QUARTER: tl.constexpr):
+    # one Philox draw (four uniforms) for four elements: the k-th run of QUARTER elements reads the k-th
+    counter = tl.program_id(0) * QUARTER + tl.arange(0, QUARTER)
+    r0, r1, r2, r3 = tl.rand4x(tl.load(seed_ptr), counter)
+    start = tl.program_id(0) * (4 * QUARTER) + tl.arange(0, QUARTER)
+    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start, r0 >= p, numel, scale, HAS_B)
+    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start + QUARTER, r1 >= p, numel, scale, HAS_B)
+    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start + 2 * QUARTER, r2 >= p, numel, scale, HAS_B)
+    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start + 3 * QUARTER, r3 >= p, numel, scale, HAS_B)
+
+
+def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.dtype | None = None,
+                   y: torch.Tensor | None = None, y_dtype: torch.dtype | None = None):
     """x (any shape, contiguous) with the mask of ``seed`` (an int64 tensor of one element) applied:
-    ``where(keep, x * (1 / (1 - p)), 0)`` in fp32, rounded to x's dtype."""
-    out = torch.empty_like(x)
-    _seeded_dropout_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, seed, x.numel(), p, 1.0 / (1.0 - p), BLOCK=BLOCK)
-    return out
+    ``where(keep, x * (1 / (1 - p)), 0)`` in fp32, written in ``dtype`` (x's by default). With ``y``
+    (x's shape, contiguous), the same mask on it too, in one pass: (x dropped, y dropped, in ``y_dtype``)."""
+    out = torch.empty_like(x, dtype=dtype)
+    y_out = torch.empty_like(y, dtype=y_dtype) if y is not None else out
+    grid = (triton.cdiv(x.numel(), BLOCK),)
+    _dropout_kernel[grid](x, out, y if y is not None else x, y_out, seed, x.numel(), p, 1.0 / (1.0 - p),
+                          HAS_B=y is not None, QUARTER=BLOCK // 4)
+    return out if y is None else (out, y_out)
 
 
 class _DropoutLinear(torch.autograd.Function):
@@ -54,12 +77,15 @@ class _DropoutLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, seed = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.shape[-1])  # (N, r)
-        dx = dweight = None
-        if ctx.needs_input_grad[0]:
-            dx = seeded_dropout(grad_rows @ weight.to(grad.dtype), seed, ctx.p).view(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dropped = seeded_dropout(x, seed, ctx.p).view(-1, x.shape[-1]).to(grad.dtype)
-            dweight = (grad_rows.t() @ dropped).to(weight.dtype)
+        want_x, want_weight = ctx.needs_input_grad[:2]
+        dx = dweight = dropped = None
+        if want_x:  # the mask once for both: the dropped x (weight's gradient) and x's gradient
+            dmasked = (grad_rows @ weight.to(grad.dtype)).view(x.shape)
+            dropped, dx = seeded_dropout(x, seed, ctx.p, grad.dtype, y=dmasked, y_dtype=x.dtype)
+        elif want_weight:
+            dropped = seeded_dropout(x, seed, ctx.p, grad.dtype)
+        if want_weight:
+            dweight = (grad_rows.t() @ dropped.view(-1, x.shape[-1])).to(weight.dtype)
         return dx, dweight, None
 
 
