@@ -285,7 +285,8 @@ def _lora_in_proj_lm(dropout: float):
     torch.manual_seed(0)
     model = build_model("mamba-mini", vocab_size=64).cuda().train()
     set_backend(model, CUDA_BACKEND)
-    peft = [dict(member, dropout=dropout) for member in method_definition("language", "lora_in_proj", "mamba-mini", None)["peft"]]
+    members = method_definition("language", "lora_in_proj", "mamba-mini", None)["peft"]
+    peft = [dict(member, dropout=dropout) for member in members]
     result = apply_peft(model, peft, "lora_in_proj")
     with torch.no_grad():
         for p in result.trainable.values():

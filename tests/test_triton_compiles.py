@@ -12,9 +12,11 @@ import pytest
 # kernel -> (argument types where they are not bf16 pointers (``*_ptr``) or int32 scalars, constexprs)
 KERNELS = {
     "mambapeft.models.conv_triton:_conv_fwd_kernel": (
-        {"w_ptr": "*fp32", "b_ptr": "*fp32"}, {"WIDTH": 4, "HAS_BIAS": True, "SILU": True, "BLOCK_D": 16, "BLOCK_L": 256}),
+        {"w_ptr": "*fp32", "b_ptr": "*fp32"},
+        {"WIDTH": 4, "HAS_BIAS": True, "SILU": True, "BLOCK_D": 16, "BLOCK_L": 256}),
     "mambapeft.models.conv_step_triton:_conv_update_kernel": (
-        {"weight_ptr": "*fp32", "bias_ptr": "*fp32"}, {"WIDTH": 4, "BLOCK_WIDTH": 4, "BLOCK": 256, "HAS_BIAS": True, "SILU": True}),
+        {"weight_ptr": "*fp32", "bias_ptr": "*fp32"},
+        {"WIDTH": 4, "BLOCK_WIDTH": 4, "BLOCK": 256, "HAS_BIAS": True, "SILU": True}),
     "mambapeft.models.norm_triton:_rms_normed_kernel": (
         {"x_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": "*fp32"}, {"BLOCK_M": 4, "BLOCK_N": 1024}),
     "mambapeft.peft.dropout_triton:_dropout_kernel": (
@@ -34,8 +36,8 @@ COMPILE = textwrap.dedent("""
     for name, (types, constexprs) in json.loads(sys.argv[1]).items():
         module, kernel = name.split(":")
         fn = getattr(importlib.import_module(module), kernel)
-        signature = {p.name: "constexpr" if p.is_constexpr else types.get(p.name, "*bf16" if p.name.endswith("_ptr") else "i32")
-                     for p in fn.params}
+        default = {p.name: "*bf16" if p.name.endswith("_ptr") else "i32" for p in fn.params}
+        signature = {p.name: "constexpr" if p.is_constexpr else types.get(p.name, default[p.name]) for p in fn.params}
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32))
         print(name, len(compiled.asm["cubin"]), flush=True)

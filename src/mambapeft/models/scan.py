@@ -77,7 +77,8 @@ try:  # mamba_ssm's fused residual add + LayerNorm/RMSNorm kernels (what its blo
     from mamba_ssm.ops.triton.layer_norm import _layer_norm_bwd, _layer_norm_fwd
     from .norm_triton import rms_normed as _rms_normed
 except ImportError as _error:  # pragma: no cover - depends on the machine
-    _layer_norm_fwd, _layer_norm_bwd, _rms_normed, _IMPORT_ERRORS["mamba_ssm_layer_norm"] = None, None, None, str(_error)
+    _layer_norm_fwd = _layer_norm_bwd = _rms_normed = None
+    _IMPORT_ERRORS["mamba_ssm_layer_norm"] = str(_error)
 try:  # our Triton kernels: the conv step (causal-conv1d's causal_conv1d_update), for machines without that
     # package, and the conv forward (its causal_conv1d_fwd_function), run in place of that package's
     from .conv_step_triton import causal_conv1d_update_triton as _triton_conv_update
@@ -687,8 +688,8 @@ class _MambaInnerFn(torch.autograd.Function):
         B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1).contiguous()
                 for i in (x_dbl.shape[1] - 2 * n, x_dbl.shape[1] - n))  # (B, 1, N, L)
         out, scan_intermediates, out_z = _selective_scan_kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True)
-        if scan_intermediates.shape[2] == 1:  # the backward reads the states at chunk ends only past the first
-            scan_intermediates = None  # of its 2048-step chunks (B x D_inner x 2N fp32 a layer not kept: 16 MiB at mamba-1.4b)
+        if scan_intermediates.shape[2] == 1:  # the backward reads the states at chunk ends only past the
+            scan_intermediates = None  # first of its 2048-step chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b)
         ctx.has_out_bias = out_proj_bias is not None
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight,
                               out_proj_weight, A, B, C, D, delta_bias, scan_intermediates, out)

@@ -50,20 +50,30 @@ def _dropout_kernel(a_ptr, a_out_ptr, b_ptr, b_out_ptr, seed_ptr, numel, p, scal
     _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start + 3 * QUARTER, r3 >= p, numel, scale, HAS_B)
 
 
-def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.dtype | None = None,
-                   y: torch.Tensor | None = None, y_dtype: torch.dtype | None = None):
+def _launch(x, x_out, y, y_out, seed, p) -> None:
+    _dropout_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, x_out, y, y_out, seed, x.numel(), p, 1.0 / (1.0 - p),
+                                                     HAS_B=y is not x, QUARTER=BLOCK // 4)
+
+
+def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> torch.Tensor:
     """x (any shape, contiguous) with the mask of ``seed`` (an int64 tensor of one element) applied:
-    ``where(keep, x * (1 / (1 - p)), 0)`` in fp32, written in ``dtype`` (x's by default). With ``y``
-    (x's shape, contiguous), the same mask on it too, in one pass: (x dropped, y dropped, in ``y_dtype``)."""
+    ``where(keep, x * (1 / (1 - p)), 0)`` in fp32, written in ``dtype`` (x's by default)."""
     out = torch.empty_like(x, dtype=dtype)
-    y_out = torch.empty_like(y, dtype=y_dtype) if y is not None else out
-    grid = (triton.cdiv(x.numel(), BLOCK),)
-    _dropout_kernel[grid](x, out, y if y is not None else x, y_out, seed, x.numel(), p, 1.0 / (1.0 - p),
-                          HAS_B=y is not None, QUARTER=BLOCK // 4)
-    return out if y is None else (out, y_out)
+    _launch(x, out, x, out, seed, p)
+    return out
+
+
+def seeded_dropout_pair(x: torch.Tensor, y: torch.Tensor, seed: torch.Tensor, p: float, x_dtype: torch.dtype,
+                        y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`seeded_dropout` of x and of y (x's shape, contiguous) with the same mask, in one pass."""
+    x_out, y_out = torch.empty_like(x, dtype=x_dtype), torch.empty_like(y, dtype=y_dtype)
+    _launch(x, x_out, y, y_out, seed, p)
+    return x_out, y_out
 
 
 class _DropoutLinear(torch.autograd.Function):
+    """``F.linear(seeded_dropout(x, seed), weight)`` with a new seed per call, keeping x, weight and the seed."""
+
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, p):
@@ -81,7 +91,7 @@ class _DropoutLinear(torch.autograd.Function):
         dx = dweight = dropped = None
         if want_x:  # the mask once for both: the dropped x (weight's gradient) and x's gradient
             dmasked = (grad_rows @ weight.to(grad.dtype)).view(x.shape)
-            dropped, dx = seeded_dropout(x, seed, ctx.p, grad.dtype, y=dmasked, y_dtype=x.dtype)
+            dropped, dx = seeded_dropout_pair(x, dmasked, seed, ctx.p, grad.dtype, x.dtype)
         elif want_weight:
             dropped = seeded_dropout(x, seed, ctx.p, grad.dtype)
         if want_weight:

@@ -178,8 +178,8 @@ class LoraLinear(nn.Module):
         padded update, their sum and a transposed copy (at mamba-1.4b's in_proj, five passes over a
         32 x 256 x 8192 tensor). An update of all rows is computed first and the frozen GEMM
         accumulates onto it in place (its epilogue reads it: no pass of its own); any other update is added
-        to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does (:meth:`LowRankUpdate.down`). None
-        where it would not equal :meth:`forward` call for call: a hook on any part, or a wrapped base."""
+        to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does
+        (:meth:`LowRankUpdate.down`). None where it would not equal :meth:`forward` call for call: a hook on any part, or a wrapped base."""
         update_parts = [m for u in self.updates.values() for m in (u, *u.children())]
         if not (plain(self, LoraLinear) and plain(self.base, nn.Linear) and all(map(unhooked, update_parts))):
             return None
