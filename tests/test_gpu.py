@@ -314,7 +314,7 @@ def _held_after_forward_and_grads(model, ids):
 def test_lora_in_proj_keeps_neither_the_normed_input_nor_a_dropout_mask(monkeypatch, dropout):
     """A LoRA(in_proj) LM on the CUDA kernels under bf16 autocast: its forward holds less for the backward
     than with each block's normed input kept (models/rebuild.py off) and nn.Dropout's mask and output
-    (peft/dropout_triton.py off), by at least those per block; without dropout (no mask drawn either
+    (models/dropout_triton.py off), by at least those per block; without dropout (no mask drawn either
     way) the gradients are the same up to the kernels' atomics (the rebuild itself is bit for bit:
     tests/test_gpu_step.py)."""
     import contextlib
@@ -344,7 +344,7 @@ def test_lora_dropout_on_cuda_trains_as_its_mask_says_and_a_hook_keeps_the_modul
     kernel's mask (output and gradients, one bf16 step); with a hook on lora_down, the modules run."""
     import torch.nn.functional as F
 
-    from mambapeft.peft.dropout_triton import dropout_linear, seeded_dropout
+    from mambapeft.models.dropout_triton import dropout_linear, seeded_dropout
 
     torch.manual_seed(0)
     x = torch.randn(4, 256, 768, device="cuda").to(torch.bfloat16).requires_grad_()

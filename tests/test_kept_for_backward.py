@@ -1,6 +1,6 @@
 """What a training step keeps for its backward: the block's normalised input rebuilt from the norm's
 own saved tensors (models/rebuild.py, models/norm_triton.py) and LoRA's dropout kept as a seed
-(peft/dropout_triton.py), with the gradients they give. The Triton kernels run in Triton's
+(models/dropout_triton.py), with the gradients they give. The Triton kernels run in Triton's
 interpreter here (conftest.py); tests/test_gpu_step.py and tests/test_gpu.py run them on the GPU."""
 import weakref
 
@@ -47,7 +47,7 @@ def test_a_rebuilt_tensor_is_freed_after_the_forward(consumer):
     """Nothing of the context keeps the tensor (autograd holds a pack hook as long as what it saved)."""
     if consumer == "dropout_linear":
         pytest.importorskip("triton", reason="Triton has wheels for Linux only")
-        from mambapeft.peft.dropout_triton import dropout_linear
+        from mambapeft.models.dropout_triton import dropout_linear
     base, weight = torch.randn(64, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     x = base * 2
     alive = weakref.ref(x)
@@ -98,14 +98,14 @@ def test_the_triton_norm_rebuild_computes_the_torch_products():
 
 def _mask(seed, shape, p):
     """The kernel's mask of ``seed``: True where an element is kept."""
-    from mambapeft.peft.dropout_triton import seeded_dropout
+    from mambapeft.models.dropout_triton import seeded_dropout
 
     return seeded_dropout(torch.ones(shape), seed, p) != 0
 
 
 def test_the_seeded_dropout_draws_one_mask_per_seed_of_the_right_rate():
     pytest.importorskip("triton", reason="Triton has wheels for Linux only")
-    from mambapeft.peft.dropout_triton import seeded_dropout
+    from mambapeft.models.dropout_triton import seeded_dropout
 
     seed, other, p = torch.tensor([7]), torch.tensor([8]), 0.25
     mask = _mask(seed, (40, 500), p)
@@ -121,7 +121,7 @@ def test_dropout_linear_computes_and_differentiates_the_reference(x_grad):
     (a first block's input) takes the backward's other branch. 2 x 9 x 300 elements: 3 programs, the
     last partial, in each of its four runs."""
     pytest.importorskip("triton", reason="Triton has wheels for Linux only")
-    from mambapeft.peft.dropout_triton import dropout_linear
+    from mambapeft.models.dropout_triton import dropout_linear
 
     torch.manual_seed(0)
     x, weight, p = torch.randn(2, 9, 300, requires_grad=x_grad), torch.randn(4, 300, requires_grad=True), 0.1

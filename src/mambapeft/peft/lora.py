@@ -27,8 +27,8 @@ from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, reg
 from .targets import find_modules, fold_wrappers, owning_mixer, plain_linear, replace_module
 
 try:  # the dropout and down-projection as one node keeping x and a seed (CUDA; None without Triton)
-    from .dropout_triton import MAX_ELEMENTS as _DROPOUT_MAX_ELEMENTS
-    from .dropout_triton import dropout_linear as _dropout_linear
+    from ..models.dropout_triton import MAX_ELEMENTS as _DROPOUT_MAX_ELEMENTS
+    from ..models.dropout_triton import dropout_linear as _dropout_linear
 except ImportError:  # pragma: no cover - depends on the machine
     _dropout_linear, _DROPOUT_MAX_ELEMENTS = None, 0
 
@@ -115,7 +115,7 @@ class LowRankUpdate(nn.Module):
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """``lora_down(dropout(x))``: (..., in) -> (..., r). With the dropout active on a contiguous CUDA
         x, and both modules plain (nothing on them skipped), one node that keeps x and its mask's seed,
-        not the dropped x and the mask (``dropout_triton.py``; its own draws of the same distribution)."""
+        not the dropped x and the mask (``models/dropout_triton.py``; its own draws of the same distribution)."""
         dropout, down = self.dropout, self.lora_down
         if (_dropout_linear is not None and x.is_cuda and dropout.training and dropout.p > 0 and x.is_contiguous()
                 and x.numel() < _DROPOUT_MAX_ELEMENTS and plain(dropout, nn.Dropout) and plain(down, nn.Linear)):
