@@ -115,7 +115,7 @@ class LowRankUpdate(nn.Module):
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """``lora_down(dropout(x))``: (..., in) -> (..., r). With the dropout active on a contiguous CUDA
         x, and both modules plain (nothing on them skipped), one node that keeps x and its mask's seed,
-        not the dropped x and the mask (``models/dropout_triton.py``; its own draws of the same distribution)."""
+        not the dropped x and the mask (``models/dropout_triton.py``; its own draws, same distribution)."""
         dropout, down = self.dropout, self.lora_down
         if (_dropout_linear is not None and x.is_cuda and dropout.training and dropout.p > 0 and x.is_contiguous()
                 and x.numel() < _DROPOUT_MAX_ELEMENTS and plain(dropout, nn.Dropout) and plain(down, nn.Linear)):
@@ -179,7 +179,8 @@ class LoraLinear(nn.Module):
         32 x 256 x 8192 tensor). An update of all rows is computed first and the frozen GEMM
         accumulates onto it in place (its epilogue reads it: no pass of its own); any other update is added
         to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does
-        (:meth:`LowRankUpdate.down`). None where it would not equal :meth:`forward` call for call: a hook on any part, or a wrapped base."""
+        (:meth:`LowRankUpdate.down`). None where it would not equal :meth:`forward` call for call: a hook
+        on any part, or a wrapped base."""
         update_parts = [m for u in self.updates.values() for m in (u, *u.children())]
         if not (plain(self, LoraLinear) and plain(self.base, nn.Linear) and all(map(unhooked, update_parts))):
             return None
