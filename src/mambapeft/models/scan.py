@@ -550,19 +550,22 @@ def add_rms_norm_torch(hidden, residual, weight, eps, residual_in_fp32=True):
     """residual <- hidden + residual (hidden alone when residual is None), summed and normalised in
     fp32: hidden, residual (..., D), weight (D,) -> (RMSNorm(residual) in hidden's dtype, residual in
     its own dtype (:func:`_residual_dtype`), a zero-argument function giving the first again bit for bit
-    from the second, or None where that would not pay (:func:`_rebuildable`))."""
+    from the second, or None where that would not pay (:func:`_rebuild_of`))."""
     total = hidden.float() if residual is None else hidden.float() + residual.float()
     out = _rms_normed_torch(total, weight, eps).to(hidden.dtype)
     residual, dtype = total.to(_residual_dtype(hidden, residual, residual_in_fp32)), out.dtype
-    if not _rebuildable(out, residual):
-        return out, residual, None
-    return out, residual, checked(lambda: _rms_normed_torch(residual, weight, eps).to(dtype), residual, weight)
+    return out, residual, _rebuild_of(out, residual, lambda: _rms_normed_torch(residual, weight, eps).to(dtype),
+                                      weight)
 
 
-def _rebuildable(normed, residual) -> bool:
-    """Whether a rebuild of ``normed`` from ``residual`` pays: the residual holds what the norm read (fp32)
-    and the norm's backward keeps it anyway (a graph reaches it; else the rebuild would keep it alone)."""
-    return residual.dtype == torch.float32 and normed.requires_grad
+def _rebuild_of(normed, residual, rebuild, *sources):
+    """``rebuild`` (which reads ``residual`` and ``sources``) guarded by :func:`.rebuild.checked` where a
+    rebuild of ``normed`` pays, else None: the residual must hold what the norm read (fp32), and the
+    norm's backward keep it anyway (a graph reaches it; else the rebuild would keep it alone). The
+    closure must not refer to ``normed`` (it would keep it)."""
+    if residual.dtype != torch.float32 or not normed.requires_grad:
+        return None
+    return checked(rebuild, residual, *sources)
 
 
 def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -583,7 +586,7 @@ class _AddRMSNorm(torch.autograd.Function):
     def forward(ctx, hidden, residual, weight, eps, residual_dtype):
         outputs = _layer_norm_fwd(_rows(hidden), weight.contiguous(), None, eps, _rows(residual),
                                   residual_dtype=residual_dtype, is_rms_norm=True)
-        normed, rstd, residual_out = outputs[0], outputs[3], outputs[4]
+        normed, rstd, residual_out = outputs[0], outputs[3], outputs[4]  # of (y, y1, mean, rstd, residual_out, ...)
         ctx.save_for_backward(residual_out, weight, rstd)
         ctx.eps, ctx.has_residual, ctx.hidden_dtype = eps, residual is not None, hidden.dtype
         ctx.mark_non_differentiable(rstd)
@@ -605,10 +608,9 @@ def add_rms_norm_cuda(hidden, residual, weight, eps, residual_in_fp32=True):
     results as :func:`add_rms_norm_torch`."""
     normed, residual, rstd = _AddRMSNorm.apply(hidden, residual, weight, eps,
                                                _residual_dtype(hidden, residual, residual_in_fp32))
-    if not _rebuildable(normed, residual):
-        return normed, residual, None
-    dtype = normed.dtype  # not normed itself: the rebuild must not keep it
-    return normed, residual, checked(lambda: _rms_normed(residual, rstd, weight, dtype), residual, rstd, weight)
+    dtype = normed.dtype
+    return normed, residual, _rebuild_of(normed, residual, lambda: _rms_normed(residual, rstd, weight, dtype),
+                                         rstd, weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,7 +635,8 @@ def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
 
 
 def _conv_silu(x, conv_weight, conv_bias):
-    """The conv forward kernel (ours where Triton imports) with SiLU: x (B, D_inner, L) -> (B, D_inner, L), x's layout."""
+    """The conv forward kernel (ours where Triton imports) with SiLU: x (B, D_inner, L) -> (B, D_inner, L),
+    in x's layout."""
     return _conv_fwd_kernel(x, conv_weight, conv_bias, None, None, None, True)  # SiLU
 
 

@@ -116,11 +116,11 @@ class LowRankUpdate(nn.Module):
         """``lora_down(dropout(x))``: (..., in) -> (..., r). With the dropout active on a contiguous CUDA
         x, and both modules plain (nothing on them skipped), one node that keeps x and its mask's seed,
         not the dropped x and the mask (``models/dropout_triton.py``; its own draws, same distribution)."""
-        dropout, down = self.dropout, self.lora_down
+        dropout, linear = self.dropout, self.lora_down
         if (_dropout_linear is not None and x.is_cuda and dropout.training and dropout.p > 0 and x.is_contiguous()
-                and x.numel() < _DROPOUT_MAX_ELEMENTS and plain(dropout, nn.Dropout) and plain(down, nn.Linear)):
-            return _dropout_linear(x, down.weight, dropout.p)
-        return down(dropout(x))
+                and x.numel() < _DROPOUT_MAX_ELEMENTS and plain(dropout, nn.Dropout) and plain(linear, nn.Linear)):
+            return _dropout_linear(x, linear.weight, dropout.p)
+        return linear(dropout(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Activation style: x (..., in) -> (..., stop - start)."""
