@@ -230,3 +230,28 @@ def test_jobs_claim_only_when_they_will_run_on_cuda(monkeypatch, tmp_path, devic
     finally:
         if claim:
             claim.release()
+
+
+@pytest.mark.parametrize("user", [None, ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),
+                                  ("PYTORCH_ALLOC_CONF", ""), ("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")])
+def test_the_allocator_gets_expandable_segments_unless_the_user_configured_it(user):
+    from mambapeft.gpus import allocator_settings, default_allocator_settings
+
+    environ = dict([user]) if user else {}
+    before = dict(environ)
+    settings = default_allocator_settings(environ)
+    if user is None:
+        assert environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} and settings == environ["PYTORCH_CUDA_ALLOC_CONF"]
+    else:
+        assert environ == before and settings == user[1]
+    assert allocator_settings(environ) == settings
+
+
+def test_the_command_line_sets_the_allocator(monkeypatch, tmp_path):
+    from mambapeft.cli import main
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # recorded, so that the test's end restores the caller's
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["peft-schema", "--out", str(tmp_path / "schema.json")]) == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"

@@ -35,6 +35,8 @@ from pathlib import Path
 log = logging.getLogger("mambapeft.gpus")
 
 COUNT_ENV = "MAMBAPEFT_GPU_COUNT"  # overrides nvidia-smi when CUDA_VISIBLE_DEVICES is unset
+ALLOCATOR_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # PyTorch's allocator settings, either name
+DEFAULT_ALLOCATOR = "expandable_segments:True"
 
 
 class GpuAllocationError(ValueError):
@@ -297,3 +299,21 @@ def _format_uuid(uuid) -> str | None:
         return None
     text = str(uuid)
     return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def default_allocator_settings(environ=os.environ) -> str:
+    """PyTorch's CUDA allocator with expandable segments, unless the user configured it (either
+    variable of :data:`ALLOCATOR_ENVS`, even empty); returns the settings in effect. Read when CUDA
+    initialises, so set before. Expandable segments map more memory into a segment instead of
+    allocating another one, which cuts what fragmentation leaves reserved and unused: 0.22 GiB of a
+    graphed Mamba-1.4b LoRA step's 19.2 GiB (one H200), at the same speed. Every GPU job here is its
+    own process on GPUs of its own (no memory shared between processes, which the setting rules out)."""
+    settings = allocator_settings(environ)
+    if settings is None:
+        settings = environ["PYTORCH_CUDA_ALLOC_CONF"] = DEFAULT_ALLOCATOR
+    return settings
+
+
+def allocator_settings(environ=os.environ) -> str | None:
+    """The CUDA allocator settings this process runs with (None: PyTorch's defaults)."""
+    return next((environ[name] for name in ALLOCATOR_ENVS if name in environ), None)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..build import build_trainable, method_spec
+from ..gpus import allocator_settings
 from ..io import write_json_atomic, write_text_atomic
 from ..models.cuda_graphs import captured_replay
 from ..models.lm import LM_VARIANTS, MambaLMConfig
@@ -249,6 +250,7 @@ def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("
     vision_methods = list(methods_for("vision", vision_backbone)) if vision_methods is None else vision_methods
     language_methods = list(domain_file("language", "methods")) if language_methods is None else language_methods
     report = {"device": device_label, "torch": torch.__version__, "cuda_graphs": cuda_graphs,
+              "allocator": allocator_settings(),
               "language_shape": list(language_shape), "vision": {}, "language": {}, "baselines": {}}
     slug = device_label.replace(" ", "_") + ("-cuda_graphs" if cuda_graphs else "")
     language = {"micro_batch": language_shape[0], "length": language_shape[1], "warmup": warmup_steps[0],
@@ -305,6 +307,10 @@ def markdown(report: dict) -> str:
     graphs = ", training steps as CUDA graphs" if report.get("cuda_graphs") else ""
     precision = "fp32" if report["device"] == "cpu" else "bf16 autocast"
     lines = [f"# Training-step benchmark on {report['device']} (torch {report['torch']}, {precision}{graphs})", ""]
+    if report["device"] != "cpu":
+        allocator = f"`{report['allocator']}`" if report.get("allocator") else "PyTorch's defaults"
+        lines += [f"Peak memory: allocated; a graphed row's reserved (its graph's pool is reserved, fragmentation "
+                  f"included). CUDA allocator settings: {allocator}.", ""]
     if "language_shape" in report:
         lines += ["Language rows: micro-batch {} x {} tokens; MFU = tokens/s x 6 x parameters / dense bf16 "
                   "peak.".format(*report["language_shape"]), ""]

@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 
+from ..gpus import default_allocator_settings
 from ..runspec import ConfigError
 from . import backbone, bench, data, dt_init, length_study, lm_eval_suite, merge, report, run, search, tools
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if forwarded and not args.forwards_unknown_args:
         parser.error(f"unrecognized arguments: {' '.join(forwarded)}")
     args.forwarded = forwarded
+    default_allocator_settings()  # before anything initialises CUDA
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
