@@ -335,7 +335,9 @@ def test_lora_in_proj_keeps_neither_the_normed_input_nor_a_dropout_mask(monkeypa
     first_block = 2 * elements if dropout else 0
     assert kept - held >= (layers - 1) * per_block - first_block, (kept, held)
     if not dropout:
-        assert grads.keys() == kept_grads.keys() and all(rel(grads[n], kept_grads[n]) <= 1e-4 for n in grads)
+        # two runs of the same code differ by up to 9.4e-5 (one H200: the atomics of the scan's and conv's
+        # backwards, whose fp32 sums are then rounded to bf16); a gradient gone wrong is off by far more
+        assert grads.keys() == kept_grads.keys() and all(rel(grads[n], kept_grads[n]) <= 1e-3 for n in grads)
 
 
 @needs_kernels

@@ -640,18 +640,10 @@ def _conv_silu(x, conv_weight, conv_bias):
     return _conv_fwd_kernel(x, conv_weight, conv_bias, None, None, None, True)  # SiLU
 
 
-def _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, n):
-    """What the scan reads besides z, from in_proj's x half (B, D_inner, L): the conv's output (B,
-    D_inner, L), x_proj's (B*L, R + 2N), delta (B, D_inner, L) channel-major, and B, C (B, 1, N, L).
-    The backward computes them again rather than keeping them (mamba_ssm's checkpoint_lvl 1 keeps
-    x_proj's output: 2.5 MiB a layer at Mamba-1.4b's 32 x 256 tokens, for one small GEMM)."""
-    batch, rank = x.shape[0], dt_proj_weight.shape[1]
-    conv_out = _conv_silu(x, conv_weight, conv_bias)
-    x_dbl = F.linear(_tokens_major(conv_out), x_proj_weight)
-    delta = _from_channels_major(dt_proj_weight @ x_dbl[:, :rank].t(), batch)  # (D_inner, R) @ (R, B*L)
-    B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1).contiguous()
-            for i in (rank, rank + n))
-    return conv_out, x_dbl, delta, B, C
+def _delta(dt_proj_weight, x_dbl, batch):
+    """(D_inner, R) @ (R, B*L) -> (B, D_inner, L), channel-major as the scan wants it."""
+    rank = dt_proj_weight.shape[1]
+    return _from_channels_major(dt_proj_weight @ x_dbl[:, :rank].t(), batch)
 
 
 def _tokens_major(t):
@@ -670,12 +662,11 @@ def _from_channels_major(t, batch):
 
 
 class _MambaInnerFn(torch.autograd.Function):
-    """mamba_ssm's ``MambaInnerFn`` (real A, B and C from x_proj; the conv and delta recomputed in the
-    backward as its checkpoint_lvl 1 does, and x_proj's output too) with a backward that computes only
-    the gradients asked for: under PEFT the out_proj, x_proj and dt_proj weights are frozen, and
-    mamba_ssm's computes their gradient GEMMs anyway (11 ms of a 333 ms mamba-1.4b LoRA(in_proj) step
-    at micro-batch 32, one H200). It also sums out_proj's bias gradient over every dimension (a
-    scalar); here over tokens.
+    """mamba_ssm's ``MambaInnerFn`` (real A, B and C from x_proj, conv and delta recomputed in the
+    backward: its checkpoint_lvl 1) with a backward that computes only the gradients asked for: under
+    PEFT the out_proj, x_proj and dt_proj weights are frozen, and mamba_ssm's computes their gradient
+    GEMMs anyway (11 ms of a 333 ms mamba-1.4b LoRA(in_proj) step at micro-batch 32, one H200). It
+    also sums out_proj's bias gradient over every dimension (a scalar); here over tokens.
 
     xz (B, 2*D_inner, L), L contiguous (a channel-major (2*D_inner, B, L) storage reads uncopied);
     conv_weight (D_inner, W); x_proj_weight (R + 2N, D_inner); dt_proj_weight (D_inner, R);
@@ -694,24 +685,29 @@ class _MambaInnerFn(torch.autograd.Function):
         xz = time_contiguous(xz)
         batch, n = xz.shape[0], A.shape[1]
         x, z = xz.chunk(2, dim=1)
-        conv_out, x_dbl, delta, B, C = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, n)
+        conv_out = _conv_silu(x, conv_weight, conv_bias)
+        x_dbl = F.linear(_tokens_major(conv_out), x_proj_weight)  # (B*L, R + 2N)
+        delta = _delta(dt_proj_weight, x_dbl, batch)
+        B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1).contiguous()
+                for i in (x_dbl.shape[1] - 2 * n, x_dbl.shape[1] - n))  # (B, 1, N, L)
         out, scan_intermediates, out_z = _selective_scan_kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True)
         if scan_intermediates.shape[2] == 1:  # the backward reads the states at chunk ends only past the
             scan_intermediates = None  # first of its 2048-step chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b)
         ctx.has_out_bias = out_proj_bias is not None
-        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                              out_proj_weight, A, D, delta_bias, scan_intermediates, out)
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight,
+                              out_proj_weight, A, B, C, D, delta_bias, scan_intermediates, out)
         return F.linear(out_z.transpose(1, 2), out_proj_weight, out_proj_bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
-        (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
-         A, D, delta_bias, scan_intermediates, out) = ctx.saved_tensors
+        (xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, out_proj_weight,
+         A, B, C, D, delta_bias, scan_intermediates, out) = ctx.saved_tensors
         want_x_proj, want_dt_proj, want_out_proj, want_out_bias = ctx.needs_input_grad[3:7]
         batch, rank, n = xz.shape[0], dt_proj_weight.shape[1], A.shape[1]
         x, z = xz.chunk(2, dim=1)
-        conv_out, x_dbl, delta, B, C = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, n)
+        conv_out = _conv_silu(x, conv_weight, conv_bias)  # recomputed, not saved (mamba_ssm's checkpoint_lvl 1)
+        delta = _delta(dt_proj_weight, x_dbl, batch)
         dxz = torch.empty_like(xz)
         dx, dz = dxz.chunk(2, dim=1)
         dout = dout.reshape(-1, dout.shape[-1]).t()  # (D_model, B*L)
