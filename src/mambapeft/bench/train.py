@@ -344,8 +344,8 @@ def _ratio_lines(report: dict) -> list[str]:
     for ours_name, ours, baseline_name, key in pairs:
         baseline = report["baselines"].get(baseline_name, {})
         if key in ours and key in baseline:
-            memory = f"{_memory(ours) / _memory(baseline):.2f}x" if _memory(baseline) else ""
-            lines.append(f"| {ours_name} / {baseline_name} | {ours[key] / baseline[key]:.2f}x | {memory} |")
+            memory = f"{_memory(ours) / _memory(baseline):.3f}x" if _memory(baseline) else ""
+            lines.append(f"| {ours_name} / {baseline_name} | {ours[key] / baseline[key]:.3f}x | {memory} |")
     return ["", "| ours / baseline | throughput | peak memory |", "|---|---|---|", *lines] if lines else []
 
 
