@@ -34,28 +34,54 @@ COMPILE = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for name, (types, constexprs) in json.loads(sys.argv[1]).items():
+    def compiled(name, types, constexprs, **options):
         module, kernel = name.split(":")
         fn = getattr(importlib.import_module(module), kernel)
         default = {p.name: "*bf16" if p.name.endswith("_ptr") else "i32" for p in fn.params}
         signature = {p.name: "constexpr" if p.is_constexpr else types.get(p.name, default[p.name]) for p in fn.params}
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32))
-        print(name, len(compiled.asm["cubin"]), flush=True)
+        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=options)
 """)
+ALL_KERNELS = COMPILE + textwrap.dedent("""
+    for name, (types, constexprs) in json.loads(sys.argv[1]).items():
+        print(name, len(compiled(name, types, constexprs).asm["cubin"]), flush=True)
+""")
+CONV_FMAS = COMPILE + textwrap.dedent("""
+    from mambapeft.models.conv_triton import LAUNCH
+    (name, (types, constexprs)), = json.loads(sys.argv[1]).items()
+    for options in (LAUNCH, {key: value for key, value in LAUNCH.items() if key != "enable_fp_fusion"}):
+        print(compiled(name, types, constexprs, **options).asm["ptx"].count("fma.rn.f32"))
+""")
+
+
+def _compile_run(script: str, kernels: dict, default_fusion: str = "1") -> str:
+    """stdout of ``script`` run on ``kernels`` in a subprocess that compiles (no interpreter), FMA
+    contraction on by default or not (``TRITON_DEFAULT_FP_FUSION``; Triton 3.9 warns where it is unset)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
+    env["TRITON_DEFAULT_FP_FUSION"] = default_fusion
+    run = subprocess.run([sys.executable, "-c", script, json.dumps(kernels)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
 
 
 def test_every_triton_kernel_compiles_to_a_cubin_for_sm90():
     pytest.importorskip("triton", reason="Triton has wheels for Linux only")
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default today, said explicitly (3.9 warns otherwise)
-    run = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(KERNELS)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    compiled = dict(line.rsplit(" ", 1) for line in run.stdout.splitlines())
+    compiled = dict(line.rsplit(" ", 1) for line in _compile_run(ALL_KERNELS, KERNELS).splitlines())
     assert compiled.keys() == KERNELS.keys() and all(int(size) > 0 for size in compiled.values())
+
+
+def test_the_conv_forward_is_launched_with_fused_multiply_adds():
+    """Its launch options contract its multiply-adds to FMAs (as nvcc compiles causal-conv1d, whose output
+    it equals bit for bit on the GPU: tests/test_gpu.py) where Triton's default does not, as Triton 3.10's
+    will not: compiled with contraction off by default, its PTX has FMAs, and none without the option."""
+    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    name = "mambapeft.models.conv_triton:_conv_fwd_kernel"
+    fmas = _compile_run(CONV_FMAS, {name: KERNELS[name]}, default_fusion="0").split()
+    with_launch_options, without_the_option = map(int, fmas)
+    assert with_launch_options > 0 and without_the_option == 0
 
 
 WITHOUT_TRITON = textwrap.dedent("""
