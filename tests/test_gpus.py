@@ -241,7 +241,8 @@ def test_the_allocator_gets_expandable_segments_unless_the_user_configured_it(us
     before = dict(environ)
     settings = default_allocator_settings(environ)
     if user is None:
-        assert environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} and settings == environ["PYTORCH_CUDA_ALLOC_CONF"]
+        assert environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+        assert settings == "expandable_segments:True"
     else:
         assert environ == before and settings == user[1]
     assert allocator_settings(environ) == settings
