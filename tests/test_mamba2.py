@@ -209,6 +209,32 @@ def test_sizes_the_mixer_refuses_are_one_error_naming_the_file(tmp_path):
         build_lm_from_dir(tmp_path)
 
 
+CONFIG_CHECK = """
+import json, sys, torch
+from mambapeft.models.checkpoints import read_lm_config
+torch.manual_seed(0)
+state = torch.get_rng_state()
+read_lm_config(sys.argv[1])
+print(json.dumps([torch.equal(state, torch.get_rng_state()), "torch._dynamo" in sys.modules]))
+"""
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_reading_a_config_leaves_the_random_generator_and_imports_no_dynamo(tmp_path, layer):
+    """The config check builds one mixer (its sizes refused there: above) on the CPU without drawing from the
+    caller's generator (a run's seed then means the same draws), and not on the meta device, whose
+    elementwise ops import torch._dynamo (1.3 s in every evaluate job). In a subprocess: a fresh import."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({"d_model": 64, "n_layer": 2, "vocab_size": 100,
+                                                      "ssm_cfg": {"layer": layer}}))
+    run = subprocess.run([sys.executable, "-c", CONFIG_CHECK, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.splitlines()[-1]) == [True, False]
+
+
 def test_a_mamba2_checkpoint_for_a_mamba1_backbone_names_the_mixer(tmp_path):
     from mambapeft.train.backbone import check_official
 

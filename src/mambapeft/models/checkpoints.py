@@ -324,8 +324,10 @@ def lm_config_from_json(data: dict, source: Path | str = "config.json") -> Mamba
     try:  # an unknown mixer or setting, or sizes the mixer refuses (e.g. headdim): one line naming the file
         config = MambaLMConfig(**fields)
         mixer, settings = mixer_from_ssm_cfg(config.ssm_cfg)
-        with torch.device("meta"):  # shapes only
-            mixer(config.d_model, **settings)
+        # one layer (0.2 s for Mamba-2.8b), its random draws not taken from the caller's generator: on the
+        # meta device its init's elementwise ops would import torch._dynamo (1.3 s) in every evaluate job
+        with torch.random.fork_rng(devices=[]):
+            mixer(config.d_model, device="cpu", **settings)
     except ValueError as err:
         raise CheckpointError(f"{source}: {err}.") from None
     return config
