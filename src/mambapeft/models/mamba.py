@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .rebuild import rebuilt_when_saved
-from .scan import TORCH_BACKEND, ScanBackend, causal_conv1d_step, conv_state_of
+from .scan import TORCH_BACKEND, ScanBackend, causal_conv1d_step, conv_state_of, rms_normed_torch
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., dim) -> same shape and dtype."""
-        x32 = x.float()
-        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return out.to(x.dtype)
+        return rms_normed_torch(x.float(), self.weight, self.eps).to(x.dtype)
 
 
 class DropPath(nn.Module):

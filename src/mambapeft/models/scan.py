@@ -542,8 +542,10 @@ def _residual_dtype(hidden, residual, residual_in_fp32) -> torch.dtype:
     return torch.float32 if residual_in_fp32 else hidden.dtype
 
 
-def _rms_normed_torch(total, weight, eps):
-    return total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+def rms_normed_torch(x32, weight, eps):
+    """RMSNorm of fp32 x (..., D) with weight (D,), in fp32: every PyTorch RMSNorm here (the module's and
+    the fused add's reference and rebuild) is this expression, so they agree bit for bit."""
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
 def add_rms_norm_torch(hidden, residual, weight, eps, residual_in_fp32=True):
@@ -552,9 +554,9 @@ def add_rms_norm_torch(hidden, residual, weight, eps, residual_in_fp32=True):
     its own dtype (:func:`_residual_dtype`), a zero-argument function giving the first again bit for bit
     from the second, or None where that would not pay (:func:`_rebuild_of`))."""
     total = hidden.float() if residual is None else hidden.float() + residual.float()
-    out = _rms_normed_torch(total, weight, eps).to(hidden.dtype)
+    out = rms_normed_torch(total, weight, eps).to(hidden.dtype)
     residual, dtype = total.to(_residual_dtype(hidden, residual, residual_in_fp32)), out.dtype
-    return out, residual, _rebuild_of(out, residual, lambda: _rms_normed_torch(residual, weight, eps).to(dtype),
+    return out, residual, _rebuild_of(out, residual, lambda: rms_normed_torch(residual, weight, eps).to(dtype),
                                       weight)
 
 
