@@ -690,3 +690,18 @@ def test_generation_benchmark_measures_every_implementation(tmp_path):
     for name, per_batch in rows.items():
         for batch, row in per_batch.items():
             assert "tokens_per_s" in row and 0 <= row["token_agreement_with_ours"] <= 1, (name, batch, row)
+
+
+@needs_kernels
+def test_profile_puts_a_steps_kernels_in_families(tmp_path):
+    """`bench profile` on a tiny LM step: every kernel named by a family (none left as "other" on this
+    path), the families summing to the step's GPU time, the record written."""
+    from mambapeft.bench.profile import OTHER, profile_report, write_reports
+
+    report = profile_report("language", "lora_in_proj", "mamba-mini", 2, steps=2)
+    families = {row["family"]: row for row in report["families"]}
+    assert {"selective scan backward (mamba-ssm)", "GEMM", "causal conv1d"} <= set(families)
+    assert OTHER not in families, families.get(OTHER)
+    assert sum(row["ms"] for row in report["families"]) == pytest.approx(report["gpu_ms"])
+    assert report["wall_ms"] > 0 and report["launches"] > 0
+    assert write_reports([report], tmp_path).exists()

@@ -371,28 +371,3 @@ def _row(backbone, method, row, key, unit, base):
     ratio = f"{row['step_s'] / base:.2f}x" if base and "step_s" in row else ""
     trainable = f"{row['trainable_params']:,}" if "trainable_params" in row else ""
     return f"| {backbone} | {method} | {trainable} | {_ms(row)} | {_rate(row, key, unit)} | {_gib(row)} | {ratio} |"
-
-
-def profile_method(domain: str, method: str, backbone: str, batch: int, steps=5, top=25) -> str:
-    """Where a training step's time goes: torch.profiler's table of the ops with the most CUDA time
-    over ``steps`` steps after warm-up, plus the step's wall time against its summed GPU time (the
-    gap is launch and Python overhead). ``batch``: images (vision) or sequences of 256 tokens."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    if domain == "vision":
-        _, _, backend, step = _vision_step(method, backbone, batch, 224)
-    else:
-        _, _, backend, step = _language_step(method, backbone, batch, 256)
-    wall = _timed(step, warmup=5, steps=steps)["step_s"]
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # the kernels, not the ops launching them
-    gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
-    launches = sum(e.count for e in kernels) // steps
-    header = (f"{backbone} {method} (backend {backend}), batch {batch}: step {wall * 1e3:.1f} ms wall, "
-              f"{gpu_ms:.1f} ms of GPU kernels in {launches} kernel launches per step\n")
-    return header + events.table(sort_by="self_device_time_total", row_limit=top)

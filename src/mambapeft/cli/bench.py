@@ -149,20 +149,33 @@ def cmd_bench_data(args) -> None:
 
 
 def _add_profile(bench) -> None:
-    p = bench.add_parser("profile", help="GPU: where a training step's time goes (torch.profiler, top ops)")
+    p = bench.add_parser("profile", help="GPU: where a training step's time goes, by kernel family (torch.profiler)")
     p.add_argument("--backbone", default="vim-s", help="vim-* (images at 224 px) or mamba-* (sequences of 256 tokens)")
-    p.add_argument("--methods", nargs="+", default=["linear_probe", "lorap_x"])
+    p.add_argument("--methods", nargs="+", default=["linear_probe", "lorap_x"],
+                   help="methods of the domain's methods.yaml to profile, one step each (default linear_probe lorap_x)")
     p.add_argument("--batch", type=int, help="images (default 32) or sequences (default 4) per step")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps, after 3 untimed ones (default 5)")
+    p.add_argument("--out", type=Path, help="also write <device>.<backbone>.profile.json and .md into this folder")
     p.set_defaults(func=cmd_bench_profile)
 
 
 def cmd_bench_profile(args) -> None:
-    from ..bench.train import profile_method
-    from ..build import domain_of
+    import torch
 
+    from ..bench.profile import markdown, profile_report, write_reports
+    from ..build import domain_of
+    from ..runspec import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError("bench profile times GPU kernels: no CUDA device is visible here (run it on a GPU machine)")
     domain = domain_of(args.backbone)
+    batch = args.batch or (32 if domain == "vision" else 4)
+    reports = []
     for method in args.methods:
-        print(profile_method(domain, method, args.backbone, args.batch or (32 if domain == "vision" else 4)))
+        reports.append(profile_report(domain, method, args.backbone, batch, steps=args.steps))
+        print(markdown(reports[-1:]), flush=True)
+        if args.out:  # after every method: an interrupted run keeps what it profiled
+            write_reports(reports, args.out)
 
 
 def _add_equivalence(bench) -> None:

@@ -1,0 +1,136 @@
+"""Where a training step's GPU time goes, by kernel family (``mambapeft bench profile``).
+
+One eager step of a method (the step ``bench train`` times, without CUDA graphs, so that every kernel
+shows), profiled with torch.profiler; each GPU kernel, memcpy and memset is put in a family by its
+name (:data:`KERNEL_FAMILIES`, first match wins) and the families are summed per step. The report is
+JSON (``<device>.<backbone>.profile.json``) with a Markdown table beside it.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..io import write_json_atomic, write_text_atomic
+from ..runtime import device_name
+from .common import timed_calls
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """One kernel name's GPU time over the profiled steps."""
+
+    name: str
+    total_us: float
+    calls: int
+
+
+# (family, pattern on the kernel's name): the first that matches names the family. Our Triton kernels
+# are named in models/ and train/; mamba-ssm's by its CUDA and Triton sources; the rest by PyTorch.
+KERNEL_FAMILIES: tuple[tuple[str, re.Pattern], ...] = tuple((family, re.compile(pattern)) for family, pattern in (
+    ("selective scan backward (mamba-ssm)", r"selective_scan_bwd"),
+    ("selective scan forward (mamba-ssm)", r"selective_scan_fwd"),
+    ("Mamba-2 chunked scan (mamba-ssm SSD)",
+     r"_chunk_scan|_chunk_state|_state_passing|_bmm_chunk|_chunk_cumsum|_selective_scan_update"),
+    ("causal conv1d", r"causal_conv1d|_conv_fwd_kernel|_conv_update_kernel"),
+    ("patch embedding (convolution)", r"convolve|cudnn|fprop|dgrad|wgrad|conv2d"),
+    ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|splitKreduce"),
+    ("residual add + RMSNorm", r"_layer_norm|_rms_normed|rms_norm"),
+    ("LoRA dropout", r"_dropout_kernel|fused_dropout|bernoulli"),
+    ("cross-entropy", r"_cross_entropy|softmax|nll_loss"),
+    ("optimizer (foreach kernels)", r"multi_tensor_apply|fused_adam"),
+    ("copies: casts, layout, padding, cat, flip", r"copy|Memcpy|Memset|CatArray|index_elementwise|FillFunctor|fill_kernel"),
+    ("reductions", r"reduce_kernel"),
+    ("other elementwise", r"elementwise|unrolled_|triton_"),
+))
+OTHER = "other"
+
+
+def kernel_family(name: str) -> str:
+    """The family of a GPU kernel (or memcpy/memset) by its name; :data:`OTHER` where none matches."""
+    return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(name)), OTHER)
+
+
+def family_breakdown(kernels: Iterable[KernelTime], steps: int) -> list[dict]:
+    """Per family, most time first: ``ms`` per step, ``share`` of the step's GPU time, ``calls`` per
+    step and the ``kernels`` (names, most time first) it holds."""
+    kernels = list(kernels)
+    total = sum(k.total_us for k in kernels) or 1.0
+    families: dict[str, list[KernelTime]] = {}
+    for kernel in kernels:
+        families.setdefault(kernel_family(kernel.name), []).append(kernel)
+    rows = [{"family": family,
+             "ms": sum(k.total_us for k in members) / 1e3 / steps,
+             "share": sum(k.total_us for k in members) / total,
+             "calls": sum(k.calls for k in members) // steps,
+             "kernels": [k.name for k in sorted(members, key=lambda k: -k.total_us)]}
+            for family, members in families.items()]
+    return sorted(rows, key=lambda row: -row["ms"])
+
+
+def profiled_kernels(step: Callable[[], None], steps: int) -> list[KernelTime]:
+    """The GPU kernels, memcpys and memsets of ``steps`` calls of ``step`` (warmed up by the caller),
+    by name; the profiler's annotations of CPU ranges on the GPU timeline are not kernels and are left out."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return [KernelTime(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            and e.self_device_time_total > 0]
+
+
+def profile_report(domain: str, method: str, backbone: str, batch: int, steps: int = 5) -> dict:
+    """Where one eager training step's GPU time goes (``batch`` images at 224 px, or sequences of 256
+    tokens): wall time against summed kernel time (the gap is launch and Python overhead), per family."""
+    from .train import _language_step, _vision_step
+
+    if domain == "vision":
+        _, _, backend, step = _vision_step(method, backbone, batch, 224)
+    else:
+        _, _, backend, step = _language_step(method, backbone, batch, 256)
+    wall_s = sorted(timed_calls(step, 3 + steps, "cuda")[3:])[steps // 2]  # median after 3 warm-up steps
+    kernels = profiled_kernels(step, steps)
+    return {"backbone": backbone, "method": method, "backend": backend, "batch": batch,
+            "tokens_per_sequence": None if domain == "vision" else 256, "device": device_name(),
+            "profiled_steps": steps, "wall_ms": wall_s * 1e3,
+            "gpu_ms": sum(k.total_us for k in kernels) / 1e3 / steps,
+            "launches": sum(k.calls for k in kernels) // steps,
+            "families": family_breakdown(kernels, steps)}
+
+
+def markdown(reports: list[dict]) -> str:
+    """One table per profiled step: family, ms per step, share, kernel calls per step, top kernel."""
+    lines = ["# Where a training step's GPU time goes (eager, `mambapeft bench profile`)", ""]
+    for r in reports:
+        unit = "images" if r["tokens_per_sequence"] is None else f"sequences of {r['tokens_per_sequence']} tokens"
+        lines += [f"## {r['backbone']} {r['method']}, {r['batch']} {unit} ({r['device']}, backend {r['backend']})",
+                  "", f"{r['wall_ms']:.1f} ms wall (eager), {r['gpu_ms']:.1f} ms of GPU kernels in "
+                  f"{r['launches']} launches per step.", "",
+                  "| kernel family | ms / step | share | calls / step | largest kernel |", "|---|---:|---:|---:|---|"]
+        lines += [f"| {f['family']} | {f['ms']:.2f} | {f['share']:.1%} | {f['calls']} | `{_short(f['kernels'][0])}` |"
+                  for f in r["families"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _short(name: str, width: int = 60) -> str:
+    """A kernel name cut to ``width`` characters (templated CUDA names run to hundreds)."""
+    name = name.replace("|", "/")
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def write_reports(reports: list[dict], out_dir: Path) -> Path:
+    """``<device>.<backbone>.profile.json`` (every report, one backbone's) and the same ``.md``
+    (:func:`markdown`) in ``out_dir``; returns the JSON's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{reports[0]['device'].replace(' ', '_')}.{reports[0]['backbone']}.profile"
+    write_json_atomic(stem.with_name(stem.name + ".json"), {"reports": reports})
+    write_text_atomic(stem.with_name(stem.name + ".md"), markdown(reports))
+    return stem.with_name(stem.name + ".json")

@@ -1,0 +1,82 @@
+"""`mambapeft bench profile`: GPU kernels sorted into families by name (names as the H200 profiles of a
+Vim-S and a Mamba-1.4b step print them), per-step sums, the Markdown record, and the CPU error."""
+import json
+
+import pytest
+
+from mambapeft.bench.profile import (KERNEL_FAMILIES, OTHER, KernelTime, family_breakdown, kernel_family, markdown,
+                                     write_reports)
+from mambapeft.cli import main as cli
+
+COPY = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+        "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda()#10}>")
+NAMES = {
+    "void selective_scan_bwd_kernel<Selective_Scan_bwd_kernel_traits<32, 16, 1, true, false, true>>": "selective scan backward (mamba-ssm)",
+    "void selective_scan_fwd_kernel<Selective_Scan_fwd_kernel_traits<32, 8, 1, true, false, true>>": "selective scan forward (mamba-ssm)",
+    "_chunk_scan_fwd_kernel": "Mamba-2 chunked scan (mamba-ssm SSD)",
+    "void causal_conv1d_bwd_kernel<Causal_conv1d_bwd_kernel_traits<128, 4, true, true>>": "causal conv1d",
+    "_conv_fwd_kernel": "causal conv1d",
+    "nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN": "GEMM",
+    "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>": "GEMM",
+    "void implicit_convolve_sgemm<__nv_bfloat16, __nv_bfloat16, 1024, 5, 5, 3, 3, 3, 1, false>": "patch embedding (convolution)",
+    "_layer_norm_bwd_kernel": "residual add + RMSNorm",
+    "_rms_normed_kernel": "residual add + RMSNorm",
+    "_dropout_kernel": "LoRA dropout",
+    "_cross_entropy_fwd_kernel": "cross-entropy",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+    "TensorListMetadata<4>, at::native::(anonymous namespace)::PointwiseOpScalarFunctor<float, 4, 4, 0>>":
+        "optimizer (foreach kernels)",
+    COPY: "copies: casts, layout, padding, cat, flip",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>, "
+    "unsigned int, 3, 128, 1>": "copies: casts, layout, padding, cat, flip",
+    "void at::native::index_elementwise_kernel<128, 4, at::native::gpu_index_kernel<...flip_kernel...>>":
+        "copies: casts, layout, padding, cat, flip",
+    "Memcpy DtoD (Device -> Device)": "copies: casts, layout, padding, cat, flip",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<c10::BFloat16>, std::array<char*, 1ul>>":
+        "copies: casts, layout, padding, cat, flip",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float, "
+    "at::native::sum_functor<float, float, float>::operator()>>": "reductions",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::AUnaryFunctor<c10::BFloat16, c10::BFloat16, "
+    "c10::BFloat16, at::native::binary_internal::MulFunctor<float>>>": "other elementwise",
+    "some_kernel_nobody_named": OTHER,
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kernels_fall_in_their_family(name):
+    assert kernel_family(name) == NAMES[name]
+
+
+def test_every_family_is_reachable():
+    assert set(NAMES.values()) == {family for family, _ in KERNEL_FAMILIES} | {OTHER}
+
+
+def test_breakdown_sums_families_per_step_most_time_first():
+    kernels = [KernelTime("void selective_scan_bwd_kernel<x>", 3000.0, 6), KernelTime(COPY, 500.0, 30),
+               KernelTime("Memcpy DtoD (Device -> Device)", 700.0, 3), KernelTime("nvjet_sm90_a", 800.0, 9)]
+    rows = family_breakdown(kernels, steps=3)
+    assert [r["family"] for r in rows] == ["selective scan backward (mamba-ssm)",
+                                          "copies: casts, layout, padding, cat, flip", "GEMM"]
+    copies = rows[1]
+    assert copies["ms"] == pytest.approx(1200.0 / 1e3 / 3) and copies["calls"] == 11
+    assert copies["kernels"] == ["Memcpy DtoD (Device -> Device)", COPY]  # most time first
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+
+
+def test_report_files_and_table(tmp_path):
+    report = {"backbone": "vim-s", "method": "lorap_x", "backend": "cuda", "batch": 32, "tokens_per_sequence": None,
+              "device": "NVIDIA H200", "profiled_steps": 2, "wall_ms": 60.0, "gpu_ms": 1.5, "launches": 12,
+              "families": family_breakdown([KernelTime("nvjet_a|b", 3000.0, 24)], steps=2)}
+    path = write_reports([report], tmp_path)
+    assert path == tmp_path / "NVIDIA_H200.vim-s.profile.json"
+    assert json.loads(path.read_text())["reports"][0]["families"][0]["ms"] == 1.5
+    table = (tmp_path / "NVIDIA_H200.vim-s.profile.md").read_text()
+    assert table == markdown([report])
+    assert "## vim-s lorap_x, 32 images (NVIDIA H200, backend cuda)" in table
+    assert "| GEMM | 1.50 | 100.0% | 12 | `nvjet_a/b` |" in table  # a | in a name would split the row
+
+
+def test_profile_without_a_gpu_says_so(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert cli(["bench", "profile", "--backbone", "vim-mini"]) == 2
+    assert "no CUDA device is visible here" in capsys.readouterr().err
