@@ -80,3 +80,19 @@ def test_profile_without_a_gpu_says_so(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert cli(["bench", "profile", "--backbone", "vim-mini"]) == 2
     assert "no CUDA device is visible here" in capsys.readouterr().err
+
+
+def test_report_of_a_step(monkeypatch):
+    """profile_report's record around the profiler (which needs a GPU: stood in for here)."""
+    import mambapeft.bench.profile as profile
+    import mambapeft.bench.train as train
+
+    monkeypatch.setattr(train, "_language_step", lambda method, backbone, batch, length: (None, None, "cuda-fused", None))
+    monkeypatch.setattr(profile, "timed_calls", lambda step, n, device: [0.5] * 3 + [0.03, 0.01, 0.02])
+    monkeypatch.setattr(profile, "device_name", lambda device: "Test GPU" if device.type == "cuda" else "cpu")
+    monkeypatch.setattr(profile, "profiled_kernels", lambda step, steps: [KernelTime("nvjet_a", 3000.0, 6 * steps)])
+    report = profile.profile_report("language", "lora_in_proj", "mamba-1.4b", 32, steps=3)
+    assert report["wall_ms"] == pytest.approx(20.0)  # the median after the warm-up steps
+    assert report["gpu_ms"] == pytest.approx(1.0) and report["launches"] == 6
+    assert (report["device"], report["backend"], report["tokens_per_sequence"]) == ("Test GPU", "cuda-fused", 256)
+    assert report["families"][0]["family"] == "GEMM"

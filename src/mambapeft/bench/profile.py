@@ -98,7 +98,7 @@ def profile_report(domain: str, method: str, backbone: str, batch: int, steps: i
     wall_s = sorted(timed_calls(step, 3 + steps, "cuda")[3:])[steps // 2]  # median after 3 warm-up steps
     kernels = profiled_kernels(step, steps)
     return {"backbone": backbone, "method": method, "backend": backend, "batch": batch,
-            "tokens_per_sequence": None if domain == "vision" else 256, "device": device_name(),
+            "tokens_per_sequence": None if domain == "vision" else 256, "device": device_name(torch.device("cuda")),
             "profiled_steps": steps, "wall_ms": wall_s * 1e3,
             "gpu_ms": sum(k.total_us for k in kernels) / 1e3 / steps,
             "launches": sum(k.calls for k in kernels) // steps,
