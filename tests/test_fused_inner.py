@@ -21,6 +21,11 @@ FUSED_TORCH = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.c
 FUSED_LANGUAGE = {"zero_shot", "head_only", "full", "lora_in_proj", "lorap_x", "prefix", "periodic", "prefix_20", "prefix_30",
                   "periodic_20", "periodic_30", "dora_in_proj", "dorap_x", "prodial_in",
                   "hybrid_importance"}  # its LoRA and (IA)3 tiers both wrap in_proj only
+# the same for Vim (both directions' modules), partial tuning of A and D (parametrised parameters, read
+# through the parametrisation) and methods outside the mixer included
+FUSED_VISION = {"a", "cls_token", "d", "dora_embed", "dora_in_proj", "dorap_z", "full", "hybrid_importance",
+                "linear_probe", "lora_embed", "lora_in_proj", "lorap_x", "lorap_x_dora", "lorap_z", "pos_embed",
+                "prodial_in", "prompt", "prompt_noproj", "scratch"}
 
 
 def _mixers(model) -> list[Mixer]:
@@ -61,11 +66,32 @@ def test_fused_path_equals_the_unfused_chain_for_every_language_method(method):
 
 
 @pytest.mark.parametrize("method", sorted(methods_for("vision", "vim-mini")))
-def test_bidirectional_mixers_never_take_the_fused_path(method):
+def test_fused_path_equals_the_unfused_chain_for_every_vision_method(method):
+    """Vim's bidirectional mixer takes the fused function once per direction (out_proj applied to each
+    and the two averaged) where both directions' modules are plain: the unfused chain's output and gradients."""
     model = _adapted("vision", method)
-    for m in _mixers(model):
-        m.backend = FUSED_TORCH
-    assert not any(m.uses_fused_inner() for m in _mixers(model))
+    fused_model = copy.deepcopy(model)
+    images = torch.randn(2, 3, 32, 32)
+    out, grads = _output_and_grads(model, TORCH_BACKEND, images)
+    fused_out, fused_grads = _output_and_grads(fused_model, FUSED_TORCH, images)
+    assert all(m.uses_fused_inner() == (method in FUSED_VISION) for m in _mixers(fused_model)), method
+    torch.testing.assert_close(fused_out, out, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("divide_out,bias", [(True, True), (False, True), (False, False)])
+def test_a_bidirectional_mixer_adds_out_projs_bias_once(divide_out, bias):
+    """The fused path projects each direction: the bias is still added once, averaged or summed."""
+    torch.manual_seed(0)
+    mixer = Mamba(16, d_state=4, bidirectional=True, divide_out=divide_out, bias=bias)
+    if bias:
+        torch.nn.init.normal_(mixer.out_proj.bias)
+    fused = copy.deepcopy(mixer)
+    fused.backend = FUSED_TORCH
+    x = torch.randn(2, 9, 16)
+    assert fused.uses_fused_inner() and not mixer.uses_fused_inner()
+    torch.testing.assert_close(fused(x), mixer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_hook_or_wrapper_between_in_proj_and_the_output_keeps_the_unfused_chain():
@@ -87,7 +113,7 @@ def test_step_mode_after_a_fused_prefill_continues_the_sequence():
     assert_steps_continue_the_forward(model, torch.randint(0, 64, (2, 30)), 20)
 
 
-@pytest.mark.parametrize("backbone,recorded", [("mamba-mini", "torch-fused"), ("vim-mini", "torch")])
+@pytest.mark.parametrize("backbone,recorded", [("mamba-mini", "torch-fused"), ("vim-mini", "torch-fused")])
 def test_the_recorded_backend_says_whether_the_fused_path_ran(monkeypatch, backbone, recorded):
     model = build_model(backbone, **({"num_classes": 4} if backbone == "vim-mini" else {"vocab_size": 64}))
     assert recorded_backend(monkeypatch, model, FUSED_TORCH) == recorded
@@ -295,16 +321,25 @@ def test_the_cuda_conv_function_computes_the_reference(monkeypatch, bias):
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-@pytest.mark.parametrize("length", [13, 2049])
-def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, frozen, length):
+@pytest.mark.parametrize("length,kernel_length", [(13, 13), (100, 128), (2049, 2049)])
+def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, frozen, length, kernel_length):
     """scan._MambaInnerFn with the CUDA kernels' interfaces served by the PyTorch scan and conv: the
     output and gradients equal mamba_inner_torch's, channel-major input included; frozen
     projections get no gradient (none computed), the rest the same; past 2048 steps the backward
-    is given the chunk states it reads. (On the GPU, the same function on the real kernels is
+    is given the chunk states it reads; a length short of a whole kernel block (100 of 128) runs
+    the kernels padded with zero steps. (On the GPU, the same function on the real kernels is
     compared with mamba_ssm's: tests/test_gpu.py.)"""
     import mambapeft.models.scan as scan
 
-    monkeypatch.setattr(scan, "_selective_scan_kernels", _ReferenceScanKernels)
+    lengths = []
+
+    class RecordingKernels(_ReferenceScanKernels):
+        @staticmethod
+        def fwd(u, *args):
+            lengths.append(u.shape[-1])
+            return _ReferenceScanKernels.fwd(u, *args)
+
+    monkeypatch.setattr(scan, "_selective_scan_kernels", RecordingKernels)
     monkeypatch.setattr(scan, "_conv_fwd_kernel", _reference_conv_fwd)
     monkeypatch.setattr(scan, "_conv_bwd_kernel", _reference_conv_bwd)
     torch.manual_seed(0)
@@ -322,6 +357,7 @@ def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, 
         out.backward(grad_out)
         runs.append((out.detach(), [leaf.grad for leaf in leaves]))
     (reference, reference_grads), (out, grads) = runs
+    assert lengths == [kernel_length]
     torch.testing.assert_close(out, reference)
     for i, (grad, expected) in enumerate(zip(grads, reference_grads)):
         assert (grad is None) == (expected is None) == (frozen and i in projections), i

@@ -114,21 +114,24 @@ def test_mixer_backends_agree(bidirectional, d_model):
 
 
 # backbone -> (the backend's fused function, gradient tolerance: bf16 gradients of ~1e-5 (dt_bias) differ by a few %)
-FUSED_PATHS = {"mamba-mini": ("mamba_inner", 2e-2), "mamba2-mini": ("split_conv1d_scan", 5e-2)}
+FUSED_PATHS = {"mamba-mini": ("mamba_inner", 2e-2), "mamba2-mini": ("split_conv1d_scan", 5e-2),
+               "vim-mini": ("mamba_inner", 2e-2)}
 
 
 @needs_kernels
 @pytest.mark.parametrize("backbone,method", [("mamba-mini", m) for m in ("full", "lora_in_proj", "lorap_x", "periodic")]
-                         + [("mamba2-mini", m) for m in ("full", "lorap_x", "periodic", "ia3")])
+                         + [("mamba2-mini", m) for m in ("full", "lorap_x", "periodic", "ia3")]
+                         + [("vim-mini", m) for m in ("full", "lora_in_proj", "lorap_x", "d")])
 def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
-    """mamba_ssm's fused kernels after in_proj (Mamba-1: mamba_inner_fn; Mamba-2:
+    """The fused kernels after in_proj (Mamba-1: our mamba_inner_fn, once per direction in Vim; Mamba-2:
     mamba_split_conv1d_scan_combined) against the unfused CUDA chain, in the training precision.
     (IA)3 on Mamba-2 scales out_proj's input, so it keeps the chain."""
     field, grad_tolerance = FUSED_PATHS[backbone]
     if getattr(CUDA_BACKEND, field) is None:
         pytest.skip(f"no {field} kernel (mamba-ssm >= 2 and causal-conv1d's kernels)")
-    model, _ = adapted_mini("language", backbone, method, nudge=0.05)
-    ids = mini_inputs("language")
+    domain = "vision" if backbone.startswith("vim") else "language"
+    model, _ = adapted_mini(domain, backbone, method, nudge=0.05)
+    ids = mini_inputs(domain)
     runs = []
     for backend in (dataclasses.replace(CUDA_BACKEND, **{field: None}), CUDA_BACKEND):
         m = on_backend(model, backend)
@@ -705,3 +708,37 @@ def test_profile_puts_a_steps_kernels_in_families(tmp_path):
     assert sum(row["ms"] for row in report["families"]) == pytest.approx(report["gpu_ms"])
     assert report["wall_ms"] > 0 and report["launches"] > 0
     assert write_reports([report], tmp_path).exists()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_our_mamba_inner_fn_pads_short_sequences_exactly(dtype):
+    """At Vim's 197 tokens the fused function runs the kernels on 256 steps (zeros after the end):
+    the output and every gradient are those of the unpadded call (the same kernels on 197 steps)."""
+    from mambapeft.models import scan
+
+    torch.manual_seed(0)
+    batch, d_inner, n, rank, d_model, length = 4, 64, 16, 4, 32, 197
+    assert scan.whole_kernel_chunks(length) == 256
+    xz = torch.randn(2 * d_inner, batch, length, device="cuda", dtype=dtype).transpose(0, 1)
+    args = [xz, torch.randn(d_inner, 1, 4) / 2, torch.randn(d_inner) / 2, torch.randn(rank + 2 * n, d_inner) / 4,
+            torch.randn(d_inner, rank) / 2, torch.rand(d_inner) - 3, torch.randn(d_model, d_inner) / 4,
+            torch.randn(d_model), -torch.rand(d_inner, n) - 0.5, torch.randn(d_inner)]
+    args = [a.cuda().to(dtype) if i in (0, 1, 2, 3, 4, 6, 7) else a.cuda() for i, a in enumerate(args)]
+    grad_out = torch.randn(batch, length, d_model, device="cuda", dtype=dtype)
+
+    def unpadded(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, out_w, out_b, A, D):
+        return scan._MambaInnerFn.apply(xz, conv_w.squeeze(1), conv_b, x_proj_w, dt_proj_w, out_w, out_b,
+                                        A.float(), D.float(), dt_bias.float())
+
+    runs = []
+    for fn in (unpadded, scan.mamba_inner_cuda):
+        leaves = [a.detach().requires_grad_() for a in args]
+        out = fn(*leaves)
+        out.backward(grad_out)
+        runs.append((out.detach().float(), [leaf.grad.float() for leaf in leaves]))
+    # GEMMs over 256 steps sum in another order; the scan backward adds dB and dC atomically (any order)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert rel(runs[1][0], runs[0][0]) <= tolerance
+    for i, (grad, expected) in enumerate(zip(runs[1][1], runs[0][1])):
+        assert rel(grad, expected) <= tolerance, i

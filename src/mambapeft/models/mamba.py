@@ -9,9 +9,9 @@ base model exactly:
   * ``conv1d`` is read as raw ``weight`` and ``bias`` (the causal-conv kernel and :meth:`Mamba.step`
     take the tensors), so it takes a ``parametrize`` delta (partial tuning) but a module wrapper
     or forward hook on it would be skipped;
-  * the fused ``mamba_inner`` path reads the weights after ``in_proj`` raw, so it runs only where
-    those modules are plain (no wrapper, hook or parametrisation) and no state extension, state
-    offset or affix is set (:meth:`Mamba.uses_fused_inner`);
+  * the fused ``mamba_inner`` path (once per direction) reads the weights after ``in_proj`` raw, so it
+    runs only where those modules are plain (no wrapper, hook or parametrisation) and no state
+    extension, state offset or affix is set (:meth:`Mamba.uses_fused_inner`);
   * the generation step's kernels (mamba_ssm's step: conv update in place, dt_proj's bias inside the
     state update) read ``dt_proj`` raw, so they run only where it is plain (:meth:`Mamba.uses_step_kernels`);
   * a block's residual add + RMSNorm runs in one kernel on CUDA (training and generation), reading the
@@ -226,13 +226,22 @@ class Mamba(Mixer):
         return y[..., n_affix:]
 
     def uses_fused_inner(self) -> bool:
-        """Whether :meth:`forward` runs the backend's fused ``mamba_inner`` (the kernel reads the
-        modules' weights directly: only where no method changes anything between in_proj and the
-        output, so no adapter, hook or parametrisation can be skipped by it)."""
-        return (self.backend.mamba_inner is not None and not self.bidirectional
+        """Whether :meth:`forward` runs the backend's fused ``mamba_inner``, once per direction (the
+        kernel reads the modules' weights directly: only where no method changes anything between
+        in_proj and the output, so no adapter, hook or parametrisation can be skipped by it)."""
+        return (self.backend.mamba_inner is not None
                 and not self.affixes and not self.state_extensions and not self.state_offsets
-                and plain(self.conv1d, nn.Conv1d)
-                and all(plain(m, nn.Linear) for m in (self.x_proj, self.dt_proj, self.out_proj)))
+                and plain(self.out_proj, nn.Linear)
+                and all(plain(getattr(self, d.conv1d), nn.Conv1d) and plain(getattr(self, d.x_proj), nn.Linear)
+                        and plain(getattr(self, d.dt_proj), nn.Linear) for d in self.directions))
+
+    def _fused_direction(self, xz: torch.Tensor, d: Direction, out_bias: torch.Tensor | None) -> torch.Tensor:
+        """The backend's ``mamba_inner`` on xz (B, 2*D_inner, L) in this direction's time order, with
+        this direction's weights and out_proj (its bias ``out_bias``) -> (B, L, D_model)."""
+        conv, dt_proj = getattr(self, d.conv1d), getattr(self, d.dt_proj)
+        return self.backend.mamba_inner(xz, conv.weight, conv.bias, getattr(self, d.x_proj).weight, dt_proj.weight,
+                                        dt_proj.bias, self.out_proj.weight, out_bias,
+                                        -torch.exp(getattr(self, d.A_log).float()), getattr(self, d.D))
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).
@@ -242,9 +251,13 @@ class Mamba(Mixer):
         """
         xz = linear_channel_major(self.in_proj, hidden_states)  # (B, 2*D_inner, L), channel-major
         if state is None and self.uses_fused_inner():
-            return self.backend.mamba_inner(
-                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                self.dt_proj.bias, self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()), self.D)
+            out = self._fused_direction(xz, FORWARD, self.out_proj.bias)
+            if not self.bidirectional:
+                return out
+            # out_proj is linear: projecting each direction and averaging is projecting their average
+            # (each adds the bias once; a plain sum takes it from one direction only)
+            out_b = self._fused_direction(xz.flip(-1), BACKWARD, self.out_proj.bias if self.divide_out else None)
+            return (out + out_b.flip(1)) / 2 if self.divide_out else out + out_b.flip(1)
         y = self._scan_direction(xz, FORWARD, state)
         if self.bidirectional:
             if state is not None:

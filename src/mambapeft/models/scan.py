@@ -743,8 +743,16 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     if _selective_scan_kernels is None or _conv_fwd_kernel is None:
         raise RuntimeError("The fused mixer needs mamba-ssm and causal-conv1d: install them with "
                            "`pip install mamba-ssm causal-conv1d` (or `mambapeft setup-gpu`).")
-    return _MambaInnerFn.apply(xz, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
-                               out_proj_bias, A.float(), D.float(), dt_proj_bias.float())
+    # zero steps added at the end to a whole kernel block (as the unfused scan's padded_to_whole_chunks):
+    # the causal conv and scan leave the steps before them as they are, and their outputs, cut off,
+    # send no gradient back (one copy of xz; the scan's inputs are then computed padded)
+    steps = xz.shape[-1]
+    length = whole_kernel_chunks(steps)
+    if length != steps:
+        xz = _ZeroPaddedInTime.apply(xz, length)
+    out = _MambaInnerFn.apply(xz, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
+                              out_proj_bias, A.float(), D.float(), dt_proj_bias.float())
+    return out[:, :steps]
 
 
 def gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
