@@ -113,9 +113,11 @@ def test_mixer_backends_agree(bidirectional, d_model):
         assert rel(results[1][2][name], grad) <= 1e-4, name
 
 
-# backbone -> (the backend's fused function, gradient tolerance: bf16 gradients of ~1e-5 (dt_bias) differ by a few %)
+# backbone -> (the backend's fused function, gradient tolerance: bf16 gradients of ~1e-5 (dt_bias) differ by a few %;
+# Vim's fused path also rounds each direction's out_proj output to bf16 before averaging: x_proj's gradient
+# 2.3e-2 apart under autocast, every gradient within 1e-6 in fp32, H200, tree 5b4b130)
 FUSED_PATHS = {"mamba-mini": ("mamba_inner", 2e-2), "mamba2-mini": ("split_conv1d_scan", 5e-2),
-               "vim-mini": ("mamba_inner", 2e-2)}
+               "vim-mini": ("mamba_inner", 5e-2)}
 
 
 @needs_kernels
