@@ -38,6 +38,8 @@ NAMES = {
     "at::native::sum_functor<float, float, float>::operator()>>": "reductions",
     "void at::native::vectorized_elementwise_kernel<4, at::native::AUnaryFunctor<c10::BFloat16, c10::BFloat16, "
     "c10::BFloat16, at::native::binary_internal::MulFunctor<float>>>": "other elementwise",
+    "void at::native::vectorized_gather_kernel<16, long>(char*, char*, long*, int, long, long, long, long, bool)":
+        "embedding lookup",
     "some_kernel_nobody_named": OTHER,
 }
 

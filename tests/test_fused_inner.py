@@ -354,6 +354,8 @@ def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, 
     for fn in (scan.mamba_inner_torch, scan.mamba_inner_cuda):
         leaves = [a.detach().requires_grad_(not (frozen and i in projections)) for i, a in enumerate(args)]
         out = fn(*leaves)
+        if fn is scan.mamba_inner_cuda:  # unpadded, no slice (its backward would copy the gradient whole)
+            assert (type(out.grad_fn).__name__ == "_MambaInnerFnBackward") == (length == kernel_length)
         out.backward(grad_out)
         runs.append((out.detach(), [leaf.grad for leaf in leaves]))
     (reference, reference_grads), (out, grads) = runs

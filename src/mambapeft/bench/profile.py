@@ -36,6 +36,7 @@ KERNEL_FAMILIES: tuple[tuple[str, re.Pattern], ...] = tuple((family, re.compile(
     ("Mamba-2 chunked scan (mamba-ssm SSD)",
      r"_chunk_scan|_chunk_state|_state_passing|_bmm_chunk|_chunk_cumsum|_selective_scan_update"),
     ("causal conv1d", r"causal_conv1d|_conv_fwd_kernel|_conv_update_kernel"),
+    ("embedding lookup", r"gather_kernel|embedding"),
     ("patch embedding (convolution)", r"convolve|cudnn|fprop|dgrad|wgrad|conv2d"),
     ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|splitKreduce"),
     ("residual add + RMSNorm", r"_layer_norm|_rms_normed|rms_norm"),

@@ -748,11 +748,11 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     # send no gradient back (one copy of xz; the scan's inputs are then computed padded)
     steps = xz.shape[-1]
     length = whole_kernel_chunks(steps)
-    if length != steps:
-        xz = _ZeroPaddedInTime.apply(xz, length)
-    out = _MambaInnerFn.apply(xz, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
+    padded = _ZeroPaddedInTime.apply(xz, length) if length != steps else xz
+    out = _MambaInnerFn.apply(padded, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
                               out_proj_bias, A.float(), D.float(), dt_proj_bias.float())
-    return out[:, :steps]
+    # cut only where padded: a slice's backward writes its gradient into a zeroed copy of the whole
+    return out[:, :steps] if length != steps else out
 
 
 def gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
