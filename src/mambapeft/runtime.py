@@ -54,7 +54,7 @@ def select_backend(model: nn.Module, device: torch.device, runtime: dict) -> str
     fused = sum(m.uses_fused_inner() for m in mixers)
     if backend.fuses:
         log.info("mixers on a fused kernel after in_proj: %d of %d (the others: a method changes them "
-                 "between in_proj and the output, or they are bidirectional)", fused, len(mixers))
+                 "between in_proj and the output)", fused, len(mixers))
     return f"{backend.name}-fused" if fused else backend.name
 
 
