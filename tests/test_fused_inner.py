@@ -11,8 +11,13 @@ from mixer_helpers import assert_steps_continue_the_forward, recorded_backend
 
 from mambapeft.models import build_model
 from mambapeft.models.mamba import Mamba, Mixer
-from mambapeft.models.scan import (TORCH_BACKEND, ScanBackend, causal_conv1d_torch, mamba_inner_torch,
-                                    selective_scan_torch)
+from mambapeft.models.scan import (
+    TORCH_BACKEND,
+    ScanBackend,
+    causal_conv1d_torch,
+    mamba_inner_torch,
+    selective_scan_torch,
+)
 from mambapeft.peft import apply_peft
 from mambapeft.runspec import domain_file, method_definition, methods_for
 
@@ -52,32 +57,26 @@ def _output_and_grads(model, backend, inputs):
     return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("method", sorted(domain_file("language", "methods")))
-def test_fused_path_equals_the_unfused_chain_for_every_language_method(method):
-    model = _adapted("language", method)
+def assert_fused_equals_unfused(model, fused_backend, inputs, fused: bool, label: str):
+    """``model`` (left as it is) on the PyTorch chain and a copy on ``fused_backend``: every mixer of the
+    copy takes the fused path exactly when ``fused``, and the outputs and gradients agree."""
     fused_model = copy.deepcopy(model)
-    inputs = torch.randint(0, 64, (2, 24))
     out, grads = _output_and_grads(model, TORCH_BACKEND, inputs)
-    fused_out, fused_grads = _output_and_grads(fused_model, FUSED_TORCH, inputs)
-    assert all(m.uses_fused_inner() == (method in FUSED_LANGUAGE) for m in _mixers(fused_model)), method
+    fused_out, fused_grads = _output_and_grads(fused_model, fused_backend, inputs)
+    assert all(m.uses_fused_inner() == fused for m in _mixers(fused_model)), label
     torch.testing.assert_close(fused_out, out, rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("method", sorted(methods_for("vision", "vim-mini")))
-def test_fused_path_equals_the_unfused_chain_for_every_vision_method(method):
+@pytest.mark.parametrize("domain,method", [("language", m) for m in sorted(domain_file("language", "methods"))]
+                         + [("vision", m) for m in sorted(methods_for("vision", "vim-mini"))])
+def test_fused_path_equals_the_unfused_chain_for_every_method(domain, method):
     """Vim's bidirectional mixer takes the fused function once per direction (out_proj applied to each
-    and the two averaged) where both directions' modules are plain: the unfused chain's output and gradients."""
-    model = _adapted("vision", method)
-    fused_model = copy.deepcopy(model)
-    images = torch.randn(2, 3, 32, 32)
-    out, grads = _output_and_grads(model, TORCH_BACKEND, images)
-    fused_out, fused_grads = _output_and_grads(fused_model, FUSED_TORCH, images)
-    assert all(m.uses_fused_inner() == (method in FUSED_VISION) for m in _mixers(fused_model)), method
-    torch.testing.assert_close(fused_out, out, rtol=1e-5, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    and the two averaged) where both directions' modules are plain."""
+    inputs = torch.randint(0, 64, (2, 24)) if domain == "language" else torch.randn(2, 3, 32, 32)
+    fused = method in (FUSED_LANGUAGE if domain == "language" else FUSED_VISION)
+    assert_fused_equals_unfused(_adapted(domain, method), FUSED_TORCH, inputs, fused, method)
 
 
 @pytest.mark.parametrize("divide_out,bias", [(True, True), (False, True), (False, False)])
@@ -296,8 +295,7 @@ def test_the_cuda_conv_function_computes_the_reference(monkeypatch, bias):
     Triton kernel (interpreted), the backward causal-conv1d's served by PyTorch; output and gradients
     equal causal_conv1d_torch's, a channel-major x and a non-contiguous output gradient included."""
     pytest.importorskip("triton", reason="Triton has wheels for Linux only")
-    import mambapeft.models.scan as scan
-    from mambapeft.models import conv_triton
+    from mambapeft.models import conv_triton, scan
 
     monkeypatch.setattr(scan, "_cuda_causal_conv1d", lambda *a, **k: pytest.fail("causal_conv1d_fn called"))
     monkeypatch.setattr(scan, "_conv_fwd_kernel", conv_triton.causal_conv1d_fwd_function)
@@ -329,7 +327,7 @@ def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, 
     is given the chunk states it reads; a length short of a whole kernel block (100 of 128) runs
     the kernels padded with zero steps. (On the GPU, the same function on the real kernels is
     compared with mamba_ssm's: tests/test_gpu.py.)"""
-    import mambapeft.models.scan as scan
+    from mambapeft.models import scan
 
     lengths = []
 

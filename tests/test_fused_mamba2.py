@@ -2,12 +2,11 @@
 mamba_split_conv1d_scan_combined on CUDA) computes what the unfused chain computes, and only mixers
 whose conv1d, gated norm and out_proj no method touches take it. Here with the PyTorch reference of
 the fused function; tests/test_gpu.py runs the CUDA one."""
-import copy
 
 import pytest
 import torch
 from mixer_helpers import assert_steps_continue_the_forward, recorded_backend
-from test_fused_inner import _mixers, _output_and_grads
+from test_fused_inner import _mixers, assert_fused_equals_unfused
 from test_mamba2 import MEMBER_METHODS, YAML_METHODS, members
 
 from mambapeft.models import build_model
@@ -35,15 +34,8 @@ def _adapted(method: str):
 
 @pytest.mark.parametrize("method", YAML_METHODS + sorted(MEMBER_METHODS))
 def test_fused_path_equals_the_unfused_chain_for_every_mamba2_method(method):
-    model = _adapted(method)
-    fused_model = copy.deepcopy(model)
     inputs = torch.randint(0, 64, (2, 40))  # longer than mamba2-mini's chunk of 16
-    out, grads = _output_and_grads(model, TORCH_BACKEND, inputs)
-    fused_out, fused_grads = _output_and_grads(fused_model, FUSED_TORCH, inputs)
-    assert all(m.uses_fused_inner() == (method in FUSED) for m in _mixers(fused_model)), method
-    torch.testing.assert_close(fused_out, out, rtol=1e-5, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_fused_equals_unfused(_adapted(method), FUSED_TORCH, inputs, method in FUSED, method)
 
 
 def test_a_hook_wrapper_or_odd_conv_width_keeps_the_unfused_chain():
