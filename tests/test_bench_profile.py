@@ -4,8 +4,15 @@ import json
 
 import pytest
 
-from mambapeft.bench.profile import (KERNEL_FAMILIES, OTHER, KernelTime, family_breakdown, kernel_family, markdown,
-                                     write_reports)
+from mambapeft.bench.profile import (
+    KERNEL_FAMILIES,
+    OTHER,
+    KernelTime,
+    family_breakdown,
+    kernel_family,
+    markdown,
+    write_reports,
+)
 from mambapeft.cli import main as cli
 
 COPY = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
@@ -86,8 +93,7 @@ def test_profile_without_a_gpu_says_so(capsys, monkeypatch):
 
 def test_report_of_a_step(monkeypatch):
     """profile_report's record around the profiler (which needs a GPU: stood in for here)."""
-    import mambapeft.bench.profile as profile
-    import mambapeft.bench.train as train
+    from mambapeft.bench import profile, train
 
     monkeypatch.setattr(train, "_language_step", lambda method, backbone, batch, length: (None, None, "cuda-fused", None))
     monkeypatch.setattr(profile, "timed_calls", lambda step, n, device: [0.5] * 3 + [0.03, 0.01, 0.02])

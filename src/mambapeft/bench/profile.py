@@ -111,9 +111,10 @@ def markdown(reports: list[dict]) -> str:
     lines = ["# Where a training step's GPU time goes (eager, `mambapeft bench profile`)", ""]
     for r in reports:
         unit = "images" if r["tokens_per_sequence"] is None else f"sequences of {r['tokens_per_sequence']} tokens"
+        summary = (f"{r['wall_ms']:.1f} ms wall (eager), {r['gpu_ms']:.1f} ms of GPU kernels in "
+                   f"{r['launches']} launches per step.")
         lines += [f"## {r['backbone']} {r['method']}, {r['batch']} {unit} ({r['device']}, backend {r['backend']})",
-                  "", f"{r['wall_ms']:.1f} ms wall (eager), {r['gpu_ms']:.1f} ms of GPU kernels in "
-                  f"{r['launches']} launches per step.", "",
+                  "", summary, "",
                   "| kernel family | ms / step | share | calls / step | largest kernel |", "|---|---:|---:|---:|---|"]
         lines += [f"| {f['family']} | {f['ms']:.2f} | {f['share']:.1%} | {f['calls']} | `{_short(f['kernels'][0])}` |"
                   for f in r["families"]]
