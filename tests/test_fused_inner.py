@@ -93,13 +93,20 @@ def test_a_bidirectional_mixer_adds_out_projs_bias_once(divide_out, bias):
     torch.testing.assert_close(fused(x), mixer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_a_hook_or_wrapper_between_in_proj_and_the_output_keeps_the_unfused_chain():
-    mixer = Mamba(32, d_state=4)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_hook_or_wrapper_between_in_proj_and_the_output_keeps_the_unfused_chain(bidirectional):
+    """Any direction's module: a hook on the backward scan's x_proj or a wrapped conv1d_b counts too."""
+    mixer = Mamba(32, d_state=4, bidirectional=bidirectional)
     mixer.backend = FUSED_TORCH
     assert mixer.uses_fused_inner()
-    handle = mixer.x_proj.register_forward_hook(lambda module, args, out: out * 2)
+    x_proj, conv = ("x_proj_b", "conv1d_b") if bidirectional else ("x_proj", "conv1d")
+    handle = getattr(mixer, x_proj).register_forward_hook(lambda module, args, out: out * 2)
     assert not mixer.uses_fused_inner()
     handle.remove()
+    assert mixer.uses_fused_inner()
+    setattr(mixer, conv, torch.nn.Sequential(getattr(mixer, conv)))
+    assert not mixer.uses_fused_inner()
+    setattr(mixer, conv, getattr(mixer, conv)[0])
     mixer.out_proj = torch.nn.Sequential(mixer.out_proj)
     assert not mixer.uses_fused_inner()
 
