@@ -132,7 +132,7 @@ def write_reports(reports: list[dict], out_dir: Path) -> Path:
     """``<device>.<backbone>.profile.json`` (every report, one backbone's) and the same ``.md``
     (:func:`markdown`) in ``out_dir``; returns the JSON's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{reports[0]['device'].replace(' ', '_')}.{reports[0]['backbone']}.profile"
-    write_json_atomic(stem.with_name(stem.name + ".json"), {"reports": reports})
-    write_text_atomic(stem.with_name(stem.name + ".md"), markdown(reports))
-    return stem.with_name(stem.name + ".json")
+    stem = f"{reports[0]['device'].replace(' ', '_')}.{reports[0]['backbone']}.profile"
+    write_json_atomic(out_dir / f"{stem}.json", {"reports": reports})
+    write_text_atomic(out_dir / f"{stem}.md", markdown(reports))
+    return out_dir / f"{stem}.json"

@@ -188,6 +188,14 @@ class Mamba(Mixer):
         self.register_parameter(d.D, D)
 
     # -- one direction of the SSM ------------------------------------------------------------
+    def _state_matrix(self, d: Direction) -> torch.Tensor:
+        """A = -exp(A_log) (D_inner, N) in fp32, read through any parametrisation of A_log."""
+        return -torch.exp(getattr(self, d.A_log).float())
+
+    def _merged(self, forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
+        """The two directions' outputs (the backward one back in time order): averaged when divide_out, else summed."""
+        return (forward + backward) / 2 if self.divide_out else forward + backward
+
     def _ssm_inputs(self, x: torch.Tensor, d: Direction, dt_bias: bool = True):
         """x: (B, D_inner, L) after conv. Returns delta (B, D_inner, L), A (D_inner, N'), B, C (B, N', L).
         Without ``dt_bias`` delta leaves out dt_proj's bias (a plain dt_proj's: the step kernel adds it)."""
@@ -196,7 +204,7 @@ class Mamba(Mixer):
         dt_proj = getattr(self, d.dt_proj)
         delta = (linear_channel_major(dt_proj, dt) if dt_bias
                  else F.linear(dt, dt_proj.weight).transpose(1, 2))  # (B, D_inner, L)
-        A = -torch.exp(getattr(self, d.A_log).float())  # (D_inner, N)
+        A = self._state_matrix(d)
         B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, N, L)
         if d.key in self.state_extensions:
             A, B, C = self.state_extensions[d.key](x, A, B, C)
@@ -241,7 +249,7 @@ class Mamba(Mixer):
         conv, dt_proj = getattr(self, d.conv1d), getattr(self, d.dt_proj)
         return self.backend.mamba_inner(xz, conv.weight, conv.bias, getattr(self, d.x_proj).weight, dt_proj.weight,
                                         dt_proj.bias, self.out_proj.weight, out_bias,
-                                        -torch.exp(getattr(self, d.A_log).float()), getattr(self, d.D))
+                                        self._state_matrix(d), getattr(self, d.D))
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).
@@ -257,13 +265,13 @@ class Mamba(Mixer):
             # out_proj is linear: projecting each direction and averaging is projecting their average
             # (each adds the bias once; a plain sum takes it from one direction only)
             out_b = self._fused_direction(xz.flip(-1), BACKWARD, self.out_proj.bias if self.divide_out else None)
-            return (out + out_b.flip(1)) / 2 if self.divide_out else out + out_b.flip(1)
+            return self._merged(out, out_b.flip(1))
         y = self._scan_direction(xz, FORWARD, state)
         if self.bidirectional:
             if state is not None:
                 raise ValueError("Recurrent state is only defined for unidirectional mixers.")
             y_b = self._scan_direction(xz.flip(-1), BACKWARD).flip(-1)
-            y = (y + y_b) / 2 if self.divide_out else y + y_b
+            y = self._merged(y, y_b)
         return self.out_proj(y.transpose(1, 2))
 
     def empty_state(self, batch: int, device=None) -> MixerState:
