@@ -28,8 +28,16 @@ def random_inputs(b, d, length, n, dtype):
     return u, delta, -torch.exp(A), B, C, D, z, bias
 
 
+@pytest.fixture(params=["step_by_step", "in_chunks"])
+def recurrence(request, monkeypatch):
+    """Both ways the PyTorch scan solves its recurrence on a CPU (chosen by the size of a step's block)."""
+    from mambapeft.models import scan
+    monkeypatch.setattr(scan, "SEQUENTIAL_MIN_BLOCK", 0 if request.param == "step_by_step" else 10**12)
+    return request.param
+
+
 @pytest.mark.parametrize("b,d,length,n", [(2, 8, 1, 4), (2, 8, 2, 16), (3, 16, 65, 8), (2, 16, 197, 4), (1, 4, 100, 3), (2, 4, 256, 16)])
-def test_scan_matches_sequential_float64_loop(b, d, length, n):
+def test_scan_matches_sequential_float64_loop(b, d, length, n, recurrence):
     args = random_inputs(b, d, length, n, torch.float64)
     ref_in = [x.clone().requires_grad_() for x in args]
     our_in = [x.clone().requires_grad_() for x in args]
@@ -45,7 +53,7 @@ def test_scan_matches_sequential_float64_loop(b, d, length, n):
         assert rel_err(ours.grad, ref.grad) < 1e-6
 
 
-def test_scan_float32_close_to_float64():
+def test_scan_float32_close_to_float64(recurrence):
     args = random_inputs(2, 16, 120, 16, torch.float64)
     y64 = selective_scan_torch(*args[:7], args[7], delta_softplus=True)
     y32 = selective_scan_torch(*(x.float() for x in args[:7]), args[7].float(), delta_softplus=True)
@@ -53,11 +61,23 @@ def test_scan_float32_close_to_float64():
     assert rel_err(y32.double(), y64) < 1e-5
 
 
-def test_large_decays_do_not_overflow():
-    """exp(-delta*A) of a cumulative product would overflow here; the chunked scan never divides."""
+def test_large_decays_do_not_overflow(recurrence):
+    """exp(-delta*A) of a cumulative product would overflow here; neither way of the scan divides."""
     u, delta, A, B, C, D, z, bias = random_inputs(1, 4, 300, 4, torch.float32)
     y = selective_scan_torch(u, delta * 0 + 30.0, A * 50, B, C, D, z, bias, delta_softplus=True)
     assert torch.isfinite(y).all()
+
+
+def test_the_recurrence_runs_step_by_step_on_a_cpu_where_a_step_holds_a_large_block():
+    """The whole length in one chunk (no chunks carried) from SEQUENTIAL_MIN_BLOCK elements per step, on a
+    CPU only; ~sqrt(L) chunks below it, and on a GPU, where every step would be a kernel launch."""
+    from mambapeft.models.scan import SEQUENTIAL_MIN_BLOCK, _chunk_length
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert _chunk_length(197, SEQUENTIAL_MIN_BLOCK, cpu) == 197
+    assert _chunk_length(17, 32 * 8 * 96, cpu) == 17  # Vim-mini's scan in the default run
+    assert _chunk_length(197, SEQUENTIAL_MIN_BLOCK - 1, cpu) == 15
+    assert _chunk_length(197, 32 * 8 * 96, gpu) == 15
+    assert _chunk_length(256, 1, cpu) == 16
 
 
 def test_step_matches_scan():

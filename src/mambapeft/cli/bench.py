@@ -38,7 +38,7 @@ def cmd_bench_multi_gpu(args) -> None:
 
 
 def _add_scan(bench) -> None:
-    p = bench.add_parser("scan", help="selective scan fwd+bwd: chunked PyTorch scan vs a naive per-step loop (and CUDA)")
+    p = bench.add_parser("scan", help="selective scan fwd+bwd: our PyTorch scan vs a naive per-step loop (and CUDA)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--d-inner", type=int, default=1536)
     p.add_argument("--length", type=int, default=512)
