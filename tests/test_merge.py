@@ -172,8 +172,11 @@ def test_train_then_merge_writes_a_model_transformers_loads(tmp_path, runtime):
     assert cli(["-q", "merge", "--spec", json.dumps(training_spec(spec)), "--out", str(tmp_path / "merged")]) == 0
     record = json.loads((tmp_path / "merged" / MERGE_RECORD).read_text())
     assert record["check"]["max_abs_logit_difference"] < 1e-4
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / HF_DIR).eval()
-    ids = torch.randint(0, 320, (1, 12))
+    # both exports compared on the run's device: where causal-conv1d is installed, transformers' Mamba
+    # calls its CUDA kernel whatever the tensors' device (5.17), so a CPU check is not possible there
+    device = runtime["device"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / HF_DIR).eval().to(device)
+    ids = torch.randint(0, 320, (1, 12), device=device)
     with torch.no_grad():
-        expected = build_lm_from_dir(tmp_path / "merged" / MAMBA_SSM_DIR).eval()(ids)
+        expected = build_lm_from_dir(tmp_path / "merged" / MAMBA_SSM_DIR).eval().to(device)(ids)
         assert torch.allclose(hf(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
