@@ -187,7 +187,8 @@ class _SelectiveScanCore(torch.autograd.Function):
 
     delta, du: (L, B, D)  A_t: (N, D)  B, C: (L, B, N)  ->  y (L, B, D), last state (B, N, D).
     The state gradient is the same recurrence run in reverse, so nothing per time step is kept
-    for autograd; every contraction over D or N is a batched matmul on the time-major layout.
+    for autograd; a contraction over N is a batched matmul on the time-major layout, one over D a
+    product and a sum.
     """
 
     @staticmethod
