@@ -146,15 +146,17 @@ def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_our_mamba_inner_fn_computes_what_mamba_ssms_does(dtype, frozen):
+@pytest.mark.parametrize("n", [8, 16])
+def test_our_mamba_inner_fn_computes_what_mamba_ssms_does(dtype, frozen, n):
     """Our fused mixer function (scan.mamba_inner_cuda) against mamba_ssm's mamba_inner_fn: the
     output and every gradient (fp32, and bf16 inputs and weights under autocast); with the
-    projections frozen, their gradients are not computed and the others are unchanged."""
+    projections frozen, their gradients are not computed and the others are unchanged. With 16
+    states it scans with our short-sequence kernels (scan_short.py), with 8 with mamba-ssm's."""
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as upstream
     from mambapeft.models.scan import mamba_inner_cuda as ours
 
     torch.manual_seed(0)
-    batch, d_inner, length, n, rank, d_model = 2, 64, 77, 8, 4, 32
+    batch, d_inner, length, rank, d_model = 2, 64, 77, 4, 32
     xz = torch.randn(batch, 2 * d_inner, length, device="cuda", dtype=dtype, requires_grad=True)
     conv_w, conv_b = torch.randn(d_inner, 1, 4, device="cuda") / 2, torch.randn(d_inner, device="cuda") / 2
     x_proj, dt_proj = torch.randn(rank + 2 * n, d_inner, device="cuda") / 8, torch.randn(d_inner, rank, device="cuda") / 2
@@ -714,11 +716,13 @@ def test_profile_puts_a_steps_kernels_in_families(tmp_path):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_our_mamba_inner_fn_pads_short_sequences_exactly(dtype):
-    """At Vim's 197 tokens the fused function runs the kernels on 256 steps (zeros after the end):
-    the output and every gradient are those of the unpadded call (the same kernels on 197 steps)."""
-    from mambapeft.models import scan
+def test_our_mamba_inner_fn_pads_short_sequences_exactly(dtype, monkeypatch):
+    """At Vim's 197 tokens the fused function runs mamba-ssm's kernels on 256 steps (zeros after the
+    end): the output and every gradient are those of the unpadded call (the same kernels on 197
+    steps). (Our short-sequence kernels, which scan unpadded, are switched off here.)"""
+    from mambapeft.models import scan, scan_short
 
+    monkeypatch.setenv(scan_short.ENV, "0")
     torch.manual_seed(0)
     batch, d_inner, n, rank, d_model, length = 4, 64, 16, 4, 32, 197
     assert scan.whole_kernel_chunks(length) == 256

@@ -57,7 +57,21 @@ def check_kernels() -> dict:
         if report["max_abs_diff_vs_torch_scan"] > 1e-3:
             raise SetupError(f"the CUDA scan disagrees with the PyTorch scan ({report['max_abs_diff_vs_torch_scan']:.2e}); "
                              "the wheels were likely built for another torch or CUDA")
+        report["short_scan"] = _check_short_scan(u, delta, a, bb, c, reference) if installed["nvrtc"] else (
+            "NVRTC not found (PyTorch's CUDA wheels ship it): mamba-ssm's scan at every length")
     return report
+
+
+def _check_short_scan(u, delta, a, b, c, reference) -> str:
+    """Compile our short-sequence scan (NVRTC) and compare its output with the PyTorch scan's."""
+    from .models import scan_short
+
+    out, _ = scan_short.forward(*(t.cuda() for t in (u, delta, a, b, c)), None, None, None, False)
+    difference = float((out.cpu() - reference).abs().max())
+    if difference > 1e-3:
+        raise SetupError(f"our short-sequence scan disagrees with the PyTorch scan ({difference:.2e}); "
+                         f"set {scan_short.ENV}=0 to run mamba-ssm's, and report it")
+    return f"compiled; max abs diff vs the PyTorch scan {difference:.1e}"
 
 
 def setup_gpu(wheels: str | Path | None, dry_run: bool = False) -> dict:

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import scan_short
 from .rebuild import checked
 
 
@@ -712,8 +713,11 @@ class _MambaInnerFn(torch.autograd.Function):
         delta = _delta(dt_proj_weight, x_dbl, batch)
         B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1).contiguous()
                 for i in (x_dbl.shape[1] - 2 * n, x_dbl.shape[1] - n))  # (B, 1, N, L)
-        out, scan_intermediates, out_z = _selective_scan_kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True)
-        if scan_intermediates.shape[2] == 1:  # the backward reads the states at chunk ends only past the
+        kernels = (scan_short if scan_short.runs(xz.device, xz.dtype, n, xz.shape[-1])
+                   and scan_short.applies(conv_out, A, B[:, 0], delta, z) else _selective_scan_kernels)
+        out, scan_intermediates, out_z = kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True)
+        ctx.scan_kernels = kernels
+        if scan_intermediates is not None and scan_intermediates.shape[2] == 1:  # the backward reads the states at chunk ends only past the
             scan_intermediates = None  # first of its 2048-step chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b)
         ctx.has_out_bias = out_proj_bias is not None
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight,
@@ -734,7 +738,7 @@ class _MambaInnerFn(torch.autograd.Function):
         dx, dz = dxz.chunk(2, dim=1)
         dout = dout.reshape(-1, dout.shape[-1]).t()  # (D_model, B*L)
         dy = _from_channels_major(out_proj_weight.t() @ dout, batch)  # (B, D_inner, L)
-        dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = _selective_scan_kernels.bwd(
+        dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = ctx.scan_kernels.bwd(
             conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz, True, True)
         dout_proj = dout @ _tokens_major(out_z) if want_out_proj else None
         dout_bias = dout.sum(dim=1) if ctx.has_out_bias and want_out_bias else None
@@ -763,11 +767,13 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     if _selective_scan_kernels is None or _conv_fwd_kernel is None:
         raise RuntimeError("The fused mixer needs mamba-ssm and causal-conv1d: install them with "
                            "`pip install mamba-ssm causal-conv1d` (or `mambapeft setup-gpu`).")
-    # zero steps added at the end to a whole kernel block (as the unfused scan's padded_to_whole_chunks):
-    # the causal conv and scan leave the steps before them as they are, and their outputs, cut off,
-    # send no gradient back (one copy of xz; the scan's inputs are then computed padded)
+    # zero steps added at the end to a whole kernel block of mamba-ssm's scan (as the unfused scan's
+    # padded_to_whole_chunks): the causal conv and scan leave the steps before them as they are, and
+    # their outputs, cut off, send no gradient back (one copy of xz; the scan's inputs are then
+    # computed padded). Our short-sequence kernels (scan_short.py) take any length and scan unpadded.
     steps = xz.shape[-1]
-    length = whole_kernel_chunks(steps)
+    short = scan_short.runs(xz.device, xz.dtype, A.shape[1], steps)
+    length = steps if short else whole_kernel_chunks(steps)
     padded = _ZeroPaddedInTime.apply(xz, length) if length != steps else xz
     out = _MambaInnerFn.apply(padded, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
                               out_proj_bias, A.float(), D.float(), dt_proj_bias.float())
@@ -873,9 +879,11 @@ def cuda_kernels_available() -> bool:
 
 
 def installed_kernels() -> dict[str, bool | str]:
-    """Which optional CUDA kernel packages imported (whether or not a GPU is present), and why not."""
+    """Which optional CUDA kernel packages imported (whether or not a GPU is present), and why not;
+    ``nvrtc``: whether our short-sequence scan kernels can be compiled (scan_short.py)."""
     return {"mamba_ssm": _cuda_selective_scan is not None, "mamba_ssm_ssd": _cuda_chunk_scan is not None,
-            "causal_conv1d": _cuda_causal_conv1d is not None, "errors": dict(_IMPORT_ERRORS)}
+            "causal_conv1d": _cuda_causal_conv1d is not None, "nvrtc": scan_short.nvrtc_available(),
+            "errors": dict(_IMPORT_ERRORS)}
 
 
 def resolve_backend(device: torch.device | str, requested: str | None = "auto") -> ScanBackend:

@@ -1,0 +1,393 @@
+// Mamba's selective scan (real A, per-step B and C of one group, N = 16 states), forward and backward,
+// for training at short lengths (Vim's 197 tokens, language models' 256). Compiled at run time by NVRTC
+// (scan_short.py sets the macros below; reference: scan.selective_scan_torch).
+//
+// Four lanes per (batch, channel), four of its states each in registers, stepping through time: no
+// parallel scan along time (mamba-ssm's kernels run one per state per step, and at these lengths that,
+// not memory, takes the time). A block of 128 threads holds 32 channels of one batch. Sums over a
+// channel's states (y, the delta and u gradients) take two shuffles; dB and dC, sums over channels, a
+// butterfly over the warp's 8 channels that leaves each lane one of its 32 sums (16 states x {dB,
+// dC}), then the block's four warps' by shared-memory atomics, then one global atomic per (state, step).
+//
+// Per-step work of a channel (softplus, the gate and their gradients) is done once per (channel, step)
+// by the whole block before and after the recurrence, into and out of fp32 tiles.
+//
+// The backward needs each step's state in reverse order. It runs the recurrence forward once, keeping
+// the state at every CHUNK-th step (scratch, fp32), then walks the chunks from the last: recomputes the
+// chunk's states from its checkpoint into shared memory, and steps back through them.
+//
+// Global memory holds a channel's steps contiguously, and a warp steps 8 channels at once: reading
+// each one's step from its own row would touch a cache line per channel and step. Tiles of (TILE steps
+// x 32 channels) go through shared memory instead, each row of TILE steps read or written by a warp in
+// one coalesced access.
+//
+// Shapes (elements; any batch and channel strides, unit stride along time):
+//   u, delta, z, out, out_z, dout, du, ddelta, dz: (batch, channels, length)
+//   A: (channels, 16) contiguous fp32; B, C: (batch, 16, length); D, delta_bias: (channels,) fp32
+//   dA: (channels, 16), dB, dC: (batch, 16, length), dD, ddelta_bias: (channels,), all fp32, zeroed
+//   ckpt (scratch): (batch, chunks, 16, channels) fp32
+// Macros: IN_BF16 (u, delta, z, dout, out and the gradients of the first three: bf16, else fp32),
+//   BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CHUNK (a divisor of TILE).
+
+#define NSTATE 16
+#define WARP 32
+#define LANES 4                     // lanes per channel
+#define OWN (NSTATE / LANES)        // states per lane
+#define CHANNELS 32                 // channels per block
+#define THREADS (CHANNELS * LANES)  // 128
+#define TILE 16                     // steps a tile holds
+#define CHUNK_BLOCKS (TILE / CHUNK)
+#define FULL_MASK 0xffffffffu
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+#if IN_BF16
+typedef unsigned short in_t;
+#else
+typedef float in_t;
+#endif
+#if BC_BF16
+typedef unsigned short bc_t;
+#else
+typedef float bc_t;
+#endif
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
+#if IN_BF16
+__device__ __forceinline__ in_t to_in(float v) {
+    unsigned int bits = __float_as_uint(v);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (in_t)((bits >> 16) | 0x0040u);  // NaN stays NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even, as PyTorch casts
+    return (in_t)(bits >> 16);
+}
+#else
+__device__ __forceinline__ in_t to_in(float v) { return v; }
+#endif
+
+__device__ __forceinline__ float step_size(float raw) {  // delta + bias, through softplus as mamba-ssm does
+#if SOFTPLUS
+    return raw <= 20.f ? log1pf(expf(raw)) : raw;
+#else
+    return raw;
+#endif
+}
+
+__device__ __forceinline__ float channel_sum(float v) {  // over the LANES lanes of a channel
+#pragma unroll
+    for (int offset = 1; offset < LANES; offset <<= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+#define PAD (4 / (int)sizeof(in_t))  // a tile's row padded by one bank: a column's elements in 32 banks
+typedef in_t tile_t[TILE][CHANNELS + PAD];   // [step][channel], the sequences' dtype
+typedef float ftile_t[TILE][CHANNELS + 1];   // [step][channel], fp32
+#define ROWS_PER_ACCESS (WARP / TILE)        // a warp's access covers this many channels' TILE steps
+
+// rows: the block's first channel's sequence; zeros past the end
+__device__ __forceinline__ void load_tile(tile_t& tile, const in_t* rows, int channel_stride, int channels_left,
+                                          int t0, int length) {
+    const int k = threadIdx.x % TILE, t = t0 + k;
+#pragma unroll
+    for (int r = threadIdx.x / TILE; r < CHANNELS; r += THREADS / TILE)
+        tile[k][r] = r < channels_left && t < length ? rows[(long long)r * channel_stride + t] : (in_t)0;
+}
+
+__device__ __forceinline__ void store_tile(in_t* rows, const tile_t& tile, int channel_stride, int channels_left,
+                                           int t0, int length) {
+    const int k = threadIdx.x % TILE, t = t0 + k;
+#pragma unroll
+    for (int r = threadIdx.x / TILE; r < CHANNELS; r += THREADS / TILE)
+        if (r < channels_left && t < length) rows[(long long)r * channel_stride + t] = tile[k][r];
+}
+
+// B or C of steps t0 .. t0+TILE-1 as [step][state] floats (zeros past the end), a state's row per access
+__device__ __forceinline__ void load_states_tile(float (*to)[NSTATE], const bc_t* from, int state_stride, int t0,
+                                                 int length) {
+    const int k = threadIdx.x % TILE, t = t0 + k;
+#pragma unroll
+    for (int n = threadIdx.x / TILE; n < NSTATE; n += THREADS / TILE)
+        to[k][n] = t < length ? to_float(from[n * state_stride + t]) : 0.f;
+}
+
+// The per-(step, channel) passes: thread i takes channel i % 32 (its `column`) at steps i / 32, + 4, ...
+#define COLUMN (threadIdx.x % CHANNELS)
+#define FOR_COLUMN_STEPS(k) _Pragma("unroll") for (int k = threadIdx.x / CHANNELS; k < TILE; k += THREADS / CHANNELS)
+
+// dt = softplus(delta + bias) and dt u of every step of the tile
+__device__ __forceinline__ void step_sizes(ftile_t& dt, ftile_t& dtu, const tile_t& u, const tile_t& delta,
+                                           float bias) {
+    FOR_COLUMN_STEPS(k) {
+        const float d = step_size(to_float(delta[k][COLUMN]) + bias);
+        dt[k][COLUMN] = d;
+        dtu[k][COLUMN] = d * to_float(u[k][COLUMN]);
+    }
+}
+
+// One butterfly level over the lanes `lane_width` apart: each keeps the half of v[0 .. 2 half) on its
+// side of the pair plus the partner's values of that half, in v[0 .. half)
+template <int lane_width, int half>
+__device__ __forceinline__ void fold(float (&v)[2 * OWN]) {
+    const bool upper = threadIdx.x & lane_width;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+        const float send = upper ? v[i] : v[i + half];
+        const float keep = upper ? v[i + half] : v[i];
+        v[i] = keep + __shfl_xor_sync(FULL_MASK, send, lane_width);
+    }
+}
+
+// v (a lane's OWN dB then OWN dC terms) summed over the warp's 8 channels: lane l gets entry l / LANES
+// of the lanes of its state group (l % LANES)
+__device__ __forceinline__ float warp_channel_sums(float (&v)[2 * OWN]) {
+    fold<16, 4>(v); fold<8, 2>(v); fold<4, 1>(v);
+    return v[0];
+}
+
+// the block's sequence pointers: batch b, its first channel
+#define ROWS(ptr, name) ptr + (long long)b * name##_sb + (long long)c0 * name##_sc
+
+// what every kernel starts with: the thread's channel (slot) and state group, its column's bias
+#define THREAD_SETUP                                                                                  \
+    const int b = blockIdx.y, c0 = blockIdx.x * CHANNELS, left = channels - c0;                       \
+    const int slot = threadIdx.x / LANES, group = threadIdx.x % LANES;                                \
+    const int c = min(c0 + slot, channels - 1); /* past the last channel: its values, never stored */ \
+    const int column_channel = min(c0 + (int)COLUMN, channels - 1);                                   \
+    Bm += (long long)b * B_sb;                                                                        \
+    Cm += (long long)b * C_sb;                                                                        \
+    float A2[OWN], h[OWN];                                                                            \
+    _Pragma("unroll") for (int s = 0; s < OWN; ++s) {                                                 \
+        A2[s] = A[c * NSTATE + group * OWN + s] * LOG2E;                                              \
+        h[s] = 0.f;                                                                                   \
+    }                                                                                                 \
+    const float bias_col = HAS_BIAS ? delta_bias[column_channel] : 0.f;
+
+extern "C" __global__ void __launch_bounds__(THREADS, 6)
+scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float* __restrict__ A,
+         const bc_t* __restrict__ Bm, const bc_t* __restrict__ Cm, const float* __restrict__ Dskip,
+         const in_t* __restrict__ z, const float* __restrict__ delta_bias,
+         in_t* __restrict__ out, in_t* __restrict__ out_z,
+         int channels, int length,
+         int u_sb, int u_sc, int delta_sb, int delta_sc, int z_sb, int z_sc,
+         int B_sb, int B_sn, int C_sb, int C_sn, int out_sb, int out_sc, int out_z_sb, int out_z_sc) {
+    __shared__ tile_t u_tile, delta_tile, z_tile;  // u's tile then takes y, z's y silu(z)
+    __shared__ ftile_t dt_tile, dtu_tile;          // dtu's then takes the sum over states of C h
+    __shared__ float Bs[TILE][NSTATE], Cs[TILE][NSTATE];
+    THREAD_SETUP
+    const float D_col = HAS_D ? Dskip[column_channel] : 0.f;
+    u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z);
+    out = ROWS(out, out); out_z = ROWS(out_z, out_z);
+    for (int t0 = 0; t0 < length; t0 += TILE) {
+        __syncthreads();
+        load_tile(u_tile, u, u_sc, left, t0, length);
+        load_tile(delta_tile, delta, delta_sc, left, t0, length);
+        if (HAS_Z) load_tile(z_tile, z, z_sc, left, t0, length);
+        load_states_tile(Bs, Bm, B_sn, t0, length);
+        load_states_tile(Cs, Cm, C_sn, t0, length);
+        __syncthreads();
+        step_sizes(dt_tile, dtu_tile, u_tile, delta_tile, bias_col);
+        __syncthreads();
+        const int steps = min(TILE, length - t0);
+        for (int k = 0; k < steps; ++k) {
+            const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot];
+            float y = 0.f;
+#pragma unroll
+            for (int s = 0; s < OWN; ++s) {
+                const int n = group * OWN + s;
+                h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][n] * dtu;
+                y += h[s] * Cs[k][n];
+            }
+            y = channel_sum(y);
+            __syncwarp();  // the channel's lanes have read dtu before the first overwrites it
+            if (group == 0) dtu_tile[k][slot] = y;
+        }
+        __syncthreads();
+        FOR_COLUMN_STEPS(k) {
+            const float y = dtu_tile[k][COLUMN] + D_col * to_float(u_tile[k][COLUMN]);
+            u_tile[k][COLUMN] = to_in(y);
+            if (HAS_Z) {
+                const float z_t = to_float(z_tile[k][COLUMN]);
+                z_tile[k][COLUMN] = to_in(y * (z_t / (1.f + expf(-z_t))));
+            }
+        }
+        __syncthreads();
+        store_tile(out, u_tile, out_sc, left, t0, length);
+        if (HAS_Z) store_tile(out_z, z_tile, out_z_sc, left, t0, length);
+    }
+}
+
+#if IN_BF16
+#define DY_TILE_OF_DOUT 0
+#else
+#define DY_TILE_OF_DOUT 1  // fp32: dy overwrites dout's tile (the same type), to stay in 48 KiB
+#endif
+
+extern "C" __global__ void __launch_bounds__(THREADS, 6)
+scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float* __restrict__ A,
+         const bc_t* __restrict__ Bm, const bc_t* __restrict__ Cm, const float* __restrict__ Dskip,
+         const in_t* __restrict__ z, const float* __restrict__ delta_bias,
+         const in_t* __restrict__ dout, const in_t* __restrict__ out, float* __restrict__ ckpt,
+         in_t* __restrict__ du, in_t* __restrict__ ddelta, float* __restrict__ dA,
+         float* __restrict__ dB, float* __restrict__ dC, float* __restrict__ dD, float* __restrict__ ddelta_bias,
+         in_t* __restrict__ dz, in_t* __restrict__ out_z,
+         int channels, int length, int chunks,
+         int u_sb, int u_sc, int delta_sb, int delta_sc, int z_sb, int z_sc,
+         int B_sb, int B_sn, int C_sb, int C_sn, int dout_sb, int dout_sc, int out_sb, int out_sc,
+         int du_sb, int du_sc, int ddelta_sb, int ddelta_sc, int dz_sb, int dz_sc, int out_z_sb, int out_z_sc,
+         int dB_sb, int dB_sn, int dC_sb, int dC_sn) {
+    // in-dtype tiles: u's then takes du, delta's ddelta, z's dz, y's y silu(z)
+    __shared__ tile_t u_tile, delta_tile, z_tile, dout_tile, y_tile;
+    __shared__ ftile_t dt_tile, dtu_tile;  // dt's then takes d loss / d dt
+#if DY_TILE_OF_DOUT
+#define dy_tile dout_tile
+#else
+    __shared__ ftile_t dy_tile;            // d loss / d y (zero past the last channel)
+#endif
+    __shared__ float Bs[TILE][NSTATE], Cs[TILE][NSTATE];
+    __shared__ float states[CHUNK][OWN][THREADS];  // one chunk's states, recomputed
+    __shared__ float sums[TILE][2 * NSTATE];       // per step: dB then dC, summed over the block's channels
+    THREAD_SETUP
+    const float D_c = HAS_D ? Dskip[c] : 0.f;
+    const int lane = threadIdx.x % WARP;
+    u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z); dout = ROWS(dout, dout); out = ROWS(out, out);
+    du = ROWS(du, du); ddelta = ROWS(ddelta, ddelta); dz = ROWS(dz, dz); out_z = ROWS(out_z, out_z);
+    dB += (long long)b * dB_sb;
+    dC += (long long)b * dC_sb;
+    // this thread's states in the checkpoints: [chunk][state] at stride channels
+    float* checkpoint = ckpt + (long long)b * chunks * NSTATE * channels + (long long)(group * OWN) * channels + c;
+
+    // forward: the state before each chunk but the first
+    for (int t0 = 0; t0 + CHUNK < length; t0 += TILE) {
+        __syncthreads();
+        load_tile(u_tile, u, u_sc, left, t0, length);
+        load_tile(delta_tile, delta, delta_sc, left, t0, length);
+        load_states_tile(Bs, Bm, B_sn, t0, length);
+        __syncthreads();
+        step_sizes(dt_tile, dtu_tile, u_tile, delta_tile, bias_col);
+        __syncthreads();
+        const int steps = min(TILE, length - t0);
+        for (int k = 0; k < steps; ++k) {
+            const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot];
+#pragma unroll
+            for (int s = 0; s < OWN; ++s) h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
+            const int t = t0 + k + 1;
+            if (t % CHUNK == 0 && t < length && slot < left) {
+#pragma unroll
+                for (int s = 0; s < OWN; ++s) checkpoint[((long long)(t / CHUNK) * NSTATE + s) * channels] = h[s];
+            }
+        }
+    }
+
+    // backward, from the last tile and chunk. g: d loss / d state (after the step being walked);
+    // decay: exp(dt A) of the step after it
+    float g[OWN], decay[OWN], dA_c[OWN];
+#pragma unroll
+    for (int s = 0; s < OWN; ++s) { g[s] = 0.f; decay[s] = 1.f; dA_c[s] = 0.f; }
+    float dD_col = 0.f, dbias_col = 0.f;  // this thread's column's, over its steps
+    const bool column_active = (int)COLUMN < left;
+    for (int t0 = (length - 1) / TILE * TILE; t0 >= 0; t0 -= TILE) {
+        __syncthreads();
+        load_tile(u_tile, u, u_sc, left, t0, length);
+        load_tile(delta_tile, delta, delta_sc, left, t0, length);
+        load_tile(dout_tile, dout, dout_sc, left, t0, length);
+        if (HAS_Z) { load_tile(z_tile, z, z_sc, left, t0, length); load_tile(y_tile, out, out_sc, left, t0, length); }
+        load_states_tile(Bs, Bm, B_sn, t0, length);
+        load_states_tile(Cs, Cm, C_sn, t0, length);
+        for (int i = threadIdx.x; i < TILE * 2 * NSTATE; i += THREADS) sums[i / (2 * NSTATE)][i % (2 * NSTATE)] = 0.f;
+        __syncthreads();
+        step_sizes(dt_tile, dtu_tile, u_tile, delta_tile, bias_col);
+        FOR_COLUMN_STEPS(k) {
+            const float dout_t = to_float(dout_tile[k][COLUMN]);
+            float dy = dout_t;
+            if (HAS_Z) {  // out_z = y silu(z)
+                const float z_t = to_float(z_tile[k][COLUMN]), y_t = to_float(y_tile[k][COLUMN]);
+                const float sig = 1.f / (1.f + expf(-z_t)), silu = z_t * sig;
+                z_tile[k][COLUMN] = to_in(dout_t * y_t * sig * (1.f + z_t * (1.f - sig)));
+                y_tile[k][COLUMN] = to_in(y_t * silu);
+                dy *= silu;
+            }
+            dy = column_active ? dy : 0.f;  // a channel past the last adds nothing to the sums over channels
+            dy_tile[k][COLUMN] = dy;
+            dD_col += dy * to_float(u_tile[k][COLUMN]);  // zero past the end (u and dout are)
+        }
+        __syncthreads();
+        for (int s0 = t0 + (min(TILE, length - t0) - 1) / CHUNK * CHUNK; s0 >= t0; s0 -= CHUNK) {
+#pragma unroll
+            for (int s = 0; s < OWN; ++s)
+                h[s] = s0 > 0 ? checkpoint[((long long)(s0 / CHUNK) * NSTATE + s) * channels] : 0.f;
+#pragma unroll
+            for (int j = 0; j < CHUNK; ++j) {  // the chunk's states (steps past the end leave them as they are)
+                const int k = s0 - t0 + j;
+                if (s0 + j < length) {
+                    const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot];
+#pragma unroll
+                    for (int s = 0; s < OWN; ++s) {
+                        h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
+                        states[j][s][threadIdx.x] = h[s];
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = CHUNK - 1; j >= 0; --j) {
+                const int k = s0 - t0 + j;
+                if (s0 + j >= length) continue;
+                const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot], dy = dy_tile[k][slot];
+                float terms[2 * OWN], gB = 0.f, gAh = 0.f;
+#pragma unroll
+                for (int s = 0; s < OWN; ++s) {
+                    const int n = group * OWN + s;
+                    g[s] = decay[s] * g[s] + Cs[k][n] * dy;
+                    const float state = states[j][s][threadIdx.x];
+                    const float carried = state - Bs[k][n] * dtu;  // exp(dt A) times the state before
+                    gB += g[s] * Bs[k][n];
+                    gAh += g[s] * A2[s] * carried;
+                    dA_c[s] += g[s] * dt * carried;
+                    terms[s] = g[s] * dtu;           // dB
+                    terms[OWN + s] = state * dy;     // dC
+                    decay[s] = exp2f(dt * A2[s]);
+                }
+                gB = channel_sum(gB);
+                gAh = channel_sum(gAh);
+                __syncwarp();  // the channel's lanes have read its tiles before the first overwrites them
+                if (group == 0) {
+                    const float u_t = to_float(u_tile[k][slot]);
+                    dt_tile[k][slot] = gAh * LN2 + gB * u_t;  // d loss / d dt
+                    u_tile[k][slot] = to_in(dt * gB + D_c * dy);
+                }
+                // lane l holds entry l / LANES of state group l % LANES: dB (entries < OWN) or dC
+                const int entry = lane / LANES, n = group * OWN + entry % OWN;
+                atomicAdd(&sums[k][(entry < OWN ? 0 : NSTATE) + n], warp_channel_sums(terms));
+            }
+        }
+        __syncthreads();
+        FOR_COLUMN_STEPS(k) {  // through softplus: d loss / d (delta + bias)
+            const float raw = to_float(delta_tile[k][COLUMN]) + bias_col;
+            float ddt = dt_tile[k][COLUMN];
+#if SOFTPLUS
+            if (raw <= 20.f) ddt *= 1.f / (1.f + expf(-raw));
+#endif
+            delta_tile[k][COLUMN] = to_in(ddt);
+            if (t0 + k < length) dbias_col += ddt;
+        }
+        __syncthreads();
+        store_tile(du, u_tile, du_sc, left, t0, length);
+        store_tile(ddelta, delta_tile, ddelta_sc, left, t0, length);
+        if (HAS_Z) { store_tile(dz, z_tile, dz_sc, left, t0, length); store_tile(out_z, y_tile, out_z_sc, left, t0, length); }
+        const int t = t0 + threadIdx.x % TILE;
+        if (t < length) {  // a state's row of TILE steps per access
+#pragma unroll
+            for (int n = threadIdx.x / TILE; n < NSTATE; n += THREADS / TILE) {
+                atomicAdd(dB + n * dB_sn + t, sums[t - t0][n]);
+                atomicAdd(dC + n * dC_sn + t, sums[t - t0][NSTATE + n]);
+            }
+        }
+    }
+    if (slot < left) {
+#pragma unroll
+        for (int s = 0; s < OWN; ++s) atomicAdd(dA + (c0 + slot) * NSTATE + group * OWN + s, dA_c[s]);
+    }
+    if (column_active) {
+        if (HAS_D) atomicAdd(dD + c0 + COLUMN, dD_col);
+        if (HAS_BIAS) atomicAdd(ddelta_bias + c0 + COLUMN, dbias_col);
+    }
+}

@@ -1,0 +1,191 @@
+"""models/scan_short.py: our short-sequence selective scan (CUDA, compiled by NVRTC).
+
+On the CPU: which calls take it, and that every variant of its source compiles for sm_90 (NVRTC from
+the `nvidia-cuda-nvrtc` wheel of the test extras). On a GPU (`gpu` marker): outputs and every gradient
+against the float64 PyTorch scan, fp32 and bf16, next to mamba-ssm's kernels' errors against the same
+reference; and the fused mixer function on it against mamba-ssm's kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import itertools
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from mambapeft.models import scan, scan_short
+
+CUDA = torch.device("cuda")
+
+
+def test_runs_only_where_it_applies(monkeypatch):
+    monkeypatch.setattr(scan_short, "nvrtc_available", lambda: True)
+    monkeypatch.delenv(scan_short.ENV, raising=False)
+    assert scan_short.runs(CUDA, torch.bfloat16, 16, 197)
+    assert scan_short.runs(CUDA, torch.float32, 16, scan_short.MAX_LENGTH)
+    assert not scan_short.runs(CUDA, torch.bfloat16, 16, scan_short.MAX_LENGTH + 1)
+    assert not scan_short.runs(CUDA, torch.bfloat16, 8, 197)  # the kernels hold 16 states
+    assert not scan_short.runs(CUDA, torch.float16, 16, 197)
+    assert not scan_short.runs(torch.device("cpu"), torch.float32, 16, 197)
+    monkeypatch.setenv(scan_short.ENV, "0")
+    assert not scan_short.runs(CUDA, torch.bfloat16, 16, 197)
+    monkeypatch.setenv(scan_short.ENV, "1")
+    monkeypatch.setattr(scan_short, "nvrtc_available", lambda: False)
+    assert not scan_short.runs(CUDA, torch.bfloat16, 16, 197)
+
+
+def test_applies_checks_shapes_and_dtypes():
+    u = torch.zeros(2, 8, 5, dtype=torch.bfloat16)
+    A, B = torch.zeros(8, 16), torch.zeros(2, 16, 5, dtype=torch.bfloat16)
+    assert not scan_short.applies(u, A, B, u)  # a CPU tensor
+    cuda_like = type("CudaLike", (), {"is_cuda": True, "dtype": torch.bfloat16})()
+    assert scan_short.applies(cuda_like, A, B, u, None)
+    assert not scan_short.applies(cuda_like, A, B, u.float())  # delta or z of another dtype
+    assert not scan_short.applies(cuda_like, A.double(), B, u)
+    assert not scan_short.applies(cuda_like, torch.zeros(8, 8), B, u)
+    assert not scan_short.applies(cuda_like, A, B.unsqueeze(1), u)  # B grouped: (batch, groups, N, L)
+
+
+def test_nvrtc_not_found_on_a_cpu_build():
+    if torch.version.cuda is None:
+        assert not scan_short.nvrtc_available()
+
+
+def _nvrtc_wheel_library() -> Path | None:
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (a test extra), where pip put it."""
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(Path(root).glob("cu*/lib/libnvrtc.so*")) + sorted(Path(root).glob("cuda_nvrtc/lib/libnvrtc.so*"))
+        if found:
+            return found[0]
+    return None
+
+
+VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus)
+            for in_dtype, bc_dtype in itertools.product((torch.float32, torch.bfloat16), repeat=2)
+            for has_D, has_z, has_bias, softplus in ((True, True, True, True), (False, False, False, False))]
+
+
+@pytest.mark.skipif(_nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
+def test_every_variant_compiles_for_hopper():
+    """The compiler's errors surface here, not at a user's first training step."""
+    nvrtc = ctypes.CDLL(str(_nvrtc_wheel_library()))
+    source = resources.files(scan_short.__package__).joinpath(scan_short.SOURCE).read_text()
+    for variant in VARIANTS:
+        cubin = scan_short.compile_cubin(source, "90", scan_short.macros(*variant), nvrtc)
+        assert cubin[:4] == b"\x7fELF", variant  # a cubin is an ELF file
+        assert b"scan_fwd" in cubin and b"scan_bwd" in cubin
+
+
+@pytest.mark.skipif(_nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
+def test_a_compile_error_names_the_line():
+    nvrtc = ctypes.CDLL(str(_nvrtc_wheel_library()))
+    with pytest.raises(RuntimeError, match="NVRTC.*scan_short.cu"):
+        scan_short.compile_cubin("extern \"C\" __global__ void scan_fwd() { undefined_name; }", "90", [], nvrtc)
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU
+# ------------------------------------------------------------------------------------------------
+def _inputs(batch, channels, length, dtype, channel_major, generator):
+    def sequence(scale=1.0, shift=0.0):
+        shape = (channels, batch, length) if channel_major else (batch, channels, length)
+        t = (torch.randn(shape, generator=generator) * scale + shift).to(dtype).cuda()
+        return t.transpose(0, 1) if channel_major else t
+
+    u, delta, z, dout = sequence(), sequence(0.5, -1.0), sequence(), sequence()
+    A = (-1 - 15 * torch.rand(channels, 16, generator=generator)).cuda()
+    B, C = (torch.randn(batch, 16, length, generator=generator).to(dtype).cuda() for _ in range(2))
+    D, bias = torch.randn(channels, generator=generator).cuda(), (0.5 * torch.randn(channels, generator=generator)).cuda()
+    return u, delta, A, B, C, D, z, bias, dout
+
+
+def _reference(u, delta, A, B, C, D, z, bias, dout):
+    """out_z and the gradients of (u, delta, A, B, C, D, delta_bias, z), the PyTorch scan in float64."""
+    leaves = [t.detach().double().requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
+    out = scan.selective_scan_torch(*leaves[:6], leaves[6], leaves[7], delta_softplus=True)
+    out.backward(dout.double())
+    grads = [t.grad for t in leaves]
+    return out.detach(), grads[:6] + [grads[7], grads[6]]
+
+
+def _relative(t, reference):
+    return float((t.double() - reference).abs().max() / reference.abs().max())
+
+
+def _ours(u, delta, A, B, C, D, z, bias, dout):
+    out, out_z = scan_short.forward(u, delta, A, B, C, D, z, bias, True)
+    du, ddelta, dA, dB, dC, dD, dbias, dz, _ = scan_short.backward(u, delta, A, B, C, D, z, bias, dout, out, None, True)
+    return out_z, [du, ddelta, dA, dB, dC, dD, dbias, dz]
+
+
+def _mamba_ssm(u, delta, A, B, C, D, z, bias, dout):
+    import selective_scan_cuda
+
+    B4, C4 = B.unsqueeze(1).contiguous(), C.unsqueeze(1).contiguous()
+    out, states, out_z = selective_scan_cuda.fwd(u, delta, A, B4, C4, D, z, bias, True)
+    du, ddelta, dA, dB, dC, dD, dbias, dz = selective_scan_cuda.bwd(u, delta, A, B4, C4, D, z, bias, dout, states, out,
+                                                                   None, True, False)[:8]
+    return out_z, [du, ddelta, dA, dB[:, 0], dC[:, 0], dD, dbias, dz]
+
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, channels, length, dtype, channel_major", [
+    (2, 70, 37, torch.float32, False),      # channels past a block's 32, a partial last tile
+    (3, 64, 200, torch.float32, True),
+    (32, 768, 197, torch.bfloat16, True),   # Vim-S, channel-major as the fused function holds it
+    (4, 96, 256, torch.bfloat16, False),
+])
+def test_against_the_float64_scan_as_close_as_mamba_ssm(batch, channels, length, dtype, channel_major):
+    if not torch.cuda.is_available() or not scan_short.nvrtc_available():
+        pytest.skip("needs a CUDA device with NVRTC")
+    pytest.importorskip("selective_scan_cuda")
+    inputs = _inputs(batch, channels, length, dtype, channel_major, torch.Generator().manual_seed(0))
+    out_ref, grads_ref = _reference(*inputs)
+    out, grads = _ours(*inputs)
+    out_m, grads_m = _mamba_ssm(*inputs)
+    # fp32: a few float32 roundings; bf16: the output's rounding. Ours within 3x mamba-ssm's error or
+    # (sums over channels kept in fp32 where mamba-ssm's are not) well under the dtype's step
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    assert _relative(out, out_ref) <= max(3 * _relative(out_m, out_ref), floor)
+    for name, ours, theirs, reference in zip(NAMES, grads, grads_m, grads_ref):
+        assert _relative(ours, reference) <= max(3 * _relative(theirs, reference), floor), name
+
+
+@pytest.mark.gpu
+def test_fused_mixer_on_it_matches_mamba_ssm_kernels(monkeypatch):
+    """The fused mixer function (Vim-S's shape, bf16 autocast) with our scan against mamba-ssm's."""
+    if not torch.cuda.is_available() or not scan_short.nvrtc_available():
+        pytest.skip("needs a CUDA device with NVRTC")
+    if scan.CUDA_BACKEND.mamba_inner is None:
+        pytest.skip("needs mamba-ssm and causal-conv1d")
+    generator = torch.Generator().manual_seed(1)
+    batch, d_model, d_inner, length, rank = 8, 384, 768, 197, 24
+
+    def leaf(*shape, scale=0.1):
+        return (torch.randn(*shape, generator=generator) * scale).cuda().requires_grad_()
+
+    xz = torch.randn(2 * d_inner, batch, length, generator=generator).to(torch.bfloat16).cuda().requires_grad_()
+    weights = (leaf(d_inner, 1, 4), leaf(d_inner), leaf(rank + 32, d_inner), leaf(d_inner, rank, scale=0.5),
+               leaf(d_inner), leaf(d_model, d_inner), leaf(d_model),
+               (-torch.arange(1, 17).float().repeat(d_inner, 1)).cuda().requires_grad_(), leaf(d_inner, scale=1.0))
+    calls = []
+    monkeypatch.setattr(scan_short, "fwd", lambda *args, run=scan_short.fwd: calls.append(1) or run(*args))
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv(scan_short.ENV, enabled)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = scan.mamba_inner_cuda(xz.transpose(0, 1), *weights)
+        out.float().square().mean().backward()
+        results.append([out.detach().float()] + [t.grad.clone() for t in (xz, *weights)])
+        for t in (xz, *weights):
+            t.grad = None
+    assert len(calls) == 1  # ours with the variable set to 1, mamba-ssm's with 0
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, rtol=3e-2, atol=3e-2 * float(theirs.abs().max())), (ours - theirs).abs().max()
