@@ -82,32 +82,47 @@ __device__ __forceinline__ float channel_sum(float v) {  // over the LANES lanes
 #define PAD (4 / (int)sizeof(in_t))  // a tile's row padded by one bank: a column's elements in 32 banks
 typedef in_t tile_t[TILE][CHANNELS + PAD];   // [step][channel], the sequences' dtype
 typedef float ftile_t[TILE][CHANNELS + 1];   // [step][channel], fp32
-#define ROWS_PER_ACCESS (WARP / TILE)        // a warp's access covers this many channels' TILE steps
+
+// A tile's elements are read from global memory into registers a tile ahead of their use (the next
+// tile's while the current one is computed: the read's latency, not the arithmetic, bounded the
+// kernels), then put into shared memory. Thread i holds step i % TILE of channels i / TILE, + 8, ...
+#define TILE_ROWS (CHANNELS * TILE / THREADS)   // 4 channels' elements per thread
+#define STATE_ROWS (NSTATE * TILE / THREADS)    // 2 states' elements per thread
+#define ROW(i) ((int)threadIdx.x / TILE + (i) * (THREADS / TILE))
 
 // rows: the block's first channel's sequence; zeros past the end
-__device__ __forceinline__ void load_tile(tile_t& tile, const in_t* rows, int channel_stride, int channels_left,
-                                          int t0, int length) {
-    const int k = threadIdx.x % TILE, t = t0 + k;
+__device__ __forceinline__ void fetch(in_t (&v)[TILE_ROWS], const in_t* rows, int channel_stride, int channels_left,
+                                      int t0, int length) {
+    const int t = t0 + threadIdx.x % TILE;
 #pragma unroll
-    for (int r = threadIdx.x / TILE; r < CHANNELS; r += THREADS / TILE)
-        tile[k][r] = r < channels_left && t < length ? rows[(long long)r * channel_stride + t] : (in_t)0;
+    for (int i = 0; i < TILE_ROWS; ++i)
+        v[i] = ROW(i) < channels_left && t < length ? rows[(long long)ROW(i) * channel_stride + t] : (in_t)0;
+}
+
+__device__ __forceinline__ void put(tile_t& tile, const in_t (&v)[TILE_ROWS]) {
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS; ++i) tile[threadIdx.x % TILE][ROW(i)] = v[i];
 }
 
 __device__ __forceinline__ void store_tile(in_t* rows, const tile_t& tile, int channel_stride, int channels_left,
                                            int t0, int length) {
     const int k = threadIdx.x % TILE, t = t0 + k;
 #pragma unroll
-    for (int r = threadIdx.x / TILE; r < CHANNELS; r += THREADS / TILE)
-        if (r < channels_left && t < length) rows[(long long)r * channel_stride + t] = tile[k][r];
+    for (int i = 0; i < TILE_ROWS; ++i)
+        if (ROW(i) < channels_left && t < length) rows[(long long)ROW(i) * channel_stride + t] = tile[k][ROW(i)];
 }
 
-// B or C of steps t0 .. t0+TILE-1 as [step][state] floats (zeros past the end), a state's row per access
-__device__ __forceinline__ void load_states_tile(float (*to)[NSTATE], const bc_t* from, int state_stride, int t0,
-                                                 int length) {
-    const int k = threadIdx.x % TILE, t = t0 + k;
+// B or C: a state's row of TILE steps per access; into shared memory as [step][state] floats
+__device__ __forceinline__ void fetch_states(bc_t (&v)[STATE_ROWS], const bc_t* from, int state_stride, int t0,
+                                             int length) {
+    const int t = t0 + threadIdx.x % TILE;
 #pragma unroll
-    for (int n = threadIdx.x / TILE; n < NSTATE; n += THREADS / TILE)
-        to[k][n] = t < length ? to_float(from[n * state_stride + t]) : 0.f;
+    for (int i = 0; i < STATE_ROWS; ++i) v[i] = t < length ? from[ROW(i) * state_stride + t] : (bc_t)0;
+}
+
+__device__ __forceinline__ void put_states(float (*to)[NSTATE], const bc_t (&v)[STATE_ROWS]) {
+#pragma unroll
+    for (int i = 0; i < STATE_ROWS; ++i) to[threadIdx.x % TILE][ROW(i)] = to_float(v[i]);
 }
 
 // The per-(step, channel) passes: thread i takes channel i % 32 (its `column`) at steps i / 32, + 4, ...
@@ -177,18 +192,31 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     const float D_col = HAS_D ? Dskip[column_channel] : 0.f;
     u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z);
     out = ROWS(out, out); out_z = ROWS(out_z, out_z);
+    in_t u_next[TILE_ROWS], delta_next[TILE_ROWS], z_next[TILE_ROWS];
+    bc_t B_next[STATE_ROWS], C_next[STATE_ROWS];
     for (int t0 = 0; t0 < length; t0 += TILE) {
+        if (t0 == 0) {
+            fetch(u_next, u, u_sc, left, t0, length);
+            fetch(delta_next, delta, delta_sc, left, t0, length);
+            if (HAS_Z) fetch(z_next, z, z_sc, left, t0, length);
+            fetch_states(B_next, Bm, B_sn, t0, length);
+            fetch_states(C_next, Cm, C_sn, t0, length);
+        }
         __syncthreads();
-        load_tile(u_tile, u, u_sc, left, t0, length);
-        load_tile(delta_tile, delta, delta_sc, left, t0, length);
-        if (HAS_Z) load_tile(z_tile, z, z_sc, left, t0, length);
-        load_states_tile(Bs, Bm, B_sn, t0, length);
-        load_states_tile(Cs, Cm, C_sn, t0, length);
+        put(u_tile, u_next); put(delta_tile, delta_next);
+        if (HAS_Z) put(z_tile, z_next);
+        put_states(Bs, B_next); put_states(Cs, C_next);
         __syncthreads();
+        fetch(u_next, u, u_sc, left, t0 + TILE, length);  // the next tile's, read while this one is computed
+        fetch(delta_next, delta, delta_sc, left, t0 + TILE, length);
+        if (HAS_Z) fetch(z_next, z, z_sc, left, t0 + TILE, length);
+        fetch_states(B_next, Bm, B_sn, t0 + TILE, length);
+        fetch_states(C_next, Cm, C_sn, t0 + TILE, length);
         step_sizes(dt_tile, dtu_tile, u_tile, delta_tile, bias_col);
         __syncthreads();
-        const int steps = min(TILE, length - t0);
-        for (int k = 0; k < steps; ++k) {
+#pragma unroll
+        for (int k = 0; k < TILE; ++k) {  // unrolled: shared-memory offsets known at compile time
+            if (t0 + k >= length) break;
             const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot];
             float y = 0.f;
 #pragma unroll
@@ -248,7 +276,8 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     __shared__ float sums[TILE][2 * NSTATE];       // per step: dB then dC, summed over the block's channels
     THREAD_SETUP
     const float D_c = HAS_D ? Dskip[c] : 0.f;
-    const int lane = threadIdx.x % WARP;
+    // after the butterfly, lane l holds entry l / LANES of state group l % LANES: dB (entries < OWN) or dC
+    const int entry = threadIdx.x % WARP / LANES, sum_index = (entry < OWN ? 0 : NSTATE) + group * OWN + entry % OWN;
     u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z); dout = ROWS(dout, dout); out = ROWS(out, out);
     du = ROWS(du, du); ddelta = ROWS(ddelta, ddelta); dz = ROWS(dz, dz); out_z = ROWS(out_z, out_z);
     dB += (long long)b * dB_sb;
@@ -257,21 +286,28 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     float* checkpoint = ckpt + (long long)b * chunks * NSTATE * channels + (long long)(group * OWN) * channels + c;
 
     // forward: the state before each chunk but the first
+    in_t u_next[TILE_ROWS], delta_next[TILE_ROWS];
+    bc_t B_next[STATE_ROWS];
+    fetch(u_next, u, u_sc, left, 0, length);
+    fetch(delta_next, delta, delta_sc, left, 0, length);
+    fetch_states(B_next, Bm, B_sn, 0, length);
     for (int t0 = 0; t0 + CHUNK < length; t0 += TILE) {
         __syncthreads();
-        load_tile(u_tile, u, u_sc, left, t0, length);
-        load_tile(delta_tile, delta, delta_sc, left, t0, length);
-        load_states_tile(Bs, Bm, B_sn, t0, length);
+        put(u_tile, u_next); put(delta_tile, delta_next); put_states(Bs, B_next);
         __syncthreads();
+        fetch(u_next, u, u_sc, left, t0 + TILE, length);
+        fetch(delta_next, delta, delta_sc, left, t0 + TILE, length);
+        fetch_states(B_next, Bm, B_sn, t0 + TILE, length);
         step_sizes(dt_tile, dtu_tile, u_tile, delta_tile, bias_col);
         __syncthreads();
-        const int steps = min(TILE, length - t0);
-        for (int k = 0; k < steps; ++k) {
+#pragma unroll
+        for (int k = 0; k < TILE; ++k) {
+            if (t0 + k >= length) break;
             const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot];
 #pragma unroll
             for (int s = 0; s < OWN; ++s) h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
             const int t = t0 + k + 1;
-            if (t % CHUNK == 0 && t < length && slot < left) {
+            if ((k + 1) % CHUNK == 0 && t < length && slot < left) {
 #pragma unroll
                 for (int s = 0; s < OWN; ++s) checkpoint[((long long)(t / CHUNK) * NSTATE + s) * channels] = h[s];
             }
@@ -285,16 +321,38 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     for (int s = 0; s < OWN; ++s) { g[s] = 0.f; decay[s] = 1.f; dA_c[s] = 0.f; }
     float dD_col = 0.f, dbias_col = 0.f;  // this thread's column's, over its steps
     const bool column_active = (int)COLUMN < left;
-    for (int t0 = (length - 1) / TILE * TILE; t0 >= 0; t0 -= TILE) {
+    in_t dout_next[TILE_ROWS], z_next[TILE_ROWS], y_next[TILE_ROWS];
+    bc_t C_next[STATE_ROWS];
+    const int last = (length - 1) / TILE * TILE;
+    fetch(u_next, u, u_sc, left, last, length);
+    fetch(delta_next, delta, delta_sc, left, last, length);
+    fetch(dout_next, dout, dout_sc, left, last, length);
+    if (HAS_Z) { fetch(z_next, z, z_sc, left, last, length); fetch(y_next, out, out_sc, left, last, length); }
+    fetch_states(B_next, Bm, B_sn, last, length);
+    fetch_states(C_next, Cm, C_sn, last, length);
+    for (int t0 = last; t0 >= 0; t0 -= TILE) {
         __syncthreads();
-        load_tile(u_tile, u, u_sc, left, t0, length);
-        load_tile(delta_tile, delta, delta_sc, left, t0, length);
-        load_tile(dout_tile, dout, dout_sc, left, t0, length);
-        if (HAS_Z) { load_tile(z_tile, z, z_sc, left, t0, length); load_tile(y_tile, out, out_sc, left, t0, length); }
-        load_states_tile(Bs, Bm, B_sn, t0, length);
-        load_states_tile(Cs, Cm, C_sn, t0, length);
+        put(u_tile, u_next); put(delta_tile, delta_next); put(dout_tile, dout_next);
+        if (HAS_Z) { put(z_tile, z_next); put(y_tile, y_next); }
+        put_states(Bs, B_next); put_states(Cs, C_next);
         for (int i = threadIdx.x; i < TILE * 2 * NSTATE; i += THREADS) sums[i / (2 * NSTATE)][i % (2 * NSTATE)] = 0.f;
         __syncthreads();
+        if (t0 > 0) {  // the tile before, read while this one is computed
+            fetch(u_next, u, u_sc, left, t0 - TILE, length);
+            fetch(delta_next, delta, delta_sc, left, t0 - TILE, length);
+            fetch(dout_next, dout, dout_sc, left, t0 - TILE, length);
+            if (HAS_Z) { fetch(z_next, z, z_sc, left, t0 - TILE, length); fetch(y_next, out, out_sc, left, t0 - TILE, length); }
+            fetch_states(B_next, Bm, B_sn, t0 - TILE, length);
+            fetch_states(C_next, Cm, C_sn, t0 - TILE, length);
+        }
+        float start[TILE / CHUNK][OWN];  // the state before each of the tile's chunks
+#pragma unroll
+        for (int first = 0; first < TILE; first += CHUNK) {
+#pragma unroll
+            for (int s = 0; s < OWN; ++s)
+                start[first / CHUNK][s] = t0 + first > 0 && t0 + first < length
+                    ? checkpoint[((long long)((t0 + first) / CHUNK) * NSTATE + s) * channels] : 0.f;
+        }
         step_sizes(dt_tile, dtu_tile, u_tile, delta_tile, bias_col);
         FOR_COLUMN_STEPS(k) {
             const float dout_t = to_float(dout_tile[k][COLUMN]);
@@ -311,13 +369,15 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             dD_col += dy * to_float(u_tile[k][COLUMN]);  // zero past the end (u and dout are)
         }
         __syncthreads();
-        for (int s0 = t0 + (min(TILE, length - t0) - 1) / CHUNK * CHUNK; s0 >= t0; s0 -= CHUNK) {
 #pragma unroll
-            for (int s = 0; s < OWN; ++s)
-                h[s] = s0 > 0 ? checkpoint[((long long)(s0 / CHUNK) * NSTATE + s) * channels] : 0.f;
+        for (int first = TILE - CHUNK; first >= 0; first -= CHUNK) {  // the tile's chunks, from the last
+            const int s0 = t0 + first;
+            if (s0 >= length) continue;
+#pragma unroll
+            for (int s = 0; s < OWN; ++s) h[s] = start[first / CHUNK][s];
 #pragma unroll
             for (int j = 0; j < CHUNK; ++j) {  // the chunk's states (steps past the end leave them as they are)
-                const int k = s0 - t0 + j;
+                const int k = first + j;
                 if (s0 + j < length) {
                     const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot];
 #pragma unroll
@@ -329,7 +389,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             }
 #pragma unroll
             for (int j = CHUNK - 1; j >= 0; --j) {
-                const int k = s0 - t0 + j;
+                const int k = first + j;
                 if (s0 + j >= length) continue;
                 const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot], dy = dy_tile[k][slot];
                 float terms[2 * OWN], gB = 0.f, gAh = 0.f;
@@ -354,9 +414,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                     dt_tile[k][slot] = gAh * LN2 + gB * u_t;  // d loss / d dt
                     u_tile[k][slot] = to_in(dt * gB + D_c * dy);
                 }
-                // lane l holds entry l / LANES of state group l % LANES: dB (entries < OWN) or dC
-                const int entry = lane / LANES, n = group * OWN + entry % OWN;
-                atomicAdd(&sums[k][(entry < OWN ? 0 : NSTATE) + n], warp_channel_sums(terms));
+                atomicAdd(&sums[k][sum_index], warp_channel_sums(terms));
             }
         }
         __syncthreads();
