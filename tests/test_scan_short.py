@@ -118,7 +118,10 @@ def _relative(t, reference):
 
 def _ours(u, delta, A, B, C, D, z, bias, dout):
     out, out_z = scan_short.forward(u, delta, A, B, C, D, z, bias, True)
-    du, ddelta, dA, dB, dC, dD, dbias, dz, _ = scan_short.backward(u, delta, A, B, C, D, z, bias, dout, out, None, True)
+    assert out is None  # y is not kept where z gates it
+    du, ddelta, dA, dB, dC, dD, dbias, dz, out_z_again = scan_short.backward(u, delta, A, B, C, D, z, bias, dout, None,
+                                                                           True)
+    assert torch.equal(out_z_again, out_z)  # y recomputed as the forward computed it
     return out_z, [du, ddelta, dA, dB, dC, dD, dbias, dz]
 
 
@@ -189,3 +192,31 @@ def test_fused_mixer_on_it_matches_mamba_ssm_kernels(monkeypatch):
     assert len(calls) == 1  # ours with the variable set to 1, mamba-ssm's with 0
     for ours, theirs in zip(*results):
         assert torch.allclose(ours, theirs, rtol=3e-2, atol=3e-2 * float(theirs.abs().max())), (ours - theirs).abs().max()
+
+
+@pytest.mark.gpu
+def test_fused_mixer_on_it_keeps_no_scan_output(monkeypatch):
+    """With our kernels the fused function keeps no (B, D, L) scan output for its backward (y is
+    recomputed there): its saved tensors are that much smaller than with mamba-ssm's kernels."""
+    if not torch.cuda.is_available() or not scan_short.nvrtc_available():
+        pytest.skip("needs a CUDA device with NVRTC")
+    if scan.CUDA_BACKEND.mamba_inner is None:
+        pytest.skip("needs mamba-ssm and causal-conv1d")
+    batch, d_inner, length, rank, d_model = 4, 128, 256, 8, 64
+    xz = torch.randn(2 * d_inner, batch, length, device="cuda", dtype=torch.bfloat16).transpose(0, 1).requires_grad_()
+    weights = [torch.randn(*shape, device="cuda") * 0.1 for shape in
+               ((d_inner, 1, 4), (d_inner,), (rank + 32, d_inner), (d_inner, rank), (d_inner,), (d_model, d_inner),
+                (d_model,))] + [-torch.arange(1, 17, device="cuda").float().repeat(d_inner, 1), torch.ones(d_inner, device="cuda")]
+    kept = {}
+    for enabled in ("1", "0"):
+        monkeypatch.setenv(scan_short.ENV, enabled)
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cuda", dtype=torch.bfloat16):
+            scan.mamba_inner_cuda(xz, *weights)
+        kept[enabled] = sum(sizes)
+    assert kept["0"] - kept["1"] == batch * d_inner * length * 2  # mamba-ssm's y, bf16

@@ -22,11 +22,12 @@
 // one coalesced access.
 //
 // Shapes (elements; any batch and channel strides, unit stride along time):
-//   u, delta, z, out, out_z, dout, du, ddelta, dz: (batch, channels, length)
+//   u, delta, z, out, out_z, dout, du, ddelta, dz: (batch, channels, length); out (y) is written only
+//   without z, and the backward recomputes y instead of reading it
 //   A: (channels, 16) contiguous fp32; B, C: (batch, 16, length); D, delta_bias: (channels,) fp32
 //   dA: (channels, 16), dB, dC: (batch, 16, length), dD, ddelta_bias: (channels,), all fp32, zeroed
 //   ckpt (scratch): (batch, chunks, 16, channels) fp32
-// Macros: IN_BF16 (u, delta, z, dout, out and the gradients of the first three: bf16, else fp32),
+// Macros: IN_BF16 (u, delta, z, dout, out, out_z and the gradients of the first three: bf16, else fp32),
 //   BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CHUNK (a divisor of TILE).
 
 #define NSTATE 16
@@ -239,38 +240,31 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             }
         }
         __syncthreads();
-        store_tile(out, u_tile, out_sc, left, t0, length);
         if (HAS_Z) store_tile(out_z, z_tile, out_z_sc, left, t0, length);
+        else store_tile(out, u_tile, out_sc, left, t0, length);  // y itself is the output (with z, unstored)
     }
 }
-
-#if IN_BF16
-#define DY_TILE_OF_DOUT 0
-#else
-#define DY_TILE_OF_DOUT 1  // fp32: dy overwrites dout's tile (the same type), to stay in 48 KiB
-#endif
 
 extern "C" __global__ void __launch_bounds__(THREADS, 6)
 scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float* __restrict__ A,
          const bc_t* __restrict__ Bm, const bc_t* __restrict__ Cm, const float* __restrict__ Dskip,
          const in_t* __restrict__ z, const float* __restrict__ delta_bias,
-         const in_t* __restrict__ dout, const in_t* __restrict__ out, float* __restrict__ ckpt,
+         const in_t* __restrict__ dout, float* __restrict__ ckpt,
          in_t* __restrict__ du, in_t* __restrict__ ddelta, float* __restrict__ dA,
          float* __restrict__ dB, float* __restrict__ dC, float* __restrict__ dD, float* __restrict__ ddelta_bias,
          in_t* __restrict__ dz, in_t* __restrict__ out_z,
          int channels, int length, int chunks,
          int u_sb, int u_sc, int delta_sb, int delta_sc, int z_sb, int z_sc,
-         int B_sb, int B_sn, int C_sb, int C_sn, int dout_sb, int dout_sc, int out_sb, int out_sc,
+         int B_sb, int B_sn, int C_sb, int C_sn, int dout_sb, int dout_sc,
          int du_sb, int du_sc, int ddelta_sb, int ddelta_sc, int dz_sb, int dz_sc, int out_z_sb, int out_z_sc,
          int dB_sb, int dB_sn, int dC_sb, int dC_sn) {
-    // in-dtype tiles: u's then takes du, delta's ddelta, z's dz, y's y silu(z)
-    __shared__ tile_t u_tile, delta_tile, z_tile, dout_tile, y_tile;
+    // in-dtype tiles: u's then takes du, delta's ddelta, z's dz, dout's y silu(z)
+    __shared__ tile_t u_tile, delta_tile, z_tile, dout_tile;
     __shared__ ftile_t dt_tile, dtu_tile;  // dt's then takes d loss / d dt
-#if DY_TILE_OF_DOUT
-#define dy_tile dout_tile
-#else
     __shared__ ftile_t dy_tile;            // d loss / d y (zero past the last channel)
-#endif
+    // with z: silu(z), and d loss / d z over y. y is recomputed from the states, as the forward
+    // computed it, instead of kept from the forward (a (B, D, L) tensor per layer)
+    __shared__ ftile_t silu_tile, dz_per_y_tile;
     __shared__ float Bs[TILE][NSTATE], Cs[TILE][NSTATE];
     __shared__ float states[CHUNK][OWN][THREADS];  // one chunk's states, recomputed
     __shared__ float sums[TILE][2 * NSTATE];       // per step: dB then dC, summed over the block's channels
@@ -278,7 +272,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     const float D_c = HAS_D ? Dskip[c] : 0.f;
     // after the butterfly, lane l holds entry l / LANES of state group l % LANES: dB (entries < OWN) or dC
     const int entry = threadIdx.x % WARP / LANES, sum_index = (entry < OWN ? 0 : NSTATE) + group * OWN + entry % OWN;
-    u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z); dout = ROWS(dout, dout); out = ROWS(out, out);
+    u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z); dout = ROWS(dout, dout);
     du = ROWS(du, du); ddelta = ROWS(ddelta, ddelta); dz = ROWS(dz, dz); out_z = ROWS(out_z, out_z);
     dB += (long long)b * dB_sb;
     dC += (long long)b * dC_sb;
@@ -321,19 +315,19 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     for (int s = 0; s < OWN; ++s) { g[s] = 0.f; decay[s] = 1.f; dA_c[s] = 0.f; }
     float dD_col = 0.f, dbias_col = 0.f;  // this thread's column's, over its steps
     const bool column_active = (int)COLUMN < left;
-    in_t dout_next[TILE_ROWS], z_next[TILE_ROWS], y_next[TILE_ROWS];
+    in_t dout_next[TILE_ROWS], z_next[TILE_ROWS];
     bc_t C_next[STATE_ROWS];
     const int last = (length - 1) / TILE * TILE;
     fetch(u_next, u, u_sc, left, last, length);
     fetch(delta_next, delta, delta_sc, left, last, length);
     fetch(dout_next, dout, dout_sc, left, last, length);
-    if (HAS_Z) { fetch(z_next, z, z_sc, left, last, length); fetch(y_next, out, out_sc, left, last, length); }
+    if (HAS_Z) fetch(z_next, z, z_sc, left, last, length);
     fetch_states(B_next, Bm, B_sn, last, length);
     fetch_states(C_next, Cm, C_sn, last, length);
     for (int t0 = last; t0 >= 0; t0 -= TILE) {
         __syncthreads();
         put(u_tile, u_next); put(delta_tile, delta_next); put(dout_tile, dout_next);
-        if (HAS_Z) { put(z_tile, z_next); put(y_tile, y_next); }
+        if (HAS_Z) put(z_tile, z_next);
         put_states(Bs, B_next); put_states(Cs, C_next);
         for (int i = threadIdx.x; i < TILE * 2 * NSTATE; i += THREADS) sums[i / (2 * NSTATE)][i % (2 * NSTATE)] = 0.f;
         __syncthreads();
@@ -341,7 +335,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             fetch(u_next, u, u_sc, left, t0 - TILE, length);
             fetch(delta_next, delta, delta_sc, left, t0 - TILE, length);
             fetch(dout_next, dout, dout_sc, left, t0 - TILE, length);
-            if (HAS_Z) { fetch(z_next, z, z_sc, left, t0 - TILE, length); fetch(y_next, out, out_sc, left, t0 - TILE, length); }
+            if (HAS_Z) fetch(z_next, z, z_sc, left, t0 - TILE, length);
             fetch_states(B_next, Bm, B_sn, t0 - TILE, length);
             fetch_states(C_next, Cm, C_sn, t0 - TILE, length);
         }
@@ -358,10 +352,10 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             const float dout_t = to_float(dout_tile[k][COLUMN]);
             float dy = dout_t;
             if (HAS_Z) {  // out_z = y silu(z)
-                const float z_t = to_float(z_tile[k][COLUMN]), y_t = to_float(y_tile[k][COLUMN]);
+                const float z_t = to_float(z_tile[k][COLUMN]);
                 const float sig = 1.f / (1.f + expf(-z_t)), silu = z_t * sig;
-                z_tile[k][COLUMN] = to_in(dout_t * y_t * sig * (1.f + z_t * (1.f - sig)));
-                y_tile[k][COLUMN] = to_in(y_t * silu);
+                silu_tile[k][COLUMN] = silu;
+                dz_per_y_tile[k][COLUMN] = dout_t * sig * (1.f + z_t * (1.f - sig));
                 dy *= silu;
             }
             dy = column_active ? dy : 0.f;  // a channel past the last adds nothing to the sums over channels
@@ -392,12 +386,13 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                 const int k = first + j;
                 if (s0 + j >= length) continue;
                 const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot], dy = dy_tile[k][slot];
-                float terms[2 * OWN], gB = 0.f, gAh = 0.f;
+                float terms[2 * OWN], gB = 0.f, gAh = 0.f, y = 0.f;
 #pragma unroll
                 for (int s = 0; s < OWN; ++s) {
                     const int n = group * OWN + s;
                     g[s] = decay[s] * g[s] + Cs[k][n] * dy;
                     const float state = states[j][s][threadIdx.x];
+                    if (HAS_Z) y += state * Cs[k][n];  // as the forward sums it
                     const float carried = state - Bs[k][n] * dtu;  // exp(dt A) times the state before
                     gB += g[s] * Bs[k][n];
                     gAh += g[s] * A2[s] * carried;
@@ -408,11 +403,17 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                 }
                 gB = channel_sum(gB);
                 gAh = channel_sum(gAh);
+                if (HAS_Z) y = channel_sum(y);
                 __syncwarp();  // the channel's lanes have read its tiles before the first overwrites them
                 if (group == 0) {
                     const float u_t = to_float(u_tile[k][slot]);
                     dt_tile[k][slot] = gAh * LN2 + gB * u_t;  // d loss / d dt
                     u_tile[k][slot] = to_in(dt * gB + D_c * dy);
+                    if (HAS_Z) {
+                        y += D_c * u_t;
+                        z_tile[k][slot] = to_in(y * dz_per_y_tile[k][slot]);
+                        dout_tile[k][slot] = to_in(y * silu_tile[k][slot]);
+                    }
                 }
                 atomicAdd(&sums[k][sum_index], warp_channel_sums(terms));
             }
@@ -430,7 +431,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
         __syncthreads();
         store_tile(du, u_tile, du_sc, left, t0, length);
         store_tile(ddelta, delta_tile, ddelta_sc, left, t0, length);
-        if (HAS_Z) { store_tile(dz, z_tile, dz_sc, left, t0, length); store_tile(out_z, y_tile, out_z_sc, left, t0, length); }
+        if (HAS_Z) { store_tile(dz, z_tile, dz_sc, left, t0, length); store_tile(out_z, dout_tile, out_z_sc, left, t0, length); }
         const int t = t0 + threadIdx.x % TILE;
         if (t < length) {  // a state's row of TILE steps per access
 #pragma unroll

@@ -123,23 +123,23 @@ def _grid(u: torch.Tensor) -> tuple[int, int, int]:
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
-    """(out, out_z): out = the scan's y (B, D, L), out_z = y * silu(z) (None without z)."""
+    """(out, out_z): without z, out = the scan's y (B, D, L) and out_z None; with z, out_z = y * silu(z)
+    and out None (y is not kept: the backward recomputes it)."""
     fwd, _ = _kernels(u.device.index, tuple(macros(u.dtype, B.dtype, D is not None, z is not None,
                                                    delta_bias is not None, softplus)))
-    out = torch.empty_like(u)
-    out_z = torch.empty_like(u) if z is not None else out
-    z_ = z if z is not None else u
+    result = torch.empty_like(u)
+    out, out_z = (None, result) if z is not None else (result, None)
     fwd(grid=_grid(u), block=(THREADS, 1, 1),
-        args=[u, delta, A.contiguous(), B, C, D if D is not None else A, z_,
-              delta_bias if delta_bias is not None else A, out, out_z, u.shape[1], u.shape[2],
-              *_strides(u), *_strides(delta), *_strides(z_), *_strides(B), *_strides(C), *_strides(out),
-              *_strides(out_z)])
-    return out, (out_z if z is not None else None)
+        args=[u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
+              delta_bias if delta_bias is not None else A, result, result, u.shape[1], u.shape[2],
+              *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_strides(B), *_strides(C),
+              *_strides(result), *_strides(result)])
+    return out, out_z
 
 
-def backward(u, delta, A, B, C, D, z, delta_bias, dout, out, dz, softplus):
+def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z) of out_z (or y without z) given
-    dout; out is the forward's y (read with z only), dz a (B, D, L) tensor to write into or None.
+    dout, with out_z recomputed; dz a (B, D, L) tensor to write into or None.
     dA, dB, dC, dD and ddelta_bias are fp32; dD, ddelta_bias None where D, delta_bias are."""
     _, bwd = _kernels(u.device.index, tuple(macros(u.dtype, B.dtype, D is not None, z is not None,
                                                    delta_bias is not None, softplus)))
@@ -158,10 +158,10 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, out, dz, softplus):
         dz, out_z = du, du  # unread and unwritten: any (B, D, L) tensor
     bwd(grid=_grid(u), block=(THREADS, 1, 1),
         args=[u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
-              delta_bias if delta_bias is not None else dD, dout, out if z is not None else u, ckpt,
+              delta_bias if delta_bias is not None else dD, dout, ckpt,
               du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, channels, length, chunks,
               *_strides(u), *_strides(delta), *(_strides(z) if z is not None else _strides(u)), *_strides(B),
-              *_strides(C), *_strides(dout), *(_strides(out) if z is not None else _strides(u)), *_strides(du),
+              *_strides(C), *_strides(dout), *_strides(du),
               *_strides(ddelta), *_strides(dz), *_strides(out_z), *_strides(dB), *_strides(dC)])
     return (du, ddelta, dA, dB, dC, dD if D is not None else None,
             ddelta_bias if delta_bias is not None else None,
@@ -171,13 +171,15 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, out, dz, softplus):
 # mamba-ssm's ``selective_scan_cuda.fwd`` / ``.bwd`` interface (B and C of shape (batch, 1, N, L)), as
 # ``scan._MambaInnerFn`` calls either
 def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """(out, None, out_z): no chunk states, which only mamba-ssm's backward reads."""
+    """(out, None, out_z): no chunk states, which only mamba-ssm's backward reads; with z, out is None
+    (our backward recomputes y, so the caller keeps no (B, D, L) tensor for it)."""
     out, out_z = forward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, delta_softplus)
     return out, None, out_z
 
 
 def bwd(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, out, dz, delta_softplus, recompute_out_z):
-    """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z); out_z is always recomputed."""
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z); chunk_states and out are not read, out_z
+    is always recomputed."""
     du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = backward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias,
-                                                                 dout, out, dz, delta_softplus)
+                                                                 dout, dz, delta_softplus)
     return du, ddelta, dA, dB.unsqueeze(1), dC.unsqueeze(1), dD, ddelta_bias, dz, out_z
