@@ -7,6 +7,7 @@ reference; and the fused mixer function on it against mamba-ssm's kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import itertools
@@ -47,6 +48,20 @@ def test_applies_checks_shapes_and_dtypes():
     assert not scan_short.applies(cuda_like, A.double(), B, u)
     assert not scan_short.applies(cuda_like, torch.zeros(8, 8), B, u)
     assert not scan_short.applies(cuda_like, A, B.unsqueeze(1), u)  # B grouped: (batch, groups, N, L)
+
+
+def test_launch_covers_every_channel_on_the_tensors_device(monkeypatch):
+    entered, calls = [], []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(entered.append(device)))
+    u = torch.zeros(3, 70, 5)  # 70 channels: three blocks of 32, the last partly empty
+    scan_short._launch(lambda **launch: calls.append(launch), u, ["args"])
+    assert calls == [{"grid": (3, 3, 1), "block": (128, 1, 1), "args": ["args"]}]
+    assert entered == [u.device]
+
+
+def test_a_sequence_strided_along_time_is_refused():
+    with pytest.raises(ValueError, match="unit stride along time"):
+        scan_short._strides(torch.zeros(2, 5, 4).transpose(1, 2))
 
 
 def test_nvrtc_not_found_on_a_cpu_build():

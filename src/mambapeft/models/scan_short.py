@@ -5,7 +5,8 @@ _MambaInnerFn``): real A, B and C per step of one group, 16 states, D, z, delta_
 
 Why: mamba-ssm's kernels run a parallel scan along time per state, and at Vim's 197 tokens that, not
 memory, is most of the step (the backward 0.56 ms at (32, 768, 256, 16) on one H200, where its inputs
-stream in tens of microseconds). Here a thread steps one channel's 16 states through time.
+stream in tens of microseconds). Here four lanes step one channel's 16 states through time (the
+kernel file says how, and README "The short-sequence scan" what it measured).
 
 Reference: ``scan.selective_scan_torch``. Shapes: u, delta, z, dout, out (B, D, L), any batch and channel
 strides, unit stride along L; A (D, 16); B, C (B, 16, L); D, delta_bias (D,).
@@ -50,6 +51,8 @@ def compile_cubin(source: str, arch: str, options: list[str], nvrtc: ctypes.CDLL
     _nvrtc_check(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), SOURCE.encode(),
                                                  0, None, None))
     try:
+        # fast math as mamba-ssm's kernels are built (exp2 on the special-function unit); line info
+        # for profilers (ncu's source view)
         flags = [f"--gpu-architecture=sm_{arch}", "--use_fast_math", "--std=c++17", "-lineinfo", *options]
         array = (ctypes.c_char_p * len(flags))(*(f.encode() for f in flags))
         _nvrtc_check(nvrtc, nvrtc.nvrtcCompileProgram(program, len(flags), array), program)
@@ -118,8 +121,10 @@ def _strides(t: torch.Tensor) -> list[int]:
     return [t.stride(0), t.stride(1)]
 
 
-def _grid(u: torch.Tensor) -> tuple[int, int, int]:
-    return (u.shape[1] + CHANNELS - 1) // CHANNELS, u.shape[0], 1
+def _launch(kernel, u: torch.Tensor, args: list) -> None:
+    """One block per (32 channels, batch element) of u, on u's device's current stream."""
+    with torch.cuda.device(u.device):
+        kernel(grid=((u.shape[1] + CHANNELS - 1) // CHANNELS, u.shape[0], 1), block=(THREADS, 1, 1), args=args)
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
@@ -129,11 +134,10 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
                                                    delta_bias is not None, softplus)))
     result = torch.empty_like(u)
     out, out_z = (None, result) if z is not None else (result, None)
-    fwd(grid=_grid(u), block=(THREADS, 1, 1),
-        args=[u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
-              delta_bias if delta_bias is not None else A, result, result, u.shape[1], u.shape[2],
-              *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_strides(B), *_strides(C),
-              *_strides(result), *_strides(result)])
+    _launch(fwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
+                     delta_bias if delta_bias is not None else A, result, result, u.shape[1], u.shape[2],
+                     *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_strides(B),
+                     *_strides(C), *_strides(result), *_strides(result)])
     return out, out_z
 
 
@@ -156,13 +160,12 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus):
         out_z = torch.empty_like(u)
     else:
         dz, out_z = du, du  # unread and unwritten: any (B, D, L) tensor
-    bwd(grid=_grid(u), block=(THREADS, 1, 1),
-        args=[u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
-              delta_bias if delta_bias is not None else dD, dout, ckpt,
-              du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, channels, length, chunks,
-              *_strides(u), *_strides(delta), *(_strides(z) if z is not None else _strides(u)), *_strides(B),
-              *_strides(C), *_strides(dout), *_strides(du),
-              *_strides(ddelta), *_strides(dz), *_strides(out_z), *_strides(dB), *_strides(dC)])
+    _launch(bwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
+                     delta_bias if delta_bias is not None else dD, dout, ckpt,
+                     du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, channels, length, chunks,
+                     *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_strides(B),
+                     *_strides(C), *_strides(dout), *_strides(du), *_strides(ddelta), *_strides(dz),
+                     *_strides(out_z), *_strides(dB), *_strides(dC)])
     return (du, ddelta, dA, dB, dC, dD if D is not None else None,
             ddelta_bias if delta_bias is not None else None,
             dz if z is not None else None, out_z if z is not None else None)
