@@ -24,6 +24,7 @@ CUDA = torch.device("cuda")
 
 def test_runs_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(scan_short, "nvrtc_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv(scan_short.ENV, raising=False)
     assert scan_short.runs(CUDA, torch.bfloat16, 16, 197)
     assert scan_short.runs(CUDA, torch.float32, 16, scan_short.MAX_LENGTH)
@@ -34,6 +35,9 @@ def test_runs_only_where_it_applies(monkeypatch):
     monkeypatch.setenv(scan_short.ENV, "0")
     assert not scan_short.runs(CUDA, torch.bfloat16, 16, 197)
     monkeypatch.setenv(scan_short.ENV, "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not scan_short.runs(CUDA, torch.bfloat16, 16, 197)  # an A100: not measured, mamba-ssm's kernels
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(scan_short, "nvrtc_available", lambda: False)
     assert not scan_short.runs(CUDA, torch.bfloat16, 16, 197)
 
@@ -176,11 +180,18 @@ def test_against_the_float64_scan_as_close_as_mamba_ssm(batch, channels, length,
         assert _relative(ours, reference) <= max(3 * _relative(theirs, reference), floor), name
 
 
+def _needs_the_fused_function_on_it(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.delenv(scan_short.ENV, raising=False)
+    if not scan_short.runs(CUDA, torch.bfloat16, 16, 197):
+        pytest.skip("the fused function scans with our kernels on a Hopper GPU with NVRTC only")
+
+
 @pytest.mark.gpu
 def test_fused_mixer_on_it_matches_mamba_ssm_kernels(monkeypatch):
     """The fused mixer function (Vim-S's shape, bf16 autocast) with our scan against mamba-ssm's."""
-    if not torch.cuda.is_available() or not scan_short.nvrtc_available():
-        pytest.skip("needs a CUDA device with NVRTC")
+    _needs_the_fused_function_on_it(monkeypatch)
     if scan.CUDA_BACKEND.mamba_inner is None:
         pytest.skip("needs mamba-ssm and causal-conv1d")
     generator = torch.Generator().manual_seed(1)
@@ -213,8 +224,7 @@ def test_fused_mixer_on_it_matches_mamba_ssm_kernels(monkeypatch):
 def test_fused_mixer_on_it_keeps_no_scan_output(monkeypatch):
     """With our kernels the fused function keeps no (B, D, L) scan output for its backward (y is
     recomputed there): its saved tensors are that much smaller than with mamba-ssm's kernels."""
-    if not torch.cuda.is_available() or not scan_short.nvrtc_available():
-        pytest.skip("needs a CUDA device with NVRTC")
+    _needs_the_fused_function_on_it(monkeypatch)
     if scan.CUDA_BACKEND.mamba_inner is None:
         pytest.skip("needs mamba-ssm and causal-conv1d")
     batch, d_inner, length, rank, d_model = 4, 128, 256, 8, 64

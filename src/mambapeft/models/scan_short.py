@@ -29,6 +29,7 @@ SOURCE = "scan_short.cu"
 # 256, slower at 1,024.
 MAX_LENGTH = 256
 ENV = "MAMBAPEFT_SHORT_SCAN"  # "0": mamba-ssm's kernels at every length (A/B measurements)
+MEASURED_ARCH_MAJOR = 9  # Hopper (H100, H200): the only architecture these kernels were timed on
 
 
 def _nvrtc_check(nvrtc, result: int, program=None) -> None:
@@ -80,7 +81,11 @@ def _kernels(device_index: int, options: tuple[str, ...]):
 
     major, minor = torch.cuda.get_device_capability(device_index)
     source = resources.files(__package__).joinpath(SOURCE).read_text()
-    cubin = compile_cubin(source, f"{major}{minor}", list(options), _get_gpu_rtc_library())
+    try:
+        cubin = compile_cubin(source, f"{major}{minor}", list(options), _get_gpu_rtc_library())
+    except RuntimeError as error:
+        raise RuntimeError(f"{error}\nOur short-sequence scan did not compile on this machine: set {ENV}=0 to "
+                           "train with mamba-ssm's kernels, and report the log above") from error
     with torch.cuda.device(device_index):
         kernels = _cuda_load_module(cubin, ["scan_fwd", "scan_bwd"])
     return kernels["scan_fwd"], kernels["scan_bwd"]
@@ -101,10 +106,13 @@ def nvrtc_available() -> bool:
 
 
 def runs(device: torch.device, dtype: torch.dtype, states: int, length: int) -> bool:
-    """Whether the fused mixer function scans with these kernels: a CUDA device, fp32 or bf16
-    sequences, 16 states, at most MAX_LENGTH steps, NVRTC present and $MAMBAPEFT_SHORT_SCAN not "0"."""
+    """Whether the fused mixer function scans with these kernels: a CUDA device of the architecture
+    they were measured on (Hopper, compute capability 9.x: faster than mamba-ssm's there; elsewhere
+    not measured), fp32 or bf16 sequences, 16 states, at most MAX_LENGTH steps, NVRTC present and
+    $MAMBAPEFT_SHORT_SCAN not "0"."""
     return (device.type == "cuda" and dtype in _DTYPES and states == STATES and length <= MAX_LENGTH
-            and os.environ.get(ENV, "1") != "0" and nvrtc_available())
+            and os.environ.get(ENV, "1") != "0" and nvrtc_available()
+            and torch.cuda.get_device_capability(device)[0] == MEASURED_ARCH_MAJOR)
 
 
 def applies(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *sequences: torch.Tensor | None) -> bool:
