@@ -96,9 +96,10 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 @functools.cache
 def nvrtc_available() -> bool:
-    """Whether PyTorch's NVRTC library loads (CUDA builds of PyTorch ship it)."""
+    """Whether PyTorch's NVRTC library loads (CUDA builds of PyTorch ship it) and PyTorch can load a
+    compiled module (``torch.cuda._utils``, PyTorch 2.8 and later)."""
     try:
-        from torch.cuda._utils import _get_gpu_rtc_library
+        from torch.cuda._utils import _cuda_load_module, _get_gpu_rtc_library  # noqa: F401
         _get_gpu_rtc_library()
     except (ImportError, OSError, AttributeError, TypeError):  # a CPU build (no CUDA version) or no library
         return False
