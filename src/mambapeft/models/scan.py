@@ -713,12 +713,15 @@ class _MambaInnerFn(torch.autograd.Function):
         delta = _delta(dt_proj_weight, x_dbl, batch)
         B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1).contiguous()
                 for i in (x_dbl.shape[1] - 2 * n, x_dbl.shape[1] - n))  # (B, 1, N, L)
+        # our short-sequence kernels where they apply (mamba_inner_cuda then did not pad), else mamba-ssm's
         kernels = (scan_short if scan_short.runs(xz.device, xz.dtype, n, xz.shape[-1])
                    and scan_short.applies(conv_out, A, B[:, 0], delta, z) else _selective_scan_kernels)
         out, scan_intermediates, out_z = kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True)
         ctx.scan_kernels = kernels
-        if scan_intermediates is not None and scan_intermediates.shape[2] == 1:  # the backward reads the states at chunk ends only past the
-            scan_intermediates = None  # first of its 2048-step chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b)
+        # mamba-ssm's backward reads the states at chunk ends only past the first of its 2048-step
+        # chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b); ours reads none, nor out (None from ours)
+        if scan_intermediates is not None and scan_intermediates.shape[2] == 1:
+            scan_intermediates = None
         ctx.has_out_bias = out_proj_bias is not None
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight,
                               out_proj_weight, A, B, C, D, delta_bias, scan_intermediates, out)
