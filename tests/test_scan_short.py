@@ -7,6 +7,7 @@ reference; and the fused mixer function on it against mamba-ssm's kernels.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import importlib.util
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mambapeft.bench.scan import kernel_inputs
+from mambapeft.cli.bench import _shape, cmd_bench_scan_kernels
 from mambapeft.models import scan, scan_short
 
 CUDA = torch.device("cuda")
@@ -68,6 +71,22 @@ def test_a_sequence_strided_along_time_is_refused():
         scan_short._strides(torch.zeros(2, 5, 4).transpose(1, 2))
 
 
+def test_kernel_inputs_are_channel_major_as_the_fused_function_holds_them():
+    u, delta, A, B, C, D, z, bias, dout = kernel_inputs(2, 5, 7, torch.bfloat16, True, torch.Generator().manual_seed(0),
+                                                        device="cpu")
+    assert u.shape == delta.shape == z.shape == dout.shape == (2, 5, 7) and u.stride() == (7, 14, 1)
+    assert (A.shape, B.shape, C.shape, D.shape, bias.shape) == ((5, 16), (2, 16, 7), (2, 16, 7), (5,), (5,))
+    assert bool((A < 0).all()) and u.dtype == B.dtype == torch.bfloat16 and A.dtype == torch.float32
+
+
+def test_bench_scan_kernels_without_a_gpu_says_what_it_needs():
+    with pytest.raises(SystemExit, match="needs a CUDA device with mamba-ssm"):
+        cmd_bench_scan_kernels(argparse.Namespace(shapes=None, repeats=1, out=None))
+    assert _shape("32,768,197") == (32, 768, 197)
+    with pytest.raises(argparse.ArgumentTypeError, match="BATCH,CHANNELS,LENGTH"):
+        _shape("32,768")
+
+
 def test_nvrtc_not_found_on_a_cpu_build():
     if torch.version.cuda is None:
         assert not scan_short.nvrtc_available()
@@ -109,19 +128,6 @@ def test_a_compile_error_names_the_line():
 # ------------------------------------------------------------------------------------------------
 # On a GPU
 # ------------------------------------------------------------------------------------------------
-def _inputs(batch, channels, length, dtype, channel_major, generator):
-    def sequence(scale=1.0, shift=0.0):
-        shape = (channels, batch, length) if channel_major else (batch, channels, length)
-        t = (torch.randn(shape, generator=generator) * scale + shift).to(dtype).cuda()
-        return t.transpose(0, 1) if channel_major else t
-
-    u, delta, z, dout = sequence(), sequence(0.5, -1.0), sequence(), sequence()
-    A = (-1 - 15 * torch.rand(channels, 16, generator=generator)).cuda()
-    B, C = (torch.randn(batch, 16, length, generator=generator).to(dtype).cuda() for _ in range(2))
-    D, bias = torch.randn(channels, generator=generator).cuda(), (0.5 * torch.randn(channels, generator=generator)).cuda()
-    return u, delta, A, B, C, D, z, bias, dout
-
-
 def _reference(u, delta, A, B, C, D, z, bias, dout):
     """out_z and the gradients of (u, delta, A, B, C, D, delta_bias, z), the PyTorch scan in float64."""
     leaves = [t.detach().double().requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
@@ -168,7 +174,7 @@ def test_against_the_float64_scan_as_close_as_mamba_ssm(batch, channels, length,
     if not torch.cuda.is_available() or not scan_short.nvrtc_available():
         pytest.skip("needs a CUDA device with NVRTC")
     pytest.importorskip("selective_scan_cuda")
-    inputs = _inputs(batch, channels, length, dtype, channel_major, torch.Generator().manual_seed(0))
+    inputs = kernel_inputs(batch, channels, length, dtype, channel_major, torch.Generator().manual_seed(0))
     out_ref, grads_ref = _reference(*inputs)
     out, grads = _ours(*inputs)
     out_m, grads_m = _mamba_ssm(*inputs)

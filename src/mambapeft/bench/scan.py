@@ -1,15 +1,18 @@
 """Selective-scan speed: our PyTorch scan (step by step or in chunks, by shape: models/scan.py) vs a
 naive per-time-step loop under autograd (and the CUDA kernel when present), forward + backward, median
 of repeated calls after a warm-up. The committed records (results/benchmarks/*.scan.json) predate the
-step-by-step path and name the PyTorch row ``torch_chunked``."""
+step-by-step path and name the PyTorch row ``torch_chunked``. And on CUDA, the kernels alone: our
+short-sequence scan (models/scan_short.cu) against mamba-ssm's (``bench scan-kernels``)."""
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..models import scan as scan_module
 from ..models.scan import cuda_kernels_available, selective_scan_cuda, selective_scan_torch
 from .common import synchronize
 
@@ -67,3 +70,83 @@ def bench_scan(batch=8, d_inner=1536, length=512, n_state=16, repeats=3, device=
     if "naive_loop" in rows:
         shape["speedup_vs_naive"] = rows["naive_loop"]["median_s"] / rows["torch"]["median_s"]
     return {**shape, "fwd_bwd": rows}
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: our short-sequence scan kernels (models/scan_short.cu) against mamba-ssm's, forward and backward
+# ------------------------------------------------------------------------------------------------
+# Vim-S, a 256-step Vim-S, Mamba-1.4b at micro-batch 32, and a length past MAX_LENGTH
+KERNEL_SHAPES = ((32, 768, 197), (32, 768, 256), (32, 4096, 256), (8, 1536, 1024))
+
+
+def kernel_inputs(batch: int, channels: int, length: int, dtype: torch.dtype, channel_major: bool,
+                  generator: torch.Generator, device: str = "cuda") -> list[torch.Tensor]:
+    """u, delta, A, B, C, D, z, delta_bias, dout of a training scan (16 states); u, delta, z and dout
+    channel-major ((D, B, L) storage, as the fused mixer function holds them) or batch-major."""
+    def sequence(scale=1.0, shift=0.0):
+        shape = (channels, batch, length) if channel_major else (batch, channels, length)
+        t = (torch.randn(shape, generator=generator) * scale + shift).to(dtype).to(device)
+        return t.transpose(0, 1) if channel_major else t
+
+    u, delta, z, dout = sequence(), sequence(0.5, -1.0), sequence(), sequence()
+    A = (-1 - 15 * torch.rand(channels, 16, generator=generator)).to(device)
+    B, C = (torch.randn(batch, 16, length, generator=generator).to(dtype).to(device) for _ in range(2))
+    D = torch.randn(channels, generator=generator).to(device)
+    bias = (0.5 * torch.randn(channels, generator=generator)).to(device)
+    return [u, delta, A, B, C, D, z, bias, dout]
+
+
+def _mean_us(call: Callable[[], object], repeats: int, warmup: int = 5) -> float:
+    """Mean microseconds of ``call`` over ``repeats`` calls queued back to back (CUDA events), after
+    warm-ups: the kernels' time, the launches' Python hidden behind the queue."""
+    for _ in range(warmup):
+        call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / repeats
+
+
+def _mamba_ssm_calls(u, delta, A, B, C, D, z, bias, dout):
+    """mamba-ssm's forward and backward calls (``selective_scan_cuda``), as the fused function makes them."""
+    kernels = scan_module._selective_scan_kernels
+    B4, C4 = B.unsqueeze(1).contiguous(), C.unsqueeze(1).contiguous()
+    out, states, _ = kernels.fwd(u, delta, A, B4, C4, D, z, bias, True)
+    return (lambda: kernels.fwd(u, delta, A, B4, C4, D, z, bias, True),
+            lambda: kernels.bwd(u, delta, A, B4, C4, D, z, bias, dout, states, out, None, True, True))
+
+
+def bench_scan_kernels(shapes=KERNEL_SHAPES, repeats: int = 50) -> dict:
+    """Forward and backward microseconds of our short-sequence kernels and mamba-ssm's at each
+    (batch, channels, length) of ``shapes`` (bf16, channel-major, 16 states, D, z, delta_bias, softplus:
+    what the fused mixer function runs), mamba-ssm's also at the length of its whole block (where the
+    fused function pads to for it)."""
+    from ..models import scan_short
+
+    if not (torch.cuda.is_available() and cuda_kernels_available() and scan_short.nvrtc_available()):
+        raise RuntimeError("bench scan-kernels needs a CUDA device with mamba-ssm (`mambapeft setup-gpu`) "
+                           "and PyTorch's NVRTC (a CUDA build of PyTorch 2.8 or later)")
+    rows = []
+    for batch, channels, length in shapes:
+        args = kernel_inputs(batch, channels, length, torch.bfloat16, True, torch.Generator().manual_seed(0))
+        u, delta, A, B, C, D, z, bias, dout = args
+        row = {"batch": batch, "channels": channels, "length": length}
+        row["ours_fwd_us"] = _mean_us(lambda: scan_short.forward(u, delta, A, B, C, D, z, bias, True), repeats)
+        row["ours_bwd_us"] = _mean_us(lambda: scan_short.backward(u, delta, A, B, C, D, z, bias, dout, None, True),
+                                      repeats)
+        padded = scan_module.whole_kernel_chunks(length)
+        for label, steps in (("mamba_ssm", length), ("mamba_ssm_padded", padded)):
+            if label == "mamba_ssm_padded" and steps == length:
+                continue
+            inputs = args if steps == length else kernel_inputs(batch, channels, steps, torch.bfloat16, True,
+                                                                torch.Generator().manual_seed(0))
+            forward, backward = _mamba_ssm_calls(*inputs)
+            row[f"{label}_fwd_us"], row[f"{label}_bwd_us"] = _mean_us(forward, repeats), _mean_us(backward, repeats)
+            row[f"{label}_length"] = steps
+        rows.append(row)
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16", "states": 16,
+            "repeats": repeats, "rows": rows}
