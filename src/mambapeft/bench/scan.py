@@ -12,8 +12,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..models import scan as scan_module
-from ..models.scan import cuda_kernels_available, selective_scan_cuda, selective_scan_torch
+from ..models import scan_short
+from ..models.scan import (_selective_scan_kernels, cuda_kernels_available, selective_scan_cuda, selective_scan_torch,
+                           whole_kernel_chunks)
 from .common import synchronize
 
 
@@ -113,11 +114,10 @@ def _mean_us(call: Callable[[], object], repeats: int, warmup: int = 5) -> float
 
 def _mamba_ssm_calls(u, delta, A, B, C, D, z, bias, dout):
     """mamba-ssm's forward and backward calls (``selective_scan_cuda``), as the fused function makes them."""
-    kernels = scan_module._selective_scan_kernels
     B4, C4 = B.unsqueeze(1).contiguous(), C.unsqueeze(1).contiguous()
-    out, states, _ = kernels.fwd(u, delta, A, B4, C4, D, z, bias, True)
-    return (lambda: kernels.fwd(u, delta, A, B4, C4, D, z, bias, True),
-            lambda: kernels.bwd(u, delta, A, B4, C4, D, z, bias, dout, states, out, None, True, True))
+    out, states, _ = _selective_scan_kernels.fwd(u, delta, A, B4, C4, D, z, bias, True)
+    return (lambda: _selective_scan_kernels.fwd(u, delta, A, B4, C4, D, z, bias, True),
+            lambda: _selective_scan_kernels.bwd(u, delta, A, B4, C4, D, z, bias, dout, states, out, None, True, True))
 
 
 def bench_scan_kernels(shapes=KERNEL_SHAPES, repeats: int = 50) -> dict:
@@ -125,8 +125,6 @@ def bench_scan_kernels(shapes=KERNEL_SHAPES, repeats: int = 50) -> dict:
     (batch, channels, length) of ``shapes`` (bf16, channel-major, 16 states, D, z, delta_bias, softplus:
     what the fused mixer function runs), mamba-ssm's also at the length of its whole block (where the
     fused function pads to for it)."""
-    from ..models import scan_short
-
     if not (torch.cuda.is_available() and cuda_kernels_available() and scan_short.nvrtc_available()):
         raise RuntimeError("bench scan-kernels needs a CUDA device with mamba-ssm (`mambapeft setup-gpu`) "
                            "and PyTorch's NVRTC (a CUDA build of PyTorch 2.8 or later)")
@@ -138,15 +136,14 @@ def bench_scan_kernels(shapes=KERNEL_SHAPES, repeats: int = 50) -> dict:
         row["ours_fwd_us"] = _mean_us(lambda: scan_short.forward(u, delta, A, B, C, D, z, bias, True), repeats)
         row["ours_bwd_us"] = _mean_us(lambda: scan_short.backward(u, delta, A, B, C, D, z, bias, dout, None, True),
                                       repeats)
-        padded = scan_module.whole_kernel_chunks(length)
-        for label, steps in (("mamba_ssm", length), ("mamba_ssm_padded", padded)):
-            if label == "mamba_ssm_padded" and steps == length:
-                continue
-            inputs = args if steps == length else kernel_inputs(batch, channels, steps, torch.bfloat16, True,
-                                                                torch.Generator().manual_seed(0))
+        runs = {"mamba_ssm": args}
+        if whole_kernel_chunks(length) != length:
+            runs["mamba_ssm_padded"] = kernel_inputs(batch, channels, whole_kernel_chunks(length), torch.bfloat16,
+                                                     True, torch.Generator().manual_seed(0))
+        for label, inputs in runs.items():
             forward, backward = _mamba_ssm_calls(*inputs)
             row[f"{label}_fwd_us"], row[f"{label}_bwd_us"] = _mean_us(forward, repeats), _mean_us(backward, repeats)
-            row[f"{label}_length"] = steps
+            row[f"{label}_length"] = inputs[0].shape[-1]
         rows.append(row)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16", "states": 16,
             "repeats": repeats, "rows": rows}

@@ -37,7 +37,6 @@
 #define CHANNELS 32                 // channels per block
 #define THREADS (CHANNELS * LANES)  // 128
 #define TILE 16                     // steps a tile holds
-#define CHUNK_BLOCKS (TILE / CHUNK)
 #define FULL_MASK 0xffffffffu
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -195,14 +194,12 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     out = ROWS(out, out); out_z = ROWS(out_z, out_z);
     in_t u_next[TILE_ROWS], delta_next[TILE_ROWS], z_next[TILE_ROWS];
     bc_t B_next[STATE_ROWS], C_next[STATE_ROWS];
+    fetch(u_next, u, u_sc, left, 0, length);
+    fetch(delta_next, delta, delta_sc, left, 0, length);
+    if (HAS_Z) fetch(z_next, z, z_sc, left, 0, length);
+    fetch_states(B_next, Bm, B_sn, 0, length);
+    fetch_states(C_next, Cm, C_sn, 0, length);
     for (int t0 = 0; t0 < length; t0 += TILE) {
-        if (t0 == 0) {
-            fetch(u_next, u, u_sc, left, t0, length);
-            fetch(delta_next, delta, delta_sc, left, t0, length);
-            if (HAS_Z) fetch(z_next, z, z_sc, left, t0, length);
-            fetch_states(B_next, Bm, B_sn, t0, length);
-            fetch_states(C_next, Cm, C_sn, t0, length);
-        }
         __syncthreads();
         put(u_tile, u_next); put(delta_tile, delta_next);
         if (HAS_Z) put(z_tile, z_next);

@@ -136,11 +136,16 @@ def _launch(kernel, u: torch.Tensor, args: list) -> None:
         kernel(grid=((u.shape[1] + CHANNELS - 1) // CHANNELS, u.shape[0], 1), block=(THREADS, 1, 1), args=args)
 
 
+def _variant(u, B, D, z, delta_bias, softplus):
+    """(forward, backward) kernels for these inputs' dtypes and the arguments given."""
+    return _kernels(u.device.index, tuple(macros(u.dtype, B.dtype, D is not None, z is not None,
+                                                 delta_bias is not None, softplus)))
+
+
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
     """(out, out_z): without z, out = the scan's y (B, D, L) and out_z None; with z, out_z = y * silu(z)
     and out None (y is not kept: the backward recomputes it)."""
-    fwd, _ = _kernels(u.device.index, tuple(macros(u.dtype, B.dtype, D is not None, z is not None,
-                                                   delta_bias is not None, softplus)))
+    fwd, _ = _variant(u, B, D, z, delta_bias, softplus)
     result = torch.empty_like(u)
     out, out_z = (None, result) if z is not None else (result, None)
     _launch(fwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
@@ -154,8 +159,7 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z) of out_z (or y without z) given
     dout, with out_z recomputed; dz a (B, D, L) tensor to write into or None.
     dA, dB, dC, dD and ddelta_bias are fp32; dD, ddelta_bias None where D, delta_bias are."""
-    _, bwd = _kernels(u.device.index, tuple(macros(u.dtype, B.dtype, D is not None, z is not None,
-                                                   delta_bias is not None, softplus)))
+    _, bwd = _variant(u, B, D, z, delta_bias, softplus)
     batch, channels, length = u.shape
     chunks = (length + CHUNK - 1) // CHUNK
     fp32 = dict(device=u.device, dtype=torch.float32)
