@@ -20,6 +20,9 @@ COPY = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl
 NAMES = {
     "void selective_scan_bwd_kernel<Selective_Scan_bwd_kernel_traits<32, 16, 1, true, false, true>>": "selective scan backward (mamba-ssm)",
     "void selective_scan_fwd_kernel<Selective_Scan_fwd_kernel_traits<32, 8, 1, true, false, true>>": "selective scan forward (mamba-ssm)",
+    "scan_bwd": "selective scan backward (ours, scan_short.cu)",
+    "scan_fwd": "selective scan forward (ours, scan_short.cu)",
+    "conv_bwd": "causal conv1d",
     "_chunk_scan_fwd_kernel": "Mamba-2 chunked scan (mamba-ssm SSD)",
     "void causal_conv1d_bwd_kernel<Causal_conv1d_bwd_kernel_traits<128, 4, true, true>>": "causal conv1d",
     "_conv_fwd_kernel": "causal conv1d",

@@ -10,17 +10,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import importlib.util
 import itertools
-from importlib import resources
-from pathlib import Path
 
 import pytest
 import torch
 
 from mambapeft.bench.scan import kernel_inputs
 from mambapeft.cli.bench import _shape, cmd_bench_scan_kernels
-from mambapeft.models import scan, scan_short
+from mambapeft.models import conv_bwd, nvrtc, scan, scan_short
+from nvrtc_helpers import nvrtc_wheel_library, relative
 
 CUDA = torch.device("cuda")
 
@@ -92,37 +90,28 @@ def test_nvrtc_not_found_on_a_cpu_build():
         assert not scan_short.nvrtc_available()
 
 
-def _nvrtc_wheel_library() -> Path | None:
-    """libnvrtc from the nvidia-cuda-nvrtc wheel (a test extra), where pip put it."""
-    spec = importlib.util.find_spec("nvidia")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        found = sorted(Path(root).glob("cu*/lib/libnvrtc.so*")) + sorted(Path(root).glob("cuda_nvrtc/lib/libnvrtc.so*"))
-        if found:
-            return found[0]
-    return None
-
-
 VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus)
             for in_dtype, bc_dtype in itertools.product((torch.float32, torch.bfloat16), repeat=2)
             for has_D, has_z, has_bias, softplus in ((True, True, True, True), (False, False, False, False))]
 
 
-@pytest.mark.skipif(_nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
+@pytest.mark.skipif(nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
 def test_every_variant_compiles_for_hopper():
     """The compiler's errors surface here, not at a user's first training step."""
-    nvrtc = ctypes.CDLL(str(_nvrtc_wheel_library()))
-    source = resources.files(scan_short.__package__).joinpath(scan_short.SOURCE).read_text()
+    library = ctypes.CDLL(str(nvrtc_wheel_library()))
+    source = nvrtc.package_source(scan_short.SOURCE)
     for variant in VARIANTS:
-        cubin = scan_short.compile_cubin(source, "90", scan_short.macros(*variant), nvrtc)
+        cubin = nvrtc.compile_cubin(source, scan_short.SOURCE, "90", scan_short.macros(*variant), library)
         assert cubin[:4] == b"\x7fELF", variant  # a cubin is an ELF file
         assert b"scan_fwd" in cubin and b"scan_bwd" in cubin
 
 
-@pytest.mark.skipif(_nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
+@pytest.mark.skipif(nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
 def test_a_compile_error_names_the_line():
-    nvrtc = ctypes.CDLL(str(_nvrtc_wheel_library()))
+    library = ctypes.CDLL(str(nvrtc_wheel_library()))
     with pytest.raises(RuntimeError, match="NVRTC.*scan_short.cu"):
-        scan_short.compile_cubin("extern \"C\" __global__ void scan_fwd() { undefined_name; }", "90", [], nvrtc)
+        nvrtc.compile_cubin("extern \"C\" __global__ void scan_fwd() { undefined_name; }", scan_short.SOURCE, "90", [],
+                            library)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,10 +124,6 @@ def _reference(u, delta, A, B, C, D, z, bias, dout):
     out.backward(dout.double())
     grads = [t.grad for t in leaves]
     return out.detach(), grads[:6] + [grads[7], grads[6]]
-
-
-def _relative(t, reference):
-    return float((t.double() - reference).abs().max() / reference.abs().max())
 
 
 def _ours(u, delta, A, B, C, D, z, bias, dout):
@@ -181,9 +166,9 @@ def test_against_the_float64_scan_as_close_as_mamba_ssm(batch, channels, length,
     # fp32: a few float32 roundings; bf16: the output's rounding. Ours within 3x mamba-ssm's error or
     # (sums over channels kept in fp32 where mamba-ssm's are not) well under the dtype's step
     floor = 1e-6 if dtype == torch.float32 else 1e-3
-    assert _relative(out, out_ref) <= max(3 * _relative(out_m, out_ref), floor)
+    assert relative(out, out_ref) <= max(3 * relative(out_m, out_ref), floor)
     for name, ours, theirs, reference in zip(NAMES, grads, grads_m, grads_ref):
-        assert _relative(ours, reference) <= max(3 * _relative(theirs, reference), floor), name
+        assert relative(ours, reference) <= max(3 * relative(theirs, reference), floor), name
 
 
 def _needs_the_fused_function_on_it(monkeypatch):
@@ -213,8 +198,9 @@ def test_fused_mixer_on_it_matches_mamba_ssm_kernels(monkeypatch):
     calls = []
     monkeypatch.setattr(scan_short, "fwd", lambda *args, run=scan_short.fwd: calls.append(1) or run(*args))
     results = []
-    for enabled in ("1", "0"):
+    for enabled in ("1", "0"):  # ours (scan and conv backward), then the packages' kernels alone
         monkeypatch.setenv(scan_short.ENV, enabled)
+        monkeypatch.setenv(conv_bwd.ENV, enabled)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = scan.mamba_inner_cuda(xz.transpose(0, 1), *weights)
         out.float().square().mean().backward()

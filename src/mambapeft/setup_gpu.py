@@ -59,6 +59,8 @@ def check_kernels() -> dict:
                              "the wheels were likely built for another torch or CUDA")
         report["short_scan"] = _check_short_scan(u, delta, a, bb, c, reference) if installed["nvrtc"] else (
             "NVRTC not found (PyTorch's CUDA wheels ship it): mamba-ssm's scan at every length")
+        report["conv_backward"] = _check_conv_backward(generator) if installed["nvrtc"] else (
+            "NVRTC not found: causal-conv1d's conv backward")
     return report
 
 
@@ -72,6 +74,25 @@ def _check_short_scan(u, delta, a, b, c, reference) -> str:
         raise SetupError(f"our short-sequence scan disagrees with the PyTorch scan ({difference:.2e}); "
                          f"set {scan_short.ENV}=0 to run mamba-ssm's, and report it")
     return f"compiled; max abs diff vs the PyTorch scan {difference:.1e}"
+
+
+def _check_conv_backward(generator) -> str:
+    """Compile our conv backward (NVRTC) and compare its gradients with PyTorch's conv under autograd."""
+    import torch
+
+    from .models import conv_bwd
+    from .models.scan import causal_conv1d_torch
+
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((2, 64, 40), (64, 4), (64,)))
+    dout = torch.randn(x.shape, generator=generator)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    causal_conv1d_torch(*leaves).backward(dout)
+    ours = conv_bwd.backward(*(t.cuda() for t in (x, weight, bias, dout)), None, True)
+    difference = max(float((got.cpu() - leaf.grad).abs().max()) for got, leaf in zip(ours, leaves))
+    if difference > 1e-3:
+        raise SetupError(f"our conv backward disagrees with PyTorch's ({difference:.2e}); "
+                         f"set {conv_bwd.ENV}=0 to run causal-conv1d's, and report it")
+    return f"compiled; max abs diff vs PyTorch's gradients {difference:.1e}"
 
 
 def setup_gpu(wheels: str | Path | None, dry_run: bool = False) -> dict:

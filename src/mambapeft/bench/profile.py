@@ -29,13 +29,16 @@ class KernelTime:
 
 
 # (family, pattern on the kernel's name): the first that matches names the family. Our Triton kernels
-# are named in models/ and train/; mamba-ssm's by its CUDA and Triton sources; the rest by PyTorch.
+# are named in models/ and train/, our NVRTC ones (models/*.cu) plainly; mamba-ssm's by its CUDA and
+# Triton sources; the rest by PyTorch.
 KERNEL_FAMILIES: tuple[tuple[str, re.Pattern], ...] = tuple((family, re.compile(pattern)) for family, pattern in (
     ("selective scan backward (mamba-ssm)", r"selective_scan_bwd"),
     ("selective scan forward (mamba-ssm)", r"selective_scan_fwd"),
+    ("selective scan backward (ours, scan_short.cu)", r"^scan_bwd$"),
+    ("selective scan forward (ours, scan_short.cu)", r"^scan_fwd$"),
     ("Mamba-2 chunked scan (mamba-ssm SSD)",
      r"_chunk_scan|_chunk_state|_state_passing|_bmm_chunk|_chunk_cumsum|_selective_scan_update"),
-    ("causal conv1d", r"causal_conv1d|_conv_fwd_kernel|_conv_update_kernel"),
+    ("causal conv1d", r"causal_conv1d|_conv_fwd_kernel|_conv_update_kernel|^conv_bwd$"),
     ("embedding lookup", r"gather_kernel|embedding"),
     ("patch embedding (convolution)", r"convolve|cudnn|fprop|dgrad|wgrad|conv2d"),
     ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|splitKreduce"),

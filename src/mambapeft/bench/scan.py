@@ -2,7 +2,8 @@
 naive per-time-step loop under autograd (and the CUDA kernel when present), forward + backward, median
 of repeated calls after a warm-up. The committed records (results/benchmarks/*.scan.json) predate the
 step-by-step path and name the PyTorch row ``torch_chunked``. And on CUDA, the kernels alone: our
-short-sequence scan (models/scan_short.cu) against mamba-ssm's (``bench scan-kernels``)."""
+short-sequence scan (models/scan_short.cu) against mamba-ssm's, our conv backward (models/conv_bwd.cu)
+against causal-conv1d's (``bench scan-kernels``)."""
 from __future__ import annotations
 
 import statistics
@@ -12,9 +13,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..models import scan_short
-from ..models.scan import (_selective_scan_kernels, cuda_kernels_available, selective_scan_cuda, selective_scan_torch,
-                           whole_kernel_chunks)
+from ..models import conv_bwd, scan_short
+from ..models.scan import (_conv_bwd_kernel, _selective_scan_kernels, cuda_kernels_available, selective_scan_cuda,
+                           selective_scan_torch, whole_kernel_chunks)
 from .common import synchronize
 
 
@@ -98,15 +99,24 @@ def kernel_inputs(batch: int, channels: int, length: int, dtype: torch.dtype, ch
 
 
 def _mean_us(call: Callable[[], object], repeats: int, warmup: int = 5) -> float:
-    """Mean microseconds of ``call`` over ``repeats`` calls queued back to back (CUDA events), after
-    warm-ups: the kernels' time, the launches' Python hidden behind the queue."""
-    for _ in range(warmup):
-        call()
+    """Mean microseconds of ``call`` over ``repeats`` calls captured in one CUDA graph (as training
+    steps run), after warm-ups: the kernels' time alone. Queued eagerly, a call's Python (tens of
+    microseconds) outlasts the shortest kernels, and the clock would time it instead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-ups (compiles, allocator pools) off the capture
+        for _ in range(warmup):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            call()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
-    for _ in range(repeats):
-        call()
+    graph.replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1000 / repeats
@@ -120,11 +130,21 @@ def _mamba_ssm_calls(u, delta, A, B, C, D, z, bias, dout):
             lambda: _selective_scan_kernels.bwd(u, delta, A, B4, C4, D, z, bias, dout, states, out, None, True, True))
 
 
+def _conv_backward_calls(x, dout):
+    """Our conv backward's call and causal-conv1d's (width 4, bias, SiLU) on x, dout (B, D, L), writing
+    dx into a channel-major tensor as the fused function does."""
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = (torch.randn(*shape, generator=generator).cuda() for shape in ((x.shape[1], 4), (x.shape[1],)))
+    dx = torch.empty_like(x)
+    return (lambda: conv_bwd.backward(x, weight, bias, dout, dx, True),
+            lambda: _conv_bwd_kernel(x, weight, bias, dout, None, None, None, dx, False, True))
+
+
 def bench_scan_kernels(shapes=KERNEL_SHAPES, repeats: int = 50) -> dict:
     """Forward and backward microseconds of our short-sequence kernels and mamba-ssm's at each
     (batch, channels, length) of ``shapes`` (bf16, channel-major, 16 states, D, z, delta_bias, softplus:
     what the fused mixer function runs), mamba-ssm's also at the length of its whole block (where the
-    fused function pads to for it)."""
+    fused function pads to for it); and our causal conv backward against causal-conv1d's."""
     if not (torch.cuda.is_available() and cuda_kernels_available() and scan_short.nvrtc_available()):
         raise RuntimeError("bench scan-kernels needs a CUDA device with mamba-ssm (`mambapeft setup-gpu`) "
                            "and PyTorch's NVRTC (a CUDA build of PyTorch 2.8 or later)")
@@ -144,6 +164,9 @@ def bench_scan_kernels(shapes=KERNEL_SHAPES, repeats: int = 50) -> dict:
             forward, backward = _mamba_ssm_calls(*inputs)
             row[f"{label}_fwd_us"], row[f"{label}_bwd_us"] = _mean_us(forward, repeats), _mean_us(backward, repeats)
             row[f"{label}_length"] = inputs[0].shape[-1]
+        if _conv_bwd_kernel is not None:
+            ours, theirs = _conv_backward_calls(u, dout)
+            row["ours_conv_bwd_us"], row["causal_conv1d_bwd_us"] = _mean_us(ours, repeats), _mean_us(theirs, repeats)
         rows.append(row)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16", "states": 16,
             "repeats": repeats, "rows": rows}

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import scan_short
+from . import conv_bwd, scan_short
 from .rebuild import checked
 
 
@@ -502,9 +502,17 @@ class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias = ctx.saved_tensors
-        dx, dweight, dbias, _ = _conv_bwd_kernel(x, weight, bias, time_contiguous(dout), None, None, None, None,
-                                                 False, ctx.silu)
-        return dx, dweight, dbias if bias is not None else None, None
+        dx, dweight, dbias = _conv_backward(x, weight, bias, time_contiguous(dout), None, ctx.silu)
+        return dx, dweight, dbias, None
+
+
+def _conv_backward(x, weight, bias, dout, dx, silu):
+    """(dx, dweight, dbias) of the causal conv: our kernel where it runs (conv_bwd.py), else
+    causal-conv1d's; dx written into the tensor given (or a new one)."""
+    if conv_bwd.runs(x, weight, dout):
+        return conv_bwd.backward(x, weight, bias, dout, dx, silu)
+    dx, dweight, dbias, _ = _conv_bwd_kernel(x, weight, bias, dout, None, None, None, dx, False, silu)
+    return dx, dweight, dbias if bias is not None else None
 
 
 def causal_conv1d_cuda(x, weight, bias=None, activation="silu"):
@@ -755,9 +763,8 @@ class _MambaInnerFn(torch.autograd.Function):
         dconv_out = _channels_major(dconv_out)
         dconv_out = torch.addmm(dconv_out, x_proj_weight.t(), dx_dbl.t(), out=dconv_out)
         dconv_out = _from_channels_major(dconv_out, batch)
-        dx, dconv_weight, dconv_bias, *_ = _conv_bwd_kernel(
-            x, conv_weight, conv_bias, dconv_out, None, None, None, dx, False, True)
-        return (dxz, dconv_weight, dconv_bias if conv_bias is not None else None, dx_proj, ddt_proj,
+        dx, dconv_weight, dconv_bias = _conv_backward(x, conv_weight, conv_bias, dconv_out, dx, True)
+        return (dxz, dconv_weight, dconv_bias, dx_proj, ddt_proj,
                 dout_proj, dout_bias, dA, dD, ddelta_bias)
 
 

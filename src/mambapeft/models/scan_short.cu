@@ -30,39 +30,23 @@
 // Macros: IN_BF16 (u, delta, z, dout, out, out_z and the gradients of the first three: bf16, else fp32),
 //   BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CHUNK (a divisor of TILE).
 
+#include "kernels.cuh"
+
 #define NSTATE 16
-#define WARP 32
 #define LANES 4                     // lanes per channel
 #define OWN (NSTATE / LANES)        // states per lane
 #define CHANNELS 32                 // channels per block
 #define THREADS (CHANNELS * LANES)  // 128
+#define WARPS (THREADS / WARP)
+#define SUMS_ROW (2 * NSTATE + 4)   // a step's dB and dC sums, padded: a state's CHUNK steps in distinct banks
 #define TILE 16                     // steps a tile holds
-#define FULL_MASK 0xffffffffu
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
-#if IN_BF16
-typedef unsigned short in_t;
-#else
-typedef float in_t;
-#endif
 #if BC_BF16
 typedef unsigned short bc_t;
 #else
 typedef float bc_t;
-#endif
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
-#if IN_BF16
-__device__ __forceinline__ in_t to_in(float v) {
-    unsigned int bits = __float_as_uint(v);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (in_t)((bits >> 16) | 0x0040u);  // NaN stays NaN
-    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even, as PyTorch casts
-    return (in_t)(bits >> 16);
-}
-#else
-__device__ __forceinline__ in_t to_in(float v) { return v; }
 #endif
 
 __device__ __forceinline__ float step_size(float raw) {  // delta + bias, through softplus as mamba-ssm does
@@ -72,6 +56,8 @@ __device__ __forceinline__ float step_size(float raw) {  // delta + bias, throug
     return raw;
 #endif
 }
+
+__device__ __forceinline__ float silu(float z) { return z / (1.f + expf(-z)); }
 
 __device__ __forceinline__ float channel_sum(float v) {  // over the LANES lanes of a channel
 #pragma unroll
@@ -233,7 +219,7 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             u_tile[k][COLUMN] = to_in(y);
             if (HAS_Z) {
                 const float z_t = to_float(z_tile[k][COLUMN]);
-                z_tile[k][COLUMN] = to_in(y * (z_t / (1.f + expf(-z_t))));
+                z_tile[k][COLUMN] = to_in(y * silu(z_t));
             }
         }
         __syncthreads();
@@ -259,20 +245,26 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     __shared__ tile_t u_tile, delta_tile, z_tile, dout_tile;
     __shared__ ftile_t dt_tile, dtu_tile;  // dt's then takes d loss / d dt
     __shared__ ftile_t dy_tile;            // d loss / d y (zero past the last channel)
-    // with z: silu(z), and d loss / d z over y. y is recomputed from the states, as the forward
-    // computed it, instead of kept from the forward (a (B, D, L) tensor per layer)
-    __shared__ ftile_t silu_tile, dz_per_y_tile;
+    // with z: y, recomputed from the states as the forward computed it instead of kept from the
+    // forward (a (B, D, L) tensor per layer), for dz and out_z after the tile's steps
+    __shared__ ftile_t y_tile;
     __shared__ float Bs[TILE][NSTATE], Cs[TILE][NSTATE];
-    __shared__ float states[CHUNK][OWN][THREADS];  // one chunk's states, recomputed
-    __shared__ float sums[TILE][2 * NSTATE];       // per step: dB then dC, summed over the block's channels
+    __shared__ float states[CHUNK][OWN][THREADS];
+    // per warp and step of a chunk: dB then dC, summed over the warp's channels (plain stores: a float
+    // atomic add to shared memory is a compare-and-swap loop)
+    __shared__ float sums[WARPS][CHUNK][SUMS_ROW];
     THREAD_SETUP
     const float D_c = HAS_D ? Dskip[c] : 0.f;
     // after the butterfly, lane l holds entry l / LANES of state group l % LANES: dB (entries < OWN) or dC
-    const int entry = threadIdx.x % WARP / LANES, sum_index = (entry < OWN ? 0 : NSTATE) + group * OWN + entry % OWN;
+    const int warp = threadIdx.x / WARP, entry = threadIdx.x % WARP / LANES, sum_index = (entry < OWN ? 0 : NSTATE) + group * OWN + entry % OWN;
     u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z); dout = ROWS(dout, dout);
     du = ROWS(du, du); ddelta = ROWS(ddelta, ddelta); dz = ROWS(dz, dz); out_z = ROWS(out_z, out_z);
-    dB += (long long)b * dB_sb;
-    dC += (long long)b * dC_sb;
+    // this thread's share of each chunk's dB and dC: state sum_state at step sum_step (a state's CHUNK
+    // steps per access)
+    static_assert(THREADS == CHUNK * NSTATE, "one thread per (state, step) of a chunk");
+    const int sum_step = threadIdx.x % CHUNK, sum_state = threadIdx.x / CHUNK;
+    float* dB_row = dB + (long long)b * dB_sb + sum_state * dB_sn + sum_step;
+    float* dC_row = dC + (long long)b * dC_sb + sum_state * dC_sn + sum_step;
     // this thread's states in the checkpoints: [chunk][state] at stride channels
     float* checkpoint = ckpt + (long long)b * chunks * NSTATE * channels + (long long)(group * OWN) * channels + c;
 
@@ -326,7 +318,6 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
         put(u_tile, u_next); put(delta_tile, delta_next); put(dout_tile, dout_next);
         if (HAS_Z) put(z_tile, z_next);
         put_states(Bs, B_next); put_states(Cs, C_next);
-        for (int i = threadIdx.x; i < TILE * 2 * NSTATE; i += THREADS) sums[i / (2 * NSTATE)][i % (2 * NSTATE)] = 0.f;
         __syncthreads();
         if (t0 > 0) {  // the tile before, read while this one is computed
             fetch(u_next, u, u_sc, left, t0 - TILE, length);
@@ -348,13 +339,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
         FOR_COLUMN_STEPS(k) {
             const float dout_t = to_float(dout_tile[k][COLUMN]);
             float dy = dout_t;
-            if (HAS_Z) {  // out_z = y silu(z)
-                const float z_t = to_float(z_tile[k][COLUMN]);
-                const float sig = 1.f / (1.f + expf(-z_t)), silu = z_t * sig;
-                silu_tile[k][COLUMN] = silu;
-                dz_per_y_tile[k][COLUMN] = dout_t * sig * (1.f + z_t * (1.f - sig));
-                dy *= silu;
-            }
+            if (HAS_Z) dy *= silu(to_float(z_tile[k][COLUMN]));  // out_z = y silu(z)
             dy = column_active ? dy : 0.f;  // a channel past the last adds nothing to the sums over channels
             dy_tile[k][COLUMN] = dy;
             dD_col += dy * to_float(u_tile[k][COLUMN]);  // zero past the end (u and dout are)
@@ -372,10 +357,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                 if (s0 + j < length) {
                     const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot];
 #pragma unroll
-                    for (int s = 0; s < OWN; ++s) {
-                        h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
-                        states[j][s][threadIdx.x] = h[s];
-                    }
+                    for (int s = 0; s < OWN; ++s) { h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu; states[j][s][threadIdx.x] = h[s]; }
                 }
             }
 #pragma unroll
@@ -384,11 +366,13 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                 if (s0 + j >= length) continue;
                 const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot], dy = dy_tile[k][slot];
                 float terms[2 * OWN], gB = 0.f, gAh = 0.f, y = 0.f;
+                float step_states[OWN];
+                for (int s = 0; s < OWN; ++s) step_states[s] = states[j][s][threadIdx.x];
 #pragma unroll
                 for (int s = 0; s < OWN; ++s) {
                     const int n = group * OWN + s;
                     g[s] = decay[s] * g[s] + Cs[k][n] * dy;
-                    const float state = states[j][s][threadIdx.x];
+                    const float state = step_states[s];
                     if (HAS_Z) y += state * Cs[k][n];  // as the forward sums it
                     const float carried = state - Bs[k][n] * dtu;  // exp(dt A) times the state before
                     gB += g[s] * Bs[k][n];
@@ -406,16 +390,24 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                     const float u_t = to_float(u_tile[k][slot]);
                     dt_tile[k][slot] = gAh * LN2 + gB * u_t;  // d loss / d dt
                     u_tile[k][slot] = to_in(dt * gB + D_c * dy);
-                    if (HAS_Z) {
-                        y += D_c * u_t;
-                        z_tile[k][slot] = to_in(y * dz_per_y_tile[k][slot]);
-                        dout_tile[k][slot] = to_in(y * silu_tile[k][slot]);
-                    }
+                    if (HAS_Z) y_tile[k][slot] = y + D_c * u_t;
                 }
-                atomicAdd(&sums[k][sum_index], warp_channel_sums(terms));
+                sums[warp][j][sum_index] = warp_channel_sums(terms);
             }
+            __syncthreads();
+            // the chunk's dB and dC: the block's warps' sums, one global atomic per (state, step)
+            if (s0 + sum_step < length) {
+                float dB_total = 0.f, dC_total = 0.f;
+#pragma unroll
+                for (int w = 0; w < WARPS; ++w) {
+                    dB_total += sums[w][sum_step][sum_state];
+                    dC_total += sums[w][sum_step][NSTATE + sum_state];
+                }
+                atomicAdd(dB_row + s0, dB_total);
+                atomicAdd(dC_row + s0, dC_total);
+            }
+            __syncthreads();  // read before the next chunk's steps overwrite them
         }
-        __syncthreads();
         FOR_COLUMN_STEPS(k) {  // through softplus: d loss / d (delta + bias)
             const float raw = to_float(delta_tile[k][COLUMN]) + bias_col;
             float ddt = dt_tile[k][COLUMN];
@@ -424,19 +416,16 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
 #endif
             delta_tile[k][COLUMN] = to_in(ddt);
             if (t0 + k < length) dbias_col += ddt;
+            if (HAS_Z) {  // out_z = y silu(z)
+                const float z_t = to_float(z_tile[k][COLUMN]), sig = sigmoid(z_t), y = y_tile[k][COLUMN];
+                z_tile[k][COLUMN] = to_in(y * (to_float(dout_tile[k][COLUMN]) * sig * (1.f + z_t * (1.f - sig))));
+                dout_tile[k][COLUMN] = to_in(y * silu(z_t));
+            }
         }
         __syncthreads();
         store_tile(du, u_tile, du_sc, left, t0, length);
         store_tile(ddelta, delta_tile, ddelta_sc, left, t0, length);
         if (HAS_Z) { store_tile(dz, z_tile, dz_sc, left, t0, length); store_tile(out_z, dout_tile, out_z_sc, left, t0, length); }
-        const int t = t0 + threadIdx.x % TILE;
-        if (t < length) {  // a state's row of TILE steps per access
-#pragma unroll
-            for (int n = threadIdx.x / TILE; n < NSTATE; n += THREADS / TILE) {
-                atomicAdd(dB + n * dB_sn + t, sums[t - t0][n]);
-                atomicAdd(dC + n * dC_sn + t, sums[t - t0][NSTATE + n]);
-            }
-        }
     }
     if (slot < left) {
 #pragma unroll

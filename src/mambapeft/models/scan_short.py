@@ -13,12 +13,12 @@ strides, unit stride along L; A (D, 16); B, C (B, 16, L); D, delta_bias (D,).
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
-from importlib import resources
 
 import torch
+
+from . import nvrtc
+from .nvrtc import nvrtc_available
 
 STATES = 16  # the kernels' state count (mamba's default d_state; Vim's and the Mamba LMs')
 CHUNK = 8  # steps between the backward's checkpoints of the state (its shared memory holds one chunk)
@@ -29,41 +29,6 @@ SOURCE = "scan_short.cu"
 # 256, slower at 1,024.
 MAX_LENGTH = 256
 ENV = "MAMBAPEFT_SHORT_SCAN"  # "0": mamba-ssm's kernels at every length (A/B measurements)
-MEASURED_ARCH_MAJOR = 9  # Hopper (H100, H200): the only architecture these kernels were timed on
-
-
-def _nvrtc_check(nvrtc, result: int, program=None) -> None:
-    if result == 0:
-        return
-    log = b""
-    if program is not None:
-        size = ctypes.c_size_t()
-        nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
-        buffer = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetProgramLog(program, buffer)
-        log = buffer.value
-    error_string = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_int)(("nvrtcGetErrorString", nvrtc))
-    raise RuntimeError(f"NVRTC: {error_string(result).decode()} compiling {SOURCE}\n{log.decode(errors='replace')}")
-
-
-def compile_cubin(source: str, arch: str, options: list[str], nvrtc: ctypes.CDLL) -> bytes:
-    """``source`` compiled for sm_``arch`` by the NVRTC library ``nvrtc``: the cubin's bytes."""
-    program = ctypes.c_void_p()
-    _nvrtc_check(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), SOURCE.encode(),
-                                                 0, None, None))
-    try:
-        # fast math as mamba-ssm's kernels are built (exp2 on the special-function unit); line info
-        # for profilers (ncu's source view)
-        flags = [f"--gpu-architecture=sm_{arch}", "--use_fast_math", "--std=c++17", "-lineinfo", *options]
-        array = (ctypes.c_char_p * len(flags))(*(f.encode() for f in flags))
-        _nvrtc_check(nvrtc, nvrtc.nvrtcCompileProgram(program, len(flags), array), program)
-        size = ctypes.c_size_t()
-        _nvrtc_check(nvrtc, nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size)))
-        cubin = ctypes.create_string_buffer(size.value)
-        _nvrtc_check(nvrtc, nvrtc.nvrtcGetCUBIN(program, cubin))
-        return cubin.raw
-    finally:
-        nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
 
 def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: bool, has_bias: bool,
@@ -74,36 +39,7 @@ def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: boo
     return [f"-D{name}={int(value)}" for name, value in values.items()]
 
 
-@functools.cache
-def _kernels(device_index: int, options: tuple[str, ...]):
-    """(forward, backward) kernels of one variant, compiled for the device's architecture and loaded."""
-    from torch.cuda._utils import _cuda_load_module, _get_gpu_rtc_library
-
-    major, minor = torch.cuda.get_device_capability(device_index)
-    source = resources.files(__package__).joinpath(SOURCE).read_text()
-    try:
-        cubin = compile_cubin(source, f"{major}{minor}", list(options), _get_gpu_rtc_library())
-    except RuntimeError as error:
-        raise RuntimeError(f"{error}\nOur short-sequence scan did not compile on this machine: set {ENV}=0 to "
-                           "train with mamba-ssm's kernels, and report the log above") from error
-    with torch.cuda.device(device_index):
-        kernels = _cuda_load_module(cubin, ["scan_fwd", "scan_bwd"])
-    return kernels["scan_fwd"], kernels["scan_bwd"]
-
-
 _DTYPES = (torch.float32, torch.bfloat16)
-
-
-@functools.cache
-def nvrtc_available() -> bool:
-    """Whether PyTorch's NVRTC library loads (CUDA builds of PyTorch ship it) and PyTorch can load a
-    compiled module (``torch.cuda._utils``, PyTorch 2.8 and later)."""
-    try:
-        from torch.cuda._utils import _cuda_load_module, _get_gpu_rtc_library  # noqa: F401
-        _get_gpu_rtc_library()
-    except (ImportError, OSError, AttributeError, TypeError):  # a CPU build (no CUDA version) or no library
-        return False
-    return True
 
 
 def runs(device: torch.device, dtype: torch.dtype, states: int, length: int) -> bool:
@@ -112,8 +48,7 @@ def runs(device: torch.device, dtype: torch.dtype, states: int, length: int) -> 
     not measured), fp32 or bf16 sequences, 16 states, at most MAX_LENGTH steps, NVRTC present and
     $MAMBAPEFT_SHORT_SCAN not "0"."""
     return (device.type == "cuda" and dtype in _DTYPES and states == STATES and length <= MAX_LENGTH
-            and os.environ.get(ENV, "1") != "0" and nvrtc_available()
-            and torch.cuda.get_device_capability(device)[0] == MEASURED_ARCH_MAJOR)
+            and os.environ.get(ENV, "1") != "0" and nvrtc_available() and nvrtc.on_measured_gpu(device))
 
 
 def applies(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *sequences: torch.Tensor | None) -> bool:
@@ -132,14 +67,13 @@ def _strides(t: torch.Tensor) -> list[int]:
 
 def _launch(kernel, u: torch.Tensor, args: list) -> None:
     """One block per (32 channels, batch element) of u, on u's device's current stream."""
-    with torch.cuda.device(u.device):
-        kernel(grid=((u.shape[1] + CHANNELS - 1) // CHANNELS, u.shape[0], 1), block=(THREADS, 1, 1), args=args)
+    nvrtc.launch(kernel, u.device, ((u.shape[1] + CHANNELS - 1) // CHANNELS, u.shape[0], 1), THREADS, args)
 
 
 def _variant(u, B, D, z, delta_bias, softplus):
     """(forward, backward) kernels for these inputs' dtypes and the arguments given."""
-    return _kernels(u.device.index, tuple(macros(u.dtype, B.dtype, D is not None, z is not None,
-                                                 delta_bias is not None, softplus)))
+    options = macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus)
+    return nvrtc.load_kernels(SOURCE, u.device.index, tuple(options), ("scan_fwd", "scan_bwd"), ENV)
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus):

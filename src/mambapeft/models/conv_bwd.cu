@@ -1,0 +1,104 @@
+// Mamba's causal depthwise conv + SiLU, backward: causal-conv1d's causal_conv1d_bwd for channel-first
+// x without states or sequence indices. Compiled at run time by NVRTC (conv_bwd.py sets the macros;
+// reference: scan.causal_conv1d_torch under autograd).
+//
+// Forward: pre_t = bias + sum_k w_k x_{t-(W-1)+k} (x zero before the start), out_t = silu(pre_t).
+// Backward: g_t = dout_t silu'(pre_t); dx_t = sum_k w_k g_{t+(W-1)-k} (g zero past the end);
+// dw_k = sum over batch and t of g_t x_{t-(W-1)+k}; dbias = sum of g_t.
+//
+// Why not causal-conv1d's: at short sequences its kernel, a block of 128 threads per (batch, channel)
+// row sized for 1,024 steps and more, leaves most threads idle (81 us at Vim-S's (32, 768, 197) on one
+// H200, where the tensors stream in about 7). Here a block takes one channel over every batch row, a
+// warp one row at a time, SEGMENT steps per pass: each lane computes g at every 32nd step (the W
+// inputs it needs read from the same cached lines), into shared memory with the W-1 steps after the
+// segment, then dx from there. The weight and bias gradients sum in registers over the block's rows
+// and are written once per channel: no atomics, nothing to zero.
+//
+// Shapes (elements): x, dout, dx: (batch, channels, length), any batch and channel strides, unit
+// stride along time; weight: (channels, WIDTH) contiguous fp32; bias: (channels,) fp32;
+// dweight: (channels, WIDTH) fp32, dbias: (channels,) fp32, both written.
+// Macros: IN_BF16 (x, dout, dx bf16, else fp32), WIDTH (2 to 4), HAS_BIAS, SILU.
+
+#include "kernels.cuh"
+
+#define THREADS 128
+#define WARPS (THREADS / WARP)
+#define SEGMENT 256          // steps a warp takes per pass
+#define HALO (WIDTH - 1)     // the steps after a segment whose g its dx reads
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+conv_bwd(const in_t* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+         const in_t* __restrict__ dout, in_t* __restrict__ dx, float* __restrict__ dweight,
+         float* __restrict__ dbias, int batch, int length,
+         int x_sb, int x_sc, int dout_sb, int dout_sc, int dx_sb, int dx_sc) {
+    __shared__ float g[WARPS][SEGMENT + HALO];  // per warp: g at the segment's steps and its halo
+    __shared__ float sums[WARPS][WIDTH + 1];    // per warp: dweight, then dbias
+    const int c = blockIdx.x, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    float w[WIDTH], dw[WIDTH];
+#pragma unroll
+    for (int k = 0; k < WIDTH; ++k) { w[k] = weight[c * WIDTH + k]; dw[k] = 0.f; }
+    const float bias_c = HAS_BIAS ? bias[c] : 0.f;
+    float db = 0.f;
+    for (int b = warp; b < batch; b += WARPS) {
+        const in_t* x_row = x + (long long)b * x_sb + (long long)c * x_sc;
+        const in_t* dout_row = dout + (long long)b * dout_sb + (long long)c * dout_sc;
+        in_t* dx_row = dx + (long long)b * dx_sb + (long long)c * dx_sc;
+        for (int seg = 0; seg < length; seg += SEGMENT) {
+            const int steps = min(SEGMENT, length - seg);
+            for (int i = lane; i < steps + HALO; i += WARP) {  // g, zero past the end
+                const int t = seg + i;
+                float g_t = 0.f;
+                if (t < length) {
+                    float inputs[WIDTH], pre = bias_c;
+#pragma unroll
+                    for (int k = 0; k < WIDTH; ++k) {
+                        const int source = t - HALO + k;
+                        inputs[k] = source >= 0 ? to_float(x_row[source]) : 0.f;
+                        pre += w[k] * inputs[k];
+                    }
+                    g_t = to_float(dout_row[t]);
+#if SILU
+                    const float sig = sigmoid(pre);
+                    g_t *= sig * (1.f + pre * (1.f - sig));
+#endif
+                    if (i < steps) {  // the halo's steps are the next segment's
+#pragma unroll
+                        for (int k = 0; k < WIDTH; ++k) dw[k] += g_t * inputs[k];
+                        db += g_t;
+                    }
+                }
+                g[warp][i] = g_t;
+            }
+            __syncwarp();
+            for (int i = lane; i < steps; i += WARP) {
+                float dx_t = 0.f;
+#pragma unroll
+                for (int k = 0; k < WIDTH; ++k) dx_t += w[k] * g[warp][i + HALO - k];
+                dx_row[seg + i] = to_in(dx_t);
+            }
+            __syncwarp();  // read before the next segment overwrites them
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < WIDTH; ++k) dw[k] = warp_sum(dw[k]);
+    db = warp_sum(db);
+    if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < WIDTH; ++k) sums[warp][k] = dw[k];
+        sums[warp][WIDTH] = db;
+    }
+    __syncthreads();
+    if (threadIdx.x <= WIDTH) {
+        float total = 0.f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) total += sums[v][threadIdx.x];
+        if (threadIdx.x < WIDTH) dweight[c * WIDTH + threadIdx.x] = total;
+        else if (HAS_BIAS) dbias[c] = total;
+    }
+}

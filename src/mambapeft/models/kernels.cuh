@@ -1,0 +1,26 @@
+// What our NVRTC-compiled kernels share (nvrtc.py hands this file to the compiler as a header).
+// Macro IN_BF16: a kernel's sequences (in_t) are bf16, else fp32.
+#pragma once
+
+#define WARP 32
+#define FULL_MASK 0xffffffffu
+
+#if IN_BF16
+typedef unsigned short in_t;
+#else
+typedef float in_t;
+#endif
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
+#if IN_BF16
+__device__ __forceinline__ in_t to_in(float v) {  // round to nearest even, as PyTorch casts (NaN stays NaN)
+    in_t bits;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(v));
+    return bits;
+}
+#else
+__device__ __forceinline__ in_t to_in(float v) { return v; }
+#endif
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }

@@ -1,0 +1,101 @@
+"""Our CUDA kernels (``scan_short.cu``, ``conv_bwd.cu``), compiled at run time by NVRTC, the compiler
+PyTorch's CUDA wheels ship, and loaded by PyTorch (``torch.cuda._utils``): no build step, no compiler
+on the user's machine. ``kernels.cuh`` holds what both files share, handed to NVRTC as a header.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from importlib import resources
+
+import torch
+
+HEADERS = ("kernels.cuh",)
+MEASURED_ARCH_MAJOR = 9  # Hopper (H100, H200): the only architecture our kernels were timed on
+
+
+def _check(nvrtc, result: int, source_name: str, program=None) -> None:
+    if result == 0:
+        return
+    log = b""
+    if program is not None:
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        buffer = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(program, buffer)
+        log = buffer.value
+    error_string = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_int)(("nvrtcGetErrorString", nvrtc))
+    raise RuntimeError(f"NVRTC: {error_string(result).decode()} compiling {source_name}\n{log.decode(errors='replace')}")
+
+
+def package_source(name: str) -> str:
+    """The text of one of this package's CUDA files (``scan_short.cu``, ``kernels.cuh``, ...)."""
+    return resources.files(__package__).joinpath(name).read_text()
+
+
+def compile_cubin(source: str, source_name: str, arch: str, options: list[str], nvrtc: ctypes.CDLL,
+                  headers: dict[str, str] | None = None) -> bytes:
+    """``source`` (named ``source_name`` in errors) compiled for sm_``arch`` by the NVRTC library
+    ``nvrtc``, ``headers`` (include name: text) where it includes them: the cubin's bytes."""
+    headers = headers if headers is not None else {name: package_source(name) for name in HEADERS}
+    program = ctypes.c_void_p()
+    texts = (ctypes.c_char_p * len(headers))(*(text.encode() for text in headers.values()))
+    names = (ctypes.c_char_p * len(headers))(*(name.encode() for name in headers))
+    _check(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), source_name.encode(),
+                                           len(headers), texts, names), source_name)
+    try:
+        # fast math as mamba-ssm's kernels are built (exp2 on the special-function unit); line info
+        # for profilers (ncu's source view)
+        flags = [f"--gpu-architecture=sm_{arch}", "--use_fast_math", "--std=c++17", "-lineinfo", *options]
+        array = (ctypes.c_char_p * len(flags))(*(f.encode() for f in flags))
+        _check(nvrtc, nvrtc.nvrtcCompileProgram(program, len(flags), array), source_name, program)
+        size = ctypes.c_size_t()
+        _check(nvrtc, nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size)), source_name)
+        cubin = ctypes.create_string_buffer(size.value)
+        _check(nvrtc, nvrtc.nvrtcGetCUBIN(program, cubin), source_name)
+        return cubin.raw
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+@functools.cache
+def nvrtc_available() -> bool:
+    """Whether PyTorch's NVRTC library loads (CUDA builds of PyTorch ship it) and PyTorch can load a
+    compiled module (``torch.cuda._utils``, PyTorch 2.8 and later)."""
+    try:
+        from torch.cuda._utils import _cuda_load_module, _get_gpu_rtc_library  # noqa: F401
+        _get_gpu_rtc_library()
+    except (ImportError, OSError, AttributeError, TypeError):  # a CPU build (no CUDA version) or no library
+        return False
+    return True
+
+
+def on_measured_gpu(device: torch.device) -> bool:
+    """A CUDA device of the architecture our kernels were measured on (elsewhere they may be slower
+    than the packages' kernels they replace)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == MEASURED_ARCH_MAJOR
+
+
+@functools.cache
+def load_kernels(source_name: str, device_index: int, options: tuple[str, ...], names: tuple[str, ...],
+                 off_switch: str) -> tuple:
+    """The kernels ``names`` of ``source_name`` compiled with ``options`` for the device's architecture
+    and loaded on it; a compile error says to set ``off_switch`` to 0 (the packages' kernels instead)."""
+    from torch.cuda._utils import _cuda_load_module, _get_gpu_rtc_library
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    try:
+        cubin = compile_cubin(package_source(source_name), source_name, f"{major}{minor}", list(options),
+                              _get_gpu_rtc_library())
+    except RuntimeError as error:
+        raise RuntimeError(f"{error}\nOur {source_name} did not compile on this machine: set {off_switch}=0 to "
+                           "train with the packages' kernels, and report the log above") from error
+    with torch.cuda.device(device_index):
+        module = _cuda_load_module(cubin, list(names))
+    return tuple(module[name] for name in names)
+
+
+def launch(kernel, device: torch.device, grid: tuple[int, int, int], threads: int, args: list) -> None:
+    """``kernel`` on ``device``'s current stream."""
+    with torch.cuda.device(device):
+        kernel(grid=grid, block=(threads, 1, 1), args=args)

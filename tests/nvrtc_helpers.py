@@ -1,0 +1,20 @@
+"""What the tests of our NVRTC-compiled kernels (test_scan_short.py, test_conv_bwd.py) share."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def nvrtc_wheel_library() -> Path | None:
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (a test extra), where pip put it."""
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(Path(root).glob("cu*/lib/libnvrtc.so*")) + sorted(Path(root).glob("cuda_nvrtc/lib/libnvrtc.so*"))
+        if found:
+            return found[0]
+    return None
+
+
+def relative(t, reference) -> float:
+    """The largest difference from ``reference`` over its largest magnitude."""
+    return float((t.double() - reference).abs().max() / reference.abs().max())

@@ -1,0 +1,117 @@
+"""Our causal conv backward (models/conv_bwd.cu, compiled by NVRTC): where it runs, that every variant
+compiles for Hopper (on any machine with the NVRTC wheel), and on a GPU its gradients against
+PyTorch's conv under autograd in float64 and against causal-conv1d's kernel."""
+from __future__ import annotations
+
+import ctypes
+import itertools
+
+import pytest
+import torch
+
+from mambapeft.models import conv_bwd, nvrtc, scan
+
+from nvrtc_helpers import nvrtc_wheel_library, relative
+
+CUDA = torch.device("cuda")
+
+
+class _CudaLike:
+    """What ``runs`` reads of a tensor, for a CUDA tensor on a machine without one."""
+
+    def __init__(self, dtype=torch.bfloat16, time_stride=1):
+        self.is_cuda, self.dtype, self.device, self._time_stride = True, dtype, CUDA, time_stride
+
+    def stride(self, dim):
+        return self._time_stride
+
+
+def test_runs_only_where_it_applies(monkeypatch):
+    monkeypatch.setattr(nvrtc, "nvrtc_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv(conv_bwd.ENV, raising=False)
+    x, weight = _CudaLike(), torch.zeros(8, 4)
+    assert conv_bwd.runs(x, weight, x)
+    assert conv_bwd.runs(_CudaLike(torch.float32), torch.zeros(8, 2), _CudaLike(torch.float32))
+    assert not conv_bwd.runs(x, torch.zeros(8, 5), x)  # widths 2 to 4
+    assert not conv_bwd.runs(_CudaLike(torch.float16), weight, _CudaLike(torch.float16))
+    assert not conv_bwd.runs(x, weight, _CudaLike(torch.float32))  # dout of another dtype
+    assert not conv_bwd.runs(x, weight, _CudaLike(time_stride=3))
+    assert not conv_bwd.runs(torch.zeros(2, 8, 5), weight, torch.zeros(2, 8, 5))  # on the CPU
+    monkeypatch.setenv(conv_bwd.ENV, "0")
+    assert not conv_bwd.runs(x, weight, x)
+    monkeypatch.setenv(conv_bwd.ENV, "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not conv_bwd.runs(x, weight, x)  # an A100: not measured, causal-conv1d's kernel
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(nvrtc, "nvrtc_available", lambda: False)
+    assert not conv_bwd.runs(x, weight, x)
+
+
+def test_states_and_sequence_indices_are_refused():
+    with pytest.raises(NotImplementedError, match="sequence indices or states"):
+        conv_bwd.causal_conv1d_bwd_function(None, None, None, None, torch.zeros(1), None, None, None, False, True)
+
+
+@pytest.mark.skipif(nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
+def test_every_variant_compiles_for_hopper():
+    library = ctypes.CDLL(str(nvrtc_wheel_library()))
+    source = nvrtc.package_source(conv_bwd.SOURCE)
+    for dtype, width, has_bias, silu in itertools.product((torch.float32, torch.bfloat16), conv_bwd.WIDTHS,
+                                                          (True, False), (True, False)):
+        cubin = nvrtc.compile_cubin(source, conv_bwd.SOURCE, "90", conv_bwd.macros(dtype, width, has_bias, silu), library)
+        assert cubin[:4] == b"\x7fELF" and b"conv_bwd" in cubin, (dtype, width, has_bias, silu)
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU
+# ------------------------------------------------------------------------------------------------
+def _inputs(batch, channels, length, width, dtype, channel_major, has_bias, generator):
+    def sequence():
+        shape = (channels, batch, length) if channel_major else (batch, channels, length)
+        t = torch.randn(shape, generator=generator).to(dtype).cuda()
+        return t.transpose(0, 1) if channel_major else t
+
+    weight = (0.5 * torch.randn(channels, width, generator=generator)).cuda()
+    bias = torch.randn(channels, generator=generator).cuda() if has_bias else None
+    return sequence(), weight, bias, sequence()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, channels, length, width, dtype, channel_major, has_bias, silu", [
+    (32, 768, 197, 4, torch.bfloat16, True, True, True),   # Vim-S, channel-major as the fused function holds it
+    (3, 96, 600, 4, torch.float32, False, True, True),     # past one segment of 256 steps
+    (2, 16, 2, 4, torch.float32, True, True, True),        # shorter than the kernel
+    (4, 40, 77, 3, torch.bfloat16, False, False, True),
+    (5, 33, 300, 2, torch.float32, False, True, False),    # no SiLU, five rows over four warps
+])
+def test_against_the_float64_conv_as_close_as_causal_conv1d(batch, channels, length, width, dtype, channel_major,
+                                                           has_bias, silu):
+    if not torch.cuda.is_available() or not nvrtc.nvrtc_available():
+        pytest.skip("needs a CUDA device with NVRTC")
+    x, weight, bias, dout = _inputs(batch, channels, length, width, dtype, channel_major, has_bias,
+                                    torch.Generator().manual_seed(0))
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias) if t is not None]
+    scan.causal_conv1d_torch(leaves[0], leaves[1], leaves[2] if has_bias else None,
+                             "silu" if silu else None).backward(dout.double())
+    ours = [t for t in conv_bwd.backward(x, weight, bias, dout, None, silu) if t is not None]
+    assert ours[0].stride() == x.stride()  # dx in x's layout
+    floor = 1e-6 if dtype == torch.float32 else 4e-3  # fp32: a few roundings; bf16: dx's own rounding
+    if scan._conv_bwd_kernel is None:
+        for got, leaf in zip(ours, leaves):
+            assert relative(got, leaf.grad) <= floor
+        return
+    theirs = [t for t in scan._conv_bwd_kernel(x, weight, bias, dout.contiguous() if channel_major else dout,
+                                                None, None, None, None, False, silu)[:3] if t is not None]
+    for name, got, upstream, leaf in zip(("dx", "dweight", "dbias"), ours, theirs, leaves):
+        assert relative(got, leaf.grad) <= max(3 * relative(upstream, leaf.grad), floor), name
+
+
+@pytest.mark.gpu
+def test_dx_is_written_into_the_tensor_given():
+    if not torch.cuda.is_available() or not nvrtc.nvrtc_available():
+        pytest.skip("needs a CUDA device with NVRTC")
+    x, weight, bias, dout = _inputs(2, 8, 50, 4, torch.float32, False, True, torch.Generator().manual_seed(0))
+    dxz = torch.zeros(2, 16, 50, device="cuda")
+    dx, _, _ = conv_bwd.backward(x, weight, bias, dout, dxz[:, :8], True)
+    assert dx.data_ptr() == dxz.data_ptr() and bool((dxz[:, :8] != 0).any()) and bool((dxz[:, 8:] == 0).all())
