@@ -19,8 +19,9 @@ CUDA = torch.device("cuda")
 class _CudaLike:
     """What ``runs`` reads of a tensor, for a CUDA tensor on a machine without one."""
 
-    def __init__(self, dtype=torch.bfloat16, time_stride=1):
+    def __init__(self, dtype=torch.bfloat16, time_stride=1, length=197):
         self.is_cuda, self.dtype, self.device, self._time_stride = True, dtype, CUDA, time_stride
+        self.shape = (2, 8, length)
 
     def stride(self, dim):
         return self._time_stride
@@ -37,6 +38,8 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert not conv_bwd.runs(_CudaLike(torch.float16), weight, _CudaLike(torch.float16))
     assert not conv_bwd.runs(x, weight, _CudaLike(torch.float32))  # dout of another dtype
     assert not conv_bwd.runs(x, weight, _CudaLike(time_stride=3))
+    assert conv_bwd.runs(_CudaLike(length=conv_bwd.MAX_LENGTH), weight, x)
+    assert not conv_bwd.runs(_CudaLike(length=conv_bwd.MAX_LENGTH + 1), weight, x)  # causal-conv1d's is faster
     assert not conv_bwd.runs(torch.zeros(2, 8, 5), weight, torch.zeros(2, 8, 5))  # on the CPU
     monkeypatch.setenv(conv_bwd.ENV, "0")
     assert not conv_bwd.runs(x, weight, x)
@@ -115,3 +118,19 @@ def test_dx_is_written_into_the_tensor_given():
     dxz = torch.zeros(2, 16, 50, device="cuda")
     dx, _, _ = conv_bwd.backward(x, weight, bias, dout, dxz[:, :8], True)
     assert dx.data_ptr() == dxz.data_ptr() and bool((dxz[:, :8] != 0).any()) and bool((dxz[:, 8:] == 0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length", [197, 600, 2])
+def test_reverse_is_the_backward_of_the_flipped_conv(length):
+    """The backward of the conv run from the last step to the first: the gradients of the conv of x
+    flipped along time (dx bit for bit, flipped back; the weight and bias sums over time in another
+    order)."""
+    if not torch.cuda.is_available() or not nvrtc.nvrtc_available():
+        pytest.skip("needs a CUDA device with NVRTC")
+    x, weight, bias, dout = _inputs(3, 40, length, 4, torch.bfloat16, True, True, torch.Generator().manual_seed(0))
+    dx, dweight, dbias = conv_bwd.backward(x, weight, bias, dout, None, True, reverse=True)
+    dx_f, dweight_f, dbias_f = conv_bwd.backward(x.flip(-1), weight, bias, dout.flip(-1), None, True)
+    assert torch.equal(dx, dx_f.flip(-1))
+    torch.testing.assert_close(dweight, dweight_f)
+    torch.testing.assert_close(dbias, dbias_f)

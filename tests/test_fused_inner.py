@@ -281,7 +281,8 @@ def _reference_conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_s
                                                      ("channel-major", 5, True, False), ("batch-major", 1, True, True)])
 def test_the_triton_conv_forward_computes_the_reference(layout, length, bias, silu):
     """models/conv_triton.py's kernel (in Triton's interpreter here: conftest.py) against
-    scan.causal_conv1d_torch: the output, in x's layout (300 steps: two time tiles, the second partial)."""
+    scan.causal_conv1d_torch: the output, in x's layout (300 steps: two time tiles, the second partial),
+    forward and reverse."""
     pytest.importorskip("triton", reason="Triton has wheels for Linux only")
     from mambapeft.models import conv_triton
 
@@ -291,7 +292,11 @@ def test_the_triton_conv_forward_computes_the_reference(layout, length, bias, si
     weight, bias_t = torch.randn(d, 4) / 2, torch.randn(d) if bias else None
     out = conv_triton.causal_conv1d_fwd_function(x, weight, bias_t, None, None, None, silu)
     assert out.stride() == x.stride()
-    torch.testing.assert_close(out, causal_conv1d_torch(x, weight, bias_t, "silu" if silu else None))
+    activation = "silu" if silu else None
+    torch.testing.assert_close(out, causal_conv1d_torch(x, weight, bias_t, activation))
+    # from the last step to the first: the conv of x flipped along time, in x's order
+    reverse = conv_triton.causal_conv1d_fwd_function(x, weight, bias_t, None, None, None, silu, reverse=True)
+    torch.testing.assert_close(reverse, causal_conv1d_torch(x.flip(-1), weight, bias_t, activation).flip(-1))
     with pytest.raises(NotImplementedError, match="initial_states"):
         conv_triton.causal_conv1d_fwd_function(x, weight, bias_t, None, torch.zeros(b, d, 3), None, silu)
 

@@ -126,11 +126,11 @@ def _reference(u, delta, A, B, C, D, z, bias, dout):
     return out.detach(), grads[:6] + [grads[7], grads[6]]
 
 
-def _ours(u, delta, A, B, C, D, z, bias, dout):
-    out, out_z = scan_short.forward(u, delta, A, B, C, D, z, bias, True)
+def _ours(u, delta, A, B, C, D, z, bias, dout, reverse=False):
+    out, out_z = scan_short.forward(u, delta, A, B, C, D, z, bias, True, reverse)
     assert out is None  # y is not kept where z gates it
     du, ddelta, dA, dB, dC, dD, dbias, dz, out_z_again = scan_short.backward(u, delta, A, B, C, D, z, bias, dout, None,
-                                                                           True)
+                                                                           True, reverse)
     assert torch.equal(out_z_again, out_z)  # y recomputed as the forward computed it
     return out_z, [du, ddelta, dA, dB, dC, dD, dbias, dz]
 
@@ -169,6 +169,27 @@ def test_against_the_float64_scan_as_close_as_mamba_ssm(batch, channels, length,
     assert relative(out, out_ref) <= max(3 * relative(out_m, out_ref), floor)
     for name, ours, theirs, reference in zip(NAMES, grads, grads_m, grads_ref):
         assert relative(ours, reference) <= max(3 * relative(theirs, reference), floor), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length", [197, 37])
+def test_reverse_is_the_scan_of_the_flipped_sequences(length):
+    """From the last step to the first, in the inputs' order: what the scan of the sequences flipped
+    along time gives, flipped back (the same sums: equal but for the order of the float atomics that
+    sum dA, dB, dC, dD and delta_bias's gradient over channels)."""
+    if not torch.cuda.is_available() or not scan_short.nvrtc_available():
+        pytest.skip("needs a CUDA device with NVRTC")
+    inputs = kernel_inputs(4, 96, length, torch.bfloat16, True, torch.Generator().manual_seed(0))
+    out, grads = _ours(*inputs, reverse=True)
+    flipped = [t.flip(-1) if t.dim() == 3 else t for t in inputs]  # u, delta, B, C, z, dout
+    out_f, grads_f = _ours(*flipped)
+    assert torch.equal(out, out_f.flip(-1))
+    for name, got, expected in zip(NAMES, grads, grads_f):
+        expected = expected.flip(-1) if expected.dim() == 3 else expected
+        if name in ("u", "delta", "z"):
+            assert torch.equal(got, expected), name
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
 
 
 def _needs_the_fused_function_on_it(monkeypatch):
@@ -210,6 +231,41 @@ def test_fused_mixer_on_it_matches_mamba_ssm_kernels(monkeypatch):
     assert len(calls) == 1  # ours with the variable set to 1, mamba-ssm's with 0
     for ours, theirs in zip(*results):
         assert torch.allclose(ours, theirs, rtol=3e-2, atol=3e-2 * float(theirs.abs().max())), (ours - theirs).abs().max()
+
+
+@pytest.mark.gpu
+def test_fused_mixer_in_reverse_runs_the_kernels_backwards_without_flipping(monkeypatch):
+    """The backward direction of a Vim block (``reverse``): output and gradients of the fused function
+    on xz flipped along time, flipped back, with no flip run (the kernels read the steps backwards)."""
+    _needs_the_fused_function_on_it(monkeypatch)
+    if scan.CUDA_BACKEND.mamba_inner is None:
+        pytest.skip("needs mamba-ssm and causal-conv1d")
+    monkeypatch.delenv(conv_bwd.ENV, raising=False)
+    generator = torch.Generator().manual_seed(2)
+    batch, d_model, d_inner, length, rank = 4, 64, 128, 197, 8
+
+    def leaf(*shape, scale=0.1):
+        return (torch.randn(*shape, generator=generator) * scale).cuda().requires_grad_()
+
+    xz = torch.randn(2 * d_inner, batch, length, generator=generator).to(torch.bfloat16).cuda().requires_grad_()
+    weights = (leaf(d_inner, 1, 4), leaf(d_inner), leaf(rank + 32, d_inner), leaf(d_inner, rank, scale=0.5),
+               leaf(d_inner), leaf(d_model, d_inner), leaf(d_model),
+               (-torch.arange(1, 17).float().repeat(d_inner, 1)).cuda().requires_grad_(), leaf(d_inner, scale=1.0))
+    results, flips = [], []
+    for reverse in (True, False):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                channel_major = xz.transpose(0, 1)
+                out = (scan.mamba_inner_cuda(channel_major, *weights, reverse=True) if reverse else
+                       scan.mamba_inner_cuda(channel_major.flip(-1), *weights).flip(1))
+            out.float().square().mean().backward()
+        flips.append(sum(event.count for event in profile.key_averages() if event.key == "aten::flip"))
+        results.append([out.detach().float()] + [t.grad.clone() for t in (xz, *weights)])
+        for t in (xz, *weights):
+            t.grad = None
+    assert flips[0] == 0 and flips[1] > 0
+    for ours, flipped in zip(*results):
+        torch.testing.assert_close(ours, flipped, rtol=1e-2, atol=1e-2 * float(flipped.abs().max()))
 
 
 @pytest.mark.gpu

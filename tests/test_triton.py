@@ -14,7 +14,7 @@ import pytest
 KERNELS = {
     "mambapeft.models.conv_triton:_conv_fwd_kernel": (
         {"w_ptr": "*fp32", "b_ptr": "*fp32"},
-        {"WIDTH": 4, "HAS_BIAS": True, "SILU": True, "BLOCK_D": 16, "BLOCK_L": 256}),
+        {"WIDTH": 4, "HAS_BIAS": True, "SILU": True, "REVERSE": True, "BLOCK_D": 16, "BLOCK_L": 256}),
     "mambapeft.models.conv_step_triton:_conv_update_kernel": (
         {"weight_ptr": "*fp32", "bias_ptr": "*fp32"},
         {"WIDTH": 4, "BLOCK_WIDTH": 4, "BLOCK": 256, "HAS_BIAS": True, "SILU": True}),

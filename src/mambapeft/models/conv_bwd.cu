@@ -17,7 +17,7 @@
 // Shapes (elements): x, dout, dx: (batch, channels, length), any batch and channel strides, unit
 // stride along time; weight: (channels, WIDTH) contiguous fp32; bias: (channels,) fp32;
 // dweight: (channels, WIDTH) fp32, dbias: (channels,) fp32, both written.
-// Macros: IN_BF16 (x, dout, dx bf16, else fp32), WIDTH (2 to 4), HAS_BIAS, SILU.
+// Macros: IN_BF16 (x, dout, dx bf16, else fp32), WIDTH (2 to 4), HAS_BIAS, SILU, REVERSE (kernels.cuh).
 
 #include "kernels.cuh"
 
@@ -59,10 +59,10 @@ conv_bwd(const in_t* __restrict__ x, const float* __restrict__ weight, const flo
 #pragma unroll
                     for (int k = 0; k < WIDTH; ++k) {
                         const int source = t - HALO + k;
-                        inputs[k] = source >= 0 ? to_float(x_row[source]) : 0.f;
+                        inputs[k] = source >= 0 ? to_float(x_row[at(source, length)]) : 0.f;
                         pre += w[k] * inputs[k];
                     }
-                    g_t = to_float(dout_row[t]);
+                    g_t = to_float(dout_row[at(t, length)]);
 #if SILU
                     const float sig = sigmoid(pre);
                     g_t *= sig * (1.f + pre * (1.f - sig));
@@ -80,7 +80,7 @@ conv_bwd(const in_t* __restrict__ x, const float* __restrict__ weight, const flo
                 float dx_t = 0.f;
 #pragma unroll
                 for (int k = 0; k < WIDTH; ++k) dx_t += w[k] * g[warp][i + HALO - k];
-                dx_row[seg + i] = to_in(dx_t);
+                dx_row[at(seg + i, length)] = to_in(dx_t);
             }
             __syncwarp();  // read before the next segment overwrites them
         }

@@ -21,34 +21,46 @@ SOURCE = "conv_bwd.cu"
 THREADS = 128
 WIDTHS = (2, 3, 4)
 ENV = "MAMBAPEFT_CONV_BWD"  # "0": causal-conv1d's backward (A/B measurements)
+# The longest sequence this kernel takes; longer ones keep causal-conv1d's. Measured on one H200 (bf16,
+# channel-major, `bench scan-kernels`): 26 against 78 us at (32, 768, 197), 179 against 261 at
+# (32, 4096, 256), but 85 against 33 at (8, 1536, 1024), where a warp's rows run long.
+MAX_LENGTH = 256
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
-def macros(dtype: torch.dtype, width: int, has_bias: bool, silu: bool) -> list[str]:
-    """The compiler's -D options for one variant of the kernel."""
-    values = {"IN_BF16": dtype == torch.bfloat16, "WIDTH": width, "HAS_BIAS": has_bias, "SILU": silu}
+def macros(dtype: torch.dtype, width: int, has_bias: bool, silu: bool, reverse: bool = False) -> list[str]:
+    """The compiler's -D options for one variant of the kernel (``reverse``: the conv along time from
+    the last step to the first, see kernels.cuh)."""
+    values = {"IN_BF16": dtype == torch.bfloat16, "WIDTH": width, "HAS_BIAS": has_bias, "SILU": silu,
+              "REVERSE": reverse}
     return [f"-D{name}={int(value)}" for name, value in values.items()]
 
 
+def runs_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the conv backward runs for this input: on a CUDA device of the architecture it was
+    measured on (Hopper), x fp32 or bf16 with a unit stride along time and at most MAX_LENGTH steps,
+    a width of 2 to 4, NVRTC present and $MAMBAPEFT_CONV_BWD not "0"."""
+    return (x.is_cuda and x.dtype in _DTYPES and x.stride(-1) == 1 and x.shape[-1] <= MAX_LENGTH
+            and weight.shape[-1] in WIDTHS
+            and os.environ.get(ENV, "1") != "0" and nvrtc.nvrtc_available() and nvrtc.on_measured_gpu(x.device))
+
+
 def runs(x: torch.Tensor, weight: torch.Tensor, dout: torch.Tensor) -> bool:
-    """Whether the conv backward runs here: on a CUDA device of the architecture it was measured on
-    (Hopper), x and dout of one dtype, fp32 or bf16, unit stride along time, a width of 2 to 4,
-    NVRTC present and $MAMBAPEFT_CONV_BWD not "0"."""
-    return (x.is_cuda and x.dtype in _DTYPES and dout.dtype == x.dtype and x.stride(-1) == 1
-            and dout.stride(-1) == 1 and weight.shape[-1] in WIDTHS and os.environ.get(ENV, "1") != "0"
-            and nvrtc.nvrtc_available() and nvrtc.on_measured_gpu(x.device))
+    """:func:`runs_on` x, with dout of x's dtype and a unit stride along time."""
+    return runs_on(x, weight) and dout.dtype == x.dtype and dout.stride(-1) == 1
 
 
-def backward(x, weight, bias, dout, dx, silu):
+def backward(x, weight, bias, dout, dx, silu, reverse=False):
     """(dx, dweight, dbias): the gradients of x, weight (D, W) and bias (None without) given dout;
-    dx written into the (B, D, L) tensor given, or a new one in x's layout."""
+    dx written into the (B, D, L) tensor given, or a new one in x's layout. ``reverse``: of the conv
+    run from the last step to the first (the forward's ``reverse``)."""
     batch, channels, length = x.shape
     dx = dx if dx is not None else torch.empty_like(x)
     weight32 = weight.float().contiguous()
     dweight = torch.empty_like(weight32)
     dbias = torch.empty(channels, device=x.device, dtype=torch.float32)
-    (kernel,) = nvrtc.load_kernels(SOURCE, x.device.index, tuple(macros(x.dtype, weight.shape[-1], bias is not None, silu)),
-                                   ("conv_bwd",), ENV)
+    options = macros(x.dtype, weight.shape[-1], bias is not None, silu, reverse)
+    (kernel,) = nvrtc.load_kernels(SOURCE, x.device.index, tuple(options), ("conv_bwd",), ENV)
     nvrtc.launch(kernel, x.device, (channels, 1, 1), THREADS,
                  [x, weight32, bias.float() if bias is not None else weight32, dout, dx, dweight, dbias, batch, length,
                   *x.stride()[:2], *dout.stride()[:2], *dx.stride()[:2]])

@@ -28,20 +28,22 @@ LAUNCH = {"num_warps": 4, "enable_fp_fusion": True}
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, channels, length,
                      stride_x_batch, stride_x_channel, stride_w_channel, stride_w_tap,
                      stride_out_batch, stride_out_channel,
-                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     batch = tl.program_id(2)
     channel = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     step = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     in_channels = channel < channels
-    x_ptrs = x_ptr + batch * stride_x_batch + channel[:, None] * stride_x_channel + step[None, :]
+    x_rows = x_ptr + batch * stride_x_batch + channel[:, None] * stride_x_channel
     out = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
     if HAS_BIAS:
         out += tl.load(b_ptr + channel, mask=in_channels, other=0.0).to(tl.float32)[:, None]
     for k in tl.static_range(WIDTH):  # out_t = bias + sum_k w_k x_{t-(W-1)+k}, zero before the start
-        source = step - (WIDTH - 1) + k
+        # REVERSE: the conv from the last step to the first, at the positions stored: the sum runs over
+        # the W-1 steps after (in the order the flipped sequence sums them), and the loads stay ascending
+        source = step + (WIDTH - 1 - k) if REVERSE else step - (WIDTH - 1) + k
         w = tl.load(w_ptr + channel * stride_w_channel + k * stride_w_tap, mask=in_channels, other=0.0)
-        x = tl.load(x_ptrs + (k - (WIDTH - 1)),
+        x = tl.load(x_rows + source[None, :],
                     mask=in_channels[:, None] & ((source >= 0) & (source < length))[None, :], other=0.0)
         out += w.to(tl.float32)[:, None] * x.to(tl.float32)
     if SILU:
@@ -62,13 +64,15 @@ def _unsupported(**arguments) -> None:
         raise NotImplementedError(f"the Triton causal conv does not implement {', '.join(given)}")
 
 
-def causal_conv1d_fwd_function(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
-    """causal-conv1d's forward: out (B, D, L), in x's layout where x is dense (``empty_like``, as there)."""
+def causal_conv1d_fwd_function(x, weight, bias, seq_idx, initial_states, final_states_out, silu, reverse=False):
+    """causal-conv1d's forward: out (B, D, L), in x's layout where x is dense (``empty_like``, as there).
+    ``reverse`` (ours only): the conv run from the last step to the first, as on x flipped along time,
+    its output in x's order."""
     _unsupported(seq_idx=seq_idx, initial_states=initial_states, final_states_out=final_states_out)
     if x.stride(-1) != 1:
         raise ValueError("the Triton causal conv needs x with a unit stride along L")
     out = torch.empty_like(x)
     _conv_fwd_kernel[_grid(x)](x, weight, bias, out, x.shape[1], x.shape[2], *x.stride()[:2], *weight.stride(),
                                *out.stride()[:2], WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=bool(silu),
-                               BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, **LAUNCH)
+                               REVERSE=bool(reverse), BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, **LAUNCH)
     return out

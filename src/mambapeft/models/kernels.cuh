@@ -1,5 +1,7 @@
 // What our NVRTC-compiled kernels share (nvrtc.py hands this file to the compiler as a header).
-// Macro IN_BF16: a kernel's sequences (in_t) are bf16, else fp32.
+// Macros: IN_BF16: a kernel's sequences (in_t) are bf16, else fp32. REVERSE: the kernel runs along
+// time from the last step to the first (the backward direction of a bidirectional Vim block without
+// flipping its tensors): every index t into a sequence is read as step length - 1 - t.
 #pragma once
 
 #define WARP 32
@@ -22,5 +24,7 @@ __device__ __forceinline__ in_t to_in(float v) {  // round to nearest even, as P
 #else
 __device__ __forceinline__ in_t to_in(float v) { return v; }
 #endif
+
+__device__ __forceinline__ int at(int t, int length) { return REVERSE ? length - 1 - t : t; }
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }

@@ -244,12 +244,13 @@ class Mamba(Mixer):
                         and plain(getattr(self, d.dt_proj), nn.Linear) for d in self.directions))
 
     def _fused_direction(self, xz: torch.Tensor, d: Direction, out_bias: torch.Tensor | None) -> torch.Tensor:
-        """The backend's ``mamba_inner`` on xz (B, 2*D_inner, L) in this direction's time order, with
-        this direction's weights and out_proj (its bias ``out_bias``) -> (B, L, D_model)."""
+        """The backend's ``mamba_inner`` on xz (B, 2*D_inner, L) with this direction's weights and
+        out_proj (its bias ``out_bias``) -> (B, L, D_model), in xz's time order; the backward direction
+        runs from the last step to the first (``reverse``: in the kernels where they can, with no flip)."""
         conv, dt_proj = getattr(self, d.conv1d), getattr(self, d.dt_proj)
         return self.backend.mamba_inner(xz, conv.weight, conv.bias, getattr(self, d.x_proj).weight, dt_proj.weight,
                                         dt_proj.bias, self.out_proj.weight, out_bias,
-                                        self._state_matrix(d), getattr(self, d.D))
+                                        self._state_matrix(d), getattr(self, d.D), reverse=d is BACKWARD)
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).
@@ -264,8 +265,8 @@ class Mamba(Mixer):
                 return out
             # out_proj is linear: projecting each direction and averaging is projecting their average
             # (each adds the bias once; a plain sum takes it from one direction only)
-            out_b = self._fused_direction(xz.flip(-1), BACKWARD, self.out_proj.bias if self.divide_out else None)
-            return self._merged(out, out_b.flip(1))
+            out_b = self._fused_direction(xz, BACKWARD, self.out_proj.bias if self.divide_out else None)
+            return self._merged(out, out_b)
         y = self._scan_direction(xz, FORWARD, state)
         if self.bidirectional:
             if state is not None:

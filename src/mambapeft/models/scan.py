@@ -506,9 +506,12 @@ class _CausalConv1d(torch.autograd.Function):
         return dx, dweight, dbias, None
 
 
-def _conv_backward(x, weight, bias, dout, dx, silu):
+def _conv_backward(x, weight, bias, dout, dx, silu, reverse=False):
     """(dx, dweight, dbias) of the causal conv: our kernel where it runs (conv_bwd.py), else
-    causal-conv1d's; dx written into the tensor given (or a new one)."""
+    causal-conv1d's; dx written into the tensor given (or a new one). ``reverse`` (ours alone: the
+    caller checked it runs on x) of the conv run from the last step."""
+    if reverse:
+        return conv_bwd.backward(x, weight, bias, time_contiguous(dout.to(x.dtype)), dx, silu, reverse=True)
     if conv_bwd.runs(x, weight, dout):
         return conv_bwd.backward(x, weight, bias, dout, dx, silu)
     dx, dweight, dbias, _ = _conv_bwd_kernel(x, weight, bias, dout, None, None, None, dx, False, silu)
@@ -648,13 +651,17 @@ def add_rms_norm_cuda(hidden, residual, weight, eps, residual_in_fp32=True):
 # A unidirectional mixer after in_proj, in one piece: conv -> x_proj -> dt_proj -> scan -> gate -> out_proj
 # ----------------------------------------------------------------------------------------------
 def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                      out_proj_weight, out_proj_bias, A, D):
+                      out_proj_weight, out_proj_bias, A, D, reverse=False):
     """Reference of :func:`mamba_inner_cuda`, from this module's kernels.
 
     xz: (B, 2*D_inner, L)  conv_weight: (D_inner, 1, W)  x_proj_weight: (R + 2N, D_inner)
     dt_proj_weight: (D_inner, R)  out_proj_weight: (D_model, D_inner)  A: (D_inner, N)  D: (D_inner,)
-    Returns (B, L, D_model).
+    Returns (B, L, D_model). ``reverse``: conv and scan from the last step to the first, as on xz
+    flipped along time, the output in xz's order (the backward direction of a bidirectional block).
     """
+    if reverse:
+        return mamba_inner_torch(xz.flip(-1), conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+                                 out_proj_weight, out_proj_bias, A, D).flip(1)
     x, z = xz.chunk(2, dim=1)
     x = causal_conv1d_torch(x, conv_weight.squeeze(1), conv_bias, "silu")
     rank, n = dt_proj_weight.shape[1], A.shape[1]
@@ -665,9 +672,11 @@ def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 
-def _conv_silu(x, conv_weight, conv_bias):
+def _conv_silu(x, conv_weight, conv_bias, reverse=False):
     """The conv forward kernel (ours where Triton imports) with SiLU: x (B, D_inner, L) -> (B, D_inner, L),
-    in x's layout."""
+    in x's layout; ``reverse`` (ours alone: mamba_inner_cuda checked it imports) from the last step."""
+    if reverse:
+        return _triton_conv_fwd(x, conv_weight, conv_bias, None, None, None, True, reverse=True)
     return _conv_fwd_kernel(x, conv_weight, conv_bias, None, None, None, True)  # SiLU
 
 
@@ -707,7 +716,7 @@ class _MambaInnerFn(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
-                out_proj_bias, A, D, delta_bias):
+                out_proj_bias, A, D, delta_bias, reverse):
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
             x_proj_weight, dt_proj_weight, out_proj_weight = (
@@ -716,7 +725,7 @@ class _MambaInnerFn(torch.autograd.Function):
         xz = time_contiguous(xz)
         batch, n = xz.shape[0], A.shape[1]
         x, z = xz.chunk(2, dim=1)
-        conv_out = _conv_silu(x, conv_weight, conv_bias)
+        conv_out = _conv_silu(x, conv_weight, conv_bias, reverse)
         x_dbl = F.linear(_tokens_major(conv_out), x_proj_weight)  # (B*L, R + 2N)
         delta = _delta(dt_proj_weight, x_dbl, batch)
         B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1).contiguous()
@@ -724,7 +733,10 @@ class _MambaInnerFn(torch.autograd.Function):
         # our short-sequence kernels where they apply (mamba_inner_cuda then did not pad), else mamba-ssm's
         kernels = (scan_short if scan_short.runs(xz.device, xz.dtype, n, xz.shape[-1])
                    and scan_short.applies(conv_out, A, B[:, 0], delta, z) else _selective_scan_kernels)
-        out, scan_intermediates, out_z = kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True)
+        if reverse and kernels is not scan_short:  # mamba_inner_cuda checks what this needs: a bug if not
+            raise RuntimeError("the fused function was asked to scan in reverse where our kernels do not run")
+        ctx.reverse = {"reverse": True} if reverse else {}  # mamba-ssm's kernels take no such argument
+        out, scan_intermediates, out_z = kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True, **ctx.reverse)
         ctx.scan_kernels = kernels
         # mamba-ssm's backward reads the states at chunk ends only past the first of its 2048-step
         # chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b); ours reads none, nor out (None from ours)
@@ -743,14 +755,14 @@ class _MambaInnerFn(torch.autograd.Function):
         want_x_proj, want_dt_proj, want_out_proj, want_out_bias = ctx.needs_input_grad[3:7]
         batch, rank, n = xz.shape[0], dt_proj_weight.shape[1], A.shape[1]
         x, z = xz.chunk(2, dim=1)
-        conv_out = _conv_silu(x, conv_weight, conv_bias)  # recomputed, not saved (mamba_ssm's checkpoint_lvl 1)
+        conv_out = _conv_silu(x, conv_weight, conv_bias, bool(ctx.reverse))  # recomputed, not saved (checkpoint_lvl 1)
         delta = _delta(dt_proj_weight, x_dbl, batch)
         dxz = torch.empty_like(xz)
         dx, dz = dxz.chunk(2, dim=1)
         dout = dout.reshape(-1, dout.shape[-1]).t()  # (D_model, B*L)
         dy = _from_channels_major(out_proj_weight.t() @ dout, batch)  # (B, D_inner, L)
         dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = ctx.scan_kernels.bwd(
-            conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz, True, True)
+            conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz, True, True, **ctx.reverse)
         dout_proj = dout @ _tokens_major(out_z) if want_out_proj else None
         dout_bias = dout.sum(dim=1) if ctx.has_out_bias and want_out_bias else None
         dx_dbl = torch.empty_like(x_dbl)
@@ -763,17 +775,27 @@ class _MambaInnerFn(torch.autograd.Function):
         dconv_out = _channels_major(dconv_out)
         dconv_out = torch.addmm(dconv_out, x_proj_weight.t(), dx_dbl.t(), out=dconv_out)
         dconv_out = _from_channels_major(dconv_out, batch)
-        dx, dconv_weight, dconv_bias = _conv_backward(x, conv_weight, conv_bias, dconv_out, dx, True)
+        dx, dconv_weight, dconv_bias = _conv_backward(x, conv_weight, conv_bias, dconv_out, dx, True,
+                                                      bool(ctx.reverse))
         return (dxz, dconv_weight, dconv_bias, dx_proj, ddt_proj,
-                dout_proj, dout_bias, dA, dD, ddelta_bias)
+                dout_proj, dout_bias, dA, dD, ddelta_bias, None)
+
+
+def _reverse_in_kernels(xz: torch.Tensor, conv_weight: torch.Tensor) -> bool:
+    """Whether the fused function can run from the last step to the first without flipping xz: our
+    conv forward (Triton) and backward run, and the scan's inputs will all be of xz's dtype (autocast
+    off, or to that dtype), as our scan needs (scan_short.applies)."""
+    return (_triton_conv_fwd is not None and conv_bwd.runs_on(xz, conv_weight)
+            and (not torch.is_autocast_enabled("cuda") or torch.get_autocast_dtype("cuda") == xz.dtype))
 
 
 def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                     out_proj_weight, out_proj_bias, A, D):
+                     out_proj_weight, out_proj_bias, A, D, reverse=False):
     """mamba_ssm's ``mamba_inner_fn`` (what its own Mamba and transformers' MambaForCausalLM train
     with) on its kernels: one autograd node that keeps xz and recomputes the conv and delta in the
     backward, instead of saving every intermediate; ours (:class:`_MambaInnerFn`) skips the
-    gradients of frozen weights. Same arguments as :func:`mamba_inner_torch`."""
+    gradients of frozen weights. Same arguments as :func:`mamba_inner_torch`; ``reverse`` runs in our
+    kernels where they all run (:func:`_reverse_in_kernels`), else on xz flipped (two copies)."""
     if _selective_scan_kernels is None or _conv_fwd_kernel is None:
         raise RuntimeError("The fused mixer needs mamba-ssm and causal-conv1d: install them with "
                            "`pip install mamba-ssm causal-conv1d` (or `mambapeft setup-gpu`).")
@@ -783,10 +805,13 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     # computed padded). Our short-sequence kernels (scan_short.py) take any length and scan unpadded.
     steps = xz.shape[-1]
     short = scan_short.runs(xz.device, xz.dtype, A.shape[1], steps)
+    if reverse and not (short and _reverse_in_kernels(xz, conv_weight)):
+        return mamba_inner_cuda(xz.flip(-1), conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+                                out_proj_weight, out_proj_bias, A, D).flip(1)
     length = steps if short else whole_kernel_chunks(steps)
     padded = _ZeroPaddedInTime.apply(xz, length) if length != steps else xz
     out = _MambaInnerFn.apply(padded, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
-                              out_proj_bias, A.float(), D.float(), dt_proj_bias.float())
+                              out_proj_bias, A.float(), D.float(), dt_proj_bias.float(), reverse)
     # cut only where padded: a slice's backward writes its gradient into a zeroed copy of the whole
     return out[:, :steps] if length != steps else out
 

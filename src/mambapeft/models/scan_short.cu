@@ -28,7 +28,7 @@
 //   dA: (channels, 16), dB, dC: (batch, 16, length), dD, ddelta_bias: (channels,), all fp32, zeroed
 //   ckpt (scratch): (batch, chunks, 16, channels) fp32
 // Macros: IN_BF16 (u, delta, z, dout, out, out_z and the gradients of the first three: bf16, else fp32),
-//   BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CHUNK (a divisor of TILE).
+//   BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CHUNK (a divisor of TILE), REVERSE (kernels.cuh).
 
 #include "kernels.cuh"
 
@@ -82,7 +82,7 @@ __device__ __forceinline__ void fetch(in_t (&v)[TILE_ROWS], const in_t* rows, in
     const int t = t0 + threadIdx.x % TILE;
 #pragma unroll
     for (int i = 0; i < TILE_ROWS; ++i)
-        v[i] = ROW(i) < channels_left && t < length ? rows[(long long)ROW(i) * channel_stride + t] : (in_t)0;
+        v[i] = ROW(i) < channels_left && t < length ? rows[(long long)ROW(i) * channel_stride + at(t, length)] : (in_t)0;
 }
 
 __device__ __forceinline__ void put(tile_t& tile, const in_t (&v)[TILE_ROWS]) {
@@ -95,7 +95,7 @@ __device__ __forceinline__ void store_tile(in_t* rows, const tile_t& tile, int c
     const int k = threadIdx.x % TILE, t = t0 + k;
 #pragma unroll
     for (int i = 0; i < TILE_ROWS; ++i)
-        if (ROW(i) < channels_left && t < length) rows[(long long)ROW(i) * channel_stride + t] = tile[k][ROW(i)];
+        if (ROW(i) < channels_left && t < length) rows[(long long)ROW(i) * channel_stride + at(t, length)] = tile[k][ROW(i)];
 }
 
 // B or C: a state's row of TILE steps per access; into shared memory as [step][state] floats
@@ -103,7 +103,7 @@ __device__ __forceinline__ void fetch_states(bc_t (&v)[STATE_ROWS], const bc_t* 
                                              int length) {
     const int t = t0 + threadIdx.x % TILE;
 #pragma unroll
-    for (int i = 0; i < STATE_ROWS; ++i) v[i] = t < length ? from[ROW(i) * state_stride + t] : (bc_t)0;
+    for (int i = 0; i < STATE_ROWS; ++i) v[i] = t < length ? from[ROW(i) * state_stride + at(t, length)] : (bc_t)0;
 }
 
 __device__ __forceinline__ void put_states(float (*to)[NSTATE], const bc_t (&v)[STATE_ROWS]) {
@@ -263,8 +263,8 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     // steps per access)
     static_assert(THREADS == CHUNK * NSTATE, "one thread per (state, step) of a chunk");
     const int sum_step = threadIdx.x % CHUNK, sum_state = threadIdx.x / CHUNK;
-    float* dB_row = dB + (long long)b * dB_sb + sum_state * dB_sn + sum_step;
-    float* dC_row = dC + (long long)b * dC_sb + sum_state * dC_sn + sum_step;
+    float* dB_row = dB + (long long)b * dB_sb + sum_state * dB_sn;
+    float* dC_row = dC + (long long)b * dC_sb + sum_state * dC_sn;
     // this thread's states in the checkpoints: [chunk][state] at stride channels
     float* checkpoint = ckpt + (long long)b * chunks * NSTATE * channels + (long long)(group * OWN) * channels + c;
 
@@ -376,8 +376,9 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                     if (HAS_Z) y += state * Cs[k][n];  // as the forward sums it
                     const float carried = state - Bs[k][n] * dtu;  // exp(dt A) times the state before
                     gB += g[s] * Bs[k][n];
-                    gAh += g[s] * A2[s] * carried;
-                    dA_c[s] += g[s] * dt * carried;
+                    const float g_carried = g[s] * carried;  // what dt's and A's gradients both take
+                    gAh += g_carried * A2[s];
+                    dA_c[s] += g_carried * dt;
                     terms[s] = g[s] * dtu;           // dB
                     terms[OWN + s] = state * dy;     // dC
                     decay[s] = exp2f(dt * A2[s]);
@@ -403,8 +404,8 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                     dB_total += sums[w][sum_step][sum_state];
                     dC_total += sums[w][sum_step][NSTATE + sum_state];
                 }
-                atomicAdd(dB_row + s0, dB_total);
-                atomicAdd(dC_row + s0, dC_total);
+                atomicAdd(dB_row + at(s0 + sum_step, length), dB_total);
+                atomicAdd(dC_row + at(s0 + sum_step, length), dC_total);
             }
             __syncthreads();  // read before the next chunk's steps overwrite them
         }

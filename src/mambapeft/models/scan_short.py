@@ -32,10 +32,11 @@ ENV = "MAMBAPEFT_SHORT_SCAN"  # "0": mamba-ssm's kernels at every length (A/B me
 
 
 def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: bool, has_bias: bool,
-           softplus: bool) -> list[str]:
-    """The compiler's -D options for one variant of the kernels."""
+           softplus: bool, reverse: bool = False) -> list[str]:
+    """The compiler's -D options for one variant of the kernels (``reverse``: scanning from the last
+    step to the first, see kernels.cuh)."""
     values = {"IN_BF16": in_dtype == torch.bfloat16, "BC_BF16": bc_dtype == torch.bfloat16, "HAS_D": has_D,
-              "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus, "CHUNK": CHUNK}
+              "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus, "CHUNK": CHUNK, "REVERSE": reverse}
     return [f"-D{name}={int(value)}" for name, value in values.items()]
 
 
@@ -70,16 +71,17 @@ def _launch(kernel, u: torch.Tensor, args: list) -> None:
     nvrtc.launch(kernel, u.device, ((u.shape[1] + CHANNELS - 1) // CHANNELS, u.shape[0], 1), THREADS, args)
 
 
-def _variant(u, B, D, z, delta_bias, softplus):
+def _variant(u, B, D, z, delta_bias, softplus, reverse):
     """(forward, backward) kernels for these inputs' dtypes and the arguments given."""
-    options = macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus)
+    options = macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus, reverse)
     return nvrtc.load_kernels(SOURCE, u.device.index, tuple(options), ("scan_fwd", "scan_bwd"), ENV)
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
+def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False):
     """(out, out_z): without z, out = the scan's y (B, D, L) and out_z None; with z, out_z = y * silu(z)
-    and out None (y is not kept: the backward recomputes it)."""
-    fwd, _ = _variant(u, B, D, z, delta_bias, softplus)
+    and out None (y is not kept: the backward recomputes it). ``reverse``: the scan runs from the last
+    step to the first, as on the sequences flipped along time, with its outputs in the inputs' order."""
+    fwd, _ = _variant(u, B, D, z, delta_bias, softplus, reverse)
     result = torch.empty_like(u)
     out, out_z = (None, result) if z is not None else (result, None)
     _launch(fwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
@@ -89,11 +91,11 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
     return out, out_z
 
 
-def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus):
+def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z) of out_z (or y without z) given
     dout, with out_z recomputed; dz a (B, D, L) tensor to write into or None.
     dA, dB, dC, dD and ddelta_bias are fp32; dD, ddelta_bias None where D, delta_bias are."""
-    _, bwd = _variant(u, B, D, z, delta_bias, softplus)
+    _, bwd = _variant(u, B, D, z, delta_bias, softplus, reverse)
     batch, channels, length = u.shape
     chunks = (length + CHUNK - 1) // CHUNK
     fp32 = dict(device=u.device, dtype=torch.float32)
@@ -119,17 +121,18 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus):
 
 
 # mamba-ssm's ``selective_scan_cuda.fwd`` / ``.bwd`` interface (B and C of shape (batch, 1, N, L)), as
-# ``scan._MambaInnerFn`` calls either
-def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+# ``scan._MambaInnerFn`` calls either; ``reverse`` (ours only) as in :func:`forward`
+def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
     """(out, None, out_z): no chunk states, which only mamba-ssm's backward reads; with z, out is None
     (our backward recomputes y, so the caller keeps no (B, D, L) tensor for it)."""
-    out, out_z = forward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, delta_softplus)
+    out, out_z = forward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, delta_softplus, reverse)
     return out, None, out_z
 
 
-def bwd(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, out, dz, delta_softplus, recompute_out_z):
+def bwd(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, out, dz, delta_softplus, recompute_out_z,
+        reverse=False):
     """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z); chunk_states and out are not read, out_z
     is always recomputed."""
     du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = backward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias,
-                                                                 dout, dz, delta_softplus)
+                                                                 dout, dz, delta_softplus, reverse)
     return du, ddelta, dA, dB.unsqueeze(1), dC.unsqueeze(1), dD, ddelta_bias, dz, out_z
