@@ -200,14 +200,9 @@ def _needs_the_fused_function_on_it(monkeypatch):
         pytest.skip("the fused function scans with our kernels on a Hopper GPU with NVRTC only")
 
 
-@pytest.mark.gpu
-def test_fused_mixer_on_it_matches_mamba_ssm_kernels(monkeypatch):
-    """The fused mixer function (Vim-S's shape, bf16 autocast) with our scan against mamba-ssm's."""
-    _needs_the_fused_function_on_it(monkeypatch)
-    if scan.CUDA_BACKEND.mamba_inner is None:
-        pytest.skip("needs mamba-ssm and causal-conv1d")
-    generator = torch.Generator().manual_seed(1)
-    batch, d_model, d_inner, length, rank = 8, 384, 768, 197, 24
+def _fused_function_inputs(batch, d_model, d_inner, length, rank, seed):
+    """xz (bf16, (2 D_inner, B, L) storage) and the fused function's weights (16 states), as leaves."""
+    generator = torch.Generator().manual_seed(seed)
 
     def leaf(*shape, scale=0.1):
         return (torch.randn(*shape, generator=generator) * scale).cuda().requires_grad_()
@@ -216,6 +211,16 @@ def test_fused_mixer_on_it_matches_mamba_ssm_kernels(monkeypatch):
     weights = (leaf(d_inner, 1, 4), leaf(d_inner), leaf(rank + 32, d_inner), leaf(d_inner, rank, scale=0.5),
                leaf(d_inner), leaf(d_model, d_inner), leaf(d_model),
                (-torch.arange(1, 17).float().repeat(d_inner, 1)).cuda().requires_grad_(), leaf(d_inner, scale=1.0))
+    return xz, weights
+
+
+@pytest.mark.gpu
+def test_fused_mixer_on_it_matches_mamba_ssm_kernels(monkeypatch):
+    """The fused mixer function (Vim-S's shape, bf16 autocast) with our scan against mamba-ssm's."""
+    _needs_the_fused_function_on_it(monkeypatch)
+    if scan.CUDA_BACKEND.mamba_inner is None:
+        pytest.skip("needs mamba-ssm and causal-conv1d")
+    xz, weights = _fused_function_inputs(batch=8, d_model=384, d_inner=768, length=197, rank=24, seed=1)
     calls = []
     monkeypatch.setattr(scan_short, "fwd", lambda *args, run=scan_short.fwd: calls.append(1) or run(*args))
     results = []
@@ -241,16 +246,7 @@ def test_fused_mixer_in_reverse_runs_the_kernels_backwards_without_flipping(monk
     if scan.CUDA_BACKEND.mamba_inner is None:
         pytest.skip("needs mamba-ssm and causal-conv1d")
     monkeypatch.delenv(conv_bwd.ENV, raising=False)
-    generator = torch.Generator().manual_seed(2)
-    batch, d_model, d_inner, length, rank = 4, 64, 128, 197, 8
-
-    def leaf(*shape, scale=0.1):
-        return (torch.randn(*shape, generator=generator) * scale).cuda().requires_grad_()
-
-    xz = torch.randn(2 * d_inner, batch, length, generator=generator).to(torch.bfloat16).cuda().requires_grad_()
-    weights = (leaf(d_inner, 1, 4), leaf(d_inner), leaf(rank + 32, d_inner), leaf(d_inner, rank, scale=0.5),
-               leaf(d_inner), leaf(d_model, d_inner), leaf(d_model),
-               (-torch.arange(1, 17).float().repeat(d_inner, 1)).cuda().requires_grad_(), leaf(d_inner, scale=1.0))
+    xz, weights = _fused_function_inputs(batch=4, d_model=64, d_inner=128, length=197, rank=8, seed=2)
     results, flips = [], []
     for reverse in (True, False):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
