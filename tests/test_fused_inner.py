@@ -23,14 +23,19 @@ from mambapeft.runspec import domain_file, method_definition, methods_for
 
 FUSED_TORCH = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch)
 # methods whose every mixer keeps conv1d, x_proj, dt_proj and out_proj plain and adds no scan state
+# (or LoRA on them with every update folded into the weight: merged style or DoRA, whose weight the
+# fused function reads)
 FUSED_LANGUAGE = {"zero_shot", "head_only", "full", "lora_in_proj", "lorap_x", "prefix", "periodic", "prefix_20", "prefix_30",
                   "periodic_20", "periodic_30", "dora_in_proj", "dorap_x", "prodial_in",
-                  "hybrid_importance"}  # its LoRA and (IA)3 tiers both wrap in_proj only
+                  "hybrid_importance",  # its LoRA and (IA)3 tiers both wrap in_proj only
+                  "dora_out_proj", "lora_sll", "dora_sll"}
 # the same for Vim (both directions' modules), partial tuning of A and D (parametrised parameters, read
 # through the parametrisation) and methods outside the mixer included
 FUSED_VISION = {"a", "cls_token", "d", "dora_embed", "dora_in_proj", "dorap_z", "full", "hybrid_importance",
                 "linear_probe", "lora_embed", "lora_in_proj", "lorap_x", "lorap_x_dora", "lorap_z", "pos_embed",
-                "prodial_in", "prompt", "prompt_noproj", "scratch"}
+                "prodial_in", "prompt", "prompt_noproj", "scratch",
+                "lora_x_proj", "lora_dt_proj", "lorap_d", "lorap_b", "lorap_c",  # merged-style LoRA
+                "dora_x_proj", "dora_dt_proj", "dora_out_proj", "dorap_d", "dorap_b", "dorap_c"}
 
 
 def _mixers(model) -> list[Mixer]:
@@ -109,6 +114,22 @@ def test_a_hook_or_wrapper_between_in_proj_and_the_output_keeps_the_unfused_chai
     setattr(mixer, conv, getattr(mixer, conv)[0])
     mixer.out_proj = torch.nn.Sequential(mixer.out_proj)
     assert not mixer.uses_fused_inner()
+
+
+def test_a_lora_folded_into_the_weight_takes_the_fused_path_unless_hooked():
+    """LoRA on x_proj (merged style) is read through its merged weight; a hook on its update keeps the
+    unfused chain, and so does an activation-style update (dropout: its call is not its weight)."""
+    mixer = _mixers(_adapted("vision", "lora_x_proj"))[0]
+    mixer.backend = FUSED_TORCH
+    assert mixer.uses_fused_inner()
+    update = next(iter(mixer.x_proj_b.updates.values()))
+    handle = update.lora_down.register_forward_hook(lambda module, args, out: out * 2)
+    assert not mixer.uses_fused_inner()
+    handle.remove()
+    assert mixer.uses_fused_inner()
+    activation_style = _mixers(_adapted("vision", "lora_out_proj"))[0]
+    activation_style.backend = FUSED_TORCH
+    assert not activation_style.uses_fused_inner()
 
 
 def test_step_mode_after_a_fused_prefill_continues_the_sequence():

@@ -17,9 +17,10 @@ from mambapeft.peft import apply_peft
 FUSED_TORCH = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d,
                           split_conv1d_scan=split_conv1d_scan_torch)
 # methods that leave conv1d, norm and out_proj plain (in_proj wrappers and A_log/dt_bias deltas are
-# upstream of the kernel or read through the parameters)
+# upstream of the kernel or read through the parameters; a LoRA folded into out_proj's weight is read
+# through that weight)
 FUSED = {"zero_shot", "full", "lora_in_proj", "lorap_x", "prefix", "periodic", "lorap_z", "lorap_B", "lorap_C",
-         "lorap_dt", "partial_direct", "lorap_B_and_partial_A"}
+         "lorap_dt", "partial_direct", "lorap_B_and_partial_A", "lora_out_proj"}
 
 
 def _adapted(method: str):

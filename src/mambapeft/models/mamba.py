@@ -10,7 +10,8 @@ base model exactly:
     take the tensors), so it takes a ``parametrize`` delta (partial tuning) but a module wrapper
     or forward hook on it would be skipped;
   * the fused ``mamba_inner`` path (once per direction) reads the weights after ``in_proj`` raw, so it
-    runs only where those modules are plain (no wrapper, hook or parametrisation) and no state
+    runs only where those modules are plain (no wrapper, hook or parametrisation) or say their
+    weight stands for their call (LoRA folded into the weight: :func:`read_as_linear`), and no state
     extension, state offset or affix is set (:meth:`Mamba.uses_fused_inner`);
   * the generation step's kernels (mamba_ssm's step: conv update in place, dt_proj's bias inside the
     state update) read ``dt_proj`` raw, so they run only where it is plain (:meth:`Mamba.uses_step_kernels`);
@@ -236,12 +237,13 @@ class Mamba(Mixer):
     def uses_fused_inner(self) -> bool:
         """Whether :meth:`forward` runs the backend's fused ``mamba_inner``, once per direction (the
         kernel reads the modules' weights directly: only where no method changes anything between
-        in_proj and the output, so no adapter, hook or parametrisation can be skipped by it)."""
+        in_proj and the output but through those weights, so no adapter, hook or parametrisation can
+        be skipped by it)."""
         return (self.backend.mamba_inner is not None
                 and not self.affixes and not self.state_extensions and not self.state_offsets
-                and plain(self.out_proj, nn.Linear)
-                and all(plain(getattr(self, d.conv1d), nn.Conv1d) and plain(getattr(self, d.x_proj), nn.Linear)
-                        and plain(getattr(self, d.dt_proj), nn.Linear) for d in self.directions))
+                and read_as_linear(self.out_proj)
+                and all(plain(getattr(self, d.conv1d), nn.Conv1d) and read_as_linear(getattr(self, d.x_proj))
+                        and read_as_linear(getattr(self, d.dt_proj)) for d in self.directions))
 
     def _fused_direction(self, xz: torch.Tensor, d: Direction, out_bias: torch.Tensor | None) -> torch.Tensor:
         """The backend's ``mamba_inner`` on xz (B, 2*D_inner, L) with this direction's weights and
@@ -312,6 +314,17 @@ def unhooked(module: nn.Module) -> bool:
 def plain(module: nn.Module, kind: type) -> bool:
     """Exactly ``kind`` (a wrapper or parametrisation changes the type) and without forward hooks."""
     return type(module) is kind and unhooked(module)
+
+
+def read_as_linear(module: nn.Module) -> bool:
+    """Whether a fused kernel may read ``module.weight`` and ``module.bias`` instead of calling it: a
+    plain ``nn.Linear``, or a module whose ``reads_as_linear()`` says its weight stands for its call
+    (LoRA with every update folded into the weight: merged style, DoRA). Its weight is then a function
+    of the adapter's parameters, so the kernel's weight gradient reaches them through autograd."""
+    if plain(module, nn.Linear):
+        return True
+    reads = getattr(module, "reads_as_linear", None)
+    return callable(reads) and reads()
 
 
 def linear_columns(weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:

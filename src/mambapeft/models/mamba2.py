@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .dt_init import DEFAULT_DT_INIT, initial_dt, inverse_softplus
-from .mamba import Mixer, MixerState, conv_step, plain
+from .mamba import Mixer, MixerState, conv_step, plain, read_as_linear
 from .scan import (
     NO_DT_LIMIT,
     chunk_scan_step,
@@ -105,12 +105,13 @@ class Mamba2(Mixer):
     def uses_fused_inner(self) -> bool:
         """Whether :meth:`forward` runs the backend's fused ``split_conv1d_scan``. The kernel reads
         conv1d, the gated norm and out_proj as raw weights, so only where those modules are plain
-        (no wrapper, hook or parametrisation, which it would skip); A_log, D and dt_bias are read
+        (no wrapper, hook or parametrisation, which it would skip; out_proj may be a LoRA folded into
+        its weight, :func:`read_as_linear`); A_log, D and dt_bias are read
         through their attributes, so a parametrised delta on them is kept. causal-conv1d's kernel
         wants the conv channels in multiples of 8."""
         return (self.backend.split_conv1d_scan is not None and self.conv_dim % 8 == 0
                 and plain(self.conv1d, nn.Conv1d) and plain(self.norm, RMSNormGated)
-                and plain(self.out_proj, nn.Linear))
+                and read_as_linear(self.out_proj))
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).

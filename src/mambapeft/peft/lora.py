@@ -172,6 +172,18 @@ class LoraLinear(nn.Module):
         its frozen weight must then stay fp32 (models/precision.py), so ``W + delta`` rounds once."""
         return [self.base] if any(u.acts_on_weight for u in self.updates.values()) else []
 
+    def _called_as_written(self) -> bool:
+        """Nothing hooked on this module, its base or its updates, and the base a plain Linear: a call
+        computes what :meth:`forward` says."""
+        update_parts = [m for u in self.updates.values() for m in (u, *u.children())]
+        return plain(self, LoraLinear) and plain(self.base, nn.Linear) and all(map(unhooked, update_parts))
+
+    def reads_as_linear(self) -> bool:
+        """Whether :attr:`weight` and :attr:`bias` stand for this module's call, so that a fused kernel
+        may read them instead of calling it (models/mamba.py ``read_as_linear``): every update folded
+        into the weight (merged style or DoRA: no dropout, no activation-style term) and nothing hooked."""
+        return self._called_as_written() and all(u.acts_on_weight for u in self.updates.values())
+
     def channel_major(self, x: torch.Tensor) -> torch.Tensor | None:
         """This module on x (..., in) as (out, N), N = x.numel() // in: the transposed output, for
         models/mamba.py's ``linear_channel_major``, in place of the (N, out) output, the scaled and
@@ -181,8 +193,7 @@ class LoraLinear(nn.Module):
         to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does
         (:meth:`LowRankUpdate.down`). None where it would not equal :meth:`forward` call for call: a hook
         on any part, or a wrapped base."""
-        update_parts = [m for u in self.updates.values() for m in (u, *u.children())]
-        if not (plain(self, LoraLinear) and plain(self.base, nn.Linear) and all(map(unhooked, update_parts))):
+        if not self._called_as_written():
             return None
         rows = x.reshape(-1, x.shape[-1]).t()  # (in, N)
         weight, bias = self._weight([u for u in self.updates.values() if u.acts_on_weight]), self.base.bias
