@@ -29,13 +29,14 @@ FUSED_LANGUAGE = {"zero_shot", "head_only", "full", "lora_in_proj", "lorap_x", "
                   "periodic_20", "periodic_30", "dora_in_proj", "dorap_x", "prodial_in",
                   "hybrid_importance",  # its LoRA and (IA)3 tiers both wrap in_proj only
                   "dora_out_proj", "lora_sll", "dora_sll"}
-# the same for Vim (both directions' modules), partial tuning of A and D (parametrised parameters, read
-# through the parametrisation) and methods outside the mixer included
+# the same for Vim (both directions' modules), partial tuning (parametrised parameters, read through the
+# parametrisation) and methods outside the mixer included
 FUSED_VISION = {"a", "cls_token", "d", "dora_embed", "dora_in_proj", "dorap_z", "full", "hybrid_importance",
                 "linear_probe", "lora_embed", "lora_in_proj", "lorap_x", "lorap_x_dora", "lorap_z", "pos_embed",
                 "prodial_in", "prompt", "prompt_noproj", "scratch",
                 "lora_x_proj", "lora_dt_proj", "lorap_d", "lorap_b", "lorap_c",  # merged-style LoRA
-                "dora_x_proj", "dora_dt_proj", "dora_out_proj", "dorap_d", "dorap_b", "dorap_c"}
+                "dora_x_proj", "dora_dt_proj", "dora_out_proj", "dorap_d", "dorap_b", "dorap_c",
+                "bias", "conv1d"}  # deltas parametrising dt_proj's bias, conv1d's weight
 
 
 def _mixers(model) -> list[Mixer]:
@@ -113,6 +114,31 @@ def test_a_hook_or_wrapper_between_in_proj_and_the_output_keeps_the_unfused_chai
     assert not mixer.uses_fused_inner()
     setattr(mixer, conv, getattr(mixer, conv)[0])
     mixer.out_proj = torch.nn.Sequential(mixer.out_proj)
+    assert not mixer.uses_fused_inner()
+
+
+def test_a_parametrised_module_is_read_through_its_parametrisation_a_subclass_is_not():
+    """A parametrisation leaves the module's forward as it is and the kernel reads the parametrised
+    weight: fused (partial tuning's ``bias`` and ``conv1d`` methods are compared in full above). A
+    subclass may compute anything in its forward: unfused."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    mixer = Mamba(32, d_state=4, bidirectional=True)
+    mixer.backend = FUSED_TORCH
+    parametrize.register_parametrization(mixer.conv1d_b, "weight", Doubled())
+    parametrize.register_parametrization(mixer.x_proj, "weight", Doubled())
+    assert mixer.uses_fused_inner()
+    dt_proj = Scaled(mixer.dt_proj.in_features, mixer.dt_proj.out_features)
+    dt_proj.load_state_dict(mixer.dt_proj.state_dict())
+    mixer.dt_proj = dt_proj
     assert not mixer.uses_fused_inner()
 
 

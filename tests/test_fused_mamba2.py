@@ -20,7 +20,8 @@ FUSED_TORCH = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.c
 # upstream of the kernel or read through the parameters; a LoRA folded into out_proj's weight is read
 # through that weight)
 FUSED = {"zero_shot", "full", "lora_in_proj", "lorap_x", "prefix", "periodic", "lorap_z", "lorap_B", "lorap_C",
-         "lorap_dt", "partial_direct", "lorap_B_and_partial_A", "lora_out_proj"}
+         "lorap_dt", "partial_direct", "lorap_B_and_partial_A", "lora_out_proj",
+         "partial"}  # deltas parametrising conv1d's weight and bias, read through the parametrisation
 
 
 def _adapted(method: str):

@@ -10,9 +10,9 @@ base model exactly:
     take the tensors), so it takes a ``parametrize`` delta (partial tuning) but a module wrapper
     or forward hook on it would be skipped;
   * the fused ``mamba_inner`` path (once per direction) reads the weights after ``in_proj`` raw, so it
-    runs only where those modules are plain (no wrapper, hook or parametrisation) or say their
-    weight stands for their call (LoRA folded into the weight: :func:`read_as_linear`), and no state
-    extension, state offset or affix is set (:meth:`Mamba.uses_fused_inner`);
+    runs only where those modules' weights stand for their calls: plain or parametrised (no wrapper
+    or hook: :func:`read_as_written`), or a LoRA folded into the weight (:func:`read_as_linear`), and
+    no state extension, state offset or affix is set (:meth:`Mamba.uses_fused_inner`);
   * the generation step's kernels (mamba_ssm's step: conv update in place, dt_proj's bias inside the
     state update) read ``dt_proj`` raw, so they run only where it is plain (:meth:`Mamba.uses_step_kernels`);
   * a block's residual add + RMSNorm runs in one kernel on CUDA (training and generation), reading the
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from .rebuild import rebuilt_when_saved
 from .scan import TORCH_BACKEND, ScanBackend, causal_conv1d_step, conv_state_of, rms_normed_torch
@@ -242,7 +243,7 @@ class Mamba(Mixer):
         return (self.backend.mamba_inner is not None
                 and not self.affixes and not self.state_extensions and not self.state_offsets
                 and read_as_linear(self.out_proj)
-                and all(plain(getattr(self, d.conv1d), nn.Conv1d) and read_as_linear(getattr(self, d.x_proj))
+                and all(read_as_written(getattr(self, d.conv1d), nn.Conv1d) and read_as_linear(getattr(self, d.x_proj))
                         and read_as_linear(getattr(self, d.dt_proj)) for d in self.directions))
 
     def _fused_direction(self, xz: torch.Tensor, d: Direction, out_bias: torch.Tensor | None) -> torch.Tensor:
@@ -316,12 +317,21 @@ def plain(module: nn.Module, kind: type) -> bool:
     return type(module) is kind and unhooked(module)
 
 
+def read_as_written(module: nn.Module, kind: type) -> bool:
+    """``kind``, or the class ``torch.nn.utils.parametrize`` makes of it (its forward ``kind``'s, reading
+    the parameters through their parametrisations, as a kernel reading ``module.weight`` does), without
+    forward hooks: its parameters, read, stand for its call (partial tuning's deltas: models/peft/partial.py)."""
+    cls = type(module)
+    return unhooked(module) and (cls is kind or (parametrize.is_parametrized(module) and cls.__bases__ == (kind,)
+                                                 and cls.forward is kind.forward))
+
+
 def read_as_linear(module: nn.Module) -> bool:
-    """Whether a fused kernel may read ``module.weight`` and ``module.bias`` instead of calling it: a
-    plain ``nn.Linear``, or a module whose ``reads_as_linear()`` says its weight stands for its call
+    """Whether a fused kernel may read ``module.weight`` and ``module.bias`` instead of calling it: an
+    ``nn.Linear`` (parametrised or not: :func:`read_as_written`), or a module whose ``reads_as_linear()`` says its weight stands for its call
     (LoRA with every update folded into the weight: merged style, DoRA). Its weight is then a function
     of the adapter's parameters, so the kernel's weight gradient reaches them through autograd."""
-    if plain(module, nn.Linear):
+    if read_as_written(module, nn.Linear):
         return True
     reads = getattr(module, "reads_as_linear", None)
     return callable(reads) and reads()

@@ -9,7 +9,8 @@ Extension points for PEFT are those of every mixer (``models/mamba.py``): the pr
 called (LoRA, (IA)3 wrap them), ``conv1d``, ``A_log``, ``D`` and ``dt_bias`` are read as raw tensors
 (partial tuning's parametrisations apply). The fused path (the backend's ``split_conv1d_scan``,
 mamba_ssm's ``mamba_split_conv1d_scan_combined`` on CUDA) reads conv1d, norm and out_proj raw, so it
-runs only where they are plain (:meth:`Mamba2.uses_fused_inner`). Mamba-1's ``state_extensions`` and
+runs only where their weights stand for their calls: plain or parametrised, or a LoRA folded into
+out_proj's weight (:meth:`Mamba2.uses_fused_inner`). Mamba-1's ``state_extensions`` and
 ``affixes`` do not exist here; the families that use them refuse Mamba-2 models.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .dt_init import DEFAULT_DT_INIT, initial_dt, inverse_softplus
-from .mamba import Mixer, MixerState, conv_step, plain, read_as_linear
+from .mamba import Mixer, MixerState, conv_step, read_as_linear, read_as_written
 from .scan import (
     NO_DT_LIMIT,
     chunk_scan_step,
@@ -104,13 +105,13 @@ class Mamba2(Mixer):
 
     def uses_fused_inner(self) -> bool:
         """Whether :meth:`forward` runs the backend's fused ``split_conv1d_scan``. The kernel reads
-        conv1d, the gated norm and out_proj as raw weights, so only where those modules are plain
-        (no wrapper, hook or parametrisation, which it would skip; out_proj may be a LoRA folded into
-        its weight, :func:`read_as_linear`); A_log, D and dt_bias are read
+        conv1d, the gated norm and out_proj as raw weights, so only where those modules are plain or
+        parametrised (no wrapper or hook, which it would skip: :func:`read_as_written`; out_proj may be
+        a LoRA folded into its weight, :func:`read_as_linear`); A_log, D and dt_bias are read
         through their attributes, so a parametrised delta on them is kept. causal-conv1d's kernel
         wants the conv channels in multiples of 8."""
         return (self.backend.split_conv1d_scan is not None and self.conv_dim % 8 == 0
-                and plain(self.conv1d, nn.Conv1d) and plain(self.norm, RMSNormGated)
+                and read_as_written(self.conv1d, nn.Conv1d) and read_as_written(self.norm, RMSNormGated)
                 and read_as_linear(self.out_proj))
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
