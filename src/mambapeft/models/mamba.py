@@ -320,7 +320,7 @@ def plain(module: nn.Module, kind: type) -> bool:
 def read_as_written(module: nn.Module, kind: type) -> bool:
     """``kind``, or the class ``torch.nn.utils.parametrize`` makes of it (its forward ``kind``'s, reading
     the parameters through their parametrisations, as a kernel reading ``module.weight`` does), without
-    forward hooks: its parameters, read, stand for its call (partial tuning's deltas: models/peft/partial.py)."""
+    forward hooks: its parameters, read, stand for its call (partial tuning's deltas: peft/partial.py)."""
     cls = type(module)
     return unhooked(module) and (cls is kind or (parametrize.is_parametrized(module) and cls.__bases__ == (kind,)
                                                  and cls.forward is kind.forward))
@@ -328,9 +328,10 @@ def read_as_written(module: nn.Module, kind: type) -> bool:
 
 def read_as_linear(module: nn.Module) -> bool:
     """Whether a fused kernel may read ``module.weight`` and ``module.bias`` instead of calling it: an
-    ``nn.Linear`` (parametrised or not: :func:`read_as_written`), or a module whose ``reads_as_linear()`` says its weight stands for its call
-    (LoRA with every update folded into the weight: merged style, DoRA). Its weight is then a function
-    of the adapter's parameters, so the kernel's weight gradient reaches them through autograd."""
+    ``nn.Linear`` (parametrised or not: :func:`read_as_written`), or a module whose ``reads_as_linear()``
+    says its weight stands for its call (LoRA with every update folded into the weight: merged style,
+    DoRA). Its weight is then a function of the adapter's parameters, so the kernel's weight gradient
+    reaches them through autograd."""
     if read_as_written(module, nn.Linear):
         return True
     reads = getattr(module, "reads_as_linear", None)

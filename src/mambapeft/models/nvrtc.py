@@ -25,7 +25,8 @@ def _check(nvrtc, result: int, source_name: str, program=None) -> None:
         nvrtc.nvrtcGetProgramLog(program, buffer)
         log = buffer.value
     error_string = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_int)(("nvrtcGetErrorString", nvrtc))
-    raise RuntimeError(f"NVRTC: {error_string(result).decode()} compiling {source_name}\n{log.decode(errors='replace')}")
+    raise RuntimeError(f"NVRTC: {error_string(result).decode()} compiling {source_name}\n"
+                       f"{log.decode(errors='replace')}")
 
 
 def package_source(name: str) -> str:
