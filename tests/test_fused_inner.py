@@ -22,13 +22,14 @@ from mambapeft.peft import apply_peft
 from mambapeft.runspec import domain_file, method_definition, methods_for
 
 FUSED_TORCH = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch)
-# methods whose every mixer keeps conv1d, x_proj, dt_proj and out_proj plain and adds no scan state
-# (or LoRA on them with every update folded into the weight: merged style or DoRA, whose weight the
-# fused function reads)
+# methods whose every mixer keeps conv1d, x_proj and dt_proj plain (or parametrised, or LoRA on them
+# with every update folded into the weight: merged style or DoRA, whose weight the fused function
+# reads) and adds no scan state; out_proj is called where its weight does not stand for its call
 FUSED_LANGUAGE = {"zero_shot", "head_only", "full", "lora_in_proj", "lorap_x", "prefix", "periodic", "prefix_20", "prefix_30",
                   "periodic_20", "periodic_30", "dora_in_proj", "dorap_x", "prodial_in",
                   "hybrid_importance",  # its LoRA and (IA)3 tiers both wrap in_proj only
-                  "dora_out_proj", "lora_sll", "dora_sll"}
+                  "dora_out_proj", "lora_sll", "dora_sll",
+                  "lora_out_proj", "ia3", "lora_ia3", "prodial", "prodial_out", "sdt"}  # out_proj called
 # the same for Vim (both directions' modules), partial tuning (parametrised parameters, read through the
 # parametrisation) and methods outside the mixer included
 FUSED_VISION = {"a", "cls_token", "d", "dora_embed", "dora_in_proj", "dorap_z", "full", "hybrid_importance",
@@ -36,7 +37,8 @@ FUSED_VISION = {"a", "cls_token", "d", "dora_embed", "dora_in_proj", "dorap_z", 
                 "prodial_in", "prompt", "prompt_noproj", "scratch",
                 "lora_x_proj", "lora_dt_proj", "lorap_d", "lorap_b", "lorap_c",  # merged-style LoRA
                 "dora_x_proj", "dora_dt_proj", "dora_out_proj", "dorap_d", "dorap_b", "dorap_c",
-                "bias", "conv1d"}  # deltas parametrising dt_proj's bias, conv1d's weight
+                "bias", "conv1d",  # deltas parametrising dt_proj's bias, conv1d's weight
+                "lora_out_proj", "parallel_adapter", "prodial", "prodial_out", "sdt"}  # out_proj called
 
 
 def _mixers(model) -> list[Mixer]:
@@ -100,8 +102,10 @@ def test_a_bidirectional_mixer_adds_out_projs_bias_once(divide_out, bias):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_a_hook_or_wrapper_between_in_proj_and_the_output_keeps_the_unfused_chain(bidirectional):
-    """Any direction's module: a hook on the backward scan's x_proj or a wrapped conv1d_b counts too."""
+def test_a_hook_or_wrapper_between_in_proj_and_out_proj_keeps_the_unfused_chain(bidirectional):
+    """Any direction's module: a hook on the backward scan's x_proj or a wrapped conv1d_b counts too.
+    out_proj is called, not read, where it is wrapped or hooked: the fused path runs and so does the
+    wrapper or hook (the output the unfused chain's)."""
     mixer = Mamba(32, d_state=4, bidirectional=bidirectional)
     mixer.backend = FUSED_TORCH
     assert mixer.uses_fused_inner()
@@ -114,7 +118,15 @@ def test_a_hook_or_wrapper_between_in_proj_and_the_output_keeps_the_unfused_chai
     assert not mixer.uses_fused_inner()
     setattr(mixer, conv, getattr(mixer, conv)[0])
     mixer.out_proj = torch.nn.Sequential(mixer.out_proj)
-    assert not mixer.uses_fused_inner()
+    calls = []
+    mixer.out_proj.register_forward_hook(lambda module, args, out: calls.append(1) or out * 2)
+    assert mixer.uses_fused_inner()
+    x = torch.randn(2, 9, 32)
+    fused = mixer(x)
+    unfused = copy.deepcopy(mixer)
+    unfused.backend = TORCH_BACKEND
+    torch.testing.assert_close(fused, unfused(x), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 1]  # once on each path
 
 
 def test_a_parametrised_module_is_read_through_its_parametrisation_a_subclass_is_not():
@@ -144,7 +156,8 @@ def test_a_parametrised_module_is_read_through_its_parametrisation_a_subclass_is
 
 def test_a_lora_folded_into_the_weight_takes_the_fused_path_unless_hooked():
     """LoRA on x_proj (merged style) is read through its merged weight; a hook on its update keeps the
-    unfused chain, and so does an activation-style update (dropout: its call is not its weight)."""
+    unfused chain, and so does an activation-style update on x_proj (dropout: its call is not its
+    weight)."""
     mixer = _mixers(_adapted("vision", "lora_x_proj"))[0]
     mixer.backend = FUSED_TORCH
     assert mixer.uses_fused_inner()
@@ -153,7 +166,10 @@ def test_a_lora_folded_into_the_weight_takes_the_fused_path_unless_hooked():
     assert not mixer.uses_fused_inner()
     handle.remove()
     assert mixer.uses_fused_inner()
-    activation_style = _mixers(_adapted("vision", "lora_out_proj"))[0]
+    model = build_model("vim-mini", num_classes=4)
+    apply_peft(model, [{"family": "lora", "targets": [r"re:.*mixer\.x_proj(_b)?"], "rank": 4, "scale": 0.1,
+                        "dropout": 0.1}], "lora_x_proj_activation")
+    activation_style = _mixers(model)[0]
     activation_style.backend = FUSED_TORCH
     assert not activation_style.uses_fused_inner()
 
@@ -378,14 +394,17 @@ def test_the_cuda_conv_function_computes_the_reference(monkeypatch, bias):
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-@pytest.mark.parametrize("length,kernel_length", [(13, 13), (100, 128), (2049, 2049)])
-def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, frozen, length, kernel_length):
+@pytest.mark.parametrize("length,kernel_length,project", [(13, 13, True), (100, 128, True), (2049, 2049, True),
+                                                          (13, 13, False), (100, 128, False)])
+def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, frozen, length, kernel_length,
+                                                                   project):
     """scan._MambaInnerFn with the CUDA kernels' interfaces served by the PyTorch scan and conv: the
     output and gradients equal mamba_inner_torch's, channel-major input included; frozen
     projections get no gradient (none computed), the rest the same; past 2048 steps the backward
     is given the chunk states it reads; a length short of a whole kernel block (100 of 128) runs
-    the kernels padded with zero steps. (On the GPU, the same function on the real kernels is
-    compared with mamba_ssm's: tests/test_gpu.py.)"""
+    the kernels padded with zero steps; without out_proj's weight (``project`` False) the output is
+    the gated scan output (B, D_inner, L), cut along its own time dimension where padded. (On the
+    GPU, the same function on the real kernels is compared with mamba_ssm's: tests/test_gpu.py.)"""
     from mambapeft.models import scan
 
     lengths = []
@@ -407,18 +426,24 @@ def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, 
             torch.randn(d_model), -torch.rand(d_inner, n) - 0.5, torch.randn(d_inner)]
     projections = {3, 4, 6}  # x_proj, dt_proj, out_proj weights
     grad_out = torch.randn(batch, length, d_model)
+    if not project:
+        args[6] = args[7] = None
+        grad_out = torch.randn(length, batch, d_inner).permute(1, 2, 0)  # time-major: made time-contiguous
     runs = []
     for fn in (scan.mamba_inner_torch, scan.mamba_inner_cuda):
-        leaves = [a.detach().requires_grad_(not (frozen and i in projections)) for i, a in enumerate(args)]
+        leaves = [a.detach().requires_grad_(not (frozen and i in projections)) if a is not None else None
+                  for i, a in enumerate(args)]
         out = fn(*leaves)
         if fn is scan.mamba_inner_cuda:  # unpadded, no slice (its backward would copy the gradient whole)
             assert (type(out.grad_fn).__name__ == "_MambaInnerFnBackward") == (length == kernel_length)
         out.backward(grad_out)
-        runs.append((out.detach(), [leaf.grad for leaf in leaves]))
+        runs.append((out.detach(), [leaf.grad if leaf is not None else None for leaf in leaves]))
     (reference, reference_grads), (out, grads) = runs
     assert lengths == [kernel_length]
     torch.testing.assert_close(out, reference)
+    assert out.shape == ((batch, length, d_model) if project else (batch, d_inner, length))
     for i, (grad, expected) in enumerate(zip(grads, reference_grads)):
-        assert (grad is None) == (expected is None) == (frozen and i in projections), i
+        absent = (frozen and i in projections) or args[i] is None
+        assert (grad is None) == (expected is None) == absent, i
         if grad is not None:
             torch.testing.assert_close(grad, expected, msg=str(i))

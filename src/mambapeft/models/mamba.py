@@ -9,10 +9,11 @@ base model exactly:
   * ``conv1d`` is read as raw ``weight`` and ``bias`` (the causal-conv kernel and :meth:`Mamba.step`
     take the tensors), so it takes a ``parametrize`` delta (partial tuning) but a module wrapper
     or forward hook on it would be skipped;
-  * the fused ``mamba_inner`` path (once per direction) reads the weights after ``in_proj`` raw, so it
-    runs only where those modules' weights stand for their calls: plain or parametrised (no wrapper
-    or hook: :func:`read_as_written`), or a LoRA folded into the weight (:func:`read_as_linear`), and
-    no state extension, state offset or affix is set (:meth:`Mamba.uses_fused_inner`);
+  * the fused ``mamba_inner`` path (once per direction) reads conv1d, x_proj and dt_proj raw, so it
+    runs only where their weights stand for their calls: plain or parametrised (no wrapper or hook:
+    :func:`read_as_written`), or a LoRA folded into the weight (:func:`read_as_linear`), and no state
+    extension, state offset or affix is set (:meth:`Mamba.uses_fused_inner`); out_proj it reads the
+    same way where it can, and otherwise calls on its output;
   * the generation step's kernels (mamba_ssm's step: conv update in place, dt_proj's bias inside the
     state update) read ``dt_proj`` raw, so they run only where it is plain (:meth:`Mamba.uses_step_kernels`);
   * a block's residual add + RMSNorm runs in one kernel on CUDA (training and generation), reading the
@@ -237,22 +238,24 @@ class Mamba(Mixer):
 
     def uses_fused_inner(self) -> bool:
         """Whether :meth:`forward` runs the backend's fused ``mamba_inner``, once per direction (the
-        kernel reads the modules' weights directly: only where no method changes anything between
-        in_proj and the output but through those weights, so no adapter, hook or parametrisation can
-        be skipped by it)."""
+        kernel reads conv1d's, x_proj's and dt_proj's weights directly: only where no method changes
+        anything between in_proj and out_proj but through those weights, so no adapter, hook or
+        parametrisation can be skipped by it; out_proj is called where its weight does not stand for
+        its call)."""
         return (self.backend.mamba_inner is not None
                 and not self.affixes and not self.state_extensions and not self.state_offsets
-                and read_as_linear(self.out_proj)
                 and all(read_as_written(getattr(self, d.conv1d), nn.Conv1d) and read_as_linear(getattr(self, d.x_proj))
                         and read_as_linear(getattr(self, d.dt_proj)) for d in self.directions))
 
-    def _fused_direction(self, xz: torch.Tensor, d: Direction, out_bias: torch.Tensor | None) -> torch.Tensor:
-        """The backend's ``mamba_inner`` on xz (B, 2*D_inner, L) with this direction's weights and
-        out_proj (its bias ``out_bias``) -> (B, L, D_model), in xz's time order; the backward direction
-        runs from the last step to the first (``reverse``: in the kernels where they can, with no flip)."""
+    def _fused_direction(self, xz: torch.Tensor, d: Direction, project: bool,
+                         out_bias: torch.Tensor | None) -> torch.Tensor:
+        """The backend's ``mamba_inner`` on xz (B, 2*D_inner, L) with this direction's weights, in xz's
+        time order (the backward direction runs from the last step to the first: ``reverse``, in the
+        kernels where they can, with no flip): with ``project``, through out_proj's weight (bias
+        ``out_bias``) -> (B, L, D_model); else the gated scan output (B, D_inner, L) (out_bias None)."""
         conv, dt_proj = getattr(self, d.conv1d), getattr(self, d.dt_proj)
         return self.backend.mamba_inner(xz, conv.weight, conv.bias, getattr(self, d.x_proj).weight, dt_proj.weight,
-                                        dt_proj.bias, self.out_proj.weight, out_bias,
+                                        dt_proj.bias, self.out_proj.weight if project else None, out_bias,
                                         self._state_matrix(d), getattr(self, d.D), reverse=d is BACKWARD)
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
@@ -263,13 +266,16 @@ class Mamba(Mixer):
         """
         xz = linear_channel_major(self.in_proj, hidden_states)  # (B, 2*D_inner, L), channel-major
         if state is None and self.uses_fused_inner():
-            out = self._fused_direction(xz, FORWARD, self.out_proj.bias)
-            if not self.bidirectional:
-                return out
-            # out_proj is linear: projecting each direction and averaging is projecting their average
-            # (each adds the bias once; a plain sum takes it from one direction only)
-            out_b = self._fused_direction(xz, BACKWARD, self.out_proj.bias if self.divide_out else None)
-            return self._merged(out, out_b)
+            # out_proj inside the fused function where its weight stands for its call; else called
+            # (its wrapper, dropout included, runs) on the directions merged, as the chain below calls it
+            project = read_as_linear(self.out_proj)
+            bias = self.out_proj.bias if project else None
+            out = self._fused_direction(xz, FORWARD, project, bias)
+            if self.bidirectional:
+                # out_proj is linear: projecting each direction and averaging is projecting their average
+                # (each adds the bias once; a plain sum takes it from one direction only)
+                out = self._merged(out, self._fused_direction(xz, BACKWARD, project, bias if self.divide_out else None))
+            return out if project else self.out_proj(out.transpose(1, 2))
         y = self._scan_direction(xz, FORWARD, state)
         if self.bidirectional:
             if state is not None:

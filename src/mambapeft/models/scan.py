@@ -656,12 +656,14 @@ def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
 
     xz: (B, 2*D_inner, L)  conv_weight: (D_inner, 1, W)  x_proj_weight: (R + 2N, D_inner)
     dt_proj_weight: (D_inner, R)  out_proj_weight: (D_model, D_inner)  A: (D_inner, N)  D: (D_inner,)
-    Returns (B, L, D_model). ``reverse``: conv and scan from the last step to the first, as on xz
-    flipped along time, the output in xz's order (the backward direction of a bidirectional block).
+    Returns (B, L, D_model), or with out_proj_weight None the gated scan output (B, D_inner, L) (the
+    caller then calls its out_proj: a module whose call its weight does not stand for). ``reverse``:
+    conv and scan from the last step to the first, as on xz flipped along time, the output in xz's
+    order (the backward direction of a bidirectional block).
     """
     if reverse:
         return mamba_inner_torch(xz.flip(-1), conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                                 out_proj_weight, out_proj_bias, A, D).flip(1)
+                                 out_proj_weight, out_proj_bias, A, D).flip(_time_dim(out_proj_weight))
     x, z = xz.chunk(2, dim=1)
     x = causal_conv1d_torch(x, conv_weight.squeeze(1), conv_bias, "silu")
     rank, n = dt_proj_weight.shape[1], A.shape[1]
@@ -669,7 +671,12 @@ def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
     delta = F.linear(dt, dt_proj_weight).transpose(1, 2)
     y = selective_scan_torch(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, dt_proj_bias,
                              delta_softplus=True)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+    return y if out_proj_weight is None else F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+def _time_dim(out_proj_weight) -> int:
+    """The time dimension of the fused function's output: (B, L, D_model), or (B, D_inner, L) unprojected."""
+    return -1 if out_proj_weight is None else 1
 
 
 def _conv_silu(x, conv_weight, conv_bias, reverse=False):
@@ -719,9 +726,9 @@ class _MambaInnerFn(torch.autograd.Function):
                 out_proj_bias, A, D, delta_bias, reverse):
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
-            x_proj_weight, dt_proj_weight, out_proj_weight = (
-                w.to(dtype) for w in (x_proj_weight, dt_proj_weight, out_proj_weight))
-            out_proj_bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
+            x_proj_weight, dt_proj_weight, out_proj_weight, out_proj_bias = (
+                w.to(dtype) if w is not None else None
+                for w in (x_proj_weight, dt_proj_weight, out_proj_weight, out_proj_bias))
         xz = time_contiguous(xz)
         batch, n = xz.shape[0], A.shape[1]
         x, z = xz.chunk(2, dim=1)
@@ -745,6 +752,8 @@ class _MambaInnerFn(torch.autograd.Function):
         ctx.has_out_bias = out_proj_bias is not None
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight,
                               out_proj_weight, A, B, C, D, delta_bias, scan_intermediates, out)
+        if out_proj_weight is None:  # unprojected: the caller calls its out_proj (the backward gets out_z's gradient)
+            return out_z
         return F.linear(out_z.transpose(1, 2), out_proj_weight, out_proj_bias)
 
     @staticmethod
@@ -759,8 +768,11 @@ class _MambaInnerFn(torch.autograd.Function):
         delta = _delta(dt_proj_weight, x_dbl, batch)
         dxz = torch.empty_like(xz)
         dx, dz = dxz.chunk(2, dim=1)
-        dout = dout.reshape(-1, dout.shape[-1]).t()  # (D_model, B*L)
-        dy = _from_channels_major(out_proj_weight.t() @ dout, batch)  # (B, D_inner, L)
+        if out_proj_weight is None:  # the output was out_z itself
+            dy = time_contiguous(dout)  # (B, D_inner, L)
+        else:
+            dout = dout.reshape(-1, dout.shape[-1]).t()  # (D_model, B*L)
+            dy = _from_channels_major(out_proj_weight.t() @ dout, batch)  # (B, D_inner, L)
         dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = ctx.scan_kernels.bwd(
             conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz, True, True, **ctx.reverse)
         dout_proj = dout @ _tokens_major(out_z) if want_out_proj else None
@@ -807,13 +819,13 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     short = scan_short.runs(xz.device, xz.dtype, A.shape[1], steps)
     if reverse and not (short and _reverse_in_kernels(xz, conv_weight)):
         return mamba_inner_cuda(xz.flip(-1), conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                                out_proj_weight, out_proj_bias, A, D).flip(1)
+                                out_proj_weight, out_proj_bias, A, D).flip(_time_dim(out_proj_weight))
     length = steps if short else whole_kernel_chunks(steps)
     padded = _ZeroPaddedInTime.apply(xz, length) if length != steps else xz
     out = _MambaInnerFn.apply(padded, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
                               out_proj_bias, A.float(), D.float(), dt_proj_bias.float(), reverse)
     # cut only where padded: a slice's backward writes its gradient into a zeroed copy of the whole
-    return out[:, :steps] if length != steps else out
+    return out.narrow(_time_dim(out_proj_weight), 0, steps) if length != steps else out
 
 
 def gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
