@@ -4,6 +4,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+import torch
+
+from mambapeft.models import nvrtc
+
 
 def nvrtc_wheel_library() -> Path | None:
     """libnvrtc from the nvidia-cuda-nvrtc wheel (a test extra), where pip put it."""
@@ -18,3 +23,9 @@ def nvrtc_wheel_library() -> Path | None:
 def relative(t, reference) -> float:
     """The largest difference from ``reference`` over its largest magnitude."""
     return float((t.double() - reference).abs().max() / reference.abs().max())
+
+
+def skip_without_a_gpu_and_nvrtc() -> None:
+    """Skip the calling test where our kernels cannot run: no CUDA device, or no NVRTC."""
+    if not torch.cuda.is_available() or not nvrtc.nvrtc_available():
+        pytest.skip("needs a CUDA device with NVRTC")

@@ -11,7 +11,7 @@ import torch
 
 from mambapeft.models import conv_bwd, nvrtc, scan
 
-from nvrtc_helpers import nvrtc_wheel_library, relative
+from nvrtc_helpers import nvrtc_wheel_library, relative, skip_without_a_gpu_and_nvrtc
 
 CUDA = torch.device("cuda")
 
@@ -90,8 +90,7 @@ def _inputs(batch, channels, length, width, dtype, channel_major, has_bias, gene
 ])
 def test_against_the_float64_conv_as_close_as_causal_conv1d(batch, channels, length, width, dtype, channel_major,
                                                            has_bias, silu):
-    if not torch.cuda.is_available() or not nvrtc.nvrtc_available():
-        pytest.skip("needs a CUDA device with NVRTC")
+    skip_without_a_gpu_and_nvrtc()
     x, weight, bias, dout = _inputs(batch, channels, length, width, dtype, channel_major, has_bias,
                                     torch.Generator().manual_seed(0))
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias) if t is not None]
@@ -112,8 +111,7 @@ def test_against_the_float64_conv_as_close_as_causal_conv1d(batch, channels, len
 
 @pytest.mark.gpu
 def test_dx_is_written_into_the_tensor_given():
-    if not torch.cuda.is_available() or not nvrtc.nvrtc_available():
-        pytest.skip("needs a CUDA device with NVRTC")
+    skip_without_a_gpu_and_nvrtc()
     x, weight, bias, dout = _inputs(2, 8, 50, 4, torch.float32, False, True, torch.Generator().manual_seed(0))
     dxz = torch.zeros(2, 16, 50, device="cuda")
     dx, _, _ = conv_bwd.backward(x, weight, bias, dout, dxz[:, :8], True)
@@ -126,8 +124,7 @@ def test_reverse_is_the_backward_of_the_flipped_conv(length):
     """The backward of the conv run from the last step to the first: the gradients of the conv of x
     flipped along time (dx bit for bit, flipped back; the weight and bias sums over time in another
     order)."""
-    if not torch.cuda.is_available() or not nvrtc.nvrtc_available():
-        pytest.skip("needs a CUDA device with NVRTC")
+    skip_without_a_gpu_and_nvrtc()
     x, weight, bias, dout = _inputs(3, 40, length, 4, torch.bfloat16, True, True, torch.Generator().manual_seed(0))
     dx, dweight, dbias = conv_bwd.backward(x, weight, bias, dout, None, True, reverse=True)
     dx_f, dweight_f, dbias_f = conv_bwd.backward(x.flip(-1), weight, bias, dout.flip(-1), None, True)

@@ -18,13 +18,13 @@ import torch
 from mambapeft.bench.scan import kernel_inputs
 from mambapeft.cli.bench import _shape, cmd_bench_scan_kernels
 from mambapeft.models import conv_bwd, nvrtc, scan, scan_short
-from nvrtc_helpers import nvrtc_wheel_library, relative
+from nvrtc_helpers import nvrtc_wheel_library, relative, skip_without_a_gpu_and_nvrtc
 
 CUDA = torch.device("cuda")
 
 
 def test_runs_only_where_it_applies(monkeypatch):
-    monkeypatch.setattr(scan_short, "nvrtc_available", lambda: True)
+    monkeypatch.setattr(nvrtc, "nvrtc_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv(scan_short.ENV, raising=False)
     assert scan_short.runs(CUDA, torch.bfloat16, 16, 197)
@@ -39,7 +39,7 @@ def test_runs_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not scan_short.runs(CUDA, torch.bfloat16, 16, 197)  # an A100: not measured, mamba-ssm's kernels
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(scan_short, "nvrtc_available", lambda: False)
+    monkeypatch.setattr(nvrtc, "nvrtc_available", lambda: False)
     assert not scan_short.runs(CUDA, torch.bfloat16, 16, 197)
 
 
@@ -87,7 +87,7 @@ def test_bench_scan_kernels_without_a_gpu_says_what_it_needs():
 
 def test_nvrtc_not_found_on_a_cpu_build():
     if torch.version.cuda is None:
-        assert not scan_short.nvrtc_available()
+        assert not nvrtc.nvrtc_available()
 
 
 VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus)
@@ -156,8 +156,7 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z")
     (4, 96, 256, torch.bfloat16, False),
 ])
 def test_against_the_float64_scan_as_close_as_mamba_ssm(batch, channels, length, dtype, channel_major):
-    if not torch.cuda.is_available() or not scan_short.nvrtc_available():
-        pytest.skip("needs a CUDA device with NVRTC")
+    skip_without_a_gpu_and_nvrtc()
     pytest.importorskip("selective_scan_cuda")
     inputs = kernel_inputs(batch, channels, length, dtype, channel_major, torch.Generator().manual_seed(0))
     out_ref, grads_ref = _reference(*inputs)
@@ -177,8 +176,7 @@ def test_reverse_is_the_scan_of_the_flipped_sequences(length):
     """From the last step to the first, in the inputs' order: what the scan of the sequences flipped
     along time gives, flipped back (the same sums: equal but for the order of the float atomics that
     sum dA, dB, dC, dD and delta_bias's gradient over channels)."""
-    if not torch.cuda.is_available() or not scan_short.nvrtc_available():
-        pytest.skip("needs a CUDA device with NVRTC")
+    skip_without_a_gpu_and_nvrtc()
     inputs = kernel_inputs(4, 96, length, torch.bfloat16, True, torch.Generator().manual_seed(0))
     out, grads = _ours(*inputs, reverse=True)
     flipped = [t.flip(-1) if t.dim() == 3 else t for t in inputs]  # u, delta, B, C, z, dout

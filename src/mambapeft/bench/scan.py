@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..models import conv_bwd, scan_short
+from ..models import conv_bwd, nvrtc, scan_short
 from ..models.scan import (_conv_bwd_kernel, _selective_scan_kernels, cuda_kernels_available, selective_scan_cuda,
                            selective_scan_torch, whole_kernel_chunks)
 from .common import synchronize
@@ -145,7 +145,7 @@ def bench_scan_kernels(shapes=KERNEL_SHAPES, repeats: int = 50) -> dict:
     (batch, channels, length) of ``shapes`` (bf16, channel-major, 16 states, D, z, delta_bias, softplus:
     what the fused mixer function runs), mamba-ssm's also at the length of its whole block (where the
     fused function pads to for it); and our causal conv backward against causal-conv1d's."""
-    if not (torch.cuda.is_available() and cuda_kernels_available() and scan_short.nvrtc_available()):
+    if not (torch.cuda.is_available() and cuda_kernels_available() and nvrtc.nvrtc_available()):
         raise RuntimeError("bench scan-kernels needs a CUDA device with mamba-ssm (`mambapeft setup-gpu`) "
                            "and PyTorch's NVRTC (a CUDA build of PyTorch 2.8 or later)")
     rows = []

@@ -11,11 +11,10 @@ channel strides, unit stride along L; weight (D, W), W 2 to 4; bias (D,).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import nvrtc
+from .nvrtc import SEQUENCE_DTYPES
 
 SOURCE = "conv_bwd.cu"
 THREADS = 128
@@ -25,24 +24,21 @@ ENV = "MAMBAPEFT_CONV_BWD"  # "0": causal-conv1d's backward (A/B measurements)
 # channel-major, `bench scan-kernels`): 26 against 78 us at (32, 768, 197), 179 against 261 at
 # (32, 4096, 256), but 85 against 33 at (8, 1536, 1024), where a warp's rows run long.
 MAX_LENGTH = 256
-_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def macros(dtype: torch.dtype, width: int, has_bias: bool, silu: bool, reverse: bool = False) -> list[str]:
     """The compiler's -D options for one variant of the kernel (``reverse``: the conv along time from
     the last step to the first, see kernels.cuh)."""
-    values = {"IN_BF16": dtype == torch.bfloat16, "WIDTH": width, "HAS_BIAS": has_bias, "SILU": silu,
-              "REVERSE": reverse}
-    return [f"-D{name}={int(value)}" for name, value in values.items()]
+    return nvrtc.defines({"IN_BF16": dtype == torch.bfloat16, "WIDTH": width, "HAS_BIAS": has_bias, "SILU": silu,
+                          "REVERSE": reverse})
 
 
 def runs_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the conv backward runs for this input: on a CUDA device of the architecture it was
     measured on (Hopper), x fp32 or bf16 with a unit stride along time and at most MAX_LENGTH steps,
     a width of 2 to 4, NVRTC present and $MAMBAPEFT_CONV_BWD not "0"."""
-    return (x.is_cuda and x.dtype in _DTYPES and x.stride(-1) == 1 and x.shape[-1] <= MAX_LENGTH
-            and weight.shape[-1] in WIDTHS
-            and os.environ.get(ENV, "1") != "0" and nvrtc.nvrtc_available() and nvrtc.on_measured_gpu(x.device))
+    return (x.dtype in SEQUENCE_DTYPES and x.stride(-1) == 1 and x.shape[-1] <= MAX_LENGTH
+            and weight.shape[-1] in WIDTHS and nvrtc.switched_on(x.device, ENV))
 
 
 def runs(x: torch.Tensor, weight: torch.Tensor, dout: torch.Tensor) -> bool:

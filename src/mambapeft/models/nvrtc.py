@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from importlib import resources
 
 import torch
 
 HEADERS = ("kernels.cuh",)
 MEASURED_ARCH_MAJOR = 9  # Hopper (H100, H200): the only architecture our kernels were timed on
+SEQUENCE_DTYPES = (torch.float32, torch.bfloat16)  # the sequences' dtypes the kernels are built for (IN_BF16)
 
 
 def _check(nvrtc, result: int, source_name: str, program=None) -> None:
@@ -71,10 +73,17 @@ def nvrtc_available() -> bool:
     return True
 
 
-def on_measured_gpu(device: torch.device) -> bool:
-    """A CUDA device of the architecture our kernels were measured on (elsewhere they may be slower
-    than the packages' kernels they replace)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == MEASURED_ARCH_MAJOR
+def switched_on(device: torch.device, off_switch: str) -> bool:
+    """Whether our kernels may run on ``device``: a CUDA device of the architecture they were measured
+    on (elsewhere they may be slower than the packages' kernels they replace), NVRTC present, and the
+    environment variable ``off_switch`` not "0" (A/B runs)."""
+    return (device.type == "cuda" and os.environ.get(off_switch, "1") != "0" and nvrtc_available()
+            and torch.cuda.get_device_capability(device)[0] == MEASURED_ARCH_MAJOR)
+
+
+def defines(values: dict[str, int | bool]) -> list[str]:
+    """The compiler's -D options for one variant of a kernel file: each macro's value as an integer."""
+    return [f"-D{name}={int(value)}" for name, value in values.items()]
 
 
 @functools.cache

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import conv_bwd, scan_short
+from . import conv_bwd, nvrtc, scan_short
 from .rebuild import checked
 
 
@@ -929,7 +929,7 @@ def installed_kernels() -> dict[str, bool | str]:
     """Which optional CUDA kernel packages imported (whether or not a GPU is present), and why not;
     ``nvrtc``: whether our short-sequence scan kernels can be compiled (scan_short.py)."""
     return {"mamba_ssm": _cuda_selective_scan is not None, "mamba_ssm_ssd": _cuda_chunk_scan is not None,
-            "causal_conv1d": _cuda_causal_conv1d is not None, "nvrtc": scan_short.nvrtc_available(),
+            "causal_conv1d": _cuda_causal_conv1d is not None, "nvrtc": nvrtc.nvrtc_available(),
             "errors": dict(_IMPORT_ERRORS)}
 
 

@@ -249,7 +249,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     // forward (a (B, D, L) tensor per layer), for dz and out_z after the tile's steps
     __shared__ ftile_t y_tile;
     __shared__ float Bs[TILE][NSTATE], Cs[TILE][NSTATE];
-    __shared__ float states[CHUNK][OWN][THREADS];
+    __shared__ float states[CHUNK][OWN][THREADS];  // one chunk's states, recomputed
     // per warp and step of a chunk: dB then dC, summed over the warp's channels (plain stores: a float
     // atomic add to shared memory is a compare-and-swap loop)
     __shared__ float sums[WARPS][CHUNK][SUMS_ROW];
@@ -357,7 +357,10 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                 if (s0 + j < length) {
                     const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot];
 #pragma unroll
-                    for (int s = 0; s < OWN; ++s) { h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu; states[j][s][threadIdx.x] = h[s]; }
+                    for (int s = 0; s < OWN; ++s) {
+                        h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
+                        states[j][s][threadIdx.x] = h[s];
+                    }
                 }
             }
 #pragma unroll
@@ -366,13 +369,11 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                 if (s0 + j >= length) continue;
                 const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot], dy = dy_tile[k][slot];
                 float terms[2 * OWN], gB = 0.f, gAh = 0.f, y = 0.f;
-                float step_states[OWN];
-                for (int s = 0; s < OWN; ++s) step_states[s] = states[j][s][threadIdx.x];
 #pragma unroll
                 for (int s = 0; s < OWN; ++s) {
                     const int n = group * OWN + s;
                     g[s] = decay[s] * g[s] + Cs[k][n] * dy;
-                    const float state = step_states[s];
+                    const float state = states[j][s][threadIdx.x];
                     if (HAS_Z) y += state * Cs[k][n];  // as the forward sums it
                     const float carried = state - Bs[k][n] * dtu;  // exp(dt A) times the state before
                     gB += g[s] * Bs[k][n];

@@ -13,12 +13,11 @@ strides, unit stride along L; A (D, 16); B, C (B, 16, L); D, delta_bias (D,).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from . import nvrtc
-from .nvrtc import nvrtc_available
+from .nvrtc import SEQUENCE_DTYPES
 
 STATES = 16  # the kernels' state count (mamba's default d_state; Vim's and the Mamba LMs')
 CHUNK = 8  # steps between the backward's checkpoints of the state (its shared memory holds one chunk)
@@ -35,12 +34,9 @@ def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: boo
            softplus: bool, reverse: bool = False) -> list[str]:
     """The compiler's -D options for one variant of the kernels (``reverse``: scanning from the last
     step to the first, see kernels.cuh)."""
-    values = {"IN_BF16": in_dtype == torch.bfloat16, "BC_BF16": bc_dtype == torch.bfloat16, "HAS_D": has_D,
-              "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus, "CHUNK": CHUNK, "REVERSE": reverse}
-    return [f"-D{name}={int(value)}" for name, value in values.items()]
-
-
-_DTYPES = (torch.float32, torch.bfloat16)
+    return nvrtc.defines({"IN_BF16": in_dtype == torch.bfloat16, "BC_BF16": bc_dtype == torch.bfloat16,
+                          "HAS_D": has_D, "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus, "CHUNK": CHUNK,
+                          "REVERSE": reverse})
 
 
 def runs(device: torch.device, dtype: torch.dtype, states: int, length: int) -> bool:
@@ -48,15 +44,15 @@ def runs(device: torch.device, dtype: torch.dtype, states: int, length: int) -> 
     they were measured on (Hopper, compute capability 9.x: faster than mamba-ssm's there; elsewhere
     not measured), fp32 or bf16 sequences, 16 states, at most MAX_LENGTH steps, NVRTC present and
     $MAMBAPEFT_SHORT_SCAN not "0"."""
-    return (device.type == "cuda" and dtype in _DTYPES and states == STATES and length <= MAX_LENGTH
-            and os.environ.get(ENV, "1") != "0" and nvrtc_available() and nvrtc.on_measured_gpu(device))
+    return (dtype in SEQUENCE_DTYPES and states == STATES and length <= MAX_LENGTH
+            and nvrtc.switched_on(device, ENV))
 
 
 def applies(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *sequences: torch.Tensor | None) -> bool:
     """Whether these kernels run this scan: on a CUDA device, real A (D, 16), B and C per step (their
     dtype fp32 or bf16), and u with every other sequence (delta, z, ...) of one dtype, fp32 or bf16."""
     return (u.is_cuda and A.dtype == torch.float32 and A.dim() == 2 and A.shape[1] == STATES
-            and B.dim() == 3 and B.dtype in _DTYPES and u.dtype in _DTYPES
+            and B.dim() == 3 and B.dtype in SEQUENCE_DTYPES and u.dtype in SEQUENCE_DTYPES
             and all(t is None or t.dtype == u.dtype for t in sequences))
 
 
