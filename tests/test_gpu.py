@@ -751,3 +751,49 @@ def test_our_mamba_inner_fn_pads_short_sequences_exactly(dtype, monkeypatch):
     assert rel(runs[1][0], runs[0][0]) <= tolerance
     for i, (grad, expected) in enumerate(zip(runs[1][1], runs[0][1])):
         assert rel(grad, expected) <= tolerance, i
+
+
+VISION_METHODS = [m for d, m in MAMBA_ROWS if d == "vision"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_every_vision_method_evaluates_as_a_cuda_graph(method):
+    """An evaluation's full batches are replayed as a CUDA graph (runtime `cuda_graphs`): the replay's
+    logits are the eager forward's, and a batch of another shape runs eagerly."""
+    from mambapeft.models.cuda_graphs import InferenceGraph
+
+    model, _ = adapted_mini("vision", "vim-mini", method, nudge=0.02)
+    set_backend(model.eval(), CUDA_BACKEND)
+    images = torch.randn(2, 6, 3, 32, 32, device="cuda")
+    graph = InferenceGraph(model, images[0].shape, images.device)
+    for batch in (*images, images[0, :4]):  # two replays of one graph, then the eager shape
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            eager = model(batch)
+        assert rel(graph(batch), eager) <= 1e-3
+
+
+@needs_kernels
+def test_graphed_evaluation_counts_what_the_eager_one_does(tmp_path, monkeypatch):
+    """evaluate_top1 with runtime `cuda_graphs`: full batches replayed (a counted replay), the last,
+    partial batch eager, and the same top-1 as the eager evaluation."""
+    from run_helpers import tiny_vision_run
+
+    from mambapeft.build import build_trainable
+    from mambapeft.eval import classification
+    from mambapeft.models.cuda_graphs import InferenceGraph
+
+    spec = tiny_vision_run(tmp_path)  # 24 test images
+    spec["train"]["eval_batch_size"] = 10  # 10 + 10 replayed, 4 eager
+    device = torch.device("cuda")
+    model = build_trainable({**spec, "runtime": {**spec["runtime"], "scan_backend": "cuda"}}, device).model.eval()
+    replays = []
+    original = InferenceGraph.__call__
+    monkeypatch.setattr(InferenceGraph, "__call__", lambda self, x: replays.append(len(x)) or original(self, x))
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    results = {}
+    for graphs in (False, True):
+        graphed = {**spec, "runtime": {**spec["runtime"], "cuda_graphs": graphs}}
+        results[graphs] = classification.evaluate_top1(model, graphed, device, autocast, tmp_path)
+    assert replays == [10, 10, 4]
+    assert results[True] == results[False] and results[True]["n_eval"] == 24

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..build import build_trainable, method_spec
 from ..gpus import allocator_settings
 from ..io import write_json_atomic, write_text_atomic
-from ..models.cuda_graphs import captured_replay
+from ..models.cuda_graphs import InferenceGraph, captured_replay
 from ..models.lm import LM_VARIANTS, MambaLMConfig
 from ..runspec import domain_file, methods_for
 from ..runtime import autocast_for, device_name
@@ -116,20 +116,26 @@ def _language_step(method: str, backbone: str, micro_batch: int, length: int, cu
 
 def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmup=5, steps=20,
                         cuda_graphs=False) -> dict:
+    """A training step at ``batch`` and an evaluation forward at the recipe's ``eval_batch_size``,
+    each as the trainer and the evaluation run them (replayed as CUDA graphs with ``cuda_graphs``)."""
     model, result, backend, step = _vision_step(method, backbone, batch, size, cuda_graphs)
     row = _timed(step, warmup, steps)
     model.eval()
-    images, _ = _random_images(batch, size)
-    with torch.no_grad():
-        evaluation = _timed(lambda: _eval_step(model, images), 2, 5)
-    row.update(images_per_s=batch / row["step_s"], eval_images_per_s=batch / evaluation["step_s"],
-               trainable_params=result.count(), backend=backend, cuda_graphs=cuda_graphs)
+    eval_batch = int(domain_file("vision", "recipe")["eval_batch_size"])
+    images, _ = _random_images(eval_batch, size)
+    forward = InferenceGraph(model, images.shape, images.device) if cuda_graphs else _eager_eval(model)
+    evaluation = _timed(lambda: forward(images), 3, 10)
+    row.update(images_per_s=batch / row["step_s"], eval_images_per_s=eval_batch / evaluation["step_s"],
+               eval_batch=eval_batch, trainable_params=result.count(), backend=backend, cuda_graphs=cuda_graphs)
     return row
 
 
-def _eval_step(model, images):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        model(images)
+def _eager_eval(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    @torch.no_grad()
+    def forward(images):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(images)
+    return forward
 
 
 def bench_language_method(method: str, backbone: str, micro_batch=4, length=256, warmup=3, steps=10,
