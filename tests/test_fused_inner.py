@@ -29,7 +29,8 @@ FUSED_LANGUAGE = {"zero_shot", "head_only", "full", "lora_in_proj", "lorap_x", "
                   "periodic_20", "periodic_30", "dora_in_proj", "dorap_x", "prodial_in",
                   "hybrid_importance",  # its LoRA and (IA)3 tiers both wrap in_proj only
                   "dora_out_proj", "lora_sll", "dora_sll",
-                  "lora_out_proj", "ia3", "lora_ia3", "prodial", "prodial_out", "sdt"}  # out_proj called
+                  "lora_out_proj", "ia3", "lora_ia3", "prodial", "prodial_out", "sdt",  # out_proj called
+                  "affix", "affix_noproj"}  # affix tokens scanned as steps of xz, cut off before out_proj
 # the same for Vim (both directions' modules), partial tuning (parametrised parameters, read through the
 # parametrisation) and methods outside the mixer included
 FUSED_VISION = {"a", "cls_token", "d", "dora_embed", "dora_in_proj", "dorap_z", "full", "hybrid_importance",
@@ -38,7 +39,8 @@ FUSED_VISION = {"a", "cls_token", "d", "dora_embed", "dora_in_proj", "dorap_z", 
                 "lora_x_proj", "lora_dt_proj", "lorap_d", "lorap_b", "lorap_c",  # merged-style LoRA
                 "dora_x_proj", "dora_dt_proj", "dora_out_proj", "dorap_d", "dorap_b", "dorap_c",
                 "bias", "conv1d",  # deltas parametrising dt_proj's bias, conv1d's weight
-                "lora_out_proj", "parallel_adapter", "prodial", "prodial_out", "sdt"}  # out_proj called
+                "lora_out_proj", "parallel_adapter", "prodial", "prodial_out", "sdt",  # out_proj called
+                "affix", "affix_noproj", "hybrid", "hybrid_noproj"}  # affix tokens: steps of xz, cut off
 
 
 def _mixers(model) -> list[Mixer]:

@@ -12,7 +12,8 @@ base model exactly:
   * the fused ``mamba_inner`` path (once per direction) reads conv1d, x_proj and dt_proj raw, so it
     runs only where their weights stand for their calls: plain or parametrised (no wrapper or hook:
     :func:`read_as_written`), or a LoRA folded into the weight (:func:`read_as_linear`), and no state
-    extension, state offset or affix is set (:meth:`Mamba.uses_fused_inner`); out_proj it reads the
+    extension or state offset is set (:meth:`Mamba.uses_fused_inner`; affix tokens are steps it
+    runs, cut off after); out_proj it reads the
     same way where it can, and otherwise calls on its output;
   * the generation step's kernels (mamba_ssm's step: conv update in place, dt_proj's bias inside the
     state update) read ``dt_proj`` raw, so they run only where it is plain (:meth:`Mamba.uses_step_kernels`);
@@ -217,9 +218,9 @@ class Mamba(Mixer):
         """xz: (B, 2*D_inner, L) in this direction's time order -> y: (B, D_inner, L)."""
         n_affix = 0
         if d.key in self.affixes:
-            tokens = self.affixes[d.key]()  # (n, 2*D_inner)
-            n_affix = tokens.shape[0]
-            xz = torch.cat([tokens.t().unsqueeze(0).expand(xz.shape[0], -1, -1).to(xz.dtype), xz], dim=2)
+            tokens = self._affix_tokens(d, xz)
+            n_affix = tokens.shape[-1]
+            xz = torch.cat([tokens, xz], dim=2)
         x, z = xz.chunk(2, dim=1)  # (B, D_inner, L')
         conv = getattr(self, d.conv1d)
         x_conv = self.backend.causal_conv1d(x, conv.weight.squeeze(1), conv.bias, "silu")
@@ -236,14 +237,17 @@ class Mamba(Mixer):
             y = y + self.state_offsets[d.key](C, z).to(y.dtype)
         return y[..., n_affix:]
 
+    def _affix_tokens(self, d: Direction, xz: torch.Tensor) -> torch.Tensor:
+        """Direction ``d``'s affix tokens as xz-space steps (B, 2*D_inner, n) in xz's batch and dtype."""
+        return self.affixes[d.key]().t().unsqueeze(0).expand(xz.shape[0], -1, -1).to(xz.dtype)
+
     def uses_fused_inner(self) -> bool:
         """Whether :meth:`forward` runs the backend's fused ``mamba_inner``, once per direction (the
         kernel reads conv1d's, x_proj's and dt_proj's weights directly: only where no method changes
         anything between in_proj and out_proj but through those weights, so no adapter, hook or
         parametrisation can be skipped by it; out_proj is called where its weight does not stand for
-        its call)."""
-        return (self.backend.mamba_inner is not None
-                and not self.affixes and not self.state_extensions and not self.state_offsets
+        its call). Affix tokens are steps of xz: they run through it too."""
+        return (self.backend.mamba_inner is not None and not self.state_extensions and not self.state_offsets
                 and all(read_as_written(getattr(self, d.conv1d), nn.Conv1d) and read_as_linear(getattr(self, d.x_proj))
                         and read_as_linear(getattr(self, d.dt_proj)) for d in self.directions))
 
@@ -252,11 +256,21 @@ class Mamba(Mixer):
         """The backend's ``mamba_inner`` on xz (B, 2*D_inner, L) with this direction's weights, in xz's
         time order (the backward direction runs from the last step to the first: ``reverse``, in the
         kernels where they can, with no flip): with ``project``, through out_proj's weight (bias
-        ``out_bias``) -> (B, L, D_model); else the gated scan output (B, D_inner, L) (out_bias None)."""
+        ``out_bias``) -> (B, L, D_model); else the gated scan output (B, D_inner, L) (out_bias None).
+        Affix tokens go first in the direction's time order (the end of xz for the backward direction),
+        their outputs cut off (so not with ``project``)."""
         conv, dt_proj = getattr(self, d.conv1d), getattr(self, d.dt_proj)
-        return self.backend.mamba_inner(xz, conv.weight, conv.bias, getattr(self, d.x_proj).weight, dt_proj.weight,
-                                        dt_proj.bias, self.out_proj.weight if project else None, out_bias,
-                                        self._state_matrix(d), getattr(self, d.D), reverse=d is BACKWARD)
+        steps, length = slice(None), xz.shape[-1]
+        if d.key in self.affixes:
+            tokens = self._affix_tokens(d, xz)
+            if d is BACKWARD:
+                xz, steps = torch.cat([xz, tokens.flip(-1)], dim=2), slice(0, length)
+            else:
+                xz, steps = torch.cat([tokens, xz], dim=2), slice(tokens.shape[-1], None)
+        out = self.backend.mamba_inner(xz, conv.weight, conv.bias, getattr(self, d.x_proj).weight, dt_proj.weight,
+                                       dt_proj.bias, self.out_proj.weight if project else None, out_bias,
+                                       self._state_matrix(d), getattr(self, d.D), reverse=d is BACKWARD)
+        return out[..., steps]
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).
@@ -267,8 +281,9 @@ class Mamba(Mixer):
         xz = linear_channel_major(self.in_proj, hidden_states)  # (B, 2*D_inner, L), channel-major
         if state is None and self.uses_fused_inner():
             # out_proj inside the fused function where its weight stands for its call; else called
-            # (its wrapper, dropout included, runs) on the directions merged, as the chain below calls it
-            project = read_as_linear(self.out_proj)
+            # (its wrapper, dropout included, runs) on the directions merged, as the chain below calls it,
+            # and where affix tokens lengthen the scan (their outputs are cut off before out_proj)
+            project = read_as_linear(self.out_proj) and not self.affixes
             bias = self.out_proj.bias if project else None
             out = self._fused_direction(xz, FORWARD, project, bias)
             if self.bidirectional:
