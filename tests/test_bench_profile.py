@@ -31,6 +31,7 @@ NAMES = {
     "void implicit_convolve_sgemm<__nv_bfloat16, __nv_bfloat16, 1024, 5, 5, 3, 3, 3, 1, false>": "patch embedding (convolution)",
     "_layer_norm_bwd_kernel": "residual add + RMSNorm",
     "_rms_normed_kernel": "residual add + RMSNorm",
+    "_rms_norm_bwd_kernel": "residual add + RMSNorm",
     "_dropout_kernel": "LoRA dropout",
     "_cross_entropy_fwd_kernel": "cross-entropy",
     "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"

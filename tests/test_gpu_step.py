@@ -103,6 +103,36 @@ def test_fused_add_rms_norm_trains_as_the_torch_one(hidden_dtype, first):
 
 
 @needs_kernels
+@pytest.mark.parametrize("cols", [384, 2048, 2560])  # Vim-S, Mamba-1.4b, Mamba-2.8b widths
+@pytest.mark.parametrize("first,weight_grad", [(True, True), (False, True), (False, False)])
+def test_our_norm_backward_computes_what_mamba_ssms_does(cols, first, weight_grad):
+    """norm_triton.rms_norm_backward against mamba_ssm's _layer_norm_bwd on the same saved tensors:
+    a bf16 dx within one rounding, the fp32 residual gradient and the weight's within fp32 summation
+    order."""
+    from mamba_ssm.ops.triton.layer_norm import _layer_norm_bwd
+
+    from mambapeft.models.norm_triton import rms_norm_backward
+
+    torch.manual_seed(0)
+    rows = 1000 + 3  # not a whole number of row tiles
+    x = torch.randn(rows, cols, device="cuda")
+    rstd = x.pow(2).mean(-1).add(1e-5).rsqrt()
+    weight = torch.randn(cols, device="cuda")
+    dy = torch.randn(rows, cols, device="cuda").bfloat16()
+    dres = None if first else torch.randn(rows, cols, device="cuda")
+    dx, dw, _, dres_in, *_ = _layer_norm_bwd(dy, x, weight, None, 1e-5, None, rstd, dres, has_residual=not first,
+                                             is_rms_norm=True, x_dtype=torch.bfloat16)
+    our_dx, our_dw, our_dres_in = rms_norm_backward(dy, x, rstd, weight, dres, torch.bfloat16, not first, weight_grad)
+    assert rel(our_dx, dx) < BF16_ROUNDING
+    assert (our_dres_in is None) == first
+    if not first:
+        assert rel(our_dres_in, dres_in) < 1e-6
+    assert (our_dw is None) != weight_grad
+    if weight_grad:
+        assert rel(our_dw, dw) < 1e-5
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 6 * BF16_ROUNDING)])
 @pytest.mark.parametrize("first", [True, False])
 def test_a_block_step_on_the_kernels_equals_the_torch_step(dtype, tolerance, first):

@@ -140,3 +140,42 @@ def test_dropout_linear_computes_and_differentiates_the_reference(x_grad):
     torch.testing.assert_close(weight.grad, weight_ref.grad)
     if x_grad:
         torch.testing.assert_close(x.grad, torch.where(mask, reference.grad * (1 / (1 - p)), 0.0))
+
+
+@pytest.mark.parametrize("has_residual,dresidual", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_the_triton_norm_backward_computes_the_torch_gradients(has_residual, dresidual, weight_grad):
+    """norm_triton.rms_norm_backward against autograd through x * rstd * w (rstd held fixed, as the
+    kernel's saved one): partial row tiles (5 rows of 3 per tile at 1,300 columns), the residual's
+    gradient added, passed on (a separate fp32 tensor when dx is bf16), the weight's when it trains."""
+    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    from mambapeft.models.norm_triton import rms_norm_backward
+
+    torch.manual_seed(0)
+    rows, cols = 5, 1300
+    x = torch.randn(rows, cols)
+    rstd = x.pow(2).mean(-1).add(1e-5).rsqrt()
+    weight = torch.randn(cols, requires_grad=True)
+    xr = x.clone().requires_grad_()
+    dy, dres = torch.randn(rows, cols), torch.randn(rows, cols) if dresidual else None
+    # the norm's gradient with rstd recomputed from x (the kernel's formula is that derivative)
+    normed = xr * xr.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt() * weight
+    dx_expected, dw_expected = torch.autograd.grad(normed, [xr, weight], dy)
+    if dres is not None:
+        dx_expected = dx_expected + dres
+    for dx_dtype in (torch.float32, torch.bfloat16):
+        dx, dw, dres_in = rms_norm_backward(dy, x, rstd, weight.detach(), dres, dx_dtype, has_residual, weight_grad)
+        assert dx.dtype == dx_dtype
+        torch.testing.assert_close(dx.float(), dx_expected, rtol=1e-4 if dx_dtype == torch.float32 else 1e-2,
+                                   atol=1e-4 if dx_dtype == torch.float32 else 1e-2)
+        if weight_grad:
+            torch.testing.assert_close(dw, dw_expected, rtol=1e-4, atol=1e-4)
+        else:
+            assert dw is None
+        if not has_residual:
+            assert dres_in is None
+        elif dx_dtype == torch.float32:
+            assert dres_in is dx
+        else:  # the residual stream's gradient kept in fp32
+            assert dres_in.dtype == torch.float32
+            torch.testing.assert_close(dres_in, dx_expected, rtol=1e-4, atol=1e-4)

@@ -20,6 +20,10 @@ KERNELS = {
         {"WIDTH": 4, "BLOCK_WIDTH": 4, "BLOCK": 256, "HAS_BIAS": True, "SILU": True}),
     "mambapeft.models.norm_triton:_rms_normed_kernel": (
         {"x_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": "*fp32"}, {"BLOCK_M": 4, "BLOCK_N": 1024}),
+    "mambapeft.models.norm_triton:_rms_norm_bwd_kernel": (
+        {"x_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "dres_ptr": "*fp32", "dres_in_ptr": "*fp32",
+         "dw_ptr": "*fp32"},
+        {"HAS_DRESIDUAL": True, "STORE_DRESIDUAL": True, "WEIGHT_GRAD": True, "BLOCK_M": 8, "BLOCK_N": 512}),
     "mambapeft.models.dropout_triton:_dropout_kernel": (
         {"seed_ptr": "*i64", "b_out_ptr": "*fp32", "p": "fp32", "scale": "fp32"}, {"HAS_B": True, "QUARTER": 512}),
     "mambapeft.train.cross_entropy_triton:_cross_entropy_fwd_kernel": (

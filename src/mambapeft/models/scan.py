@@ -76,9 +76,10 @@ except ImportError as _error:  # pragma: no cover - depends on the machine
     _cuda_state_update, _IMPORT_ERRORS["mamba_ssm_state_update"] = None, str(_error)
 try:  # mamba_ssm's fused residual add + LayerNorm/RMSNorm kernels (what its blocks run with fused_add_norm)
     from mamba_ssm.ops.triton.layer_norm import _layer_norm_bwd, _layer_norm_fwd
+    from .norm_triton import rms_norm_backward as _rms_norm_backward
     from .norm_triton import rms_normed as _rms_normed
 except ImportError as _error:  # pragma: no cover - depends on the machine
-    _layer_norm_fwd = _layer_norm_bwd = _rms_normed = None
+    _layer_norm_fwd = _layer_norm_bwd = _rms_norm_backward = _rms_normed = None
     _IMPORT_ERRORS["mamba_ssm_layer_norm"] = str(_error)
 try:  # our Triton kernels: the conv step (causal-conv1d's causal_conv1d_update), for machines without that
     # package, and the conv forward (its causal_conv1d_fwd_function), run in place of that package's
@@ -610,11 +611,15 @@ def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+NORM_BACKWARD_COLUMNS = 8192  # widest row our norm backward holds in registers (d_model: 384 - 2,560 here)
+
+
 class _AddRMSNorm(torch.autograd.Function):
     """mamba_ssm's ``LayerNormFn`` as a pre-norm block calls it (``prenorm=True, is_rms_norm=True``, no
-    bias, dropout or second input), on its kernels, also returning each row's 1/rms (not
-    differentiable): with it and the fp32 residual the output is rebuilt bit for bit
-    (``norm_triton.rms_normed``)."""
+    bias, dropout or second input), the forward on its kernel, the backward on ours
+    (``norm_triton.rms_norm_backward``: the same gradients, the weight's only when it trains), also
+    returning each row's 1/rms (not differentiable): with it and the fp32 residual the output is
+    rebuilt bit for bit (``norm_triton.rms_normed``)."""
 
     @staticmethod
     def forward(ctx, hidden, residual, weight, eps, residual_dtype):
@@ -629,9 +634,14 @@ class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dnormed, dresidual, _drstd):
         residual_out, weight, rstd = ctx.saved_tensors
-        dhidden, dweight, _, dresidual_in, *_ = _layer_norm_bwd(
-            _rows(dnormed), residual_out, weight, None, ctx.eps, None, rstd, _rows(dresidual),
-            has_residual=ctx.has_residual, is_rms_norm=True, x_dtype=ctx.hidden_dtype)
+        if residual_out.shape[1] <= NORM_BACKWARD_COLUMNS:  # ours (norm_triton.py): a grid of row tiles
+            dhidden, dweight, dresidual_in = _rms_norm_backward(
+                _rows(dnormed), residual_out, rstd, weight, _rows(dresidual), ctx.hidden_dtype,
+                ctx.has_residual, weight_grad=ctx.needs_input_grad[2])
+        else:
+            dhidden, dweight, _, dresidual_in, *_ = _layer_norm_bwd(
+                _rows(dnormed), residual_out, weight, None, ctx.eps, None, rstd, _rows(dresidual),
+                has_residual=ctx.has_residual, is_rms_norm=True, x_dtype=ctx.hidden_dtype)
         shape = dnormed.shape
         return (dhidden.view(shape), dresidual_in.view(shape) if ctx.has_residual else None, dweight, None, None)
 
