@@ -30,7 +30,7 @@ FUSED_LANGUAGE = {"zero_shot", "head_only", "full", "lora_in_proj", "lorap_x", "
                   "hybrid_importance",  # its LoRA and (IA)3 tiers both wrap in_proj only
                   "dora_out_proj", "lora_sll", "dora_sll",
                   "lora_out_proj", "ia3", "lora_ia3", "prodial", "prodial_out", "sdt",  # out_proj called
-                  "affix", "affix_noproj"}  # affix tokens scanned as steps of xz, cut off before out_proj
+                  "affix", "affix_noproj"}  # affix tokens scanned as steps of xz, their outputs cut off
 # the same for Vim (both directions' modules), partial tuning (parametrised parameters, read through the
 # parametrisation) and methods outside the mixer included
 FUSED_VISION = {"a", "cls_token", "d", "dora_embed", "dora_in_proj", "dorap_z", "full", "hybrid_importance",

@@ -13,7 +13,7 @@ base model exactly:
     runs only where their weights stand for their calls: plain or parametrised (no wrapper or hook:
     :func:`read_as_written`), or a LoRA folded into the weight (:func:`read_as_linear`), and no state
     extension or state offset is set (:meth:`Mamba.uses_fused_inner`; affix tokens are steps it
-    runs, cut off after); out_proj it reads the
+    runs, their outputs cut off); out_proj it reads the
     same way where it can, and otherwise calls on its output;
   * the generation step's kernels (mamba_ssm's step: conv update in place, dt_proj's bias inside the
     state update) read ``dt_proj`` raw, so they run only where it is plain (:meth:`Mamba.uses_step_kernels`);
@@ -258,19 +258,19 @@ class Mamba(Mixer):
         kernels where they can, with no flip): with ``project``, through out_proj's weight (bias
         ``out_bias``) -> (B, L, D_model); else the gated scan output (B, D_inner, L) (out_bias None).
         Affix tokens go first in the direction's time order (the end of xz for the backward direction),
-        their outputs cut off (so not with ``project``)."""
+        their outputs cut off."""
         conv, dt_proj = getattr(self, d.conv1d), getattr(self, d.dt_proj)
-        steps, length = slice(None), xz.shape[-1]
+        length, first = xz.shape[-1], 0
         if d.key in self.affixes:
             tokens = self._affix_tokens(d, xz)
             if d is BACKWARD:
-                xz, steps = torch.cat([xz, tokens.flip(-1)], dim=2), slice(0, length)
+                xz = torch.cat([xz, tokens.flip(-1)], dim=2)
             else:
-                xz, steps = torch.cat([tokens, xz], dim=2), slice(tokens.shape[-1], None)
+                xz, first = torch.cat([tokens, xz], dim=2), tokens.shape[-1]
         out = self.backend.mamba_inner(xz, conv.weight, conv.bias, getattr(self, d.x_proj).weight, dt_proj.weight,
                                        dt_proj.bias, self.out_proj.weight if project else None, out_bias,
                                        self._state_matrix(d), getattr(self, d.D), reverse=d is BACKWARD)
-        return out[..., steps]
+        return out.narrow(1 if project else -1, first, length)  # xz's steps (all of them without affixes)
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).
@@ -281,9 +281,8 @@ class Mamba(Mixer):
         xz = linear_channel_major(self.in_proj, hidden_states)  # (B, 2*D_inner, L), channel-major
         if state is None and self.uses_fused_inner():
             # out_proj inside the fused function where its weight stands for its call; else called
-            # (its wrapper, dropout included, runs) on the directions merged, as the chain below calls it,
-            # and where affix tokens lengthen the scan (their outputs are cut off before out_proj)
-            project = read_as_linear(self.out_proj) and not self.affixes
+            # (its wrapper, dropout included, runs) on the directions merged, as the chain below calls it
+            project = read_as_linear(self.out_proj)
             bias = self.out_proj.bias if project else None
             out = self._fused_direction(xz, FORWARD, project, bias)
             if self.bidirectional:
