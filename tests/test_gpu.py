@@ -121,12 +121,16 @@ FUSED_PATHS = {"mamba-mini": ("mamba_inner", 2e-2), "mamba2-mini": ("split_conv1
 
 
 @needs_kernels
-@pytest.mark.parametrize("backbone,method", [("mamba-mini", m) for m in ("full", "lora_in_proj", "lorap_x", "periodic")]
+@pytest.mark.parametrize("backbone,method", [("mamba-mini", m) for m in ("full", "lora_in_proj", "lorap_x", "periodic",
+                                                                         "affix", "lora_out_proj")]
                          + [("mamba2-mini", m) for m in ("full", "lorap_x", "periodic", "ia3")]
-                         + [("vim-mini", m) for m in ("full", "lora_in_proj", "lorap_x", "d")])
+                         + [("vim-mini", m) for m in ("full", "lora_in_proj", "lorap_x", "d", "affix_noproj", "hybrid",
+                                                      "lora_out_proj", "lora_x_proj", "conv1d", "sdt")])
 def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
     """The fused kernels after in_proj (Mamba-1: our mamba_inner_fn, once per direction in Vim; Mamba-2:
-    mamba_split_conv1d_scan_combined) against the unfused CUDA chain, in the training precision.
+    mamba_split_conv1d_scan_combined) against the unfused CUDA chain, in the training precision: affix
+    tokens as steps of xz (at its end for Vim's reversed direction), out_proj called on the fused
+    output (LoRA with dropout: eval mode here), weights read through merged LoRA or parametrisations.
     (IA)3 on Mamba-2 scales out_proj's input, so it keeps the chain."""
     field, grad_tolerance = FUSED_PATHS[backbone]
     if getattr(CUDA_BACKEND, field) is None:
