@@ -65,14 +65,16 @@ def forward_backward(model, inputs, autocast=True):
     return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-def assert_runs_agree(reference, other, output_tolerance, grad_tolerance):
+def assert_runs_agree(reference, other, output_tolerance, grad_tolerance, grad_floor=0.0):
     """Two :func:`forward_backward` results: outputs within ``output_tolerance`` (relative norm), the
-    same parameters with gradients, each within ``grad_tolerance``."""
+    same parameters with gradients, each within ``grad_tolerance`` or, where a whole gradient is
+    rounding noise, apart by at most ``grad_floor`` (absolute)."""
     (out, grads), (other_out, other_grads) = reference, other
     assert rel(other_out, out) <= output_tolerance
     assert other_grads.keys() == grads.keys()
     for name, grad in grads.items():
-        assert rel(other_grads[name], grad) <= grad_tolerance, name
+        close = rel(other_grads[name], grad) <= grad_tolerance
+        assert close or float((other_grads[name] - grad).abs().max()) <= grad_floor, name
 
 
 @needs_kernels
@@ -144,7 +146,9 @@ def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
         fused = backend is CUDA_BACKEND and method != "ia3"
         assert all(x.uses_fused_inner() == fused for x in m.modules() if isinstance(x, Mixer))
         runs.append(forward_backward(m, ids))
-    assert_runs_agree(*runs, output_tolerance=1e-2, grad_tolerance=grad_tolerance)
+    # SDT's few selected A_log entries of a random mini model get gradients of ~1e-11, sums that cancel
+    # to bf16 rounding noise (fused 5.0e-11 / 2.0e-11 vs chain 5.3e-11 / 1.7e-11 on the H200)
+    assert_runs_agree(*runs, output_tolerance=1e-2, grad_tolerance=grad_tolerance, grad_floor=1e-9)
 
 
 @needs_kernels
