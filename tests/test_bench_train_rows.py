@@ -37,13 +37,15 @@ def test_the_timm_rows_say_why_they_did_not_run():
 
 def test_markdown_compares_vim_rows_with_both_timm_baselines_and_shows_mfu():
     report = {"device": "NVIDIA H200", "torch": "2.11", "cuda_graphs": True, "language_shape": [32, 256],
-              "vision": {"lorap_x": {"step_s": 0.02, "images_per_s": 1600.0, "peak_mem_bytes": 2**30}},
+              "vision": {"lorap_x": {"step_s": 0.02, "images_per_s": 1600.0, "peak_mem_bytes": 2**30,
+                                     "eval_images_per_s": 5120.4}},
               "language": {"mamba-1.4b": {"lora_in_proj": {"step_s": 0.4, "tokens_per_s": 20480.0, "mfu": 0.174,
                                                            "peak_mem_bytes": 2**33}}},
               "baselines": {TIMM_BASELINE: {"step_s": 0.03, "images_per_s": 1100.0, "peak_mem_bytes": 2**30},
                             TIMM_BASELINE + GRAPHED: {"skipped": "needs timm and a CUDA device"}}}
     text = markdown(report)
     assert "20,480 tok/s (17.4% MFU)" in text and "micro-batch 32 x 256 tokens" in text
+    assert "| 1,600 img/s | 1.00 |  | 5,120 img/s |" in text  # the evaluation forward's throughput
     assert f"| vim-s lorap_x / {TIMM_BASELINE} | 1.455x |" in text
     assert f"| {TIMM_BASELINE + GRAPHED} | needs timm and a CUDA device |" in text
 

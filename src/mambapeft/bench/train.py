@@ -320,7 +320,12 @@ def markdown(report: dict) -> str:
     if "language_shape" in report:
         lines += ["Language rows: micro-batch {} x {} tokens; MFU = tokens/s x 6 x parameters / dense bf16 "
                   "peak.".format(*report["language_shape"]), ""]
-    lines += ["| backbone | method | trainable | step (ms) | throughput | peak memory (GiB) | vs linear_probe |", "|---|---|---|---|---|---|---|"]
+    eval_batches = {row["eval_batch"] for row in report["vision"].values() if "eval_batch" in row}
+    if eval_batches:
+        lines += [f"Evaluation: forwards of {', '.join(map(str, sorted(eval_batches)))} images (the recipe's eval "
+                  f"batch), as the evaluation runs them{' (CUDA graphs)' if report.get('cuda_graphs') else ''}.", ""]
+    lines += ["| backbone | method | trainable | step (ms) | throughput | peak memory (GiB) | vs linear_probe | evaluation |",
+              "|---|---|---|---|---|---|---|---|"]
     base = report["vision"].get("linear_probe", {}).get("step_s")
     for method, row in report["vision"].items():
         lines.append(_row("vim-s", method, row, "images_per_s", "img/s", base))
@@ -376,4 +381,6 @@ def _gib(row):
 def _row(backbone, method, row, key, unit, base):
     ratio = f"{row['step_s'] / base:.2f}x" if base and "step_s" in row else ""
     trainable = f"{row['trainable_params']:,}" if "trainable_params" in row else ""
-    return f"| {backbone} | {method} | {trainable} | {_ms(row)} | {_rate(row, key, unit)} | {_gib(row)} | {ratio} |"
+    evaluation = f"{row['eval_images_per_s']:,.0f} img/s" if "eval_images_per_s" in row else ""
+    return (f"| {backbone} | {method} | {trainable} | {_ms(row)} | {_rate(row, key, unit)} | {_gib(row)} | {ratio} "
+            f"| {evaluation} |")
