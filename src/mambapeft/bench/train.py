@@ -324,8 +324,8 @@ def markdown(report: dict) -> str:
     if eval_batches:
         lines += [f"Evaluation: forwards of {', '.join(map(str, sorted(eval_batches)))} images (the recipe's eval "
                   f"batch), as the evaluation runs them{' (CUDA graphs)' if report.get('cuda_graphs') else ''}.", ""]
-    lines += ["| backbone | method | trainable | step (ms) | throughput | peak memory (GiB) | vs linear_probe | evaluation |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| backbone | method | trainable | step (ms) | throughput | peak memory (GiB) | vs linear_probe "
+              "| evaluation |", "|---|---|---|---|---|---|---|---|"]
     base = report["vision"].get("linear_probe", {}).get("step_s")
     for method, row in report["vision"].items():
         lines.append(_row("vim-s", method, row, "images_per_s", "img/s", base))

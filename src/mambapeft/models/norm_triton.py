@@ -83,8 +83,8 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, wei
                       dresidual: torch.Tensor | None, dx_dtype: torch.dtype, has_residual: bool,
                       weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The gradients of ``y = x * rstd * weight`` (x the summed residual, (M, N) fp32) and of the residual
-    passed on: (dx in ``dx_dtype``, dweight (N,) in weight's dtype when ``weight_grad`` else None, the residual input's
-    gradient when ``has_residual`` (dx itself where x's dtype is dx's) else None), as mamba_ssm's
+    passed on: (dx in ``dx_dtype``, dweight (N,) in weight's dtype when ``weight_grad`` else None, the
+    residual input's gradient when ``has_residual`` (dx itself where x's dtype is dx's) else None), as mamba_ssm's
     ``_layer_norm_bwd(dy, x, weight, None, eps, None, rstd, dresidual, has_residual=...,
     is_rms_norm=True, x_dtype=dx_dtype)`` returns them."""
     rows, cols = x.shape
