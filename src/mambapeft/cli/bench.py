@@ -101,14 +101,16 @@ def cmd_bench_scan_kernels(args) -> None:
 def _add_train(bench) -> None:
     p = bench.add_parser("train", help="GPU training-step throughput of every method and of the baselines")
     p.add_argument("--out", default="results/benchmarks", help="folder for <device>.json and <device>.md")
-    p.add_argument("--vision-backbone", default="vim-s", help="vim-* variant, batch 32 at 224x224")
+    p.add_argument("--vision-backbone", default="vim-s", help="vim-* variant, batch 32 at 224x224 (training) and the "
+                   "recipe's eval batch (evaluation forward)")
     p.add_argument("--language-backbones", nargs="+", default=["mamba-130m", "mamba-1.4b"],
                    help="mamba-* / mamba2-* variants, sequence 256 at the engine's micro-batch")
     p.add_argument("--vision-methods", nargs="+", help="default: every method of vision/methods.yaml")
     p.add_argument("--no-vision", action="store_true", help="language rows only (no Vim or timm rows)")
     p.add_argument("--language-methods", nargs="+", help="default: every method of language/methods.yaml")
     p.add_argument("--no-baselines", action="store_true", help="skip transformers+peft and timm+peft")
-    p.add_argument("--cuda-graphs", action="store_true", help="training steps as CUDA graphs (runtime key cuda_graphs)")
+    p.add_argument("--cuda-graphs", action="store_true", help="training steps and Vim evaluation forwards as CUDA graphs "
+                   "(runtime key cuda_graphs)")
     p.add_argument("--micro-batch", type=int, help="sequences of 256 tokens per language step, ours and transformers' "
                    "(default 4, the paper recipe's); memory only in training, so raise it to fill the GPU. Give "
                    "other values their own --out: the files are named by device")
