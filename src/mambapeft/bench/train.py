@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..build import build_trainable, method_spec
+from ..eval.classification import classifier_forward
 from ..gpus import allocator_settings
 from ..io import write_json_atomic, write_text_atomic
-from ..models.cuda_graphs import InferenceGraph, captured_replay
+from ..models.cuda_graphs import captured_replay
 from ..models.lm import LM_VARIANTS, MambaLMConfig
 from ..runspec import domain_file, methods_for
 from ..runtime import autocast_for, device_name
@@ -123,19 +124,11 @@ def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmu
     model.eval()
     eval_batch = int(domain_file("vision", "recipe")["eval_batch_size"])
     images, _ = _random_images(eval_batch, size)
-    forward = InferenceGraph(model, images.shape, images.device) if cuda_graphs else _eager_eval(model)
+    forward = classifier_forward(model, images.shape, images.device, cuda_graphs, autocast_for(images.device))
     evaluation = _timed(lambda: forward(images), 3, 10)
     row.update(images_per_s=batch / row["step_s"], eval_images_per_s=eval_batch / evaluation["step_s"],
                eval_batch=eval_batch, trainable_params=result.count(), backend=backend, cuda_graphs=cuda_graphs)
     return row
-
-
-def _eager_eval(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    @torch.no_grad()
-    def forward(images):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return model(images)
-    return forward
 
 
 def bench_language_method(method: str, backbone: str, micro_batch=4, length=256, warmup=3, steps=10,

@@ -1,6 +1,7 @@
 """Top-1 accuracy of an image classifier on a cached VTAB split (the ``test`` split by default)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ def evaluate_top1(model: nn.Module, spec: dict, device: torch.device, autocast, 
     recipe = spec["train"]
     test = ImageSet(spec["data"]["cache"][recipe["eval_split"]], device)
     correct, batch = 0, int(recipe["eval_batch_size"])
-    forward = _graphed_or_eager(model, spec, device, test, batch, autocast)
+    graphed = bool(spec["runtime"].get("cuda_graphs")) and device.type == "cuda" and len(test) >= batch
+    forward = classifier_forward(model, (batch, 3, *test.images.shape[1:3]), device, graphed, autocast)
     for start in range(0, len(test), batch):
         images, labels = test.batch(torch.arange(start, min(start + batch, len(test)), device=device))
         correct += int((forward(images).argmax(-1) == labels).sum())
@@ -24,13 +26,15 @@ def evaluate_top1(model: nn.Module, spec: dict, device: torch.device, autocast, 
             "results": {spec["data"]["task"]: {"top1": top1, "n": len(test)}}}
 
 
-def _graphed_or_eager(model: nn.Module, spec: dict, device: torch.device, test: ImageSet, batch: int, autocast):
-    """Full batches replayed as a CUDA graph where the run sets ``cuda_graphs`` (the same logits:
-    the same kernels on the same shapes), else the model's eager forward under ``autocast``."""
-    if spec["runtime"].get("cuda_graphs") and device.type == "cuda" and len(test) >= batch:
-        height, width = test.images.shape[1:3]
-        return InferenceGraph(model, (batch, 3, height, width), device)
+def classifier_forward(model: nn.Module, batch_shape: tuple[int, ...], device: torch.device, graphed: bool,
+                       autocast) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The evaluation's forward, without gradients: images (B, 3, H, W) -> logits. With ``graphed``
+    (runtime ``cuda_graphs`` on CUDA), batches of ``batch_shape`` replayed as a CUDA graph (the same
+    logits: the same kernels on the same shapes; others eager), else the eager forward under ``autocast``."""
+    if graphed:
+        return InferenceGraph(model, batch_shape, device)
 
+    @torch.no_grad()
     def eager(images: torch.Tensor) -> torch.Tensor:
         with autocast():
             return model(images)
