@@ -190,6 +190,30 @@ def test_the_recorded_backend_says_whether_the_fused_path_ran(monkeypatch, backb
     assert recorded_backend(monkeypatch, model, FUSED_TORCH) == recorded
 
 
+@pytest.mark.parametrize("backbone,setting,kept", [("vim-mini", None, True), ("mamba-mini", None, False),
+                                                    ("vim-mini", "0", False), ("mamba-mini", "1", True)])
+def test_image_classifiers_keep_activations_for_the_backward(monkeypatch, backbone, setting, kept):
+    """Memory for speed where memory is to spare: Vim's fused mixers keep what their backward would
+    recompute, a language model's (micro-batch sized to memory) do not; $MAMBAPEFT_KEEP_ACTIVATIONS
+    decides for every model. What the fused function is asked, per call."""
+    from mambapeft import runtime
+    if setting is None:
+        monkeypatch.delenv(runtime.KEEP_ACTIVATIONS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(runtime.KEEP_ACTIVATIONS_ENV, setting)
+    model = build_model(backbone, **({"num_classes": 4} if backbone == "vim-mini" else {"vocab_size": 64}))
+    asked = []
+
+    def recording_inner(*args, keep_activations=False, **kwargs):
+        asked.append(keep_activations)
+        return mamba_inner_torch(*args, **kwargs)
+
+    recorded_backend(monkeypatch, model, ScanBackend("torch", TORCH_BACKEND.selective_scan,
+                                                     TORCH_BACKEND.causal_conv1d, recording_inner))
+    model(torch.randn(2, 3, 32, 32) if backbone == "vim-mini" else torch.randint(0, 64, (2, 12)))
+    assert asked and set(asked) == {kept}
+
+
 @pytest.mark.parametrize("wrap", ["plain", "bias_free", "hooked", "wrapped"])
 def test_projections_come_out_channel_major_and_every_wrapper_still_runs(wrap):
     """The mixer's (B, channels, L) projections are stored as (channels, B, L), mamba_ssm's layout,

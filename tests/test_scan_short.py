@@ -126,11 +126,12 @@ def _reference(u, delta, A, B, C, D, z, bias, dout):
     return out.detach(), grads[:6] + [grads[7], grads[6]]
 
 
-def _ours(u, delta, A, B, C, D, z, bias, dout, reverse=False):
-    out, out_z = scan_short.forward(u, delta, A, B, C, D, z, bias, True, reverse)
+def _ours(u, delta, A, B, C, D, z, bias, dout, reverse=False, keep_states=False):
+    out, out_z, states = scan_short.forward(u, delta, A, B, C, D, z, bias, True, reverse, keep_states)
     assert out is None  # y is not kept where z gates it
+    assert (states is not None) == keep_states
     du, ddelta, dA, dB, dC, dD, dbias, dz, out_z_again = scan_short.backward(u, delta, A, B, C, D, z, bias, dout, None,
-                                                                           True, reverse)
+                                                                           True, reverse, states)
     assert torch.equal(out_z_again, out_z)  # y recomputed as the forward computed it
     return out_z, [du, ddelta, dA, dB, dC, dD, dbias, dz]
 
@@ -190,6 +191,21 @@ def test_reverse_is_the_scan_of_the_flipped_sequences(length):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("length, reverse", [(197, False), (197, True), (37, False), (16, True), (8, False)])
+def test_states_kept_by_the_forward_give_the_backward_its_gradients(length, reverse):
+    """With keep_states the forward writes the checkpoints the backward would compute (lengths: past
+    whole chunks, a partial tile, one tile, one chunk: no checkpoint at all) and the backward reads
+    them: the same gradients (the float atomics' order aside) as the backward that recomputes them."""
+    skip_without_a_gpu_and_nvrtc()
+    inputs = kernel_inputs(4, 96, length, torch.bfloat16, True, torch.Generator().manual_seed(2))
+    out, grads = _ours(*inputs, reverse=reverse)
+    out_kept, grads_kept = _ours(*inputs, reverse=reverse, keep_states=True)
+    assert torch.equal(out, out_kept)
+    for name, got, expected in zip(NAMES, grads_kept, grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
+
+
 def _needs_the_fused_function_on_it(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
@@ -220,7 +236,7 @@ def test_fused_mixer_on_it_matches_mamba_ssm_kernels(monkeypatch):
         pytest.skip("needs mamba-ssm and causal-conv1d")
     xz, weights = _fused_function_inputs(batch=8, d_model=384, d_inner=768, length=197, rank=24, seed=1)
     calls = []
-    monkeypatch.setattr(scan_short, "fwd", lambda *args, run=scan_short.fwd: calls.append(1) or run(*args))
+    monkeypatch.setattr(scan_short, "fwd", lambda *args, run=scan_short.fwd, **kw: calls.append(1) or run(*args, **kw))
     results = []
     for enabled in ("1", "0"):  # ours (scan and conv backward), then the packages' kernels alone
         monkeypatch.setenv(scan_short.ENV, enabled)
@@ -287,3 +303,42 @@ def test_fused_mixer_on_it_keeps_no_scan_output(monkeypatch):
             scan.mamba_inner_cuda(xz, *weights)
         kept[enabled] = sum(sizes)
     assert kept["0"] - kept["1"] == batch * d_inner * length * 2  # mamba-ssm's y, bf16
+
+
+@pytest.mark.gpu
+def test_fused_mixer_keeping_activations_saves_them_for_the_same_gradients(monkeypatch):
+    """keep_activations (what Vim trains with): the fused function, both directions, saves the conv
+    output, delta and our checkpoints of the state (fp32, every 8 steps) for its backward and gives
+    the gradients it gives without them; without gradients to take it keeps none."""
+    _needs_the_fused_function_on_it(monkeypatch)
+    if scan.CUDA_BACKEND.mamba_inner is None:
+        pytest.skip("needs mamba-ssm and causal-conv1d")
+    monkeypatch.delenv(conv_bwd.ENV, raising=False)
+    batch, d_inner, length = 4, 128, 197
+    xz, weights = _fused_function_inputs(batch=batch, d_model=64, d_inner=d_inner, length=length, rank=8, seed=3)
+    saved, results = {}, {}
+    for keep in (False, True):
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = sum(scan.mamba_inner_cuda(xz.transpose(0, 1), *weights, reverse=reverse, keep_activations=keep)
+                      for reverse in (False, True))
+        out.float().square().mean().backward()
+        saved[keep], results[keep] = sum(sizes), [out.detach().float()] + [t.grad.clone() for t in (xz, *weights)]
+        for t in (xz, *weights):
+            t.grad = None
+    chunks = -(-length // scan_short.CHUNK)
+    states, conv_out_and_delta = batch * chunks * scan_short.STATES * d_inner * 4, 2 * batch * d_inner * length * 2
+    assert saved[True] - saved[False] == 2 * (states + conv_out_and_delta)  # two directions; fp32, bf16
+    for kept, recomputed in zip(results[True], results[False]):  # bf16 gradients after float atomics' sums
+        torch.testing.assert_close(kept, recomputed, rtol=1e-2, atol=1e-2 * float(recomputed.abs().max()))
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        calls = []
+        monkeypatch.setattr(scan_short, "checkpoints", lambda u, run=scan_short.checkpoints: calls.append(1) or run(u))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            scan.mamba_inner_cuda(xz.transpose(0, 1), *weights, keep_activations=True)
+    assert calls == []  # no backward to come: nothing kept

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import resource
 
 import torch
 import torch.nn as nn
 
+from .models.image_classifier import ImageClassifier
 from .models.mamba import Mixer
 from .models.precision import store_frozen_linears_in_bf16
 from .models.scan import resolve_backend
@@ -20,6 +22,7 @@ log = logging.getLogger("mambapeft.runtime")
 
 # what a benchmark or an ad-hoc evaluation runs with: the kernels when present, never an error
 PERMISSIVE = {"scan_backend": "auto", "allow_torch_fallback": True}
+KEEP_ACTIVATIONS_ENV = "MAMBAPEFT_KEEP_ACTIVATIONS"  # "1" / "0": keeps_activations for every model / none
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -49,13 +52,29 @@ def select_backend(model: nn.Module, device: torch.device, runtime: dict) -> str
         raise RuntimeError("This CUDA run would use the slow PyTorch scan (mamba-ssm missing or backend forced). "
                            "Install the CUDA extras (`mambapeft setup-gpu`) or set `allow_torch_fallback: true`.")
     mixers = [module for module in model.modules() if isinstance(module, Mixer)]
+    keep = keeps_activations(model)
     for mixer in mixers:
         mixer.backend = backend
+        mixer.keep_activations = keep
     fused = sum(m.uses_fused_inner() for m in mixers)
     if backend.fuses:
         log.info("mixers on a fused kernel after in_proj: %d of %d (the others: a method changes them "
                  "between in_proj and the output)", fused, len(mixers))
     return f"{backend.name}-fused" if fused else backend.name
+
+
+def keeps_activations(model: nn.Module) -> bool:
+    """Whether the fused mixers' forward keeps what their backward would recompute
+    (scan.mamba_inner_cuda's ``keep_activations``: the conv output, delta and our scan's checkpoints
+    of the state, three times xz's bf16 bytes per mixer direction; the backward skips the conv forward,
+    delta's GEMM and one of the scan backward's three passes over time). Yes for image classifiers:
+    a fixed batch, the scan most of the step, memory to spare (+2.8 GB at Vim-S, batch 32). No for
+    language models, whose micro-batch is sized to the memory (+19 GB at Mamba-1.4b, micro-batch 32).
+    $MAMBAPEFT_KEEP_ACTIVATIONS "1" or "0" decides for every model."""
+    setting = os.environ.get(KEEP_ACTIVATIONS_ENV, "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return isinstance(model, ImageClassifier)
 
 
 def place_model(model: nn.Module, device: torch.device, runtime: dict) -> str:

@@ -68,7 +68,7 @@ def _check_short_scan(u, delta, a, b, c, reference) -> str:
     """Compile our short-sequence scan (NVRTC) and compare its output with the PyTorch scan's."""
     from .models import scan_short
 
-    out, _ = scan_short.forward(*(t.cuda() for t in (u, delta, a, b, c)), None, None, None, False)
+    out, _, _ = scan_short.forward(*(t.cuda() for t in (u, delta, a, b, c)), None, None, None, False)
     difference = float((out.cpu() - reference).abs().max())
     if difference > 1e-3:
         raise SetupError(f"our short-sequence scan disagrees with the PyTorch scan ({difference:.2e}); "

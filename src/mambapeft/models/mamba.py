@@ -110,6 +110,9 @@ class Mixer(nn.Module, abc.ABC):
     def __init__(self):
         super().__init__()
         self.backend: ScanBackend = TORCH_BACKEND
+        # the fused path's forward keeps what its backward would recompute (memory for speed:
+        # scan.mamba_inner_cuda's keep_activations); set with the backend by select_backend
+        self.keep_activations = False
 
     @classmethod
     def ssm_cfg_keys(cls) -> set[str]:
@@ -269,7 +272,8 @@ class Mamba(Mixer):
                 xz, first = torch.cat([tokens, xz], dim=2), tokens.shape[-1]
         out = self.backend.mamba_inner(xz, conv.weight, conv.bias, getattr(self, d.x_proj).weight, dt_proj.weight,
                                        dt_proj.bias, self.out_proj.weight if project else None, out_bias,
-                                       self._state_matrix(d), getattr(self, d.D), reverse=d is BACKWARD)
+                                       self._state_matrix(d), getattr(self, d.D), reverse=d is BACKWARD,
+                                       keep_activations=self.keep_activations)
         return out.narrow(1 if project else -1, first, length)  # xz's steps (all of them without affixes)
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:

@@ -661,7 +661,7 @@ def add_rms_norm_cuda(hidden, residual, weight, eps, residual_in_fp32=True):
 # A unidirectional mixer after in_proj, in one piece: conv -> x_proj -> dt_proj -> scan -> gate -> out_proj
 # ----------------------------------------------------------------------------------------------
 def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                      out_proj_weight, out_proj_bias, A, D, reverse=False):
+                      out_proj_weight, out_proj_bias, A, D, reverse=False, keep_activations=False):
     """Reference of :func:`mamba_inner_cuda`, from this module's kernels.
 
     xz: (B, 2*D_inner, L)  conv_weight: (D_inner, 1, W)  x_proj_weight: (R + 2N, D_inner)
@@ -669,7 +669,8 @@ def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
     Returns (B, L, D_model), or with out_proj_weight None the gated scan output (B, D_inner, L) (the
     caller then calls its out_proj: a module whose call its weight does not stand for). ``reverse``:
     conv and scan from the last step to the first, as on xz flipped along time, the output in xz's
-    order (the backward direction of a bidirectional block).
+    order (the backward direction of a bidirectional block). ``keep_activations`` (memory for speed
+    in :func:`mamba_inner_cuda`'s backward) changes nothing here: autograd keeps what it needs.
     """
     if reverse:
         return mamba_inner_torch(xz.flip(-1), conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
@@ -733,7 +734,7 @@ class _MambaInnerFn(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
-                out_proj_bias, A, D, delta_bias, reverse):
+                out_proj_bias, A, D, delta_bias, reverse, keep_activations):
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
             x_proj_weight, dt_proj_weight, out_proj_weight, out_proj_bias = (
@@ -752,16 +753,21 @@ class _MambaInnerFn(torch.autograd.Function):
                    and scan_short.applies(conv_out, A, B[:, 0], delta, z) else _selective_scan_kernels)
         if reverse and kernels is not scan_short:  # mamba_inner_cuda checks what this needs: a bug if not
             raise RuntimeError("the fused function was asked to scan in reverse where our kernels do not run")
-        ctx.reverse = {"reverse": True} if reverse else {}  # mamba-ssm's kernels take no such argument
-        out, scan_intermediates, out_z = kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True, **ctx.reverse)
+        # mamba-ssm's kernels take neither argument
+        ctx.reverse = {"reverse": True} if reverse else {}
+        ours = {"keep_states": keep_activations} if kernels is scan_short else {}
+        out, scan_intermediates, out_z = kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True, **ctx.reverse,
+                                                     **ours)
         ctx.scan_kernels = kernels
         # mamba-ssm's backward reads the states at chunk ends only past the first of its 2048-step
-        # chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b); ours reads none, nor out (None from ours)
-        if scan_intermediates is not None and scan_intermediates.shape[2] == 1:
+        # chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b). Ours: our checkpoints (keep_activations) or None,
+        # and out None (their backward recomputes y)
+        if kernels is not scan_short and scan_intermediates.shape[2] == 1:
             scan_intermediates = None
         ctx.has_out_bias = out_proj_bias is not None
+        kept = (conv_out, delta) if keep_activations else (None, None)
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight,
-                              out_proj_weight, A, B, C, D, delta_bias, scan_intermediates, out)
+                              out_proj_weight, A, B, C, D, delta_bias, scan_intermediates, out, *kept)
         if out_proj_weight is None:  # unprojected: the caller calls its out_proj (the backward gets out_z's gradient)
             return out_z
         return F.linear(out_z.transpose(1, 2), out_proj_weight, out_proj_bias)
@@ -770,12 +776,13 @@ class _MambaInnerFn(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
         (xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, out_proj_weight,
-         A, B, C, D, delta_bias, scan_intermediates, out) = ctx.saved_tensors
+         A, B, C, D, delta_bias, scan_intermediates, out, conv_out, delta) = ctx.saved_tensors
         want_x_proj, want_dt_proj, want_out_proj, want_out_bias = ctx.needs_input_grad[3:7]
         batch, rank, n = xz.shape[0], dt_proj_weight.shape[1], A.shape[1]
         x, z = xz.chunk(2, dim=1)
-        conv_out = _conv_silu(x, conv_weight, conv_bias, bool(ctx.reverse))  # recomputed, not saved (checkpoint_lvl 1)
-        delta = _delta(dt_proj_weight, x_dbl, batch)
+        if conv_out is None:  # recomputed, not kept (mamba-ssm's checkpoint_lvl 1)
+            conv_out = _conv_silu(x, conv_weight, conv_bias, bool(ctx.reverse))
+            delta = _delta(dt_proj_weight, x_dbl, batch)
         dxz = torch.empty_like(xz)
         dx, dz = dxz.chunk(2, dim=1)
         if out_proj_weight is None:  # the output was out_z itself
@@ -800,7 +807,7 @@ class _MambaInnerFn(torch.autograd.Function):
         dx, dconv_weight, dconv_bias = _conv_backward(x, conv_weight, conv_bias, dconv_out, dx, True,
                                                       bool(ctx.reverse))
         return (dxz, dconv_weight, dconv_bias, dx_proj, ddt_proj,
-                dout_proj, dout_bias, dA, dD, ddelta_bias, None)
+                dout_proj, dout_bias, dA, dD, ddelta_bias, None, None)
 
 
 def _reverse_in_kernels(xz: torch.Tensor, conv_weight: torch.Tensor) -> bool:
@@ -812,12 +819,16 @@ def _reverse_in_kernels(xz: torch.Tensor, conv_weight: torch.Tensor) -> bool:
 
 
 def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                     out_proj_weight, out_proj_bias, A, D, reverse=False):
+                     out_proj_weight, out_proj_bias, A, D, reverse=False, keep_activations=False):
     """mamba_ssm's ``mamba_inner_fn`` (what its own Mamba and transformers' MambaForCausalLM train
     with) on its kernels: one autograd node that keeps xz and recomputes the conv and delta in the
     backward, instead of saving every intermediate; ours (:class:`_MambaInnerFn`) skips the
     gradients of frozen weights. Same arguments as :func:`mamba_inner_torch`; ``reverse`` runs in our
-    kernels where they all run (:func:`_reverse_in_kernels`), else on xz flipped (two copies)."""
+    kernels where they all run (:func:`_reverse_in_kernels`), else on xz flipped (two copies).
+    ``keep_activations``: where a backward will run, the forward keeps what the backward would
+    recompute (memory for speed): the conv output and delta ((B, D_inner, L) each), and where our
+    short-sequence scan runs, its state every 8 steps (fp32: twice xz's bf16 bytes), whose recompute
+    is one of the scan backward's three passes over time (~15% of it at Vim-S)."""
     if _selective_scan_kernels is None or _conv_fwd_kernel is None:
         raise RuntimeError("The fused mixer needs mamba-ssm and causal-conv1d: install them with "
                            "`pip install mamba-ssm causal-conv1d` (or `mambapeft setup-gpu`).")
@@ -829,11 +840,14 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     short = scan_short.runs(xz.device, xz.dtype, A.shape[1], steps)
     if reverse and not (short and _reverse_in_kernels(xz, conv_weight)):
         return mamba_inner_cuda(xz.flip(-1), conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                                out_proj_weight, out_proj_bias, A, D).flip(_time_dim(out_proj_weight))
+                                out_proj_weight, out_proj_bias, A, D,
+                                keep_activations=keep_activations).flip(_time_dim(out_proj_weight))
     length = steps if short else whole_kernel_chunks(steps)
     padded = _ZeroPaddedInTime.apply(xz, length) if length != steps else xz
+    inputs = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, out_proj_weight, out_proj_bias, A, D)
+    keep = keep_activations and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     out = _MambaInnerFn.apply(padded, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
-                              out_proj_bias, A.float(), D.float(), dt_proj_bias.float(), reverse)
+                              out_proj_bias, A.float(), D.float(), dt_proj_bias.float(), reverse, keep)
     # cut only where padded: a slice's backward writes its gradient into a zeroed copy of the whole
     return out.narrow(_time_dim(out_proj_weight), 0, steps) if length != steps else out
 

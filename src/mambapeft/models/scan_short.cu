@@ -12,9 +12,11 @@
 // Per-step work of a channel (softplus, the gate and their gradients) is done once per (channel, step)
 // by the whole block before and after the recurrence, into and out of fp32 tiles.
 //
-// The backward needs each step's state in reverse order. It runs the recurrence forward once, keeping
-// the state at every CHUNK-th step (scratch, fp32), then walks the chunks from the last: recomputes the
-// chunk's states from its checkpoint into shared memory, and steps back through them.
+// The backward needs each step's state in reverse order. It walks the chunks of CHUNK steps from the
+// last: recomputes the chunk's states from the state before it (its checkpoint) into shared memory,
+// and steps back through them. The checkpoints (fp32) are written by the forward where the caller
+// keeps them (keep_states: one pass over time less in the backward, ~15% of it at Vim-S), else by a
+// first pass of the backward, as scratch.
 //
 // Global memory holds a channel's steps contiguously, and a warp steps 8 channels at once: reading
 // each one's step from its own row would touch a cache line per channel and step. Tiles of (TILE steps
@@ -26,7 +28,8 @@
 //   without z, and the backward recomputes y instead of reading it
 //   A: (channels, 16) contiguous fp32; B, C: (batch, 16, length); D, delta_bias: (channels,) fp32
 //   dA: (channels, 16), dB, dC: (batch, 16, length), dD, ddelta_bias: (channels,), all fp32, zeroed
-//   ckpt (scratch): (batch, chunks, 16, channels) fp32
+//   ckpt: (batch, chunks, 16, channels) fp32: the state before each chunk but the first, written by
+//   the forward with keep_states, else by the backward (states_given 0)
 // Macros: IN_BF16 (u, delta, z, dout, out, out_z and the gradients of the first three: bf16, else fp32),
 //   BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CHUNK (a divisor of TILE), REVERSE (kernels.cuh).
 
@@ -163,12 +166,25 @@ __device__ __forceinline__ float warp_channel_sums(float (&v)[2 * OWN]) {
     }                                                                                                 \
     const float bias_col = HAS_BIAS ? delta_bias[column_channel] : 0.f;
 
+// this thread's states in the checkpoints (batch, chunks, 16, channels): [chunk][state] at stride channels
+#define CHECKPOINTS(ckpt) \
+    (ckpt + (long long)b * ((length + CHUNK - 1) / CHUNK) * NSTATE * channels + (long long)(group * OWN) * channels + c)
+
+// h, the state after step t - 1, as the checkpoint of the chunk starting at step t (a multiple of CHUNK)
+__device__ __forceinline__ void keep_checkpoint(float* checkpoint, const float (&h)[OWN], int t, int length,
+                                                int channels, bool keeps) {
+    if (keeps && t < length) {
+#pragma unroll
+        for (int s = 0; s < OWN; ++s) checkpoint[((long long)(t / CHUNK) * NSTATE + s) * channels] = h[s];
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, 6)
 scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float* __restrict__ A,
          const bc_t* __restrict__ Bm, const bc_t* __restrict__ Cm, const float* __restrict__ Dskip,
          const in_t* __restrict__ z, const float* __restrict__ delta_bias,
-         in_t* __restrict__ out, in_t* __restrict__ out_z,
-         int channels, int length,
+         in_t* __restrict__ out, in_t* __restrict__ out_z, float* __restrict__ ckpt,
+         int channels, int length, int keep_states,
          int u_sb, int u_sc, int delta_sb, int delta_sc, int z_sb, int z_sc,
          int B_sb, int B_sn, int C_sb, int C_sn, int out_sb, int out_sc, int out_z_sb, int out_z_sc) {
     __shared__ tile_t u_tile, delta_tile, z_tile;  // u's tile then takes y, z's y silu(z)
@@ -178,6 +194,8 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     const float D_col = HAS_D ? Dskip[column_channel] : 0.f;
     u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z);
     out = ROWS(out, out); out_z = ROWS(out_z, out_z);
+    float* checkpoint = CHECKPOINTS(ckpt);
+    const bool keeps = keep_states && slot < left;
     in_t u_next[TILE_ROWS], delta_next[TILE_ROWS], z_next[TILE_ROWS];
     bc_t B_next[STATE_ROWS], C_next[STATE_ROWS];
     fetch(u_next, u, u_sc, left, 0, length);
@@ -212,6 +230,7 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             y = channel_sum(y);
             __syncwarp();  // the channel's lanes have read dtu before the first overwrites it
             if (group == 0) dtu_tile[k][slot] = y;
+            if ((k + 1) % CHUNK == 0) keep_checkpoint(checkpoint, h, t0 + k + 1, length, channels, keeps);
         }
         __syncthreads();
         FOR_COLUMN_STEPS(k) {
@@ -236,7 +255,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
          in_t* __restrict__ du, in_t* __restrict__ ddelta, float* __restrict__ dA,
          float* __restrict__ dB, float* __restrict__ dC, float* __restrict__ dD, float* __restrict__ ddelta_bias,
          in_t* __restrict__ dz, in_t* __restrict__ out_z,
-         int channels, int length, int chunks,
+         int channels, int length, int states_given,
          int u_sb, int u_sc, int delta_sb, int delta_sc, int z_sb, int z_sc,
          int B_sb, int B_sn, int C_sb, int C_sn, int dout_sb, int dout_sc,
          int du_sb, int du_sc, int ddelta_sb, int ddelta_sc, int dz_sb, int dz_sc, int out_z_sb, int out_z_sc,
@@ -265,16 +284,15 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     const int sum_step = threadIdx.x % CHUNK, sum_state = threadIdx.x / CHUNK;
     float* dB_row = dB + (long long)b * dB_sb + sum_state * dB_sn;
     float* dC_row = dC + (long long)b * dC_sb + sum_state * dC_sn;
-    // this thread's states in the checkpoints: [chunk][state] at stride channels
-    float* checkpoint = ckpt + (long long)b * chunks * NSTATE * channels + (long long)(group * OWN) * channels + c;
+    float* checkpoint = CHECKPOINTS(ckpt);
 
-    // forward: the state before each chunk but the first
+    // forward, unless it ran with keep_states: the state before each chunk but the first
     in_t u_next[TILE_ROWS], delta_next[TILE_ROWS];
     bc_t B_next[STATE_ROWS];
     fetch(u_next, u, u_sc, left, 0, length);
     fetch(delta_next, delta, delta_sc, left, 0, length);
     fetch_states(B_next, Bm, B_sn, 0, length);
-    for (int t0 = 0; t0 + CHUNK < length; t0 += TILE) {
+    for (int t0 = 0; !states_given && t0 + CHUNK < length; t0 += TILE) {
         __syncthreads();
         put(u_tile, u_next); put(delta_tile, delta_next); put_states(Bs, B_next);
         __syncthreads();
@@ -289,11 +307,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot];
 #pragma unroll
             for (int s = 0; s < OWN; ++s) h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
-            const int t = t0 + k + 1;
-            if ((k + 1) % CHUNK == 0 && t < length && slot < left) {
-#pragma unroll
-                for (int s = 0; s < OWN; ++s) checkpoint[((long long)(t / CHUNK) * NSTATE + s) * channels] = h[s];
-            }
+            if ((k + 1) % CHUNK == 0) keep_checkpoint(checkpoint, h, t0 + k + 1, length, channels, slot < left);
         }
     }
 

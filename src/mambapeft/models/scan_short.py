@@ -73,29 +73,40 @@ def _variant(u, B, D, z, delta_bias, softplus, reverse):
     return nvrtc.load_kernels(SOURCE, u.device.index, tuple(options), ("scan_fwd", "scan_bwd"), ENV)
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False):
-    """(out, out_z): without z, out = the scan's y (B, D, L) and out_z None; with z, out_z = y * silu(z)
-    and out None (y is not kept: the backward recomputes it). ``reverse``: the scan runs from the last
-    step to the first, as on the sequences flipped along time, with its outputs in the inputs' order."""
+def checkpoints(u: torch.Tensor) -> torch.Tensor:
+    """An empty tensor for the state before each chunk of CHUNK steps of u (B, D, L): (B, chunks, 16, D)
+    fp32, 64 bytes per channel and chunk (twice a bf16 xz's bytes)."""
+    batch, channels, length = u.shape
+    return torch.empty(batch, (length + CHUNK - 1) // CHUNK, STATES, channels, device=u.device, dtype=torch.float32)
+
+
+def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_states=False):
+    """(out, out_z, states): without z, out = the scan's y (B, D, L) and out_z None; with z, out_z =
+    y * silu(z) and out None (y is not kept: the backward recomputes it). ``reverse``: the scan runs
+    from the last step to the first, as on the sequences flipped along time, with its outputs in the
+    inputs' order. ``keep_states``: states = the state before each chunk (:func:`checkpoints`), for
+    :func:`backward` to read instead of recomputing them (one of its three passes over time), else None."""
     fwd, _ = _variant(u, B, D, z, delta_bias, softplus, reverse)
     result = torch.empty_like(u)
     out, out_z = (None, result) if z is not None else (result, None)
+    states = checkpoints(u) if keep_states else None
     _launch(fwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
-                     delta_bias if delta_bias is not None else A, result, result, u.shape[1], u.shape[2],
+                     delta_bias if delta_bias is not None else A, result, result,
+                     states if keep_states else A, u.shape[1], u.shape[2], int(keep_states),
                      *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_strides(B),
                      *_strides(C), *_strides(result), *_strides(result)])
-    return out, out_z
+    return out, out_z, states
 
 
-def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=False):
+def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=False, states=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z) of out_z (or y without z) given
-    dout, with out_z recomputed; dz a (B, D, L) tensor to write into or None.
+    dout, with out_z recomputed; dz a (B, D, L) tensor to write into or None; ``states``: what
+    :func:`forward` kept with ``keep_states``, or None (computed here).
     dA, dB, dC, dD and ddelta_bias are fp32; dD, ddelta_bias None where D, delta_bias are."""
     _, bwd = _variant(u, B, D, z, delta_bias, softplus, reverse)
     batch, channels, length = u.shape
-    chunks = (length + CHUNK - 1) // CHUNK
     fp32 = dict(device=u.device, dtype=torch.float32)
-    ckpt = torch.empty(batch, chunks, STATES, channels, **fp32)
+    ckpt = states if states is not None else checkpoints(u)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dA = torch.zeros(channels, STATES, **fp32)
     dB, dC = torch.zeros(batch, STATES, length, **fp32), torch.zeros(batch, STATES, length, **fp32)
@@ -107,7 +118,7 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
         dz, out_z = du, du  # unread and unwritten: any (B, D, L) tensor
     _launch(bwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
                      delta_bias if delta_bias is not None else dD, dout, ckpt,
-                     du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, channels, length, chunks,
+                     du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, channels, length, int(states is not None),
                      *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_strides(B),
                      *_strides(C), *_strides(dout), *_strides(du), *_strides(ddelta), *_strides(dz),
                      *_strides(out_z), *_strides(dB), *_strides(dC)])
@@ -118,17 +129,19 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
 
 # mamba-ssm's ``selective_scan_cuda.fwd`` / ``.bwd`` interface (B and C of shape (batch, 1, N, L)), as
 # ``scan._MambaInnerFn`` calls either; ``reverse`` (ours only) as in :func:`forward`
-def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
-    """(out, None, out_z): no chunk states, which only mamba-ssm's backward reads; with z, out is None
-    (our backward recomputes y, so the caller keeps no (B, D, L) tensor for it)."""
-    out, out_z = forward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, delta_softplus, reverse)
-    return out, None, out_z
+def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, keep_states=False):
+    """(out, states, out_z): states, our chunks' checkpoints with ``keep_states`` (:func:`forward`),
+    else None; with z, out is None (our backward recomputes y, so the caller keeps no (B, D, L) tensor
+    for it)."""
+    out, out_z, states = forward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, delta_softplus, reverse,
+                                 keep_states)
+    return out, states, out_z
 
 
 def bwd(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, out, dz, delta_softplus, recompute_out_z,
         reverse=False):
-    """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z); chunk_states and out are not read, out_z
-    is always recomputed."""
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z); chunk_states: what :func:`fwd` returned
+    (our checkpoints or None); out is not read, out_z is always recomputed."""
     du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = backward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias,
-                                                                 dout, dz, delta_softplus, reverse)
+                                                                 dout, dz, delta_softplus, reverse, chunk_states)
     return du, ddelta, dA, dB.unsqueeze(1), dC.unsqueeze(1), dD, ddelta_bias, dz, out_z
