@@ -48,8 +48,10 @@ def compile_cubin(source: str, source_name: str, arch: str, options: list[str], 
                                            len(headers), texts, names), source_name)
     try:
         # fast math as mamba-ssm's kernels are built (exp2 on the special-function unit); line info
-        # for profilers (ncu's source view)
-        flags = [f"--gpu-architecture=sm_{arch}", "--use_fast_math", "--std=c++17", "-lineinfo", *options]
+        # for profilers (ncu's source view); -default-device: a lambda inside a kernel is device code
+        # (NVRTC 13.0 takes no annotation on one and reads one without as host code)
+        flags = [f"--gpu-architecture=sm_{arch}", "--use_fast_math", "--std=c++17", "-lineinfo", "-default-device",
+                 *options]
         array = (ctypes.c_char_p * len(flags))(*(f.encode() for f in flags))
         _check(nvrtc, nvrtc.nvrtcCompileProgram(program, len(flags), array), source_name, program)
         size = ctypes.c_size_t()
