@@ -206,6 +206,25 @@ def test_states_kept_by_the_forward_give_the_backward_its_gradients(length, reve
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
 
 
+@pytest.mark.gpu
+def test_B_and_C_read_token_major_as_the_fused_function_holds_them():
+    """B and C as columns of a token-major (B*L, R + 2N) tensor (x_proj's output: 2N + R apart along
+    time) scan as their contiguous copies do; dB and dC come back token-major, side by side."""
+    skip_without_a_gpu_and_nvrtc()
+    u, delta, A, B, C, D, z, bias, dout = kernel_inputs(4, 96, 197, torch.bfloat16, True,
+                                                        torch.Generator().manual_seed(4))
+    x_dbl = torch.cat([torch.zeros_like(B[:, :5]), B, C], dim=1).transpose(1, 2).contiguous()  # (B, L, 5 + 2N)
+    B_view, C_view = x_dbl[..., 5:21].transpose(1, 2), x_dbl[..., 21:].transpose(1, 2)
+    assert B_view.stride(-1) == 37
+    out, grads = _ours(u, delta, A, B, C, D, z, bias, dout)
+    out_v, grads_v = _ours(u, delta, A, B_view, C_view, D, z, bias, dout)
+    assert torch.equal(out, out_v)
+    for name, got, expected in zip(NAMES, grads_v, grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
+    dB, dC = grads_v[3], grads_v[4]
+    assert dB.stride() == (197 * 32, 1, 32) and dC.data_ptr() == dB.data_ptr() + 16 * 4
+
+
 def _needs_the_fused_function_on_it(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")

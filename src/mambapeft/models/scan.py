@@ -746,11 +746,14 @@ class _MambaInnerFn(torch.autograd.Function):
         conv_out = _conv_silu(x, conv_weight, conv_bias, reverse)
         x_dbl = F.linear(_tokens_major(conv_out), x_proj_weight)  # (B*L, R + 2N)
         delta = _delta(dt_proj_weight, x_dbl, batch)
-        B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1).contiguous()
-                for i in (x_dbl.shape[1] - 2 * n, x_dbl.shape[1] - n))  # (B, 1, N, L)
-        # our short-sequence kernels where they apply (mamba_inner_cuda then did not pad), else mamba-ssm's
+        B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1)
+                for i in (x_dbl.shape[1] - 2 * n, x_dbl.shape[1] - n))  # (B, 1, N, L) views of x_dbl
+        # our short-sequence kernels where they apply (mamba_inner_cuda then did not pad; they read the
+        # views), else mamba-ssm's (on copies: they need L contiguous)
         kernels = (scan_short if scan_short.runs(xz.device, xz.dtype, n, xz.shape[-1])
                    and scan_short.applies(conv_out, A, B[:, 0], delta, z) else _selective_scan_kernels)
+        if kernels is not scan_short:
+            B, C = B.contiguous(), C.contiguous()
         if reverse and kernels is not scan_short:  # mamba_inner_cuda checks what this needs: a bug if not
             raise RuntimeError("the fused function was asked to scan in reverse where our kernels do not run")
         # mamba-ssm's kernels take neither argument

@@ -26,8 +26,10 @@
 // Shapes (elements; any batch and channel strides, unit stride along time):
 //   u, delta, z, out, out_z, dout, du, ddelta, dz: (batch, channels, length); out (y) is written only
 //   without z, and the backward recomputes y instead of reading it
-//   A: (channels, 16) contiguous fp32; B, C: (batch, 16, length); D, delta_bias: (channels,) fp32
-//   dA: (channels, 16), dB, dC: (batch, 16, length), dD, ddelta_bias: (channels,), all fp32, zeroed
+//   A: (channels, 16) contiguous fp32; B, C: (batch, 16, length), any strides (the fused function's are
+//   views of x_proj's token-major output); D, delta_bias: (channels,) fp32
+//   dA: (channels, 16), dB, dC: (batch, 16, length) (any strides), dD, ddelta_bias: (channels,), all
+//   fp32, zeroed
 //   ckpt: (batch, chunks, 16, channels) fp32: the state before each chunk but the first, written by
 //   the forward with keep_states, else by the backward (states_given 0)
 // Macros: IN_BF16 (u, delta, z, dout, out, out_z and the gradients of the first three: bf16, else fp32),
@@ -106,12 +108,14 @@ __device__ __forceinline__ void store_tile(in_t* rows, const tile_t& tile, int c
         if (ROW(i) < channels_left && t < length) rows[(long long)ROW(i) * channel_stride + at(t, length)] = tile[k][ROW(i)];
 }
 
-// B or C: a state's row of TILE steps per access; into shared memory as [step][state] floats
-__device__ __forceinline__ void fetch_states(bc_t (&v)[STATE_ROWS], const bc_t* from, int state_stride, int t0,
-                                             int length) {
+// B or C: a state's TILE steps per access (one row at a unit time stride; the fused function's are
+// 2N + R apart in x_proj's output, a tile's few cached lines); into shared memory as [step][state] floats
+__device__ __forceinline__ void fetch_states(bc_t (&v)[STATE_ROWS], const bc_t* from, int state_stride, int time_stride,
+                                             int t0, int length) {
     const int t = t0 + threadIdx.x % TILE;
 #pragma unroll
-    for (int i = 0; i < STATE_ROWS; ++i) v[i] = t < length ? from[ROW(i) * state_stride + at(t, length)] : (bc_t)0;
+    for (int i = 0; i < STATE_ROWS; ++i)
+        v[i] = t < length ? from[ROW(i) * state_stride + at(t, length) * time_stride] : (bc_t)0;
 }
 
 __device__ __forceinline__ void put_states(float (*to)[NSTATE], const bc_t (&v)[STATE_ROWS]) {
@@ -191,7 +195,7 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
          in_t* __restrict__ out, in_t* __restrict__ out_z, float* __restrict__ ckpt,
          int channels, int length, int keep_states,
          int u_sb, int u_sc, int delta_sb, int delta_sc, int z_sb, int z_sc,
-         int B_sb, int B_sn, int C_sb, int C_sn, int out_sb, int out_sc, int out_z_sb, int out_z_sc) {
+         int B_sb, int B_sn, int B_sl, int C_sb, int C_sn, int C_sl, int out_sb, int out_sc, int out_z_sb, int out_z_sc) {
     __shared__ tile_t u_tile, delta_tile, z_tile;  // u's tile then takes y, z's y silu(z)
     __shared__ ftile_t dt_tile, dtu_tile;          // dtu's then takes the sum over states of C h
     __shared__ float Bs[TILE][NSTATE], Cs[TILE][NSTATE];
@@ -206,8 +210,8 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     fetch(u_next, u, u_sc, left, 0, length);
     fetch(delta_next, delta, delta_sc, left, 0, length);
     if (HAS_Z) fetch(z_next, z, z_sc, left, 0, length);
-    fetch_states(B_next, Bm, B_sn, 0, length);
-    fetch_states(C_next, Cm, C_sn, 0, length);
+    fetch_states(B_next, Bm, B_sn, B_sl, 0, length);
+    fetch_states(C_next, Cm, C_sn, C_sl, 0, length);
     for (int t0 = 0; t0 < length; t0 += TILE) {
         __syncthreads();
         put(u_tile, u_next); put(delta_tile, delta_next);
@@ -217,8 +221,8 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
         fetch(u_next, u, u_sc, left, t0 + TILE, length);  // the next tile's, read while this one is computed
         fetch(delta_next, delta, delta_sc, left, t0 + TILE, length);
         if (HAS_Z) fetch(z_next, z, z_sc, left, t0 + TILE, length);
-        fetch_states(B_next, Bm, B_sn, t0 + TILE, length);
-        fetch_states(C_next, Cm, C_sn, t0 + TILE, length);
+        fetch_states(B_next, Bm, B_sn, B_sl, t0 + TILE, length);
+        fetch_states(C_next, Cm, C_sn, C_sl, t0 + TILE, length);
         step_sizes(dt_tile, dtu_tile, u_tile, delta_tile, bias_col);
         __syncthreads();
         auto steps = [&](auto full) {  // the tile's steps; full: all before the end
@@ -266,9 +270,9 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
          in_t* __restrict__ dz, in_t* __restrict__ out_z,
          int channels, int length, int states_given,
          int u_sb, int u_sc, int delta_sb, int delta_sc, int z_sb, int z_sc,
-         int B_sb, int B_sn, int C_sb, int C_sn, int dout_sb, int dout_sc,
+         int B_sb, int B_sn, int B_sl, int C_sb, int C_sn, int C_sl, int dout_sb, int dout_sc,
          int du_sb, int du_sc, int ddelta_sb, int ddelta_sc, int dz_sb, int dz_sc, int out_z_sb, int out_z_sc,
-         int dB_sb, int dB_sn, int dC_sb, int dC_sn) {
+         int dB_sb, int dB_sn, int dB_sl, int dC_sb, int dC_sn, int dC_sl) {
     // in-dtype tiles: u's then takes du, delta's ddelta, z's dz, dout's y silu(z)
     __shared__ tile_t u_tile, delta_tile, z_tile, dout_tile;
     __shared__ ftile_t dt_tile, dtu_tile;  // dt's then takes d loss / d dt
@@ -300,14 +304,14 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     bc_t B_next[STATE_ROWS];
     fetch(u_next, u, u_sc, left, 0, length);
     fetch(delta_next, delta, delta_sc, left, 0, length);
-    fetch_states(B_next, Bm, B_sn, 0, length);
+    fetch_states(B_next, Bm, B_sn, B_sl, 0, length);
     for (int t0 = 0; !states_given && t0 + CHUNK < length; t0 += TILE) {
         __syncthreads();
         put(u_tile, u_next); put(delta_tile, delta_next); put_states(Bs, B_next);
         __syncthreads();
         fetch(u_next, u, u_sc, left, t0 + TILE, length);
         fetch(delta_next, delta, delta_sc, left, t0 + TILE, length);
-        fetch_states(B_next, Bm, B_sn, t0 + TILE, length);
+        fetch_states(B_next, Bm, B_sn, B_sl, t0 + TILE, length);
         step_sizes(dt_tile, dtu_tile, u_tile, delta_tile, bias_col);
         __syncthreads();
 #pragma unroll
@@ -334,8 +338,8 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     fetch(delta_next, delta, delta_sc, left, last, length);
     fetch(dout_next, dout, dout_sc, left, last, length);
     if (HAS_Z) fetch(z_next, z, z_sc, left, last, length);
-    fetch_states(B_next, Bm, B_sn, last, length);
-    fetch_states(C_next, Cm, C_sn, last, length);
+    fetch_states(B_next, Bm, B_sn, B_sl, last, length);
+    fetch_states(C_next, Cm, C_sn, C_sl, last, length);
     for (int t0 = last; t0 >= 0; t0 -= TILE) {
         __syncthreads();
         put(u_tile, u_next); put(delta_tile, delta_next); put(dout_tile, dout_next);
@@ -424,8 +428,8 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                     dB_total += sums[w][sum_step][sum_state];
                     dC_total += sums[w][sum_step][NSTATE + sum_state];
                 }
-                atomicAdd(dB_row + at(s0 + sum_step, length), dB_total);
-                atomicAdd(dC_row + at(s0 + sum_step, length), dC_total);
+                atomicAdd(dB_row + at(s0 + sum_step, length) * dB_sl, dB_total);
+                atomicAdd(dC_row + at(s0 + sum_step, length) * dC_sl, dC_total);
             }
             __syncthreads();  // read before the next chunk's steps overwrite them
         }
@@ -436,8 +440,8 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             fetch(delta_next, delta, delta_sc, left, t0 - TILE, length);
             fetch(dout_next, dout, dout_sc, left, t0 - TILE, length);
             if (HAS_Z) fetch(z_next, z, z_sc, left, t0 - TILE, length);
-            fetch_states(B_next, Bm, B_sn, t0 - TILE, length);
-            fetch_states(C_next, Cm, C_sn, t0 - TILE, length);
+            fetch_states(B_next, Bm, B_sn, B_sl, t0 - TILE, length);
+            fetch_states(C_next, Cm, C_sn, C_sl, t0 - TILE, length);
         }
         FOR_COLUMN_STEPS(k) {  // through softplus: d loss / d (delta + bias)
             const float raw = to_float(delta_tile[k][COLUMN]) + bias_col;

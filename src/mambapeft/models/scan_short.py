@@ -9,7 +9,7 @@ stream in tens of microseconds). Here four lanes step one channel's 16 states th
 kernel file says how, and README "The short-sequence scan" what it measured).
 
 Reference: ``scan.selective_scan_torch``. Shapes: u, delta, z, dout, out (B, D, L), any batch and channel
-strides, unit stride along L; A (D, 16); B, C (B, 16, L); D, delta_bias (D,).
+strides, unit stride along L; A (D, 16); B, C (B, 16, L), any strides; D, delta_bias (D,).
 """
 from __future__ import annotations
 
@@ -62,6 +62,11 @@ def _strides(t: torch.Tensor) -> list[int]:
     return [t.stride(0), t.stride(1)]
 
 
+def _state_strides(t: torch.Tensor) -> list[int]:
+    """B, C and their gradients (B, 16, L): any strides (the fused function's are x_dbl's columns)."""
+    return list(t.stride())
+
+
 def _launch(kernel, u: torch.Tensor, args: list) -> None:
     """One block per (32 channels, batch element) of u, on u's device's current stream."""
     nvrtc.launch(kernel, u.device, ((u.shape[1] + CHANNELS - 1) // CHANNELS, u.shape[0], 1), THREADS, args)
@@ -93,8 +98,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_s
     _launch(fwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
                      delta_bias if delta_bias is not None else A, result, result,
                      states if keep_states else A, u.shape[1], u.shape[2], int(keep_states),
-                     *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_strides(B),
-                     *_strides(C), *_strides(result), *_strides(result)])
+                     *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_state_strides(B),
+                     *_state_strides(C), *_strides(result), *_strides(result)])
     return out, out_z, states
 
 
@@ -109,7 +114,9 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
     ckpt = states if states is not None else checkpoints(u)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dA = torch.zeros(channels, STATES, **fp32)
-    dB, dC = torch.zeros(batch, STATES, length, **fp32), torch.zeros(batch, STATES, length, **fp32)
+    # dB and dC token-major, side by side (as x_proj's output holds B and C): the fused function's
+    # backward copies them into its gradient as they are
+    dB, dC = torch.zeros(batch, length, 2 * STATES, **fp32).transpose(1, 2).split(STATES, dim=1)
     dD, ddelta_bias = torch.zeros(channels, **fp32), torch.zeros(channels, **fp32)
     if z is not None:
         dz = dz if dz is not None else torch.empty_like(z)
@@ -119,9 +126,9 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
     _launch(bwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
                      delta_bias if delta_bias is not None else dD, dout, ckpt,
                      du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, channels, length, int(states is not None),
-                     *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_strides(B),
-                     *_strides(C), *_strides(dout), *_strides(du), *_strides(ddelta), *_strides(dz),
-                     *_strides(out_z), *_strides(dB), *_strides(dC)])
+                     *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_state_strides(B),
+                     *_state_strides(C), *_strides(dout), *_strides(du), *_strides(ddelta), *_strides(dz),
+                     *_strides(out_z), *_state_strides(dB), *_state_strides(dC)])
     return (du, ddelta, dA, dB, dC, dD if D is not None else None,
             ddelta_bias if delta_bias is not None else None,
             dz if z is not None else None, out_z if z is not None else None)
