@@ -82,8 +82,8 @@ def assert_fused_equals_unfused(model, fused_backend, inputs, fused: bool, label
 @pytest.mark.parametrize("domain,method", [("language", m) for m in sorted(domain_file("language", "methods"))]
                          + [("vision", m) for m in sorted(methods_for("vision", "vim-mini"))])
 def test_fused_path_equals_the_unfused_chain_for_every_method(domain, method):
-    """Vim's bidirectional mixer takes the fused function once per direction (out_proj applied to each
-    and the two averaged) where both directions' modules are plain."""
+    """Vim's bidirectional mixer takes the fused function once per direction (out_proj applied once, to
+    their sum) where both directions' modules are plain."""
     inputs = torch.randint(0, 64, (2, 24)) if domain == "language" else torch.randn(2, 3, 32, 32)
     fused = method in (FUSED_LANGUAGE if domain == "language" else FUSED_VISION)
     assert_fused_equals_unfused(_adapted(domain, method), FUSED_TORCH, inputs, fused, method)
@@ -91,7 +91,7 @@ def test_fused_path_equals_the_unfused_chain_for_every_method(domain, method):
 
 @pytest.mark.parametrize("divide_out,bias", [(True, True), (False, True), (False, False)])
 def test_a_bidirectional_mixer_adds_out_projs_bias_once(divide_out, bias):
-    """The fused path projects each direction: the bias is still added once, averaged or summed."""
+    """The fused path projects the directions' sum once: the bias added once, the sum averaged or not."""
     torch.manual_seed(0)
     mixer = Mamba(16, d_state=4, bidirectional=True, divide_out=divide_out, bias=bias)
     if bias:
@@ -101,6 +101,29 @@ def test_a_bidirectional_mixer_adds_out_projs_bias_once(divide_out, bias):
     x = torch.randn(2, 9, 16)
     assert fused.uses_fused_inner() and not mixer.uses_fused_inner()
     torch.testing.assert_close(fused(x), mixer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale,bias,channel_major", [(0.5, True, True), (1.0, False, True), (0.5, True, False)])
+def test_the_channel_major_projection_is_f_linear_with_its_input_gradient_channel_major(scale, bias, channel_major):
+    """What Vim's fused mixer projects its directions' sum with: F.linear on y's transpose (times the
+    scale), the same gradients, y's written channel-major ((in, B, L) storage: what the fused
+    function's backward reads uncopied)."""
+    from mambapeft.models.mamba import _ChannelMajorProjection
+    torch.manual_seed(0)
+    batch, d_in, length, d_out = 3, 8, 5, 6
+    y = torch.randn(d_in, batch, length).transpose(0, 1) if channel_major else torch.randn(batch, d_in, length)
+    y.requires_grad_()
+    weight = torch.randn(d_out, d_in, requires_grad=True)
+    b = torch.randn(d_out, requires_grad=True) if bias else None
+    dout = torch.randn(batch, length, d_out)
+    out = _ChannelMajorProjection.apply(y, weight, b, scale)
+    grads = torch.autograd.grad(out, [t for t in (y, weight, b) if t is not None], dout)
+    reference = F.linear(y.transpose(1, 2) * scale, weight, b)
+    expected = torch.autograd.grad(reference, [t for t in (y, weight, b) if t is not None], dout)
+    torch.testing.assert_close(out, reference)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    assert grads[0].permute(1, 0, 2).is_contiguous()  # channel-major
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
