@@ -746,7 +746,7 @@ def test_our_mamba_inner_fn_pads_short_sequences_exactly(dtype, monkeypatch):
 
     def unpadded(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, out_w, out_b, A, D):
         return scan._MambaInnerFn.apply(xz, conv_w.squeeze(1), conv_b, x_proj_w, dt_proj_w, out_w, out_b,
-                                        A.float(), D.float(), dt_bias.float(), False)
+                                        A.float(), D.float(), dt_bias.float(), False, False)
 
     runs = []
     for fn in (unpadded, scan.mamba_inner_cuda):
