@@ -108,7 +108,7 @@ def test_the_channel_major_projection_is_f_linear_with_its_input_gradient_channe
     """What Vim's fused mixer projects its directions' sum with: F.linear on y's transpose (times the
     scale), the same gradients, y's written channel-major ((in, B, L) storage: what the fused
     function's backward reads uncopied)."""
-    from mambapeft.models.mamba import _ChannelMajorProjection
+    from mambapeft.models.scan import project_channel_major
     torch.manual_seed(0)
     batch, d_in, length, d_out = 3, 8, 5, 6
     y = torch.randn(d_in, batch, length).transpose(0, 1) if channel_major else torch.randn(batch, d_in, length)
@@ -116,7 +116,7 @@ def test_the_channel_major_projection_is_f_linear_with_its_input_gradient_channe
     weight = torch.randn(d_out, d_in, requires_grad=True)
     b = torch.randn(d_out, requires_grad=True) if bias else None
     dout = torch.randn(batch, length, d_out)
-    out = _ChannelMajorProjection.apply(y, weight, b, scale)
+    out = project_channel_major(y, weight, b, scale)
     grads = torch.autograd.grad(out, [t for t in (y, weight, b) if t is not None], dout)
     reference = F.linear(y.transpose(1, 2) * scale, weight, b)
     expected = torch.autograd.grad(reference, [t for t in (y, weight, b) if t is not None], dout)

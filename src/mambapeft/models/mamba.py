@@ -39,7 +39,14 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from .rebuild import rebuilt_when_saved
-from .scan import TORCH_BACKEND, ScanBackend, causal_conv1d_step, conv_state_of, rms_normed_torch
+from .scan import (
+    TORCH_BACKEND,
+    ScanBackend,
+    causal_conv1d_step,
+    conv_state_of,
+    project_channel_major,
+    rms_normed_torch,
+)
 
 
 @dataclass(frozen=True)
@@ -294,8 +301,8 @@ class Mamba(Mixer):
                 return out if project else self.out_proj(out.transpose(1, 2))
             forward, backward = (self._fused_direction(xz, d, False, None) for d in (FORWARD, BACKWARD))
             if project:
-                return _ChannelMajorProjection.apply(forward + backward, self.out_proj.weight, self.out_proj.bias,
-                                                     0.5 if self.divide_out else 1.0)
+                return project_channel_major(forward + backward, self.out_proj.weight, self.out_proj.bias,
+                                             0.5 if self.divide_out else 1.0)
             return self.out_proj(self._merged(forward, backward).transpose(1, 2))
         y = self._scan_direction(xz, FORWARD, state)
         if self.bidirectional:
@@ -368,35 +375,6 @@ def read_as_linear(module: nn.Module) -> bool:
 def linear_columns(weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
     """weight (out, in) @ columns (in, N) (+ bias per row): a Linear applied to inputs stored as columns."""
     return weight @ columns if bias is None else torch.addmm(bias[:, None], weight, columns)
-
-
-class _ChannelMajorProjection(torch.autograd.Function):
-    """A Linear (weight (out, in), bias) on y (B, in, L) times ``scale`` -> (B, L, out), as F.linear on
-    y's transpose computes it, with y's gradient computed channel-major ((in, B*L), as one GEMM
-    writes it): the layout the fused mixer function's backward reads uncopied (F.linear's autograd
-    gives it token-major). Vim's fused bidirectional mixer projects its directions' sum with it."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, y, weight, bias, scale):
-        ctx.scale, ctx.bias_dtype = scale, bias.dtype if bias is not None else None
-        ctx.save_for_backward(y if weight.requires_grad else None, weight)
-        return F.linear(y.transpose(1, 2), weight * scale if scale != 1 else weight, bias)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dout):
-        y, weight = ctx.saved_tensors
-        want_y, want_weight, want_bias = ctx.needs_input_grad[:3]
-        rows = dout.reshape(-1, dout.shape[-1])  # (B*L, out)
-        dy = dweight = dbias = None
-        if want_y:  # (in, B*L) -> (B, in, L), channel-major
-            dy = ((weight * ctx.scale).to(rows.dtype).t() @ rows.t()).unflatten(1, (dout.shape[0], -1)).transpose(0, 1)
-        if want_weight:
-            dweight = ((rows.t() @ y.transpose(1, 2).reshape(rows.shape[0], -1).to(rows.dtype)) * ctx.scale).to(weight.dtype)
-        if want_bias:
-            dbias = rows.sum(0).to(ctx.bias_dtype)
-        return dy, dweight, dbias, None
 
 
 def linear_channel_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -813,6 +813,41 @@ class _MambaInnerFn(torch.autograd.Function):
                 dout_proj, dout_bias, dA, dD, ddelta_bias, None, None)
 
 
+class _ChannelMajorProjection(torch.autograd.Function):
+    """:func:`project_channel_major`: the backward's GEMMs as :class:`_MambaInnerFn`'s projected ones."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, y, weight, bias, scale):
+        ctx.scale, ctx.bias_dtype = scale, bias.dtype if bias is not None else None
+        ctx.save_for_backward(y if weight.requires_grad else None, weight)
+        return F.linear(y.transpose(1, 2), weight * scale if scale != 1 else weight, bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        y, weight = ctx.saved_tensors
+        want_y, want_weight, want_bias = ctx.needs_input_grad[:3]
+        rows = dout.reshape(-1, dout.shape[-1])  # (B*L, out)
+        dy = dweight = dbias = None
+        if want_y:  # (in, B*L) -> (B, in, L), channel-major
+            dy = _from_channels_major((weight * ctx.scale).to(rows.dtype).t() @ rows.t(), dout.shape[0])
+        if want_weight:
+            dweight = ((rows.t() @ _tokens_major(y).to(rows.dtype)) * ctx.scale).to(weight.dtype)
+        if want_bias:
+            dbias = rows.sum(0).to(ctx.bias_dtype)
+        return dy, dweight, dbias, None
+
+
+def project_channel_major(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          scale: float = 1.0) -> torch.Tensor:
+    """A Linear (weight (out, in), bias) on y (B, in, L) times ``scale`` -> (B, L, out), as F.linear on
+    y's transpose computes it, with y's gradient computed channel-major ((in, B*L), as one GEMM
+    writes it): the layout the fused mixer function's backward reads uncopied (F.linear's autograd
+    gives it token-major). Vim's fused bidirectional mixer projects its directions' sum with it."""
+    return _ChannelMajorProjection.apply(y, weight, bias, scale)
+
+
 def _reverse_in_kernels(xz: torch.Tensor, conv_weight: torch.Tensor) -> bool:
     """Whether the fused function can run from the last step to the first without flipping xz: our
     conv forward (Triton) and backward run, and the scan's inputs will all be of xz's dtype (autocast
