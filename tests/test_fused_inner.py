@@ -302,6 +302,31 @@ def test_lora_projections_write_the_channel_major_layout_as_their_forward_comput
         torch.testing.assert_close(grad, reference_grads[name], msg=name)
 
 
+def _graph_nodes(tensor):
+    """The names of the autograd nodes ``tensor``'s backward runs."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+@pytest.mark.parametrize("rows", [(0, 5), (5, 10)])
+def test_a_lora_block_update_leaves_the_outputs_gradient_uncopied(rows):
+    """The first update of a block of rows runs padded to all rows, not in place on the block: autograd's
+    in-place-on-a-view node (CopySlices) would clone and copy the whole output's gradient (Vim's xz
+    gradient, per layer, for LoRAp(X))."""
+    from mambapeft.models.mamba import linear_channel_major
+    from mambapeft.peft.lora import LoraLinear, LoraSpec, LowRankUpdate
+
+    module = LoraLinear(torch.nn.Linear(6, 10, bias=False))
+    module.add("x", LowRankUpdate(6, rows, LoraSpec(targets=("in_proj",)), module.base.weight), "in_proj")
+    nodes = _graph_nodes(linear_channel_major(module, torch.randn(3, 5, 6, requires_grad=True)))
+    assert "CopySlices" not in nodes and "AddmmBackward0" in nodes
+
+
 @pytest.mark.parametrize("hooked", ["lora_down", "wrapper"])
 def test_lora_channel_major_steps_aside_for_a_hook(hooked):
     """A hook on any part of the LoRA module sends the projection through the module's own forward:
@@ -375,6 +400,18 @@ class _ReferenceScanKernels:
         return (*grads[:6], grads[7], dz, out_z.detach())
 
 
+class _SideBySideReferenceKernels(_ReferenceScanKernels):
+    """As :class:`_ReferenceScanKernels`, dB and dC written as our short scan writes them: the two halves
+    of one token-major (B, L, 2N) buffer's rows."""
+
+    @staticmethod
+    def bwd(*args):
+        du, ddelta, dA, dB, dC, *rest = _ReferenceScanKernels.bwd(*args)
+        buffer = torch.cat([dB[:, 0], dC[:, 0]], dim=1).transpose(1, 2).contiguous()  # (B, L, 2N)
+        dB, dC = buffer.transpose(1, 2).split(dB.shape[2], dim=1)
+        return du, ddelta, dA, dB.unsqueeze(1), dC.unsqueeze(1), *rest
+
+
 def _reference_conv_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
     return causal_conv1d_torch(x, weight, bias, "silu" if silu else None)
 
@@ -443,26 +480,30 @@ def test_the_cuda_conv_function_computes_the_reference(monkeypatch, bias):
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-@pytest.mark.parametrize("length,kernel_length,project", [(13, 13, True), (100, 128, True), (2049, 2049, True),
-                                                          (13, 13, False), (100, 128, False)])
+@pytest.mark.parametrize("length,kernel_length,project,kernels", [
+    (13, 13, True, _ReferenceScanKernels), (100, 128, True, _ReferenceScanKernels),
+    (2049, 2049, True, _ReferenceScanKernels), (13, 13, False, _ReferenceScanKernels),
+    (100, 128, False, _ReferenceScanKernels), (13, 13, True, _SideBySideReferenceKernels),
+    (13, 13, False, _SideBySideReferenceKernels)])
 def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, frozen, length, kernel_length,
-                                                                   project):
+                                                                   project, kernels):
     """scan._MambaInnerFn with the CUDA kernels' interfaces served by the PyTorch scan and conv: the
     output and gradients equal mamba_inner_torch's, channel-major input included; frozen
     projections get no gradient (none computed), the rest the same; past 2048 steps the backward
     is given the chunk states it reads; a length short of a whole kernel block (100 of 128) runs
     the kernels padded with zero steps; without out_proj's weight (``project`` False) the output is
-    the gated scan output (B, D_inner, L), cut along its own time dimension where padded. (On the
+    the gated scan output (B, D_inner, L), cut along its own time dimension where padded; dB and dC
+    as mamba-ssm's kernels write them or as ours do (one buffer, copied at once). (On the
     GPU, the same function on the real kernels is compared with mamba_ssm's: tests/test_gpu.py.)"""
     from mambapeft.models import scan
 
     lengths = []
 
-    class RecordingKernels(_ReferenceScanKernels):
+    class RecordingKernels(kernels):
         @staticmethod
         def fwd(u, *args):
             lengths.append(u.shape[-1])
-            return _ReferenceScanKernels.fwd(u, *args)
+            return kernels.fwd(u, *args)
 
     monkeypatch.setattr(scan, "_selective_scan_kernels", RecordingKernels)
     monkeypatch.setattr(scan, "_conv_fwd_kernel", _reference_conv_fwd)
@@ -496,3 +537,26 @@ def test_the_fused_mixer_functions_own_code_computes_the_reference(monkeypatch, 
         assert (grad is None) == (expected is None) == absent, i
         if grad is not None:
             torch.testing.assert_close(grad, expected, msg=str(i))
+
+
+def test_a_direction_without_affixes_hands_its_scan_output_on_uncut():
+    """Without affix tokens the scan's output is passed on as it is, not through a slice of all its steps
+    (whose backward writes the gradient into a zeroed copy: a fill and a copy per direction and layer)."""
+    from mambapeft.models.mamba import FORWARD, Mamba
+    from mambapeft.models.scan import ScanBackend, TORCH_BACKEND, mamba_inner_torch
+
+    returned = []
+
+    def remembered(function):
+        def run(*args, keep_activations=False, **kwargs):
+            returned.append(function(*args, **kwargs))
+            return returned[-1]
+        return run
+
+    torch.manual_seed(0)
+    mixer = Mamba(16, d_state=4)
+    mixer.backend = ScanBackend("torch", remembered(TORCH_BACKEND.selective_scan), TORCH_BACKEND.causal_conv1d,
+                                remembered(mamba_inner_torch))
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    assert mixer.uses_fused_inner() and mixer(x) is returned[-1]  # projected inside the fused function
+    assert mixer._scan_direction(torch.randn(2, 64, 7), FORWARD) is returned[-1]  # the unfused chain

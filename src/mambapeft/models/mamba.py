@@ -245,7 +245,7 @@ class Mamba(Mixer):
             y = result
         if d.key in self.state_offsets:
             y = y + self.state_offsets[d.key](C, z).to(y.dtype)
-        return y[..., n_affix:]
+        return y[..., n_affix:] if n_affix else y  # (uncut: a slice's backward copies, as in _fused_direction)
 
     def _affix_tokens(self, d: Direction, xz: torch.Tensor) -> torch.Tensor:
         """Direction ``d``'s affix tokens as xz-space steps (B, 2*D_inner, n) in xz's batch and dtype."""
@@ -281,7 +281,9 @@ class Mamba(Mixer):
                                        dt_proj.bias, self.out_proj.weight if project else None, out_bias,
                                        self._state_matrix(d), getattr(self, d.D), reverse=d is BACKWARD,
                                        keep_activations=self.keep_activations)
-        return out.narrow(1 if project else -1, first, length)  # xz's steps (all of them without affixes)
+        if d.key not in self.affixes:  # uncut: a slice's backward, even of every step, writes the gradient
+            return out  # into a zeroed copy of the whole (a fill and a copy per direction and layer)
+        return out.narrow(1 if project else -1, first, length)  # xz's steps
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).

@@ -719,6 +719,17 @@ def _from_channels_major(t, batch):
     return t.unflatten(1, (batch, -1)).transpose(0, 1)
 
 
+def _side_by_side(dB, dC):
+    """dB, dC (B, 1, N, L) as one (B*L, 2N) view (x_proj's B and C columns), where they are the two halves
+    of one token-major buffer's rows (our short scan writes them so), else None."""
+    batch, _, n, length = dB.shape
+    token_major = [length * 2 * n, 1, 2 * n]  # batch, state, step
+    if ([dB.stride(i) for i in (0, 2, 3)] == [dC.stride(i) for i in (0, 2, 3)] == token_major and dB.dtype == dC.dtype
+            and dC.data_ptr() == dB.data_ptr() + n * dB.element_size()):
+        return dB.as_strided((batch * length, 2 * n), (2 * n, 1))
+    return None
+
+
 class _MambaInnerFn(torch.autograd.Function):
     """mamba_ssm's ``MambaInnerFn`` (real A, B and C from x_proj, conv and delta recomputed in the
     backward: its checkpoint_lvl 1) with a backward that computes only the gradients asked for: under
@@ -798,8 +809,12 @@ class _MambaInnerFn(torch.autograd.Function):
         dout_proj = dout @ _tokens_major(out_z) if want_out_proj else None
         dout_bias = dout.sum(dim=1) if ctx.has_out_bias and want_out_bias else None
         dx_dbl = torch.empty_like(x_dbl)
-        dx_dbl[:, rank:rank + n] = dB[:, 0].transpose(1, 2).flatten(0, 1)
-        dx_dbl[:, rank + n:] = dC[:, 0].transpose(1, 2).flatten(0, 1)
+        dBC = _side_by_side(dB, dC)
+        if dBC is not None:
+            dx_dbl[:, rank:] = dBC
+        else:
+            dx_dbl[:, rank:rank + n] = dB[:, 0].transpose(1, 2).flatten(0, 1)
+            dx_dbl[:, rank + n:] = dC[:, 0].transpose(1, 2).flatten(0, 1)
         ddelta = _channels_major(ddelta)  # (D_inner, B*L)
         ddt_proj = ddelta @ x_dbl[:, :rank] if want_dt_proj else None
         dx_dbl[:, :rank] = ddelta.t() @ dt_proj_weight

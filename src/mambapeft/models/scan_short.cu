@@ -281,7 +281,9 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     // forward (a (B, D, L) tensor per layer), for dz and out_z after the tile's steps
     __shared__ ftile_t y_tile;
     __shared__ float Bs[TILE][NSTATE], Cs[TILE][NSTATE];
-    __shared__ float states[CHUNK][OWN][THREADS];  // one chunk's states, recomputed
+    // one chunk's states, recomputed: a lane's four in one 16-byte access (four 4-byte ones: ~3% slower)
+    static_assert(OWN == 4, "a lane's states are one float4");
+    __shared__ float4 states[CHUNK][THREADS];
     // per warp and step of a chunk: dB then dC, summed over the warp's channels (plain stores: a float
     // atomic add to shared memory is a compare-and-swap loop)
     __shared__ float sums[WARPS][CHUNK][SUMS_ROW];
@@ -377,10 +379,8 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                     if (decltype(full)::value || s0 + j < length) {
                         const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot];
 #pragma unroll
-                        for (int s = 0; s < OWN; ++s) {
-                            h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
-                            states[j][s][threadIdx.x] = h[s];
-                        }
+                        for (int s = 0; s < OWN; ++s) h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
+                        states[j][threadIdx.x] = make_float4(h[0], h[1], h[2], h[3]);
                     }
                 }
 #pragma unroll
@@ -389,11 +389,13 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                     if (!decltype(full)::value && s0 + j >= length) continue;
                     const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot], dy = dy_tile[k][slot];
                     float terms[2 * OWN], gB = 0.f, gAh = 0.f, y = 0.f;
+                    const float4 st4 = states[j][threadIdx.x];
+                    const float st[OWN] = {st4.x, st4.y, st4.z, st4.w};
 #pragma unroll
                     for (int s = 0; s < OWN; ++s) {
                         const int n = group * OWN + s;
                         g[s] = decay[s] * g[s] + Cs[k][n] * dy;
-                        const float state = states[j][s][threadIdx.x];
+                        const float state = st[s];
                         if (HAS_Z) y += state * Cs[k][n];  // as the forward sums it
                         const float carried = state - Bs[k][n] * dtu;  // exp(dt A) times the state before
                         gB += g[s] * Bs[k][n];

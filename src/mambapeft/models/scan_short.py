@@ -113,11 +113,13 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
     fp32 = dict(device=u.device, dtype=torch.float32)
     ckpt = states if states is not None else checkpoints(u)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dA = torch.zeros(channels, STATES, **fp32)
-    # dB and dC token-major, side by side (as x_proj's output holds B and C): the fused function's
-    # backward copies them into its gradient as they are
-    dB, dC = torch.zeros(batch, length, 2 * STATES, **fp32).transpose(1, 2).split(STATES, dim=1)
-    dD, ddelta_bias = torch.zeros(channels, **fp32), torch.zeros(channels, **fp32)
+    # the kernel's sums, zeroed by one fill (not one per gradient): dA, dD, ddelta_bias, and dB and dC
+    # token-major, side by side (as x_proj's output holds B and C: the fused function's backward copies
+    # them into its gradient at once, scan._side_by_side)
+    sums = torch.zeros(channels * (STATES + 2) + batch * length * 2 * STATES, **fp32)
+    dA, dD, ddelta_bias, dBC = sums.split([channels * STATES, channels, channels, batch * length * 2 * STATES])
+    dA = dA.view(channels, STATES)
+    dB, dC = dBC.view(batch, length, 2 * STATES).transpose(1, 2).split(STATES, dim=1)
     if z is not None:
         dz = dz if dz is not None else torch.empty_like(z)
         out_z = torch.empty_like(u)

@@ -188,9 +188,9 @@ class LoraLinear(nn.Module):
         """This module on x (..., in) as (out, N), N = x.numel() // in: the transposed output, for
         models/mamba.py's ``linear_channel_major``, in place of the (N, out) output, the scaled and
         padded update, their sum and a transposed copy (at mamba-1.4b's in_proj, five passes over a
-        32 x 256 x 8192 tensor). An update of all rows is computed first and the frozen GEMM
-        accumulates onto it in place (its epilogue reads it: no pass of its own); any other update is added
-        to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does
+        32 x 256 x 8192 tensor). One update is computed first, of all rows (a block update's up-projection
+        padded with zero rows), and the frozen GEMM accumulates onto it in place (its epilogue reads it:
+        no pass of its own); any other update is added to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does
         (:meth:`LowRankUpdate.down`). None where it would not equal :meth:`forward` call for call: a hook
         on any part, or a wrapped base."""
         if not self._called_as_written():
@@ -202,13 +202,17 @@ class LoraLinear(nn.Module):
         def down(u):  # (r, N)
             return u.down(x).reshape(-1, u.lora_down.out_features).t()
 
-        first = next((u for u in active if u.rows == (0, weight.shape[0])), None)
+        # an update of all rows first, else one of a block: padded to all rows, since an in-place update
+        # of a block makes autograd copy the whole output's gradient (a clone and a copy of Vim-S's xz
+        # gradient per layer for LoRAp(X)) where the padding costs a GEMM of twice the rows at rank r
+        first = next((u for u in active if u.rows == (0, weight.shape[0])), active[0] if active else None)
         if first is None:
             out = linear_columns(weight, bias, rows)
         else:  # scale folded into up, so the gradient reaching the update is the output's, uncopied; in
             # place (addmm_, which autocast leaves alone: the operands cast here as it casts them), as
             # torch.addmm copied the update into a new output first (65 us a layer at mamba-1.4b's in_proj)
-            out = linear_columns(first.scale * first.lora_up.weight, bias, down(first))
+            up = F.pad(first.scale * first.lora_up.weight, (0, 0, *self._padding(first)))
+            out = linear_columns(up, bias, down(first))
             out = out.addmm_(weight.to(out.dtype), rows.to(out.dtype))
         for u in active:
             if u is first:
