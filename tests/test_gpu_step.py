@@ -77,19 +77,22 @@ def test_fused_add_rms_norm_equals_the_torch_one(dtype, first):
 
 @needs_kernels
 @pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("first", [True, False])
-def test_fused_add_rms_norm_trains_as_the_torch_one(hidden_dtype, first):
+@pytest.mark.parametrize("first,scaled", [(True, False), (False, False), (False, True), (True, True)])
+def test_fused_add_rms_norm_trains_as_the_torch_one(hidden_dtype, first, scaled):
     """Training shapes: an fp32 weight, a mixer output in fp32 or bf16 (autocast), an fp32 residual
-    stream. Outputs and the gradients of hidden, residual and weight, through both outputs."""
+    stream. Outputs and the gradients of hidden, residual and weight, through both outputs; ``scaled``:
+    hidden's rows scaled first (a drop path's per-sample mask / keep: mamba_ssm's forward, our backward)."""
     torch.manual_seed(0)
     hidden = torch.randn(8, 197, 384, device="cuda").to(hidden_dtype).requires_grad_()
     residual = None if first else torch.randn(8, 197, 384, device="cuda", requires_grad=True)
     weight = torch.randn(384, device="cuda").add(1.0).requires_grad_()
     out_grad, residual_grad = torch.randn(2, 8, 197, 384, device="cuda")
     leaves = [t for t in (hidden, residual, weight) if t is not None]
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0], device="cuda") / 0.9
+    rowscale = keep[:, None].expand(8, 197).reshape(-1) if scaled else None
     results = []
     for add_norm in (add_rms_norm_torch, CUDA_BACKEND.add_rms_norm):
-        normed, new_residual, rebuild = add_norm(hidden, residual, weight, 1e-5, True)
+        normed, new_residual, rebuild = add_norm(hidden, residual, weight, 1e-5, True, rowscale)
         assert torch.equal(rebuild(), normed)  # bit for bit, from the residual (and the kernel's 1/rms)
         grads = torch.autograd.grad([normed, new_residual], leaves, [out_grad.to(normed.dtype), residual_grad])
         results.append((normed, new_residual, grads))
@@ -104,11 +107,12 @@ def test_fused_add_rms_norm_trains_as_the_torch_one(hidden_dtype, first):
 
 @needs_kernels
 @pytest.mark.parametrize("cols", [384, 2048, 2560])  # Vim-S, Mamba-1.4b, Mamba-2.8b widths
-@pytest.mark.parametrize("first,weight_grad", [(True, True), (False, True), (False, False)])
-def test_our_norm_backward_computes_what_mamba_ssms_does(cols, first, weight_grad):
+@pytest.mark.parametrize("first,weight_grad,scaled", [(True, True, False), (False, True, False), (False, False, False),
+                                                    (False, True, True)])
+def test_our_norm_backward_computes_what_mamba_ssms_does(cols, first, weight_grad, scaled):
     """norm_triton.rms_norm_backward against mamba_ssm's _layer_norm_bwd on the same saved tensors:
     a bf16 dx within one rounding, the fp32 residual gradient and the weight's within fp32 summation
-    order."""
+    order; ``scaled``: with a per-row scale of the forward's hidden (a drop path)."""
     from mamba_ssm.ops.triton.layer_norm import _layer_norm_bwd
 
     from mambapeft.models.norm_triton import rms_norm_backward
@@ -120,9 +124,11 @@ def test_our_norm_backward_computes_what_mamba_ssms_does(cols, first, weight_gra
     weight = torch.randn(cols, device="cuda")
     dy = torch.randn(rows, cols, device="cuda").bfloat16()
     dres = None if first else torch.randn(rows, cols, device="cuda")
-    dx, dw, _, dres_in, *_ = _layer_norm_bwd(dy, x, weight, None, 1e-5, None, rstd, dres, has_residual=not first,
-                                             is_rms_norm=True, x_dtype=torch.bfloat16)
-    our_dx, our_dw, our_dres_in = rms_norm_backward(dy, x, rstd, weight, dres, torch.bfloat16, not first, weight_grad)
+    rowscale = (torch.rand(rows, device="cuda") > 0.3).float() / 0.7 if scaled else None
+    dx, dw, _, dres_in, *_ = _layer_norm_bwd(dy, x, weight, None, 1e-5, None, rstd, dres, rowscale=rowscale,
+                                             has_residual=not first, is_rms_norm=True, x_dtype=torch.bfloat16)
+    our_dx, our_dw, our_dres_in = rms_norm_backward(dy, x, rstd, weight, dres, torch.bfloat16, not first, weight_grad,
+                                                    rowscale)
     assert rel(our_dx, dx) < BF16_ROUNDING
     assert (our_dres_in is None) == first
     if not first:

@@ -100,6 +100,45 @@ def test_the_fused_add_norm_reference_equals_the_block_add_and_norm(first):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_a_blocks_drop_path_runs_inside_the_fused_add_as_a_row_scale(hooked):
+    """In training, a plain drop path is the fused add's per-row scale: the same masks drawn, the same
+    outputs and gradients as the drop path called before the add (the unfused chain), and no drop-path
+    call; a hooked one is called (never skipped), the add given no scale."""
+    torch.manual_seed(0)
+    block = Block(16, Mamba(16, d_state=4), drop_path=0.5).train()
+    block.norm.weight.data.normal_()
+    scales, calls = [], []
+
+    def recorded(*args, **kwargs):
+        scales.append(kwargs.get("rowscale", args[5] if len(args) > 5 else None))
+        return add_rms_norm_torch(*args, **kwargs)
+
+    if hooked:
+        block.drop_path.register_forward_hook(lambda module, args, out: calls.append(1))
+    hidden = torch.randn(6, 3, 16, requires_grad=True)
+    residual = torch.randn(6, 3, 16, requires_grad=True)
+    runs = []
+    for backend in (TORCH_BACKEND, dataclasses.replace(STEP_TORCH, add_rms_norm=recorded)):
+        block.mixer.backend = backend
+        torch.manual_seed(1)  # the same masks in both runs
+        normed, new_residual, _ = block._add_and_norm(hidden, residual)
+        grads = torch.autograd.grad((normed.square().sum() + new_residual.sum()), (hidden, residual))
+        runs.append((normed, new_residual, *grads))
+    for got, expected in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got, expected)
+    dropped = runs[0][2].flatten(1).abs().sum(1) == 0  # samples whose hidden the mask dropped
+    assert 0 < dropped.sum() < 6  # at p = 0.5 and this seed: some samples dropped, some kept
+    if hooked:
+        assert scales == [None] and len(calls) == 2  # called in both runs
+    else:
+        assert scales[0].shape == (18,) and scales[0].dtype == torch.float32 and set(scales[0].tolist()) <= {0.0, 2.0}
+    block.eval()  # no drop path out of training: no scale
+    block.mixer.backend = dataclasses.replace(STEP_TORCH, add_rms_norm=recorded)
+    block._add_and_norm(hidden, residual)
+    assert scales[-1] is None
+
+
 def test_every_forward_takes_the_fused_add_norm_where_the_norm_is_plain():
     calls, rebuilds = [], []
 

@@ -18,7 +18,8 @@ base model exactly:
   * the generation step's kernels (mamba_ssm's step: conv update in place, dt_proj's bias inside the
     state update) read ``dt_proj`` raw, so they run only where it is plain (:meth:`Mamba.uses_step_kernels`);
   * a block's residual add + RMSNorm runs in one kernel on CUDA (training and generation), reading the
-    norm's weight raw: only where the norm is plain (:func:`fused_add_norm`);
+    norm's weight raw: only where the norm is plain (:func:`fused_add_norm`); its drop path, a plain
+    :class:`DropPath`, as a per-row scale inside it (else called);
   * ``state_extensions[direction]``: extra SSM state dimensions (additional-scan);
   * ``affixes[direction]``: tokens prepended to the scan input in xz space (affix-tuning);
   * ``state_offsets[direction]``: a term added to the gated scan output, computed from the scan's
@@ -85,12 +86,21 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x * self._mask(x) / (1.0 - self.p)
+
+    def row_scales(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What :meth:`forward` multiplies each row (last dimension) of x by, as one fp32 (rows,) tensor
+        (the same draw: mask / (1 - p)), or None where it passes x on as it is: for a kernel that scales
+        rows in its own pass (the fused residual add: ``add_and_norm``)."""
+        if self.p == 0.0 or not self.training:
+            return None
+        return (self._mask(x).float() / (1.0 - self.p)).expand(*x.shape[:-1], 1).reshape(-1)
 
 
 @dataclass
@@ -414,20 +424,30 @@ def conv_step(conv: nn.Conv1d, x: torch.Tensor, state: MixerState, backend: Scan
 def fused_add_norm(norm: nn.Module, backend: ScanBackend) -> Callable | None:
     """The backend's fused residual add + RMSNorm where it can stand in for ``norm`` (it reads the
     weight raw: a plain :class:`RMSNorm` only, so a wrapped or parametrised norm is never skipped), else None. Called as
-    ``(hidden, residual, weight, eps, residual_in_fp32) -> (normed, residual, rebuild of normed or None)``."""
+    ``(hidden, residual, weight, eps, residual_in_fp32, rowscale=None) -> (normed, residual, rebuild of normed
+    or None)``."""
     return backend.add_rms_norm if backend.add_rms_norm is not None and plain(norm, RMSNorm) else None
 
 
-def add_and_norm(norm: nn.Module, backend: ScanBackend, hidden, residual, residual_in_fp32: bool = True):
-    """residual <- residual + hidden (hidden alone when residual is None); returns (norm(residual),
-    residual, rebuild), the residual in fp32 when ``residual_in_fp32``. In the backend's fused kernel
-    where it can stand in for ``norm`` (:func:`fused_add_norm`), with a zero-argument ``rebuild`` giving
-    the normalised tensor again bit for bit from what the norm's backward keeps (None where it would
-    not pay), else ``norm`` called on the residual in its weight's dtype (mamba_ssm's
-    ``fused_add_norm=False``) and no rebuild."""
+def add_and_norm(norm: nn.Module, backend: ScanBackend, hidden, residual, residual_in_fp32: bool = True,
+                 drop_path: nn.Module | None = None):
+    """residual <- residual + drop_path(hidden) (hidden alone when residual is None); returns
+    (norm(residual), residual, rebuild), the residual in fp32 when ``residual_in_fp32``. In the backend's
+    fused kernel where it can stand in for ``norm`` (:func:`fused_add_norm`), with a zero-argument ``rebuild``
+    giving the normalised tensor again bit for bit from what the norm's backward keeps (None where it
+    would not pay), else ``norm`` called on the residual in its weight's dtype (mamba_ssm's
+    ``fused_add_norm=False``) and no rebuild. A plain :class:`DropPath` runs inside the fused kernel, as
+    a scale of hidden's rows (``DropPath.row_scales``: the same mask, applied in fp32; four elementwise
+    passes over the block's input a layer, forward and backward, less); any other module is called."""
     fused = fused_add_norm(norm, backend)
+    rowscale = None
+    if drop_path is not None and residual is not None:
+        if fused is not None and plain(drop_path, DropPath):
+            rowscale = drop_path.row_scales(hidden)
+        else:
+            hidden = drop_path(hidden)
     if fused is not None:
-        return fused(hidden, residual, norm.weight, norm.eps, residual_in_fp32)
+        return fused(hidden, residual, norm.weight, norm.eps, residual_in_fp32, rowscale)
     residual = hidden if residual is None else residual + hidden
     normed = norm(residual.to(norm.weight.dtype))
     return normed, residual.float() if residual_in_fp32 else residual, None
@@ -439,7 +459,8 @@ class Block(nn.Module):
     residual <- residual + drop_path(hidden); hidden <- mixer(norm(residual)); the residual stream
     is kept in fp32 when residual_in_fp32. Vim applies each block's drop-path to the *incoming*
     previous-layer output. On a backend with ``add_rms_norm`` (CUDA) the add and norm run in one kernel
-    with its own backward, mamba_ssm's ``fused_add_norm=True``: the norm of the fp32 residual. That is
+    with its own backward, the drop path too (:func:`add_and_norm`), mamba_ssm's ``fused_add_norm=True``:
+    the norm of the fp32 residual. That is
     ``fused_add_norm=False``'s result (the PyTorch path here) wherever the norm's weight is fp32, as in
     training; a bf16 model (generation) normalises the fp32 residual instead of its bf16 rounding.
     """
@@ -453,9 +474,7 @@ class Block(nn.Module):
         self.residual_in_fp32 = residual_in_fp32
 
     def _add_and_norm(self, hidden, residual):
-        if residual is not None:
-            hidden = self.drop_path(hidden)
-        return add_and_norm(self.norm, self.mixer.backend, hidden, residual, self.residual_in_fp32)
+        return add_and_norm(self.norm, self.mixer.backend, hidden, residual, self.residual_in_fp32, self.drop_path)
 
     def forward(self, hidden, residual=None, state: MixerState | None = None):
         """hidden, residual: (B, L, D) -> (mixer output, residual). What the mixer saves of its input

@@ -51,10 +51,10 @@ def rms_normed(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, dtype:
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(x_ptr, rstd_ptr, w_ptr, dy_ptr, dres_ptr, dx_ptr, dres_in_ptr, dw_ptr, rows, cols,
-                         stride_x_row, stride_dy_row, stride_dres_row, stride_dx_row, stride_dres_in_row,
+def _rms_norm_bwd_kernel(x_ptr, rstd_ptr, w_ptr, dy_ptr, dres_ptr, dx_ptr, dres_in_ptr, dw_ptr, rowscale_ptr, rows,
+                         cols, stride_x_row, stride_dy_row, stride_dres_row, stride_dx_row, stride_dres_in_row,
                          HAS_DRESIDUAL: tl.constexpr, STORE_DRESIDUAL: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HAS_ROWSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
     inside = (row < rows)[:, None] & (col < cols)[None, :]
@@ -68,10 +68,12 @@ def _rms_norm_bwd_kernel(x_ptr, rstd_ptr, w_ptr, dy_ptr, dres_ptr, dx_ptr, dres_
     dx = (g - x_hat * (tl.sum(x_hat * g, axis=1) / cols)[:, None]) * rstd[:, None]
     if HAS_DRESIDUAL:
         dx += tl.load(dres_ptr + row64 * stride_dres_row + col[None, :], mask=inside, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + row64 * stride_dx_row + col[None, :], dx.to(dx_ptr.dtype.element_ty), mask=inside)
     if STORE_DRESIDUAL:
         tl.store(dres_in_ptr + row64 * stride_dres_in_row + col[None, :], dx.to(dres_in_ptr.dtype.element_ty),
                  mask=inside)
+    if HAS_ROWSCALE:  # the forward scaled hidden's rows before the add: hidden's gradient is the sum's times it
+        dx *= tl.load(rowscale_ptr + row, mask=row < rows, other=0.0)[:, None]
+    tl.store(dx_ptr + row64 * stride_dx_row + col[None, :], dx.to(dx_ptr.dtype.element_ty), mask=inside)
     if WEIGHT_GRAD:  # this tile's rows' sum; the tiles' are summed after
         tl.store(dw_ptr + tl.program_id(0) * cols + col, tl.sum(dy * x_hat, axis=0), mask=col < cols)
 
@@ -81,25 +83,28 @@ BACKWARD_TILE = 4096  # elements a backward program holds: rows of the next powe
 
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
                       dresidual: torch.Tensor | None, dx_dtype: torch.dtype, has_residual: bool,
-                      weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                      weight_grad: bool, rowscale: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The gradients of ``y = x * rstd * weight`` (x the summed residual, (M, N) fp32) and of the residual
     passed on: (dx in ``dx_dtype``, dweight (N,) in weight's dtype when ``weight_grad`` else None, the
     residual input's gradient when ``has_residual`` (dx itself where x's dtype is dx's) else None), as mamba_ssm's
     ``_layer_norm_bwd(dy, x, weight, None, eps, None, rstd, dresidual, has_residual=...,
-    is_rms_norm=True, x_dtype=dx_dtype)`` returns them."""
+    is_rms_norm=True, x_dtype=dx_dtype, rowscale=rowscale)`` returns them: with ``rowscale`` (M,) fp32 (the
+    forward's scale of each hidden row), dx times it and the residual's gradient not."""
     rows, cols = x.shape
     block_n = triton.next_power_of_2(cols)
     block_m = max(1, BACKWARD_TILE // block_n)
     grid = (triton.cdiv(rows, block_m),)
     dx = torch.empty(rows, cols, dtype=dx_dtype, device=x.device)
-    store_residual = has_residual and dx_dtype != x.dtype
+    store_residual = has_residual and (dx_dtype != x.dtype or rowscale is not None)
     dresidual_in = torch.empty_like(x) if store_residual else None
     partial_dw = torch.empty(grid[0], cols, dtype=torch.float32, device=x.device) if weight_grad else None
-    _rms_norm_bwd_kernel[grid](x, rstd, weight, dy, dresidual, dx, dresidual_in, partial_dw, rows, cols,
+    _rms_norm_bwd_kernel[grid](x, rstd, weight, dy, dresidual, dx, dresidual_in, partial_dw, rowscale, rows, cols,
                                x.stride(0), dy.stride(0), 0 if dresidual is None else dresidual.stride(0),
                                dx.stride(0), 0 if dresidual_in is None else dresidual_in.stride(0),
                                HAS_DRESIDUAL=dresidual is not None, STORE_DRESIDUAL=store_residual,
-                               WEIGHT_GRAD=weight_grad, BLOCK_M=block_m, BLOCK_N=block_n,
+                               WEIGHT_GRAD=weight_grad, HAS_ROWSCALE=rowscale is not None,
+                               BLOCK_M=block_m, BLOCK_N=block_n,
                                num_warps=4 if block_m * block_n <= BACKWARD_TILE else 8)
     if has_residual and not store_residual:
         dresidual_in = dx

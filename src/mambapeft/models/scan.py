@@ -581,12 +581,15 @@ def rms_normed_torch(x32, weight, eps):
     return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
-def add_rms_norm_torch(hidden, residual, weight, eps, residual_in_fp32=True):
+def add_rms_norm_torch(hidden, residual, weight, eps, residual_in_fp32=True, rowscale=None):
     """residual <- hidden + residual (hidden alone when residual is None), summed and normalised in
     fp32: hidden, residual (..., D), weight (D,) -> (RMSNorm(residual) in hidden's dtype, residual in
     its own dtype (:func:`_residual_dtype`), a zero-argument function giving the first again bit for bit
-    from the second, or None where that would not pay (:func:`_rebuild_of`))."""
-    total = hidden.float() if residual is None else hidden.float() + residual.float()
+    from the second, or None where that would not pay (:func:`_rebuild_of`)). ``rowscale`` (rows,) fp32,
+    or None: each row of hidden is first multiplied by its entry, in fp32 (a drop path's per-sample
+    scale, as mamba_ssm's kernel takes it: ``DropPath.row_scales``)."""
+    hidden = hidden.float() if rowscale is None else hidden.float() * rowscale.view(*hidden.shape[:-1], 1)
+    total = hidden if residual is None else hidden + residual.float()
     out = rms_normed_torch(total, weight, eps).to(hidden.dtype)
     residual, dtype = total.to(_residual_dtype(hidden, residual, residual_in_fp32)), out.dtype
     return out, residual, _rebuild_of(out, residual, lambda: rms_normed_torch(residual, weight, eps).to(dtype),
@@ -619,39 +622,41 @@ class _AddRMSNorm(torch.autograd.Function):
     bias, dropout or second input), the forward on its kernel, the backward on ours
     (``norm_triton.rms_norm_backward``: the same gradients, the weight's only when it trains), also
     returning each row's 1/rms (not differentiable): with it and the fp32 residual the output is
-    rebuilt bit for bit (``norm_triton.rms_normed``)."""
+    rebuilt bit for bit (``norm_triton.rms_normed``). A ``rowscale`` (rows,) multiplies hidden's rows
+    first (mamba_ssm's kernels take it: a drop path in the same pass)."""
 
     @staticmethod
-    def forward(ctx, hidden, residual, weight, eps, residual_dtype):
+    def forward(ctx, hidden, residual, weight, eps, residual_dtype, rowscale):
         outputs = _layer_norm_fwd(_rows(hidden), weight.contiguous(), None, eps, _rows(residual),
-                                  residual_dtype=residual_dtype, is_rms_norm=True)
+                                  rowscale=rowscale, residual_dtype=residual_dtype, is_rms_norm=True)
         normed, rstd, residual_out = outputs[0], outputs[3], outputs[4]  # of (y, y1, mean, rstd, residual_out, ...)
-        ctx.save_for_backward(residual_out, weight, rstd)
+        ctx.save_for_backward(residual_out, weight, rstd, rowscale)
         ctx.eps, ctx.has_residual, ctx.hidden_dtype = eps, residual is not None, hidden.dtype
         ctx.mark_non_differentiable(rstd)
         return normed.view(hidden.shape), residual_out.view(hidden.shape), rstd
 
     @staticmethod
     def backward(ctx, dnormed, dresidual, _drstd):
-        residual_out, weight, rstd = ctx.saved_tensors
+        residual_out, weight, rstd, rowscale = ctx.saved_tensors
         if residual_out.shape[1] <= NORM_BACKWARD_COLUMNS:  # ours (norm_triton.py): a grid of row tiles
             dhidden, dweight, dresidual_in = _rms_norm_backward(
                 _rows(dnormed), residual_out, rstd, weight, _rows(dresidual), ctx.hidden_dtype,
-                ctx.has_residual, weight_grad=ctx.needs_input_grad[2])
+                ctx.has_residual, weight_grad=ctx.needs_input_grad[2], rowscale=rowscale)
         else:
             dhidden, dweight, _, dresidual_in, *_ = _layer_norm_bwd(
                 _rows(dnormed), residual_out, weight, None, ctx.eps, None, rstd, _rows(dresidual),
-                has_residual=ctx.has_residual, is_rms_norm=True, x_dtype=ctx.hidden_dtype)
+                rowscale=rowscale, has_residual=ctx.has_residual, is_rms_norm=True, x_dtype=ctx.hidden_dtype)
         shape = dnormed.shape
-        return (dhidden.view(shape), dresidual_in.view(shape) if ctx.has_residual else None, dweight, None, None)
+        return (dhidden.view(shape), dresidual_in.view(shape) if ctx.has_residual else None, dweight, None, None,
+                None)
 
 
-def add_rms_norm_cuda(hidden, residual, weight, eps, residual_in_fp32=True):
+def add_rms_norm_cuda(hidden, residual, weight, eps, residual_in_fp32=True, rowscale=None):
     """mamba_ssm's ``layer_norm_fn(..., prenorm=True, is_rms_norm=True)``: the same in one kernel, and
     the rebuild from the fp32 residual and 1/rms in one more (``norm_triton.py``); same arguments and
     results as :func:`add_rms_norm_torch`."""
     normed, residual, rstd = _AddRMSNorm.apply(hidden, residual, weight, eps,
-                                               _residual_dtype(hidden, residual, residual_in_fp32))
+                                               _residual_dtype(hidden, residual, residual_in_fp32), rowscale)
     dtype = normed.dtype
     return normed, residual, _rebuild_of(normed, residual, lambda: _rms_normed(residual, rstd, weight, dtype),
                                          rstd, weight)
