@@ -100,6 +100,22 @@ def test_the_fused_add_norm_reference_equals_the_block_add_and_norm(first):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_the_fused_add_norm_reference_normalises_in_fp32_into_hiddens_dtype(first, scaled):
+    """bf16 hidden (autocast's mixer output): the normed output in bf16, the residual in fp32, both the
+    rounding of the fp32 sum (hidden's rows scaled first where a row scale is given)."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 3, 16).bfloat16(), torch.rand(16) + 0.5
+    residual = None if first else torch.randn(2, 3, 16)
+    rowscale = torch.tensor([0.0, 2.0, 2.0, 0.0, 2.0, 2.0]) if scaled else None
+    normed, new_residual, _ = add_rms_norm_torch(hidden, residual, weight, 1e-5, True, rowscale)
+    total = hidden.float() * (rowscale.view(2, 3, 1) if scaled else 1) + (0 if first else residual)
+    assert normed.dtype == torch.bfloat16 and new_residual.dtype == torch.float32
+    assert torch.equal(new_residual, total)
+    torch.testing.assert_close(normed, (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5) * weight).bfloat16())
+
+
 @pytest.mark.parametrize("hooked", [False, True])
 def test_a_blocks_drop_path_runs_inside_the_fused_add_as_a_row_scale(hooked):
     """In training, a plain drop path is the fused add's per-row scale: the same masks drawn, the same

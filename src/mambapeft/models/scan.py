@@ -588,8 +588,8 @@ def add_rms_norm_torch(hidden, residual, weight, eps, residual_in_fp32=True, row
     from the second, or None where that would not pay (:func:`_rebuild_of`)). ``rowscale`` (rows,) fp32,
     or None: each row of hidden is first multiplied by its entry, in fp32 (a drop path's per-sample
     scale, as mamba_ssm's kernel takes it: ``DropPath.row_scales``)."""
-    hidden = hidden.float() if rowscale is None else hidden.float() * rowscale.view(*hidden.shape[:-1], 1)
-    total = hidden if residual is None else hidden + residual.float()
+    scaled = hidden.float() if rowscale is None else hidden.float() * rowscale.view(*hidden.shape[:-1], 1)
+    total = scaled if residual is None else scaled + residual.float()
     out = rms_normed_torch(total, weight, eps).to(hidden.dtype)
     residual, dtype = total.to(_residual_dtype(hidden, residual, residual_in_fp32)), out.dtype
     return out, residual, _rebuild_of(out, residual, lambda: rms_normed_torch(residual, weight, eps).to(dtype),
