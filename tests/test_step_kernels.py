@@ -113,7 +113,8 @@ def test_the_fused_add_norm_reference_normalises_in_fp32_into_hiddens_dtype(firs
     total = hidden.float() * (rowscale.view(2, 3, 1) if scaled else 1) + (0 if first else residual)
     assert normed.dtype == torch.bfloat16 and new_residual.dtype == torch.float32
     assert torch.equal(new_residual, total)
-    torch.testing.assert_close(normed, (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5) * weight).bfloat16())
+    expected = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+    torch.testing.assert_close(normed, expected.bfloat16())
 
 
 @pytest.mark.parametrize("hooked", [False, True])

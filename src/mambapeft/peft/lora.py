@@ -188,11 +188,11 @@ class LoraLinear(nn.Module):
         """This module on x (..., in) as (out, N), N = x.numel() // in: the transposed output, for
         models/mamba.py's ``linear_channel_major``, in place of the (N, out) output, the scaled and
         padded update, their sum and a transposed copy (at mamba-1.4b's in_proj, five passes over a
-        32 x 256 x 8192 tensor). One update is computed first, of all rows (a block update's up-projection
-        padded with zero rows), and the frozen GEMM accumulates onto it in place (its epilogue reads it:
-        no pass of its own); any other update is added to its rows by one more GEMM. Dropout draws its mask on x as :meth:`forward` does
-        (:meth:`LowRankUpdate.down`). None where it would not equal :meth:`forward` call for call: a hook
-        on any part, or a wrapped base."""
+        32 x 256 x 8192 tensor). One update is computed first, of all rows (a block update's
+        up-projection padded with zero rows), and the frozen GEMM accumulates onto it in place (its
+        epilogue reads it: no pass of its own); any other update is added to its rows by one more GEMM.
+        Dropout draws its mask on x as :meth:`forward` does (:meth:`LowRankUpdate.down`). None where it
+        would not equal :meth:`forward` call for call: a hook on any part, or a wrapped base."""
         if not self._called_as_written():
             return None
         rows = x.reshape(-1, x.shape[-1]).t()  # (in, N)
