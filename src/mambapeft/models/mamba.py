@@ -47,6 +47,7 @@ from .scan import (
     conv_state_of,
     project_channel_major,
     rms_normed_torch,
+    steps_of,
 )
 
 
@@ -86,11 +87,14 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
+    def _active(self) -> bool:
+        return self.p > 0.0 and self.training
+
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self._active():
             return x
         return x * self._mask(x) / (1.0 - self.p)
 
@@ -98,7 +102,7 @@ class DropPath(nn.Module):
         """What :meth:`forward` multiplies each row (last dimension) of x by, as one fp32 (rows,) tensor
         (the same draw: mask / (1 - p)), or None where it passes x on as it is: for a kernel that scales
         rows in its own pass (the fused residual add: ``add_and_norm``)."""
-        if self.p == 0.0 or not self.training:
+        if not self._active():
             return None
         return (self._mask(x).float() / (1.0 - self.p)).expand(*x.shape[:-1], 1).reshape(-1)
 
@@ -255,7 +259,7 @@ class Mamba(Mixer):
             y = result
         if d.key in self.state_offsets:
             y = y + self.state_offsets[d.key](C, z).to(y.dtype)
-        return y[..., n_affix:] if n_affix else y  # (uncut: a slice's backward copies, as in _fused_direction)
+        return steps_of(y, -1, n_affix, y.shape[-1] - n_affix)  # xz's steps
 
     def _affix_tokens(self, d: Direction, xz: torch.Tensor) -> torch.Tensor:
         """Direction ``d``'s affix tokens as xz-space steps (B, 2*D_inner, n) in xz's batch and dtype."""
@@ -291,9 +295,7 @@ class Mamba(Mixer):
                                        dt_proj.bias, self.out_proj.weight if project else None, out_bias,
                                        self._state_matrix(d), getattr(self, d.D), reverse=d is BACKWARD,
                                        keep_activations=self.keep_activations)
-        if d.key not in self.affixes:  # uncut: a slice's backward, even of every step, writes the gradient
-            return out  # into a zeroed copy of the whole (a fill and a copy per direction and layer)
-        return out.narrow(1 if project else -1, first, length)  # xz's steps
+        return steps_of(out, 1 if project else -1, first, length)  # xz's steps
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).

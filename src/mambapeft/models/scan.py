@@ -906,8 +906,14 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     keep = keep_activations and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     out = _MambaInnerFn.apply(padded, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
                               out_proj_bias, A.float(), D.float(), dt_proj_bias.float(), reverse, keep)
-    # cut only where padded: a slice's backward writes its gradient into a zeroed copy of the whole
-    return out.narrow(_time_dim(out_proj_weight), 0, steps) if length != steps else out
+    return steps_of(out, _time_dim(out_proj_weight), 0, steps)  # cut where padded
+
+
+def steps_of(t: torch.Tensor, dim: int, first: int, length: int) -> torch.Tensor:
+    """t's steps [first, first + length) along ``dim``: t itself where that is all of them (a slice's
+    backward, even of every step, writes the gradient into a zeroed copy of the whole: a fill and a
+    copy of each mixer direction's output a layer)."""
+    return t if first == 0 and t.shape[dim] == length else t.narrow(dim, first, length)
 
 
 def gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
