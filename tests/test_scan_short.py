@@ -90,9 +90,10 @@ def test_nvrtc_not_found_on_a_cpu_build():
         assert not nvrtc.nvrtc_available()
 
 
-VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus)
+VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus, reverse, has_offset)
             for in_dtype, bc_dtype in itertools.product((torch.float32, torch.bfloat16), repeat=2)
-            for has_D, has_z, has_bias, softplus in ((True, True, True, True), (False, False, False, False))]
+            for has_D, has_z, has_bias, softplus in ((True, True, True, True), (False, False, False, False))
+            for reverse, has_offset in ((False, False), (True, True))]
 
 
 @pytest.mark.skipif(nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
@@ -126,14 +127,15 @@ def _reference(u, delta, A, B, C, D, z, bias, dout):
     return out.detach(), grads[:6] + [grads[7], grads[6]]
 
 
-def _ours(u, delta, A, B, C, D, z, bias, dout, reverse=False, keep_states=False):
-    out, out_z, states = scan_short.forward(u, delta, A, B, C, D, z, bias, True, reverse, keep_states)
+def _ours(u, delta, A, B, C, D, z, bias, dout, reverse=False, keep_states=False, offset=None):
+    out, out_z, states = scan_short.forward(u, delta, A, B, C, D, z, bias, True, reverse, keep_states, offset)
     assert out is None  # y is not kept where z gates it
     assert (states is not None) == keep_states
-    du, ddelta, dA, dB, dC, dD, dbias, dz, out_z_again = scan_short.backward(u, delta, A, B, C, D, z, bias, dout, None,
-                                                                           True, reverse, states)
+    du, ddelta, dA, dB, dC, dD, dbias, dz, out_z_again, doffset = scan_short.backward(
+        u, delta, A, B, C, D, z, bias, dout, None, True, reverse, states, offset)
     assert torch.equal(out_z_again, out_z)  # y recomputed as the forward computed it
-    return out_z, [du, ddelta, dA, dB, dC, dD, dbias, dz]
+    assert (doffset is None) == (offset is None)
+    return out_z, [du, ddelta, dA, dB, dC, dD, dbias, dz] + ([doffset] if offset is not None else [])
 
 
 def _mamba_ssm(u, delta, A, B, C, D, z, bias, dout):
@@ -169,6 +171,42 @@ def test_against_the_float64_scan_as_close_as_mamba_ssm(batch, channels, length,
     assert relative(out, out_ref) <= max(3 * relative(out_m, out_ref), floor)
     for name, ours, theirs, reference in zip(NAMES, grads, grads_m, grads_ref):
         assert relative(ours, reference) <= max(3 * relative(theirs, reference), floor), name
+
+
+def _reference_with_offset(u, delta, A, B, C, D, z, bias, dout, offset, reverse):
+    """out_z = (C (h + h') + D u) silu(z) in float64 as the unfused chain computes it (the scan, plus
+    peft/state_offset.py's term ``silu(z) * C h'``), and the gradients of (u, delta, A, B, C, D,
+    delta_bias, z, h'); ``reverse``: the scan from the last step to the first."""
+    leaves = [t.detach().double().requires_grad_() for t in (u, delta, A, B, C, D, z, bias, offset)]
+    u_, delta_, A_, B_, C_, D_, z_, bias_, offset_ = leaves
+    time = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+    out = time(scan.selective_scan_torch(time(u_), time(delta_), A_, time(B_), time(C_), D_, time(z_), bias_,
+                                         delta_softplus=True))
+    out = out + torch.nn.functional.silu(z_) * torch.einsum("bnl,dn->bdl", C_, offset_)
+    out.backward(dout.double())
+    grads = [t.grad for t in leaves]
+    return out.detach(), grads[:6] + [grads[7], grads[6], grads[8]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length, reverse, dtype", [(197, False, torch.bfloat16), (197, True, torch.bfloat16),
+                                                   (37, False, torch.float32)])
+def test_a_state_offset_is_read_with_the_state_as_the_float64_chain_adds_it(length, reverse, dtype):
+    """State-offset tuning's h' inside the scan: out_z and every gradient (h''s too) against the float64
+    scan plus the PyTorch offset term, within 3x the error of the same scan without an offset against
+    its own reference (or the dtype's floor); h''s gradient, an fp32 sum, within 1e-5."""
+    skip_without_a_gpu_and_nvrtc()
+    inputs = kernel_inputs(4, 96, length, dtype, True, torch.Generator().manual_seed(5))
+    offset = torch.randn(96, 16, generator=torch.Generator().manual_seed(6)).to(CUDA)
+    out, grads = _ours(*inputs, reverse=reverse, offset=offset)
+    out_ref, grads_ref = _reference_with_offset(*inputs, offset, reverse)
+    plain, plain_grads = _ours(*inputs, reverse=reverse)
+    plain_ref, plain_grads_ref = _reference_with_offset(*inputs, torch.zeros_like(offset), reverse)
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    assert relative(out, out_ref) <= max(3 * relative(plain, plain_ref), floor)
+    for name, got, expected, plain_got, plain_expected in zip(NAMES, grads, grads_ref, plain_grads, plain_grads_ref):
+        assert relative(got, expected) <= max(3 * relative(plain_got, plain_expected), floor), name
+    assert relative(grads[8], grads_ref[8]) <= 1e-5
 
 
 @pytest.mark.gpu
@@ -361,3 +399,31 @@ def test_fused_mixer_keeping_activations_saves_them_for_the_same_gradients(monke
         with torch.autocast("cuda", dtype=torch.bfloat16):
             scan.mamba_inner_cuda(xz.transpose(0, 1), *weights, keep_activations=True)
     assert calls == []  # no backward to come: nothing kept
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_mixer_with_a_state_offset_computes_the_reference(monkeypatch, reverse):
+    """State-offset tuning on the fused path: the function on our kernels with h' (each direction, with
+    kept activations as Vim trains) against mamba_inner_torch with the same offset (the chain's term
+    silu(z) C h'), bf16 autocast: output and every gradient, h''s included; where our scan does not run
+    (mamba-ssm's kernels) it refuses the offset."""
+    _needs_the_fused_function_on_it(monkeypatch)
+    if scan.CUDA_BACKEND.mamba_inner is None:
+        pytest.skip("needs mamba-ssm and causal-conv1d")
+    xz, weights = _fused_function_inputs(batch=4, d_model=64, d_inner=128, length=197, rank=8, seed=7)
+    offset = torch.randn(128, 16, device="cuda").requires_grad_()
+    leaves = (xz, *weights, offset)
+    results = []
+    for fn, keep in ((scan.mamba_inner_torch, False), (scan.mamba_inner_cuda, True)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(xz.transpose(0, 1), *weights, reverse=reverse, keep_activations=keep, state_offset=offset)
+        out.float().square().mean().backward()
+        results.append([out.detach().float()] + [t.grad.clone() for t in leaves])
+        for t in leaves:
+            t.grad = None
+    for ours, reference in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, reference, rtol=3e-2, atol=3e-2 * float(reference.abs().max()))
+    monkeypatch.setenv(scan_short.ENV, "0")
+    with pytest.raises(ValueError, match="state offset only where our short-sequence scan runs"):
+        scan.mamba_inner_cuda(xz.transpose(0, 1), *weights, state_offset=offset)

@@ -1,5 +1,8 @@
 """State-offset tuning: the extra output term equals an offset added to the state a naive per-step
-recurrence reads, in both scan directions, in step mode, and never on the fused kernel."""
+recurrence reads, in both scan directions, in step mode, and on the fused path (the offset read with
+the state inside our short scan: here its PyTorch reference) only where it can be read raw."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,12 +64,50 @@ def test_step_mode_continues_the_parallel_forward():
     assert_steps_continue_the_forward(model, torch.randint(0, 64, (2, 16)), 10)
 
 
-def test_a_mixer_with_an_offset_never_takes_the_fused_kernel():
+FUSES_OFFSETS = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch,
+                            takes_state_offset=lambda xz, n_states: xz.shape[-1] <= 12)  # as if for short inputs
+
+
+def test_a_mixer_with_an_offset_fuses_only_where_its_offset_is_read_raw():
+    """The fused path with offsets: only on a backend whose fused function takes them, for the inputs it
+    takes them for, and where the offset module stands for its call (a hook on it keeps the chain)."""
     mixer = Mamba(16, d_state=4)
     mixer.backend = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch)
     assert mixer.uses_fused_inner()
     _with_offsets(mixer)
+    assert not mixer.uses_fused_inner()  # this backend's fused function takes no offset
+    mixer.backend = FUSES_OFFSETS
+    assert mixer.uses_fused_inner() and mixer.uses_fused_inner(torch.zeros(2, 64, 12))
+    assert not mixer.uses_fused_inner(torch.zeros(2, 64, 13))  # an input it takes no offset for
+    handle = mixer.state_offsets[FORWARD.key].register_forward_hook(lambda module, args, out: out)
     assert not mixer.uses_fused_inner()
+    handle.remove()
+    assert mixer.uses_fused_inner()
+
+
+@pytest.mark.parametrize("backbone", ["vim-mini", "mamba-mini"])
+@pytest.mark.parametrize("length_fuses", [True, False])
+def test_the_fused_path_with_offsets_trains_as_the_chain(backbone, length_fuses):
+    """Every mixer's offsets read by the fused function (both Vim directions, affix-free) give the
+    chain's output and every gradient, the offsets' included; an input the fused function takes no
+    offset for runs the chain (here: 17 steps of Vim-mini, 12 tokens of the language mini)."""
+    from test_fused_inner import assert_fused_equals_unfused
+
+    torch.manual_seed(0)
+    vision = backbone == "vim-mini"
+    model = build_model(backbone, **({"num_classes": 4} if vision else {"vocab_size": 64}))
+    apply_peft(model, STATE_OFFSET, "state_offset")
+    for m in model.modules():
+        if isinstance(m, Mamba):
+            _with_offsets(m)
+    steps = 17 if vision else 12  # Vim-mini: 16 patches + the class token
+    backend = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch,
+                          takes_state_offset=lambda xz, n_states: length_fuses and xz.shape[-1] == steps)
+    inputs = torch.randn(2, 3, 32, 32) if vision else torch.randint(0, 64, (2, 12))
+    calls = []
+    fused_backend = dataclasses.replace(backend, mamba_inner=lambda *a, **k: calls.append(k) or mamba_inner_torch(*a, **k))
+    assert_fused_equals_unfused(model.eval(), fused_backend, inputs, True, backbone)
+    assert bool(calls) == length_fuses and all("state_offset" in k for k in calls)
 
 
 def test_with_additional_scan_the_offset_covers_the_extended_state():

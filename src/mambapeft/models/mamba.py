@@ -11,9 +11,9 @@ base model exactly:
     or forward hook on it would be skipped;
   * the fused ``mamba_inner`` path (once per direction) reads conv1d, x_proj and dt_proj raw, so it
     runs only where their weights stand for their calls: plain or parametrised (no wrapper or hook:
-    :func:`read_as_written`), or a LoRA folded into the weight (:func:`read_as_linear`), and no state
-    extension or state offset is set (:meth:`Mamba.uses_fused_inner`; affix tokens are steps it
-    runs, their outputs cut off); out_proj it reads the
+    :func:`read_as_written`), or a LoRA folded into the weight (:func:`read_as_linear`), no state
+    extension is set and any state offset is read as below (:meth:`Mamba.uses_fused_inner`; affix
+    tokens are steps it runs, their outputs cut off); out_proj it reads the
     same way where it can, and otherwise calls on its output;
   * the generation step's kernels (mamba_ssm's step: conv update in place, dt_proj's bias inside the
     state update) read ``dt_proj`` raw, so they run only where it is plain (:meth:`Mamba.uses_step_kernels`);
@@ -24,6 +24,9 @@ base model exactly:
   * ``affixes[direction]``: tokens prepended to the scan input in xz space (affix-tuning);
   * ``state_offsets[direction]``: a term added to the gated scan output, computed from the scan's
     C and z (state-offset tuning: ``y_t + silu(z_t) * C_t h'``), in the parallel and the step forward;
+    the fused path reads its ``offset`` raw (inside our short scan: the state read as h + h'), only
+    where the module stands for its call (:func:`offset_of`: nothing hooked) and the backend's fused
+    function takes it for the input (``ScanBackend.takes_state_offset``);
   * parameters such as ``A_log`` may carry a ``torch.nn.utils.parametrize`` delta (partial tuning).
 """
 from __future__ import annotations
@@ -139,8 +142,9 @@ class Mixer(nn.Module, abc.ABC):
     def ssm_cfg_keys(cls) -> set[str]:
         return set(inspect.signature(cls).parameters) - set(cls.backbone_args)
 
-    def uses_fused_inner(self) -> bool:
-        """Whether :meth:`forward` runs one fused kernel from in_proj's output to the mixer output."""
+    def uses_fused_inner(self, xz: torch.Tensor | None = None) -> bool:
+        """Whether :meth:`forward` runs one fused kernel from in_proj's output to the mixer output (for
+        the input ``xz``, where given)."""
         return False
 
     @abc.abstractmethod
@@ -265,15 +269,26 @@ class Mamba(Mixer):
         """Direction ``d``'s affix tokens as xz-space steps (B, 2*D_inner, n) in xz's batch and dtype."""
         return self.affixes[d.key]().t().unsqueeze(0).expand(xz.shape[0], -1, -1).to(xz.dtype)
 
-    def uses_fused_inner(self) -> bool:
+    def uses_fused_inner(self, xz: torch.Tensor | None = None) -> bool:
         """Whether :meth:`forward` runs the backend's fused ``mamba_inner``, once per direction (the
         kernel reads conv1d's, x_proj's and dt_proj's weights directly: only where no method changes
-        anything between in_proj and out_proj but through those weights, so no adapter, hook or
-        parametrisation can be skipped by it; out_proj is called where its weight does not stand for
-        its call). Affix tokens are steps of xz: they run through it too."""
-        return (self.backend.mamba_inner is not None and not self.state_extensions and not self.state_offsets
+        anything between in_proj and out_proj but through those weights or a state offset it reads, so
+        no adapter, hook or parametrisation can be skipped by it; out_proj is called where its weight
+        does not stand for its call). Affix tokens are steps of xz: they run through it too. ``xz``:
+        the input, where known (a state offset fuses for the inputs the backend's function takes it
+        for: ``ScanBackend.takes_state_offset``)."""
+        return (self.backend.mamba_inner is not None and not self.state_extensions and self._offsets_fuse(xz)
                 and all(read_as_written(getattr(self, d.conv1d), nn.Conv1d) and read_as_linear(getattr(self, d.x_proj))
                         and read_as_linear(getattr(self, d.dt_proj)) for d in self.directions))
+
+    def _offsets_fuse(self, xz: torch.Tensor | None) -> bool:
+        """No state offset, or every one read raw by the fused function (:func:`offset_of`) where the
+        backend's takes one (for ``xz``, where given)."""
+        if not self.state_offsets:
+            return True
+        takes = self.backend.takes_state_offset
+        return (takes is not None and all(offset_of(m) is not None for m in self.state_offsets.values())
+                and (xz is None or takes(xz, self.d_state)))
 
     def _fused_direction(self, xz: torch.Tensor, d: Direction, project: bool,
                          out_bias: torch.Tensor | None) -> torch.Tensor:
@@ -291,10 +306,12 @@ class Mamba(Mixer):
                 xz = torch.cat([xz, tokens.flip(-1)], dim=2)
             else:
                 xz, first = torch.cat([tokens, xz], dim=2), tokens.shape[-1]
+        offset = offset_of(self.state_offsets[d.key]) if d.key in self.state_offsets else None
         out = self.backend.mamba_inner(xz, conv.weight, conv.bias, getattr(self, d.x_proj).weight, dt_proj.weight,
                                        dt_proj.bias, self.out_proj.weight if project else None, out_bias,
                                        self._state_matrix(d), getattr(self, d.D), reverse=d is BACKWARD,
-                                       keep_activations=self.keep_activations)
+                                       keep_activations=self.keep_activations,
+                                       **({"state_offset": offset} if offset is not None else {}))
         return steps_of(out, 1 if project else -1, first, length)  # xz's steps
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
@@ -304,7 +321,7 @@ class Mamba(Mixer):
         so :meth:`step` can continue the sequence (generation prefill).
         """
         xz = linear_channel_major(self.in_proj, hidden_states)  # (B, 2*D_inner, L), channel-major
-        if state is None and self.uses_fused_inner():
+        if state is None and self.uses_fused_inner(xz):
             # out_proj's weight read where it stands for its call: inside the fused function, or for
             # both directions at once on their sum (one projection, and one GEMM back, instead of one
             # per direction: out_proj is linear); else called (its wrapper, dropout included, runs) on
@@ -353,6 +370,14 @@ class Mamba(Mixer):
         if FORWARD.key in self.state_offsets:
             y = y + self.state_offsets[FORWARD.key](C[..., 0], z).to(y.dtype)
         return self.out_proj(y).unsqueeze(1)
+
+
+def offset_of(module: nn.Module) -> torch.Tensor | None:
+    """The state offset h' (D_inner, N) a fused kernel may read in place of calling ``module`` (a
+    ``state_offsets`` entry): its ``offset`` where its ``reads_as_offset()`` says that stands for its
+    call (nothing hooked on it: ``peft/state_offset.py``), else None."""
+    reads = getattr(module, "reads_as_offset", None)
+    return module.offset if callable(reads) and reads() else None
 
 
 def unhooked(module: nn.Module) -> bool:

@@ -103,8 +103,8 @@ class Mamba2(Mixer):
         return (x.unflatten(-1, (self.nheads, self.headdim)), B.unflatten(-1, (self.ngroups, self.d_state)),
                 C.unflatten(-1, (self.ngroups, self.d_state)))
 
-    def uses_fused_inner(self) -> bool:
-        """Whether :meth:`forward` runs the backend's fused ``split_conv1d_scan``. The kernel reads
+    def uses_fused_inner(self, xz: torch.Tensor | None = None) -> bool:
+        """Whether :meth:`forward` runs the backend's fused ``split_conv1d_scan`` (for any input). The kernel reads
         conv1d, the gated norm and out_proj as raw weights, so only where those modules are plain or
         parametrised (no wrapper or hook, which it would skip: :func:`read_as_written`; out_proj may be
         a LoRA folded into its weight, :func:`read_as_linear`); A_log, D and dt_bias are read

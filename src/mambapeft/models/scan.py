@@ -666,7 +666,7 @@ def add_rms_norm_cuda(hidden, residual, weight, eps, residual_in_fp32=True, rows
 # A unidirectional mixer after in_proj, in one piece: conv -> x_proj -> dt_proj -> scan -> gate -> out_proj
 # ----------------------------------------------------------------------------------------------
 def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                      out_proj_weight, out_proj_bias, A, D, reverse=False, keep_activations=False):
+                      out_proj_weight, out_proj_bias, A, D, reverse=False, keep_activations=False, state_offset=None):
     """Reference of :func:`mamba_inner_cuda`, from this module's kernels.
 
     xz: (B, 2*D_inner, L)  conv_weight: (D_inner, 1, W)  x_proj_weight: (R + 2N, D_inner)
@@ -676,10 +676,13 @@ def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
     conv and scan from the last step to the first, as on xz flipped along time, the output in xz's
     order (the backward direction of a bidirectional block). ``keep_activations`` (memory for speed
     in :func:`mamba_inner_cuda`'s backward) changes nothing here: autograd keeps what it needs.
+    ``state_offset`` (D_inner, N) or None: state-offset tuning's h', read with the state at every step
+    (y + silu(z) C h', as ``peft/state_offset.py`` adds it on the unfused chain).
     """
     if reverse:
         return mamba_inner_torch(xz.flip(-1), conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                                 out_proj_weight, out_proj_bias, A, D).flip(_time_dim(out_proj_weight))
+                                 out_proj_weight, out_proj_bias, A, D,
+                                 state_offset=state_offset).flip(_time_dim(out_proj_weight))
     x, z = xz.chunk(2, dim=1)
     x = causal_conv1d_torch(x, conv_weight.squeeze(1), conv_bias, "silu")
     rank, n = dt_proj_weight.shape[1], A.shape[1]
@@ -687,6 +690,8 @@ def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
     delta = F.linear(dt, dt_proj_weight).transpose(1, 2)
     y = selective_scan_torch(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, dt_proj_bias,
                              delta_softplus=True)
+    if state_offset is not None:
+        y = y + F.silu(z) * torch.einsum("bln,dn->bdl", C, state_offset.to(C.dtype)).to(y.dtype)
     return y if out_proj_weight is None else F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 
@@ -744,13 +749,14 @@ class _MambaInnerFn(torch.autograd.Function):
 
     xz (B, 2*D_inner, L), L contiguous (a channel-major (2*D_inner, B, L) storage reads uncopied);
     conv_weight (D_inner, W); x_proj_weight (R + 2N, D_inner); dt_proj_weight (D_inner, R);
-    out_proj_weight (D_model, D_inner); A (D_inner, N), D and delta_bias (D_inner,) fp32.
+    out_proj_weight (D_model, D_inner); A (D_inner, N), D and delta_bias (D_inner,) fp32; state_offset
+    (D_inner, N) fp32 or None (our short scan reads it; mamba_inner_cuda passes one only there).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
-                out_proj_bias, A, D, delta_bias, reverse, keep_activations):
+                out_proj_bias, A, D, delta_bias, state_offset, reverse, keep_activations):
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
             x_proj_weight, dt_proj_weight, out_proj_weight, out_proj_bias = (
@@ -770,13 +776,15 @@ class _MambaInnerFn(torch.autograd.Function):
                    and scan_short.applies(conv_out, A, B[:, 0], delta, z) else _selective_scan_kernels)
         if kernels is not scan_short:
             B, C = B.contiguous(), C.contiguous()
-        if reverse and kernels is not scan_short:  # mamba_inner_cuda checks what this needs: a bug if not
-            raise RuntimeError("the fused function was asked to scan in reverse where our kernels do not run")
-        # mamba-ssm's kernels take neither argument
+        if (reverse or state_offset is not None) and kernels is not scan_short:  # mamba_inner_cuda checks
+            raise RuntimeError("the fused function was asked to scan in reverse or with a state offset where our "
+                               "kernels do not run")  # what these need: a bug if not
+        # mamba-ssm's kernels take none of these arguments
         ctx.reverse = {"reverse": True} if reverse else {}
+        ctx.offset = {"offset": state_offset} if state_offset is not None else {}
         ours = {"keep_states": keep_activations} if kernels is scan_short else {}
         out, scan_intermediates, out_z = kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True, **ctx.reverse,
-                                                     **ours)
+                                                     **ours, **ctx.offset)
         ctx.scan_kernels = kernels
         # mamba-ssm's backward reads the states at chunk ends only past the first of its 2048-step
         # chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b). Ours: our checkpoints (keep_activations) or None,
@@ -809,8 +817,10 @@ class _MambaInnerFn(torch.autograd.Function):
         else:
             dout = dout.reshape(-1, dout.shape[-1]).t()  # (D_model, B*L)
             dy = _from_channels_major(out_proj_weight.t() @ dout, batch)  # (B, D_inner, L)
-        dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = ctx.scan_kernels.bwd(
-            conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz, True, True, **ctx.reverse)
+        grads = ctx.scan_kernels.bwd(conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz,
+                                     True, True, **ctx.reverse, **ctx.offset)
+        dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = grads[:9]
+        doffset = grads[9] if ctx.offset else None  # ours return it tenth
         dout_proj = dout @ _tokens_major(out_z) if want_out_proj else None
         dout_bias = dout.sum(dim=1) if ctx.has_out_bias and want_out_bias else None
         dx_dbl = torch.empty_like(x_dbl)
@@ -830,7 +840,7 @@ class _MambaInnerFn(torch.autograd.Function):
         dx, dconv_weight, dconv_bias = _conv_backward(x, conv_weight, conv_bias, dconv_out, dx, True,
                                                       bool(ctx.reverse))
         return (dxz, dconv_weight, dconv_bias, dx_proj, ddt_proj,
-                dout_proj, dout_bias, dA, dD, ddelta_bias, None, None)
+                dout_proj, dout_bias, dA, dD, ddelta_bias, doffset, None, None)
 
 
 class _ChannelMajorProjection(torch.autograd.Function):
@@ -868,6 +878,12 @@ def project_channel_major(y: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _ChannelMajorProjection.apply(y, weight, bias, scale)
 
 
+def takes_state_offset(xz: torch.Tensor, n_states: int) -> bool:
+    """:func:`mamba_inner_cuda`'s ``state_offset`` support for xz (B, 2*D_inner, L) with ``n_states``:
+    where our short-sequence scan runs (mamba-ssm's kernels have no such input)."""
+    return scan_short.runs(xz.device, xz.dtype, n_states, xz.shape[-1])
+
+
 def _reverse_in_kernels(xz: torch.Tensor, conv_weight: torch.Tensor) -> bool:
     """Whether the fused function can run from the last step to the first without flipping xz: our
     conv forward (Triton) and backward run, and the scan's inputs will all be of xz's dtype (autocast
@@ -877,7 +893,7 @@ def _reverse_in_kernels(xz: torch.Tensor, conv_weight: torch.Tensor) -> bool:
 
 
 def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                     out_proj_weight, out_proj_bias, A, D, reverse=False, keep_activations=False):
+                     out_proj_weight, out_proj_bias, A, D, reverse=False, keep_activations=False, state_offset=None):
     """mamba_ssm's ``mamba_inner_fn`` (what its own Mamba and transformers' MambaForCausalLM train
     with) on its kernels: one autograd node that keeps xz and recomputes the conv and delta in the
     backward, instead of saving every intermediate; ours (:class:`_MambaInnerFn`) skips the
@@ -886,7 +902,8 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     ``keep_activations``: where a backward will run, the forward keeps what the backward would
     recompute (memory for speed): the conv output and delta ((B, D_inner, L) each), and where our
     short-sequence scan runs, its state every 8 steps (fp32: twice xz's bf16 bytes), whose recompute
-    is one of the scan backward's three passes over time (~15% of it at Vim-S)."""
+    is one of the scan backward's three passes over time (~15% of it at Vim-S). ``state_offset``: as
+    :func:`mamba_inner_torch`'s, where our short-sequence scan runs only (:func:`takes_state_offset`)."""
     if _selective_scan_kernels is None or _conv_fwd_kernel is None:
         raise RuntimeError("The fused mixer needs mamba-ssm and causal-conv1d: install them with "
                            "`pip install mamba-ssm causal-conv1d` (or `mambapeft setup-gpu`).")
@@ -896,16 +913,21 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     # computed padded). Our short-sequence kernels (scan_short.py) take any length and scan unpadded.
     steps = xz.shape[-1]
     short = scan_short.runs(xz.device, xz.dtype, A.shape[1], steps)
+    if state_offset is not None and not short:
+        raise ValueError("the fused mixer takes a state offset only where our short-sequence scan runs "
+                         "(scan.takes_state_offset); run the mixer's unfused chain for this input")
     if reverse and not (short and _reverse_in_kernels(xz, conv_weight)):
         return mamba_inner_cuda(xz.flip(-1), conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                                out_proj_weight, out_proj_bias, A, D,
-                                keep_activations=keep_activations).flip(_time_dim(out_proj_weight))
+                                out_proj_weight, out_proj_bias, A, D, keep_activations=keep_activations,
+                                state_offset=state_offset).flip(_time_dim(out_proj_weight))
     length = steps if short else whole_kernel_chunks(steps)
     padded = _ZeroPaddedInTime.apply(xz, length) if length != steps else xz
-    inputs = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, out_proj_weight, out_proj_bias, A, D)
+    inputs = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, out_proj_weight, out_proj_bias, A, D,
+              state_offset)
     keep = keep_activations and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     out = _MambaInnerFn.apply(padded, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
-                              out_proj_bias, A.float(), D.float(), dt_proj_bias.float(), reverse, keep)
+                              out_proj_bias, A.float(), D.float(), dt_proj_bias.float(),
+                              state_offset.float().contiguous() if state_offset is not None else None, reverse, keep)
     return steps_of(out, _time_dim(out_proj_weight), 0, steps)  # cut where padded
 
 
@@ -976,7 +998,8 @@ class ScanBackend:
     ``conv_update`` (the conv step in place), where set, gives a generation step mamba_ssm's kernel
     sequence (``Mamba.uses_step_kernels``); ``add_rms_norm``, where set, is every block's residual
     add + RMSNorm, in training and generation (``models/mamba.py: add_and_norm``). Both read weights
-    raw, so only plain modules take them."""
+    raw, so only plain modules take them. ``takes_state_offset(xz, n_states)``, where set, says whether
+    ``mamba_inner`` takes a ``state_offset`` for that input (state-offset tuning on the fused path)."""
 
     name: str
     selective_scan: Callable
@@ -987,6 +1010,7 @@ class ScanBackend:
     state_step: Callable = selective_state_step
     conv_update: Callable | None = None
     add_rms_norm: Callable | None = None
+    takes_state_offset: Callable | None = None
 
     @property
     def fuses(self) -> bool:
@@ -1006,7 +1030,8 @@ CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda,
                            state_step=(selective_state_step_cuda if _cuda_state_update is not None
                                        else selective_state_step),
                            conv_update=causal_conv1d_update_cuda if _triton_conv_update is not None else None,
-                           add_rms_norm=add_rms_norm_cuda if _layer_norm_fwd is not None else None)
+                           add_rms_norm=add_rms_norm_cuda if _layer_norm_fwd is not None else None,
+                           takes_state_offset=takes_state_offset)
 
 
 def cuda_kernels_available() -> bool:

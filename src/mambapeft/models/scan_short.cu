@@ -27,13 +27,16 @@
 //   u, delta, z, out, out_z, dout, du, ddelta, dz: (batch, channels, length); out (y) is written only
 //   without z, and the backward recomputes y instead of reading it
 //   A: (channels, 16) contiguous fp32; B, C: (batch, 16, length), any strides (the fused function's are
-//   views of x_proj's token-major output); D, delta_bias: (channels,) fp32
-//   dA: (channels, 16), dB, dC: (batch, 16, length) (any strides), dD, ddelta_bias: (channels,), all
-//   fp32, zeroed
+//   views of x_proj's token-major output); D, delta_bias: (channels,) fp32; offset: (channels, 16)
+//   contiguous fp32, state-offset tuning's h': the output reads the state as h + h' (y = C (h + h') + D u;
+//   h' never enters the recurrence)
+//   dA, doffset: (channels, 16), dB, dC: (batch, 16, length) (any strides), dD, ddelta_bias: (channels,),
+//   all fp32, zeroed
 //   ckpt: (batch, chunks, 16, channels) fp32: the state before each chunk but the first, written by
 //   the forward with keep_states, else by the backward (states_given 0)
 // Macros: IN_BF16 (u, delta, z, dout, out, out_z and the gradients of the first three: bf16, else fp32),
-//   BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CHUNK (a divisor of TILE), REVERSE (kernels.cuh).
+//   BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, HAS_OFFSET, SOFTPLUS, CHUNK (a divisor of TILE), REVERSE
+//   (kernels.cuh).
 
 #include "kernels.cuh"
 
@@ -68,6 +71,9 @@ __device__ __forceinline__ float step_size(float raw) {  // delta + bias, throug
 }
 
 __device__ __forceinline__ float silu(float z) { return z / (1.f + expf(-z)); }
+
+// the state as the output reads it: h, plus state-offset tuning's h'
+#define READ_STATE(state, s) (HAS_OFFSET ? (state) + off[s] : (state))
 
 __device__ __forceinline__ float channel_sum(float v) {  // over the LANES lanes of a channel
 #pragma unroll
@@ -168,9 +174,10 @@ __device__ __forceinline__ float warp_channel_sums(float (&v)[2 * OWN]) {
     const int column_channel = min(c0 + (int)COLUMN, channels - 1);                                   \
     Bm += (long long)b * B_sb;                                                                        \
     Cm += (long long)b * C_sb;                                                                        \
-    float A2[OWN], h[OWN];                                                                            \
+    float A2[OWN], h[OWN], off[OWN];                                                                  \
     _Pragma("unroll") for (int s = 0; s < OWN; ++s) {                                                 \
         A2[s] = A[c * NSTATE + group * OWN + s] * LOG2E;                                              \
+        off[s] = HAS_OFFSET ? offset[c * NSTATE + group * OWN + s] : 0.f;                             \
         h[s] = 0.f;                                                                                   \
     }                                                                                                 \
     const float bias_col = HAS_BIAS ? delta_bias[column_channel] : 0.f;
@@ -191,7 +198,7 @@ __device__ __forceinline__ void keep_checkpoint(float* checkpoint, const float (
 extern "C" __global__ void __launch_bounds__(THREADS, 6)
 scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float* __restrict__ A,
          const bc_t* __restrict__ Bm, const bc_t* __restrict__ Cm, const float* __restrict__ Dskip,
-         const in_t* __restrict__ z, const float* __restrict__ delta_bias,
+         const in_t* __restrict__ z, const float* __restrict__ delta_bias, const float* __restrict__ offset,
          in_t* __restrict__ out, in_t* __restrict__ out_z, float* __restrict__ ckpt,
          int channels, int length, int keep_states,
          int u_sb, int u_sc, int delta_sb, int delta_sc, int z_sb, int z_sc,
@@ -235,7 +242,7 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                 for (int s = 0; s < OWN; ++s) {
                     const int n = group * OWN + s;
                     h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][n] * dtu;
-                    y += h[s] * Cs[k][n];
+                    y += READ_STATE(h[s], s) * Cs[k][n];
                 }
                 y = channel_sum(y);
                 __syncwarp();  // the channel's lanes have read dtu before the first overwrites it
@@ -263,10 +270,11 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
 extern "C" __global__ void __launch_bounds__(THREADS, 6)
 scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float* __restrict__ A,
          const bc_t* __restrict__ Bm, const bc_t* __restrict__ Cm, const float* __restrict__ Dskip,
-         const in_t* __restrict__ z, const float* __restrict__ delta_bias,
+         const in_t* __restrict__ z, const float* __restrict__ delta_bias, const float* __restrict__ offset,
          const in_t* __restrict__ dout, float* __restrict__ ckpt,
          in_t* __restrict__ du, in_t* __restrict__ ddelta, float* __restrict__ dA,
          float* __restrict__ dB, float* __restrict__ dC, float* __restrict__ dD, float* __restrict__ ddelta_bias,
+         float* __restrict__ doffset,
          in_t* __restrict__ dz, in_t* __restrict__ out_z,
          int channels, int length, int states_given,
          int u_sb, int u_sc, int delta_sb, int delta_sc, int z_sb, int z_sc,
@@ -328,9 +336,9 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
 
     // backward, from the last tile and chunk. g: d loss / d state (after the step being walked);
     // decay: exp(dt A) of the step after it
-    float g[OWN], decay[OWN], dA_c[OWN];
+    float g[OWN], decay[OWN], dA_c[OWN], doff[OWN];  // doff: d loss / d h', over the channel's steps
 #pragma unroll
-    for (int s = 0; s < OWN; ++s) { g[s] = 0.f; decay[s] = 1.f; dA_c[s] = 0.f; }
+    for (int s = 0; s < OWN; ++s) { g[s] = 0.f; decay[s] = 1.f; dA_c[s] = 0.f; doff[s] = 0.f; }
     float dD_col = 0.f, dbias_col = 0.f;  // this thread's column's, over its steps
     const bool column_active = (int)COLUMN < left;
     in_t dout_next[TILE_ROWS], z_next[TILE_ROWS];
@@ -396,14 +404,15 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                         const int n = group * OWN + s;
                         g[s] = decay[s] * g[s] + Cs[k][n] * dy;
                         const float state = st[s];
-                        if (HAS_Z) y += state * Cs[k][n];  // as the forward sums it
+                        if (HAS_Z) y += READ_STATE(state, s) * Cs[k][n];  // as the forward sums it
+                        if (HAS_OFFSET) doff[s] += Cs[k][n] * dy;
                         const float carried = state - Bs[k][n] * dtu;  // exp(dt A) times the state before
                         gB += g[s] * Bs[k][n];
                         const float g_carried = g[s] * carried;  // what dt's and A's gradients both take
                         gAh += g_carried * A2[s];
                         dA_c[s] += g_carried * dt;
                         terms[s] = g[s] * dtu;           // dB
-                        terms[OWN + s] = state * dy;     // dC
+                        terms[OWN + s] = READ_STATE(state, s) * dy;  // dC
                         decay[s] = exp2f(dt * A2[s]);
                     }
                     gB = channel_sum(gB);
@@ -466,7 +475,10 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     }
     if (slot < left) {
 #pragma unroll
-        for (int s = 0; s < OWN; ++s) atomicAdd(dA + (c0 + slot) * NSTATE + group * OWN + s, dA_c[s]);
+        for (int s = 0; s < OWN; ++s) {
+            atomicAdd(dA + (c0 + slot) * NSTATE + group * OWN + s, dA_c[s]);
+            if (HAS_OFFSET) atomicAdd(doffset + (c0 + slot) * NSTATE + group * OWN + s, doff[s]);
+        }
     }
     if (column_active) {
         if (HAS_D) atomicAdd(dD + c0 + COLUMN, dD_col);

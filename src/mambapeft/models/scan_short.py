@@ -1,7 +1,8 @@
 """Mamba's selective scan for training at short lengths: CUDA kernels (``scan_short.cu``) compiled at
 run time by NVRTC, the compiler PyTorch's CUDA wheels ship, with the interface of mamba-ssm's
 ``selective_scan_cuda.fwd`` / ``.bwd`` for what the fused mixer function passes them (``scan.py:
-_MambaInnerFn``): real A, B and C per step of one group, 16 states, D, z, delta_bias, softplus.
+_MambaInnerFn``): real A, B and C per step of one group, 16 states, D, z, delta_bias, softplus, and
+(ours alone) state-offset tuning's offset h' added to the state the output reads.
 
 Why: mamba-ssm's kernels run a parallel scan along time per state, and at Vim's 197 tokens that, not
 memory, is most of the step (the backward 0.56 ms at (32, 768, 256, 16) on one H200, where its inputs
@@ -9,7 +10,7 @@ stream in tens of microseconds). Here four lanes step one channel's 16 states th
 kernel file says how, and README "The short-sequence scan" what it measured).
 
 Reference: ``scan.selective_scan_torch``. Shapes: u, delta, z, dout, out (B, D, L), any batch and channel
-strides, unit stride along L; A (D, 16); B, C (B, 16, L), any strides; D, delta_bias (D,).
+strides, unit stride along L; A (D, 16); B, C (B, 16, L), any strides; D, delta_bias (D,); offset (D, 16).
 """
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ ENV = "MAMBAPEFT_SHORT_SCAN"  # "0": mamba-ssm's kernels at every length (A/B me
 
 
 def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: bool, has_bias: bool,
-           softplus: bool, reverse: bool = False) -> list[str]:
+           softplus: bool, reverse: bool = False, has_offset: bool = False) -> list[str]:
     """The compiler's -D options for one variant of the kernels (``reverse``: scanning from the last
-    step to the first, see kernels.cuh)."""
+    step to the first, see kernels.cuh; ``has_offset``: a state offset h')."""
     return nvrtc.defines({"IN_BF16": in_dtype == torch.bfloat16, "BC_BF16": bc_dtype == torch.bfloat16,
                           "HAS_D": has_D, "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus, "CHUNK": CHUNK,
-                          "REVERSE": reverse})
+                          "REVERSE": reverse, "HAS_OFFSET": has_offset})
 
 
 def runs(device: torch.device, dtype: torch.dtype, states: int, length: int) -> bool:
@@ -72,9 +73,10 @@ def _launch(kernel, u: torch.Tensor, args: list) -> None:
     nvrtc.launch(kernel, u.device, ((u.shape[1] + CHANNELS - 1) // CHANNELS, u.shape[0], 1), THREADS, args)
 
 
-def _variant(u, B, D, z, delta_bias, softplus, reverse):
+def _variant(u, B, D, z, delta_bias, softplus, reverse, offset):
     """(forward, backward) kernels for these inputs' dtypes and the arguments given."""
-    options = macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus, reverse)
+    options = macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus, reverse,
+                     offset is not None)
     return nvrtc.load_kernels(SOURCE, u.device.index, tuple(options), ("scan_fwd", "scan_bwd"), ENV)
 
 
@@ -85,30 +87,32 @@ def checkpoints(u: torch.Tensor) -> torch.Tensor:
     return torch.empty(batch, (length + CHUNK - 1) // CHUNK, STATES, channels, device=u.device, dtype=torch.float32)
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_states=False):
+def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_states=False, offset=None):
     """(out, out_z, states): without z, out = the scan's y (B, D, L) and out_z None; with z, out_z =
     y * silu(z) and out None (y is not kept: the backward recomputes it). ``reverse``: the scan runs
     from the last step to the first, as on the sequences flipped along time, with its outputs in the
     inputs' order. ``keep_states``: states = the state before each chunk (:func:`checkpoints`), for
-    :func:`backward` to read instead of recomputing them (one of its three passes over time), else None."""
-    fwd, _ = _variant(u, B, D, z, delta_bias, softplus, reverse)
+    :func:`backward` to read instead of recomputing them (one of its three passes over time), else None.
+    ``offset`` (D, 16) fp32 or None: y = C (h + offset) + D u at every step (state-offset tuning)."""
+    fwd, _ = _variant(u, B, D, z, delta_bias, softplus, reverse, offset)
     result = torch.empty_like(u)
     out, out_z = (None, result) if z is not None else (result, None)
     states = checkpoints(u) if keep_states else None
     _launch(fwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
-                     delta_bias if delta_bias is not None else A, result, result,
+                     delta_bias if delta_bias is not None else A, _given(offset, A), result, result,
                      states if keep_states else A, u.shape[1], u.shape[2], int(keep_states),
                      *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_state_strides(B),
                      *_state_strides(C), *_strides(result), *_strides(result)])
     return out, out_z, states
 
 
-def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=False, states=None):
-    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z) of out_z (or y without z) given
-    dout, with out_z recomputed; dz a (B, D, L) tensor to write into or None; ``states``: what
-    :func:`forward` kept with ``keep_states``, or None (computed here).
-    dA, dB, dC, dD and ddelta_bias are fp32; dD, ddelta_bias None where D, delta_bias are."""
-    _, bwd = _variant(u, B, D, z, delta_bias, softplus, reverse)
+def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=False, states=None, offset=None):
+    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, doffset) of out_z (or y without z)
+    given dout, with out_z recomputed; dz a (B, D, L) tensor to write into or None; ``states``: what
+    :func:`forward` kept with ``keep_states``, or None (computed here); ``offset`` as :func:`forward`'s.
+    dA, dB, dC, dD, ddelta_bias and doffset are fp32; dD, ddelta_bias, doffset None where D, delta_bias,
+    offset are."""
+    _, bwd = _variant(u, B, D, z, delta_bias, softplus, reverse, offset)
     batch, channels, length = u.shape
     fp32 = dict(device=u.device, dtype=torch.float32)
     ckpt = states if states is not None else checkpoints(u)
@@ -116,9 +120,11 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
     # the kernel's sums, zeroed by one fill (not one per gradient): dA, dD, ddelta_bias, and dB and dC
     # token-major, side by side (as x_proj's output holds B and C: the fused function's backward copies
     # them into its gradient at once, scan._side_by_side)
-    sums = torch.zeros(channels * (STATES + 2) + batch * length * 2 * STATES, **fp32)
-    dA, dD, ddelta_bias, dBC = sums.split([channels * STATES, channels, channels, batch * length * 2 * STATES])
-    dA = dA.view(channels, STATES)
+    offsets = channels * STATES if offset is not None else 0
+    sums = torch.zeros(channels * (STATES + 2) + offsets + batch * length * 2 * STATES, **fp32)
+    dA, dD, ddelta_bias, doffset, dBC = sums.split([channels * STATES, channels, channels, offsets,
+                                                    batch * length * 2 * STATES])
+    dA, doffset = dA.view(channels, STATES), doffset.view(-1, STATES)
     dB, dC = dBC.view(batch, length, 2 * STATES).transpose(1, 2).split(STATES, dim=1)
     if z is not None:
         dz = dz if dz is not None else torch.empty_like(z)
@@ -126,31 +132,43 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
     else:
         dz, out_z = du, du  # unread and unwritten: any (B, D, L) tensor
     _launch(bwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
-                     delta_bias if delta_bias is not None else dD, dout, ckpt,
-                     du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, channels, length, int(states is not None),
+                     delta_bias if delta_bias is not None else dD, _given(offset, dA), dout, ckpt,
+                     du, ddelta, dA, dB, dC, dD, ddelta_bias, doffset if offset is not None else dA, dz, out_z,
+                     channels, length, int(states is not None),
                      *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_state_strides(B),
                      *_state_strides(C), *_strides(dout), *_strides(du), *_strides(ddelta), *_strides(dz),
                      *_strides(out_z), *_state_strides(dB), *_state_strides(dC)])
     return (du, ddelta, dA, dB, dC, dD if D is not None else None,
             ddelta_bias if delta_bias is not None else None,
-            dz if z is not None else None, out_z if z is not None else None)
+            dz if z is not None else None, out_z if z is not None else None,
+            doffset if offset is not None else None)
+
+
+def _given(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """An optional input as a kernel argument: a variant compiled without it never reads the stand-in."""
+    if t is None:
+        return stand_in
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        raise ValueError(f"the short scan takes its state offset as a contiguous fp32 (D, 16) tensor, got {t.dtype}")
+    return t
 
 
 # mamba-ssm's ``selective_scan_cuda.fwd`` / ``.bwd`` interface (B and C of shape (batch, 1, N, L)), as
 # ``scan._MambaInnerFn`` calls either; ``reverse`` (ours only) as in :func:`forward`
-def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, keep_states=False):
+def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, keep_states=False, offset=None):
     """(out, states, out_z): states, our chunks' checkpoints with ``keep_states`` (:func:`forward`),
     else None; with z, out is None (our backward recomputes y, so the caller keeps no (B, D, L) tensor
     for it)."""
     out, out_z, states = forward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, delta_softplus, reverse,
-                                 keep_states)
+                                 keep_states, offset)
     return out, states, out_z
 
 
 def bwd(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, out, dz, delta_softplus, recompute_out_z,
-        reverse=False):
-    """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z); chunk_states: what :func:`fwd` returned
-    (our checkpoints or None); out is not read, out_z is always recomputed."""
-    du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = backward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias,
-                                                                 dout, dz, delta_softplus, reverse, chunk_states)
-    return du, ddelta, dA, dB.unsqueeze(1), dC.unsqueeze(1), dD, ddelta_bias, dz, out_z
+        reverse=False, offset=None):
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z) as mamba-ssm's, and doffset (None without
+    an offset) tenth; chunk_states: what :func:`fwd` returned (our checkpoints or None); out is not
+    read, out_z is always recomputed."""
+    du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, doffset = backward(
+        u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, dout, dz, delta_softplus, reverse, chunk_states, offset)
+    return du, ddelta, dA, dB.unsqueeze(1), dC.unsqueeze(1), dD, ddelta_bias, dz, out_z, doffset

@@ -4,8 +4,10 @@ A learnable offset h' (D_inner, N) per layer and scan direction is added to the 
 reads at every step: y_t = C_t (h_t + h') + D x_t, gated by silu(z_t). Because the offset never
 enters the recurrence, it is the extra output term ``silu(z_t) * C_t h'`` on top of the stock scan
 (the original code adds exactly this to the scan's output): the CUDA scan, its step mode and its
-last state stay as they are. The mixer extension point is ``state_offsets[direction]``; a mixer
-with it set never takes the fused ``mamba_inner`` kernel, which could not add the term.
+last state stay as they are. The mixer extension point is ``state_offsets[direction]``. On the fused
+path (``mamba_inner``, where the backend's function takes an offset: our short-sequence scan) the
+kernel reads the offset with the state instead, ``C_t (h_t + h')``, the same function, where the
+module stands for its call (:meth:`StateOffset.reads_as_offset`).
 h' starts at zero (the original's ``bias_init: ZERO``), so the model is unchanged at init.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.mamba import plain
 from .registry import ORDER_MIXER, ParamGroup, SpecBase, register
 from .targets import mamba1_mixers
 
@@ -35,6 +38,11 @@ class StateOffset(nn.Module):
     def forward(self, C: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """C: (B, N, L) or (B, N) (one step), z: (B, D_inner, L) or (B, D_inner) -> z's shape."""
         return F.silu(z) * torch.einsum("bn...,dn->bd...", C, self.offset.to(C.dtype))
+
+    def reads_as_offset(self) -> bool:
+        """Whether :attr:`offset` stands for this module's call, so a fused kernel may read it instead
+        (``models/mamba.py: offset_of``): this class's forward and nothing hooked."""
+        return plain(self, StateOffset)
 
 
 # after additional_scan (same stage): the offset then covers the extended state the scan runs
