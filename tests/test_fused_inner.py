@@ -24,13 +24,15 @@ from mambapeft.runspec import domain_file, method_definition, methods_for
 FUSED_TORCH = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch)
 # methods whose every mixer keeps conv1d, x_proj and dt_proj plain (or parametrised, or LoRA on them
 # with every update folded into the weight: merged style or DoRA, whose weight the fused function
-# reads) and adds no scan state; out_proj is called where its weight does not stand for its call
+# reads), any added scan state read as x_proj's weight and A extended; out_proj is called where its
+# weight does not stand for its call
 FUSED_LANGUAGE = {"zero_shot", "head_only", "full", "lora_in_proj", "lorap_x", "prefix", "periodic", "prefix_20", "prefix_30",
                   "periodic_20", "periodic_30", "dora_in_proj", "dorap_x", "prodial_in",
                   "hybrid_importance",  # its LoRA and (IA)3 tiers both wrap in_proj only
                   "dora_out_proj", "lora_sll", "dora_sll",
                   "lora_out_proj", "ia3", "lora_ia3", "prodial", "prodial_out", "sdt",  # out_proj called
-                  "affix", "affix_noproj"}  # affix tokens scanned as steps of xz, their outputs cut off
+                  "affix", "affix_noproj",  # affix tokens scanned as steps of xz, their outputs cut off
+                  "additional_scan"}  # its B, C rows beside x_proj's, its A beside the mixer's
 # the same for Vim (both directions' modules), partial tuning (parametrised parameters, read through the
 # parametrisation) and methods outside the mixer included
 FUSED_VISION = {"a", "cls_token", "d", "dora_embed", "dora_in_proj", "dorap_z", "full", "hybrid_importance",
@@ -40,7 +42,8 @@ FUSED_VISION = {"a", "cls_token", "d", "dora_embed", "dora_in_proj", "dorap_z", 
                 "dora_x_proj", "dora_dt_proj", "dora_out_proj", "dorap_d", "dorap_b", "dorap_c",
                 "bias", "conv1d",  # deltas parametrising dt_proj's bias, conv1d's weight
                 "lora_out_proj", "parallel_adapter", "prodial", "prodial_out", "sdt",  # out_proj called
-                "affix", "affix_noproj", "hybrid", "hybrid_noproj"}  # affix tokens: steps of xz, cut off
+                "affix", "affix_noproj", "hybrid", "hybrid_noproj",  # affix tokens: steps of xz, cut off
+                "additional_scan", "all"}  # extended state: x_proj's weight and A extended
 
 
 def _mixers(model) -> list[Mixer]:
@@ -197,6 +200,28 @@ def test_a_lora_folded_into_the_weight_takes_the_fused_path_unless_hooked():
     activation_style = _mixers(model)[0]
     activation_style.backend = FUSED_TORCH
     assert not activation_style.uses_fused_inner()
+
+
+@pytest.mark.parametrize("hooked", ["extension", "its x_proj"])
+def test_an_additional_scan_is_read_as_x_projs_weight_and_A_extended_unless_hooked(hooked):
+    """Additional-scan's extra states reach the fused function as x_proj's weight with the extension's
+    B and C rows beside its own and A extended (every state count: 4 + 2 here); a hook on the extension
+    or on its projection keeps the unfused chain."""
+    mixer = _mixers(_adapted("vision", "additional_scan"))[0]
+    calls = []
+    mixer.backend = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d,
+                                lambda *args, **kwargs: calls.append(args) or mamba_inner_torch(*args, **kwargs))
+    assert mixer.uses_fused_inner()
+    mixer(torch.randn(2, 9, mixer.d_model))
+    extension = mixer.state_extensions["fwd"]
+    x_proj_weight, A = calls[0][3], calls[0][8]
+    assert x_proj_weight.shape == (mixer.dt_rank + 2 * (mixer.d_state + extension.n_extra), mixer.d_inner)
+    assert A.shape == (mixer.d_inner, mixer.d_state + extension.n_extra)
+    module = extension if hooked == "extension" else extension.x_proj
+    handle = module.register_forward_hook(lambda module, args, out: out)
+    assert not mixer.uses_fused_inner()
+    handle.remove()
+    assert mixer.uses_fused_inner()
 
 
 def test_step_mode_after_a_fused_prefill_continues_the_sequence():

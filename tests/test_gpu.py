@@ -124,10 +124,11 @@ FUSED_PATHS = {"mamba-mini": ("mamba_inner", 2e-2), "mamba2-mini": ("split_conv1
 
 @needs_kernels
 @pytest.mark.parametrize("backbone,method", [("mamba-mini", m) for m in ("full", "lora_in_proj", "lorap_x", "periodic",
-                                                                         "affix", "lora_out_proj")]
+                                                                         "affix", "lora_out_proj", "additional_scan")]
                          + [("mamba2-mini", m) for m in ("full", "lorap_x", "periodic", "ia3")]
                          + [("vim-mini", m) for m in ("full", "lora_in_proj", "lorap_x", "d", "affix_noproj", "hybrid",
-                                                      "lora_out_proj", "lora_x_proj", "conv1d", "sdt")])
+                                                      "lora_out_proj", "lora_x_proj", "conv1d", "sdt", "additional_scan",
+                                                      "all")])
 def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
     """The fused kernels after in_proj (Mamba-1: our mamba_inner_fn, once per direction in Vim; Mamba-2:
     mamba_split_conv1d_scan_combined) against the unfused CUDA chain, in the training precision: affix
@@ -154,12 +155,13 @@ def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("frozen", [False, True])
-@pytest.mark.parametrize("n", [8, 16])
+@pytest.mark.parametrize("n", [8, 16, 22])
 def test_our_mamba_inner_fn_computes_what_mamba_ssms_does(dtype, frozen, n):
     """Our fused mixer function (scan.mamba_inner_cuda) against mamba_ssm's mamba_inner_fn: the
     output and every gradient (fp32, and bf16 inputs and weights under autocast); with the
-    projections frozen, their gradients are not computed and the others are unchanged. With 16
-    states it scans with our short-sequence kernels (scan_short.py), with 8 with mamba-ssm's."""
+    projections frozen, their gradients are not computed and the others are unchanged. With 16 and 22
+    states (additional-scan's) it scans with our short-sequence kernels (scan_short.py), with 8 with
+    mamba-ssm's."""
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as upstream
     from mambapeft.models.scan import mamba_inner_cuda as ours
 

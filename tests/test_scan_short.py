@@ -30,7 +30,9 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert scan_short.runs(CUDA, torch.bfloat16, 16, 197)
     assert scan_short.runs(CUDA, torch.float32, 16, scan_short.MAX_LENGTH)
     assert not scan_short.runs(CUDA, torch.bfloat16, 16, scan_short.MAX_LENGTH + 1)
-    assert not scan_short.runs(CUDA, torch.bfloat16, 8, 197)  # the kernels hold 16 states
+    assert scan_short.runs(CUDA, torch.bfloat16, 22, 197)  # additional-scan's 16 + 6
+    assert not scan_short.runs(CUDA, torch.bfloat16, 8, 197)  # not measured against mamba-ssm's
+    assert not scan_short.runs(CUDA, torch.bfloat16, scan_short.MAX_STATES + 1, 197)
     assert not scan_short.runs(CUDA, torch.float16, 16, 197)
     assert not scan_short.runs(torch.device("cpu"), torch.float32, 16, 197)
     monkeypatch.setenv(scan_short.ENV, "0")
@@ -52,6 +54,7 @@ def test_applies_checks_shapes_and_dtypes():
     assert not scan_short.applies(cuda_like, A, B, u.float())  # delta or z of another dtype
     assert not scan_short.applies(cuda_like, A.double(), B, u)
     assert not scan_short.applies(cuda_like, torch.zeros(8, 8), B, u)
+    assert scan_short.applies(cuda_like, torch.zeros(8, 22), torch.zeros(2, 22, 5, dtype=torch.bfloat16), u)
     assert not scan_short.applies(cuda_like, A, B.unsqueeze(1), u)  # B grouped: (batch, groups, N, L)
 
 
@@ -59,9 +62,11 @@ def test_launch_covers_every_channel_on_the_tensors_device(monkeypatch):
     entered, calls = [], []
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(entered.append(device)))
     u = torch.zeros(3, 70, 5)  # 70 channels: three blocks of 32, the last partly empty
-    scan_short._launch(lambda **launch: calls.append(launch), u, ["args"])
+    scan_short._launch(lambda **launch: calls.append(launch), u, 16, ["args"])
     assert calls == [{"grid": (3, 3, 1), "block": (128, 1, 1), "args": ["args"]}]
     assert entered == [u.device]
+    scan_short._launch(lambda **launch: calls.append(launch), u, 22, ["args"])  # past 16 states: 16 a block
+    assert calls[1] == {"grid": (5, 3, 1), "block": (64, 1, 1), "args": ["args"]}
 
 
 def test_a_sequence_strided_along_time_is_refused():
@@ -79,7 +84,7 @@ def test_kernel_inputs_are_channel_major_as_the_fused_function_holds_them():
 
 def test_bench_scan_kernels_without_a_gpu_says_what_it_needs():
     with pytest.raises(SystemExit, match="needs a CUDA device with mamba-ssm"):
-        cmd_bench_scan_kernels(argparse.Namespace(shapes=None, repeats=1, out=None))
+        cmd_bench_scan_kernels(argparse.Namespace(shapes=None, repeats=1, states=[16], out=None))
     assert _shape("32,768,197") == (32, 768, 197)
     with pytest.raises(argparse.ArgumentTypeError, match="BATCH,CHANNELS,LENGTH"):
         _shape("32,768")
@@ -90,10 +95,10 @@ def test_nvrtc_not_found_on_a_cpu_build():
         assert not nvrtc.nvrtc_available()
 
 
-VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus, reverse, has_offset)
+VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus, reverse, has_offset, states)
             for in_dtype, bc_dtype in itertools.product((torch.float32, torch.bfloat16), repeat=2)
             for has_D, has_z, has_bias, softplus in ((True, True, True, True), (False, False, False, False))
-            for reverse, has_offset in ((False, False), (True, True))]
+            for reverse, has_offset, states in ((False, False, 16), (True, True, 16), (False, True, 17), (True, False, 24))]
 
 
 @pytest.mark.skipif(nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
@@ -152,16 +157,21 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch, channels, length, dtype, channel_major", [
-    (2, 70, 37, torch.float32, False),      # channels past a block's 32, a partial last tile
-    (3, 64, 200, torch.float32, True),
-    (32, 768, 197, torch.bfloat16, True),   # Vim-S, channel-major as the fused function holds it
-    (4, 96, 256, torch.bfloat16, False),
+@pytest.mark.parametrize("batch, channels, length, dtype, channel_major, states", [
+    (2, 70, 37, torch.float32, False, 16),      # channels past a block's 32, a partial last tile
+    (3, 64, 200, torch.float32, True, 16),
+    (32, 768, 197, torch.bfloat16, True, 16),   # Vim-S, channel-major as the fused function holds it
+    (4, 96, 256, torch.bfloat16, False, 16),
+    (2, 70, 37, torch.float32, False, 17),      # additional-scan's extended states: the last lane's 5
+    (3, 64, 200, torch.float32, True, 22),      # of which 3 (and 2 of 6) are real
+    (32, 768, 197, torch.bfloat16, True, 22),
+    (4, 96, 256, torch.bfloat16, False, 24),
 ])
-def test_against_the_float64_scan_as_close_as_mamba_ssm(batch, channels, length, dtype, channel_major):
+def test_against_the_float64_scan_as_close_as_mamba_ssm(batch, channels, length, dtype, channel_major, states):
     skip_without_a_gpu_and_nvrtc()
     pytest.importorskip("selective_scan_cuda")
-    inputs = kernel_inputs(batch, channels, length, dtype, channel_major, torch.Generator().manual_seed(0))
+    inputs = kernel_inputs(batch, channels, length, dtype, channel_major, torch.Generator().manual_seed(0),
+                           states=states)
     out_ref, grads_ref = _reference(*inputs)
     out, grads = _ours(*inputs)
     out_m, grads_m = _mamba_ssm(*inputs)
@@ -189,15 +199,17 @@ def _reference_with_offset(u, delta, A, B, C, D, z, bias, dout, offset, reverse)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("length, reverse, dtype", [(197, False, torch.bfloat16), (197, True, torch.bfloat16),
-                                                   (37, False, torch.float32)])
-def test_a_state_offset_is_read_with_the_state_as_the_float64_chain_adds_it(length, reverse, dtype):
+@pytest.mark.parametrize("length, reverse, dtype, states", [(197, False, torch.bfloat16, 16),
+                                                           (197, True, torch.bfloat16, 16),
+                                                           (37, False, torch.float32, 16),
+                                                           (197, True, torch.bfloat16, 22)])
+def test_a_state_offset_is_read_with_the_state_as_the_float64_chain_adds_it(length, reverse, dtype, states):
     """State-offset tuning's h' inside the scan: out_z and every gradient (h''s too) against the float64
     scan plus the PyTorch offset term, within 3x the error of the same scan without an offset against
     its own reference (or the dtype's floor); h''s gradient, an fp32 sum, within 1e-5."""
     skip_without_a_gpu_and_nvrtc()
-    inputs = kernel_inputs(4, 96, length, dtype, True, torch.Generator().manual_seed(5))
-    offset = torch.randn(96, 16, generator=torch.Generator().manual_seed(6)).to(CUDA)
+    inputs = kernel_inputs(4, 96, length, dtype, True, torch.Generator().manual_seed(5), states=states)
+    offset = torch.randn(96, states, generator=torch.Generator().manual_seed(6)).to(CUDA)
     out, grads = _ours(*inputs, reverse=reverse, offset=offset)
     out_ref, grads_ref = _reference_with_offset(*inputs, offset, reverse)
     plain, plain_grads = _ours(*inputs, reverse=reverse)
@@ -230,13 +242,14 @@ def test_reverse_is_the_scan_of_the_flipped_sequences(length):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("length, reverse", [(197, False), (197, True), (37, False), (16, True), (8, False)])
-def test_states_kept_by_the_forward_give_the_backward_its_gradients(length, reverse):
+@pytest.mark.parametrize("length, reverse, states", [(197, False, 16), (197, True, 16), (37, False, 16), (16, True, 16),
+                                                     (8, False, 16), (197, True, 22), (37, False, 17)])
+def test_states_kept_by_the_forward_give_the_backward_its_gradients(length, reverse, states):
     """With keep_states the forward writes the checkpoints the backward would compute (lengths: past
     whole chunks, a partial tile, one tile, one chunk: no checkpoint at all) and the backward reads
     them: the same gradients (the float atomics' order aside) as the backward that recomputes them."""
     skip_without_a_gpu_and_nvrtc()
-    inputs = kernel_inputs(4, 96, length, torch.bfloat16, True, torch.Generator().manual_seed(2))
+    inputs = kernel_inputs(4, 96, length, torch.bfloat16, True, torch.Generator().manual_seed(2), states=states)
     out, grads = _ours(*inputs, reverse=reverse)
     out_kept, grads_kept = _ours(*inputs, reverse=reverse, keep_states=True)
     assert torch.equal(out, out_kept)
@@ -389,13 +402,13 @@ def test_fused_mixer_keeping_activations_saves_them_for_the_same_gradients(monke
         for t in (xz, *weights):
             t.grad = None
     chunks = -(-length // scan_short.CHUNK)
-    states, conv_out_and_delta = batch * chunks * scan_short.STATES * d_inner * 4, 2 * batch * d_inner * length * 2
+    states, conv_out_and_delta = batch * chunks * 16 * d_inner * 4, 2 * batch * d_inner * length * 2
     assert saved[True] - saved[False] == 2 * (states + conv_out_and_delta)  # two directions; fp32, bf16
     for kept, recomputed in zip(results[True], results[False]):  # bf16 gradients after float atomics' sums
         torch.testing.assert_close(kept, recomputed, rtol=1e-2, atol=1e-2 * float(recomputed.abs().max()))
     with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         calls = []
-        monkeypatch.setattr(scan_short, "checkpoints", lambda u, run=scan_short.checkpoints: calls.append(1) or run(u))
+        monkeypatch.setattr(scan_short, "checkpoints", lambda u, n, run=scan_short.checkpoints: calls.append(1) or run(u, n))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             scan.mamba_inner_cuda(xz.transpose(0, 1), *weights, keep_activations=True)
     assert calls == []  # no backward to come: nothing kept

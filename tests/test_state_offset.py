@@ -118,6 +118,25 @@ def test_with_additional_scan_the_offset_covers_the_extended_state():
     model(torch.randint(0, 64, (2, 7))).sum().backward()
 
 
+def test_with_additional_scan_the_fused_path_takes_the_offset_of_the_extended_state():
+    """Both on the fused path: x_proj's weight and A extended, the offset over the extended state; the
+    backend asked whether it takes an offset for the extended count; the chain's output and gradients."""
+    from test_fused_inner import assert_fused_equals_unfused
+
+    torch.manual_seed(0)
+    model = build_model("vim-mini", num_classes=4)
+    apply_peft(model, [{"family": "additional_scan", "n": 2}, {"family": "state_offset"}], "both")
+    for m in model.modules():
+        if isinstance(m, Mamba):
+            _with_offsets(m)
+    asked = []
+    backend = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch,
+                          takes_state_offset=lambda xz, n_states: asked.append(n_states) or True)
+    assert_fused_equals_unfused(model.eval(), backend, torch.randn(2, 3, 32, 32), True, "additional_scan+state_offset")
+    mixer = next(m for m in model.modules() if isinstance(m, Mamba))
+    assert set(asked) == {mixer.d_state + 2}
+
+
 def test_an_offset_needs_mamba1_mixers():
     with pytest.raises(PeftConfigError, match="Mamba-1"):
         apply_peft(build_model("mamba2-mini", vocab_size=64), STATE_OFFSET, "state_offset")

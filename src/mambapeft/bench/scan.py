@@ -6,6 +6,7 @@ short-sequence scan (models/scan_short.cu) against mamba-ssm's, our conv backwar
 against causal-conv1d's (``bench scan-kernels``)."""
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -82,17 +83,17 @@ KERNEL_SHAPES = ((32, 768, 197), (32, 768, 256), (32, 4096, 256), (8, 1536, 1024
 
 
 def kernel_inputs(batch: int, channels: int, length: int, dtype: torch.dtype, channel_major: bool,
-                  generator: torch.Generator, device: str = "cuda") -> list[torch.Tensor]:
-    """u, delta, A, B, C, D, z, delta_bias, dout of a training scan (16 states); u, delta, z and dout
-    channel-major ((D, B, L) storage, as the fused mixer function holds them) or batch-major."""
+                  generator: torch.Generator, device: str = "cuda", states: int = 16) -> list[torch.Tensor]:
+    """u, delta, A, B, C, D, z, delta_bias, dout of a training scan with ``states`` states; u, delta, z
+    and dout channel-major ((D, B, L) storage, as the fused mixer function holds them) or batch-major."""
     def sequence(scale=1.0, shift=0.0):
         shape = (channels, batch, length) if channel_major else (batch, channels, length)
         t = (torch.randn(shape, generator=generator) * scale + shift).to(dtype).to(device)
         return t.transpose(0, 1) if channel_major else t
 
     u, delta, z, dout = sequence(), sequence(0.5, -1.0), sequence(), sequence()
-    A = (-1 - 15 * torch.rand(channels, 16, generator=generator)).to(device)
-    B, C = (torch.randn(batch, 16, length, generator=generator).to(dtype).to(device) for _ in range(2))
+    A = (-1 - 15 * torch.rand(channels, states, generator=generator)).to(device)
+    B, C = (torch.randn(batch, states, length, generator=generator).to(dtype).to(device) for _ in range(2))
     D = torch.randn(channels, generator=generator).to(device)
     bias = (0.5 * torch.randn(channels, generator=generator)).to(device)
     return [u, delta, A, B, C, D, z, bias, dout]
@@ -140,33 +141,35 @@ def _conv_backward_calls(x, dout):
             lambda: _conv_bwd_kernel(x, weight, bias, dout, None, None, None, dx, False, True))
 
 
-def bench_scan_kernels(shapes=KERNEL_SHAPES, repeats: int = 50) -> dict:
+def bench_scan_kernels(shapes=KERNEL_SHAPES, repeats: int = 50, states=(16,)) -> dict:
     """Forward and backward microseconds of our short-sequence kernels and mamba-ssm's at each
-    (batch, channels, length) of ``shapes`` (bf16, channel-major, 16 states, D, z, delta_bias, softplus:
-    what the fused mixer function runs), mamba-ssm's also at the length of its whole block (where the
-    fused function pads to for it); and our causal conv backward against causal-conv1d's."""
+    (batch, channels, length) of ``shapes`` and each state count of ``states`` (bf16, channel-major, D,
+    z, delta_bias, softplus: what the fused mixer function runs), mamba-ssm's also at the length of its
+    whole block (where the fused function pads to for it); and our causal conv backward against
+    causal-conv1d's (once per shape)."""
     if not (torch.cuda.is_available() and cuda_kernels_available() and nvrtc.nvrtc_available()):
         raise RuntimeError("bench scan-kernels needs a CUDA device with mamba-ssm (`mambapeft setup-gpu`) "
                            "and PyTorch's NVRTC (a CUDA build of PyTorch 2.8 or later)")
     rows = []
-    for batch, channels, length in shapes:
-        args = kernel_inputs(batch, channels, length, torch.bfloat16, True, torch.Generator().manual_seed(0))
+    for (batch, channels, length), n in itertools.product(shapes, states):
+        args = kernel_inputs(batch, channels, length, torch.bfloat16, True, torch.Generator().manual_seed(0),
+                             states=n)
         u, delta, A, B, C, D, z, bias, dout = args
-        row = {"batch": batch, "channels": channels, "length": length}
+        row = {"batch": batch, "channels": channels, "length": length, "states": n}
         row["ours_fwd_us"] = _mean_us(lambda: scan_short.forward(u, delta, A, B, C, D, z, bias, True), repeats)
         row["ours_bwd_us"] = _mean_us(lambda: scan_short.backward(u, delta, A, B, C, D, z, bias, dout, None, True),
                                       repeats)
         runs = {"mamba_ssm": args}
         if whole_kernel_chunks(length) != length:
             runs["mamba_ssm_padded"] = kernel_inputs(batch, channels, whole_kernel_chunks(length), torch.bfloat16,
-                                                     True, torch.Generator().manual_seed(0))
+                                                     True, torch.Generator().manual_seed(0), states=n)
         for label, inputs in runs.items():
             forward, backward = _mamba_ssm_calls(*inputs)
             row[f"{label}_fwd_us"], row[f"{label}_bwd_us"] = _mean_us(forward, repeats), _mean_us(backward, repeats)
             row[f"{label}_length"] = inputs[0].shape[-1]
-        if _conv_bwd_kernel is not None:
+        if _conv_bwd_kernel is not None and n == states[0]:
             ours, theirs = _conv_backward_calls(u, dout)
             row["ours_conv_bwd_us"], row["causal_conv1d_bwd_us"] = _mean_us(ours, repeats), _mean_us(theirs, repeats)
         rows.append(row)
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16", "states": 16,
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
             "repeats": repeats, "rows": rows}

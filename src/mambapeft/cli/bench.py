@@ -65,12 +65,14 @@ def cmd_bench_scan(args) -> None:
 
 def _add_scan_kernels(bench) -> None:
     p = bench.add_parser("scan-kernels", help="CUDA: our short-sequence scan kernels vs mamba-ssm's, forward and "
-                                              "backward microseconds (bf16, 16 states), and our conv backward "
+                                              "backward microseconds (bf16), and our conv backward "
                                               "vs causal-conv1d's")
     p.add_argument("--shapes", nargs="+", type=_shape, help="BATCH,CHANNELS,LENGTH each (default: Vim-S at 197 "
                                                             "and 256 steps, Mamba-1.4b at micro-batch 32, 8,1536,1024)")
     p.add_argument("--repeats", type=int, default=50, help="calls captured in one CUDA graph and timed, after 5 "
                                                            "warm-ups")
+    p.add_argument("--states", nargs="+", type=int, default=[16],
+                   help="state counts N, each at every shape (default 16; additional-scan extends it to 16 + n)")
     p.add_argument("--out", help="folder for <device>.scan_kernels.json (else printed only)")
     p.set_defaults(func=cmd_bench_scan_kernels)
 
@@ -87,7 +89,7 @@ def cmd_bench_scan_kernels(args) -> None:
     from ..bench.scan import KERNEL_SHAPES, bench_scan_kernels
 
     try:
-        report = bench_scan_kernels(tuple(args.shapes or KERNEL_SHAPES), args.repeats)
+        report = bench_scan_kernels(tuple(args.shapes or KERNEL_SHAPES), args.repeats, tuple(args.states))
     except RuntimeError as error:
         raise SystemExit(f"error: {error}") from None
     text = json.dumps(report, indent=1)

@@ -11,16 +11,18 @@ base model exactly:
     or forward hook on it would be skipped;
   * the fused ``mamba_inner`` path (once per direction) reads conv1d, x_proj and dt_proj raw, so it
     runs only where their weights stand for their calls: plain or parametrised (no wrapper or hook:
-    :func:`read_as_written`), or a LoRA folded into the weight (:func:`read_as_linear`), no state
-    extension is set and any state offset is read as below (:meth:`Mamba.uses_fused_inner`; affix
-    tokens are steps it runs, their outputs cut off); out_proj it reads the
-    same way where it can, and otherwise calls on its output;
+    :func:`read_as_written`), or a LoRA folded into the weight (:func:`read_as_linear`), any state
+    extension and offset is read as below (:meth:`Mamba.uses_fused_inner`; affix tokens are steps it
+    runs, their outputs cut off); out_proj it reads the same way where it can, and otherwise calls on
+    its output;
   * the generation step's kernels (mamba_ssm's step: conv update in place, dt_proj's bias inside the
     state update) read ``dt_proj`` raw, so they run only where it is plain (:meth:`Mamba.uses_step_kernels`);
   * a block's residual add + RMSNorm runs in one kernel on CUDA (training and generation), reading the
     norm's weight raw: only where the norm is plain (:func:`fused_add_norm`); its drop path, a plain
     :class:`DropPath`, as a per-row scale inside it (else called);
-  * ``state_extensions[direction]``: extra SSM state dimensions (additional-scan);
+  * ``state_extensions[direction]``: extra SSM state dimensions (additional-scan); the fused path reads
+    them as x_proj's weight and A extended, only where the module stands for its call
+    (:func:`extends_projection`);
   * ``affixes[direction]``: tokens prepended to the scan input in xz space (affix-tuning);
   * ``state_offsets[direction]``: a term added to the gated scan output, computed from the scan's
     C and z (state-offset tuning: ``y_t + silu(z_t) * C_t h'``), in the parallel and the step forward;
@@ -272,12 +274,13 @@ class Mamba(Mixer):
     def uses_fused_inner(self, xz: torch.Tensor | None = None) -> bool:
         """Whether :meth:`forward` runs the backend's fused ``mamba_inner``, once per direction (the
         kernel reads conv1d's, x_proj's and dt_proj's weights directly: only where no method changes
-        anything between in_proj and out_proj but through those weights or a state offset it reads, so
-        no adapter, hook or parametrisation can be skipped by it; out_proj is called where its weight
-        does not stand for its call). Affix tokens are steps of xz: they run through it too. ``xz``:
+        anything between in_proj and out_proj but through those weights or a state extension or offset
+        it reads, so no adapter, hook or parametrisation can be skipped by it; out_proj is called where
+        its weight does not stand for its call). Affix tokens are steps of xz: they run through it too. ``xz``:
         the input, where known (a state offset fuses for the inputs the backend's function takes it
         for: ``ScanBackend.takes_state_offset``)."""
-        return (self.backend.mamba_inner is not None and not self.state_extensions and self._offsets_fuse(xz)
+        return (self.backend.mamba_inner is not None and self._offsets_fuse(xz)
+                and all(extends_projection(m) for m in self.state_extensions.values())
                 and all(read_as_written(getattr(self, d.conv1d), nn.Conv1d) and read_as_linear(getattr(self, d.x_proj))
                         and read_as_linear(getattr(self, d.dt_proj)) for d in self.directions))
 
@@ -288,7 +291,12 @@ class Mamba(Mixer):
             return True
         takes = self.backend.takes_state_offset
         return (takes is not None and all(offset_of(m) is not None for m in self.state_offsets.values())
-                and (xz is None or takes(xz, self.d_state)))
+                and (xz is None or all(takes(xz, self._scan_states(d)) for d in self.directions
+                                       if d.key in self.state_offsets)))
+
+    def _scan_states(self, d: Direction) -> int:
+        """The states direction ``d`` scans: d_state, plus any state extension's."""
+        return self.d_state + (self.state_extensions[d.key].n_extra if d.key in self.state_extensions else 0)
 
     def _fused_direction(self, xz: torch.Tensor, d: Direction, project: bool,
                          out_bias: torch.Tensor | None) -> torch.Tensor:
@@ -307,9 +315,12 @@ class Mamba(Mixer):
             else:
                 xz, first = torch.cat([tokens, xz], dim=2), tokens.shape[-1]
         offset = offset_of(self.state_offsets[d.key]) if d.key in self.state_offsets else None
-        out = self.backend.mamba_inner(xz, conv.weight, conv.bias, getattr(self, d.x_proj).weight, dt_proj.weight,
+        x_proj_weight, A = getattr(self, d.x_proj).weight, self._state_matrix(d)
+        if d.key in self.state_extensions:
+            x_proj_weight, A = self.state_extensions[d.key].extend_projection(x_proj_weight, A, self.dt_rank)
+        out = self.backend.mamba_inner(xz, conv.weight, conv.bias, x_proj_weight, dt_proj.weight,
                                        dt_proj.bias, self.out_proj.weight if project else None, out_bias,
-                                       self._state_matrix(d), getattr(self, d.D), reverse=d is BACKWARD,
+                                       A, getattr(self, d.D), reverse=d is BACKWARD,
                                        keep_activations=self.keep_activations,
                                        **({"state_offset": offset} if offset is not None else {}))
         return steps_of(out, 1 if project else -1, first, length)  # xz's steps
@@ -344,10 +355,8 @@ class Mamba(Mixer):
         return self.out_proj(y.transpose(1, 2))
 
     def empty_state(self, batch: int, device=None) -> MixerState:
-        n_state = self.d_state + (self.state_extensions[FORWARD.key].n_extra
-                                  if FORWARD.key in self.state_extensions else 0)
         return MixerState(conv=torch.zeros(batch, self.d_inner, self.d_conv, device=device),
-                          ssm=torch.zeros(batch, self.d_inner, n_state, device=device))
+                          ssm=torch.zeros(batch, self.d_inner, self._scan_states(FORWARD), device=device))
 
     def uses_step_kernels(self) -> bool:
         """Whether :meth:`step` runs the backend's step kernels as mamba_ssm's step does: dt_proj's
@@ -370,6 +379,14 @@ class Mamba(Mixer):
         if FORWARD.key in self.state_offsets:
             y = y + self.state_offsets[FORWARD.key](C[..., 0], z).to(y.dtype)
         return self.out_proj(y).unsqueeze(1)
+
+
+def extends_projection(module: nn.Module) -> bool:
+    """Whether a fused kernel may read a ``state_extensions`` entry as x_proj's weight and A extended
+    (its ``extend_projection``) in place of calling it: where its ``reads_as_projection()`` says that
+    stands for its call (additional-scan, nothing hooked: ``peft/additional_scan.py``)."""
+    reads = getattr(module, "reads_as_projection", None)
+    return callable(reads) and reads()
 
 
 def offset_of(module: nn.Module) -> torch.Tensor | None:

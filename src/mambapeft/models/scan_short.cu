@@ -1,13 +1,16 @@
-// Mamba's selective scan (real A, per-step B and C of one group, N = 16 states), forward and backward,
+// Mamba's selective scan (real A, per-step B and C of one group, N <= 24 states), forward and backward,
 // for training at short lengths (Vim's 197 tokens, language models' 256). Compiled at run time by NVRTC
 // (scan_short.py sets the macros below; reference: scan.selective_scan_torch).
 //
-// Four lanes per (batch, channel), four of its states each in registers, stepping through time: no
+// Four lanes per (batch, channel), OWN = ceil(N / 4) of its states each in registers (four at Mamba's
+// default N = 16; the last lane's past N are zero: no input, no output), stepping through time: no
 // parallel scan along time (mamba-ssm's kernels run one per state per step, and at these lengths that,
-// not memory, takes the time). A block of 128 threads holds 32 channels of one batch. Sums over a
+// not memory, takes the time). A block of 128 threads holds 32 channels of one batch
+// (past 16 states, 64 threads 16). Sums over a
 // channel's states (y, the delta and u gradients) take two shuffles; dB and dC, sums over channels, a
 // butterfly over the warp's 8 channels that leaves each lane one of its 32 sums (16 states x {dB,
-// dC}), then the block's four warps' by shared-memory atomics, then one global atomic per (state, step).
+// dC}; past 16 states, one more such round per four more a lane owns), then the block's four warps' by
+// shared memory, then one global atomic per (state, step).
 //
 // Per-step work of a channel (softplus, the gate and their gradients) is done once per (channel, step)
 // by the whole block before and after the recurrence, into and out of fp32 tiles.
@@ -26,16 +29,16 @@
 // Shapes (elements; any batch and channel strides, unit stride along time):
 //   u, delta, z, out, out_z, dout, du, ddelta, dz: (batch, channels, length); out (y) is written only
 //   without z, and the backward recomputes y instead of reading it
-//   A: (channels, 16) contiguous fp32; B, C: (batch, 16, length), any strides (the fused function's are
-//   views of x_proj's token-major output); D, delta_bias: (channels,) fp32; offset: (channels, 16)
+//   A: (channels, N) contiguous fp32; B, C: (batch, N, length), any strides (the fused function's are
+//   views of x_proj's token-major output); D, delta_bias: (channels,) fp32; offset: (channels, N)
 //   contiguous fp32, state-offset tuning's h': the output reads the state as h + h' (y = C (h + h') + D u;
 //   h' never enters the recurrence)
-//   dA, doffset: (channels, 16), dB, dC: (batch, 16, length) (any strides), dD, ddelta_bias: (channels,),
+//   dA, doffset: (channels, N), dB, dC: (batch, N, length) (any strides), dD, ddelta_bias: (channels,),
 //   all fp32, zeroed
-//   ckpt: (batch, chunks, 16, channels) fp32: the state before each chunk but the first, written by
+//   ckpt: (batch, chunks, NPAD, channels) fp32: the state before each chunk but the first, written by
 //   the forward with keep_states, else by the backward (states_given 0)
-// Macros: IN_BF16 (u, delta, z, dout, out, out_z and the gradients of the first three: bf16, else fp32),
-//   BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, HAS_OFFSET, SOFTPLUS, CHUNK (a divisor of TILE), REVERSE
+// Macros: NSTATE (N), IN_BF16 (u, delta, z, dout, out, out_z and the gradients of the first three: bf16,
+//   else fp32), BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, HAS_OFFSET, SOFTPLUS, CHUNK (a divisor of TILE), REVERSE
 //   (kernels.cuh).
 
 #include "kernels.cuh"
@@ -45,13 +48,17 @@
 // schedules across steps (~3% of the forward, ~4% of the backward at Vim-S)
 template <bool V> struct Flag { static constexpr bool value = V; };
 
-#define NSTATE 16
 #define LANES 4                     // lanes per channel
-#define OWN (NSTATE / LANES)        // states per lane
-#define CHANNELS 32                 // channels per block
-#define THREADS (CHANNELS * LANES)  // 128
+#define OWN ((NSTATE + LANES - 1) / LANES)  // states per lane
+#define NPAD (OWN * LANES)          // the states the lanes hold, the last lane's past NSTATE zero
+#define ROUNDS ((OWN + 3) / 4)      // butterflies of the dB, dC sums a step (each sums four states a lane)
+#define SUM_PASSES ((CHUNK * NSTATE + THREADS - 1) / THREADS)  // a chunk's (state, step) pairs a thread
+// channels per block: 32 (128 threads) up to 16 states; past them 16 (64 threads), a block's shared
+// memory (one chunk's states, OWN a thread) then under the 48 KB of static shared memory a block may hold
+#define CHANNELS (OWN <= 4 ? 32 : 16)
+#define THREADS (CHANNELS * LANES)
 #define WARPS (THREADS / WARP)
-#define SUMS_ROW (2 * NSTATE + 4)   // a step's dB and dC sums, padded: a state's CHUNK steps in distinct banks
+#define SUMS_ROW (2 * NPAD + 4)   // a step's dB and dC sums, padded: a state's CHUNK steps in distinct banks
 #define TILE 16                     // steps a tile holds
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -89,7 +96,7 @@ typedef float ftile_t[TILE][CHANNELS + 1];   // [step][channel], fp32
 // tile's while the current one is computed: the read's latency, not the arithmetic, bounded the
 // kernels), then put into shared memory. Thread i holds step i % TILE of channels i / TILE, + 8, ...
 #define TILE_ROWS (CHANNELS * TILE / THREADS)   // 4 channels' elements per thread
-#define STATE_ROWS (NSTATE * TILE / THREADS)    // 2 states' elements per thread
+#define STATE_ROWS ((NPAD * TILE + THREADS - 1) / THREADS)  // 2 states' elements per thread at N = 16
 #define ROW(i) ((int)threadIdx.x / TILE + (i) * (THREADS / TILE))
 
 // rows: the block's first channel's sequence; zeros past the end
@@ -121,12 +128,13 @@ __device__ __forceinline__ void fetch_states(bc_t (&v)[STATE_ROWS], const bc_t* 
     const int t = t0 + threadIdx.x % TILE;
 #pragma unroll
     for (int i = 0; i < STATE_ROWS; ++i)
-        v[i] = t < length ? from[ROW(i) * state_stride + at(t, length) * time_stride] : (bc_t)0;
+        v[i] = t < length && ROW(i) < NSTATE ? from[ROW(i) * state_stride + at(t, length) * time_stride] : (bc_t)0;
 }
 
-__device__ __forceinline__ void put_states(float (*to)[NSTATE], const bc_t (&v)[STATE_ROWS]) {
+__device__ __forceinline__ void put_states(float (*to)[NPAD], const bc_t (&v)[STATE_ROWS]) {
 #pragma unroll
-    for (int i = 0; i < STATE_ROWS; ++i) to[threadIdx.x % TILE][ROW(i)] = to_float(v[i]);
+    for (int i = 0; i < STATE_ROWS; ++i)
+        if (ROW(i) < NPAD) to[threadIdx.x % TILE][ROW(i)] = to_float(v[i]);
 }
 
 // The per-(step, channel) passes: thread i takes channel i % 32 (its `column`) at steps i / 32, + 4, ...
@@ -146,7 +154,7 @@ __device__ __forceinline__ void step_sizes(ftile_t& dt, ftile_t& dtu, const tile
 // One butterfly level over the lanes `lane_width` apart: each keeps the half of v[0 .. 2 half) on its
 // side of the pair plus the partner's values of that half, in v[0 .. half)
 template <int lane_width, int half>
-__device__ __forceinline__ void fold(float (&v)[2 * OWN]) {
+__device__ __forceinline__ void fold(float (&v)[8]) {
     const bool upper = threadIdx.x & lane_width;
 #pragma unroll
     for (int i = 0; i < half; ++i) {
@@ -156,12 +164,15 @@ __device__ __forceinline__ void fold(float (&v)[2 * OWN]) {
     }
 }
 
-// v (a lane's OWN dB then OWN dC terms) summed over the warp's 8 channels: lane l gets entry l / LANES
+// v (four dB then four dC terms of a lane's) summed over the warp's 8 channels: lane l gets entry l / LANES
 // of the lanes of its state group (l % LANES)
-__device__ __forceinline__ float warp_channel_sums(float (&v)[2 * OWN]) {
+__device__ __forceinline__ float warp_channel_sums(float (&v)[8]) {
     fold<16, 4>(v); fold<8, 2>(v); fold<4, 1>(v);
     return v[0];
 }
+
+// whether state s of the lane of state group `group` is one of the NSTATE (not padding)
+#define REAL_STATE(group, s) (NPAD == NSTATE || (group) * OWN + (s) < NSTATE)
 
 // the block's sequence pointers: batch b, its first channel
 #define ROWS(ptr, name) ptr + (long long)b * name##_sb + (long long)c0 * name##_sc
@@ -176,22 +187,46 @@ __device__ __forceinline__ float warp_channel_sums(float (&v)[2 * OWN]) {
     Cm += (long long)b * C_sb;                                                                        \
     float A2[OWN], h[OWN], off[OWN];                                                                  \
     _Pragma("unroll") for (int s = 0; s < OWN; ++s) {                                                 \
-        A2[s] = A[c * NSTATE + group * OWN + s] * LOG2E;                                              \
-        off[s] = HAS_OFFSET ? offset[c * NSTATE + group * OWN + s] : 0.f;                             \
+        const bool real = REAL_STATE(group, s); /* else decay 1, input and output 0: it stays 0 */    \
+        A2[s] = real ? A[c * NSTATE + group * OWN + s] * LOG2E : 0.f;                                 \
+        off[s] = HAS_OFFSET && real ? offset[c * NSTATE + group * OWN + s] : 0.f;                     \
         h[s] = 0.f;                                                                                   \
     }                                                                                                 \
     const float bias_col = HAS_BIAS ? delta_bias[column_channel] : 0.f;
 
-// this thread's states in the checkpoints (batch, chunks, 16, channels): [chunk][state] at stride channels
+// The backward's recomputed states of one chunk, per step and thread: a lane's four in one 16-byte
+// access (four 4-byte ones: ~3% slower); past four, one 4-byte access a state
+#if OWN == 4
+typedef float4 chunk_states_t[CHUNK][THREADS];
+__device__ __forceinline__ void keep_state(chunk_states_t& to, int j, const float (&h)[OWN]) {
+    to[j][threadIdx.x] = make_float4(h[0], h[1], h[2], h[3]);
+}
+__device__ __forceinline__ void kept_state(float (&h)[OWN], const chunk_states_t& from, int j) {
+    const float4 v = from[j][threadIdx.x];
+    h[0] = v.x; h[1] = v.y; h[2] = v.z; h[3] = v.w;
+}
+#else
+typedef float chunk_states_t[CHUNK][OWN][THREADS];
+__device__ __forceinline__ void keep_state(chunk_states_t& to, int j, const float (&h)[OWN]) {
+#pragma unroll
+    for (int s = 0; s < OWN; ++s) to[j][s][threadIdx.x] = h[s];
+}
+__device__ __forceinline__ void kept_state(float (&h)[OWN], const chunk_states_t& from, int j) {
+#pragma unroll
+    for (int s = 0; s < OWN; ++s) h[s] = from[j][s][threadIdx.x];
+}
+#endif
+
+// this thread's states in the checkpoints (batch, chunks, NPAD, channels): [chunk][state] at stride channels
 #define CHECKPOINTS(ckpt) \
-    (ckpt + (long long)b * ((length + CHUNK - 1) / CHUNK) * NSTATE * channels + (long long)(group * OWN) * channels + c)
+    (ckpt + (long long)b * ((length + CHUNK - 1) / CHUNK) * NPAD * channels + (long long)(group * OWN) * channels + c)
 
 // h, the state after step t - 1, as the checkpoint of the chunk starting at step t (a multiple of CHUNK)
 __device__ __forceinline__ void keep_checkpoint(float* checkpoint, const float (&h)[OWN], int t, int length,
                                                 int channels, bool keeps) {
     if (keeps && t < length) {
 #pragma unroll
-        for (int s = 0; s < OWN; ++s) checkpoint[((long long)(t / CHUNK) * NSTATE + s) * channels] = h[s];
+        for (int s = 0; s < OWN; ++s) checkpoint[((long long)(t / CHUNK) * NPAD + s) * channels] = h[s];
     }
 }
 
@@ -205,7 +240,7 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
          int B_sb, int B_sn, int B_sl, int C_sb, int C_sn, int C_sl, int out_sb, int out_sc, int out_z_sb, int out_z_sc) {
     __shared__ tile_t u_tile, delta_tile, z_tile;  // u's tile then takes y, z's y silu(z)
     __shared__ ftile_t dt_tile, dtu_tile;          // dtu's then takes the sum over states of C h
-    __shared__ float Bs[TILE][NSTATE], Cs[TILE][NSTATE];
+    __shared__ float Bs[TILE][NPAD], Cs[TILE][NPAD];
     THREAD_SETUP
     const float D_col = HAS_D ? Dskip[column_channel] : 0.f;
     u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z);
@@ -267,7 +302,9 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 6)
+// six blocks a multiprocessor at N <= 16 (80 registers: fewer blocks with more measured slower); past
+// 16 states, eight of half the threads (the shared memory's limit there)
+extern "C" __global__ void __launch_bounds__(THREADS, OWN <= 4 ? 6 : 8)
 scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float* __restrict__ A,
          const bc_t* __restrict__ Bm, const bc_t* __restrict__ Cm, const float* __restrict__ Dskip,
          const in_t* __restrict__ z, const float* __restrict__ delta_bias, const float* __restrict__ offset,
@@ -288,26 +325,26 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     // with z: y, recomputed from the states as the forward computed it instead of kept from the
     // forward (a (B, D, L) tensor per layer), for dz and out_z after the tile's steps
     __shared__ ftile_t y_tile;
-    __shared__ float Bs[TILE][NSTATE], Cs[TILE][NSTATE];
-    // one chunk's states, recomputed: a lane's four in one 16-byte access (four 4-byte ones: ~3% slower)
-    static_assert(OWN == 4, "a lane's states are one float4");
-    __shared__ float4 states[CHUNK][THREADS];
+    __shared__ float Bs[TILE][NPAD], Cs[TILE][NPAD];
+    __shared__ chunk_states_t states;  // one chunk's, recomputed
     // per warp and step of a chunk: dB then dC, summed over the warp's channels (plain stores: a float
     // atomic add to shared memory is a compare-and-swap loop)
     __shared__ float sums[WARPS][CHUNK][SUMS_ROW];
     THREAD_SETUP
     const float D_c = HAS_D ? Dskip[c] : 0.f;
-    // after the butterfly, lane l holds entry l / LANES of state group l % LANES: dB (entries < OWN) or dC
-    const int warp = threadIdx.x / WARP, entry = threadIdx.x % WARP / LANES, sum_index = (entry < OWN ? 0 : NSTATE) + group * OWN + entry % OWN;
+    // after a round's butterfly, lane l holds entry l / LANES of state group l % LANES: dB (entries < 4) or
+    // dC of the group's state 4 round + entry % 4 (sum_slot + 4 round)
+    const int warp = threadIdx.x / WARP, entry = threadIdx.x % WARP / LANES, sum_slot = entry % 4;
+    const int sum_index = (entry < 4 ? 0 : NPAD) + group * OWN + sum_slot;
     u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z); dout = ROWS(dout, dout);
     du = ROWS(du, du); ddelta = ROWS(ddelta, ddelta); dz = ROWS(dz, dz); out_z = ROWS(out_z, out_z);
-    // this thread's share of each chunk's dB and dC: state sum_state at step sum_step (a state's CHUNK
-    // steps per access)
-    static_assert(THREADS == CHUNK * NSTATE, "one thread per (state, step) of a chunk");
+    float* checkpoint = CHECKPOINTS(ckpt);
+    // this thread's share of each chunk's dB and dC: states sum_state, + THREADS / CHUNK, ... (one at
+    // N = 16) at step sum_step (a state's CHUNK steps per access)
+    static_assert(THREADS % CHUNK == 0, "a thread's (state, step) pairs at one step");
     const int sum_step = threadIdx.x % CHUNK, sum_state = threadIdx.x / CHUNK;
     float* dB_row = dB + (long long)b * dB_sb + sum_state * dB_sn;
     float* dC_row = dC + (long long)b * dC_sb + sum_state * dC_sn;
-    float* checkpoint = CHECKPOINTS(ckpt);
 
     // forward, unless it ran with keep_states: the state before each chunk but the first
     in_t u_next[TILE_ROWS], delta_next[TILE_ROWS];
@@ -362,7 +399,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
 #pragma unroll
             for (int s = 0; s < OWN; ++s)
                 start[first / CHUNK][s] = t0 + first > 0 && t0 + first < length
-                    ? checkpoint[((long long)((t0 + first) / CHUNK) * NSTATE + s) * channels] : 0.f;
+                    ? checkpoint[((long long)((t0 + first) / CHUNK) * NPAD + s) * channels] : 0.f;
         }
         step_sizes(dt_tile, dtu_tile, u_tile, delta_tile, bias_col);
         FOR_COLUMN_STEPS(k) {
@@ -388,7 +425,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                         const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot];
 #pragma unroll
                         for (int s = 0; s < OWN; ++s) h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
-                        states[j][threadIdx.x] = make_float4(h[0], h[1], h[2], h[3]);
+                        keep_state(states, j, h);
                     }
                 }
 #pragma unroll
@@ -397,8 +434,8 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                     if (!decltype(full)::value && s0 + j >= length) continue;
                     const float dt = dt_tile[k][slot], dtu = dtu_tile[k][slot], dy = dy_tile[k][slot];
                     float terms[2 * OWN], gB = 0.f, gAh = 0.f, y = 0.f;
-                    const float4 st4 = states[j][threadIdx.x];
-                    const float st[OWN] = {st4.x, st4.y, st4.z, st4.w};
+                    float st[OWN];
+                    kept_state(st, states, j);
 #pragma unroll
                     for (int s = 0; s < OWN; ++s) {
                         const int n = group * OWN + s;
@@ -425,7 +462,18 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                         u_tile[k][slot] = to_in(dt * gB + D_c * dy);
                         if (HAS_Z) y_tile[k][slot] = y + D_c * u_t;
                     }
-                    sums[warp][j][sum_index] = warp_channel_sums(terms);
+#pragma unroll
+                    for (int round = 0; round < ROUNDS; ++round) {  // four states of the lane's at a time
+                        float v[8];
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const int s = 4 * round + i;
+                            v[i] = s < OWN ? terms[s] : 0.f;
+                            v[4 + i] = s < OWN ? terms[OWN + s] : 0.f;
+                        }
+                        const float sum = warp_channel_sums(v);
+                        if (sum_slot + 4 * round < OWN) sums[warp][j][sum_index + 4 * round] = sum;
+                    }
                 }
             };
             if (s0 + CHUNK <= length) walk(Flag<true>());
@@ -433,14 +481,20 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             __syncthreads();
             // the chunk's dB and dC: the block's warps' sums, one global atomic per (state, step)
             if (s0 + sum_step < length) {
-                float dB_total = 0.f, dC_total = 0.f;
+                const int t = at(s0 + sum_step, length);
 #pragma unroll
-                for (int w = 0; w < WARPS; ++w) {
-                    dB_total += sums[w][sum_step][sum_state];
-                    dC_total += sums[w][sum_step][NSTATE + sum_state];
+                for (int i = 0; i < SUM_PASSES; ++i) {
+                    const int n = sum_state + i * (THREADS / CHUNK);
+                    if (n >= NSTATE) break;
+                    float dB_total = 0.f, dC_total = 0.f;
+#pragma unroll
+                    for (int w = 0; w < WARPS; ++w) {  // (the padding is the last states': n is n's slot)
+                        dB_total += sums[w][sum_step][n];
+                        dC_total += sums[w][sum_step][NPAD + n];
+                    }
+                    atomicAdd(dB_row + i * (THREADS / CHUNK) * dB_sn + t * dB_sl, dB_total);
+                    atomicAdd(dC_row + i * (THREADS / CHUNK) * dC_sn + t * dC_sl, dC_total);
                 }
-                atomicAdd(dB_row + at(s0 + sum_step, length) * dB_sl, dB_total);
-                atomicAdd(dC_row + at(s0 + sum_step, length) * dC_sl, dC_total);
             }
             __syncthreads();  // read before the next chunk's steps overwrite them
         }
@@ -476,6 +530,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     if (slot < left) {
 #pragma unroll
         for (int s = 0; s < OWN; ++s) {
+            if (!REAL_STATE(group, s)) continue;
             atomicAdd(dA + (c0 + slot) * NSTATE + group * OWN + s, dA_c[s]);
             if (HAS_OFFSET) atomicAdd(doffset + (c0 + slot) * NSTATE + group * OWN + s, doff[s]);
         }

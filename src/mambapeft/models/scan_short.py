@@ -1,16 +1,17 @@
 """Mamba's selective scan for training at short lengths: CUDA kernels (``scan_short.cu``) compiled at
 run time by NVRTC, the compiler PyTorch's CUDA wheels ship, with the interface of mamba-ssm's
 ``selective_scan_cuda.fwd`` / ``.bwd`` for what the fused mixer function passes them (``scan.py:
-_MambaInnerFn``): real A, B and C per step of one group, 16 states, D, z, delta_bias, softplus, and
-(ours alone) state-offset tuning's offset h' added to the state the output reads.
+_MambaInnerFn``): real A, B and C per step of one group, up to 24 states (16, mamba's default, and the
+17 or 22 of additional-scan's extended state), D, z, delta_bias, softplus, and (ours alone)
+state-offset tuning's offset h' added to the state the output reads.
 
 Why: mamba-ssm's kernels run a parallel scan along time per state, and at Vim's 197 tokens that, not
 memory, is most of the step (the backward 0.56 ms at (32, 768, 256, 16) on one H200, where its inputs
-stream in tens of microseconds). Here four lanes step one channel's 16 states through time (the
+stream in tens of microseconds). Here four lanes step one channel's N states through time (the
 kernel file says how, and README "The short-sequence scan" what it measured).
 
 Reference: ``scan.selective_scan_torch``. Shapes: u, delta, z, dout, out (B, D, L), any batch and channel
-strides, unit stride along L; A (D, 16); B, C (B, 16, L), any strides; D, delta_bias (D,); offset (D, 16).
+strides, unit stride along L; A (D, N); B, C (B, N, L), any strides; D, delta_bias (D,); offset (D, N).
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ import torch
 from . import nvrtc
 from .nvrtc import SEQUENCE_DTYPES
 
-STATES = 16  # the kernels' state count (mamba's default d_state; Vim's and the Mamba LMs')
+LANES = 4  # lanes per channel, each holding ceil(N / 4) of its states
+# The state counts these kernels run: mamba's default d_state 16 (Vim's and the Mamba LMs') up to
+# additional-scan's extensions of it (16 + 1 in the hybrid space's "all", 16 + 6). Measured on one H200
+# against mamba-ssm's at 16, 17 and 22 (README "The short-sequence scan").
+MIN_STATES, MAX_STATES = 16, 24
 CHUNK = 8  # steps between the backward's checkpoints of the state (its shared memory holds one chunk)
-CHANNELS, THREADS = 32, 128  # a thread block's channels and threads (four per channel)
 SOURCE = "scan_short.cu"
 # The longest sequence these kernels take; longer ones keep mamba-ssm's. Measured on one H200 (bf16,
 # fwd + bwd, ours vs mamba-ssm's; README "The short-sequence scan"): faster at Vim's 197 steps and at
@@ -32,10 +36,10 @@ ENV = "MAMBAPEFT_SHORT_SCAN"  # "0": mamba-ssm's kernels at every length (A/B me
 
 
 def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: bool, has_bias: bool,
-           softplus: bool, reverse: bool = False, has_offset: bool = False) -> list[str]:
+           softplus: bool, reverse: bool = False, has_offset: bool = False, states: int = 16) -> list[str]:
     """The compiler's -D options for one variant of the kernels (``reverse``: scanning from the last
-    step to the first, see kernels.cuh; ``has_offset``: a state offset h')."""
-    return nvrtc.defines({"IN_BF16": in_dtype == torch.bfloat16, "BC_BF16": bc_dtype == torch.bfloat16,
+    step to the first, see kernels.cuh; ``has_offset``: a state offset h'; ``states``: N)."""
+    return nvrtc.defines({"NSTATE": states, "IN_BF16": in_dtype == torch.bfloat16, "BC_BF16": bc_dtype == torch.bfloat16,
                           "HAS_D": has_D, "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus, "CHUNK": CHUNK,
                           "REVERSE": reverse, "HAS_OFFSET": has_offset})
 
@@ -43,16 +47,17 @@ def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: boo
 def runs(device: torch.device, dtype: torch.dtype, states: int, length: int) -> bool:
     """Whether the fused mixer function scans with these kernels: a CUDA device of the architecture
     they were measured on (Hopper, compute capability 9.x: faster than mamba-ssm's there; elsewhere
-    not measured), fp32 or bf16 sequences, 16 states, at most MAX_LENGTH steps, NVRTC present and
-    $MAMBAPEFT_SHORT_SCAN not "0"."""
-    return (dtype in SEQUENCE_DTYPES and states == STATES and length <= MAX_LENGTH
+    not measured), fp32 or bf16 sequences, MIN_STATES to MAX_STATES states, at most MAX_LENGTH steps,
+    NVRTC present and $MAMBAPEFT_SHORT_SCAN not "0"."""
+    return (dtype in SEQUENCE_DTYPES and MIN_STATES <= states <= MAX_STATES and length <= MAX_LENGTH
             and nvrtc.switched_on(device, ENV))
 
 
 def applies(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *sequences: torch.Tensor | None) -> bool:
-    """Whether these kernels run this scan: on a CUDA device, real A (D, 16), B and C per step (their
-    dtype fp32 or bf16), and u with every other sequence (delta, z, ...) of one dtype, fp32 or bf16."""
-    return (u.is_cuda and A.dtype == torch.float32 and A.dim() == 2 and A.shape[1] == STATES
+    """Whether these kernels run this scan: on a CUDA device, real A (D, N) with MIN_STATES to MAX_STATES
+    states, B and C per step (their dtype fp32 or bf16), and u with every other sequence (delta, z,
+    ...) of one dtype, fp32 or bf16."""
+    return (u.is_cuda and A.dtype == torch.float32 and A.dim() == 2 and MIN_STATES <= A.shape[1] <= MAX_STATES
             and B.dim() == 3 and B.dtype in SEQUENCE_DTYPES and u.dtype in SEQUENCE_DTYPES
             and all(t is None or t.dtype == u.dtype for t in sequences))
 
@@ -64,27 +69,36 @@ def _strides(t: torch.Tensor) -> list[int]:
 
 
 def _state_strides(t: torch.Tensor) -> list[int]:
-    """B, C and their gradients (B, 16, L): any strides (the fused function's are x_dbl's columns)."""
+    """B, C and their gradients (B, N, L): any strides (the fused function's are x_dbl's columns)."""
     return list(t.stride())
 
 
-def _launch(kernel, u: torch.Tensor, args: list) -> None:
-    """One block per (32 channels, batch element) of u, on u's device's current stream."""
-    nvrtc.launch(kernel, u.device, ((u.shape[1] + CHANNELS - 1) // CHANNELS, u.shape[0], 1), THREADS, args)
+def block_channels(states: int) -> int:
+    """The channels of a thread block (LANES threads each): 32 up to 16 states, 16 past (the kernel
+    file's CHANNELS)."""
+    return 32 if states <= 4 * LANES else 16
 
 
-def _variant(u, B, D, z, delta_bias, softplus, reverse, offset):
-    """(forward, backward) kernels for these inputs' dtypes and the arguments given."""
+def _launch(kernel, u: torch.Tensor, states: int, args: list) -> None:
+    """One block per (block_channels channels, batch element) of u, on u's device's current stream."""
+    channels = block_channels(states)
+    nvrtc.launch(kernel, u.device, ((u.shape[1] + channels - 1) // channels, u.shape[0], 1), channels * LANES, args)
+
+
+def _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset):
+    """(forward, backward) kernels for these inputs' dtypes, state count and the arguments given."""
     options = macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus, reverse,
-                     offset is not None)
+                     offset is not None, A.shape[1])
     return nvrtc.load_kernels(SOURCE, u.device.index, tuple(options), ("scan_fwd", "scan_bwd"), ENV)
 
 
-def checkpoints(u: torch.Tensor) -> torch.Tensor:
-    """An empty tensor for the state before each chunk of CHUNK steps of u (B, D, L): (B, chunks, 16, D)
-    fp32, 64 bytes per channel and chunk (twice a bf16 xz's bytes)."""
+def checkpoints(u: torch.Tensor, states: int) -> torch.Tensor:
+    """An empty tensor for the state before each chunk of CHUNK steps of u (B, D, L) with ``states``
+    states: (B, chunks, N', D) fp32, N' the lanes' padded count (multiple of 4): 64 bytes per channel and
+    chunk at N = 16 (twice a bf16 xz's bytes)."""
     batch, channels, length = u.shape
-    return torch.empty(batch, (length + CHUNK - 1) // CHUNK, STATES, channels, device=u.device, dtype=torch.float32)
+    padded = -(-states // LANES) * LANES
+    return torch.empty(batch, (length + CHUNK - 1) // CHUNK, padded, channels, device=u.device, dtype=torch.float32)
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_states=False, offset=None):
@@ -93,12 +107,12 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_s
     from the last step to the first, as on the sequences flipped along time, with its outputs in the
     inputs' order. ``keep_states``: states = the state before each chunk (:func:`checkpoints`), for
     :func:`backward` to read instead of recomputing them (one of its three passes over time), else None.
-    ``offset`` (D, 16) fp32 or None: y = C (h + offset) + D u at every step (state-offset tuning)."""
-    fwd, _ = _variant(u, B, D, z, delta_bias, softplus, reverse, offset)
+    ``offset`` (D, N) fp32 or None: y = C (h + offset) + D u at every step (state-offset tuning)."""
+    fwd, _ = _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset)
     result = torch.empty_like(u)
     out, out_z = (None, result) if z is not None else (result, None)
-    states = checkpoints(u) if keep_states else None
-    _launch(fwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
+    states = checkpoints(u, A.shape[1]) if keep_states else None
+    _launch(fwd, u, A.shape[1], [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
                      delta_bias if delta_bias is not None else A, _given(offset, A), result, result,
                      states if keep_states else A, u.shape[1], u.shape[2], int(keep_states),
                      *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_state_strides(B),
@@ -112,26 +126,25 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
     :func:`forward` kept with ``keep_states``, or None (computed here); ``offset`` as :func:`forward`'s.
     dA, dB, dC, dD, ddelta_bias and doffset are fp32; dD, ddelta_bias, doffset None where D, delta_bias,
     offset are."""
-    _, bwd = _variant(u, B, D, z, delta_bias, softplus, reverse, offset)
-    batch, channels, length = u.shape
+    _, bwd = _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset)
+    (batch, channels, length), n = u.shape, A.shape[1]
     fp32 = dict(device=u.device, dtype=torch.float32)
-    ckpt = states if states is not None else checkpoints(u)
+    ckpt = states if states is not None else checkpoints(u, n)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     # the kernel's sums, zeroed by one fill (not one per gradient): dA, dD, ddelta_bias, and dB and dC
     # token-major, side by side (as x_proj's output holds B and C: the fused function's backward copies
     # them into its gradient at once, scan._side_by_side)
-    offsets = channels * STATES if offset is not None else 0
-    sums = torch.zeros(channels * (STATES + 2) + offsets + batch * length * 2 * STATES, **fp32)
-    dA, dD, ddelta_bias, doffset, dBC = sums.split([channels * STATES, channels, channels, offsets,
-                                                    batch * length * 2 * STATES])
-    dA, doffset = dA.view(channels, STATES), doffset.view(-1, STATES)
-    dB, dC = dBC.view(batch, length, 2 * STATES).transpose(1, 2).split(STATES, dim=1)
+    offsets = channels * n if offset is not None else 0
+    sums = torch.zeros(channels * (n + 2) + offsets + batch * length * 2 * n, **fp32)
+    dA, dD, ddelta_bias, doffset, dBC = sums.split([channels * n, channels, channels, offsets, batch * length * 2 * n])
+    dA, doffset = dA.view(channels, n), doffset.view(-1, n)
+    dB, dC = dBC.view(batch, length, 2 * n).transpose(1, 2).split(n, dim=1)
     if z is not None:
         dz = dz if dz is not None else torch.empty_like(z)
         out_z = torch.empty_like(u)
     else:
         dz, out_z = du, du  # unread and unwritten: any (B, D, L) tensor
-    _launch(bwd, u, [u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
+    _launch(bwd, u, n, [u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
                      delta_bias if delta_bias is not None else dD, _given(offset, dA), dout, ckpt,
                      du, ddelta, dA, dB, dC, dD, ddelta_bias, doffset if offset is not None else dA, dz, out_z,
                      channels, length, int(states is not None),
@@ -149,7 +162,7 @@ def _given(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     if t is None:
         return stand_in
     if t.dtype != torch.float32 or not t.is_contiguous():
-        raise ValueError(f"the short scan takes its state offset as a contiguous fp32 (D, 16) tensor, got {t.dtype}")
+        raise ValueError(f"the short scan takes its state offset as a contiguous fp32 (D, N) tensor, got {t.dtype}")
     return t
 
 

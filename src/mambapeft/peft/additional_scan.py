@@ -6,6 +6,9 @@ effective parameters are ``A = [A_new | A]``, ``B = [B_new | B]``, ``C = [C_new 
 re-orders x_proj rows to ``[dt | B_new | B | C_new | C]``, which is the same function). The scan is the
 stock kernel with d_state = N + n. The new x_proj keeps PyTorch's default init (not zero), as in
 the original code, so the output changes at initialisation.
+
+The fused mixer path takes the extension as that re-ordered x_proj weight and the extended A
+(:meth:`AdditionalScan.extend_projection`; our short scan holds up to 24 states, mamba-ssm's more).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..models.mamba import plain, read_as_linear
 from .registry import ORDER_MIXER, ParamGroup, SpecBase, register
 from .targets import mamba1_mixers
 
@@ -61,9 +65,31 @@ class AdditionalScan(nn.Module):
     def forward(self, x, A, B, C):
         """x: (B, D_inner, L)  A: (D_inner, N)  B, C: (B, N, L) -> A (D_inner, N+n), B, C (B, N+n, L)."""
         B_new, C_new = self.x_proj(x.transpose(1, 2)).transpose(1, 2).chunk(2, dim=1)  # (B, n, L) each
-        A_new = -torch.exp(self.A_log.float())
-        pairs = ((A_new, A), (B_new.to(B.dtype), B), (C_new.to(C.dtype), C))
-        return tuple(torch.cat(p if self.prefix else p[::-1], dim=1) for p in pairs)
+        pairs = ((self._new_A(), A), (B_new.to(B.dtype), B), (C_new.to(C.dtype), C))
+        return tuple(torch.cat(self._ordered(*p), dim=1) for p in pairs)
+
+    def _new_A(self) -> torch.Tensor:
+        return -torch.exp(self.A_log.float())
+
+    def _ordered(self, new: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new state dimensions' part and the pretrained one in the extended state's order."""
+        return (new, old) if self.prefix else (old, new)
+
+    def reads_as_projection(self) -> bool:
+        """Whether :meth:`extend_projection` stands for this module's call (this class's forward, nothing
+        hooked, its x_proj's weight standing for its call), so a fused kernel may take the extended
+        weights instead (``models/mamba.py: extends_projection``)."""
+        return plain(self, AdditionalScan) and read_as_linear(self.x_proj)
+
+    def extend_projection(self, x_proj_weight: torch.Tensor, A: torch.Tensor, dt_rank: int):
+        """What :meth:`forward` computes, as the weights a fused kernel reads: the mixer's x_proj weight
+        (dt_rank + 2N, D_inner) with this module's B and C rows beside its own (dt_rank + 2(N+n),
+        D_inner; projected once, its output splits into dt, B and C as forward's), and A (D_inner, N)
+        as forward extends it (D_inner, N+n)."""
+        dt, B, C = x_proj_weight.split([dt_rank, A.shape[1], A.shape[1]])
+        B_new, C_new = self.x_proj.weight.chunk(2)
+        weight = torch.cat([dt, *self._ordered(B_new, B), *self._ordered(C_new, C)])
+        return weight, torch.cat(self._ordered(self._new_A(), A), dim=1)
 
 
 @register("additional_scan", spec=AdditionalScanSpec, order=ORDER_MIXER, identity_at_init=False)
