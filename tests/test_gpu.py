@@ -188,9 +188,9 @@ def test_our_mamba_inner_fn_computes_what_mamba_ssms_does(dtype, frozen, n):
             t.grad = None
     (reference, reference_grads), (out, grads) = runs
     assert rel(out, reference) <= (1e-6 if dtype == torch.float32 else 1e-3)
-    # our short-sequence kernels (16 states) take dz from the fp32 y, mamba-ssm's from the bf16 y it
-    # kept: up to a bf16 step (2^-8) apart (ours is the closer to a float64 scan: tests/test_scan_short.py)
-    tolerance = 1e-2 if dtype == torch.bfloat16 and n == 16 else 2e-3
+    # our short-sequence kernels (16 and 22 states) take dz from the fp32 y, mamba-ssm's from the bf16 y
+    # it kept: up to a bf16 step (2^-8) apart (ours is the closer to a float64 scan: tests/test_scan_short.py)
+    tolerance = 1e-2 if dtype == torch.bfloat16 and n >= 16 else 2e-3
     for name, grad, expected in zip(["xz", "conv_w", "conv_b", "x_proj", "dt_proj", "out_proj", "A", "D", "dt_bias"],
                                     grads, reference_grads):
         assert (grad is None) == (expected is None), name
