@@ -224,6 +224,19 @@ def test_an_additional_scan_is_read_as_x_projs_weight_and_A_extended_unless_hook
     assert mixer.uses_fused_inner()
 
 
+@pytest.mark.parametrize("domain,method", [("vision", "affix_noproj"), ("language", "affix")])
+def test_affix_tokens_reach_the_fused_function_channel_major_as_in_projs_output(domain, method):
+    """xz with the affix tokens added along time keeps in_proj's channel-major storage ((2*D_inner, B, L)):
+    the fused function reads it uncopied (a batch-major xz made it copy its sequences)."""
+    model = _adapted(domain, method)
+    seen = []
+    for mixer in _mixers(model):
+        mixer.backend = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d,
+                                    lambda xz, *args, **kwargs: seen.append(xz) or mamba_inner_torch(xz, *args, **kwargs))
+    model(torch.randint(0, 64, (2, 24)) if domain == "language" else torch.randn(2, 3, 32, 32))
+    assert seen and all(xz.transpose(0, 1).is_contiguous() for xz in seen)
+
+
 def test_step_mode_after_a_fused_prefill_continues_the_sequence():
     """Generation prefills with a state (the unfused chain, which fills it) and then steps."""
     model = _adapted("language", "lora_in_proj")
