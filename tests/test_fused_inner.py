@@ -224,6 +224,20 @@ def test_an_additional_scan_is_read_as_x_projs_weight_and_A_extended_unless_hook
     assert mixer.uses_fused_inner()
 
 
+def test_cat_steps_is_torch_cat_along_time_stored_channel_major():
+    from mambapeft.models.mamba import cat_steps
+
+    tokens = torch.randn(6, 1, requires_grad=True)
+    xz = torch.randn(6, 2, 5).transpose(0, 1).requires_grad_()  # channel-major, as in_proj's output
+    for first, then in ((tokens.t().unsqueeze(0).expand(2, -1, -1).transpose(1, 2), xz),
+                        (xz, tokens.t().unsqueeze(0).expand(2, -1, -1).transpose(1, 2))):
+        out, expected = cat_steps(first, then), torch.cat([first, then], dim=2)
+        assert torch.equal(out, expected) and out.transpose(0, 1).is_contiguous()
+        dout = torch.randn_like(expected)
+        torch.testing.assert_close(torch.autograd.grad(out, [tokens, xz], dout),
+                                   torch.autograd.grad(expected, [tokens, xz], dout))
+
+
 @pytest.mark.parametrize("domain,method", [("vision", "affix_noproj"), ("language", "affix")])
 def test_affix_tokens_reach_the_fused_function_channel_major_as_in_projs_output(domain, method):
     """xz with the affix tokens added along time keeps in_proj's channel-major storage ((2*D_inner, B, L)):
