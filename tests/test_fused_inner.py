@@ -244,9 +244,12 @@ def test_affix_tokens_reach_the_fused_function_channel_major_as_in_projs_output(
     the fused function reads it uncopied (a batch-major xz made it copy its sequences)."""
     model = _adapted(domain, method)
     seen = []
+    def recording(xz, *args, **kwargs):
+        seen.append(xz)
+        return mamba_inner_torch(xz, *args, **kwargs)
+
     for mixer in _mixers(model):
-        mixer.backend = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d,
-                                    lambda xz, *args, **kwargs: seen.append(xz) or mamba_inner_torch(xz, *args, **kwargs))
+        mixer.backend = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, recording)
     model(torch.randint(0, 64, (2, 24)) if domain == "language" else torch.randn(2, 3, 32, 32))
     assert seen and all(xz.transpose(0, 1).is_contiguous() for xz in seen)
 

@@ -127,8 +127,8 @@ FUSED_PATHS = {"mamba-mini": ("mamba_inner", 2e-2), "mamba2-mini": ("split_conv1
                                                                          "affix", "lora_out_proj", "additional_scan")]
                          + [("mamba2-mini", m) for m in ("full", "lorap_x", "periodic", "ia3")]
                          + [("vim-mini", m) for m in ("full", "lora_in_proj", "lorap_x", "d", "affix_noproj", "hybrid",
-                                                      "lora_out_proj", "lora_x_proj", "conv1d", "sdt", "additional_scan",
-                                                      "all")])
+                                                      "lora_out_proj", "lora_x_proj", "conv1d", "sdt",
+                                                      "additional_scan", "all")])
 def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
     """The fused kernels after in_proj (Mamba-1: our mamba_inner_fn, once per direction in Vim; Mamba-2:
     mamba_split_conv1d_scan_combined) against the unfused CUDA chain, in the training precision: affix

@@ -98,7 +98,8 @@ def test_nvrtc_not_found_on_a_cpu_build():
 VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus, reverse, has_offset, states)
             for in_dtype, bc_dtype in itertools.product((torch.float32, torch.bfloat16), repeat=2)
             for has_D, has_z, has_bias, softplus in ((True, True, True, True), (False, False, False, False))
-            for reverse, has_offset, states in ((False, False, 16), (True, True, 16), (False, True, 17), (True, False, 24))]
+            for reverse, has_offset, states in ((False, False, 16), (True, True, 16), (False, True, 17),
+                                                (True, False, 24))]
 
 
 @pytest.mark.skipif(nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
@@ -408,7 +409,8 @@ def test_fused_mixer_keeping_activations_saves_them_for_the_same_gradients(monke
         torch.testing.assert_close(kept, recomputed, rtol=1e-2, atol=1e-2 * float(recomputed.abs().max()))
     with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         calls = []
-        monkeypatch.setattr(scan_short, "checkpoints", lambda u, n, run=scan_short.checkpoints: calls.append(1) or run(u, n))
+        monkeypatch.setattr(scan_short, "checkpoints",
+                            lambda u, n, run=scan_short.checkpoints: calls.append(1) or run(u, n))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             scan.mamba_inner_cuda(xz.transpose(0, 1), *weights, keep_activations=True)
     assert calls == []  # no backward to come: nothing kept

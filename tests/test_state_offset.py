@@ -105,7 +105,8 @@ def test_the_fused_path_with_offsets_trains_as_the_chain(backbone, length_fuses)
                           takes_state_offset=lambda xz, n_states: length_fuses and xz.shape[-1] == steps)
     inputs = torch.randn(2, 3, 32, 32) if vision else torch.randint(0, 64, (2, 12))
     calls = []
-    fused_backend = dataclasses.replace(backend, mamba_inner=lambda *a, **k: calls.append(k) or mamba_inner_torch(*a, **k))
+    fused_backend = dataclasses.replace(backend,
+                                        mamba_inner=lambda *a, **k: calls.append(k) or mamba_inner_torch(*a, **k))
     assert_fused_equals_unfused(model.eval(), fused_backend, inputs, True, backbone)
     assert bool(calls) == length_fuses and all("state_offset" in k for k in calls)
 

@@ -385,16 +385,21 @@ def extends_projection(module: nn.Module) -> bool:
     """Whether a fused kernel may read a ``state_extensions`` entry as x_proj's weight and A extended
     (its ``extend_projection``) in place of calling it: where its ``reads_as_projection()`` says that
     stands for its call (additional-scan, nothing hooked: ``peft/additional_scan.py``)."""
-    reads = getattr(module, "reads_as_projection", None)
-    return callable(reads) and reads()
+    return _answers_yes(module, "reads_as_projection")
 
 
 def offset_of(module: nn.Module) -> torch.Tensor | None:
     """The state offset h' (D_inner, N) a fused kernel may read in place of calling ``module`` (a
     ``state_offsets`` entry): its ``offset`` where its ``reads_as_offset()`` says that stands for its
     call (nothing hooked on it: ``peft/state_offset.py``), else None."""
-    reads = getattr(module, "reads_as_offset", None)
-    return module.offset if callable(reads) and reads() else None
+    return module.offset if _answers_yes(module, "reads_as_offset") else None
+
+
+def _answers_yes(module: nn.Module, question: str) -> bool:
+    """Whether ``module`` has a method ``question`` (a ``reads_as_*`` check: what a kernel may read in
+    place of calling it) and it returns True."""
+    ask = getattr(module, question, None)
+    return callable(ask) and ask()
 
 
 def unhooked(module: nn.Module) -> bool:
@@ -422,10 +427,7 @@ def read_as_linear(module: nn.Module) -> bool:
     says its weight stands for its call (LoRA with every update folded into the weight: merged style,
     DoRA). Its weight is then a function of the adapter's parameters, so the kernel's weight gradient
     reaches them through autograd."""
-    if read_as_written(module, nn.Linear):
-        return True
-    reads = getattr(module, "reads_as_linear", None)
-    return callable(reads) and reads()
+    return read_as_written(module, nn.Linear) or _answers_yes(module, "reads_as_linear")
 
 
 def linear_columns(weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:

@@ -691,7 +691,7 @@ def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
     y = selective_scan_torch(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, dt_proj_bias,
                              delta_softplus=True)
     if state_offset is not None:
-        y = y + F.silu(z) * torch.einsum("bln,dn->bdl", C, state_offset.to(C.dtype)).to(y.dtype)
+        y = y + state_offset_term(C.transpose(1, 2), z, state_offset).to(y.dtype)
     return y if out_proj_weight is None else F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 
@@ -878,6 +878,12 @@ def project_channel_major(y: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _ChannelMajorProjection.apply(y, weight, bias, scale)
 
 
+def state_offset_term(C: torch.Tensor, z: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """State-offset tuning's term of the gated output, silu(z) C h': C (B, N, L) or (B, N) (one step),
+    z (B, D_inner, L) or (B, D_inner), offset h' (D_inner, N) -> z's shape."""
+    return F.silu(z) * torch.einsum("bn...,dn->bd...", C, offset.to(C.dtype))
+
+
 def takes_state_offset(xz: torch.Tensor, n_states: int) -> bool:
     """:func:`mamba_inner_cuda`'s ``state_offset`` support for xz (B, 2*D_inner, L) with ``n_states``:
     where our short-sequence scan runs (mamba-ssm's kernels have no such input)."""
@@ -922,8 +928,8 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
                                 state_offset=state_offset).flip(_time_dim(out_proj_weight))
     length = steps if short else whole_kernel_chunks(steps)
     padded = _ZeroPaddedInTime.apply(xz, length) if length != steps else xz
-    inputs = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, out_proj_weight, out_proj_bias, A, D,
-              state_offset)
+    inputs = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, out_proj_weight, out_proj_bias,
+              A, D, state_offset)
     keep = keep_activations and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     out = _MambaInnerFn.apply(padded, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
                               out_proj_bias, A.float(), D.float(), dt_proj_bias.float(),

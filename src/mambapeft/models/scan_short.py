@@ -39,7 +39,8 @@ def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: boo
            softplus: bool, reverse: bool = False, has_offset: bool = False, states: int = 16) -> list[str]:
     """The compiler's -D options for one variant of the kernels (``reverse``: scanning from the last
     step to the first, see kernels.cuh; ``has_offset``: a state offset h'; ``states``: N)."""
-    return nvrtc.defines({"NSTATE": states, "IN_BF16": in_dtype == torch.bfloat16, "BC_BF16": bc_dtype == torch.bfloat16,
+    return nvrtc.defines({"NSTATE": states, "IN_BF16": in_dtype == torch.bfloat16,
+                          "BC_BF16": bc_dtype == torch.bfloat16,
                           "HAS_D": has_D, "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus, "CHUNK": CHUNK,
                           "REVERSE": reverse, "HAS_OFFSET": has_offset})
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..models.mamba import plain
+from ..models.scan import state_offset_term
 from .registry import ORDER_MIXER, ParamGroup, SpecBase, register
 from .targets import mamba1_mixers
 
@@ -37,7 +37,7 @@ class StateOffset(nn.Module):
 
     def forward(self, C: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """C: (B, N, L) or (B, N) (one step), z: (B, D_inner, L) or (B, D_inner) -> z's shape."""
-        return F.silu(z) * torch.einsum("bn...,dn->bd...", C, self.offset.to(C.dtype))
+        return state_offset_term(C, z, self.offset)
 
     def reads_as_offset(self) -> bool:
         """Whether :attr:`offset` stands for this module's call, so a fused kernel may read it instead
