@@ -218,6 +218,19 @@ def test_paper_dry_run_has_the_3x3_grid_and_tokenizes_once(tmp_path):
     assert (spec["train"]["seq_len"], spec["train"]["batch_size"], spec["train"]["lr"]) == (1024, 58, 5e-4)
 
 
+def test_the_study_is_its_own_target_unless_the_config_puts_it_in_the_default(tmp_path):
+    study_jobs = {"dt_init_standin": 1, "tokenize_dt_init": 2, "pretrain_dt_init": 4, "perplexity_dt_init": 4,
+                  "dt_init_table": 1, "dt_init_figures": 1, "dt_init": 1}
+    own = job_counts(snakemake("-n", "dt_init", "--configfile", *STUDY_CONFIG, cwd=tmp_path).stdout)
+    assert own == {**study_jobs, "total": sum(study_jobs.values())}
+    default = job_counts(snakemake("-n", "--configfile", *STUDY_CONFIG, cwd=tmp_path).stdout)
+    assert "finetune" in default and not set(study_jobs) & set(default)  # the mini default leaves it out
+    in_default = tmp_path / "in_default.yaml"
+    in_default.write_text(STUDY_CONFIG[1].read_text() + "  default_target: true\n")
+    counts = job_counts(snakemake("-n", "--configfile", STUDY_CONFIG[0], in_default, cwd=tmp_path).stdout)
+    assert all(counts[rule] == n for rule, n in study_jobs.items() if rule != "dt_init")
+
+
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):
     """The study's targets at test size (the tiny config with tests/config/dt_init.yaml merged in)."""

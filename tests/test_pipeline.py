@@ -47,6 +47,7 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
     assert counts["table"] == 3 and counts["figures"] == 3 and counts["params_table"] == 1
     assert counts["vim_vs_vit_figure"] == 1  # vtab has Vim-S and ViT-S rows
     assert counts["length_generalisation_report"] == 1  # the length study is in the paper's default target
+    assert counts["pretrain_dt_init"] == 9 and counts["dt_init_table"] == 1  # so is the dt_init study
     # a --configfile replaces the default mini config: nothing of it (ranks, epochs, lrs) leaks in
     command = next(line for line in done.stdout.splitlines()
                    if "mambapeft train" in line and "runs/vtab/vim-s/cifar/lorap_x/seed0" in line)

@@ -266,8 +266,9 @@ def length_study_outputs():
             "figure": f"{RESULTS}/figures/{LENGTH_STUDY}.png"}
 
 
-def _length_study_in_default_target():
-    return bool(config.get(LENGTH_STUDY, {}).get("default_target", False))
+def _in_default_target(study):
+    """Whether a study with its own target (config `<study>.default_target`) is built by `snakemake -c all` too."""
+    return bool(config.get(study, {}).get("default_target", False))
 
 
 # The hybrid search (config `search`, search.smk). Per search and step, the checkpoint search_ask tells
@@ -557,8 +558,10 @@ def _has_generic_evaluation(experiment):
 
 
 def final_outputs():
-    outputs = dt_init_outputs() + hub_dataset_records() + search_outputs()
-    if _length_study_in_default_target():
+    outputs = hub_dataset_records() + search_outputs()
+    if _in_default_target(runspec.DT_INIT):
+        outputs += dt_init_outputs()
+    if _in_default_target(LENGTH_STUDY):
         outputs += list(length_study_outputs().values())
     outputs += list(suite_outputs().values()) + merge_outputs() + vim_vs_vit_outputs()
     for experiment in config["experiments"]:

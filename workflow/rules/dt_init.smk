@@ -1,12 +1,14 @@
 # The dt_bias initialisation study (config `dt_init`): the offline stand-in corpora (when configured),
 # each corpus tokenized once into a memory-mapped token array, one pretraining job and one
 # perplexity job per (init, seed) (perplexity is its own job: a new evaluation setting never
-# re-trains), then the table and the two figures.
+# re-trains), then the table and the two figures. `snakemake -c all dt_init` builds it; the default
+# target too where `dt_init.default_target` is true (config/paper.yaml).
 
 
 localrules:
     dt_init_table,
     dt_init_figures,
+    dt_init,
 
 
 rule dt_init_standin:
@@ -127,3 +129,8 @@ rule dt_init_figures:
         "../envs/mambapeft.yaml"
     shell:
         "mambapeft dt-init figures --loss {output.loss} --dt {output.dt} {input.records} > {log} 2>&1"
+
+
+rule dt_init:
+    input:
+        dt_init_outputs(),
