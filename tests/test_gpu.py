@@ -810,3 +810,19 @@ def test_graphed_evaluation_counts_what_the_eager_one_does(tmp_path, monkeypatch
         results[graphs] = classification.evaluate_top1(model, graphed, device, autocast, tmp_path)
     assert replays == [10, 10, 4]
     assert results[True] == results[False] and results[True]["n_eval"] == 24
+
+
+def test_the_optimizer_on_a_gpu_is_the_fused_adamw_with_the_defaults_update():
+    from mambapeft.train.optim import build_optimizer
+    config = {"name": "adamw", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.05}
+    start = torch.randn(1000, device="cuda")
+    ours, plain = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    optimizer = build_optimizer([{"params": [ours], "names": ["w"]}], config)
+    reference = torch.optim.AdamW([plain], lr=1e-2, eps=1e-8, weight_decay=0.05, foreach=True)
+    assert optimizer.defaults["fused"] is True
+    for step in range(3):
+        grad = torch.randn(1000, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+        ours.grad, plain.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        reference.step()
+    torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6)

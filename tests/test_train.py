@@ -244,3 +244,16 @@ def test_the_triton_cross_entropy_computes_what_torch_does(monkeypatch, dtype):
     assert not grad[[2, 5]].any()
     step = 2 ** -7 if dtype == "bfloat16" else 1e-6  # one bf16 rounding step at |grad| <= 1.7
     torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=0, atol=step * 2)
+
+
+ADAMW = {"name": "adamw", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.05}
+
+
+def test_the_optimizer_on_the_cpu_is_torchs_default_adamw():
+    """The CPU results were made with torch's default AdamW implementation: the fused kernel is for GPUs."""
+    import torch
+
+    from mambapeft.train.optim import build_optimizer
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = build_optimizer([{"params": [weight], "names": ["weight"]}], ADAMW)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is None
