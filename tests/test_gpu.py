@@ -818,7 +818,8 @@ def test_the_optimizer_on_a_gpu_is_the_fused_adamw_with_the_defaults_update():
     start = torch.randn(1000, device="cuda")
     ours, plain = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
     optimizer = build_optimizer([{"params": [ours], "names": ["w"]}], config)
-    reference = torch.optim.AdamW([plain], lr=1e-2, eps=1e-8, weight_decay=0.05, foreach=True)
+    reference = torch.optim.AdamW([plain], lr=config["lr"], betas=tuple(config["betas"]), eps=config["eps"],
+                                  weight_decay=config["weight_decay"], foreach=True)
     assert optimizer.defaults["fused"] is True
     for step in range(3):
         grad = torch.randn(1000, device="cuda", generator=torch.Generator("cuda").manual_seed(step))

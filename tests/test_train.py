@@ -11,6 +11,7 @@ from mambapeft.peft import apply_peft
 from mambapeft.peft.groups import param_groups
 from mambapeft.report.tables import summary_frame
 from mambapeft.runspec import Run, domain_file, method_definition, resolve_run, validate_config
+from mambapeft.train.optim import build_optimizer
 from mambapeft.train.schedules import WarmupCosine, WarmupLinear, build_schedule
 from run_helpers import metrics, run, train_process
 
@@ -246,14 +247,10 @@ def test_the_triton_cross_entropy_computes_what_torch_does(monkeypatch, dtype):
     torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=0, atol=step * 2)
 
 
-ADAMW = {"name": "adamw", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.05}
-
-
 def test_the_optimizer_on_the_cpu_is_torchs_default_adamw():
     """The CPU results were made with torch's default AdamW implementation: the fused kernel is for GPUs."""
     import torch
-
-    from mambapeft.train.optim import build_optimizer
     weight = torch.nn.Parameter(torch.ones(3))
-    optimizer = build_optimizer([{"params": [weight], "names": ["weight"]}], ADAMW)
+    config = {"name": "adamw", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.05}
+    optimizer = build_optimizer([{"params": [weight], "names": ["weight"]}], config)
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is None
