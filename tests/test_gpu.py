@@ -227,6 +227,32 @@ def test_the_cuda_scan_padded_to_whole_blocks_computes_what_the_kernel_does_unpa
         assert rel(grad, expected) <= 1e-2, i
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_patch_embedding_runs_a_gemm_on_the_gpu_and_computes_the_conv(autocast):
+    """Vim's patch embedding on CUDA (one GEMM over the patches) against its conv in float64 (cuDNN's
+    fp32 conv runs in TF32), the weight and bias trained (full fine-tuning): outputs and gradients, fp32
+    and under bf16 autocast; a hooked conv is called."""
+    from mambapeft.models.vim import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(16, 3, 384).cuda()
+    reference = copy.deepcopy(embed).double()
+    images = torch.randn(8, 3, 224, 224, device="cuda")
+    runs = []
+    for project, x in ((embed, images), (lambda x: reference.proj(x).flatten(2).transpose(1, 2), images.double())):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and x is images):
+            out = project(x)
+        out.float().square().sum().backward()
+        module = embed if x is images else reference
+        runs.append([out.detach().float(), module.proj.weight.grad, module.proj.bias.grad])
+    for got, expected in zip(*runs):
+        assert rel(got, expected) <= (2e-2 if autocast else 1e-5)
+    calls = []
+    embed.proj.register_forward_hook(lambda *args: calls.append(1))
+    embed(images)
+    assert calls == [1]
+
+
 @needs_kernels
 @pytest.mark.parametrize("layout,length,bias", [("channel-major", 256, True), ("batch-major", 197, True),
                                                 ("channel-major", 300, False), ("batch-major", 3, True)])

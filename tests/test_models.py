@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import save_file
 
 from mambapeft.models import build_model
@@ -44,6 +45,42 @@ def test_vim_middle_class_token_and_shapes():
     with torch.no_grad():  # the read-out is the token at index 8 = 16 // 2, where the class token sits
         model.cls_token.add_(1.0)
     assert not torch.allclose(model.forward_features(images), features)
+
+
+@pytest.mark.parametrize("patch,size,channels", [(16, 224, 3), (8, 32, 3), (4, 12, 5)])
+def test_patch_projection_is_the_patch_conv(patch, size, channels):
+    """The GEMM over cut-out patches (the GPU's path) against the conv it stands for: outputs and the
+    weight's, bias's and images' gradients, fp32."""
+    from mambapeft.models.vim import PatchEmbed, patch_projection
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(patch, channels, 24)
+    images = torch.randn(2, channels, size, size, requires_grad=True)
+    runs = []
+    for project in (embed, lambda x: patch_projection(x, embed.proj.weight, embed.proj.bias)):
+        out = project(images)
+        out.backward(torch.ones_like(out) + out.detach())
+        runs.append([out.detach()] + [t.grad.clone() for t in (images, embed.proj.weight, embed.proj.bias)])
+        for t in (images, embed.proj.weight, embed.proj.bias):
+            t.grad = None
+    for got, expected in zip(*runs):
+        assert got.shape == expected.shape and (got - expected).norm() <= 1e-6 * expected.norm()
+
+
+def test_patch_projection_only_where_the_conv_is_a_plain_patch_cut():
+    from mambapeft.models.vim import PatchEmbed, cuts_patches
+
+    embed, images = PatchEmbed(8, 3, 16), torch.randn(1, 3, 32, 32)
+    assert cuts_patches(embed.proj, images)
+    assert not cuts_patches(embed.proj, torch.randn(1, 3, 36, 32))  # a remainder the conv drops
+    overlapping = nn.Conv2d(3, 16, kernel_size=8, stride=4)
+    padded = nn.Conv2d(3, 16, kernel_size=8, stride=8, padding=1)
+    assert not cuts_patches(overlapping, images) and not cuts_patches(padded, images)
+    calls = []
+    embed.proj.register_forward_hook(lambda *args: calls.append(1))
+    assert not cuts_patches(embed.proj, images)  # a hook's module is called, never read around
+    embed(images)
+    assert calls == [1]
 
 
 def test_vim_head_is_zero_initialised():
