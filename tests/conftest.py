@@ -1,4 +1,5 @@
 """Shared fixtures. Tests never touch the network; every file they read they write themselves."""
+import fcntl
 import os
 
 import pytest
@@ -22,6 +23,10 @@ def isolated_datasets_cache(tmp_path, monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
+    # The SLURM tests first: they take longest, mostly waiting on the cluster's jobs. With pytest-xdist
+    # (--dist loadfile --no-loadscope-reorder hands out files in this order) their file then starts at
+    # once on one worker while the others work through the rest, instead of running alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run on the GPU machine: pytest -m gpu)")
@@ -32,12 +37,21 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """The tiny config run locally once per session: every rule of the DAG (reused by the SLURM test)."""
+    """The tiny config run locally once per session: every rule of the DAG (reused by the SLURM test).
+    pytest-xdist's workers share it: the first that needs it runs it, another waits on the lock."""
     from workflow_helpers import TINY, snakemake
 
-    workdir = tmp_path_factory.mktemp("tiny-local")
-    done = snakemake("-c", "2", "--configfile", TINY, cwd=workdir)
-    return workdir, done
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # this session's folder, above each worker's own
+    workdir, done = shared / "tiny-local", shared / "tiny-local.done"
+    with open(shared / "tiny-local.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not done.exists():
+            workdir.mkdir(exist_ok=True)
+            snakemake("-c", "2", "--configfile", TINY, cwd=workdir)
+            done.touch()
+    return workdir
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
 
 
 def test_tiny_tables_have_one_row_per_method_with_real_numbers(tiny_run):
-    workdir, _ = tiny_run
+    workdir = tiny_run
     vtab = pd.read_csv(workdir / "results" / "tables" / "vtab.csv")
     assert list(vtab["method"]) == ["linear_probe", "additional_scan", "lorap_x"]  # methods.yaml order
     for column in ("digits", "position", "mean", "natural", "structured"):
@@ -75,7 +75,7 @@ def test_tiny_tables_have_one_row_per_method_with_real_numbers(tiny_run):
 
 
 def test_tiny_run_records_follow_the_contract(tiny_run):
-    workdir, _ = tiny_run
+    workdir = tiny_run
     runs = sorted((workdir / "results" / "runs").rglob("metrics.json"))
     assert len(runs) == 6 + 2 + 2
     for path in runs:
@@ -94,7 +94,7 @@ def test_tiny_run_records_follow_the_contract(tiny_run):
 
 
 def test_tiny_figures_and_params_table(tiny_run):
-    workdir, _ = tiny_run
+    workdir = tiny_run
     for experiment in ("vtab", "commonsense", "math"):
         for kind in ("params_vs_accuracy", "per_task"):
             png = workdir / "results" / "figures" / f"{experiment}_{kind}.png"
@@ -105,7 +105,7 @@ def test_tiny_figures_and_params_table(tiny_run):
 
 
 def test_second_run_has_nothing_to_do_and_a_change_reruns_only_its_method(tiny_run, tmp_path):
-    workdir, _ = tiny_run
+    workdir = tiny_run
     assert "Nothing to be done" in snakemake("-n", "--configfile", str(TINY), cwd=workdir).stdout
     changed = yaml.safe_load(TINY.read_text())
     changed["experiments"]["vtab"]["method_overrides"]["lorap_x"]["lora"]["rank"] = 2
@@ -119,7 +119,7 @@ def test_second_run_has_nothing_to_do_and_a_change_reruns_only_its_method(tiny_r
 
 
 def test_a_new_eval_task_re_evaluates_and_never_re_trains(tiny_run, tmp_path):
-    workdir, _ = tiny_run
+    workdir = tiny_run
     changed = yaml.safe_load(TINY.read_text())
     changed["experiments"]["math"]["eval_tasks"] = ["mini_addsub", "mini_multiarith"]
     config = tmp_path / "more_eval.yaml"
@@ -133,7 +133,7 @@ def test_editing_the_paper_numbers_rebuilds_only_what_shows_them(tiny_run):
     """vision/paper.yaml is an input of the vtab table (and of the parameter table, which shows
     the paper's counts): editing it schedules those and the figures drawn from the table. (A mere
     touch schedules nothing: Snakemake 9 compares the inputs' checksums.)"""
-    workdir, _ = tiny_run
+    workdir = tiny_run
     paper = REPO / "vision" / "paper.yaml"
     text, stat = paper.read_text(), paper.stat()
     try:
@@ -159,7 +159,7 @@ def test_a_misspelt_member_key_fails_the_dry_run_naming_file_method_and_key(tmp_
 
 
 def test_report_shows_tables_and_figures(tiny_run):
-    workdir, _ = tiny_run
+    workdir = tiny_run
     snakemake("--report", "results/report.html", "--configfile", str(TINY), cwd=workdir, timeout=300)
     html = (workdir / "results" / "report.html").read_text(errors="replace")
     assert "vtab_params_vs_accuracy.png" in html and "params.md" in html

@@ -68,7 +68,7 @@ def test_jobs_went_through_slurm_with_gpu_requests(slurm_run):
 
 def test_cluster_results_equal_local_results(slurm_run, tiny_run):
     workdir, _ = slurm_run
-    local, _ = tiny_run
+    local = tiny_run
     local_runs = sorted(p.relative_to(local) for p in (local / "results" / "runs").rglob("metrics.json"))
     assert local_runs == sorted(p.relative_to(workdir) for p in (workdir / "results" / "runs").rglob("metrics.json"))
     for relative in local_runs:
