@@ -234,19 +234,20 @@ def test_the_patch_embedding_runs_a_gemm_on_the_gpu_and_computes_the_conv(autoca
     and under bf16 autocast; a hooked conv is called."""
     from mambapeft.models.vim import PatchEmbed
 
-    torch.manual_seed(0)
-    embed = PatchEmbed(16, 3, 384).cuda()
-    reference = copy.deepcopy(embed).double()
-    images = torch.randn(8, 3, 224, 224, device="cuda")
-    runs = []
-    for project, x in ((embed, images), (lambda x: reference.proj(x).flatten(2).transpose(1, 2), images.double())):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and x is images):
+    def output_and_grads(project, proj, x, bf16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             out = project(x)
         out.float().square().sum().backward()
-        module = embed if x is images else reference
-        runs.append([out.detach().float(), module.proj.weight.grad, module.proj.bias.grad])
-    for got, expected in zip(*runs):
-        assert rel(got, expected) <= (2e-2 if autocast else 1e-5)
+        return [out.detach().float(), proj.weight.grad, proj.bias.grad]
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(16, 3, 384).cuda()
+    reference = copy.deepcopy(embed.proj).double()
+    images = torch.randn(8, 3, 224, 224, device="cuda")
+    got = output_and_grads(embed, embed.proj, images, autocast)
+    expected = output_and_grads(lambda x: reference(x).flatten(2).transpose(1, 2), reference, images.double(), False)
+    for value, reference_value in zip(got, expected):
+        assert rel(value, reference_value) <= (2e-2 if autocast else 1e-5)
     calls = []
     embed.proj.register_forward_hook(lambda *args: calls.append(1))
     embed(images)
