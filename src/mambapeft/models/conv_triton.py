@@ -2,7 +2,8 @@
 with the interface of causal-conv1d's ``causal_conv1d_fwd_function``.
 
 Same output bit for bit, in about half the time at the training shapes (one H200, bf16, x half of a
-channel-major xz: (32, 4096, 256) 66 against 122 us, Vim-S's (32, 768, 197) 19 against 43 us). Each
+channel-major xz: (32, 4096, 256) 66 against 122 us, Vim-S's (32, 768, 197) 19 against 43 us; with
+the tile below, 54-61 and 11 us). Each
 program holds a (BLOCK_D channels x BLOCK_L steps) tile and reads the W-1 steps before it from the
 same cached lines. The backward stays causal-conv1d's: a Triton one (the pre-activation recomputed
 at the W steps after each position, weight and bias gradients summed per tile) took 394-720 us
@@ -18,10 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_D, BLOCK_L = 16, 256  # 4,096 elements a tile: 32 per thread at 4 warps
+# 1,024 elements a tile, 16 per thread at 2 warps: four times the programs of 16 channels at 4 warps,
+# and 16-20% faster at Vim-S's (32, 768, 197) (13.1-13.8 -> 10.9-11.1 us), 1-5% at Mamba-1.4b's (32,
+# 4096, 256) (54.2-61.4 against 57.1-62.0 us); one H200, graph-timed, both directions. Of fifteen tiles
+# (2-32 channels, 64-256 steps, 1-8 warps) none was faster at both shapes by more than the spread
+# between runs; the output is bit for bit the same
+BLOCK_D, BLOCK_L = 4, 256
 # multiply-adds contracted to FMAs, as nvcc compiles causal-conv1d: the sums equal its bit for bit only
 # so. Triton's default today, said explicitly (Triton 3.9 warns that 3.10 will not contract by default)
-LAUNCH = {"num_warps": 4, "enable_fp_fusion": True}
+LAUNCH = {"num_warps": 2, "enable_fp_fusion": True}
 
 
 @triton.jit
