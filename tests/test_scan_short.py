@@ -191,6 +191,35 @@ def test_against_the_float64_scan_as_close_as_mamba_ssm(batch, channels, length,
         assert relative(ours, reference) <= max(3 * relative(theirs, reference), floor), name
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("length, dtype, states", [(197, torch.bfloat16, 16), (37, torch.float32, 16),
+                                                   (200, torch.float32, 22)])
+def test_without_a_gate_the_output_is_y_as_close_to_the_float64_scan_as_mamba_ssm(length, dtype, states):
+    """The ungated variant (y itself the output, as `setup-gpu --check` runs it; the backward's per-step
+    sums then two, not three): out and every gradient against the float64 scan, within 3x mamba-ssm's
+    error (its autograd function, also ungated) or under the dtype's step."""
+    skip_without_a_gpu_and_nvrtc()
+    interface = pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    u, delta, A, B, C, D, _, bias, dout = kernel_inputs(3, 70, length, dtype, True, torch.Generator().manual_seed(2),
+                                                        states=states)
+    leaves = [t.detach().double().requires_grad_() for t in (u, delta, A, B, C, D, bias)]
+    out_ref = scan.selective_scan_torch(*leaves[:6], None, leaves[6], delta_softplus=True)
+    out_ref.backward(dout.double())
+
+    theirs = [t.detach().clone().requires_grad_() for t in (u, delta, A, B, C, D, bias)]
+    out_m = interface.selective_scan_fn(*theirs[:6], None, theirs[6], delta_softplus=True)
+    out_m.backward(dout)
+
+    out, out_z, kept = scan_short.forward(u, delta, A, B, C, D, None, bias, True)
+    assert out_z is None and kept is None
+    *grads, dz, out_z_again, doffset = scan_short.backward(u, delta, A, B, C, D, None, bias, dout, None, True)
+    assert dz is None and out_z_again is None and doffset is None
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    assert relative(out, out_ref.detach()) <= max(3 * relative(out_m, out_ref.detach()), floor)
+    for name, ours, mamba, reference in zip(NAMES, grads, theirs, leaves):
+        assert relative(ours, reference.grad) <= max(3 * relative(mamba.grad, reference.grad), floor), name
+
+
 def _reference_with_offset(u, delta, A, B, C, D, z, bias, dout, offset, reverse):
     """out_z = (C (h + h') + D u) silu(z) in float64 as the unfused chain computes it (the scan, plus
     peft/state_offset.py's term ``silu(z) * C h'``), and the gradients of (u, delta, A, B, C, D,
