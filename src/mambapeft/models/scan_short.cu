@@ -8,7 +8,8 @@
 // not memory, takes the time). A block of 128 threads holds 32 channels of one batch
 // (past 16 states, 64 threads 16). Sums over a
 // channel's states (y, the delta and u gradients) are summed over its four lanes four steps at once,
-// each lane left one step's (three shuffles a sum for four steps); dB and dC, sums over channels, a
+// each lane left one step's (three shuffles a sum for four steps; the backward's past 16 states, one
+// step at a time, each lane one of its sums); dB and dC, sums over channels, a
 // butterfly over the warp's 8 channels that leaves each lane one of its 32 sums (16 states x {dB,
 // dC}; past 16 states, one more such round per four more a lane owns), then the block's four warps' by
 // shared memory, then one global atomic per (state, step).
@@ -66,7 +67,7 @@ template <bool V> struct Flag { static constexpr bool value = V; };
 #define LN2 0.6931471805599453f
 #define PER_STEP (HAS_Z ? 3 : 2)  // the backward's sums over a channel's states a step: d loss / d dt, of g B, y
 // the backward's steps whose sums over a channel's lanes are taken at once: four up to four states a
-// lane; past them one (four steps' sums with the lane's 5 or 6 states spilled: 385 against 356-369 us
+// lane; past them one (four steps' sums with the lane's 5 or 6 states spilled: 385 against 354-370 us
 // at 22 states, Vim-S's shape, one H200)
 #define GROUP (OWN <= 4 ? LANES : 1)
 
@@ -455,7 +456,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                 }
                 // back through the chunk's steps, GROUP at a time: each step's sums over the channel's states
                 // (d loss / d dt, the sum of g B, y) summed over its lanes at once. Four steps: each lane
-                // left one step's, which it stores (4.8% of the backward at Vim-S, with the float4 tile
+                // left one step's, which it stores (5% of the backward at Vim-S, with the float4 tile
                 // above). One step: each lane one of its sums
                 static_assert(CHUNK % GROUP == 0 && PER_STEP <= LANES, "whole groups of steps; a sum a lane");
                 constexpr int per_lane = GROUP == LANES ? PER_STEP : 1;  // the sums' entries a lane of the group
