@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from mambapeft.bench.common import provenance, source_digest
 from mambapeft.bench.train import run_benchmarks
 from mambapeft.cli import main as cli
 
@@ -22,6 +23,40 @@ def test_training_benchmark_runs_mamba2_rows_against_transformers(tmp_path):
     assert set(report["baselines"]) == {"hf-mamba2+peft-lora:mamba2-mini"}  # bf16 weights: CUDA only
     assert report["baselines"]["hf-mamba2+peft-lora:mamba2-mini"]["tokens_per_s"] > 0
     assert "| mamba2-mini lora_in_proj / hf-mamba2+peft-lora:mamba2-mini |" in (tmp_path / "cpu.md").read_text()
+    digest = report["provenance"]["source_sha256"]
+    assert digest == source_digest() and json.loads((tmp_path / "cpu.json").read_text())["provenance"]["source_sha256"] == digest
+    assert f"source sha256 {digest[:16]} (`mambapeft bench source-digest`; " in (tmp_path / "cpu.md").read_text()
+
+
+def _source_tree(root):
+    """A package of code files (and files that are not code) and vision/, language/ method files."""
+    for name, text in {"package/a.py": "x = 1\n", "package/kernels/k.cu": "// kernel\n", "package/k.cuh": "#pragma once\n",
+                       "package/__pycache__/a.cpython-311.pyc": "bytecode", "package/notes.txt": "notes",
+                       "checkout/vision/methods.yaml": "lora: {}\n", "checkout/language/variants.yaml": "mini: {}\n",
+                       "checkout/vision/readme.md": "words"}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root / "package", root / "checkout"
+
+
+@pytest.mark.parametrize("edit, moves", [("package/a.py", True), ("package/kernels/k.cu", True),
+                                         ("package/k.cuh", True), ("checkout/language/variants.yaml", True),
+                                         ("package/__pycache__/a.cpython-311.pyc", False),
+                                         ("package/notes.txt", False), ("checkout/vision/readme.md", False)])
+def test_the_source_digest_follows_the_code_and_method_files_wherever_they_lie(tmp_path, edit, moves):
+    first = source_digest(*_source_tree(tmp_path / "one"))
+    assert source_digest(*_source_tree(tmp_path / "two")) == first  # the same files elsewhere
+    with open(tmp_path / "two" / edit, "a") as f:
+        f.write("# edited\n")
+    assert (source_digest(tmp_path / "two" / "package", tmp_path / "two" / "checkout") != first) == moves
+
+
+def test_provenance_names_the_commit_and_the_digest_the_cli_prints(capsys):
+    source = provenance()
+    assert cli(["bench", "source-digest"]) == 0
+    assert capsys.readouterr().out.strip() == source["source_sha256"]
+    if source["git_commit"] is not None:  # a git checkout (CI's clone is)
+        assert len(source["git_commit"]) == 40 and isinstance(source["git_changed"], bool)
 
 
 def test_generation_benchmark_runs_on_cpu(tmp_path):

@@ -89,6 +89,18 @@ def test_report_files_and_table(tmp_path):
     assert "| GEMM | 1.50 | 100.0% | 12 | `nvjet_a/b` |" in table  # a | in a name would split the row
 
 
+def test_report_files_carry_the_runs_provenance(tmp_path):
+    report = {"backbone": "vim-s", "method": "full", "backend": "cuda", "batch": 32, "tokens_per_sequence": None,
+              "device": "NVIDIA H200", "profiled_steps": 1, "wall_ms": 60.0, "gpu_ms": 1.0, "launches": 1,
+              "families": family_breakdown([KernelTime("nvjet_a", 1000.0, 1)], steps=1)}
+    source = {"started_utc": "2026-12-02 05:14", "source_sha256": "ab" * 32, "git_commit": "a3fcf8b" + "0" * 33,
+              "git_changed": True}
+    path = write_reports([report], tmp_path, source)
+    assert json.loads(path.read_text())["provenance"] == source
+    assert ("Started 2026-12-02 05:14 UTC; source sha256 abababababababab (`mambapeft bench source-digest`; "
+            "git a3fcf8b000, files changed since).") in (tmp_path / "NVIDIA_H200.vim-s.profile.md").read_text()
+
+
 def test_profile_without_a_gpu_says_so(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert cli(["bench", "profile", "--backbone", "vim-mini"]) == 2

@@ -16,7 +16,7 @@ import torch
 
 from ..io import write_json_atomic, write_text_atomic
 from ..runtime import device_name
-from .common import timed_calls
+from .common import provenance, provenance_line, timed_calls
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,11 @@ def profile_report(domain: str, method: str, backbone: str, batch: int, steps: i
             "families": family_breakdown(kernels, steps)}
 
 
-def markdown(reports: list[dict]) -> str:
-    """One table per profiled step: family, ms per step, share, kernel calls per step, top kernel."""
+def markdown(reports: list[dict], source: dict | None = None) -> str:
+    """One table per profiled step: family, ms per step, share, kernel calls per step, top kernel;
+    ``source``: the run's :func:`~mambapeft.bench.common.provenance`, shown under the title."""
     lines = ["# Where a training step's GPU time goes (eager, `mambapeft bench profile`)", ""]
+    lines += provenance_line({"provenance": source})
     for r in reports:
         unit = "images" if r["tokens_per_sequence"] is None else f"sequences of {r['tokens_per_sequence']} tokens"
         summary = (f"{r['wall_ms']:.1f} ms wall (eager), {r['gpu_ms']:.1f} ms of GPU kernels in "
@@ -131,11 +133,11 @@ def _short(name: str, width: int = 60) -> str:
     return name if len(name) <= width else name[:width - 3] + "..."
 
 
-def write_reports(reports: list[dict], out_dir: Path) -> Path:
-    """``<device>.<backbone>.profile.json`` (every report, one backbone's) and the same ``.md``
-    (:func:`markdown`) in ``out_dir``; returns the JSON's path."""
+def write_reports(reports: list[dict], out_dir: Path, source: dict | None = None) -> Path:
+    """``<device>.<backbone>.profile.json`` (every report, one backbone's, with ``source``, the run's
+    provenance) and the same ``.md`` (:func:`markdown`) in ``out_dir``; returns the JSON's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{reports[0]['device'].replace(' ', '_')}.{reports[0]['backbone']}.profile"
-    write_json_atomic(out_dir / f"{stem}.json", {"reports": reports})
-    write_text_atomic(out_dir / f"{stem}.md", markdown(reports))
+    write_json_atomic(out_dir / f"{stem}.json", {"provenance": source, "reports": reports})
+    write_text_atomic(out_dir / f"{stem}.md", markdown(reports, source))
     return out_dir / f"{stem}.json"

@@ -29,7 +29,7 @@ from ..runspec import domain_file, methods_for
 from ..runtime import autocast_for, device_name
 from ..train.language import GraphedLoss, next_token_targets, token_loss_sum
 from ..train.optim import build_optimizer
-from .common import error_row, release_memory, timed_calls
+from .common import error_row, provenance, provenance_line, release_memory, timed_calls
 
 log = logging.getLogger("mambapeft.bench")
 
@@ -249,7 +249,7 @@ def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("
     vision_methods = list(methods_for("vision", vision_backbone)) if vision_methods is None else vision_methods
     language_methods = list(domain_file("language", "methods")) if language_methods is None else language_methods
     report = {"device": device_label, "torch": torch.__version__, "cuda_graphs": cuda_graphs,
-              "allocator": allocator_settings(),
+              "allocator": allocator_settings(), "provenance": provenance(),
               "language_shape": list(language_shape), "vision": {}, "language": {}, "baselines": {}}
     slug = device_label.replace(" ", "_") + ("-cuda_graphs" if cuda_graphs else "")
     language = {"micro_batch": language_shape[0], "length": language_shape[1], "warmup": warmup_steps[0],
@@ -306,6 +306,7 @@ def markdown(report: dict) -> str:
     graphs = ", training steps as CUDA graphs" if report.get("cuda_graphs") else ""
     precision = "fp32" if report["device"] == "cpu" else "bf16 autocast"
     lines = [f"# Training-step benchmark on {report['device']} (torch {report['torch']}, {precision}{graphs})", ""]
+    lines += provenance_line(report)
     if report["device"] != "cpu":
         allocator = f"`{report['allocator']}`" if report.get("allocator") else "PyTorch's defaults"
         lines += [f"Peak memory: allocated; a graphed row's reserved (its graph's pool is reserved, fragmentation "

@@ -17,6 +17,22 @@ def add_parsers(subparsers) -> None:
     _add_profile(bench)
     _add_equivalence(bench)
     _add_multi_gpu(bench)
+    _add_source_digest(bench)
+
+
+def _add_source_digest(bench) -> None:
+    p = bench.add_parser("source-digest", help="the source digest a benchmark record names (bench train, bench "
+                         "profile): match a record to a checkout", description="Prints the sha256 over the package's "
+                         "code (.py, .cu, .cuh) and vision/ and language/'s YAML files, as benchmark records store it "
+                         "under provenance.source_sha256 (the Markdown shows its first 16 digits). Run it at a "
+                         "commit to tell whether a record was measured on that commit's source.")
+    p.set_defaults(func=cmd_bench_source_digest)
+
+
+def cmd_bench_source_digest(args) -> None:
+    from ..bench.common import source_digest
+
+    print(source_digest())
 
 
 def _add_multi_gpu(bench) -> None:
@@ -203,6 +219,7 @@ def _add_profile(bench) -> None:
 def cmd_bench_profile(args) -> None:
     import torch
 
+    from ..bench.common import provenance
     from ..bench.profile import markdown, profile_report, write_reports
     from ..build import domain_of
     from ..runspec import ConfigError
@@ -211,12 +228,12 @@ def cmd_bench_profile(args) -> None:
         raise ConfigError("bench profile times GPU kernels: no CUDA device is visible here (run it on a GPU machine)")
     domain = domain_of(args.backbone)
     batch = args.batch or (32 if domain == "vision" else 4)
-    reports = []
+    reports, source = [], provenance()
     for method in args.methods:
         reports.append(profile_report(domain, method, args.backbone, batch, steps=args.steps))
         print(markdown(reports[-1:]), flush=True)
         if args.out:  # after every method: an interrupted run keeps what it profiled
-            write_reports(reports, args.out)
+            write_reports(reports, args.out, source)
 
 
 def _add_equivalence(bench) -> None:
