@@ -56,9 +56,8 @@ def provenance() -> dict:
             "git_changed": None if commit is None or changed is None else bool(changed)}
 
 
-def provenance_line(record: dict) -> list[str]:
+def provenance_line(source: dict | None) -> list[str]:
     """The Markdown line of a record's :func:`provenance` (none for a record written before it)."""
-    source = record.get("provenance")
     if not source:
         return []
     git = "not a git checkout" if source["git_commit"] is None else f"git {source['git_commit'][:10]}" + (

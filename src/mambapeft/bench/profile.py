@@ -113,7 +113,7 @@ def markdown(reports: list[dict], source: dict | None = None) -> str:
     """One table per profiled step: family, ms per step, share, kernel calls per step, top kernel;
     ``source``: the run's :func:`~mambapeft.bench.common.provenance`, shown under the title."""
     lines = ["# Where a training step's GPU time goes (eager, `mambapeft bench profile`)", ""]
-    lines += provenance_line({"provenance": source})
+    lines += provenance_line(source)
     for r in reports:
         unit = "images" if r["tokens_per_sequence"] is None else f"sequences of {r['tokens_per_sequence']} tokens"
         summary = (f"{r['wall_ms']:.1f} ms wall (eager), {r['gpu_ms']:.1f} ms of GPU kernels in "

@@ -306,7 +306,7 @@ def markdown(report: dict) -> str:
     graphs = ", training steps as CUDA graphs" if report.get("cuda_graphs") else ""
     precision = "fp32" if report["device"] == "cpu" else "bf16 autocast"
     lines = [f"# Training-step benchmark on {report['device']} (torch {report['torch']}, {precision}{graphs})", ""]
-    lines += provenance_line(report)
+    lines += provenance_line(report.get("provenance"))
     if report["device"] != "cpu":
         allocator = f"`{report['allocator']}`" if report.get("allocator") else "PyTorch's defaults"
         lines += [f"Peak memory: allocated; a graphed row's reserved (its graph's pool is reserved, fragmentation "
