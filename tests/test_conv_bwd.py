@@ -60,10 +60,11 @@ def test_states_and_sequence_indices_are_refused():
 def test_every_variant_compiles_for_hopper():
     library = ctypes.CDLL(str(nvrtc_wheel_library()))
     source = nvrtc.package_source(conv_bwd.SOURCE)
-    for dtype, width, has_bias, silu in itertools.product((torch.float32, torch.bfloat16), conv_bwd.WIDTHS,
-                                                          (True, False), (True, False)):
-        cubin = nvrtc.compile_cubin(source, conv_bwd.SOURCE, "90", conv_bwd.macros(dtype, width, has_bias, silu), library)
-        assert cubin[:4] == b"\x7fELF" and b"conv_bwd" in cubin, (dtype, width, has_bias, silu)
+    directions = itertools.cycle(((False, False), (True, True), (False, True), (True, False)))  # reverse, accumulate
+    for variant in itertools.product((torch.float32, torch.bfloat16), conv_bwd.WIDTHS, (True, False), (True, False)):
+        variant = (*variant, *next(directions))  # dtype, width, bias, silu, reverse, accumulate
+        cubin = nvrtc.compile_cubin(source, conv_bwd.SOURCE, "90", conv_bwd.macros(*variant), library)
+        assert cubin[:4] == b"\x7fELF" and b"conv_bwd" in cubin, variant
 
 
 # ------------------------------------------------------------------------------------------------

@@ -615,3 +615,159 @@ def test_a_direction_without_affixes_hands_its_scan_output_on_uncut():
     x = torch.randn(2, 7, 16, requires_grad=True)
     assert mixer.uses_fused_inner() and mixer(x) is returned[-1]  # projected inside the fused function
     assert mixer._scan_direction(torch.randn(2, 64, 7), FORWARD) is returned[-1]  # the unfused chain
+
+
+def _short_scan_reference(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, offset):
+    """Our short scan's gated output (scan_short.py's contract) from the PyTorch scan: from the last
+    step where ``reverse``, the state offset's term silu(z) C h' added."""
+    from mambapeft.models.scan import state_offset_term
+
+    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+    out_z = flip(selective_scan_torch(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, softplus))
+    return out_z + state_offset_term(C, z, offset) if offset is not None else out_z
+
+
+class _ReferenceShortScan:
+    """Our short scan's interface (``scan_short``: runs, applies, fwd, bwd with reverse, offset, into,
+    add_dz) served by the PyTorch scan and autograd, so that the fused function's paths that only our
+    kernels take (two directions in one node) run on the CPU; records what each call was asked."""
+
+    calls: list = []
+
+    @staticmethod
+    def runs(device, dtype, states, length):
+        return True
+
+    @staticmethod
+    def applies(u, A, B, *sequences):
+        return True
+
+    @classmethod
+    def fwd(cls, u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_states=False, offset=None,
+            into=None):
+        cls.calls.append(("fwd", reverse, into is not None))
+        out_z = _short_scan_reference(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, softplus, reverse, offset)
+        return None, None, into.add_(out_z) if into is not None else out_z
+
+    @classmethod
+    def bwd(cls, u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz, softplus, recompute_out_z,
+            reverse=False, offset=None, add_dz=False):
+        cls.calls.append(("bwd", reverse, add_dz))
+        leaves = [t.detach().requires_grad_() if t is not None else None
+                  for t in (u, delta, A, B, C, D, z, delta_bias, offset)]
+        with torch.enable_grad():
+            out_z = _short_scan_reference(*leaves[:3], leaves[3][:, 0], leaves[4][:, 0], *leaves[5:8], softplus,
+                                          reverse, leaves[8])
+            grads = torch.autograd.grad(out_z, [t for t in leaves if t is not None], dout)
+        dz.add_(grads[6]) if add_dz else dz.copy_(grads[6])
+        return (*grads[:6], grads[7], dz, out_z.detach() if recompute_out_z else None,
+                grads[8] if offset is not None else None)
+
+
+class _ReferenceConvBackward:
+    """conv_bwd.py's interface (runs_on, runs, backward with reverse and add_dx) served by autograd."""
+
+    calls: list = []
+
+    @staticmethod
+    def runs_on(x, weight):
+        return True
+
+    @staticmethod
+    def runs(x, weight, dout):
+        return True
+
+    @classmethod
+    def backward(cls, x, weight, bias, dout, dx, silu, reverse=False, add_dx=False):
+        cls.calls.append((reverse, add_dx))
+        flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+        with torch.enable_grad():
+            out = flip(causal_conv1d_torch(flip(leaves[0]), *leaves[1:], "silu" if silu else None))
+            grads = torch.autograd.grad(out, [t for t in leaves if t is not None], dout)
+        dx.add_(grads[0]) if add_dx else dx.copy_(grads[0])
+        return dx, grads[1], grads[2] if bias is not None else None
+
+
+def _reference_conv_fwd_either_way(x, weight, bias, seq_idx, initial_states, final_states_out, silu, reverse=False):
+    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+    return flip(causal_conv1d_torch(flip(x), weight, bias, "silu" if silu else None))
+
+
+@pytest.mark.parametrize("keep,frozen,offset", [(True, True, False), (False, False, True), (True, False, True)])
+def test_both_directions_in_one_node_compute_the_two_directions_summed(monkeypatch, keep, frozen, offset):
+    """scan.mamba_inner_pair_cuda where our kernels run both directions (here their interfaces served by
+    the PyTorch scan and conv): one autograd node whose output and every gradient are the two
+    directions' mamba_inner_torch summed (xz's included: the second direction's output and xz gradient
+    added to the first's by the kernels, asked of the second direction's calls only); frozen
+    projections get no gradient; state offsets per direction. (On the GPU, the real kernels against
+    mamba_inner_cuda per direction: tests/test_scan_short.py.)"""
+    from mambapeft.models import scan
+
+    monkeypatch.setattr(scan, "scan_short", _ReferenceShortScan)
+    monkeypatch.setattr(scan, "conv_bwd", _ReferenceConvBackward)
+    monkeypatch.setattr(scan, "_triton_conv_fwd", _reference_conv_fwd_either_way)
+    monkeypatch.setattr(scan, "_conv_fwd_kernel", _reference_conv_fwd)
+    monkeypatch.setattr(_ReferenceShortScan, "calls", [])
+    monkeypatch.setattr(_ReferenceConvBackward, "calls", [])
+    torch.manual_seed(0)
+    batch, d_inner, n, rank, length = 2, 8, 4, 3, 13
+    xz = torch.randn(2 * d_inner, batch, length).transpose(0, 1)  # channel-major, as in_proj writes it
+
+    def direction(reverse):
+        return [torch.randn(d_inner, 1, 4) / 2, torch.randn(d_inner) / 2, torch.randn(rank + 2 * n, d_inner) / 4,
+                torch.randn(d_inner, rank) / 2, torch.rand(d_inner) - 3, -torch.rand(d_inner, n) - 0.5,
+                torch.randn(d_inner), torch.randn(d_inner, n) if offset and reverse else None]
+
+    args = [xz, *direction(False), *direction(True)]
+    projections = {3, 4, 11, 12}  # x_proj, dt_proj weights of each direction
+    grad_out = torch.randn(batch, d_inner, length)
+    runs = []
+    for pair in (scan.mamba_inner_pair_torch, scan.mamba_inner_pair_cuda):
+        leaves = [a.detach().requires_grad_(not (frozen and i in projections)) if a is not None else None
+                  for i, a in enumerate(args)]
+        first, second = (scan.InnerWeights(*leaves[1 + 8 * i:8 + 8 * i], reverse=bool(i), state_offset=leaves[8 + 8 * i])
+                         for i in (0, 1))
+        out = pair(leaves[0], first, second, keep_activations=keep)
+        if pair is scan.mamba_inner_pair_cuda:
+            assert type(out.grad_fn).__name__ == "_MambaInnerFnBackward"  # one node for both
+        out.backward(grad_out)
+        runs.append((out.detach(), [leaf.grad if leaf is not None else None for leaf in leaves]))
+    (reference, reference_grads), (out, grads) = runs
+    torch.testing.assert_close(out, reference)
+    for i, (grad, expected) in enumerate(zip(grads, reference_grads)):
+        assert (grad is None) == (expected is None) == ((frozen and i in projections) or args[i] is None), i
+        if grad is not None:
+            torch.testing.assert_close(grad, expected, msg=str(i))
+    assert _ReferenceShortScan.calls == [("fwd", False, False), ("fwd", True, True),
+                                         ("bwd", False, False), ("bwd", True, True)]
+    assert _ReferenceConvBackward.calls == [(False, False), (True, True)]
+
+
+@pytest.mark.parametrize("method,paired", [("lorap_x", True), ("additional_scan", True), ("affix_noproj", False)])
+def test_a_vim_mixer_hands_both_directions_to_the_pair_function_where_their_inputs_are_one(method, paired):
+    """Vim's fused mixers call the backend's mamba_inner_pair once for both directions (each
+    direction's weights as mamba_inner reads them: additional-scan's extended) and compute what the
+    per-direction calls compute; affix tokens make the directions' inputs differ: per direction."""
+    from mambapeft.models.scan import mamba_inner_pair_torch
+
+    model = _adapted("vision", method)
+    images = torch.randn(2, 3, 32, 32)
+    pairs = []
+
+    def recording_pair(xz, first, second, keep_activations=False):
+        pairs.append((first, second))
+        return mamba_inner_pair_torch(xz, first, second)
+
+    outputs = []
+    for backend in (FUSED_TORCH, ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d,
+                                             mamba_inner_torch, recording_pair)):
+        for mixer in _mixers(model):
+            mixer.backend = backend
+            assert mixer.uses_fused_inner()
+        outputs.append(model(images))
+    assert len(pairs) == (len(_mixers(model)) if paired else 0)
+    for first, second in pairs:
+        assert not first.reverse and second.reverse
+        assert first.x_proj_weight.shape == second.x_proj_weight.shape and first.A.shape[1] == second.A.shape[1]
+    torch.testing.assert_close(outputs[1], outputs[0])

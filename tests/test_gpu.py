@@ -777,8 +777,8 @@ def test_our_mamba_inner_fn_pads_short_sequences_exactly(dtype, monkeypatch):
     grad_out = torch.randn(batch, length, d_model, device="cuda", dtype=dtype)
 
     def unpadded(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, out_w, out_b, A, D):
-        return scan._MambaInnerFn.apply(xz, conv_w.squeeze(1), conv_b, x_proj_w, dt_proj_w, out_w, out_b,
-                                        A.float(), D.float(), dt_bias.float(), None, False, False)
+        weights = scan.InnerWeights(conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D)
+        return scan._MambaInnerFn.apply(xz, out_w, out_b, (False,), False, *weights.function_inputs())
 
     runs = []
     for fn in (unpadded, scan.mamba_inner_cuda):

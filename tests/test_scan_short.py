@@ -97,11 +97,12 @@ def test_nvrtc_not_found_on_a_cpu_build():
         assert not nvrtc.nvrtc_available()
 
 
-VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus, reverse, has_offset, states)
+VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus, *rest)
             for in_dtype, bc_dtype in itertools.product((torch.float32, torch.bfloat16), repeat=2)
             for has_D, has_z, has_bias, softplus in ((True, True, True, True), (False, False, False, False))
-            for reverse, has_offset, states in ((False, False, 16), (True, True, 16), (False, True, 17),
-                                                (True, False, 24))]
+            # reverse, has_offset, states, accumulate, stores_out_z
+            for rest in ((False, False, 16, False, True), (True, True, 16, True, False), (False, True, 17, True, True),
+                         (True, False, 24, False, False))]
 
 
 @pytest.mark.skipif(nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
@@ -450,6 +451,57 @@ def test_fused_mixer_keeping_activations_saves_them_for_the_same_gradients(monke
         with torch.autocast("cuda", dtype=torch.bfloat16):
             scan.mamba_inner_cuda(xz.transpose(0, 1), *weights, keep_activations=True)
     assert calls == []  # no backward to come: nothing kept
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,states,offset", [(torch.bfloat16, 16, False), (torch.float32, 16, True),
+                                                 (torch.bfloat16, 22, True)])
+def test_both_directions_in_one_node_add_as_pytorch_adds_them(monkeypatch, dtype, states, offset):
+    """mamba_inner_pair_cuda (Vim's two directions over one xz in one autograd node, the second's output
+    and z gradient added by our scan kernels to the first's, its x gradient by the conv backward)
+    against mamba_inner_cuda per direction summed by PyTorch, keeping activations as Vim trains: the
+    same output and z gradient bit for bit (the kernels add and round as PyTorch's add does), the
+    other gradients as close as two float-atomic orders of dB and dC allow; bf16 autocast and fp32,
+    16 states and additional-scan's 22, a state offset on the second direction."""
+    _needs_the_fused_function_on_it(monkeypatch)
+    if scan.CUDA_BACKEND.mamba_inner is None:
+        pytest.skip("needs mamba-ssm and causal-conv1d")
+    monkeypatch.delenv(conv_bwd.ENV, raising=False)
+    generator = torch.Generator().manual_seed(11)
+    batch, d_inner, length, rank = 4, 128, 197, 8
+
+    def leaf(*shape, scale=0.1):
+        return (torch.randn(*shape, generator=generator) * scale).cuda().requires_grad_()
+
+    def direction(reverse):
+        return scan.InnerWeights(leaf(d_inner, 1, 4), leaf(d_inner), leaf(rank + 2 * states, d_inner),
+                                 leaf(d_inner, rank, scale=0.5), leaf(d_inner),
+                                 (-torch.arange(1, states + 1).float().repeat(d_inner, 1)).cuda().requires_grad_(),
+                                 leaf(d_inner, scale=1.0), reverse, leaf(d_inner, states) if offset and reverse else None)
+
+    xz = torch.randn(2 * d_inner, batch, length, generator=generator).to(dtype).cuda().requires_grad_()
+    first, second = direction(False), direction(True)
+    leaves = [xz] + [t for w in (first, second) for t in (w.conv_weight, w.conv_bias, w.x_proj_weight, w.dt_proj_weight,
+                                                          w.dt_proj_bias, w.A, w.D, w.state_offset) if t is not None]
+    grad_out = torch.randn(batch, d_inner, length, generator=generator).cuda().to(dtype)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    results = []
+    for paired in (True, False):
+        with autocast:
+            out = (scan.mamba_inner_pair_cuda(xz.transpose(0, 1), first, second, keep_activations=True) if paired else
+                   sum(scan._unprojected(scan.mamba_inner_cuda, xz.transpose(0, 1), w, keep_activations=True)
+                       for w in (first, second)))
+        assert (type(out.grad_fn).__name__ == "_MambaInnerFnBackward") == paired
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad.clone() for t in leaves])
+        for t in leaves:
+            t.grad = None
+    (out, *grads), (summed, *summed_grads) = results
+    assert out.dtype == dtype and torch.equal(out, summed)
+    assert torch.equal(grads[0][d_inner:], summed_grads[0][d_inner:])  # z's half of xz: no atomics upstream
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    for i, (grad, expected) in enumerate(zip(grads, summed_grads)):
+        torch.testing.assert_close(grad, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()), msg=str(i))
 
 
 @pytest.mark.gpu

@@ -17,7 +17,8 @@
 // Shapes (elements): x, dout, dx: (batch, channels, length), any batch and channel strides, unit
 // stride along time; weight: (channels, WIDTH) contiguous fp32; bias: (channels,) fp32;
 // dweight: (channels, WIDTH) fp32, dbias: (channels,) fp32, both written.
-// Macros: IN_BF16 (x, dout, dx bf16, else fp32), WIDTH (2 to 4), HAS_BIAS, SILU, REVERSE (kernels.cuh).
+// Macros: IN_BF16 (x, dout, dx bf16, else fp32), WIDTH (2 to 4), HAS_BIAS, SILU, REVERSE (kernels.cuh),
+// ACCUMULATE (dx added to what it holds: the second direction of a Vim block, one gradient for both).
 
 #include "kernels.cuh"
 
@@ -86,6 +87,13 @@ conv_bwd(const in_t* __restrict__ x, const float* __restrict__ weight, const flo
                 g[warp][i] = g_t;  // zero past the end (dout is)
             }
             __syncwarp();
+            // ACCUMULATE: added to what dx holds, as PyTorch adds two tensors (rounded, then the sum), every
+            // read issued before the first store (the compiler keeps a store before a read it cannot prove
+            // elsewhere: one round trip a step)
+            in_t held[SEGMENT / WARP];
+#pragma unroll
+            for (int j = 0; j < SEGMENT / WARP; ++j)
+                if (ACCUMULATE && lane + j * WARP < steps) held[j] = dx_row[at(seg + lane + j * WARP, length)];
 #pragma unroll
             for (int j = 0; j < SEGMENT / WARP; ++j) {
                 const int i = lane + j * WARP;
@@ -93,7 +101,7 @@ conv_bwd(const in_t* __restrict__ x, const float* __restrict__ weight, const flo
                 float dx_t = 0.f;
 #pragma unroll
                 for (int k = 0; k < WIDTH; ++k) dx_t += w[k] * g[warp][i + HALO - k];
-                dx_row[at(seg + i, length)] = to_in(dx_t);
+                dx_row[at(seg + i, length)] = ACCUMULATE ? to_in(to_float(held[j]) + to_float(to_in(dx_t))) : to_in(dx_t);
             }
             __syncwarp();  // read before the next pass overwrites them
         }

@@ -26,11 +26,12 @@ ENV = "MAMBAPEFT_CONV_BWD"  # "0": causal-conv1d's backward (A/B measurements)
 MAX_LENGTH = 256
 
 
-def macros(dtype: torch.dtype, width: int, has_bias: bool, silu: bool, reverse: bool = False) -> list[str]:
+def macros(dtype: torch.dtype, width: int, has_bias: bool, silu: bool, reverse: bool = False,
+           accumulate: bool = False) -> list[str]:
     """The compiler's -D options for one variant of the kernel (``reverse``: the conv along time from
-    the last step to the first, see kernels.cuh)."""
+    the last step to the first, see kernels.cuh; ``accumulate``: dx added to what it holds)."""
     return nvrtc.defines({"IN_BF16": dtype == torch.bfloat16, "WIDTH": width, "HAS_BIAS": has_bias, "SILU": silu,
-                          "REVERSE": reverse})
+                          "REVERSE": reverse, "ACCUMULATE": accumulate})
 
 
 def runs_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -46,16 +47,19 @@ def runs(x: torch.Tensor, weight: torch.Tensor, dout: torch.Tensor) -> bool:
     return runs_on(x, weight) and dout.dtype == x.dtype and dout.stride(-1) == 1
 
 
-def backward(x, weight, bias, dout, dx, silu, reverse=False):
+def backward(x, weight, bias, dout, dx, silu, reverse=False, add_dx=False):
     """(dx, dweight, dbias): the gradients of x, weight (D, W) and bias (None without) given dout;
-    dx written into the (B, D, L) tensor given, or a new one in x's layout. ``reverse``: of the conv
-    run from the last step to the first (the forward's ``reverse``)."""
+    dx written into the (B, D, L) tensor given (with ``add_dx``, added to what it holds, each sum
+    rounded as PyTorch adds two tensors), or a new one in x's layout. ``reverse``: of the conv run from
+    the last step to the first (the forward's ``reverse``)."""
     batch, channels, length = x.shape
+    if add_dx and dx is None:
+        raise ValueError("the conv backward adds x's gradient to a dx given: pass dx")
     dx = dx if dx is not None else torch.empty_like(x)
     weight32 = weight.float().contiguous()
     dweight = torch.empty_like(weight32)
     dbias = torch.empty(channels, device=x.device, dtype=torch.float32)
-    options = macros(x.dtype, weight.shape[-1], bias is not None, silu, reverse)
+    options = macros(x.dtype, weight.shape[-1], bias is not None, silu, reverse, add_dx)
     (kernel,) = nvrtc.load_kernels(SOURCE, x.device.index, tuple(options), ("conv_bwd",), ENV)
     nvrtc.launch(kernel, x.device, (channels, 1, 1), THREADS,
                  [x, weight32, bias.float() if bias is not None else weight32, dout, dx, dweight, dbias, batch, length,

@@ -9,7 +9,8 @@ base model exactly:
   * ``conv1d`` is read as raw ``weight`` and ``bias`` (the causal-conv kernel and :meth:`Mamba.step`
     take the tensors), so it takes a ``parametrize`` delta (partial tuning) but a module wrapper
     or forward hook on it would be skipped;
-  * the fused ``mamba_inner`` path (once per direction) reads conv1d, x_proj and dt_proj raw, so it
+  * the fused ``mamba_inner`` path (per direction, or ``mamba_inner_pair`` for both of Vim's directions
+    at once) reads conv1d, x_proj and dt_proj raw, so it
     runs only where their weights stand for their calls: plain or parametrised (no wrapper or hook:
     :func:`read_as_written`), or a LoRA folded into the weight (:func:`read_as_linear`), any state
     extension and offset is read as below (:meth:`Mamba.uses_fused_inner`; affix tokens are steps it
@@ -47,6 +48,7 @@ from torch.nn.utils import parametrize
 from .rebuild import rebuilt_when_saved
 from .scan import (
     TORCH_BACKEND,
+    InnerWeights,
     ScanBackend,
     causal_conv1d_step,
     conv_state_of,
@@ -226,9 +228,9 @@ class Mamba(Mixer):
         """A = -exp(A_log) (D_inner, N) in fp32, read through any parametrisation of A_log."""
         return -torch.exp(getattr(self, d.A_log).float())
 
-    def _merged(self, forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
-        """The two directions' outputs (the backward one back in time order): averaged when divide_out, else summed."""
-        return (forward + backward) / 2 if self.divide_out else forward + backward
+    def _merged(self, summed: torch.Tensor) -> torch.Tensor:
+        """The two directions' outputs (the backward one back in time order) summed: averaged when divide_out."""
+        return summed / 2 if self.divide_out else summed
 
     def _ssm_inputs(self, x: torch.Tensor, d: Direction, dt_bias: bool = True):
         """x: (B, D_inner, L) after conv. Returns delta (B, D_inner, L), A (D_inner, N'), B, C (B, N', L).
@@ -272,8 +274,8 @@ class Mamba(Mixer):
         return self.affixes[d.key]().t().unsqueeze(0).expand(xz.shape[0], -1, -1).to(xz.dtype)
 
     def uses_fused_inner(self, xz: torch.Tensor | None = None) -> bool:
-        """Whether :meth:`forward` runs the backend's fused ``mamba_inner``, once per direction (the
-        kernel reads conv1d's, x_proj's and dt_proj's weights directly: only where no method changes
+        """Whether :meth:`forward` runs the backend's fused ``mamba_inner``, once per direction, or its
+        ``mamba_inner_pair`` for both (the kernels read conv1d's, x_proj's and dt_proj's weights directly: only where no method changes
         anything between in_proj and out_proj but through those weights or a state extension or offset
         it reads, so no adapter, hook or parametrisation can be skipped by it; out_proj is called where
         its weight does not stand for its call). Affix tokens are steps of xz: they run through it too. ``xz``:
@@ -306,7 +308,6 @@ class Mamba(Mixer):
         ``out_bias``) -> (B, L, D_model); else the gated scan output (B, D_inner, L) (out_bias None).
         Affix tokens go first in the direction's time order (the end of xz for the backward direction),
         their outputs cut off."""
-        conv, dt_proj = getattr(self, d.conv1d), getattr(self, d.dt_proj)
         length, first = xz.shape[-1], 0
         if d.key in self.affixes:
             tokens = self._affix_tokens(d, xz)
@@ -314,16 +315,33 @@ class Mamba(Mixer):
                 xz = cat_steps(xz, tokens.flip(-1))
             else:
                 xz, first = cat_steps(tokens, xz), tokens.shape[-1]
-        offset = offset_of(self.state_offsets[d.key]) if d.key in self.state_offsets else None
+        w = self._inner_weights(d)
+        out = self.backend.mamba_inner(xz, w.conv_weight, w.conv_bias, w.x_proj_weight, w.dt_proj_weight,
+                                       w.dt_proj_bias, self.out_proj.weight if project else None, out_bias,
+                                       w.A, w.D, reverse=w.reverse, keep_activations=self.keep_activations,
+                                       **({"state_offset": w.state_offset} if w.state_offset is not None else {}))
+        return steps_of(out, 1 if project else -1, first, length)  # xz's steps
+
+    def _inner_weights(self, d: Direction) -> InnerWeights:
+        """Direction ``d``'s weights as the fused functions read them: x_proj's weight and A extended by a
+        state extension's, a state offset read raw (:func:`offset_of`)."""
+        conv, dt_proj = getattr(self, d.conv1d), getattr(self, d.dt_proj)
         x_proj_weight, A = getattr(self, d.x_proj).weight, self._state_matrix(d)
         if d.key in self.state_extensions:
             x_proj_weight, A = self.state_extensions[d.key].extend_projection(x_proj_weight, A, self.dt_rank)
-        out = self.backend.mamba_inner(xz, conv.weight, conv.bias, x_proj_weight, dt_proj.weight,
-                                       dt_proj.bias, self.out_proj.weight if project else None, out_bias,
-                                       A, getattr(self, d.D), reverse=d is BACKWARD,
-                                       keep_activations=self.keep_activations,
-                                       **({"state_offset": offset} if offset is not None else {}))
-        return steps_of(out, 1 if project else -1, first, length)  # xz's steps
+        offset = offset_of(self.state_offsets[d.key]) if d.key in self.state_offsets else None
+        return InnerWeights(conv.weight, conv.bias, x_proj_weight, dt_proj.weight, dt_proj.bias, A, getattr(self, d.D),
+                            d is BACKWARD, offset)
+
+    def _fused_directions_summed(self, xz: torch.Tensor) -> torch.Tensor:
+        """Both directions' gated scan outputs on xz, summed (B, D_inner, L): the backend's
+        ``mamba_inner_pair`` where it has one and no affix tokens make the directions' inputs differ,
+        else its ``mamba_inner`` per direction."""
+        if self.backend.mamba_inner_pair is not None and not self.affixes:
+            return self.backend.mamba_inner_pair(xz, *(self._inner_weights(d) for d in (FORWARD, BACKWARD)),
+                                                 keep_activations=self.keep_activations)
+        forward, backward = (self._fused_direction(xz, d, False, None) for d in (FORWARD, BACKWARD))
+        return forward + backward
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).
@@ -341,17 +359,17 @@ class Mamba(Mixer):
             if not self.bidirectional:
                 out = self._fused_direction(xz, FORWARD, project, self.out_proj.bias if project else None)
                 return out if project else self.out_proj(out.transpose(1, 2))
-            forward, backward = (self._fused_direction(xz, d, False, None) for d in (FORWARD, BACKWARD))
+            summed = self._fused_directions_summed(xz)
             if project:
-                return project_channel_major(forward + backward, self.out_proj.weight, self.out_proj.bias,
+                return project_channel_major(summed, self.out_proj.weight, self.out_proj.bias,
                                              0.5 if self.divide_out else 1.0)
-            return self.out_proj(self._merged(forward, backward).transpose(1, 2))
+            return self.out_proj(self._merged(summed).transpose(1, 2))
         y = self._scan_direction(xz, FORWARD, state)
         if self.bidirectional:
             if state is not None:
                 raise ValueError("Recurrent state is only defined for unidirectional mixers.")
             y_b = self._scan_direction(xz.flip(-1), BACKWARD).flip(-1)
-            y = self._merged(y, y_b)
+            y = self._merged(y + y_b)
         return self.out_proj(y.transpose(1, 2))
 
     def empty_state(self, batch: int, device=None) -> MixerState:

@@ -507,12 +507,13 @@ class _CausalConv1d(torch.autograd.Function):
         return dx, dweight, dbias, None
 
 
-def _conv_backward(x, weight, bias, dout, dx, silu, reverse=False):
+def _conv_backward(x, weight, bias, dout, dx, silu, reverse=False, add_dx=False):
     """(dx, dweight, dbias) of the causal conv: our kernel where it runs (conv_bwd.py), else
     causal-conv1d's; dx written into the tensor given (or a new one). ``reverse`` (ours alone: the
-    caller checked it runs on x) of the conv run from the last step."""
-    if reverse:
-        return conv_bwd.backward(x, weight, bias, time_contiguous(dout.to(x.dtype)), dx, silu, reverse=True)
+    caller checked it runs on x) of the conv run from the last step; ``add_dx`` (ours alone, as
+    reverse): dx added to what the tensor given holds."""
+    if reverse or add_dx:
+        return conv_bwd.backward(x, weight, bias, time_contiguous(dout.to(x.dtype)), dx, silu, reverse, add_dx)
     if conv_bwd.runs(x, weight, dout):
         return conv_bwd.backward(x, weight, bias, dout, dx, silu)
     dx, dweight, dbias, _ = _conv_bwd_kernel(x, weight, bias, dout, None, None, None, dx, False, silu)
@@ -740,6 +741,36 @@ def _side_by_side(dB, dC):
     return None
 
 
+@dataclass(frozen=True)
+class InnerWeights:
+    """One scan direction's weights as the fused mixer functions read them (:func:`mamba_inner_cuda`'s
+    arguments of these names): conv_weight (D_inner, 1, W), conv_bias (D_inner,) or None, x_proj_weight
+    (R + 2N, D_inner), dt_proj_weight (D_inner, R), dt_proj_bias (D_inner,), A (D_inner, N), D
+    (D_inner,), state_offset (D_inner, N) or None; ``reverse``: the direction runs from the last step to
+    the first (Vim's backward one)."""
+
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor | None
+    x_proj_weight: torch.Tensor
+    dt_proj_weight: torch.Tensor
+    dt_proj_bias: torch.Tensor
+    A: torch.Tensor
+    D: torch.Tensor
+    reverse: bool = False
+    state_offset: torch.Tensor | None = None
+
+    def function_inputs(self) -> tuple:
+        """The direction's tensors as :class:`_MambaInnerFn` takes them (``_PER_DIRECTION``, in its order)."""
+        return (self.conv_weight.squeeze(1), self.conv_bias, self.x_proj_weight, self.dt_proj_weight, self.A.float(),
+                self.D.float(), self.dt_proj_bias.float(),
+                self.state_offset.float().contiguous() if self.state_offset is not None else None)
+
+
+# a direction's tensors among _MambaInnerFn's inputs: conv_weight (D_inner, W), conv_bias, x_proj_weight,
+# dt_proj_weight, A, D, delta_bias, state_offset (InnerWeights.function_inputs); their gradients in that order
+_PER_DIRECTION = 8
+
+
 class _MambaInnerFn(torch.autograd.Function):
     """mamba_ssm's ``MambaInnerFn`` (real A, B and C from x_proj, conv and delta recomputed in the
     backward: its checkpoint_lvl 1) with a backward that computes only the gradients asked for: under
@@ -747,54 +778,37 @@ class _MambaInnerFn(torch.autograd.Function):
     GEMMs anyway (11 ms of a 333 ms mamba-1.4b LoRA(in_proj) step at micro-batch 32, one H200). It
     also sums out_proj's bias gradient over every dimension (a scalar); here over tokens.
 
+    One or more directions over one xz, their gated outputs summed (Vim's two: ``reverses`` says which
+    run from the last step to the first), each direction's ``_PER_DIRECTION`` tensors in turn. Past
+    the first, our short-sequence kernels add a direction's output and xz gradient to the first's (as
+    PyTorch adds two tensors, rounding included): no sum of outputs, no sum of two xz gradients
+    (0.5 ms of a Vim-S step of 32 images, one H200); the output then unprojected.
+
     xz (B, 2*D_inner, L), L contiguous (a channel-major (2*D_inner, B, L) storage reads uncopied);
-    conv_weight (D_inner, W); x_proj_weight (R + 2N, D_inner); dt_proj_weight (D_inner, R);
-    out_proj_weight (D_model, D_inner); A (D_inner, N), D and delta_bias (D_inner,) fp32; state_offset
-    (D_inner, N) fp32 or None (our short scan reads it; mamba_inner_cuda passes one only there).
+    out_proj_weight (D_model, D_inner) or None; a direction's: conv_weight (D_inner, W); x_proj_weight
+    (R + 2N, D_inner); dt_proj_weight (D_inner, R); A (D_inner, N), D and delta_bias (D_inner,) fp32;
+    state_offset (D_inner, N) fp32 or None (our short scan reads it; mamba_inner_cuda passes one only there).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
-                out_proj_bias, A, D, delta_bias, state_offset, reverse, keep_activations):
-        if torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")
-            x_proj_weight, dt_proj_weight, out_proj_weight, out_proj_bias = (
-                w.to(dtype) if w is not None else None
-                for w in (x_proj_weight, dt_proj_weight, out_proj_weight, out_proj_bias))
+    def forward(ctx, xz, out_proj_weight, out_proj_bias, reverses, keep_activations, *directions):
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        if dtype is not None:
+            out_proj_weight, out_proj_bias = (w.to(dtype) if w is not None else None
+                                              for w in (out_proj_weight, out_proj_bias))
         xz = time_contiguous(xz)
-        batch, n = xz.shape[0], A.shape[1]
         x, z = xz.chunk(2, dim=1)
-        conv_out = _conv_silu(x, conv_weight, conv_bias, reverse)
-        x_dbl = F.linear(_tokens_major(conv_out), x_proj_weight)  # (B*L, R + 2N)
-        delta = _delta(dt_proj_weight, x_dbl, batch)
-        B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1)
-                for i in (x_dbl.shape[1] - 2 * n, x_dbl.shape[1] - n))  # (B, 1, N, L) views of x_dbl
-        # our short-sequence kernels where they apply (mamba_inner_cuda then did not pad; they read the
-        # views), else mamba-ssm's (on copies: they need L contiguous)
-        kernels = (scan_short if scan_short.runs(xz.device, xz.dtype, n, xz.shape[-1])
-                   and scan_short.applies(conv_out, A, B[:, 0], delta, z) else _selective_scan_kernels)
-        if kernels is not scan_short:
-            B, C = B.contiguous(), C.contiguous()
-        if (reverse or state_offset is not None) and kernels is not scan_short:  # mamba_inner_cuda checks
-            raise RuntimeError("the fused function was asked to scan in reverse or with a state offset where our "
-                               "kernels do not run")  # what these need: a bug if not
-        # mamba-ssm's kernels take none of these arguments
-        ctx.reverse = {"reverse": True} if reverse else {}
-        ctx.offset = {"offset": state_offset} if state_offset is not None else {}
-        ours = {"keep_states": keep_activations} if kernels is scan_short else {}
-        out, scan_intermediates, out_z = kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True, **ctx.reverse,
-                                                     **ours, **ctx.offset)
-        ctx.scan_kernels = kernels
-        # mamba-ssm's backward reads the states at chunk ends only past the first of its 2048-step
-        # chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b). Ours: our checkpoints (keep_activations) or None,
-        # and out None (their backward recomputes y)
-        if kernels is not scan_short and scan_intermediates.shape[2] == 1:
-            scan_intermediates = None
-        ctx.has_out_bias = out_proj_bias is not None
-        kept = (conv_out, delta) if keep_activations else (None, None)
-        ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight,
-                              out_proj_weight, A, B, C, D, delta_bias, scan_intermediates, out, *kept)
+        out_z, saved, ctx.kernels = None, [], []
+        for i, reverse in enumerate(reverses):
+            weights = list(directions[i * _PER_DIRECTION:(i + 1) * _PER_DIRECTION])
+            if dtype is not None:  # x_proj's and dt_proj's weights, as autocast runs their GEMMs
+                weights[2:4] = (w.to(dtype) for w in weights[2:4])
+            out_z, kept, kernels = _direction_forward(x, z, *weights, reverse, keep_activations, out_z)
+            saved += kept
+            ctx.kernels.append(kernels)
+        ctx.reverses, ctx.has_out_bias = reverses, out_proj_bias is not None
+        ctx.save_for_backward(xz, out_proj_weight, *saved)
         if out_proj_weight is None:  # unprojected: the caller calls its out_proj (the backward gets out_z's gradient)
             return out_z
         return F.linear(out_z.transpose(1, 2), out_proj_weight, out_proj_bias)
@@ -802,45 +816,91 @@ class _MambaInnerFn(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
-        (xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, out_proj_weight,
-         A, B, C, D, delta_bias, scan_intermediates, out, conv_out, delta) = ctx.saved_tensors
-        want_x_proj, want_dt_proj, want_out_proj, want_out_bias = ctx.needs_input_grad[3:7]
-        batch, rank, n = xz.shape[0], dt_proj_weight.shape[1], A.shape[1]
+        xz, out_proj_weight, *saved = ctx.saved_tensors
+        want_out_proj, want_out_bias = ctx.needs_input_grad[1:3]
         x, z = xz.chunk(2, dim=1)
-        if conv_out is None:  # recomputed, not kept (mamba-ssm's checkpoint_lvl 1)
-            conv_out = _conv_silu(x, conv_weight, conv_bias, bool(ctx.reverse))
-            delta = _delta(dt_proj_weight, x_dbl, batch)
-        dxz = torch.empty_like(xz)
-        dx, dz = dxz.chunk(2, dim=1)
         if out_proj_weight is None:  # the output was out_z itself
             dy = time_contiguous(dout)  # (B, D_inner, L)
         else:
             dout = dout.reshape(-1, dout.shape[-1]).t()  # (D_model, B*L)
-            dy = _from_channels_major(out_proj_weight.t() @ dout, batch)  # (B, D_inner, L)
-        grads = ctx.scan_kernels.bwd(conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz,
-                                     True, True, **ctx.reverse, **ctx.offset)
-        dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = grads[:9]
-        doffset = grads[9] if ctx.offset else None  # ours return it tenth
-        dout_proj = dout @ _tokens_major(out_z) if want_out_proj else None
+            dy = _from_channels_major(out_proj_weight.t() @ dout, xz.shape[0])  # (B, D_inner, L)
+        dxz = torch.empty_like(xz)  # the first direction writes it, the others add to it
+        grads, kept_each = [], len(saved) // len(ctx.reverses)
+        for i, (reverse, kernels) in enumerate(zip(ctx.reverses, ctx.kernels)):
+            wants = ctx.needs_input_grad[5 + i * _PER_DIRECTION:5 + (i + 1) * _PER_DIRECTION]
+            direction_grads, out_z = _direction_backward(x, z, dy, dxz, saved[i * kept_each:(i + 1) * kept_each],
+                                                         reverse, kernels, wants, i > 0, want_out_proj)
+            grads += direction_grads
+        dout_proj = dout @ _tokens_major(out_z) if want_out_proj else None  # one direction: its out_z
         dout_bias = dout.sum(dim=1) if ctx.has_out_bias and want_out_bias else None
-        dx_dbl = torch.empty_like(x_dbl)
-        dBC = _side_by_side(dB, dC)
-        if dBC is not None:
-            dx_dbl[:, rank:] = dBC
-        else:
-            dx_dbl[:, rank:rank + n] = dB[:, 0].transpose(1, 2).flatten(0, 1)
-            dx_dbl[:, rank + n:] = dC[:, 0].transpose(1, 2).flatten(0, 1)
-        ddelta = _channels_major(ddelta)  # (D_inner, B*L)
-        ddt_proj = ddelta @ x_dbl[:, :rank] if want_dt_proj else None
-        dx_dbl[:, :rank] = ddelta.t() @ dt_proj_weight
-        dx_proj = dx_dbl.t() @ _tokens_major(conv_out) if want_x_proj else None
-        dconv_out = _channels_major(dconv_out)
-        dconv_out = torch.addmm(dconv_out, x_proj_weight.t(), dx_dbl.t(), out=dconv_out)
-        dconv_out = _from_channels_major(dconv_out, batch)
-        dx, dconv_weight, dconv_bias = _conv_backward(x, conv_weight, conv_bias, dconv_out, dx, True,
-                                                      bool(ctx.reverse))
-        return (dxz, dconv_weight, dconv_bias, dx_proj, ddt_proj,
-                dout_proj, dout_bias, dA, dD, ddelta_bias, doffset, None, None)
+        return (dxz, dout_proj, dout_bias, None, None, *grads)
+
+
+def _direction_forward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, state_offset,
+                       reverse, keep_activations, into):
+    """One direction of :class:`_MambaInnerFn`'s forward on x, z (B, D_inner, L): (out_z, what its
+    backward reads, the scan kernels that ran); out_z added to ``into`` where given (ours only)."""
+    batch, n = x.shape[0], A.shape[1]
+    conv_out = _conv_silu(x, conv_weight, conv_bias, reverse)
+    x_dbl = F.linear(_tokens_major(conv_out), x_proj_weight)  # (B*L, R + 2N)
+    delta = _delta(dt_proj_weight, x_dbl, batch)
+    B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1)
+            for i in (x_dbl.shape[1] - 2 * n, x_dbl.shape[1] - n))  # (B, 1, N, L) views of x_dbl
+    # our short-sequence kernels where they apply (mamba_inner_cuda then did not pad; they read the
+    # views), else mamba-ssm's (on copies: they need L contiguous), which take none of our arguments
+    ours = scan_short.runs(x.device, x.dtype, n, x.shape[-1]) and scan_short.applies(conv_out, A, B[:, 0], delta, z)
+    if not ours:
+        B, C = B.contiguous(), C.contiguous()
+        if reverse or state_offset is not None or into is not None:  # the callers check: a bug if not
+            raise RuntimeError("the fused function was asked to scan in reverse, with a state offset or two "
+                               "directions where our kernels do not run")
+    kernels = scan_short if ours else _selective_scan_kernels
+    extra = dict(reverse=reverse, keep_states=keep_activations, offset=state_offset, into=into) if ours else {}
+    out, scan_intermediates, out_z = kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True, **extra)
+    # mamba-ssm's backward reads the states at chunk ends only past the first of its 2048-step
+    # chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b). Ours: our checkpoints (keep_activations) or None,
+    # and out None (their backward recomputes y)
+    if not ours and scan_intermediates.shape[2] == 1:
+        scan_intermediates = None
+    kept = (conv_out, delta) if keep_activations else (None, None)
+    return out_z, [conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, A, B, C, D, delta_bias,
+                   state_offset, scan_intermediates, out, *kept], kernels
+
+
+def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_out_z):
+    """One direction of :class:`_MambaInnerFn`'s backward: its xz gradient written into dxz (with
+    ``add``, added to it: ours only), (its tensors' gradients in _PER_DIRECTION order, None where not
+    in ``wants``) and its out_z recomputed where ``want_out_z``."""
+    (conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, A, B, C, D, delta_bias, state_offset,
+     scan_intermediates, out, conv_out, delta) = kept
+    want_x_proj, want_dt_proj = wants[2:4]
+    batch, rank, n = x.shape[0], dt_proj_weight.shape[1], A.shape[1]
+    if conv_out is None:  # recomputed, not kept (mamba-ssm's checkpoint_lvl 1)
+        conv_out = _conv_silu(x, conv_weight, conv_bias, reverse)
+        delta = _delta(dt_proj_weight, x_dbl, batch)
+    dx, dz = dxz.chunk(2, dim=1)
+    ours = kernels is scan_short
+    extra = dict(reverse=reverse, offset=state_offset, add_dz=add) if ours else {}
+    grads = kernels.bwd(conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz, True,
+                        want_out_z or not ours, **extra)  # mamba-ssm's returns out_z always
+    dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, _, out_z = grads[:9]
+    doffset = grads[9] if state_offset is not None else None  # ours return it tenth
+    dx_dbl = torch.empty_like(x_dbl)
+    dBC = _side_by_side(dB, dC)
+    if dBC is not None:
+        dx_dbl[:, rank:] = dBC
+    else:
+        dx_dbl[:, rank:rank + n] = dB[:, 0].transpose(1, 2).flatten(0, 1)
+        dx_dbl[:, rank + n:] = dC[:, 0].transpose(1, 2).flatten(0, 1)
+    ddelta = _channels_major(ddelta)  # (D_inner, B*L)
+    ddt_proj = ddelta @ x_dbl[:, :rank] if want_dt_proj else None
+    dx_dbl[:, :rank] = ddelta.t() @ dt_proj_weight
+    dx_proj = dx_dbl.t() @ _tokens_major(conv_out) if want_x_proj else None
+    dconv_out = _channels_major(dconv_out)
+    dconv_out = torch.addmm(dconv_out, x_proj_weight.t(), dx_dbl.t(), out=dconv_out)
+    dconv_out = _from_channels_major(dconv_out, batch)
+    _, dconv_weight, dconv_bias = _conv_backward(x, conv_weight, conv_bias, dconv_out, dx, True, reverse, add)
+    return [dconv_weight, dconv_bias, dx_proj, ddt_proj, dA, dD, ddelta_bias, doffset], out_z
 
 
 class _ChannelMajorProjection(torch.autograd.Function):
@@ -931,10 +991,44 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     inputs = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, out_proj_weight, out_proj_bias,
               A, D, state_offset)
     keep = keep_activations and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    out = _MambaInnerFn.apply(padded, conv_weight.squeeze(1), conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
-                              out_proj_bias, A.float(), D.float(), dt_proj_bias.float(),
-                              state_offset.float().contiguous() if state_offset is not None else None, reverse, keep)
+    weights = InnerWeights(conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reverse,
+                           state_offset)
+    out = _MambaInnerFn.apply(padded, out_proj_weight, out_proj_bias, (reverse,), keep, *weights.function_inputs())
     return steps_of(out, _time_dim(out_proj_weight), 0, steps)  # cut where padded
+
+
+def _unprojected(inner: Callable, xz: torch.Tensor, w: InnerWeights, **kwargs) -> torch.Tensor:
+    """A unidirectional fused function (``mamba_inner_cuda`` or ``_torch``) on one direction's weights,
+    unprojected: (B, D_inner, L)."""
+    offset = {"state_offset": w.state_offset} if w.state_offset is not None else {}
+    return inner(xz, w.conv_weight, w.conv_bias, w.x_proj_weight, w.dt_proj_weight, w.dt_proj_bias, None, None,
+                 w.A, w.D, reverse=w.reverse, **offset, **kwargs)
+
+
+def mamba_inner_pair_torch(xz, first: InnerWeights, second: InnerWeights, keep_activations=False):
+    """Reference of :func:`mamba_inner_pair_cuda`: the two directions' :func:`mamba_inner_torch`,
+    unprojected, summed."""
+    return _unprojected(mamba_inner_torch, xz, first) + _unprojected(mamba_inner_torch, xz, second)
+
+
+def _adds_in_kernels(xz: torch.Tensor, w: InnerWeights) -> bool:
+    """Whether our kernels run this direction of xz from either end and add its output and xz gradient
+    to another's: the short-sequence scan runs, and the conv forward and backward (:func:`_reverse_in_kernels`)."""
+    return scan_short.runs(xz.device, xz.dtype, w.A.shape[1], xz.shape[-1]) and _reverse_in_kernels(xz, w.conv_weight)
+
+
+def mamba_inner_pair_cuda(xz, first: InnerWeights, second: InnerWeights, keep_activations=False):
+    """Two directions of one xz (B, 2*D_inner, L) through the fused function, their gated scan outputs
+    summed: (B, D_inner, L), Vim's bidirectional mixer before out_proj. One autograd node for both where
+    our kernels run both (:func:`_adds_in_kernels`: they add the second's output and xz gradient to the
+    first's, :class:`_MambaInnerFn`), else :func:`mamba_inner_cuda` per direction, summed.
+    ``keep_activations`` as :func:`mamba_inner_cuda`'s."""
+    if not (_adds_in_kernels(xz, first) and _adds_in_kernels(xz, second)):
+        return (_unprojected(mamba_inner_cuda, xz, first, keep_activations=keep_activations)
+                + _unprojected(mamba_inner_cuda, xz, second, keep_activations=keep_activations))
+    inputs = (*first.function_inputs(), *second.function_inputs())
+    keep = keep_activations and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xz, *inputs))
+    return _MambaInnerFn.apply(xz, None, None, (first.reverse, second.reverse), keep, *inputs)
 
 
 def steps_of(t: torch.Tensor, dim: int, first: int, length: int) -> torch.Tensor:
@@ -998,8 +1092,8 @@ def split_conv1d_scan_cuda(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_
 @dataclass(frozen=True)
 class ScanBackend:
     """A consistent set of kernels; ``name`` is recorded in every run's metrics.json.
-    ``mamba_inner``, where set, replaces a plain unidirectional Mamba-1 mixer's conv-to-out_proj
-    chain; ``chunk_scan`` is Mamba-2's scan (SSD); ``split_conv1d_scan``, where set, replaces a
+    ``mamba_inner``, where set, replaces a plain Mamba-1 mixer's conv-to-out_proj chain, once per
+    direction; ``mamba_inner_pair``, where set, both of a bidirectional one's at once (xz shared); ``chunk_scan`` is Mamba-2's scan (SSD); ``split_conv1d_scan``, where set, replaces a
     plain Mamba-2 mixer's chain after in_proj; ``state_step`` is Mamba-1's generation step.
     ``conv_update`` (the conv step in place), where set, gives a generation step mamba_ssm's kernel
     sequence (``Mamba.uses_step_kernels``); ``add_rms_norm``, where set, is every block's residual
@@ -1011,6 +1105,7 @@ class ScanBackend:
     selective_scan: Callable
     causal_conv1d: Callable
     mamba_inner: Callable | None = None
+    mamba_inner_pair: Callable | None = None
     chunk_scan: Callable = chunk_scan_torch
     split_conv1d_scan: Callable | None = None
     state_step: Callable = selective_state_step
@@ -1027,9 +1122,10 @@ class ScanBackend:
 TORCH_BACKEND = ScanBackend("torch", selective_scan_torch, causal_conv1d_torch)
 # both fused functions run their conv through causal-conv1d's kernels: without them, the unfused
 # chain; mamba-ssm 1.x has no SSD kernel: Mamba-2 mixers then scan in PyTorch
+_fuses_inner = bool(_selective_scan_kernels and _conv_fwd_kernel and _cuda_causal_conv1d)
 CUDA_BACKEND = ScanBackend("cuda", selective_scan_cuda, causal_conv1d_cuda,
-                           mamba_inner=(mamba_inner_cuda if _selective_scan_kernels and _conv_fwd_kernel and _cuda_causal_conv1d
-                                        else None),
+                           mamba_inner=mamba_inner_cuda if _fuses_inner else None,
+                           mamba_inner_pair=mamba_inner_pair_cuda if _fuses_inner else None,
                            chunk_scan=chunk_scan_cuda if _cuda_chunk_scan is not None else chunk_scan_torch,
                            split_conv1d_scan=(split_conv1d_scan_cuda if _cuda_split_conv1d_scan and _cuda_causal_conv1d
                                               else None),

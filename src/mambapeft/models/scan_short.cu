@@ -42,7 +42,8 @@
 //   the forward with keep_states, else by the backward (states_given 0)
 // Macros: NSTATE (N), IN_BF16 (u, delta, z, dout, out, out_z and the gradients of the first three: bf16,
 //   else fp32), BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, HAS_OFFSET, SOFTPLUS, CHUNK (a divisor of TILE), REVERSE
-//   (kernels.cuh).
+//   (kernels.cuh), ACCUMULATE (the forward's out or out_z and the backward's dz added to what they hold:
+//   the second direction of a Vim block, one tensor for both), STORES_OUT_Z (the backward writes out_z).
 
 #include "kernels.cuh"
 
@@ -115,12 +116,20 @@ __device__ __forceinline__ void put(tile_t& tile, const in_t (&v)[TILE_ROWS]) {
     for (int i = 0; i < TILE_ROWS; ++i) tile[threadIdx.x % TILE][ROW(i)] = v[i];
 }
 
+// add: the tile added to what rows hold, rounded once more to the sequences' dtype (as PyTorch adds the
+// two tensors: the sum of a Vim block's two directions, ACCUMULATE); every read issued before the first
+// store (the compiler keeps a store before a read it cannot prove elsewhere: one round trip a row)
+template <bool add = false>
 __device__ __forceinline__ void store_tile(in_t* rows, const tile_t& tile, int channel_stride, int channels_left,
                                            int t0, int length) {
     const int k = threadIdx.x % TILE, t = t0 + k;
+    in_t held[TILE_ROWS];
+    if (add) fetch(held, rows, channel_stride, channels_left, t0, length);
 #pragma unroll
-    for (int i = 0; i < TILE_ROWS; ++i)
-        if (ROW(i) < channels_left && t < length) rows[(long long)ROW(i) * channel_stride + at(t, length)] = tile[k][ROW(i)];
+    for (int i = 0; i < TILE_ROWS; ++i) {
+        const in_t value = add ? to_in(to_float(held[i]) + to_float(tile[k][ROW(i)])) : tile[k][ROW(i)];
+        if (ROW(i) < channels_left && t < length) rows[(long long)ROW(i) * channel_stride + at(t, length)] = value;
+    }
 }
 
 // B or C: a state's TILE steps per access (one row at a unit time stride; the fused function's are
@@ -321,8 +330,8 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             }
         }
         __syncthreads();
-        if (HAS_Z) store_tile(out_z, z_tile, out_z_sc, left, t0, length);
-        else store_tile(out, u_tile, out_sc, left, t0, length);  // y itself is the output (with z, unstored)
+        if (HAS_Z) store_tile<ACCUMULATE>(out_z, z_tile, out_z_sc, left, t0, length);
+        else store_tile<ACCUMULATE>(out, u_tile, out_sc, left, t0, length);  // y itself is the output (with z, unstored)
     }
 }
 
@@ -573,7 +582,10 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
         __syncthreads();
         store_tile(du, u_tile, du_sc, left, t0, length);
         store_tile(ddelta, delta_tile, ddelta_sc, left, t0, length);
-        if (HAS_Z) { store_tile(dz, z_tile, dz_sc, left, t0, length); store_tile(out_z, dout_tile, out_z_sc, left, t0, length); }
+        if (HAS_Z) {
+            store_tile<ACCUMULATE>(dz, z_tile, dz_sc, left, t0, length);
+            if (STORES_OUT_Z) store_tile(out_z, dout_tile, out_z_sc, left, t0, length);
+        }
     }
     if (slot < left) {
 #pragma unroll

@@ -36,13 +36,17 @@ ENV = "MAMBAPEFT_SHORT_SCAN"  # "0": mamba-ssm's kernels at every length (A/B me
 
 
 def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: bool, has_bias: bool,
-           softplus: bool, reverse: bool = False, has_offset: bool = False, states: int = 16) -> list[str]:
+           softplus: bool, reverse: bool = False, has_offset: bool = False, states: int = 16,
+           accumulate: bool = False, stores_out_z: bool = True) -> list[str]:
     """The compiler's -D options for one variant of the kernels (``reverse``: scanning from the last
-    step to the first, see kernels.cuh; ``has_offset``: a state offset h'; ``states``: N)."""
+    step to the first, see kernels.cuh; ``has_offset``: a state offset h'; ``states``: N; ``accumulate``:
+    the forward's output and the backward's dz added to what the tensors given hold; ``stores_out_z``:
+    the backward writes the output it recomputes)."""
     return nvrtc.defines({"NSTATE": states, "IN_BF16": in_dtype == torch.bfloat16,
                           "BC_BF16": bc_dtype == torch.bfloat16,
                           "HAS_D": has_D, "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus, "CHUNK": CHUNK,
-                          "REVERSE": reverse, "HAS_OFFSET": has_offset})
+                          "REVERSE": reverse, "HAS_OFFSET": has_offset, "ACCUMULATE": accumulate,
+                          "STORES_OUT_Z": stores_out_z})
 
 
 def runs(device: torch.device, dtype: torch.dtype, states: int, length: int) -> bool:
@@ -86,10 +90,10 @@ def _launch(kernel, u: torch.Tensor, states: int, args: list) -> None:
     nvrtc.launch(kernel, u.device, ((u.shape[1] + channels - 1) // channels, u.shape[0], 1), channels * LANES, args)
 
 
-def _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset):
+def _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset, accumulate=False, stores_out_z=True):
     """(forward, backward) kernels for these inputs' dtypes, state count and the arguments given."""
     options = macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus, reverse,
-                     offset is not None, A.shape[1])
+                     offset is not None, A.shape[1], accumulate, stores_out_z)
     return nvrtc.load_kernels(SOURCE, u.device.index, tuple(options), ("scan_fwd", "scan_bwd"), ENV)
 
 
@@ -102,15 +106,18 @@ def checkpoints(u: torch.Tensor, states: int) -> torch.Tensor:
     return torch.empty(batch, (length + CHUNK - 1) // CHUNK, padded, channels, device=u.device, dtype=torch.float32)
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_states=False, offset=None):
+def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_states=False, offset=None,
+            into=None):
     """(out, out_z, states): without z, out = the scan's y (B, D, L) and out_z None; with z, out_z =
     y * silu(z) and out None (y is not kept: the backward recomputes it). ``reverse``: the scan runs
     from the last step to the first, as on the sequences flipped along time, with its outputs in the
     inputs' order. ``keep_states``: states = the state before each chunk (:func:`checkpoints`), for
     :func:`backward` to read instead of recomputing them (one of its three passes over time), else None.
-    ``offset`` (D, N) fp32 or None: y = C (h + offset) + D u at every step (state-offset tuning)."""
-    fwd, _ = _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset)
-    result = torch.empty_like(u)
+    ``offset`` (D, N) fp32 or None: y = C (h + offset) + D u at every step (state-offset tuning).
+    ``into``: a (B, D, L) tensor of u's dtype the output is added to (``into + output`` rounded as
+    PyTorch rounds it) and returned as it, or None (a new tensor)."""
+    fwd, _ = _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset, accumulate=into is not None)
+    result = into if into is not None else torch.empty_like(u)
     out, out_z = (None, result) if z is not None else (result, None)
     states = checkpoints(u, A.shape[1]) if keep_states else None
     _launch(fwd, u, A.shape[1], [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
@@ -121,13 +128,18 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_s
     return out, out_z, states
 
 
-def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=False, states=None, offset=None):
+def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=False, states=None, offset=None,
+             add_dz=False, recompute_out_z=True):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, doffset) of out_z (or y without z)
-    given dout, with out_z recomputed; dz a (B, D, L) tensor to write into or None; ``states``: what
-    :func:`forward` kept with ``keep_states``, or None (computed here); ``offset`` as :func:`forward`'s.
-    dA, dB, dC, dD, ddelta_bias and doffset are fp32; dD, ddelta_bias, doffset None where D, delta_bias,
-    offset are."""
-    _, bwd = _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset)
+    given dout, with out_z recomputed where ``recompute_out_z`` (else None); dz a (B, D, L) tensor to
+    write into (with ``add_dz``, to add z's gradient to: as :func:`forward`'s ``into``) or None;
+    ``states``: what :func:`forward` kept with ``keep_states``, or None (computed here); ``offset`` as
+    :func:`forward`'s. dA, dB, dC, dD, ddelta_bias and doffset are fp32; dD, ddelta_bias, doffset None
+    where D, delta_bias, offset are."""
+    if add_dz and (z is None or dz is None):
+        raise ValueError("the short scan adds z's gradient to a dz given: pass z and dz")
+    recompute_out_z = recompute_out_z and z is not None
+    _, bwd = _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset, add_dz, recompute_out_z)
     (batch, channels, length), n = u.shape, A.shape[1]
     fp32 = dict(device=u.device, dtype=torch.float32)
     ckpt = states if states is not None else checkpoints(u, n)
@@ -140,11 +152,8 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
     dA, dD, ddelta_bias, doffset, dBC = sums.split([channels * n, channels, channels, offsets, batch * length * 2 * n])
     dA, doffset = dA.view(channels, n), doffset.view(-1, n)
     dB, dC = dBC.view(batch, length, 2 * n).transpose(1, 2).split(n, dim=1)
-    if z is not None:
-        dz = dz if dz is not None else torch.empty_like(z)
-        out_z = torch.empty_like(u)
-    else:
-        dz, out_z = du, du  # unread and unwritten: any (B, D, L) tensor
+    dz = (dz if dz is not None else torch.empty_like(z)) if z is not None else du  # without z: unread, unwritten
+    out_z = torch.empty_like(u) if recompute_out_z else du  # as dz
     _launch(bwd, u, n, [u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
                      delta_bias if delta_bias is not None else dD, _given(offset, dA), dout, ckpt,
                      du, ddelta, dA, dB, dC, dD, ddelta_bias, doffset if offset is not None else dA, dz, out_z,
@@ -154,7 +163,7 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
                      *_strides(out_z), *_state_strides(dB), *_state_strides(dC)])
     return (du, ddelta, dA, dB, dC, dD if D is not None else None,
             ddelta_bias if delta_bias is not None else None,
-            dz if z is not None else None, out_z if z is not None else None,
+            dz if z is not None else None, out_z if recompute_out_z else None,
             doffset if offset is not None else None)
 
 
@@ -169,20 +178,22 @@ def _given(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
 
 # mamba-ssm's ``selective_scan_cuda.fwd`` / ``.bwd`` interface (B and C of shape (batch, 1, N, L)), as
 # ``scan._MambaInnerFn`` calls either; ``reverse`` (ours only) as in :func:`forward`
-def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, keep_states=False, offset=None):
+def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, keep_states=False, offset=None,
+        into=None):
     """(out, states, out_z): states, our chunks' checkpoints with ``keep_states`` (:func:`forward`),
     else None; with z, out is None (our backward recomputes y, so the caller keeps no (B, D, L) tensor
-    for it)."""
+    for it); ``into`` as :func:`forward`'s."""
     out, out_z, states = forward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, delta_softplus, reverse,
-                                 keep_states, offset)
+                                 keep_states, offset, into)
     return out, states, out_z
 
 
 def bwd(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, out, dz, delta_softplus, recompute_out_z,
-        reverse=False, offset=None):
-    """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z) as mamba-ssm's, and doffset (None without
-    an offset) tenth; chunk_states: what :func:`fwd` returned (our checkpoints or None); out is not
-    read, out_z is always recomputed."""
+        reverse=False, offset=None, add_dz=False):
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z) as mamba-ssm's (out_z None unless
+    ``recompute_out_z``), and doffset (None without an offset) tenth; chunk_states: what :func:`fwd`
+    returned (our checkpoints or None); out is not read; ``add_dz`` as :func:`backward`'s."""
     du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, doffset = backward(
-        u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, dout, dz, delta_softplus, reverse, chunk_states, offset)
+        u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, dout, dz, delta_softplus, reverse, chunk_states, offset,
+        add_dz, recompute_out_z)
     return du, ddelta, dA, dB.unsqueeze(1), dC.unsqueeze(1), dD, ddelta_bias, dz, out_z, doffset
