@@ -10,8 +10,8 @@ base model exactly:
     take the tensors), so it takes a ``parametrize`` delta (partial tuning) but a module wrapper
     or forward hook on it would be skipped;
   * the fused ``mamba_inner`` path (per direction, or ``mamba_inner_pair`` for both of Vim's directions
-    at once) reads conv1d, x_proj and dt_proj raw, so it
-    runs only where their weights stand for their calls: plain or parametrised (no wrapper or hook:
+    at once) reads conv1d, x_proj and dt_proj raw, so it runs only where their weights stand for
+    their calls: plain or parametrised (no wrapper or hook:
     :func:`read_as_written`), or a LoRA folded into the weight (:func:`read_as_linear`), any state
     extension and offset is read as below (:meth:`Mamba.uses_fused_inner`; affix tokens are steps it
     runs, their outputs cut off); out_proj it reads the same way where it can, and otherwise calls on
@@ -275,12 +275,12 @@ class Mamba(Mixer):
 
     def uses_fused_inner(self, xz: torch.Tensor | None = None) -> bool:
         """Whether :meth:`forward` runs the backend's fused ``mamba_inner``, once per direction, or its
-        ``mamba_inner_pair`` for both (the kernels read conv1d's, x_proj's and dt_proj's weights directly: only where no method changes
-        anything between in_proj and out_proj but through those weights or a state extension or offset
-        it reads, so no adapter, hook or parametrisation can be skipped by it; out_proj is called where
-        its weight does not stand for its call). Affix tokens are steps of xz: they run through it too. ``xz``:
-        the input, where known (a state offset fuses for the inputs the backend's function takes it
-        for: ``ScanBackend.takes_state_offset``)."""
+        ``mamba_inner_pair`` for both (the kernels read conv1d's, x_proj's and dt_proj's weights
+        directly: only where no method changes anything between in_proj and out_proj but through those
+        weights or a state extension or offset it reads, so no adapter, hook or parametrisation can be
+        skipped by it; out_proj is called where its weight does not stand for its call). Affix tokens
+        are steps of xz: they run through it too. ``xz``: the input, where known (a state offset fuses
+        for the inputs the backend's function takes it for: ``ScanBackend.takes_state_offset``)."""
         return (self.backend.mamba_inner is not None and self._offsets_fuse(xz)
                 and all(extends_projection(m) for m in self.state_extensions.values())
                 and all(read_as_written(getattr(self, d.conv1d), nn.Conv1d) and read_as_linear(getattr(self, d.x_proj))
