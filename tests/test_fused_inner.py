@@ -467,8 +467,16 @@ class _SideBySideReferenceKernels(_ReferenceScanKernels):
         return du, ddelta, dA, dB.unsqueeze(1), dC.unsqueeze(1), *rest
 
 
-def _reference_conv_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
-    return causal_conv1d_torch(x, weight, bias, "silu" if silu else None)
+def _time_order(reverse: bool):
+    """t flipped along time where ``reverse`` (a kernel run from the last step is its forward run on
+    the sequence flipped, flipped back), else as it is."""
+    return (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+
+
+def _reference_conv_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu, reverse=False):
+    """causal-conv1d's raw forward (and our Triton one's ``reverse``) from the PyTorch conv."""
+    flip = _time_order(reverse)
+    return flip(causal_conv1d_torch(flip(x), weight, bias, "silu" if silu else None))
 
 
 def _reference_conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial, silu):
@@ -622,7 +630,7 @@ def _short_scan_reference(u, delta, A, B, C, D, z, delta_bias, softplus, reverse
     step where ``reverse``, the state offset's term silu(z) C h' added."""
     from mambapeft.models.scan import state_offset_term
 
-    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+    flip = _time_order(reverse)
     out_z = flip(selective_scan_torch(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, softplus))
     return out_z + state_offset_term(C, z, offset) if offset is not None else out_z
 
@@ -680,18 +688,13 @@ class _ReferenceConvBackward:
     @classmethod
     def backward(cls, x, weight, bias, dout, dx, silu, reverse=False, add_dx=False):
         cls.calls.append((reverse, add_dx))
-        flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+        flip = _time_order(reverse)
         leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
         with torch.enable_grad():
             out = flip(causal_conv1d_torch(flip(leaves[0]), *leaves[1:], "silu" if silu else None))
             grads = torch.autograd.grad(out, [t for t in leaves if t is not None], dout)
         dx.add_(grads[0]) if add_dx else dx.copy_(grads[0])
         return dx, grads[1], grads[2] if bias is not None else None
-
-
-def _reference_conv_fwd_either_way(x, weight, bias, seq_idx, initial_states, final_states_out, silu, reverse=False):
-    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
-    return flip(causal_conv1d_torch(flip(x), weight, bias, "silu" if silu else None))
 
 
 @pytest.mark.parametrize("keep,frozen,offset", [(True, True, False), (False, False, True), (True, False, True)])
@@ -706,7 +709,7 @@ def test_both_directions_in_one_node_compute_the_two_directions_summed(monkeypat
 
     monkeypatch.setattr(scan, "scan_short", _ReferenceShortScan)
     monkeypatch.setattr(scan, "conv_bwd", _ReferenceConvBackward)
-    monkeypatch.setattr(scan, "_triton_conv_fwd", _reference_conv_fwd_either_way)
+    monkeypatch.setattr(scan, "_triton_conv_fwd", _reference_conv_fwd)
     monkeypatch.setattr(scan, "_conv_fwd_kernel", _reference_conv_fwd)
     monkeypatch.setattr(_ReferenceShortScan, "calls", [])
     monkeypatch.setattr(_ReferenceConvBackward, "calls", [])

@@ -1001,9 +1001,8 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
 def _unprojected(inner: Callable, xz: torch.Tensor, w: InnerWeights, **kwargs) -> torch.Tensor:
     """A unidirectional fused function (``mamba_inner_cuda`` or ``_torch``) on one direction's weights,
     unprojected: (B, D_inner, L)."""
-    offset = {"state_offset": w.state_offset} if w.state_offset is not None else {}
     return inner(xz, w.conv_weight, w.conv_bias, w.x_proj_weight, w.dt_proj_weight, w.dt_proj_bias, None, None,
-                 w.A, w.D, reverse=w.reverse, **offset, **kwargs)
+                 w.A, w.D, reverse=w.reverse, state_offset=w.state_offset, **kwargs)
 
 
 def mamba_inner_pair_torch(xz, first: InnerWeights, second: InnerWeights, keep_activations=False):
