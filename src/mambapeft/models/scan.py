@@ -895,7 +895,8 @@ def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_
         dx_dbl[:, rank + n:] = dC[:, 0].transpose(1, 2).flatten(0, 1)
     ddelta = _channels_major(ddelta)  # (D_inner, B*L)
     ddt_proj = ddelta @ x_dbl[:, :rank] if want_dt_proj else None
-    dx_dbl[:, :rank] = ddelta.t() @ dt_proj_weight
+    # written into its columns by the GEMM (a view of row stride R + 2N, as cuBLAS takes it), not copied there
+    torch.mm(ddelta.t().to(dx_dbl.dtype), dt_proj_weight.to(dx_dbl.dtype), out=dx_dbl[:, :rank])
     dx_proj = dx_dbl.t() @ _tokens_major(conv_out) if want_x_proj else None
     dconv_out = _channels_major(dconv_out)
     dconv_out = torch.addmm(dconv_out, x_proj_weight.t(), dx_dbl.t(), out=dconv_out)
@@ -904,27 +905,43 @@ def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_
     return [dconv_weight, dconv_bias, dx_proj, ddt_proj, dA, dD, ddelta_bias, doffset], out_z
 
 
+def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM on t runs in: autocast's where it is on for t's device, else t's."""
+    on = torch.is_autocast_enabled(t.device.type)
+    return torch.get_autocast_dtype(t.device.type) if on and t.is_floating_point() else t.dtype
+
+
+def _scaled_operand(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """weight * scale as a GEMM reads it, in ``dtype``: one kernel (the product rounded once, as autocast
+    casts the fp32 product), kept for the backward instead of scaled and cast again there."""
+    if scale == 1:
+        return weight.to(dtype)
+    return torch.mul(weight, scale, out=torch.empty(weight.shape, dtype=dtype, device=weight.device))
+
+
 class _ChannelMajorProjection(torch.autograd.Function):
     """:func:`project_channel_major`: the backward's GEMMs as :class:`_MambaInnerFn`'s projected ones."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, y, weight, bias, scale):
-        ctx.scale, ctx.bias_dtype = scale, bias.dtype if bias is not None else None
-        ctx.save_for_backward(y if weight.requires_grad else None, weight)
-        return F.linear(y.transpose(1, 2), weight * scale if scale != 1 else weight, bias)
+        ctx.scale, ctx.weight_dtype = scale, weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        operand = _scaled_operand(weight, scale, _gemm_dtype(y))
+        ctx.save_for_backward(y if weight.requires_grad else None, operand)
+        return F.linear(y.transpose(1, 2), operand, bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
-        y, weight = ctx.saved_tensors
+        y, operand = ctx.saved_tensors
         want_y, want_weight, want_bias = ctx.needs_input_grad[:3]
         rows = dout.reshape(-1, dout.shape[-1])  # (B*L, out)
         dy = dweight = dbias = None
         if want_y:  # (in, B*L) -> (B, in, L), channel-major
-            dy = _from_channels_major((weight * ctx.scale).to(rows.dtype).t() @ rows.t(), dout.shape[0])
+            dy = _from_channels_major(operand.to(rows.dtype).t() @ rows.t(), dout.shape[0])
         if want_weight:
-            dweight = ((rows.t() @ _tokens_major(y).to(rows.dtype)) * ctx.scale).to(weight.dtype)
+            dweight = ((rows.t() @ _tokens_major(y).to(rows.dtype)) * ctx.scale).to(ctx.weight_dtype)
         if want_bias:
             dbias = rows.sum(0).to(ctx.bias_dtype)
         return dy, dweight, dbias, None
@@ -968,8 +985,9 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     kernels where they all run (:func:`_reverse_in_kernels`), else on xz flipped (two copies).
     ``keep_activations``: where a backward will run, the forward keeps what the backward would
     recompute (memory for speed): the conv output and delta ((B, D_inner, L) each), and where our
-    short-sequence scan runs, its state every 8 steps (fp32: twice xz's bf16 bytes), whose recompute
-    is one of the scan backward's three passes over time (~15% of it at Vim-S). ``state_offset``: as
+    short-sequence scan runs, its state every 8 steps up to 16 states, every 4 past them
+    (``scan_short.chunk_steps``; fp32: twice xz's bf16 bytes at 16 states), whose recompute is one of
+    the scan backward's three passes over time (~15% of it at Vim-S). ``state_offset``: as
     :func:`mamba_inner_torch`'s, where our short-sequence scan runs only (:func:`takes_state_offset`)."""
     if _selective_scan_kernels is None or _conv_fwd_kernel is None:
         raise RuntimeError("The fused mixer needs mamba-ssm and causal-conv1d: install them with "

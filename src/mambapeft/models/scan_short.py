@@ -26,13 +26,20 @@ LANES = 4  # lanes per channel, each holding ceil(N / 4) of its states
 # additional-scan's extensions of it (16 + 1 in the hybrid space's "all", 16 + 6). Measured on one H200
 # against mamba-ssm's at 16, 17 and 22 (README "The short-sequence scan").
 MIN_STATES, MAX_STATES = 16, 24
-CHUNK = 8  # steps between the backward's checkpoints of the state (its shared memory holds one chunk)
 SOURCE = "scan_short.cu"
 # The longest sequence these kernels take; longer ones keep mamba-ssm's. Measured on one H200 (bf16,
 # fwd + bwd, ours vs mamba-ssm's; README "The short-sequence scan"): faster at Vim's 197 steps and at
 # 256, slower at 1,024.
 MAX_LENGTH = 256
 ENV = "MAMBAPEFT_SHORT_SCAN"  # "0": mamba-ssm's kernels at every length (A/B measurements)
+
+
+def chunk_steps(states: int) -> int:
+    """Steps between the backward's checkpoints of the state (its shared memory holds one chunk's
+    states; the kernel file's CHUNK): 8 up to 16 states, past them 4. Measured on one H200 at Vim-S's
+    shape (bf16, graph-timed): at 22 states the backward 354.5 -> 320.7 us, the forward (twice the
+    checkpoints to write) 99.0 -> 107.0; at 16 states 4 steps were slower (backward 200.4 -> 215.9)."""
+    return 8 if states <= 4 * LANES else 4
 
 
 def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: bool, has_bias: bool,
@@ -44,7 +51,8 @@ def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: boo
     the backward writes the output it recomputes)."""
     return nvrtc.defines({"NSTATE": states, "IN_BF16": in_dtype == torch.bfloat16,
                           "BC_BF16": bc_dtype == torch.bfloat16,
-                          "HAS_D": has_D, "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus, "CHUNK": CHUNK,
+                          "HAS_D": has_D, "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus,
+                          "CHUNK": chunk_steps(states),
                           "REVERSE": reverse, "HAS_OFFSET": has_offset, "ACCUMULATE": accumulate,
                           "STORES_OUT_Z": stores_out_z})
 
@@ -98,12 +106,12 @@ def _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset, accumulate=Fa
 
 
 def checkpoints(u: torch.Tensor, states: int) -> torch.Tensor:
-    """An empty tensor for the state before each chunk of CHUNK steps of u (B, D, L) with ``states``
-    states: (B, chunks, N', D) fp32, N' the lanes' padded count (multiple of 4): 64 bytes per channel and
-    chunk at N = 16 (twice a bf16 xz's bytes)."""
+    """An empty tensor for the state before each chunk of :func:`chunk_steps` steps of u (B, D, L) with
+    ``states`` states: (B, chunks, N', D) fp32, N' the lanes' padded count (multiple of 4): 64 bytes per
+    channel and chunk at N = 16 (twice a bf16 xz's bytes; at 22 states, four times)."""
     batch, channels, length = u.shape
-    padded = -(-states // LANES) * LANES
-    return torch.empty(batch, (length + CHUNK - 1) // CHUNK, padded, channels, device=u.device, dtype=torch.float32)
+    padded, chunk = -(-states // LANES) * LANES, chunk_steps(states)
+    return torch.empty(batch, (length + chunk - 1) // chunk, padded, channels, device=u.device, dtype=torch.float32)
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_states=False, offset=None,
