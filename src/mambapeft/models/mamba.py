@@ -315,11 +315,8 @@ class Mamba(Mixer):
                 xz = cat_steps(xz, tokens.flip(-1))
             else:
                 xz, first = cat_steps(tokens, xz), tokens.shape[-1]
-        w = self._inner_weights(d)
-        out = self.backend.mamba_inner(xz, w.conv_weight, w.conv_bias, w.x_proj_weight, w.dt_proj_weight,
-                                       w.dt_proj_bias, self.out_proj.weight if project else None, out_bias,
-                                       w.A, w.D, reverse=w.reverse, keep_activations=self.keep_activations,
-                                       **({"state_offset": w.state_offset} if w.state_offset is not None else {}))
+        out = self._inner_weights(d).run(self.backend.mamba_inner, xz, self.out_proj.weight if project else None,
+                                         out_bias, keep_activations=self.keep_activations)
         return steps_of(out, 1 if project else -1, first, length)  # xz's steps
 
     def _inner_weights(self, d: Direction) -> InnerWeights:

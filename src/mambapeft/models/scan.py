@@ -759,6 +759,17 @@ class InnerWeights:
     reverse: bool = False
     state_offset: torch.Tensor | None = None
 
+    def run(self, inner: Callable, xz: torch.Tensor, out_proj_weight: torch.Tensor | None = None,
+            out_proj_bias: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """A unidirectional fused function (a backend's ``mamba_inner``: :func:`mamba_inner_cuda`,
+        :func:`mamba_inner_torch`) on this direction's weights, projected by out_proj's where given, else
+        (B, D_inner, L); the state offset passed only where there is one (a backend's function without
+        offsets need not take the argument)."""
+        offset = {"state_offset": self.state_offset} if self.state_offset is not None else {}
+        return inner(xz, self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight,
+                     self.dt_proj_bias, out_proj_weight, out_proj_bias, self.A, self.D, reverse=self.reverse,
+                     **offset, **kwargs)
+
     def function_inputs(self) -> tuple:
         """The direction's tensors as :class:`_MambaInnerFn` takes them (``_PER_DIRECTION``, in its order)."""
         return (self.conv_weight.squeeze(1), self.conv_bias, self.x_proj_weight, self.dt_proj_weight, self.A.float(),
@@ -1016,17 +1027,10 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     return steps_of(out, _time_dim(out_proj_weight), 0, steps)  # cut where padded
 
 
-def _unprojected(inner: Callable, xz: torch.Tensor, w: InnerWeights, **kwargs) -> torch.Tensor:
-    """A unidirectional fused function (``mamba_inner_cuda`` or ``_torch``) on one direction's weights,
-    unprojected: (B, D_inner, L)."""
-    return inner(xz, w.conv_weight, w.conv_bias, w.x_proj_weight, w.dt_proj_weight, w.dt_proj_bias, None, None,
-                 w.A, w.D, reverse=w.reverse, state_offset=w.state_offset, **kwargs)
-
-
 def mamba_inner_pair_torch(xz, first: InnerWeights, second: InnerWeights, keep_activations=False):
     """Reference of :func:`mamba_inner_pair_cuda`: the two directions' :func:`mamba_inner_torch`,
     unprojected, summed."""
-    return _unprojected(mamba_inner_torch, xz, first) + _unprojected(mamba_inner_torch, xz, second)
+    return first.run(mamba_inner_torch, xz) + second.run(mamba_inner_torch, xz)
 
 
 def _adds_in_kernels(xz: torch.Tensor, w: InnerWeights) -> bool:
@@ -1042,8 +1046,8 @@ def mamba_inner_pair_cuda(xz, first: InnerWeights, second: InnerWeights, keep_ac
     first's, :class:`_MambaInnerFn`), else :func:`mamba_inner_cuda` per direction, summed.
     ``keep_activations`` as :func:`mamba_inner_cuda`'s."""
     if not (_adds_in_kernels(xz, first) and _adds_in_kernels(xz, second)):
-        return (_unprojected(mamba_inner_cuda, xz, first, keep_activations=keep_activations)
-                + _unprojected(mamba_inner_cuda, xz, second, keep_activations=keep_activations))
+        return (first.run(mamba_inner_cuda, xz, keep_activations=keep_activations)
+                + second.run(mamba_inner_cuda, xz, keep_activations=keep_activations))
     inputs = (*first.function_inputs(), *second.function_inputs())
     keep = keep_activations and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xz, *inputs))
     return _MambaInnerFn.apply(xz, None, None, (first.reverse, second.reverse), keep, *inputs)
@@ -1111,8 +1115,9 @@ def split_conv1d_scan_cuda(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_
 class ScanBackend:
     """A consistent set of kernels; ``name`` is recorded in every run's metrics.json.
     ``mamba_inner``, where set, replaces a plain Mamba-1 mixer's conv-to-out_proj chain, once per
-    direction; ``mamba_inner_pair``, where set, both of a bidirectional one's at once (xz shared); ``chunk_scan`` is Mamba-2's scan (SSD); ``split_conv1d_scan``, where set, replaces a
-    plain Mamba-2 mixer's chain after in_proj; ``state_step`` is Mamba-1's generation step.
+    direction; ``mamba_inner_pair``, where set, both of a bidirectional one's at once (xz shared);
+    ``chunk_scan`` is Mamba-2's scan (SSD); ``split_conv1d_scan``, where set, replaces a plain Mamba-2
+    mixer's chain after in_proj; ``state_step`` is Mamba-1's generation step.
     ``conv_update`` (the conv step in place), where set, gives a generation step mamba_ssm's kernel
     sequence (``Mamba.uses_step_kernels``); ``add_rms_norm``, where set, is every block's residual
     add + RMSNorm, in training and generation (``models/mamba.py: add_and_norm``). Both read weights
