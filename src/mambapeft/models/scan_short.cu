@@ -15,8 +15,10 @@
 // shared memory, then one global atomic per (state, step).
 //
 // Per-step work of a channel (softplus, the gate and their gradients) is done once per (channel, step)
-// by the whole block before and after the recurrence, into and out of fp32 tiles (one float4 a (step,
-// channel): a lane reads a step's inputs in one access).
+// by the thread that read the step from global memory, before the recurrence (into an fp32 tile, one
+// float4 a (step, channel): a lane reads a step's inputs in one access), and by the thread that stores
+// it, after: no pass over shared tiles in between (at Vim-S's shape, one H200: the forward 65.8 -> 61.6
+// us, the backward 209.4 -> 192.9, with the backward's reads below).
 //
 // The backward needs each step's state in reverse order. It walks the chunks of CHUNK steps from the
 // last: recomputes the chunk's states from the state before it (its checkpoint) into shared memory,
@@ -93,11 +95,14 @@ __device__ __forceinline__ float silu(float z) { return z / (1.f + expf(-z)); }
 
 #define PAD (4 / (int)sizeof(in_t))  // a tile's row padded by one bank: a column's elements in 32 banks
 typedef in_t tile_t[TILE][CHANNELS + PAD];   // [step][channel], the sequences' dtype
-typedef float4 qtile_t[TILE][CHANNELS];      // [step][channel]: four fp32 values, one 16-byte access
+// [step][channel]: four fp32 values, one 16-byte access; rows padded by one: a channel's steps (the
+// backward's reads mapping, its walk's four steps at once) in distinct banks
+typedef float4 qtile_t[TILE][CHANNELS + 1];
 
-// A tile's elements are read from global memory into registers a tile ahead of their use (the next
-// tile's while the current one is computed: the read's latency, not the arithmetic, bounded the
-// kernels), then put into shared memory. Thread i holds step i % TILE of channels i / TILE, + 8, ...
+// The forward reads a tile's elements from global memory into registers a tile ahead of their use (the
+// next tile's while the current one is computed: the read's latency, not the arithmetic, bounded it);
+// the backward at the tile's start (see there). Thread i holds step i % TILE of channels i / TILE, + 8, ...
+// (the reads' mapping)
 #define TILE_ROWS (CHANNELS * TILE / THREADS)   // 4 channels' elements per thread
 #define STATE_ROWS ((NPAD * TILE + THREADS - 1) / THREADS)  // 2 states' elements per thread at N = 16
 #define ROW(i) ((int)threadIdx.x / TILE + (i) * (THREADS / TILE))
@@ -116,22 +121,6 @@ __device__ __forceinline__ void put(tile_t& tile, const in_t (&v)[TILE_ROWS]) {
     for (int i = 0; i < TILE_ROWS; ++i) tile[threadIdx.x % TILE][ROW(i)] = v[i];
 }
 
-// add: the tile added to what rows hold, rounded once more to the sequences' dtype (as PyTorch adds the
-// two tensors: the sum of a Vim block's two directions, ACCUMULATE); every read issued before the first
-// store (the compiler keeps a store before a read it cannot prove elsewhere: one round trip a row)
-template <bool add = false>
-__device__ __forceinline__ void store_tile(in_t* rows, const tile_t& tile, int channel_stride, int channels_left,
-                                           int t0, int length) {
-    const int k = threadIdx.x % TILE, t = t0 + k;
-    in_t held[TILE_ROWS];
-    if (add) fetch(held, rows, channel_stride, channels_left, t0, length);
-#pragma unroll
-    for (int i = 0; i < TILE_ROWS; ++i) {
-        const in_t value = add ? to_in(to_float(held[i]) + to_float(tile[k][ROW(i)])) : tile[k][ROW(i)];
-        if (ROW(i) < channels_left && t < length) rows[(long long)ROW(i) * channel_stride + at(t, length)] = value;
-    }
-}
-
 // B or C: a state's TILE steps per access (one row at a unit time stride; the fused function's are
 // 2N + R apart in x_proj's output, a tile's few cached lines); into shared memory as [step][state] floats
 __device__ __forceinline__ void fetch_states(bc_t (&v)[STATE_ROWS], const bc_t* from, int state_stride, int time_stride,
@@ -148,15 +137,44 @@ __device__ __forceinline__ void put_states(float (*to)[NPAD], const bc_t (&v)[ST
         if (ROW(i) < NPAD) to[threadIdx.x % TILE][ROW(i)] = to_float(v[i]);
 }
 
-// The per-(step, channel) passes: thread i takes channel i % 32 (its `column`) at steps i / 32, + 4, ...
-#define COLUMN (threadIdx.x % CHANNELS)
-#define FOR_COLUMN_STEPS(k) _Pragma("unroll") for (int k = threadIdx.x / CHANNELS; k < TILE; k += THREADS / CHANNELS)
+// The per-(step, channel) work is done in the reads' mapping (thread i: step i % TILE of channels
+// ROW(0), ROW(1), ...), from the registers the reads filled and into the stores: no pass over the tiles
+// in between (three fewer shared-memory round trips an element and two barriers a tile in the backward)
 
-// dt = softplus(delta + bias) and dt u of every step of the tile, into .x and .y
-__device__ __forceinline__ void step_sizes(qtile_t& q, const tile_t& u, const tile_t& delta, float bias) {
-    FOR_COLUMN_STEPS(k) {
-        const float d = step_size(to_float(delta[k][COLUMN]) + bias);
-        *reinterpret_cast<float2*>(&q[k][COLUMN]) = make_float2(d, d * to_float(u[k][COLUMN]));
+// per channel of the block, read once: `from`'s value (delta_bias, D), or 0 without it
+__device__ __forceinline__ void channel_values(float* to, const float* from, bool has, int c0, int channels) {
+    if ((int)threadIdx.x < CHANNELS) to[threadIdx.x] = has ? from[min(c0 + (int)threadIdx.x, channels - 1)] : 0.f;
+}
+
+// dt = softplus(delta + bias) and dt u of the (step, channel) pairs the thread read, into .x and .y
+__device__ __forceinline__ void put_step_sizes(qtile_t& q, const in_t (&u)[TILE_ROWS], const in_t (&delta)[TILE_ROWS],
+                                               const float* bias) {
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS; ++i) {
+        const float dt = step_size(to_float(delta[i]) + bias[ROW(i)]);
+        *reinterpret_cast<float2*>(&q[threadIdx.x % TILE][ROW(i)]) = make_float2(dt, dt * to_float(u[i]));
+    }
+}
+
+// the forward's output of the tile: y = the sum over states (q's .y) + D u, times silu(z) with z,
+// stored; with ACCUMULATE added to what `rows` holds, rounded once more (as PyTorch adds a Vim block's
+// two directions; every read issued before the first store: the compiler keeps a store before a read it
+// cannot prove elsewhere)
+__device__ __forceinline__ void store_outputs(in_t* rows, int channel_stride, int left, int t0, int length,
+                                              const qtile_t& q, const tile_t& u_tile, const tile_t& z_tile,
+                                              const float* D) {
+    const int k = threadIdx.x % TILE, t = t0 + k;
+    in_t held[TILE_ROWS];
+    if (ACCUMULATE) fetch(held, rows, channel_stride, left, t0, length);
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS; ++i) {
+        const int ch = ROW(i);
+        if (ch >= left || t >= length) continue;
+        const float y = q[k][ch].y + D[ch] * to_float(u_tile[k][ch]);
+        const in_t value = to_in(HAS_Z ? y * silu(to_float(z_tile[k][ch])) : y);
+        // __fadd_rn: never fused with value's product (fp32: to_in rounds nothing)
+        rows[ch * (long long)channel_stride + at(t, length)] =
+            ACCUMULATE ? to_in(__fadd_rn(to_float(held[i]), to_float(value))) : value;
     }
 }
 
@@ -194,18 +212,85 @@ __device__ __forceinline__ float warp_channel_sums(float (&v)[8]) {
     return v[0];
 }
 
+// v[i]: this thread's term of channel ROW(i) at its step (the reads' mapping below), summed over the
+// tile's steps (the half-warp's 16 lanes) and added to sums[channel] by one lane per channel (no atomics)
+__device__ __forceinline__ void add_column_sums(float* sums, float (&v)[TILE_ROWS]) {
+    static_assert(TILE == 16 && TILE_ROWS == 4, "a half-warp's steps, four channels a thread");
+    fold<8, 2>(v); fold<4, 1>(v);  // lane l left entry 2 (l >> 3 & 1) + (l >> 2 & 1), over 4 lanes
+    v[0] += __shfl_xor_sync(FULL_MASK, v[0], 2);
+    v[0] += __shfl_xor_sync(FULL_MASK, v[0], 1);
+    if (threadIdx.x % 4 == 0) sums[ROW((threadIdx.x >> 3 & 1) * 2 + (threadIdx.x >> 2 & 1))] += v[0];
+}
+
+// what the backward's walk reads of each (step, channel) the thread read, (dt, dt u, d loss / d y, u),
+// into q; d loss / d D's terms into dD_sums
+__device__ __forceinline__ void step_inputs(qtile_t& q, float* dD_sums, const in_t (&u)[TILE_ROWS],
+                                            const in_t (&delta)[TILE_ROWS],
+                                            const in_t (&dout)[TILE_ROWS], const in_t (&z)[TILE_ROWS],
+                                            const float* bias) {
+    const int k = threadIdx.x % TILE;
+    float dD[TILE_ROWS];
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS; ++i) {  // zeros past the last channel and step: dy 0, no sums
+        const int ch = ROW(i);
+        const float u_t = to_float(u[i]), dt = step_size(to_float(delta[i]) + bias[ch]);
+        float dy = to_float(dout[i]);
+        if (HAS_Z) dy *= silu(to_float(z[i]));  // out_z = y silu(z)
+        q[k][ch] = make_float4(dt, dt * u_t, dy, u_t);
+        dD[i] = dy * u_t;
+    }
+    if (HAS_D) add_column_sums(dD_sums, dD);
+}
+
+// the tile's du (du_tile, from the walk), ddelta (through softplus: d loss / d (delta + bias)), dz and
+// out_z (from q's y), stored; d loss / d delta_bias's terms into dbias_sums. With ACCUMULATE, dz added to
+// what it holds (every read issued before the first store: the compiler keeps a store before a read it
+// cannot prove elsewhere)
+__device__ __forceinline__ void store_gradients(in_t* du, in_t* ddelta, in_t* dz, in_t* out_z, int du_sc, int ddelta_sc,
+                                                int dz_sc, int out_z_sc, int left, int t0, int length, const qtile_t& q,
+                                                const tile_t& du_tile, const tile_t& delta_tile, const tile_t& dout_tile,
+                                                const tile_t& z_tile, float* dbias_sums, const float* bias) {
+    const int k = threadIdx.x % TILE, t = t0 + k;
+    in_t held[TILE_ROWS];
+    if (HAS_Z && ACCUMULATE) fetch(held, dz, dz_sc, left, t0, length);
+    float dbias[TILE_ROWS];
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS; ++i) {
+        const int ch = ROW(i);
+        const bool stored = ch < left && t < length;
+        const float4 s = q[k][ch];  // d loss / d dt, _, y (with z), _
+        const float raw = to_float(delta_tile[k][ch]) + bias[ch];
+        float ddt = s.x;
+#if SOFTPLUS
+        if (raw <= 20.f) ddt *= 1.f / (1.f + expf(-raw));
+#endif
+        dbias[i] = stored ? ddt : 0.f;
+        if (!stored) continue;
+        const long long at_t = at(t, length);
+        du[ch * (long long)du_sc + at_t] = du_tile[k][ch];
+        ddelta[ch * (long long)ddelta_sc + at_t] = to_in(ddt);
+        if (HAS_Z) {  // out_z = y silu(z)
+            const float z_t = to_float(z_tile[k][ch]), sig = sigmoid(z_t), y = s.z;
+            const in_t dz_t = to_in(y * (to_float(dout_tile[k][ch]) * sig * (1.f + z_t * (1.f - sig))));
+            // __fadd_rn: never fused with dz_t's product (fp32: to_in rounds nothing), as PyTorch adds the two
+            dz[ch * (long long)dz_sc + at_t] = ACCUMULATE ? to_in(__fadd_rn(to_float(held[i]), to_float(dz_t))) : dz_t;
+            if (STORES_OUT_Z) out_z[ch * (long long)out_z_sc + at_t] = to_in(y * silu(z_t));
+        }
+    }
+    if (HAS_BIAS) add_column_sums(dbias_sums, dbias);
+}
+
 // whether state s of the lane of state group `group` is one of the NSTATE (not padding)
 #define REAL_STATE(group, s) (NPAD == NSTATE || (group) * OWN + (s) < NSTATE)
 
 // the block's sequence pointers: batch b, its first channel
 #define ROWS(ptr, name) ptr + (long long)b * name##_sb + (long long)c0 * name##_sc
 
-// what every kernel starts with: the thread's channel (slot) and state group, its column's bias
+// what every kernel starts with: the thread's channel (slot) and state group, its states' A and offset
 #define THREAD_SETUP                                                                                  \
     const int b = blockIdx.y, c0 = blockIdx.x * CHANNELS, left = channels - c0;                       \
     const int slot = threadIdx.x / LANES, group = threadIdx.x % LANES;                                \
     const int c = min(c0 + slot, channels - 1); /* past the last channel: its values, never stored */ \
-    const int column_channel = min(c0 + (int)COLUMN, channels - 1);                                   \
     Bm += (long long)b * B_sb;                                                                        \
     Cm += (long long)b * C_sb;                                                                        \
     float A2[OWN], h[OWN], off[OWN];                                                                  \
@@ -214,8 +299,7 @@ __device__ __forceinline__ float warp_channel_sums(float (&v)[8]) {
         A2[s] = real ? A[c * NSTATE + group * OWN + s] * LOG2E : 0.f;                                 \
         off[s] = HAS_OFFSET && real ? offset[c * NSTATE + group * OWN + s] : 0.f;                     \
         h[s] = 0.f;                                                                                   \
-    }                                                                                                 \
-    const float bias_col = HAS_BIAS ? delta_bias[column_channel] : 0.f;
+    }
 
 // The backward's recomputed states of one chunk, per step and thread: a lane's four in one 16-byte
 // access (four 4-byte ones: ~3% slower); past four, one 4-byte access a state
@@ -263,11 +347,13 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
          int channels, int length, int keep_states,
          int u_sb, int u_sc, int delta_sb, int delta_sc, int z_sb, int z_sc,
          int B_sb, int B_sn, int B_sl, int C_sb, int C_sn, int C_sl, int out_sb, int out_sc, int out_z_sb, int out_z_sc) {
-    __shared__ tile_t u_tile, delta_tile, z_tile;  // u's tile then takes y, z's y silu(z)
+    __shared__ tile_t u_tile, z_tile;
     __shared__ qtile_t steps;  // per (step, channel): dt, dt u (then the sum over states of C h)
     __shared__ float Bs[TILE][NPAD], Cs[TILE][NPAD];
+    __shared__ float bias_s[CHANNELS], D_s[CHANNELS];
     THREAD_SETUP
-    const float D_col = HAS_D ? Dskip[column_channel] : 0.f;
+    channel_values(bias_s, delta_bias, HAS_BIAS, c0, channels);  // read before the first tile's barriers
+    channel_values(D_s, Dskip, HAS_D, c0, channels);
     u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z);
     out = ROWS(out, out); out_z = ROWS(out_z, out_z);
     float* checkpoint = CHECKPOINTS(ckpt);
@@ -280,8 +366,9 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     fetch_states(B_next, Bm, B_sn, B_sl, 0, length);
     fetch_states(C_next, Cm, C_sn, C_sl, 0, length);
     for (int t0 = 0; t0 < length; t0 += TILE) {
-        __syncthreads();
-        put(u_tile, u_next); put(delta_tile, delta_next);
+        __syncthreads();  // the last tile's output is stored
+        put_step_sizes(steps, u_next, delta_next, bias_s);
+        put(u_tile, u_next);
         if (HAS_Z) put(z_tile, z_next);
         put_states(Bs, B_next); put_states(Cs, C_next);
         __syncthreads();
@@ -290,8 +377,6 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
         if (HAS_Z) fetch(z_next, z, z_sc, left, t0 + TILE, length);
         fetch_states(B_next, Bm, B_sn, B_sl, t0 + TILE, length);
         fetch_states(C_next, Cm, C_sn, C_sl, t0 + TILE, length);
-        step_sizes(steps, u_tile, delta_tile, bias_col);
-        __syncthreads();
         // the tile's steps, four at a time: their y summed over the channel's lanes at once (the steps'
         // shared-memory reads then move ahead of the sums: 5% of the forward at Vim-S, 9% at 22
         // states, with the float4 tile); full: all before the end
@@ -323,17 +408,8 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
         if (t0 + TILE <= length) walk(Flag<true>());
         else walk(Flag<false>());
         __syncthreads();
-        FOR_COLUMN_STEPS(k) {
-            const float y = steps[k][COLUMN].y + D_col * to_float(u_tile[k][COLUMN]);
-            u_tile[k][COLUMN] = to_in(y);
-            if (HAS_Z) {
-                const float z_t = to_float(z_tile[k][COLUMN]);
-                z_tile[k][COLUMN] = to_in(y * silu(z_t));
-            }
-        }
-        __syncthreads();
-        if (HAS_Z) store_tile<ACCUMULATE>(out_z, z_tile, out_z_sc, left, t0, length);
-        else store_tile<ACCUMULATE>(out, u_tile, out_sc, left, t0, length);  // y itself is the output (with z, unstored)
+        if (HAS_Z) store_outputs(out_z, out_z_sc, left, t0, length, steps, u_tile, z_tile, D_s);
+        else store_outputs(out, out_sc, left, t0, length, steps, u_tile, z_tile, D_s);  // y itself the output
     }
 }
 
@@ -365,7 +441,12 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     // per warp and step of a chunk: dB then dC, summed over the warp's channels (plain stores: a float
     // atomic add to shared memory is a compare-and-swap loop)
     __shared__ float sums[WARPS][CHUNK][SUMS_ROW];
+    // per channel: delta_bias, and the block's sums of d loss / d D and d loss / d delta_bias
+    __shared__ float bias_s[CHANNELS], column_sums[2][CHANNELS];
     THREAD_SETUP
+    channel_values(bias_s, delta_bias, HAS_BIAS, c0, channels);  // read and zeroed before the first barriers
+    channel_values(column_sums[0], nullptr, false, c0, channels);
+    channel_values(column_sums[1], nullptr, false, c0, channels);
     const float D_c = HAS_D ? Dskip[c] : 0.f;
     // after a round's butterfly, lane l holds entry l / LANES of state group l % LANES: dB (entries < 4) or
     // dC of the group's state 4 round + entry % 4 (sum_slot + 4 round)
@@ -389,13 +470,11 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     fetch_states(B_next, Bm, B_sn, B_sl, 0, length);
     for (int t0 = 0; !states_given && t0 + CHUNK < length; t0 += TILE) {
         __syncthreads();
-        put(u_tile, u_next); put(delta_tile, delta_next); put_states(Bs, B_next);
+        put_step_sizes(steps, u_next, delta_next, bias_s); put_states(Bs, B_next);
         __syncthreads();
         fetch(u_next, u, u_sc, left, t0 + TILE, length);
         fetch(delta_next, delta, delta_sc, left, t0 + TILE, length);
         fetch_states(B_next, Bm, B_sn, B_sl, t0 + TILE, length);
-        step_sizes(steps, u_tile, delta_tile, bias_col);
-        __syncthreads();
 #pragma unroll
         for (int k = 0; k < TILE; ++k) {
             if (t0 + k >= length) break;
@@ -412,23 +491,19 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     float g[OWN], decay[OWN], dA_c[OWN], doff[OWN];  // doff: d loss / d h', over the channel's steps
 #pragma unroll
     for (int s = 0; s < OWN; ++s) { g[s] = 0.f; decay[s] = 1.f; dA_c[s] = 0.f; doff[s] = 0.f; }
-    float dD_col = 0.f, dbias_col = 0.f;  // this thread's column's, over its steps
-    const bool column_active = (int)COLUMN < left;
-    in_t dout_next[TILE_ROWS], z_next[TILE_ROWS];
-    bc_t C_next[STATE_ROWS];
     const int last = (length - 1) / TILE * TILE;
-    fetch(u_next, u, u_sc, left, last, length);
-    fetch(delta_next, delta, delta_sc, left, last, length);
-    fetch(dout_next, dout, dout_sc, left, last, length);
-    if (HAS_Z) fetch(z_next, z, z_sc, left, last, length);
-    fetch_states(B_next, Bm, B_sn, B_sl, last, length);
-    fetch_states(C_next, Cm, C_sn, C_sl, last, length);
     for (int t0 = last; t0 >= 0; t0 -= TILE) {
-        __syncthreads();
-        put(u_tile, u_next); put(delta_tile, delta_next); put(dout_tile, dout_next);
-        if (HAS_Z) put(z_tile, z_next);
-        put_states(Bs, B_next); put_states(Cs, C_next);
-        __syncthreads();
+        // the tile's inputs, read here and not a tile ahead: held through the tile, 16 states' 80
+        // registers spilled them (the stores waited for the reads anyway: 208.4 -> 199.7 us at Vim-S's
+        // shape, one H200); in flight while the block waits for the last tile's stores
+        in_t u_in[TILE_ROWS], delta_in[TILE_ROWS], dout_in[TILE_ROWS], z_in[TILE_ROWS];
+        bc_t B_in[STATE_ROWS], C_in[STATE_ROWS];
+        fetch(u_in, u, u_sc, left, t0, length);
+        fetch(delta_in, delta, delta_sc, left, t0, length);
+        fetch(dout_in, dout, dout_sc, left, t0, length);
+        if (HAS_Z) fetch(z_in, z, z_sc, left, t0, length);
+        fetch_states(B_in, Bm, B_sn, B_sl, t0, length);
+        fetch_states(C_in, Cm, C_sn, C_sl, t0, length);
         float start[TILE / CHUNK][OWN];  // the state before each of the tile's chunks
 #pragma unroll
         for (int first = 0; first < TILE; first += CHUNK) {
@@ -437,15 +512,11 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                 start[first / CHUNK][s] = t0 + first > 0 && t0 + first < length
                     ? checkpoint[((long long)((t0 + first) / CHUNK) * NPAD + s) * channels] : 0.f;
         }
-        step_sizes(steps, u_tile, delta_tile, bias_col);
-        FOR_COLUMN_STEPS(k) {
-            const float dout_t = to_float(dout_tile[k][COLUMN]), u_t = to_float(u_tile[k][COLUMN]);
-            float dy = dout_t;
-            if (HAS_Z) dy *= silu(to_float(z_tile[k][COLUMN]));  // out_z = y silu(z)
-            dy = column_active ? dy : 0.f;  // a channel past the last adds nothing to the sums over channels
-            *reinterpret_cast<float2*>(&steps[k][COLUMN].z) = make_float2(dy, u_t);
-            dD_col += dy * u_t;  // zero past the end (u and dout are)
-        }
+        __syncthreads();  // the last tile's gradients are stored
+        put_states(Bs, B_in); put_states(Cs, C_in);
+        put(delta_tile, delta_in); put(dout_tile, dout_in);
+        if (HAS_Z) put(z_tile, z_in);
+        step_inputs(steps, column_sums[0], u_in, delta_in, dout_in, z_in, bias_s);
         __syncthreads();
 #pragma unroll
         for (int first = TILE - CHUNK; first >= 0; first -= CHUNK) {  // the tile's chunks, from the last
@@ -557,37 +628,8 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             }
             __syncthreads();  // read before the next chunk's steps overwrite them
         }
-        // the tile before, read while this one's gradients are finished and stored (read before the
-        // chunks, its registers were live through them: spilled, and ~4% slower at Vim-S)
-        if (t0 > 0) {
-            fetch(u_next, u, u_sc, left, t0 - TILE, length);
-            fetch(delta_next, delta, delta_sc, left, t0 - TILE, length);
-            fetch(dout_next, dout, dout_sc, left, t0 - TILE, length);
-            if (HAS_Z) fetch(z_next, z, z_sc, left, t0 - TILE, length);
-            fetch_states(B_next, Bm, B_sn, B_sl, t0 - TILE, length);
-            fetch_states(C_next, Cm, C_sn, C_sl, t0 - TILE, length);
-        }
-        FOR_COLUMN_STEPS(k) {  // through softplus: d loss / d (delta + bias)
-            const float raw = to_float(delta_tile[k][COLUMN]) + bias_col;
-            float ddt = steps[k][COLUMN].x;
-#if SOFTPLUS
-            if (raw <= 20.f) ddt *= 1.f / (1.f + expf(-raw));
-#endif
-            delta_tile[k][COLUMN] = to_in(ddt);
-            if (t0 + k < length) dbias_col += ddt;
-            if (HAS_Z) {  // out_z = y silu(z)
-                const float z_t = to_float(z_tile[k][COLUMN]), sig = sigmoid(z_t), y = steps[k][COLUMN].z;
-                z_tile[k][COLUMN] = to_in(y * (to_float(dout_tile[k][COLUMN]) * sig * (1.f + z_t * (1.f - sig))));
-                dout_tile[k][COLUMN] = to_in(y * silu(z_t));
-            }
-        }
-        __syncthreads();
-        store_tile(du, u_tile, du_sc, left, t0, length);
-        store_tile(ddelta, delta_tile, ddelta_sc, left, t0, length);
-        if (HAS_Z) {
-            store_tile<ACCUMULATE>(dz, z_tile, dz_sc, left, t0, length);
-            if (STORES_OUT_Z) store_tile(out_z, dout_tile, out_z_sc, left, t0, length);
-        }
+        store_gradients(du, ddelta, dz, out_z, du_sc, ddelta_sc, dz_sc, out_z_sc, left, t0, length, steps, u_tile,
+                        delta_tile, dout_tile, z_tile, column_sums[1], bias_s);
     }
     if (slot < left) {
 #pragma unroll
@@ -597,8 +639,9 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             if (HAS_OFFSET) atomicAdd(doffset + (c0 + slot) * NSTATE + group * OWN + s, doff[s]);
         }
     }
-    if (column_active) {
-        if (HAS_D) atomicAdd(dD + c0 + COLUMN, dD_col);
-        if (HAS_BIAS) atomicAdd(ddelta_bias + c0 + COLUMN, dbias_col);
+    __syncthreads();
+    if ((int)threadIdx.x < min(CHANNELS, left)) {
+        if (HAS_D) atomicAdd(dD + c0 + threadIdx.x, column_sums[0][threadIdx.x]);
+        if (HAS_BIAS) atomicAdd(ddelta_bias + c0 + threadIdx.x, column_sums[1][threadIdx.x]);
     }
 }
