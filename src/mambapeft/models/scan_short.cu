@@ -445,8 +445,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     __shared__ float bias_s[CHANNELS], column_sums[2][CHANNELS];
     THREAD_SETUP
     channel_values(bias_s, delta_bias, HAS_BIAS, c0, channels);  // read and zeroed before the first barriers
-    channel_values(column_sums[0], nullptr, false, c0, channels);
-    channel_values(column_sums[1], nullptr, false, c0, channels);
+    if ((int)threadIdx.x < CHANNELS) column_sums[0][threadIdx.x] = column_sums[1][threadIdx.x] = 0.f;
     const float D_c = HAS_D ? Dskip[c] : 0.f;
     // after a round's butterfly, lane l holds entry l / LANES of state group l % LANES: dB (entries < 4) or
     // dC of the group's state 4 round + entry % 4 (sum_slot + 4 round)
@@ -493,9 +492,9 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     for (int s = 0; s < OWN; ++s) { g[s] = 0.f; decay[s] = 1.f; dA_c[s] = 0.f; doff[s] = 0.f; }
     const int last = (length - 1) / TILE * TILE;
     for (int t0 = last; t0 >= 0; t0 -= TILE) {
-        // the tile's inputs, read here and not a tile ahead: held through the tile, 16 states' 80
-        // registers spilled them (the stores waited for the reads anyway: 208.4 -> 199.7 us at Vim-S's
-        // shape, one H200); in flight while the block waits for the last tile's stores
+        // the tile's inputs, read here and not a tile ahead: held through the tile, they were spilled
+        // right after the reads (80 registers at 16 states), the spill stores waiting for them (this alone:
+        // 208.4 -> 199.7 us at Vim-S's shape, one H200); in flight while the block waits at the barrier
         in_t u_in[TILE_ROWS], delta_in[TILE_ROWS], dout_in[TILE_ROWS], z_in[TILE_ROWS];
         bc_t B_in[STATE_ROWS], C_in[STATE_ROWS];
         fetch(u_in, u, u_sc, left, t0, length);
