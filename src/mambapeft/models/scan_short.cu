@@ -146,20 +146,28 @@ __device__ __forceinline__ void channel_values(float* to, const float* from, boo
     if ((int)threadIdx.x < CHANNELS) to[threadIdx.x] = has ? from[min(c0 + (int)threadIdx.x, channels - 1)] : 0.f;
 }
 
-// dt = softplus(delta + bias) and dt u of the (step, channel) pairs the thread read, into .x and .y
+// (dt, dt u) of one (step, channel): dt = softplus(delta + bias); the forward's and the backward's alike,
+// so the backward recomputes the forward's states bit for bit
+__device__ __forceinline__ float2 dt_dtu_of(float delta, float u, float bias) {
+    const float dt = step_size(delta + bias);
+    return make_float2(dt, dt * u);
+}
+
+// a Vim block's second direction added to what the first stored, rounded once more as PyTorch adds the
+// two (ACCUMULATE); __fadd_rn: never fused with the product that made `value` (fp32: to_in rounds nothing)
+__device__ __forceinline__ in_t added(in_t held, in_t value) { return to_in(__fadd_rn(to_float(held), to_float(value))); }
+
+// (dt, dt u) of the (step, channel) pairs the thread read, into .x and .y
 __device__ __forceinline__ void put_step_sizes(qtile_t& q, const in_t (&u)[TILE_ROWS], const in_t (&delta)[TILE_ROWS],
                                                const float* bias) {
 #pragma unroll
-    for (int i = 0; i < TILE_ROWS; ++i) {
-        const float dt = step_size(to_float(delta[i]) + bias[ROW(i)]);
-        *reinterpret_cast<float2*>(&q[threadIdx.x % TILE][ROW(i)]) = make_float2(dt, dt * to_float(u[i]));
-    }
+    for (int i = 0; i < TILE_ROWS; ++i)
+        *reinterpret_cast<float2*>(&q[threadIdx.x % TILE][ROW(i)]) = dt_dtu_of(to_float(delta[i]), to_float(u[i]), bias[ROW(i)]);
 }
 
 // the forward's output of the tile: y = the sum over states (q's .y) + D u, times silu(z) with z,
-// stored; with ACCUMULATE added to what `rows` holds, rounded once more (as PyTorch adds a Vim block's
-// two directions; every read issued before the first store: the compiler keeps a store before a read it
-// cannot prove elsewhere)
+// stored; with ACCUMULATE added to what `rows` holds (`added`; every read issued before the first
+// store: the compiler keeps a store before a read it cannot prove elsewhere)
 __device__ __forceinline__ void store_outputs(in_t* rows, int channel_stride, int left, int t0, int length,
                                               const qtile_t& q, const tile_t& u_tile, const tile_t& z_tile,
                                               const float* D) {
@@ -172,9 +180,7 @@ __device__ __forceinline__ void store_outputs(in_t* rows, int channel_stride, in
         if (ch >= left || t >= length) continue;
         const float y = q[k][ch].y + D[ch] * to_float(u_tile[k][ch]);
         const in_t value = to_in(HAS_Z ? y * silu(to_float(z_tile[k][ch])) : y);
-        // __fadd_rn: never fused with value's product (fp32: to_in rounds nothing)
-        rows[ch * (long long)channel_stride + at(t, length)] =
-            ACCUMULATE ? to_in(__fadd_rn(to_float(held[i]), to_float(value))) : value;
+        rows[ch * (long long)channel_stride + at(t, length)] = ACCUMULATE ? added(held[i], value) : value;
     }
 }
 
@@ -233,10 +239,11 @@ __device__ __forceinline__ void step_inputs(qtile_t& q, float* dD_sums, const in
 #pragma unroll
     for (int i = 0; i < TILE_ROWS; ++i) {  // zeros past the last channel and step: dy 0, no sums
         const int ch = ROW(i);
-        const float u_t = to_float(u[i]), dt = step_size(to_float(delta[i]) + bias[ch]);
+        const float u_t = to_float(u[i]);
+        const float2 step = dt_dtu_of(to_float(delta[i]), u_t, bias[ch]);
         float dy = to_float(dout[i]);
         if (HAS_Z) dy *= silu(to_float(z[i]));  // out_z = y silu(z)
-        q[k][ch] = make_float4(dt, dt * u_t, dy, u_t);
+        q[k][ch] = make_float4(step.x, step.y, dy, u_t);
         dD[i] = dy * u_t;
     }
     if (HAS_D) add_column_sums(dD_sums, dD);
@@ -272,8 +279,7 @@ __device__ __forceinline__ void store_gradients(in_t* du, in_t* ddelta, in_t* dz
         if (HAS_Z) {  // out_z = y silu(z)
             const float z_t = to_float(z_tile[k][ch]), sig = sigmoid(z_t), y = s.z;
             const in_t dz_t = to_in(y * (to_float(dout_tile[k][ch]) * sig * (1.f + z_t * (1.f - sig))));
-            // __fadd_rn: never fused with dz_t's product (fp32: to_in rounds nothing), as PyTorch adds the two
-            dz[ch * (long long)dz_sc + at_t] = ACCUMULATE ? to_in(__fadd_rn(to_float(held[i]), to_float(dz_t))) : dz_t;
+            dz[ch * (long long)dz_sc + at_t] = ACCUMULATE ? added(held[i], dz_t) : dz_t;
             if (STORES_OUT_Z) out_z[ch * (long long)out_z_sc + at_t] = to_in(y * silu(z_t));
         }
     }
