@@ -51,6 +51,12 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert not conv_bwd.runs(x, weight, x)
 
 
+def test_longer_sequences_than_a_row_are_refused():  # the kernel holds one row of MAX_LENGTH steps
+    x = torch.zeros(1, 2, conv_bwd.MAX_LENGTH + 1)
+    with pytest.raises(ValueError, match=f"at most {conv_bwd.MAX_LENGTH} steps"):
+        conv_bwd.backward(x, torch.zeros(2, 4), None, x, None, True)
+
+
 def test_states_and_sequence_indices_are_refused():
     with pytest.raises(NotImplementedError, match="sequence indices or states"):
         conv_bwd.causal_conv1d_bwd_function(None, None, None, None, torch.zeros(1), None, None, None, False, True)
@@ -84,10 +90,10 @@ def _inputs(batch, channels, length, width, dtype, channel_major, has_bias, gene
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch, channels, length, width, dtype, channel_major, has_bias, silu", [
     (32, 768, 197, 4, torch.bfloat16, True, True, True),   # Vim-S, channel-major as the fused function holds it
-    (3, 96, 600, 4, torch.float32, False, True, True),     # past one segment of 256 steps
+    (3, 96, 256, 4, torch.float32, False, True, True),     # the longest row, MAX_LENGTH
     (2, 16, 2, 4, torch.float32, True, True, True),        # shorter than the kernel
     (4, 40, 77, 3, torch.bfloat16, False, False, True),
-    (5, 33, 300, 2, torch.float32, False, True, False),    # no SiLU, five rows over four warps
+    (5, 33, 255, 2, torch.float32, False, True, False),    # no SiLU, five rows over four warps
 ])
 def test_against_the_float64_conv_as_close_as_causal_conv1d(batch, channels, length, width, dtype, channel_major,
                                                            has_bias, silu):
@@ -120,7 +126,7 @@ def test_dx_is_written_into_the_tensor_given():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("length", [197, 600, 2])
+@pytest.mark.parametrize("length", [197, 256, 2])
 def test_reverse_is_the_backward_of_the_flipped_conv(length):
     """The backward of the conv run from the last step to the first: the gradients of the conv of x
     flipped along time (dx bit for bit, flipped back; the weight and bias sums over time in another

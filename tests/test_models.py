@@ -175,3 +175,45 @@ def test_greedy_generation_matches_argmax_of_parallel_forward(variant):
     for _ in range(5):  # the same tokens, recomputed from scratch with the parallel forward
         sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(generated, sequence[:, 6:])
+
+
+def _state_matrix_kernels(mixer, direction) -> int:
+    """How many times A = -exp(A_log) is computed by one call of the mixer's _state_matrix."""
+    calls = []
+    real_exp = torch.exp
+    torch.exp = lambda *a, **k: calls.append(1) or real_exp(*a, **k)
+    try:
+        mixer._state_matrix(direction)
+    finally:
+        torch.exp = real_exp
+    return len(calls)
+
+
+def test_frozen_state_matrix_is_computed_once_until_A_log_changes():
+    from torch.nn.utils import parametrize
+    from mambapeft.models.mamba import FORWARD, Mamba
+
+    mixer = Mamba(16, d_state=4)
+    mixer.A_log.requires_grad_(False)  # frozen, as under PEFT
+    first = mixer._state_matrix(FORWARD)
+    assert torch.equal(first, -torch.exp(mixer.A_log))
+    assert _state_matrix_kernels(mixer, FORWARD) == 0  # kept
+    with torch.no_grad():
+        mixer.A_log.add_(0.5)  # an in-place write (a load, an optimizer step) bumps the version
+    assert _state_matrix_kernels(mixer, FORWARD) == 1
+    assert torch.equal(mixer._state_matrix(FORWARD), -torch.exp(mixer.A_log))
+    mixer.A_log.requires_grad_(True)  # trained: computed on each call, the gradient flows
+    assert _state_matrix_kernels(mixer, FORWARD) == 1
+    mixer._state_matrix(FORWARD).sum().backward()
+    assert torch.equal(mixer.A_log.grad, -torch.exp(mixer.A_log.detach()))
+    with torch.inference_mode():  # not kept: an inference tensor cannot be saved for a later backward
+        mixer.A_log.requires_grad_(False)
+        assert _state_matrix_kernels(mixer, FORWARD) == 1
+    parametrize.register_parametrization(mixer, "A_log", _Shift())  # read through the parametrisation
+    assert _state_matrix_kernels(mixer, FORWARD) == 1
+    assert torch.equal(mixer._state_matrix(FORWARD), -torch.exp(mixer.A_log))
+
+
+class _Shift(nn.Module):
+    def forward(self, x):
+        return x + 1.0

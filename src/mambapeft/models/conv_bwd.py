@@ -22,7 +22,8 @@ WIDTHS = (2, 3, 4)
 ENV = "MAMBAPEFT_CONV_BWD"  # "0": causal-conv1d's backward (A/B measurements)
 # The longest sequence this kernel takes; longer ones keep causal-conv1d's. Measured on one H200 (bf16,
 # channel-major, `bench scan-kernels`): 26 against 78 us at (32, 768, 197), 179 against 261 at
-# (32, 4096, 256), but 85 against 33 at (8, 1536, 1024), where a warp's rows run long.
+# (32, 4096, 256), but 85 against 33 at (8, 1536, 1024), where a warp's rows run long. The kernel holds
+# a whole row (its SEGMENT): it computes nothing past this length.
 MAX_LENGTH = 256
 
 
@@ -53,6 +54,9 @@ def backward(x, weight, bias, dout, dx, silu, reverse=False, add_dx=False):
     rounded as PyTorch adds two tensors), or a new one in x's layout. ``reverse``: of the conv run from
     the last step to the first (the forward's ``reverse``)."""
     batch, channels, length = x.shape
+    if length > MAX_LENGTH:
+        raise ValueError(f"our conv backward takes sequences of at most {MAX_LENGTH} steps, not {length}: "
+                         "call causal-conv1d's (conv_bwd.runs says which)")
     if add_dx and dx is None:
         raise ValueError("the conv backward adds x's gradient to a dx given: pass dx")
     dx = dx if dx is not None else torch.empty_like(x)

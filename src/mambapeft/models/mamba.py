@@ -187,6 +187,7 @@ class Mamba(Mixer):
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.bidirectional, self.divide_out, self.layer_idx = bidirectional, divide_out, layer_idx
+        self._frozen: dict[str, tuple[tuple, torch.Tensor]] = {}  # frozen_function_of's values, by parameter name
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
         for direction in self.directions:
@@ -225,8 +226,13 @@ class Mamba(Mixer):
 
     # -- one direction of the SSM ------------------------------------------------------------
     def _state_matrix(self, d: Direction) -> torch.Tensor:
-        """A = -exp(A_log) (D_inner, N) in fp32, read through any parametrisation of A_log."""
-        return -torch.exp(getattr(self, d.A_log).float())
+        """A = -exp(A_log) (D_inner, N) in fp32, read through any parametrisation of A_log; computed once
+        while A_log is a plain parameter no gradient is asked of (frozen under PEFT) and unchanged
+        (:func:`frozen_function_of`): two kernels per direction and forward less (96 of a Vim-S step's
+        ~1,460 launches)."""
+        if parametrize.is_parametrized(self, d.A_log):
+            return -torch.exp(getattr(self, d.A_log).float())
+        return frozen_function_of(self._frozen, d.A_log, getattr(self, d.A_log), lambda A_log: -torch.exp(A_log.float()))
 
     def _merged(self, summed: torch.Tensor) -> torch.Tensor:
         """The two directions' outputs (the backward one back in time order) summed: averaged when divide_out."""
@@ -394,6 +400,25 @@ class Mamba(Mixer):
         if FORWARD.key in self.state_offsets:
             y = y + self.state_offsets[FORWARD.key](C[..., 0], z).to(y.dtype)
         return self.out_proj(y).unsqueeze(1)
+
+
+def frozen_function_of(cache: dict, name: str, parameter: torch.Tensor,
+                       function: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``function(parameter)``, kept in ``cache[name]`` and reused while no gradient is asked of
+    ``parameter`` and it is the same tensor, unchanged: same storage and version counter (an optimizer
+    step, ``load_state_dict`` or any in-place write bumps it; ``.to()`` makes a new storage). Computed
+    afresh, and not kept, where the gradient is asked for, in inference mode (its tensors cannot be
+    saved for a later backward) and while a CUDA graph is being captured (the kernel would be recorded,
+    not run: the value would be written only by replays)."""
+    if ((torch.is_grad_enabled() and parameter.requires_grad) or torch.is_inference_mode_enabled()
+            or (parameter.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return function(parameter)
+    key = (parameter.data_ptr(), parameter._version, parameter.device, parameter.dtype, parameter.shape)
+    kept = cache.get(name)
+    if kept is None or kept[0] != key:
+        with torch.no_grad():
+            kept = cache[name] = (key, function(parameter))
+    return kept[1]
 
 
 def extends_projection(module: nn.Module) -> bool:

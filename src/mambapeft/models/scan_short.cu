@@ -121,20 +121,33 @@ __device__ __forceinline__ void put(tile_t& tile, const in_t (&v)[TILE_ROWS]) {
     for (int i = 0; i < TILE_ROWS; ++i) tile[threadIdx.x % TILE][ROW(i)] = v[i];
 }
 
-// B or C: a state's TILE steps per access (one row at a unit time stride; the fused function's are
-// 2N + R apart in x_proj's output, a tile's few cached lines); into shared memory as [step][state] floats
-__device__ __forceinline__ void fetch_states(bc_t (&v)[STATE_ROWS], const bc_t* from, int state_stride, int time_stride,
-                                             int t0, int length) {
-    const int t = t0 + threadIdx.x % TILE;
-#pragma unroll
-    for (int i = 0; i < STATE_ROWS; ++i)
-        v[i] = t < length && ROW(i) < NSTATE ? from[ROW(i) * state_stride + at(t, length) * time_stride] : (bc_t)0;
+// B or C into shared memory as [step][state] floats. Which (step, state) pairs a thread reads: where
+// consecutive states are adjacent in memory (the fused function's B and C, views of x_proj's
+// token-major output), consecutive threads take consecutive states of a step (a step's states in one
+// access, and no bank conflicts writing them: Vim-S's shape, one H200, the second direction's backward
+// 198 -> 191 us, the first's and the forwards 0.5-1.5 us less); else consecutive steps of a state (one
+// row at a unit time stride)
+__device__ __forceinline__ int2 state_element(int i, bool states_adjacent) {  // (step, state)
+    const int e = threadIdx.x + i * THREADS;
+    return states_adjacent ? make_int2(e / NPAD, e % NPAD) : make_int2((int)threadIdx.x % TILE, ROW(i));
 }
 
-__device__ __forceinline__ void put_states(float (*to)[NPAD], const bc_t (&v)[STATE_ROWS]) {
+__device__ __forceinline__ void fetch_states(bc_t (&v)[STATE_ROWS], const bc_t* from, int state_stride, int time_stride,
+                                             int t0, int length) {
 #pragma unroll
-    for (int i = 0; i < STATE_ROWS; ++i)
-        if (ROW(i) < NPAD) to[threadIdx.x % TILE][ROW(i)] = to_float(v[i]);
+    for (int i = 0; i < STATE_ROWS; ++i) {
+        const int2 e = state_element(i, state_stride == 1);
+        const int t = t0 + e.x;
+        v[i] = t < length && e.x < TILE && e.y < NSTATE ? from[e.y * state_stride + at(t, length) * time_stride] : (bc_t)0;
+    }
+}
+
+__device__ __forceinline__ void put_states(float (*to)[NPAD], const bc_t (&v)[STATE_ROWS], int state_stride) {
+#pragma unroll
+    for (int i = 0; i < STATE_ROWS; ++i) {
+        const int2 e = state_element(i, state_stride == 1);
+        if (e.x < TILE && e.y < NPAD) to[e.x][e.y] = to_float(v[i]);
+    }
 }
 
 // The per-(step, channel) work is done in the reads' mapping (thread i: step i % TILE of channels
@@ -376,7 +389,7 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
         put_step_sizes(steps, u_next, delta_next, bias_s);
         put(u_tile, u_next);
         if (HAS_Z) put(z_tile, z_next);
-        put_states(Bs, B_next); put_states(Cs, C_next);
+        put_states(Bs, B_next, B_sn); put_states(Cs, C_next, C_sn);
         __syncthreads();
         fetch(u_next, u, u_sc, left, t0 + TILE, length);  // the next tile's, read while this one is computed
         fetch(delta_next, delta, delta_sc, left, t0 + TILE, length);
@@ -475,7 +488,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     fetch_states(B_next, Bm, B_sn, B_sl, 0, length);
     for (int t0 = 0; !states_given && t0 + CHUNK < length; t0 += TILE) {
         __syncthreads();
-        put_step_sizes(steps, u_next, delta_next, bias_s); put_states(Bs, B_next);
+        put_step_sizes(steps, u_next, delta_next, bias_s); put_states(Bs, B_next, B_sn);
         __syncthreads();
         fetch(u_next, u, u_sc, left, t0 + TILE, length);
         fetch(delta_next, delta, delta_sc, left, t0 + TILE, length);
@@ -518,7 +531,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                     ? checkpoint[((long long)((t0 + first) / CHUNK) * NPAD + s) * channels] : 0.f;
         }
         __syncthreads();  // the last tile's gradients are stored
-        put_states(Bs, B_in); put_states(Cs, C_in);
+        put_states(Bs, B_in, B_sn); put_states(Cs, C_in, C_sn);
         put(delta_tile, delta_in); put(dout_tile, dout_in);
         if (HAS_Z) put(z_tile, z_in);
         step_inputs(steps, column_sums[0], u_in, delta_in, dout_in, z_in, bias_s);
