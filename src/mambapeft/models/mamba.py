@@ -228,8 +228,8 @@ class Mamba(Mixer):
     def _state_matrix(self, d: Direction) -> torch.Tensor:
         """A = -exp(A_log) (D_inner, N) in fp32, read through any parametrisation of A_log; computed once
         while A_log is a plain parameter no gradient is asked of (frozen under PEFT) and unchanged
-        (:func:`frozen_function_of`): two kernels per direction and forward less (96 of a Vim-S step's
-        ~1,460 launches)."""
+        (:func:`frozen_function_of`): two kernels per direction and eager forward less (96 of an eager
+        Vim-S step's ~1,460 launches; a CUDA graph computes it in the graph)."""
         if parametrize.is_parametrized(self, d.A_log):
             return -torch.exp(getattr(self, d.A_log).float())
         return frozen_function_of(self._frozen, d.A_log, getattr(self, d.A_log), lambda A_log: -torch.exp(A_log.float()))
@@ -408,8 +408,9 @@ def frozen_function_of(cache: dict, name: str, parameter: torch.Tensor,
     ``parameter`` and it is the same tensor, unchanged: same storage and version counter (an optimizer
     step, ``load_state_dict`` or any in-place write bumps it; ``.to()`` makes a new storage). Computed
     afresh, and not kept, where the gradient is asked for, in inference mode (its tensors cannot be
-    saved for a later backward) and while a CUDA graph is being captured (the kernel would be recorded,
-    not run: the value would be written only by replays)."""
+    saved for a later backward) and while a CUDA graph is being captured (the graph computes it, so
+    that each replay reads ``parameter`` as it is then: a kept value would go stale in the graph after
+    a load, and one kept during capture would be written by replays only)."""
     if ((torch.is_grad_enabled() and parameter.requires_grad) or torch.is_inference_mode_enabled()
             or (parameter.is_cuda and torch.cuda.is_current_stream_capturing())):
         return function(parameter)
