@@ -177,21 +177,19 @@ def test_greedy_generation_matches_argmax_of_parallel_forward(variant):
     assert torch.equal(generated, sequence[:, 6:])
 
 
-def _state_matrix_kernels(mixer, direction) -> int:
-    """How many times A = -exp(A_log) is computed by one call of the mixer's _state_matrix."""
-    calls = []
-    real_exp = torch.exp
-    torch.exp = lambda *a, **k: calls.append(1) or real_exp(*a, **k)
-    try:
-        mixer._state_matrix(direction)
-    finally:
-        torch.exp = real_exp
-    return len(calls)
-
-
-def test_frozen_state_matrix_is_computed_once_until_A_log_changes():
+def test_frozen_state_matrix_is_computed_once_until_A_log_changes(monkeypatch):
     from torch.nn.utils import parametrize
     from mambapeft.models.mamba import FORWARD, Mamba
+
+    real_exp = torch.exp
+
+    def _state_matrix_kernels(mixer, direction) -> int:
+        """How many times A = -exp(A_log) is computed by one call of the mixer's _state_matrix."""
+        calls = []
+        monkeypatch.setattr(torch, "exp", lambda *a, **k: calls.append(1) or real_exp(*a, **k))
+        mixer._state_matrix(direction)
+        monkeypatch.setattr(torch, "exp", real_exp)
+        return len(calls)
 
     mixer = Mamba(16, d_state=4)
     mixer.A_log.requires_grad_(False)  # frozen, as under PEFT

@@ -230,9 +230,10 @@ class Mamba(Mixer):
         while A_log is a plain parameter no gradient is asked of (frozen under PEFT) and unchanged
         (:func:`frozen_function_of`): two kernels per direction and eager forward less (96 of an eager
         Vim-S step's ~1,460 launches; a CUDA graph computes it in the graph)."""
+        A_log = getattr(self, d.A_log)
         if parametrize.is_parametrized(self, d.A_log):
-            return -torch.exp(getattr(self, d.A_log).float())
-        return frozen_function_of(self._frozen, d.A_log, getattr(self, d.A_log), lambda A_log: -torch.exp(A_log.float()))
+            return _state_matrix_of(A_log)
+        return frozen_function_of(self._frozen, d.A_log, A_log, _state_matrix_of)
 
     def _merged(self, summed: torch.Tensor) -> torch.Tensor:
         """The two directions' outputs (the backward one back in time order) summed: averaged when divide_out."""
@@ -400,6 +401,10 @@ class Mamba(Mixer):
         if FORWARD.key in self.state_offsets:
             y = y + self.state_offsets[FORWARD.key](C[..., 0], z).to(y.dtype)
         return self.out_proj(y).unsqueeze(1)
+
+
+def _state_matrix_of(A_log: torch.Tensor) -> torch.Tensor:
+    return -torch.exp(A_log.float())
 
 
 def frozen_function_of(cache: dict, name: str, parameter: torch.Tensor,
