@@ -805,3 +805,85 @@ def test_a_vim_mixer_hands_both_directions_to_the_pair_function_where_their_inpu
         assert not first.reverse and second.reverse
         assert first.x_proj_weight.shape == second.x_proj_weight.shape and first.A.shape[1] == second.A.shape[1]
     torch.testing.assert_close(outputs[1], outputs[0])
+
+
+@pytest.mark.parametrize("dtype,rows,aligned", [(torch.bfloat16, 68, 72), (torch.bfloat16, 56, 56), (torch.float32, 11, 12)])
+def test_x_projs_weight_gets_zero_rows_up_to_16_byte_output_rows(dtype, rows, aligned):
+    """x_proj's weight as the fused function's GEMMs read it (Additional-scan's 24 + 2 x 22 rows at
+    Vim-S): zero rows appended until a row of its output is a multiple of 16 bytes (cuBLASLt's
+    kernels need it), the weight itself where it is already."""
+    from mambapeft.models.scan import _aligned_projection
+
+    weight = torch.randn(rows, 5, dtype=dtype)
+    padded = _aligned_projection(weight)
+    assert padded.shape == (aligned, 5) and padded.dtype == dtype and (padded is weight) == (rows == aligned)
+    assert torch.equal(padded[:rows], weight) and not padded[rows:].any()
+
+
+def _one_update_lora(rows, bias=False, rank=3, dropout=0.0):
+    """LoraLinear(6 -> 10) with one activation-style update of ``rows``, base frozen, update nudged off zero."""
+    from mambapeft.peft.lora import LoraLinear, LoraSpec, LowRankUpdate
+
+    module = LoraLinear(torch.nn.Linear(6, 10, bias=bias))
+    update = LowRankUpdate(6, rows, LoraSpec(targets=("in_proj",), rank=rank, scale=0.5, dropout=dropout),
+                           module.base.weight)
+    torch.nn.init.normal_(update.lora_up.weight)
+    module.add("x", update, "in_proj")
+    module.base.requires_grad_(False)
+    return module
+
+
+@pytest.mark.parametrize("rows,bias,frozen", [((0, 5), False, ()), ((0, 10), True, ()), ((5, 10), True, ("x",)),
+                                              ((2, 7), False, ("lora_down",)), ((0, 5), False, ("lora_up",))])
+def test_one_update_on_a_frozen_projection_is_one_node_computing_the_modules_call(rows, bias, frozen):
+    """One activation-style update on a frozen Linear: channel_major is one autograd node (the frozen GEMM
+    writing the output, the update added to its rows in place) whose output and gradients are the
+    module's call's, with x or either LoRA weight frozen (their gradients not asked for, the others
+    unchanged)."""
+    from mambapeft.models.mamba import linear_channel_major
+
+    torch.manual_seed(0)
+    module = _one_update_lora(rows, bias)
+    update = module.updates["x"]
+    for name in frozen:
+        if name != "x":
+            getattr(update, name).weight.requires_grad_(False)
+    x = torch.randn(3, 5, 6, requires_grad="x" not in frozen)
+    grad_out = torch.randn(3, 10, 5)
+    results = []
+    for run in (lambda: linear_channel_major(module, x), lambda: module(x).transpose(1, 2)):
+        out = run()
+        nodes = _graph_nodes(out)
+        out.backward(grad_out)
+        leaves = [("x", x), *module.named_parameters()]
+        results.append((out.detach(), {n: p.grad for n, p in leaves if p.grad is not None}, nodes))
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+    (out, grads, nodes), (reference, reference_grads, _) = results
+    assert "_FrozenPlusLowRankBackward" in nodes and "AddmmBackward0" not in nodes
+    assert out.permute(1, 0, 2).is_contiguous()
+    torch.testing.assert_close(out, reference)
+    assert grads.keys() == reference_grads.keys() and len(grads) == 3 - len(frozen)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], msg=name)
+
+
+@pytest.mark.parametrize("case", ["trainable_base", "second_update", "dora", "dropout_on_cpu", "hooked_up"])
+def test_the_one_node_steps_aside_where_it_would_not_be_the_modules_call(case):
+    """A trainable base weight, a second update, DoRA (folded into the weight), an active dropout where
+    its mask cannot be drawn from a seed (the CPU), a hook on lora_up: autograd's own graph of the same."""
+    from mambapeft.models.mamba import linear_channel_major
+    from mambapeft.peft.lora import LoraSpec, LowRankUpdate
+
+    torch.manual_seed(0)
+    module = _one_update_lora((0, 5), dropout=0.5 if case == "dropout_on_cpu" else 0.0)
+    if case == "trainable_base":
+        module.base.weight.requires_grad_(True)
+    elif case == "second_update":
+        module.add("z", LowRankUpdate(6, (5, 10), LoraSpec(targets=("in_proj",)), module.base.weight), "in_proj")
+    elif case == "dora":
+        module.updates["x"] = LowRankUpdate(6, (0, 5), LoraSpec(targets=("in_proj",), dora=True), module.base.weight)
+    elif case == "hooked_up":
+        module.updates["x"].lora_up.register_forward_hook(lambda *args: None)
+    out = linear_channel_major(module, torch.randn(3, 5, 6, requires_grad=True))
+    assert "_FrozenPlusLowRankBackward" not in _graph_nodes(out)

@@ -427,6 +427,41 @@ def test_lora_dropout_on_cuda_trains_as_its_mask_says_and_a_hook_keeps_the_modul
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [(0, 768), (0, 1536)])  # LoRAp(X)'s rows of Vim-S's in_proj, LoRA(in_proj)'s
+def test_one_lora_update_on_a_frozen_projection_with_dropout_is_its_masks_linear(rows):
+    """LoraLinear.channel_major as one node on CUDA under bf16 autocast, dropout 0.1 drawn from a seed:
+    output and gradients against the module's formula on x times the kernel's mask (the frozen GEMM and
+    the update in fp32 from bf16 operands), at Vim-S's in_proj shape."""
+    from mambapeft.models.dropout_triton import seeded_dropout
+    from mambapeft.models.mamba import linear_channel_major
+    from mambapeft.peft.lora import LoraLinear, LoraSpec, LowRankUpdate
+
+    torch.manual_seed(0)
+    module = LoraLinear(torch.nn.Linear(384, 1536, bias=False)).cuda()
+    module.base.requires_grad_(False)
+    update = LowRankUpdate(384, rows, LoraSpec(targets=("in_proj",), rank=64, scale=0.1, dropout=0.1), module.base.weight)
+    torch.nn.init.normal_(update.lora_up.weight)
+    module.add("x", update, "in_proj")
+    x = torch.randn(32, 197, 384, device="cuda").to(torch.bfloat16).requires_grad_()
+    state = torch.cuda.get_rng_state()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = linear_channel_major(module, x)  # (B, out, L)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.cuda.set_rng_state(state)  # the same seed draw, for the reference's mask
+    mask = seeded_dropout(torch.ones_like(x), torch.randint(2**31 - 1, (1,), device="cuda"), 0.1) != 0
+    leaves = [t.detach().float().requires_grad_() for t in (x, update.lora_down.weight, update.lora_up.weight)]
+    x32, down, up = leaves
+    low = torch.where(mask, x32 / 0.9, 0.0) @ down.bfloat16().float().t()
+    expected = x32 @ module.base.weight.bfloat16().float().t()
+    expected = expected + torch.nn.functional.pad(0.1 * low @ up.t(), (rows[0], 1536 - rows[1]))
+    expected.transpose(1, 2).backward(grad.float())
+    assert rel(out, expected.transpose(1, 2)) <= 1e-2
+    for ours, reference in zip((x.grad, update.lora_down.weight.grad, update.lora_up.weight.grad), leaves):
+        assert rel(ours, reference.grad) <= 1e-2
+
+
+@needs_kernels
 def test_our_mamba_inner_fn_sums_the_out_proj_bias_gradient_over_tokens():
     """An out_proj bias (mamba_ssm's own sums its gradient to a scalar): ours against the PyTorch
     reference, scan.mamba_inner_torch, in fp32."""

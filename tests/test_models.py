@@ -35,7 +35,7 @@ def test_lm_parameter_counts(name):
 def test_vim_middle_class_token_and_shapes():
     model = build_model("vim-t", num_classes=7, img_size=64).eval()
     seen = []
-    model.norm_f.register_forward_hook(lambda m, i, o: seen.append(o.shape) and None)
+    model.layers[-1].register_forward_hook(lambda m, i, o: seen.append(o[0].shape) and None)
     logits = model(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 7)
     assert seen == [(2, 17, 192)]  # 16 patches + the class token
@@ -45,6 +45,34 @@ def test_vim_middle_class_token_and_shapes():
     with torch.no_grad():  # the read-out is the token at index 8 = 16 // 2, where the class token sits
         model.cls_token.add_(1.0)
     assert not torch.allclose(model.forward_features(images), features)
+
+
+def test_vim_reads_out_the_class_token_as_norming_every_token_would():
+    """The last residual add, DropPath and norm_f on the class token alone (what the GPU runs) against
+    all tokens then the class token's row (Vim's code): features and gradients, in training, with
+    DropPath drawing its per-image mask from the same generator state."""
+    torch.manual_seed(0)
+    model = build_model("vim-t", num_classes=7, img_size=32, drop_path_rate=0.3).train()
+    images = torch.randn(3, 3, 32, 32)
+
+    def every_token(images):  # Vim's read-out: the whole sequence normalised, then the class token
+        x = model.patch_embed(images)
+        cls_index = x.shape[1] // 2
+        x = torch.cat([x[:, :cls_index], model.cls_token.expand(x.shape[0], -1, -1), x[:, cls_index:]], dim=1)
+        hidden, residual = x + model.pos_embed, None
+        for layer in model.layers:
+            hidden, residual = layer(hidden, residual)
+        return model.norm_f(residual + model.drop_path(hidden))[:, cls_index]
+
+    runs = []
+    for features in (model.forward_features, every_token):
+        torch.manual_seed(1)
+        out = features(images)
+        model.zero_grad()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        runs.append((out.detach(), model.norm_f.weight.grad.clone(), model.cls_token.grad.clone()))
+    for ours, reference in zip(*runs):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("patch,size,channels", [(16, 224, 3), (8, 32, 3), (4, 12, 5)])

@@ -24,35 +24,40 @@ MAX_ELEMENTS = 2**31  # element indices are int32
 
 
 @triton.jit
-def _masked_run(src_ptr, dst_ptr, index, keep, numel, scale):
+def _masked_run(src_ptr, dst_ptr, index, keep, numel, scale, ADD: tl.constexpr):
+    # ADD: dst + the masked src, in fp32, rounded once (each element read before it is written)
     inside = index < numel
     x = tl.load(src_ptr + index, mask=inside, other=0.0).to(tl.float32)
-    tl.store(dst_ptr + index, tl.where(keep, x * scale, 0.0).to(dst_ptr.dtype.element_ty), mask=inside)
+    value = tl.where(keep, x * scale, 0.0)
+    if ADD:
+        value += tl.load(dst_ptr + index, mask=inside, other=0.0).to(tl.float32)
+    tl.store(dst_ptr + index, value.to(dst_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, index, keep, numel, scale, HAS_B: tl.constexpr):
-    _masked_run(a_ptr, a_out_ptr, index, keep, numel, scale)
+def _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, index, keep, numel, scale, HAS_B: tl.constexpr,
+                 ADD_B: tl.constexpr):
+    _masked_run(a_ptr, a_out_ptr, index, keep, numel, scale, False)
     if HAS_B:
-        _masked_run(b_ptr, b_out_ptr, index, keep, numel, scale)
+        _masked_run(b_ptr, b_out_ptr, index, keep, numel, scale, ADD_B)
 
 
 @triton.jit
 def _dropout_kernel(a_ptr, a_out_ptr, b_ptr, b_out_ptr, seed_ptr, numel, p, scale,
-                    HAS_B: tl.constexpr, QUARTER: tl.constexpr):
+                    HAS_B: tl.constexpr, ADD_B: tl.constexpr, QUARTER: tl.constexpr):
     # one Philox draw (four uniforms) for four elements: the k-th run of QUARTER elements reads the k-th
     counter = tl.program_id(0) * QUARTER + tl.arange(0, QUARTER)
     r0, r1, r2, r3 = tl.rand4x(tl.load(seed_ptr), counter)
     start = tl.program_id(0) * (4 * QUARTER) + tl.arange(0, QUARTER)
-    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start, r0 >= p, numel, scale, HAS_B)
-    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start + QUARTER, r1 >= p, numel, scale, HAS_B)
-    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start + 2 * QUARTER, r2 >= p, numel, scale, HAS_B)
-    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start + 3 * QUARTER, r3 >= p, numel, scale, HAS_B)
+    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start, r0 >= p, numel, scale, HAS_B, ADD_B)
+    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start + QUARTER, r1 >= p, numel, scale, HAS_B, ADD_B)
+    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start + 2 * QUARTER, r2 >= p, numel, scale, HAS_B, ADD_B)
+    _masked_runs(a_ptr, a_out_ptr, b_ptr, b_out_ptr, start + 3 * QUARTER, r3 >= p, numel, scale, HAS_B, ADD_B)
 
 
-def _launch(x, x_out, y, y_out, seed, p) -> None:
+def _launch(x, x_out, y, y_out, seed, p, add_y=False) -> None:
     _dropout_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, x_out, y, y_out, seed, x.numel(), p, 1.0 / (1.0 - p),
-                                                     HAS_B=y is not x, QUARTER=BLOCK // 4)
+                                                     HAS_B=y is not x, ADD_B=add_y, QUARTER=BLOCK // 4)
 
 
 def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -64,10 +69,13 @@ def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.d
 
 
 def seeded_dropout_pair(x: torch.Tensor, y: torch.Tensor, seed: torch.Tensor, p: float, x_dtype: torch.dtype,
-                        y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`seeded_dropout` of x and of y (x's shape, contiguous) with the same mask, in one pass."""
-    x_out, y_out = torch.empty_like(x, dtype=x_dtype), torch.empty_like(y, dtype=y_dtype)
-    _launch(x, x_out, y, y_out, seed, p)
+                        y_dtype: torch.dtype, added_to: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`seeded_dropout` of x and of y (x's shape, contiguous) with the same mask, in one pass; with
+    ``added_to`` (x's shape, contiguous, y_dtype), y's added to it in place (fp32 sum, rounded once),
+    and ``added_to`` returned in y's place."""
+    x_out = torch.empty_like(x, dtype=x_dtype)
+    y_out = torch.empty_like(y, dtype=y_dtype) if added_to is None else added_to
+    _launch(x, x_out, y, y_out, seed, p, add_y=added_to is not None)
     return x_out, y_out
 
 

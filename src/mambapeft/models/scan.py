@@ -715,6 +715,16 @@ def _delta(dt_proj_weight, x_dbl, batch):
     return _from_channels_major(dt_proj_weight @ x_dbl[:, :rank].t(), batch)
 
 
+def _aligned_projection(weight: torch.Tensor) -> torch.Tensor:
+    """x_proj's weight (R + 2N, D_inner) with zero rows appended up to a multiple of 16 bytes a row of
+    its output (B*L, R + 2N + pad): cuBLASLt's GEMM kernels need that of an operand's leading dimension
+    and of the output's rows, else cuBLAS falls back to slower ones (Additional-scan's 24 + 2 x 22 rows
+    at Vim-S: ~2 ms of a training step at batch 32, one H200). The output's extra columns are zero and
+    never read; the weight itself where its rows are whole."""
+    pad = -weight.shape[0] % (16 // weight.element_size())
+    return F.pad(weight, (0, 0, 0, pad)) if pad else weight
+
+
 def _tokens_major(t):
     """(B, C, L) -> (B*L, C): a view where t is channel-major, else one copy."""
     return t.transpose(1, 2).reshape(-1, t.shape[1])
@@ -854,7 +864,9 @@ def _direction_forward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weig
     backward reads, the scan kernels that ran); out_z added to ``into`` where given (ours only)."""
     batch, n = x.shape[0], A.shape[1]
     conv_out = _conv_silu(x, conv_weight, conv_bias, reverse)
-    x_dbl = F.linear(_tokens_major(conv_out), x_proj_weight)  # (B*L, R + 2N)
+    width = x_proj_weight.shape[0]
+    x_proj_weight = _aligned_projection(x_proj_weight)  # kept so, for the backward's GEMMs
+    x_dbl = F.linear(_tokens_major(conv_out), x_proj_weight)[:, :width]  # (B*L, R + 2N)
     delta = _delta(dt_proj_weight, x_dbl, batch)
     B, C = (x_dbl[:, i:i + n].unflatten(0, (batch, -1)).transpose(1, 2).unsqueeze(1)
             for i in (x_dbl.shape[1] - 2 * n, x_dbl.shape[1] - n))  # (B, 1, N, L) views of x_dbl
@@ -897,7 +909,11 @@ def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_
                         want_out_z or not ours, **extra)  # mamba-ssm's returns out_z always
     dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, _, out_z = grads[:9]
     doffset = grads[9] if state_offset is not None else None  # ours return it tenth
-    dx_dbl = torch.empty_like(x_dbl)
+    width = x_dbl.shape[1]
+    dx_aligned = x_dbl.new_empty(x_dbl.shape[0], x_proj_weight.shape[0])  # x_proj_weight: aligned (forward)
+    if dx_aligned.shape[1] > width:
+        dx_aligned[:, width:].zero_()  # times the weight's zero rows: must not be NaN
+    dx_dbl = dx_aligned[:, :width]
     dBC = _side_by_side(dB, dC)
     if dBC is not None:
         dx_dbl[:, rank:] = dBC
@@ -906,23 +922,23 @@ def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_
         dx_dbl[:, rank + n:] = dC[:, 0].transpose(1, 2).flatten(0, 1)
     ddelta = _channels_major(ddelta)  # (D_inner, B*L)
     ddt_proj = ddelta @ x_dbl[:, :rank] if want_dt_proj else None
-    # written into its columns by the GEMM (a view of row stride R + 2N, as cuBLAS takes it), not copied there
+    # written into its columns by the GEMM (a view of the aligned rows, as cuBLAS takes it), not copied there
     torch.mm(ddelta.t().to(dx_dbl.dtype), dt_proj_weight.to(dx_dbl.dtype), out=dx_dbl[:, :rank])
-    dx_proj = dx_dbl.t() @ _tokens_major(conv_out) if want_x_proj else None
+    dx_proj = (dx_aligned.t() @ _tokens_major(conv_out))[:width] if want_x_proj else None
     dconv_out = _channels_major(dconv_out)
-    dconv_out = torch.addmm(dconv_out, x_proj_weight.t(), dx_dbl.t(), out=dconv_out)
+    dconv_out = torch.addmm(dconv_out, x_proj_weight.t(), dx_aligned.t(), out=dconv_out)
     dconv_out = _from_channels_major(dconv_out, batch)
     _, dconv_weight, dconv_bias = _conv_backward(x, conv_weight, conv_bias, dconv_out, dx, True, reverse, add)
     return [dconv_weight, dconv_bias, dx_proj, ddt_proj, dA, dD, ddelta_bias, doffset], out_z
 
 
-def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
+def gemm_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a GEMM on t runs in: autocast's where it is on for t's device, else t's."""
     on = torch.is_autocast_enabled(t.device.type)
     return torch.get_autocast_dtype(t.device.type) if on and t.is_floating_point() else t.dtype
 
 
-def _scaled_operand(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def scaled_operand(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """weight * scale as a GEMM reads it, in ``dtype``: one kernel (the product rounded once, as autocast
     casts the fp32 product), kept for the backward instead of scaled and cast again there."""
     if scale == 1:
@@ -938,7 +954,7 @@ class _ChannelMajorProjection(torch.autograd.Function):
     def forward(ctx, y, weight, bias, scale):
         ctx.scale, ctx.weight_dtype = scale, weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        operand = _scaled_operand(weight, scale, _gemm_dtype(y))
+        operand = scaled_operand(weight, scale, gemm_dtype(y))
         ctx.save_for_backward(y if weight.requires_grad else None, operand)
         return F.linear(y.transpose(1, 2), operand, bias)
 

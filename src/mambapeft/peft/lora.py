@@ -23,14 +23,17 @@ import torch.nn.functional as F
 
 from ..models.mamba import BACKWARD, FORWARD, Mamba, Mixer, linear_columns, plain, unhooked
 from ..models.mamba2 import Mamba2
+from ..models.scan import gemm_dtype, scaled_operand
 from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
 from .targets import find_modules, fold_wrappers, owning_mixer, plain_linear, replace_module
 
 try:  # the dropout and down-projection as one node keeping x and a seed (CUDA; None without Triton)
     from ..models.dropout_triton import MAX_ELEMENTS as _DROPOUT_MAX_ELEMENTS
     from ..models.dropout_triton import dropout_linear as _dropout_linear
+    from ..models.dropout_triton import seeded_dropout, seeded_dropout_pair
 except ImportError:  # pragma: no cover - depends on the machine
-    _dropout_linear, _DROPOUT_MAX_ELEMENTS = None, 0
+    _dropout_linear = seeded_dropout = seeded_dropout_pair = None
+    _DROPOUT_MAX_ELEMENTS = 0
 
 STYLES = ("activation", "merged")
 
@@ -112,15 +115,31 @@ class LowRankUpdate(nn.Module):
         block = self._block(base_weight)
         return dora_rescaled(self.magnitude, block + delta, dim=0) - block
 
+    @property
+    def dropout_p(self) -> float:
+        """The dropout rate a call applies now: 0 in eval mode."""
+        return self.dropout.p if self.dropout.training else 0.0
+
+    def seeds_dropout_on(self, x: torch.Tensor) -> bool:
+        """Whether this update's active dropout on x can draw its mask from a seed (Triton, on a contiguous
+        CUDA x), with the dropout and the down-projection plain (nothing on them skipped)."""
+        return (_dropout_linear is not None and x.is_cuda and self.dropout_p > 0 and x.is_contiguous()
+                and x.numel() < _DROPOUT_MAX_ELEMENTS and plain(self.dropout, nn.Dropout)
+                and plain(self.lora_down, nn.Linear))
+
+    def reads_as_weights(self, x: torch.Tensor) -> bool:
+        """Whether s up(down(dropout(x))) may be computed from the two weights (a fused node): activation
+        style, both Linears and the dropout plain, the dropout inactive or drawn from a seed."""
+        return (not self.acts_on_weight and plain(self.dropout, nn.Dropout) and plain(self.lora_down, nn.Linear)
+                and plain(self.lora_up, nn.Linear) and (self.dropout_p == 0 or self.seeds_dropout_on(x)))
+
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """``lora_down(dropout(x))``: (..., in) -> (..., r). With the dropout active on a contiguous CUDA
         x, and both modules plain (nothing on them skipped), one node that keeps x and its mask's seed,
         not the dropped x and the mask (``models/dropout_triton.py``; its own draws, same distribution)."""
-        dropout, linear = self.dropout, self.lora_down
-        if (_dropout_linear is not None and x.is_cuda and dropout.training and dropout.p > 0 and x.is_contiguous()
-                and x.numel() < _DROPOUT_MAX_ELEMENTS and plain(dropout, nn.Dropout) and plain(linear, nn.Linear)):
-            return _dropout_linear(x, linear.weight, dropout.p)
-        return linear(dropout(x))
+        if self.seeds_dropout_on(x):
+            return _dropout_linear(x, self.lora_down.weight, self.dropout.p)
+        return self.lora_down(self.dropout(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Activation style: x (..., in) -> (..., stop - start)."""
@@ -195,9 +214,16 @@ class LoraLinear(nn.Module):
         would not equal :meth:`forward` call for call: a hook on any part, or a wrapped base."""
         if not self._called_as_written():
             return None
+        updates = list(self.updates.values())
+        base = self.base
+        if (len(updates) == 1 and updates[0].reads_as_weights(x) and not base.weight.requires_grad
+                and (base.bias is None or not base.bias.requires_grad)):
+            u = updates[0]
+            return _FrozenPlusLowRank.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, u.lora_down.weight,
+                                            u.lora_up.weight, u.scale, u.dropout_p, u.rows[0])
         rows = x.reshape(-1, x.shape[-1]).t()  # (in, N)
-        weight, bias = self._weight([u for u in self.updates.values() if u.acts_on_weight]), self.base.bias
-        active = [u for u in self.updates.values() if not u.acts_on_weight]
+        weight, bias = self._weight([u for u in updates if u.acts_on_weight]), base.bias
+        active = [u for u in updates if not u.acts_on_weight]
 
         def down(u):  # (r, N)
             return u.down(x).reshape(-1, u.lora_down.out_features).t()
@@ -232,6 +258,59 @@ class LoraLinear(nn.Module):
             if not u.acts_on_weight:
                 out = out + F.pad(u(x), self._padding(u))
         return out
+
+
+class _FrozenPlusLowRank(torch.autograd.Function):
+    """:meth:`LoraLinear.channel_major` of one activation-style update on a frozen Linear, as one node:
+    the frozen GEMM writes the output (out, N), and the update's GEMM adds s up low^T to its rows in
+    place, low = down(dropout(x)) (N, r); the backward runs only the GEMMs the gradients need (the
+    update's rows of the output's gradient; x's (N, in) written contiguous, not transposed and copied),
+    the dropout's mask drawn again from its seed with x's gradient added in the same pass. (Autograd's
+    graph of the same padded the update to all rows, had the frozen GEMM read that back, and copied
+    x's gradient twice: six kernels a layer more at Vim-S LoRAp(X); the README has the step times.)
+
+    Shapes: x (N, in) (autograd keeps it, rebuilt from a norm's saves where models/rebuild.py applies),
+    weight (out, in), bias (out,) or None, both frozen; down (r, in), up (rows, r), rows [start, start +
+    rows) of the output; p: the dropout rate (0: none; else drawn from a seed: CUDA, Triton)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, down, up, scale, p, start):
+        dtype, down_dtype = gemm_dtype(x), down.dtype
+        seed = torch.randint(2**31 - 1, (1,), device=x.device) if p else None
+        dropped = seeded_dropout(x, seed, p, dtype) if p else x.to(dtype)
+        down = down.to(dtype)  # kept so: the backward's GEMMs read it again
+        low = dropped @ down.t()  # (N, r)
+        up_scaled = scaled_operand(up, scale, dtype)  # the scale rounded into up once, as autocast casts s up
+        out = linear_columns(weight.to(dtype), None if bias is None else bias.to(dtype), x.to(dtype).t())
+        out[start:start + up.shape[0]].addmm_(up_scaled, low.t())
+        ctx.save_for_backward(x, weight, down, up_scaled, low, seed)
+        ctx.p, ctx.start, ctx.scale, ctx.down_dtype, ctx.up_dtype = p, start, scale, down_dtype, up.dtype
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):
+        x, weight, down, up_scaled, low, seed = ctx.saved_tensors
+        want_x, _, _, want_down, want_up = ctx.needs_input_grad[:5]
+        block = grad[ctx.start:ctx.start + up_scaled.shape[0]]  # (rows, N)
+        dx = ddown = dup = None
+        if want_up:  # through the scale in fp32, as autograd takes it back through s up
+            dup = (block @ low).to(ctx.up_dtype) * ctx.scale
+        dlow = block.t() @ up_scaled if want_x or want_down else None  # (N, r)
+        dropped = None
+        if want_x:
+            dx = (grad.t() @ weight.to(grad.dtype)).to(x.dtype)  # (N, in)
+            spread = dlow @ down
+            if ctx.p:  # the dropped x and x's gradient, the mask drawn once for both
+                dropped, dx = seeded_dropout_pair(x, spread, seed, ctx.p, grad.dtype, x.dtype, added_to=dx)
+            else:
+                dx += spread
+        if want_down:
+            if dropped is None:
+                dropped = seeded_dropout(x, seed, ctx.p, grad.dtype) if ctx.p else x.to(grad.dtype)
+            ddown = (dlow.t() @ dropped).to(ctx.down_dtype)
+        return dx, None, None, ddown, dup, None, None, None
 
 
 class LoraConv2d(nn.Module):
