@@ -188,9 +188,13 @@ def test_our_mamba_inner_fn_computes_what_mamba_ssms_does(dtype, frozen, n):
             t.grad = None
     (reference, reference_grads), (out, grads) = runs
     assert rel(out, reference) <= (1e-6 if dtype == torch.float32 else 1e-3)
-    # our short-sequence kernels (16 and 22 states) take dz from the fp32 y, mamba-ssm's from the bf16 y
-    # it kept: up to a bf16 step (2^-8) apart (ours is the closer to a float64 scan: tests/test_scan_short.py)
-    tolerance = 1e-2 if dtype == torch.bfloat16 and n >= 16 else 2e-3
+    # bf16 roundings differ: our short-sequence kernels (16 and 22 states) take dz from the fp32 y,
+    # mamba-ssm's from the bf16 y it kept: up to a bf16 step (2^-8) apart (ours is the closer to a float64
+    # scan: tests/test_scan_short.py); and our x_proj GEMMs run on columns padded to 16-byte rows
+    # (scan._aligned_projection), here 4 + 2 x 8 -> 24: the backward's conv-input GEMM is another cuBLAS
+    # kernel than mamba-ssm's, its bf16 output rounded otherwise (one H200: xz, conv_w and conv_b
+    # 1.7e-3, 2.3e-3 and 1.5e-3 from mamba-ssm's at 8 states, everything else equal bit for bit)
+    tolerance = (1e-2 if n >= 16 else 5e-3) if dtype == torch.bfloat16 else 2e-3
     for name, grad, expected in zip(["xz", "conv_w", "conv_b", "x_proj", "dt_proj", "out_proj", "A", "D", "dt_bias"],
                                     grads, reference_grads):
         assert (grad is None) == (expected is None), name
