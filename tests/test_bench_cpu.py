@@ -72,3 +72,15 @@ def test_generation_benchmark_runs_on_cpu(tmp_path):
         assert entry["rows"]["transformers generate"][batch]["token_agreement_with_ours"] == 1.0
         assert "skipped" in entry["rows"]["mamba-ssm generate(cg=True)"][batch]
     assert "| ours+periodic | 2 |" in (tmp_path / "generate_cpu.md").read_text()
+
+
+def test_queued_step_timing_waits_for_the_device_around_runs_only(monkeypatch):
+    """Vision training rows are timed as the vision trainer runs its steps: runs of calls queued back to
+    back, the device waited for before and after each run only; one per-call time per run."""
+    from mambapeft.bench import common
+
+    order = []
+    monkeypatch.setattr(common, "synchronize", lambda device: order.append("wait"))
+    times = common.timed_queued_calls(lambda: order.append("call"), 20, "cuda", runs=4)
+    assert len(times) == 4 and all(t >= 0 for t in times)
+    assert order == (["wait"] + ["call"] * 5 + ["wait"]) * 4

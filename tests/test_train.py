@@ -106,6 +106,32 @@ def test_divergence_is_recorded_and_shown(tiny_vision, tmp_path):
     assert math.isnan(table.set_index("method").loc["lorap_z", "mean"])
 
 
+def test_a_steps_loss_is_read_once_the_next_step_is_queued(tiny_vision, tmp_path, monkeypatch):
+    """The trainer reads a step's loss (a wait for the device) after queueing the next step, and the last
+    step's before a checkpoint is written and at the end: every step's loss read once, in order, into
+    the history."""
+    from mambapeft.runspec import training_spec
+    from mambapeft.train import runner
+
+    events = []
+    read = runner._loss_value
+    monkeypatch.setattr(runner, "_loss_value", lambda loss, step, lr: events.append(("read", step)) or read(loss, step, lr))
+    trainer = runner.Trainer(training_spec({**tiny_vision, "output_dir": str(tmp_path)}))
+    train_loss, save = trainer.task.train_loss, trainer._save_checkpoint
+    monkeypatch.setattr(trainer.task, "train_loss", lambda model, step, autocast: events.append(("step", step))
+                        or train_loss(model, step, autocast))
+    monkeypatch.setattr(trainer, "_save_checkpoint", lambda state: events.append(("checkpoint", state.step)) or save(state))
+    state = trainer.train()
+    total, every = trainer.total_steps, trainer.task.checkpoint_every
+    assert [step for kind, step in events if kind == "read"] == list(range(total))
+    assert [h["step"] for h in state.history if "loss" in h] == list(range(1, total + 1))
+    checkpoints = [i for i, (kind, _) in enumerate(events) if kind == "checkpoint"]
+    assert checkpoints and all(events[i - 1] == ("read", events[i][1] - 1) for i in checkpoints)
+    for step in range(total - 1):  # step's loss read after step + 1 was queued, but before a checkpoint
+        queued_next = events.index(("step", step + 1)) < events.index(("read", step))
+        assert queued_next != ((step + 1) % every == 0), step
+
+
 @pytest.fixture(scope="module")
 def tiny_language(tmp_path_factory):
     """Mini math data, a tokenizer and a random-weight Mamba LM in the state-spaces layout."""

@@ -29,7 +29,7 @@ from ..runspec import domain_file, methods_for
 from ..runtime import autocast_for, device_name
 from ..train.language import GraphedLoss, next_token_targets, token_loss_sum
 from ..train.optim import build_optimizer
-from .common import error_row, provenance, provenance_line, release_memory, timed_calls
+from .common import error_row, provenance, provenance_line, release_memory, timed_calls, timed_queued_calls
 
 log = logging.getLogger("mambapeft.bench")
 
@@ -43,17 +43,23 @@ CUDA = torch.device("cuda")  # where the benchmarks run unless told otherwise (t
 PEAK_BF16_FLOPS = {"H200": 989e12}
 TIMM_BASELINE = "timm-vit-s16+peft-lora"  # + GRAPHED: its whole training step replayed as one CUDA graph
 GRAPHED = "-graphed"
+# how the rows' steps are timed (the trainers': train/runner.py, train/language.py), written into the record
+STEP_TIMING = ("Vim rows and timm's, steps queued back to back (runs of five, the device waited for around "
+               "each run: the vision trainer waits for no step); language rows and transformers', each step "
+               "waited for (the language trainer reads each batch's loss)")
 LANGUAGE_SHAPE = (4, 256)  # (micro-batch, tokens) of the language rows: the paper recipe's micro-batch
 
 
-def _timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device = CUDA) -> dict:
+def _timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device = CUDA, queued=False) -> dict:
+    """Step time (median, min, max) over ``steps`` steps after ``warmup``: each waited for, or with
+    ``queued`` in runs queued back to back (:func:`timed_queued_calls`), as the vision trainer runs them."""
     cuda = device.type == "cuda"
     for _ in range(warmup):
         step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = timed_calls(step, steps, device)
+    times = (timed_queued_calls if queued else timed_calls)(step, steps, device)
     row = {"step_s": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times)}
     if cuda:  # reserved, not only allocated: a CUDA graph's private pool is reserved before the timed steps
         row.update(peak_mem_bytes=torch.cuda.max_memory_allocated(), reserved_bytes=torch.cuda.max_memory_reserved())
@@ -120,7 +126,7 @@ def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmu
     """A training step at ``batch`` and an evaluation forward at the recipe's ``eval_batch_size``,
     each as the trainer and the evaluation run them (replayed as CUDA graphs with ``cuda_graphs``)."""
     model, result, backend, step = _vision_step(method, backbone, batch, size, cuda_graphs)
-    row = _timed(step, warmup, steps)
+    row = _timed(step, warmup, steps, queued=True)
     model.eval()
     eval_batch = int(domain_file("vision", "recipe")["eval_batch_size"])
     images, _ = _random_images(eval_batch, size)
@@ -193,7 +199,7 @@ def bench_timm_vit_lora(batch=32, rank=8, warmup=5, steps=20, cuda_graphs=False)
     if importlib.util.find_spec("timm") is None or not torch.cuda.is_available():
         return {"skipped": "needs timm and a CUDA device (pip install timm; the GPU environment has it)"}
     _, step = timm_lora_step(batch, rank, cuda_graphs)
-    row = _timed(step, warmup, steps)
+    row = _timed(step, warmup, steps, queued=True)  # as our vision rows
     row.update(images_per_s=batch / row["step_s"], cuda_graphs=cuda_graphs)
     return row
 
@@ -250,7 +256,8 @@ def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("
     language_methods = list(domain_file("language", "methods")) if language_methods is None else language_methods
     report = {"device": device_label, "torch": torch.__version__, "cuda_graphs": cuda_graphs,
               "allocator": allocator_settings(), "provenance": provenance(),
-              "language_shape": list(language_shape), "vision": {}, "language": {}, "baselines": {}}
+              "language_shape": list(language_shape), "vision": {}, "language": {}, "baselines": {},
+              "step_timing": STEP_TIMING}
     slug = device_label.replace(" ", "_") + ("-cuda_graphs" if cuda_graphs else "")
     language = {"micro_batch": language_shape[0], "length": language_shape[1], "warmup": warmup_steps[0],
                 "steps": warmup_steps[1], "device": device}
@@ -314,6 +321,8 @@ def markdown(report: dict) -> str:
     if "language_shape" in report:
         lines += ["Language rows: micro-batch {} x {} tokens; MFU = tokens/s x 6 x parameters / dense bf16 "
                   "peak.".format(*report["language_shape"]), ""]
+    if "step_timing" in report:
+        lines += [f"Step times: {report['step_timing']}.", ""]
     eval_batches = {row["eval_batch"] for row in report["vision"].values() if "eval_batch" in row}
     if eval_batches:
         lines += [f"Evaluation: forwards of {', '.join(map(str, sorted(eval_batches)))} images (the recipe's eval "

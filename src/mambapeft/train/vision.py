@@ -42,6 +42,7 @@ class VisionTask:
         self.n_train = len(self.train_set)
         self.checkpoint_every = int(self.recipe.get("checkpoint_every", 1)) * self.iters_per_epoch  # epochs
         self.graphed: GraphedForward | None = None
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its data order on the device)
 
     @staticmethod
     def count_examples(spec: dict) -> tuple[int, str]:
@@ -59,10 +60,20 @@ class VisionTask:
         height, width = self.train_set.images.shape[1:3]
         self.graphed = GraphedForward(model, (self.batch_size, 3, height, width), self.device)
 
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The epoch's data order on the device, moved there once an epoch: a blocking copy of each step's
+        indices waits for the device to finish what is queued (trainer: runner.py reads losses late so
+        that nothing else does)."""
+        if self._order is None or self._order[0] != epoch:
+            order = epoch_permutation(self.n_train, self.spec["run"]["seed"], epoch)
+            if self.device.type == "cuda":  # from pinned memory: the copy queued, not waited for
+                order = order.pin_memory().to(self.device, non_blocking=True)
+            self._order = (epoch, order.to(self.device))
+        return self._order[1]
+
     def train_loss(self, model: nn.Module, step: int, autocast) -> tuple[torch.Tensor, int]:
         epoch, i = divmod(step, self.iters_per_epoch)
-        order = epoch_permutation(self.n_train, self.spec["run"]["seed"], epoch)
-        index = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
+        index = self._epoch_order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
         images, labels = self.train_set.batch(index)
         with autocast():
             logits = (self.graphed or model)(images)
