@@ -61,14 +61,11 @@ class VisionTask:
         self.graphed = GraphedForward(model, (self.batch_size, 3, height, width), self.device)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        """The epoch's data order on the device, moved there once an epoch: a blocking copy of each step's
-        indices waits for the device to finish what is queued (trainer: runner.py reads losses late so
-        that nothing else does)."""
+        """The epoch's data order on the device, copied there once an epoch: the copy waits for the device
+        to finish what is queued, and each step's would stall every step (runner.py reads the losses late
+        so that nothing else does)."""
         if self._order is None or self._order[0] != epoch:
-            order = epoch_permutation(self.n_train, self.spec["run"]["seed"], epoch)
-            if self.device.type == "cuda":  # from pinned memory: the copy queued, not waited for
-                order = order.pin_memory().to(self.device, non_blocking=True)
-            self._order = (epoch, order.to(self.device))
+            self._order = (epoch, epoch_permutation(self.n_train, self.spec["run"]["seed"], epoch).to(self.device))
         return self._order[1]
 
     def train_loss(self, model: nn.Module, step: int, autocast) -> tuple[torch.Tensor, int]:
