@@ -75,8 +75,8 @@ def test_generation_benchmark_runs_on_cpu(tmp_path):
 
 
 def test_queued_step_timing_waits_for_the_device_around_runs_only(monkeypatch):
-    """Vision training rows are timed as the vision trainer runs its steps: runs of calls queued back to
-    back, the device waited for before and after each run only; one per-call time per run."""
+    """Training rows are timed as the trainer runs its steps: runs of calls queued back to back, the
+    device waited for before and after each run only; one per-call time per run."""
     from mambapeft.bench import common
 
     order = []

@@ -87,7 +87,7 @@ def timed_calls(call: Callable[[], object], repeats: int, device: torch.device |
 def timed_queued_calls(call: Callable[[], object], calls: int, device: torch.device | str, runs: int = 4) -> list[float]:
     """Seconds a call, one value for each of ``runs`` runs of ``calls // runs`` calls queued back to back,
     the device synchronised around each run only: what a loop that never waits for the device between
-    calls gets (the vision trainer's since it reads a step's loss once the next is queued: train/runner.py)."""
+    calls gets (the trainer's: it reads a step's loss once the next is queued, train/runner.py)."""
     per_run = max(1, calls // runs)
     times = []
     for _ in range(runs):

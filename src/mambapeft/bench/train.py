@@ -44,15 +44,14 @@ PEAK_BF16_FLOPS = {"H200": 989e12}
 TIMM_BASELINE = "timm-vit-s16+peft-lora"  # + GRAPHED: its whole training step replayed as one CUDA graph
 GRAPHED = "-graphed"
 # how the rows' steps are timed (the trainers': train/runner.py, train/language.py), written into the record
-STEP_TIMING = ("Vim rows and timm's, steps queued back to back (runs of five, the device waited for around "
-               "each run: the vision trainer waits for no step); language rows and transformers', each step "
-               "waited for (the language trainer reads each batch's loss)")
+STEP_TIMING = ("training steps queued back to back (four runs, the device waited for around each run), ours and "
+               "the baselines': our trainers wait for no step (a step's loss is read once the next is queued)")
 LANGUAGE_SHAPE = (4, 256)  # (micro-batch, tokens) of the language rows: the paper recipe's micro-batch
 
 
 def _timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device = CUDA, queued=False) -> dict:
     """Step time (median, min, max) over ``steps`` steps after ``warmup``: each waited for, or with
-    ``queued`` in runs queued back to back (:func:`timed_queued_calls`), as the vision trainer runs them."""
+    ``queued`` in runs queued back to back (:func:`timed_queued_calls`), as the trainers run them."""
     cuda = device.type == "cuda"
     for _ in range(warmup):
         step()
@@ -142,7 +141,7 @@ def bench_language_method(method: str, backbone: str, micro_batch=4, length=256,
     model, result, backend, step = _language_step(method, backbone, micro_batch, length, cuda_graphs, device)
     if not result.trainable:
         return {"skipped": "no trainable parameters (evaluation only)"}
-    row = _timed(step, warmup, steps, device)
+    row = _timed(step, warmup, steps, device, queued=True)
     row.update(tokens_per_s=micro_batch * length / row["step_s"], trainable_params=result.count(), backend=backend,
                cuda_graphs=cuda_graphs)
     return add_flop_utilisation(row, model, device_name(device))
@@ -165,7 +164,7 @@ def bench_hf_mamba_lora(backbone: str, micro_batch=4, length=256, rank=32, warmu
     ids = torch.randint(0, config.vocab_size, (micro_batch, length), device=device)
     model.train()
     row = _timed(_train_step(model, optimizer, lambda m: m(input_ids=ids, labels=ids).loss, device), warmup, steps,
-                 device)
+                 device, queued=True)  # as our rows
     row.update(tokens_per_s=micro_batch * (length - 1) / row["step_s"],
                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                weights_dtype=str(weights_dtype).removeprefix("torch."))

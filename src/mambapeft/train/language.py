@@ -175,9 +175,10 @@ class LanguageTask:
         """Without a host sync on CUDA (pinned memory, asynchronous copy): the GPU keeps its queue."""
         return tensor.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else tensor
 
-    def _loss_over(self, model, sequences: list[list[int]], autocast, backward: bool) -> float:
+    def _loss_over(self, model, sequences: list[list[int]], autocast, backward: bool) -> torch.Tensor:
         """Mean per-token loss of ``sequences``, accumulated micro-batch by micro-batch; normalised
-        by the batch's total token count, so the micro-batch size does not change the gradient."""
+        by the batch's total token count, so the micro-batch size does not change the gradient. On the
+        device, unread (reading it waits for the device: the trainer reads a step's once the next is queued)."""
         n_tokens = sum(len(s) - 1 for s in sequences)
         total = torch.zeros((), device=self.device)
         for start in range(0, len(sequences), self.micro_batch):
@@ -189,17 +190,16 @@ class LanguageTask:
             if backward:
                 loss.backward()
             total += loss.detach()
-        return float(total)  # one host sync per batch
+        return total
 
     def train_loss(self, model, step: int, autocast) -> tuple[torch.Tensor, int]:
         epoch, i = divmod(step, self.iters_per_epoch)
         order = epoch_permutation(self.n_train, self.spec["run"]["seed"], epoch)
         batch = [self.train[j] for j in order[i * self.batch_size:(i + 1) * self.batch_size].tolist()]
-        loss = self._loss_over(model, batch, autocast, backward=True)
-        return torch.tensor(loss), sum(len(s) for s in batch)
+        return self._loss_over(model, batch, autocast, backward=True), sum(len(s) for s in batch)
 
     @torch.no_grad()
     def validation_loss(self, model, autocast) -> float | None:
         if not self.val:
             return None
-        return self._loss_over(model, self.val, autocast, backward=False)
+        return float(self._loss_over(model, self.val, autocast, backward=False))
