@@ -74,14 +74,7 @@ def synchronize(device: torch.device | str) -> None:
 
 def timed_calls(call: Callable[[], object], repeats: int, device: torch.device | str) -> list[float]:
     """Seconds of each of ``repeats`` calls, the device synchronised before and after each."""
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return timed_queued_calls(call, repeats, device, runs=repeats)
 
 
 def timed_queued_calls(call: Callable[[], object], calls: int, device: torch.device | str, runs: int = 4) -> list[float]:

@@ -120,18 +120,21 @@ class LowRankUpdate(nn.Module):
         """The dropout rate a call applies now: 0 in eval mode."""
         return self.dropout.p if self.dropout.training else 0.0
 
+    def _down_plain(self) -> bool:
+        """The dropout and the down-projection plain: nothing on them is skipped by reading their weights."""
+        return plain(self.dropout, nn.Dropout) and plain(self.lora_down, nn.Linear)
+
     def seeds_dropout_on(self, x: torch.Tensor) -> bool:
         """Whether this update's active dropout on x can draw its mask from a seed (Triton, on a contiguous
-        CUDA x), with the dropout and the down-projection plain (nothing on them skipped)."""
+        CUDA x), with the dropout and the down-projection plain."""
         return (_dropout_linear is not None and x.is_cuda and self.dropout_p > 0 and x.is_contiguous()
-                and x.numel() < _DROPOUT_MAX_ELEMENTS and plain(self.dropout, nn.Dropout)
-                and plain(self.lora_down, nn.Linear))
+                and x.numel() < _DROPOUT_MAX_ELEMENTS and self._down_plain())
 
     def reads_as_weights(self, x: torch.Tensor) -> bool:
         """Whether s up(down(dropout(x))) may be computed from the two weights (a fused node): activation
         style, both Linears and the dropout plain, the dropout inactive or drawn from a seed."""
-        return (not self.acts_on_weight and plain(self.dropout, nn.Dropout) and plain(self.lora_down, nn.Linear)
-                and plain(self.lora_up, nn.Linear) and (self.dropout_p == 0 or self.seeds_dropout_on(x)))
+        return (not self.acts_on_weight and self._down_plain() and plain(self.lora_up, nn.Linear)
+                and (self.dropout_p == 0 or self.seeds_dropout_on(x)))
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """``lora_down(dropout(x))``: (..., in) -> (..., r). With the dropout active on a contiguous CUDA

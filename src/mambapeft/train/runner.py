@@ -117,8 +117,7 @@ class Trainer:
         optimizer = build_optimizer(groups, self.recipe["optimizer"]) if groups else None
         self._fit_micro_batch(model, result, optimizer, graphs=False)
         for step in range(steps):
-            lr = self.schedule(step)
-            _loss_value(self._train_step(model, result, optimizer, step, after_backward), step, lr)
+            _loss_value(self._train_step(model, result, optimizer, step, after_backward), step, self.schedule(step))
             model.zero_grad(set_to_none=True)  # also tensors a hook reads gradients of, outside the optimizer
 
     # -- resumable state ---------------------------------------------------------------------
