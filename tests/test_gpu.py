@@ -573,9 +573,10 @@ def test_step_mode_equals_parallel_forward_on_gpu(method):
 
 @needs_kernels
 def test_cuda_graph_training_equals_eager_and_falls_back_for_other_shapes():
-    """runtime `cuda_graphs`: the replayed forward/backward trains as the eager one. SGD, not
-    Adam: the scan's backward accumulates with atomics, and Adam turns such last-bit differences
-    on near-zero gradients into full-size steps."""
+    """runtime `cuda_graphs`: the replayed forwards/backwards (full batches and an epoch's shorter last,
+    two graphs sharing one pool, replayed in turn) train as the eager ones. SGD, not Adam: the scan's
+    backward accumulates with atomics, and Adam turns such last-bit differences on near-zero gradients
+    into full-size steps."""
     import torch.nn.functional as F
 
     from mambapeft.train.vision import GraphedForward
@@ -584,6 +585,8 @@ def test_cuda_graph_training_equals_eager_and_falls_back_for_other_shapes():
     base = build_model("vim-mini", num_classes=10, drop_path_rate=0.0)
     images = torch.randn(4, 8, 3, 32, 32, device="cuda")
     labels = torch.randint(0, 10, (4, 8), device="cuda")
+    # two "epochs" of 8 + 3 images, then 8 + 8: replays of the two graphs in turn
+    batches = [(images[0], labels[0]), (images[1, :3], labels[1, :3]), (images[2], labels[2]), (images[3], labels[3])]
     runs = []
     for graphed in (False, True):
         model = copy.deepcopy(base)
@@ -592,9 +595,9 @@ def test_cuda_graph_training_equals_eager_and_falls_back_for_other_shapes():
         model.cuda().train()
         set_backend(model, CUDA_BACKEND)
         optimizer = torch.optim.SGD(list(peft.trainable.values()), lr=0.5)
-        forward = GraphedForward(model, (8, 3, 32, 32), torch.device("cuda")) if graphed else model
+        forward = GraphedForward(model, [(8, 3, 32, 32), (3, 3, 32, 32)], torch.device("cuda")) if graphed else model
         losses = []
-        for x, y in zip(images, labels):
+        for x, y in batches:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = F.cross_entropy(forward(x).float(), y)
             loss.backward()
@@ -602,7 +605,7 @@ def test_cuda_graph_training_equals_eager_and_falls_back_for_other_shapes():
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss))
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            small = forward(images[0, :3]).float()  # another batch shape: eager
+            small = forward(images[0, :5]).float()  # a shape not captured: eager
         runs.append((losses, {n: p.detach().clone() for n, p in peft.trainable.items()}, small))
     (eager_losses, eager_params, eager_small), (graph_losses, graph_params, graph_small) = runs
     assert graph_losses == pytest.approx(eager_losses, rel=1e-3)
@@ -629,7 +632,7 @@ def test_every_method_captures_as_a_cuda_graph(domain, method):
     set_backend(model.eval(), CUDA_BACKEND)  # eval: no dropout, so replay and eager see the same masks
     if domain == "vision":
         images = torch.randn(4, 3, 32, 32, device="cuda")
-        graphed = GraphedForward(model, images.shape, images.device)
+        graphed = GraphedForward(model, [images.shape], images.device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             eager, replayed = model(images), graphed(images)
     else:

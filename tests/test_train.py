@@ -4,6 +4,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from mambapeft.data.prepare import prepare_dataset
 from mambapeft.models import build_model
@@ -130,6 +131,22 @@ def test_a_steps_loss_is_read_once_the_next_step_is_queued(tiny_vision, tmp_path
     for step in range(total - 1):  # step's loss read after step + 1 was queued, but before a checkpoint
         queued_next = events.index(("step", step + 1)) < events.index(("read", step))
         assert queued_next != ((step + 1) % every == 0), step
+
+
+@pytest.mark.parametrize("batch_size,graphed_sizes", [(32, [32, 16]), (16, [16])])
+def test_cuda_graphs_cover_full_batches_and_an_epochs_shorter_last(tiny_vision, monkeypatch, batch_size, graphed_sizes):
+    """With `cuda_graphs` every vision training step replays a graph: one for full batches, and one for an
+    epoch's last where the training set (48 images here) is not a multiple of the batch (run eagerly, that
+    step was host-bound)."""
+    from mambapeft.train import vision
+
+    captured = []
+    monkeypatch.setattr(vision, "GraphedForward", lambda model, shapes, device: captured.extend(shapes))
+    task = vision.VisionTask({**tiny_vision, "train": {**tiny_vision["train"], "batch_size": batch_size}},
+                             torch.device("cpu"))
+    task.use_cuda_graph(None)
+    assert task.n_train == 48
+    assert captured == [(size, 3, 32, 32) for size in graphed_sizes]
 
 
 @pytest.fixture(scope="module")

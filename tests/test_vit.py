@@ -155,7 +155,7 @@ def test_vit_methods_capture_as_a_cuda_graph(method):
     model, _ = _adapted_vit(method)
     model.eval()  # no dropout: replay and eager see the same computation
     images = torch.randn(4, 3, 32, 32, device="cuda")
-    graphed = GraphedForward(model, images.shape, images.device)
+    graphed = GraphedForward(model, [images.shape], images.device)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager, replayed = model(images), graphed(images)
     torch.testing.assert_close(replayed.float(), eager.float(), rtol=1e-3, atol=1e-3)

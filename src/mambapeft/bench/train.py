@@ -99,7 +99,7 @@ def _vision_step(method: str, backbone: str, batch: int, size: int, cuda_graphs=
     model, result, optimizer, backend = _our_model(backbone, method, num_classes=100)
     images, labels = _random_images(batch, size)
     model.train()
-    forward = GraphedForward(model, images.shape, images.device) if cuda_graphs else model
+    forward = GraphedForward(model, [images.shape], images.device) if cuda_graphs else model
     return model, result, backend, _train_step(forward, optimizer, lambda m: F.cross_entropy(m(images).float(), labels))
 
 
