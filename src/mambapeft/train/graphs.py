@@ -35,3 +35,10 @@ def capture(model: nn.Module, fn: Callable, sample_args: tuple[torch.Tensor, ...
     # autocast's weight cache must be off while capturing (torch.cuda.make_graphed_callables)
     with garbage_collection_paused(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
         return torch.cuda.make_graphed_callables(_Call(model, fn), sample_args, pool=pool)
+
+
+def capture_each(model: nn.Module, fn: Callable, samples: dict) -> dict:
+    """{key: :func:`capture` of ``fn`` for inputs shaped as ``samples[key]``}, the captures sharing one
+    memory pool: only one may run at a time (a replay's outputs consumed before the next replay)."""
+    pool = torch.cuda.graph_pool_handle()
+    return {key: capture(model, fn, sample_args, pool=pool) for key, sample_args in samples.items()}

@@ -16,7 +16,7 @@ from ..data.instruct import read_instruct_json, split_train_val, tokenize_exampl
 from ..data.tokenizer import backbone_tokenizer_path, load_tokenizer
 from ..models.lm import MambaLMHeadModel
 from ..models.mamba import plain
-from .graphs import capture
+from .graphs import capture_each
 from .micro_batch import AUTO, micro_batch_setting
 from .seeding import epoch_permutation
 
@@ -96,12 +96,11 @@ class GraphedLoss:
     before the next replay starts."""
 
     def __init__(self, model: nn.Module, micro_batch: int, widths: list[int], device: torch.device):
-        self.micro_batch, self.widths, pool = micro_batch, sorted(widths), torch.cuda.graph_pool_handle()
-        self.graphs = {}
-        for width in self.widths:
-            sample = (torch.zeros(micro_batch, width, dtype=torch.long, device=device),
-                      torch.full((micro_batch, width - 1), IGNORE, dtype=torch.long, device=device))
-            self.graphs[width] = capture(model, _loss_sum_in_graph, sample, pool=pool)
+        self.micro_batch, self.widths = micro_batch, sorted(widths)
+        self.graphs = capture_each(model, _loss_sum_in_graph, {
+            width: (torch.zeros(micro_batch, width, dtype=torch.long, device=device),
+                    torch.full((micro_batch, width - 1), IGNORE, dtype=torch.long, device=device))
+            for width in self.widths})
 
     def fits(self, n_sequences: int, longest: int) -> bool:
         return n_sequences == self.micro_batch and longest <= self.widths[-1]

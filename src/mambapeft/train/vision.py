@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.image_set import ImageSet
-from .graphs import capture
+from .graphs import capture_each
 from .seeding import epoch_permutation
 
 
@@ -20,9 +20,9 @@ class GraphedForward:
     logits and gradients are consumed before the next starts); a batch of another shape runs eagerly."""
 
     def __init__(self, model: nn.Module, batch_shapes: list[tuple[int, ...]], device: torch.device):
-        self.model, pool = model, torch.cuda.graph_pool_handle()
-        self.graphs = {tuple(shape): capture(model, _forward, (torch.zeros(shape, device=device),), pool=pool)
-                       for shape in batch_shapes}
+        self.model = model
+        self.graphs = capture_each(model, _forward,
+                                   {tuple(shape): (torch.zeros(shape, device=device),) for shape in batch_shapes})
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         graph = self.graphs.get(tuple(images.shape))
@@ -67,8 +67,7 @@ class VisionTask:
         batches of 32 end each epoch on 8). That step, run eagerly, is host-bound: Vim-S LoRAp(X) on one
         H200 trained at 22.9-23.9 ms a step with it eager, 21.2-21.6 with it graphed (README, GPU machines)."""
         height, width = self.train_set.images.shape[1:3]
-        last = self.n_train - (self.iters_per_epoch - 1) * self.batch_size
-        sizes = dict.fromkeys((self.batch_size, last))  # one, where the batch divides the set
+        sizes = dict.fromkeys((self.batch_size, self.n_train % self.batch_size or self.batch_size))  # one where it divides
         self.graphed = GraphedForward(model, [(size, 3, height, width) for size in sizes], self.device)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
