@@ -896,3 +896,21 @@ def test_the_optimizer_on_a_gpu_is_the_fused_adamw_with_the_defaults_update():
         optimizer.step()
         reference.step()
     torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_background_checkpoint_holds_device_tensors_as_saved(tmp_path):
+    """The snapshot's copies are queued before the next step's kernels: an in-place update queued right
+    after the save (the next optimizer step) does not reach the file."""
+    from mambapeft.io import torch_load_verified
+    from mambapeft.train.checkpoint_writer import CheckpointWriter
+
+    device = torch.device("cuda")
+    weights = torch.arange(1 << 22, dtype=torch.float32, device=device)
+    writer = CheckpointWriter(device)
+    torch.cuda._sleep(50_000_000)  # the device busy: the copy waits in the queue behind it
+    writer.save({"w": weights, "step": torch.tensor(7, device=device)}, tmp_path / "checkpoint.pt")
+    weights.mul_(0)
+    writer.wait()
+    saved = torch_load_verified(tmp_path / "checkpoint.pt", map_location="cpu")
+    assert torch.equal(saved["w"], torch.arange(1 << 22, dtype=torch.float32)) and int(saved["step"]) == 7

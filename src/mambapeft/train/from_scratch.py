@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.token_cache import load_tokens
-from ..io import sha256_file, torch_load_verified, torch_save_verifiable, write_record_atomic
+from ..io import sha256_file, torch_load_verified, write_record_atomic
 from ..models import build_model
 from ..models.checkpoints import save_lm
 from ..models.dt_init import check_dt_init
@@ -33,6 +33,7 @@ from ..peft import apply_peft
 from ..peft.groups import describe_groups, param_groups
 from ..runspec import PRETRAIN_MODEL, PRETRAIN_RECORD, ConfigError
 from ..runtime import autocast_for, device_name, gpu_identity, peak_memory, place_model, resolve_device
+from .checkpoint_writer import CheckpointWriter
 from .language import token_loss_sum
 from .optim import build_optimizer, set_learning_rate
 from .progress import Progress
@@ -119,12 +120,13 @@ class Pretrainer:
         # WarmupCosine with one step per "epoch": linear warm-up from 0, then a per-step cosine to min_lr
         self.schedule = WarmupCosine(self.recipe["lr"], 1, self.recipe["steps"], self.recipe["warmup_steps"], 0.0,
                                      self.recipe["min_lr"])
+        self.checkpoints = CheckpointWriter(self.device)
 
     # -- resumable state ---------------------------------------------------------------------
     def _save_checkpoint(self, state: PretrainState) -> None:
-        torch_save_verifiable({"digest": spec_digest(self.spec), "state": state.__dict__,
+        self.checkpoints.save({"digest": spec_digest(self.spec), "state": state.__dict__,
                                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
-                              self.out / CHECKPOINT)
+                              self.out / CHECKPOINT)  # written while the next steps run
 
     def _resume(self) -> PretrainState:
         """The last checkpoint's state, or a fresh one when there is none or it cannot be trusted."""
@@ -163,15 +165,18 @@ class Pretrainer:
         self.state = state = self._resume()
         self.model.train()
         progress = Progress(self.recipe["steps"], state.step, self.spec["run"], self.spec["runtime"].get("wandb"))
-        while state.step < self.recipe["steps"]:
-            started = time.perf_counter()
-            loss = self._step(state.step)
-            state.step += 1
-            state.train_seconds += time.perf_counter() - started
-            state.losses.append(loss)
-            progress.update(state.step, loss, self.optimizer.param_groups[0]["lr"])
-            if state.step % self.recipe["checkpoint_every"] == 0 and state.step < self.recipe["steps"]:
-                self._save_checkpoint(state)
+        try:
+            while state.step < self.recipe["steps"]:
+                started = time.perf_counter()
+                loss = self._step(state.step)
+                state.step += 1
+                state.train_seconds += time.perf_counter() - started
+                state.losses.append(loss)
+                progress.update(state.step, loss, self.optimizer.param_groups[0]["lr"])
+                if state.step % self.recipe["checkpoint_every"] == 0 and state.step < self.recipe["steps"]:
+                    self._save_checkpoint(state)
+        finally:  # a checkpoint being written is on disk before the run goes on (or stops)
+            self.checkpoints.wait()
         progress.close()
         return state
 

@@ -26,6 +26,7 @@ from ..peft.groups import describe_groups, param_groups
 from ..peft.state import adapter_state_dict, save_adapter
 from ..runspec import ADAPTER, TRAIN_RECORD, ConfigError
 from ..runtime import autocast_for, device_name, gpu_identity, peak_memory, place_model, resolve_device
+from .checkpoint_writer import CheckpointWriter
 from .micro_batch import choose_micro_batch
 from .optim import build_optimizer, set_learning_rate
 from .progress import Progress
@@ -89,6 +90,7 @@ class Trainer:
             raise ConfigError(f"method {spec['method']['id']!r} trains no parameter; give it `train: {{epochs: 0}}` "
                              "(evaluation only) or PEFT members")
         self.optimizer = build_optimizer(self.groups, self.recipe["optimizer"]) if self.groups else None
+        self.checkpoints = CheckpointWriter(self.device)
 
     # -- what PEFT families measure before training (their prepare hooks) ------------------
     @property
@@ -122,10 +124,10 @@ class Trainer:
 
     # -- resumable state ---------------------------------------------------------------------
     def _save_checkpoint(self, state: LoopState) -> None:
-        torch_save_verifiable({"digest": spec_digest(self.spec), "state": state.__dict__,
+        self.checkpoints.save({"digest": spec_digest(self.spec), "state": state.__dict__,
                                "trainable": adapter_state_dict(self.peft),
                                "optimizer": self.optimizer.state_dict(),
-                               "rng": rng_state()}, self.out / CHECKPOINT)
+                               "rng": rng_state()}, self.out / CHECKPOINT)  # written while the next steps run
 
     def _resume(self) -> LoopState:
         """The loop state of the last checkpoint, or a fresh one when there is none or it cannot be
@@ -239,6 +241,16 @@ class Trainer:
                          and hasattr(self.task, "use_cuda_graph"))
         self._use_micro_batch(state, graph_pending)
         progress = Progress(self.task.total_steps, state.step, self.spec["run"], self.spec["runtime"].get("wandb"))
+        try:
+            self._loop(state, checks, graph_pending, progress)
+        finally:  # a checkpoint being written is on disk before the run goes on (or stops)
+            self.checkpoints.wait()
+        progress.close()
+        if state.best_step is not None:
+            self._load_trainable(torch_load_verified(self.out / BEST, map_location=self.device))
+        return state
+
+    def _loop(self, state: LoopState, checks: list, graph_pending: bool, progress: Progress) -> None:
         # a step's loss is read (and checked for divergence) once the next step is queued: reading it
         # waits for the device, which then still has that step to run. Read at once (a wait before the
         # backward and one after the optimizer), a graphed Vim-S LoRAp(X) step took 20.9 ms against
@@ -270,10 +282,6 @@ class Trainer:
             self._maybe_validate(state)
             if self._checkpoint_due(state):
                 self._save_checkpoint(state)
-        progress.close()
-        if state.best_step is not None:
-            self._load_trainable(torch_load_verified(self.out / BEST, map_location=self.device))
-        return state
 
     # -- result ------------------------------------------------------------------------------
     def run(self) -> dict:
