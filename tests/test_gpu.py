@@ -909,8 +909,15 @@ def test_a_background_checkpoint_holds_device_tensors_as_saved(tmp_path):
     weights = torch.arange(1 << 22, dtype=torch.float32, device=device)
     writer = CheckpointWriter(device)
     torch.cuda._sleep(50_000_000)  # the device busy: the copy waits in the queue behind it
-    writer.save({"w": weights, "step": torch.tensor(7, device=device)}, tmp_path / "checkpoint.pt")
+    grid = torch.arange(12.0, device=device).view(3, 4)
+    state = {"w": weights, "step": torch.tensor(7, device=device), "bf16": [grid.bfloat16(), grid.t()],
+             "host": torch.ones(2)}
+    writer.save(state, tmp_path / "checkpoint.pt")
     weights.mul_(0)
+    grid.mul_(0)
     writer.wait()
     saved = torch_load_verified(tmp_path / "checkpoint.pt", map_location="cpu")
     assert torch.equal(saved["w"], torch.arange(1 << 22, dtype=torch.float32)) and int(saved["step"]) == 7
+    expected = torch.arange(12.0).view(3, 4)
+    assert torch.equal(saved["bf16"][0], expected.bfloat16()) and torch.equal(saved["bf16"][1], expected.t())
+    assert torch.equal(saved["host"], torch.ones(2))

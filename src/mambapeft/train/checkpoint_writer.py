@@ -68,18 +68,39 @@ class CheckpointWriter:
 
 def host_copy(value):
     """``value`` (nested dicts, lists and tuples of tensors, NumPy arrays and plain values) with its
-    tensors and containers copied as they are now: a device tensor into pinned host memory by a copy
-    queued on the device (read it once the device has run it), a host tensor or array cloned."""
+    tensors and containers copied as they are now: the device tensors of a dtype gathered into one
+    buffer and that copied into pinned host memory by one copy queued on the device (read them once the
+    device has run it; a copy a tensor took ~16 ms of host time for LoRAp(X)'s ~400 on an H200 host,
+    the device idle meanwhile), host tensors and arrays cloned."""
+    on_device: dict[torch.dtype, list[torch.Tensor]] = {}
+    _collect_device_tensors(value, on_device)
+    views = {}
+    for dtype, tensors in on_device.items():
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        host = torch.empty(flat.shape, dtype=dtype, pin_memory=True).copy_(flat, non_blocking=True)
+        for t, part in zip(tensors, host.split([t.numel() for t in tensors])):
+            views[id(t)] = part.view(t.shape)
+    return _rebuilt(value, views)
+
+
+def _collect_device_tensors(value, by_dtype: dict) -> None:
     if isinstance(value, dict):
-        return {key: host_copy(item) for key, item in value.items()}
+        value = list(value.values())
     if isinstance(value, (list, tuple)):
-        items = [host_copy(item) for item in value]
+        for item in value:
+            _collect_device_tensors(item, by_dtype)
+    elif isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        by_dtype.setdefault(value.dtype, []).append(value)
+
+
+def _rebuilt(value, views: dict):
+    if isinstance(value, dict):
+        return {key: _rebuilt(item, views) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_rebuilt(item, views) for item in value]
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, torch.Tensor):
-        value = value.detach()
-        if value.device.type == "cpu":
-            return value.clone()
-        return torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+        return views[id(value)] if value.device.type != "cpu" else value.detach().clone()
     if isinstance(value, np.ndarray):
         return value.copy()
     return value  # immutable: str, bytes, numbers, None
