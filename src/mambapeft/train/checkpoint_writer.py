@@ -73,7 +73,9 @@ def host_copy(value):
     device has run it; a copy a tensor took ~16 ms of host time for LoRAp(X)'s ~400 on an H200 host,
     the device idle meanwhile), host tensors and arrays cloned."""
     on_device: dict[torch.dtype, list[torch.Tensor]] = {}
-    _collect_device_tensors(value, on_device)
+    for t in _tensors(value):
+        if t.device.type != "cpu":
+            on_device.setdefault(t.dtype, []).append(t)
     views = {}
     for dtype, tensors in on_device.items():
         flat = torch.cat([t.detach().reshape(-1) for t in tensors])
@@ -81,16 +83,6 @@ def host_copy(value):
         for t, part in zip(tensors, host.split([t.numel() for t in tensors])):
             views[id(t)] = part.view(t.shape)
     return _rebuilt(value, views)
-
-
-def _collect_device_tensors(value, by_dtype: dict) -> None:
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            _collect_device_tensors(item, by_dtype)
-    elif isinstance(value, torch.Tensor) and value.device.type != "cpu":
-        by_dtype.setdefault(value.dtype, []).append(value)
 
 
 def _rebuilt(value, views: dict):
@@ -108,10 +100,15 @@ def _rebuilt(value, views: dict):
 
 def tensor_bytes(value) -> int:
     """Bytes of the tensors in a nested state."""
+    return sum(t.numel() * t.element_size() for t in _tensors(value))
+
+
+def _tensors(value):
+    """The tensors of a nested state (dicts, lists, tuples), in order."""
     if isinstance(value, dict):
-        return sum(tensor_bytes(item) for item in value.values())
+        value = list(value.values())
     if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(item) for item in value)
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    return 0
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, torch.Tensor):
+        yield value

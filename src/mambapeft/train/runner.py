@@ -57,6 +57,13 @@ class LoopState:
     micro_batch: dict | None = None  # how it was chosen (micro_batch.py); a resumed run keeps its checkpoint's
 
 
+@dataclass
+class _Staged:
+    """A loss copied to pinned host memory (:func:`_staged`) and the event marking the copy done."""
+    host: torch.Tensor  # pinned
+    copied: torch.cuda.Event
+
+
 def _loss_value(loss: torch.Tensor | _Staged, step: int, lr: float) -> float:
     """The loss of step ``step`` (0-based) as a float (waiting for the device; for a :func:`_staged`
     loss, for its step only); DivergedError where it is not finite."""
@@ -67,12 +74,6 @@ def _loss_value(loss: torch.Tensor | _Staged, step: int, lr: float) -> float:
     if not math.isfinite(value):
         raise DivergedError(f"loss is {value} at step {step} (lr {lr:.3g})")
     return value
-
-
-@dataclass
-class _Staged:
-    host: torch.Tensor  # pinned
-    copied: torch.cuda.Event
 
 
 def _staged(loss: torch.Tensor) -> torch.Tensor | _Staged:
