@@ -63,3 +63,27 @@ def test_a_state_over_the_limit_is_written_before_save_returns(tmp_path, monkeyp
     writer.save(state, tmp_path / "checkpoint.pt")
     assert writer._thread is None and (tmp_path / "checkpoint.pt").is_file()
     assert checkpoint_writer.tensor_bytes(state) == 8 * 4
+
+
+def test_writing_says_whether_a_write_is_in_flight_and_raises_a_failed_one(tmp_path, monkeypatch):
+    release, outcomes = threading.Event(), iter([None, OSError(28, "No space left on device")])
+
+    def slow_save(state, path):
+        release.wait(5)
+        failure = next(outcomes)
+        if failure is not None:
+            raise failure
+        path.write_text(str(state["step"]))
+
+    monkeypatch.setattr(checkpoint_writer, "torch_save_verifiable", slow_save)
+    writer = CheckpointWriter(torch.device("cpu"))
+    assert not writer.writing(1)
+    writer.save({"step": 1}, tmp_path / "a")
+    assert writer.writing(2)  # the loop skips the checkpoint due at step 2
+    release.set()
+    writer._thread.join(5)
+    assert not writer.writing(3) and (tmp_path / "a").read_text() == "1"
+    writer.save({"step": 3}, tmp_path / "a")
+    writer._thread.join(5)
+    with pytest.raises(OSError, match="No space"):
+        writer.writing(4)

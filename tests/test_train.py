@@ -133,6 +133,44 @@ def test_a_steps_loss_is_read_once_the_next_step_is_queued(tiny_vision, tmp_path
         assert queued_next != ((step + 1) % every == 0), step
 
 
+def test_a_checkpoint_due_while_the_last_is_written_is_skipped_not_waited_for(tiny_vision, tmp_path, monkeypatch,
+                                                                            caplog):
+    """Where a checkpoint's write outlasts the steps to the next (full fine-tuning on a GPU), the loop
+    takes the next one due instead of waiting for the disk; the run ends as usual."""
+    import threading
+
+    from mambapeft.runspec import training_spec
+    from mambapeft.train import checkpoint_writer, runner
+
+    release, written = threading.Event(), []
+    real_save = checkpoint_writer.torch_save_verifiable
+
+    def slow_first_save(state, path):
+        if not written:
+            release.wait(30)
+        real_save(state, path)
+        written.append(state["state"]["step"])
+
+    monkeypatch.setattr(checkpoint_writer, "torch_save_verifiable", slow_first_save)
+    trainer = runner.Trainer(training_spec({**tiny_vision, "output_dir": str(tmp_path)}))
+    every, train_loss = trainer.task.checkpoint_every, trainer.task.train_loss
+
+    def train_loss_then(model, step, autocast):
+        if step == 3 * every:  # two checkpoints have fallen due since the first began: let it finish
+            release.set()
+        if step > 3 * every:  # each write done before the next falls due
+            trainer.checkpoints.wait()
+        return train_loss(model, step, autocast)
+
+    monkeypatch.setattr(trainer.task, "train_loss", train_loss_then)
+    with caplog.at_level("DEBUG", logger="mambapeft.train"):
+        state = trainer.train()
+    due = list(range(every, trainer.total_steps, every))
+    assert written == [due[0], *due[3:]] and len(due) > 3
+    assert [f"step {step}: checkpoint skipped" in caplog.text for step in due[1:3]] == [True, True]
+    assert state.step == trainer.total_steps
+
+
 @pytest.mark.parametrize("batch_size,graphed_sizes", [(32, [32, 16]), (16, [16])])
 def test_cuda_graphs_cover_full_batches_and_an_epochs_shorter_last(tiny_vision, monkeypatch, batch_size, graphed_sizes):
     """With `cuda_graphs` every vision training step replays a graph: one for full batches, and one for an

@@ -1,14 +1,21 @@
 """Where a trainer epoch's time goes (NVIDIA_H200.md): ms a step per epoch, the main thread's time in
 _save_checkpoint, and for a variant named *prof* a torch.profiler window of epochs 6-7.
 
-    PYTHONPATH=src python3 trainprof.py SPEC.json base,prof[,nockpt,noclip_nockpt] LABEL-
+    PYTHONPATH=src python3 trainprof.py SPEC.json base,prof[,nockpt,noclip_nockpt,swi] LABEL-
 
 SPEC: a training spec as `mambapeft train --spec` takes (train.json's `config`); a CUDA device. $OUT (or
 /tmp) receives kernels_<label>.txt and trace_<label>.json.
 """
 import copy, json, os, shutil, statistics, sys, time
 import torch
+from mambapeft.train import checkpoint_writer
 from mambapeft.train.runner import Trainer
+
+writes = []  # seconds each checkpoint's write took (on the writer's thread)
+_write = checkpoint_writer.torch_save_verifiable
+def timed_write(state, path):
+    a = time.perf_counter(); _write(state, path); writes.append(time.perf_counter() - a)
+checkpoint_writer.torch_save_verifiable = timed_write
 
 base = json.load(open(sys.argv[1]))
 variants = sys.argv[2].split(",")
@@ -22,8 +29,10 @@ def run(name):
     shutil.rmtree(spec["output_dir"], ignore_errors=True)
     if "noclip" in name: spec["train"]["grad_clip_norm"] = 0
     if "nockpt" in name: spec["train"]["checkpoint_every"] = 1000
+    sys.setswitchinterval(2e-4 if "swi" in name else 5e-3)  # the GIL's hand-over interval (CPython's default 5 ms)
     t = Trainer(spec)
     marks, saves = [], []
+    writes.clear()
     orig_save = t._save_checkpoint
     def save(state):
         torch.cuda.synchronize(); a = time.perf_counter()
@@ -47,7 +56,7 @@ def run(name):
     t0 = time.perf_counter(); state = t.train(); torch.cuda.synchronize(); marks.append((state.step, time.perf_counter()))
     per = [(b[1] - a[1]) / (b[0] - a[0]) * 1e3 for a, b in zip(marks, marks[1:])]
     print(f"{label}: ms/step per epoch {[round(x, 2) for x in per]}; median epochs 3+: {statistics.median(per[3:]):.2f}; "
-          f"ckpt save ms {[round(s * 1e3, 1) for s in saves[:6]]}; train_seconds {state.train_seconds:.2f}; wall {time.perf_counter() - t0:.2f}", flush=True)
+          f"ckpt save ms {[round(s * 1e3, 1) for s in saves[:6]]}; {len(writes)} writes of ms {[round(w * 1e3) for w in writes[:6]]}; train_seconds {state.train_seconds:.2f}; wall {time.perf_counter() - t0:.2f}", flush=True)
 
 def report(prof, name, steps):
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

@@ -124,6 +124,8 @@ class Pretrainer:
 
     # -- resumable state ---------------------------------------------------------------------
     def _save_checkpoint(self, state: PretrainState) -> None:
+        if self.checkpoints.writing(state.step):  # the loop does not wait for the disk
+            return
         self.checkpoints.save({"digest": spec_digest(self.spec), "state": state.__dict__,
                                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
                               self.out / CHECKPOINT)  # written while the next steps run

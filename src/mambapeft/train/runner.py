@@ -147,6 +147,8 @@ class Trainer:
 
     # -- resumable state ---------------------------------------------------------------------
     def _save_checkpoint(self, state: LoopState) -> None:
+        if self.checkpoints.writing(state.step):  # the loop does not wait for the disk
+            return
         # the trainable tensors as they are: the writer copies them to the host with the rest, in one copy
         # a dtype (adapter_state_dict copies one tensor at a time, each waiting: ~50 for Vim-S LoRAp(X))
         self.checkpoints.save({"digest": spec_digest(self.spec), "state": state.__dict__,
