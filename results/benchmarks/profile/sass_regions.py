@@ -1,0 +1,83 @@
+"""Instructions a full 16-step tile of the short scan's backward issues, by region, from the sm_90 SASS of
+a variant compiled on the CPU: no GPU needed (the counts of the README's and the commits' "SASS" figures).
+
+    pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm   # (the nvidia-cuda-nvrtc wheel compiles)
+    PYTHONPATH=src python3 results/benchmarks/profile/sass_regions.py [--states 16] [--source FILE] [-D...]
+
+Markers (``pmevent``, which SASS keeps as PMTRIG) go in a copy of the source at the tile's reads, its
+shared-memory puts and per-(step, channel) work, each chunk's walk, the chunk's sums over warps and the
+stores; the partial last tile's walk is left out, so each region's instructions run once a full tile
+(the chunk regions: twice). Static counts: they show what a change removes, not what it costs in time.
+"""
+import argparse, collections, ctypes, os, pathlib, re, shutil, subprocess, sys
+
+import torch
+
+from mambapeft.models import nvrtc, scan_short
+
+MARKS = [("        fetch(u_in, u, u_sc, left, t0, length);\n", 1, "reads into registers"),
+         ("        __syncthreads();  // the last tile's gradients are stored\n", 2, "puts, per-(step, channel) work"),
+         ("        for (int first = TILE - CHUNK; first >= 0; first -= CHUNK) {  // the tile's chunks, from the last\n", 3,
+          "the chunks' walks"),
+         ("            // the chunk's dB and dC: the block's warps' sums, one global atomic per (state, step)\n", 4,
+          "the chunks' sums over warps"),
+         ("        store_gradients(du, ddelta, dz, out_z, du_sc", 5, "stores")]
+
+
+def marked(source: str) -> str:
+    source = source.replace("else walk(Flag<false>());", "")
+    for text, n, _ in MARKS:
+        if source.count(text) != 1:
+            sys.exit(f"sass_regions: the source no longer has {text.strip()!r}: update MARKS")
+        marker = f'asm volatile("pmevent {n};");\n'
+        source = source.replace(text, text + "            " + marker if n == 3 else "        " + marker + text)
+    return source
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--states", type=int, default=16)
+    parser.add_argument("--source", type=pathlib.Path, help="a scan_short.cu to count (default: the package's)")
+    parser.add_argument("defines", nargs="*", help="extra compiler options, e.g. -DKNOWN_BACKWARD_ARGS=...")
+    args = parser.parse_args()
+    wheels = pathlib.Path(sys.prefix).glob("lib/python*/site-packages/nvidia/cu*")
+    found = {path.name: path for wheel in wheels for path in (*wheel.glob("bin/cuobjdump"), *wheel.glob("lib/libnvrtc.so*"))}
+    cuobjdump = shutil.which("cuobjdump") or found.get("cuobjdump")
+    library = next((path for name, path in found.items() if name.startswith("libnvrtc.so")), None)
+    if cuobjdump is None or library is None:
+        sys.exit("sass_regions: needs cuobjdump, nvdisasm and NVRTC: "
+                 "pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm nvidia-cuda-nvrtc")
+    source = args.source.read_text() if args.source else nvrtc.package_source(scan_short.SOURCE)
+    options = scan_short.macros(torch.bfloat16, torch.bfloat16, True, True, True, True, False, False, args.states,
+                                False, True) + args.defines
+    cubin = nvrtc.compile_cubin(marked(source), scan_short.SOURCE, "90", options, ctypes.CDLL(str(library)))
+    path = pathlib.Path("/tmp/sass_regions.cubin")
+    path.write_bytes(cubin)
+    env = {**os.environ, "PATH": f"{pathlib.Path(cuobjdump).parent}:{os.environ.get('PATH', '')}"}  # its nvdisasm
+    done = subprocess.run([str(cuobjdump), "-sass", "-fun", "scan_bwd", str(path)], capture_output=True, text=True, env=env)
+    if "scan_bwd" not in done.stdout:
+        sys.exit(f"sass_regions: cuobjdump: {done.stderr.strip()}")
+    sass = done.stdout
+    resources = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    region, counts = 0, collections.defaultdict(collections.Counter)
+    for line in sass.splitlines():
+        match = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*)", line)
+        if not match:
+            continue
+        opcode = match.group(2).split(".")[0]
+        if opcode == "PMTRIG":
+            region = int(match.group(3).strip(), 16).bit_length() - 1
+            continue
+        counts[region][opcode] += 1
+    names = {0: "set-up, the first pass (without kept states)", **{n: name for _, n, name in MARKS}}
+    for n in sorted(counts):
+        top = " ".join(f"{op}:{k}" for op, k in counts[n].most_common(8))
+        print(f"{names[n]:46s} {sum(counts[n].values()):6d}  {top}")
+    print("a full tile:", sum(sum(counts[n].values()) for n in counts if n), "instructions")
+    lines = resources.splitlines()
+    usage = lines[lines.index(" Function scan_bwd:") + 1].strip() if " Function scan_bwd:" in lines else "?"
+    print("the compile with markers (its stack can differ from the unmarked one's by a few bytes):", usage)
+
+
+if __name__ == "__main__":
+    main()
