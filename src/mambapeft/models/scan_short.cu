@@ -584,8 +584,8 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                         }
                         // g exp(dt A) h_before, what dt's and A's gradients both take, from the state before
                         // (not as g (h - B dt u): one FFMA a state fewer, no cancellation; at Vim-S's shape,
-                        // one H200, graph-timed: 193.3 -> 186.3 us, reverse 192.3 -> 189.0; 22 states 325.1
-                        // -> 316.7, 330.1 -> 324.3)
+                        // one H200, graph-timed against the kernel before: 192.4 -> 189.7 us, reverse 193.6 ->
+                        // 191.5; 22 states 326.5 -> 319.5, 342.9 -> 328.1)
 #pragma unroll
                         for (int s = 0; s < OWN; ++s) {
                             const int n = group * OWN + s;
