@@ -1,15 +1,29 @@
 """Our CUDA kernels (``scan_short.cu``, ``conv_bwd.cu``), compiled at run time by NVRTC, the compiler
 PyTorch's CUDA wheels ship, and loaded by PyTorch (``torch.cuda._utils``): no build step, no compiler
 on the user's machine. ``kernels.cuh`` holds what both files share, handed to NVRTC as a header.
+
+Each compiled variant is kept on disk (:func:`cached_cubin`, under ``$MAMBAPEFT_KERNEL_CACHE`` or
+``~/.cache/mambapeft/kernels``), so that every training process of a grid does not compile the same
+variants again: a file per (source, headers, options, architecture, NVRTC version), named by their
+SHA-256, written atomically (processes compiling the same variant at once each write a whole file).
+``MAMBAPEFT_KERNEL_CACHE=off`` compiles in every process; a cache that cannot be written is skipped.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
+import logging
 import os
 from importlib import resources
+from pathlib import Path
 
 import torch
+
+from ..io import write_bytes_atomic
+
+log = logging.getLogger("mambapeft.kernels")
+CACHE_ENV = "MAMBAPEFT_KERNEL_CACHE"  # a folder for compiled kernels, or "off"
 
 HEADERS = ("kernels.cuh",)
 MEASURED_ARCH_MAJOR = 9  # Hopper (H100, H200): the only architecture our kernels were timed on
@@ -63,6 +77,45 @@ def compile_cubin(source: str, source_name: str, arch: str, options: list[str], 
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
 
+def cache_folder() -> Path | None:
+    """Where compiled kernels are kept: ``$MAMBAPEFT_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/mambapeft/kernels``
+    (``~/.cache/mambapeft/kernels``); None where the variable is "off"."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen == "off":
+        return None
+    if chosen:
+        return Path(chosen)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mambapeft" / "kernels"
+
+
+def _version(nvrtc: ctypes.CDLL) -> str:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    nvrtc.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return f"{major.value}.{minor.value}"
+
+
+def cached_cubin(source_name: str, arch: str, options: list[str], nvrtc: ctypes.CDLL) -> bytes:
+    """:func:`compile_cubin` of this package's ``source_name`` (with its headers), read from the
+    kernel cache (:func:`cache_folder`) where an earlier process compiled the same variant, else
+    compiled and kept there."""
+    source = package_source(source_name)
+    headers = {name: package_source(name) for name in HEADERS}
+    key = hashlib.sha256("\0".join([source, *headers, *headers.values(), arch, *options, _version(nvrtc)]).encode())
+    folder = cache_folder()
+    path = folder / f"{source_name}.{key.hexdigest()[:32]}.sm_{arch}.cubin" if folder is not None else None
+    if path is not None and path.is_file():
+        cubin = path.read_bytes()
+        if cubin[:4] == b"\x7fELF":  # a cubin; anything else is compiled again and replaced
+            return cubin
+    cubin = compile_cubin(source, source_name, arch, options, nvrtc, headers)
+    if path is not None:
+        try:
+            write_bytes_atomic(path, cubin)
+        except OSError as err:  # a read-only or full cache: compile in each process instead
+            log.debug("kernel cache %s not written (%s)", path, err)
+    return cubin
+
+
 @functools.cache
 def nvrtc_available() -> bool:
     """Whether PyTorch's NVRTC library loads (CUDA builds of PyTorch ship it) and PyTorch can load a
@@ -97,8 +150,7 @@ def load_kernels(source_name: str, device_index: int, options: tuple[str, ...], 
 
     major, minor = torch.cuda.get_device_capability(device_index)
     try:
-        cubin = compile_cubin(package_source(source_name), source_name, f"{major}{minor}", list(options),
-                              _get_gpu_rtc_library())
+        cubin = cached_cubin(source_name, f"{major}{minor}", list(options), _get_gpu_rtc_library())
     except RuntimeError as error:
         raise RuntimeError(f"{error}\nOur {source_name} did not compile on this machine: set {off_switch}=0 to "
                            "train with the packages' kernels, and report the log above") from error
