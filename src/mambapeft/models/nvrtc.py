@@ -79,13 +79,18 @@ def compile_cubin(source: str, source_name: str, arch: str, options: list[str], 
 
 def cache_folder() -> Path | None:
     """Where compiled kernels are kept: ``$MAMBAPEFT_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/mambapeft/kernels``
-    (``~/.cache/mambapeft/kernels``); None where the variable is "off"."""
+    (``~/.cache/mambapeft/kernels``); None where the variable is "off" or there is no home folder."""
     chosen = os.environ.get(CACHE_ENV)
     if chosen == "off":
         return None
     if chosen:
         return Path(chosen)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mambapeft" / "kernels"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "mambapeft" / "kernels"
+    try:
+        return Path.home() / ".cache" / "mambapeft" / "kernels"
+    except RuntimeError:  # no home folder to be found (a bare container): compile in each process
+        return None
 
 
 def _version(nvrtc: ctypes.CDLL) -> str:
