@@ -108,8 +108,11 @@ def cached_cubin(source_name: str, arch: str, options: list[str], nvrtc: ctypes.
     key = hashlib.sha256("\0".join([source, *headers, *headers.values(), arch, *options, _version(nvrtc)]).encode())
     folder = cache_folder()
     path = folder / f"{source_name}.{key.hexdigest()[:32]}.sm_{arch}.cubin" if folder is not None else None
-    if path is not None and path.is_file():
-        cubin = path.read_bytes()
+    if path is not None:
+        try:
+            cubin = path.read_bytes()
+        except OSError:  # not there yet (or unreadable)
+            cubin = b""
         if cubin[:4] == b"\x7fELF":  # a cubin; anything else is compiled again and replaced
             return cubin
     cubin = compile_cubin(source, source_name, arch, options, nvrtc, headers)
