@@ -71,6 +71,27 @@ def test_launch_covers_every_channel_on_the_tensors_device(monkeypatch):
     assert calls[1] == {"grid": (5, 3, 1), "block": (64, 1, 1), "args": ["args"]}
 
 
+def test_the_first_layouts_a_variant_runs_are_compiled_in_and_later_ones_read_as_arguments(monkeypatch):
+    """Each kernel's sizes and strides go into its compile (KNOWN_*_ARGS) for its first MAX_LAYOUTS
+    layouts (a training run's few); a layout seen before takes its kernel again; past them the kernel
+    reads them as arguments, as it always receives them (one compile for any number of layouts)."""
+    kernels = []
+    monkeypatch.setattr(scan_short, "_layouts", {})
+    monkeypatch.setattr(nvrtc, "load_kernels", lambda source, index, options, names, switch: (options[-1],))
+    monkeypatch.setattr(scan_short, "_launch", lambda kernel, u, states, args: kernels.append((kernel, args[12:])))
+    A = torch.zeros(5, 16)
+    for length in (7, 8, 9, 10, 11, 7):
+        u = torch.zeros(2, 5, length)
+        B = torch.zeros(2, length, 16).transpose(1, 2)  # token-major
+        scan_short.forward(u, u, A, B, B, None, None, None, False)
+    assert kernels[0] == ("-DKNOWN_FORWARD_ARGS=channels=5;length=7;u_sb=35;u_sc=7;delta_sb=35;delta_sc=7;z_sb=35;"
+                          "z_sc=7;B_sb=112;B_sn=1;B_sl=16;C_sb=112;C_sn=1;C_sl=16;out_sb=35;out_sc=7;out_z_sb=35;out_z_sc=7;",
+                          [5, 7, 0, 35, 7, 35, 7, 35, 7, 112, 1, 16, 112, 1, 16, 35, 7, 35, 7])
+    assert [f"length={length};" in kernel for (kernel, _), length in zip(kernels, (7, 8, 9, 10))] == [True] * 4
+    assert not kernels[4][0].startswith("-DKNOWN")  # the 5th: as arguments
+    assert kernels[4][1][1] == 11 and kernels[5] == kernels[0]  # length 7 again: its kernel
+
+
 def test_a_sequence_strided_along_time_is_refused():
     with pytest.raises(ValueError, match="unit stride along time"):
         scan_short._strides(torch.zeros(2, 5, 4).transpose(1, 2))
@@ -98,6 +119,9 @@ def test_nvrtc_not_found_on_a_cpu_build():
         assert not nvrtc.nvrtc_available()
 
 
+# a layout compiled in (Vim-S's: u, delta, z, dout channel-major, B and C token-major) for both kernels
+KNOWN = [f"-DKNOWN_FORWARD_ARGS={scan_short.known_args(scan_short.FORWARD_INTS, (768, 197, 1, *[197, 6304] * 3, *[11032, 1, 56] * 2, *[197, 6304] * 2))}",
+         f"-DKNOWN_BACKWARD_ARGS={scan_short.known_args(scan_short.BACKWARD_INTS, (768, 197, 1, *[197, 6304] * 3, *[11032, 1, 56] * 2, *[197, 6304] * 5, *[6304, 1, 32] * 2))}"]
 VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus, *rest)
             for in_dtype, bc_dtype in itertools.product((torch.float32, torch.bfloat16), repeat=2)
             for has_D, has_z, has_bias, softplus in ((True, True, True, True), (False, False, False, False))
@@ -113,7 +137,7 @@ def test_every_variant_compiles_for_hopper():
     source = nvrtc.package_source(scan_short.SOURCE)
 
     def compile_variant(variant):
-        return nvrtc.compile_cubin(source, scan_short.SOURCE, "90", scan_short.macros(*variant), library)
+        return nvrtc.compile_cubin(source, scan_short.SOURCE, "90", scan_short.macros(*variant) + KNOWN, library)
 
     # on every core: NVRTC compiles programs concurrently, and ctypes lets go of the GIL during its calls
     with ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -294,6 +318,28 @@ def test_states_kept_by_the_forward_give_the_backward_its_gradients(length, reve
     assert torch.equal(out, out_kept)
     for name, got, expected in zip(NAMES, grads_kept, grads):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("states, reverse", [(16, False), (16, True), (22, True)])
+def test_a_layout_compiled_in_computes_what_its_arguments_do(monkeypatch, states, reverse):
+    """The kernels with the layout's sizes and strides compiled in (KNOWN_*_ARGS) and reading them as
+    arguments (past MAX_LAYOUTS): the same output and sequence gradients bit for bit, the sums over
+    channels and steps (float atomics, in any order) to rounding."""
+    skip_without_a_gpu_and_nvrtc()
+    inputs = kernel_inputs(4, 96, 197, torch.bfloat16, True, torch.Generator().manual_seed(3), states=states)
+    monkeypatch.setattr(scan_short, "_layouts", {})
+    out, grads = _ours(*inputs, reverse=reverse, keep_states=True)
+    assert all(any(layout) for layout in scan_short._layouts.values())  # compiled in
+    monkeypatch.setattr(scan_short, "MAX_LAYOUTS", 0)
+    monkeypatch.setattr(scan_short, "_layouts", {})
+    out_args, grads_args = _ours(*inputs, reverse=reverse, keep_states=True)
+    assert torch.equal(out, out_args)
+    for name, got, expected in zip(NAMES, grads_args, grads):
+        if name in ("u", "delta", "z"):
+            assert torch.equal(got, expected), name
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
 
 
 @pytest.mark.gpu

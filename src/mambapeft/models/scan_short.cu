@@ -305,6 +305,16 @@ __device__ __forceinline__ void store_gradients(in_t* du, in_t* ddelta, in_t* dz
 // the block's sequence pointers: batch b, its first channel
 #define ROWS(ptr, name) ptr + (long long)b * name##_sb + (long long)c0 * name##_sc
 
+// The layout's sizes and strides where scan_short.py compiled them in (KNOWN_FORWARD_ARGS and
+// KNOWN_BACKWARD_ARGS, each kernel's: assignments such as "length=197;u_sc=6304;" to its arguments of
+// those names): the compiler then folds them into each read's and store's address
+#ifndef KNOWN_FORWARD_ARGS
+#define KNOWN_FORWARD_ARGS
+#endif
+#ifndef KNOWN_BACKWARD_ARGS
+#define KNOWN_BACKWARD_ARGS
+#endif
+
 // what every kernel starts with: the thread's channel (slot) and state group, its states' A and offset
 #define THREAD_SETUP                                                                                  \
     const int b = blockIdx.y, c0 = blockIdx.x * CHANNELS, left = channels - c0;                       \
@@ -370,6 +380,7 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     __shared__ qtile_t steps;  // per (step, channel): dt, dt u (then the sum over states of C h)
     __shared__ float Bs[TILE][NPAD], Cs[TILE][NPAD];
     __shared__ float bias_s[CHANNELS], D_s[CHANNELS];
+    KNOWN_FORWARD_ARGS
     THREAD_SETUP
     channel_values(bias_s, delta_bias, HAS_BIAS, c0, channels);  // read before the first tile's barriers
     channel_values(D_s, Dskip, HAS_D, c0, channels);
@@ -462,6 +473,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     __shared__ float sums[WARPS][CHUNK][SUMS_ROW];
     // per channel: delta_bias, and the block's sums of d loss / d D and d loss / d delta_bias
     __shared__ float bias_s[CHANNELS], column_sums[2][CHANNELS];
+    KNOWN_BACKWARD_ARGS
     THREAD_SETUP
     channel_values(bias_s, delta_bias, HAS_BIAS, c0, channels);  // read and zeroed before the first barriers
     if ((int)threadIdx.x < CHANNELS) column_sums[0][threadIdx.x] = column_sums[1][threadIdx.x] = 0.f;

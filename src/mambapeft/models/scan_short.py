@@ -15,6 +15,7 @@ strides, unit stride along L; A (D, N); B, C (B, N, L), any strides; D, delta_bi
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 
@@ -98,11 +99,41 @@ def _launch(kernel, u: torch.Tensor, states: int, args: list) -> None:
     nvrtc.launch(kernel, u.device, ((u.shape[1] + channels - 1) // channels, u.shape[0], 1), channels * LANES, args)
 
 
-def _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset, accumulate=False, stores_out_z=True):
-    """(forward, backward) kernels for these inputs' dtypes, state count and the arguments given."""
-    options = macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus, reverse,
-                     offset is not None, A.shape[1], accumulate, stores_out_z)
-    return nvrtc.load_kernels(SOURCE, u.device.index, tuple(options), ("scan_fwd", "scan_bwd"), ENV)
+# Each kernel's integer arguments after its pointers, in order (scan_short.cu's signatures). All but the
+# flags are the layout's sizes and strides, compiled into the kernel (KNOWN_*_ARGS) for the first
+# MAX_LAYOUTS layouts a variant runs (a training run has a few: a batch's, an epoch's shorter last, an
+# evaluation batch's); past them, the variant reading them as arguments (no compile per layout)
+FORWARD_INTS = ("channels", "length", "keep_states", "u_sb", "u_sc", "delta_sb", "delta_sc", "z_sb", "z_sc",
+                "B_sb", "B_sn", "B_sl", "C_sb", "C_sn", "C_sl", "out_sb", "out_sc", "out_z_sb", "out_z_sc")
+BACKWARD_INTS = ("channels", "length", "states_given", "u_sb", "u_sc", "delta_sb", "delta_sc", "z_sb", "z_sc",
+                 "B_sb", "B_sn", "B_sl", "C_sb", "C_sn", "C_sl", "dout_sb", "dout_sc", "du_sb", "du_sc",
+                 "ddelta_sb", "ddelta_sc", "dz_sb", "dz_sc", "out_z_sb", "out_z_sc",
+                 "dB_sb", "dB_sn", "dB_sl", "dC_sb", "dC_sn", "dC_sl")
+FLAGS = ("keep_states", "states_given")
+MAX_LAYOUTS = 4
+_layouts: dict[tuple, set] = {}  # the layouts compiled in, by variant
+
+
+@functools.lru_cache(maxsize=256)
+def known_args(names: tuple[str, ...], ints: tuple[int, ...]) -> str:
+    """The layout's sizes and strides as the KNOWN_*_ARGS macros' assignments ("channels=768;length=197;...")."""
+    return "".join(f"{name}={value};" for name, value in zip(names, ints) if name not in FLAGS)
+
+
+def _run(name: str, u, A, B, D, z, delta_bias, softplus, reverse, offset, accumulate, stores_out_z,
+         pointers: list, ints: list[int]) -> None:
+    """Kernel ``name`` ("scan_fwd" or "scan_bwd") of the variant for these inputs, with ``ints`` (its
+    integer arguments) compiled in where the variant has room for another layout, one block per
+    (block_channels channels, batch element) of u (:func:`_launch`)."""
+    options = tuple(macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus,
+                           reverse, offset is not None, A.shape[1], accumulate, stores_out_z))
+    layout = known_args(FORWARD_INTS if name == "scan_fwd" else BACKWARD_INTS, tuple(ints))
+    compiled = _layouts.setdefault((name, u.device.index, options), set())
+    if layout in compiled or len(compiled) < MAX_LAYOUTS:
+        compiled.add(layout)
+        options += (f"-DKNOWN_{'FORWARD' if name == 'scan_fwd' else 'BACKWARD'}_ARGS={layout}",)
+    kernel, = nvrtc.load_kernels(SOURCE, u.device.index, options, (name,), ENV)
+    _launch(kernel, u, A.shape[1], pointers + ints)
 
 
 def checkpoints(u: torch.Tensor, states: int) -> torch.Tensor:
@@ -124,15 +155,15 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_s
     ``offset`` (D, N) fp32 or None: y = C (h + offset) + D u at every step (state-offset tuning).
     ``into``: a (B, D, L) tensor of u's dtype the output is added to (``into + output`` rounded as
     PyTorch rounds it) and returned as it, or None (a new tensor)."""
-    fwd, _ = _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset, accumulate=into is not None)
     result = into if into is not None else torch.empty_like(u)
     out, out_z = (None, result) if z is not None else (result, None)
     states = checkpoints(u, A.shape[1]) if keep_states else None
-    _launch(fwd, u, A.shape[1], [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
-                     delta_bias if delta_bias is not None else A, _given(offset, A), result, result,
-                     states if keep_states else A, u.shape[1], u.shape[2], int(keep_states),
-                     *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_state_strides(B),
-                     *_state_strides(C), *_strides(result), *_strides(result)])
+    _run("scan_fwd", u, A, B, D, z, delta_bias, softplus, reverse, offset, into is not None, True,
+         [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
+          delta_bias if delta_bias is not None else A, _given(offset, A), result, result, states if keep_states else A],
+         [u.shape[1], u.shape[2], int(keep_states), *_strides(u), *_strides(delta),
+          *_strides(z if z is not None else u), *_state_strides(B), *_state_strides(C), *_strides(result),
+          *_strides(result)])
     return out, out_z, states
 
 
@@ -147,7 +178,6 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
     if add_dz and (z is None or dz is None):
         raise ValueError("the short scan adds z's gradient to a dz given: pass z and dz")
     recompute_out_z = recompute_out_z and z is not None
-    _, bwd = _variant(u, A, B, D, z, delta_bias, softplus, reverse, offset, add_dz, recompute_out_z)
     (batch, channels, length), n = u.shape, A.shape[1]
     fp32 = dict(device=u.device, dtype=torch.float32)
     ckpt = states if states is not None else checkpoints(u, n)
@@ -162,13 +192,14 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
     dB, dC = dBC.view(batch, length, 2 * n).transpose(1, 2).split(n, dim=1)
     dz = (dz if dz is not None else torch.empty_like(z)) if z is not None else du  # without z: unread, unwritten
     out_z = torch.empty_like(u) if recompute_out_z else du  # as dz
-    _launch(bwd, u, n, [u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
-                     delta_bias if delta_bias is not None else dD, _given(offset, dA), dout, ckpt,
-                     du, ddelta, dA, dB, dC, dD, ddelta_bias, doffset if offset is not None else dA, dz, out_z,
-                     channels, length, int(states is not None),
-                     *_strides(u), *_strides(delta), *_strides(z if z is not None else u), *_state_strides(B),
-                     *_state_strides(C), *_strides(dout), *_strides(du), *_strides(ddelta), *_strides(dz),
-                     *_strides(out_z), *_state_strides(dB), *_state_strides(dC)])
+    _run("scan_bwd", u, A, B, D, z, delta_bias, softplus, reverse, offset, add_dz, recompute_out_z,
+         [u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
+          delta_bias if delta_bias is not None else dD, _given(offset, dA), dout, ckpt,
+          du, ddelta, dA, dB, dC, dD, ddelta_bias, doffset if offset is not None else dA, dz, out_z],
+         [channels, length, int(states is not None), *_strides(u), *_strides(delta),
+          *_strides(z if z is not None else u), *_state_strides(B), *_state_strides(C), *_strides(dout),
+          *_strides(du), *_strides(ddelta), *_strides(dz), *_strides(out_z), *_state_strides(dB),
+          *_state_strides(dC)])
     return (du, ddelta, dA, dB, dC, dD if D is not None else None,
             ddelta_bias if delta_bias is not None else None,
             dz if z is not None else None, out_z if recompute_out_z else None,
