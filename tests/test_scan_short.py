@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.util
 import itertools
 import os
+import pathlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -90,6 +92,25 @@ def test_the_first_layouts_a_variant_runs_are_compiled_in_and_later_ones_read_as
     assert [f"length={length};" in kernel for (kernel, _), length in zip(kernels, (7, 8, 9, 10))] == [True] * 4
     assert not kernels[4][0].startswith("-DKNOWN")  # the 5th: as arguments
     assert kernels[4][1][1] == 11 and kernels[5] == kernels[0]  # length 7 again: its kernel
+
+
+def test_sass_regions_counts_the_layout_the_fused_function_passes_at_vim_s():
+    """results/benchmarks/profile/sass_regions.py compiles in, by default, the backward's layout as Vim-S's
+    fused mixer passes it (scan_short.backward's arguments captured on meta tensors): channel-major
+    sequences, B and C in x_proj's token-major rows padded to 16 bytes, dB and dC side by side."""
+    path = pathlib.Path(__file__).parents[1] / "results/benchmarks/profile/sass_regions.py"
+    spec = importlib.util.spec_from_file_location("sass_regions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = scan_short._run
+    option = module.vim_s_layout(22)
+    assert scan_short._run is run and option.startswith("-DKNOWN_BACKWARD_ARGS=")
+    layout = dict(item.split("=") for item in option.split("=", 1)[1].rstrip(";").split(";"))
+    assert list(layout) == [name for name in scan_short.BACKWARD_INTS if name not in scan_short.FLAGS]
+    assert (layout["channels"], layout["length"]) == ("768", "197")
+    assert layout["u_sb"] == layout["dz_sb"] == "197" and layout["u_sc"] == layout["dz_sc"] == str(32 * 197)
+    assert (layout["B_sn"], layout["B_sl"], layout["C_sl"]) == ("1", "72", "72")  # 24 + 2 x 22 columns, padded
+    assert (layout["dB_sb"], layout["dB_sl"]) == (str(197 * 44), "44")
 
 
 def test_a_sequence_strided_along_time_is_refused():

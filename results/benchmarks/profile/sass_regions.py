@@ -2,7 +2,13 @@
 a variant compiled on the CPU: no GPU needed (the counts of the README's and the commits' "SASS" figures).
 
     pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm   # (the nvidia-cuda-nvrtc wheel compiles)
-    PYTHONPATH=src python3 results/benchmarks/profile/sass_regions.py [--states 16] [--source FILE] [-D...]
+    PYTHONPATH=src python3 results/benchmarks/profile/sass_regions.py [--states 16] [--source FILE] \
+        [--layout vim-s|arguments] [-- -D...]
+
+``--layout vim-s`` (the default) compiles in the sizes and strides the fused mixer passes at Vim-S's
+shape (KNOWN_BACKWARD_ARGS, as training runs the kernel: scan_short.backward called on meta tensors laid
+out as the fused function lays them out, its arguments captured); ``arguments``: the variant that reads
+them as arguments (past a variant's first MAX_LAYOUTS layouts, and every kernel before ed88cb9).
 
 Markers (``pmevent``, which SASS keeps as PMTRIG) go in a copy of the source at the tile's reads, its
 shared-memory puts and per-(step, channel) work, each chunk's walk, the chunk's sums over warps and the
@@ -34,11 +40,39 @@ def marked(source: str) -> str:
     return source
 
 
+def vim_s_layout(states: int, batch: int = 32, channels: int = 768, length: int = 197, rank: int = 24) -> str:
+    """KNOWN_BACKWARD_ARGS of the first direction's backward as Vim-S's fused mixer calls it in training:
+    u, delta, dy channel-major ((channels, batch, length) storage), z and dz halves of xz and its
+    gradient (likewise), B and C views of x_proj's token-major output (its rows padded to 16 bytes, as
+    scan._aligned_projection pads them), checkpoints kept by the forward."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+
+    def channel_major(rows):
+        return torch.empty(rows, batch, length, **meta).transpose(0, 1)
+
+    width = rank + 2 * states
+    x_dbl = torch.empty(batch * length, width + -width % 8, **meta)[:, :width]
+    B, C = (x_dbl[:, i:i + states].unflatten(0, (batch, -1)).transpose(1, 2) for i in (rank, rank + states))
+    u, delta, dout = channel_major(channels), channel_major(channels), channel_major(channels)
+    z, dz = channel_major(2 * channels)[:, channels:], channel_major(2 * channels)[:, channels:]
+    A = torch.empty(channels, states, device="meta")
+    D, bias = torch.empty(channels, device="meta"), torch.empty(channels, device="meta")
+    captured = []
+    run, scan_short._run = scan_short._run, lambda name, *args: captured.append(args[-1])
+    try:
+        scan_short.backward(u, delta, A, B, C, D, z, bias, dout, dz, True, states=scan_short.checkpoints(u, states))
+    finally:
+        scan_short._run = run
+    return f"-DKNOWN_BACKWARD_ARGS={scan_short.known_args(scan_short.BACKWARD_INTS, tuple(captured[0]))}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--states", type=int, default=16)
     parser.add_argument("--source", type=pathlib.Path, help="a scan_short.cu to count (default: the package's)")
-    parser.add_argument("defines", nargs="*", help="extra compiler options, e.g. -DKNOWN_BACKWARD_ARGS=...")
+    parser.add_argument("--layout", choices=("vim-s", "arguments"), default="vim-s",
+                        help="the layout compiled in (Vim-S's, as training runs it), or read as arguments")
+    parser.add_argument("defines", nargs="*", help="extra compiler options (after --), e.g. -DSOME_MACRO=1")
     args = parser.parse_args()
     wheels = pathlib.Path(sys.prefix).glob("lib/python*/site-packages/nvidia/cu*")
     found = {path.name: path for wheel in wheels for path in (*wheel.glob("bin/cuobjdump"), *wheel.glob("lib/libnvrtc.so*"))}
@@ -50,6 +84,8 @@ def main() -> None:
     source = args.source.read_text() if args.source else nvrtc.package_source(scan_short.SOURCE)
     options = scan_short.macros(torch.bfloat16, torch.bfloat16, True, True, True, True, False, False, args.states,
                                 False, True) + args.defines
+    if args.layout == "vim-s":
+        options.append(vim_s_layout(args.states))
     cubin = nvrtc.compile_cubin(marked(source), scan_short.SOURCE, "90", options, ctypes.CDLL(str(library)))
     path = pathlib.Path("/tmp/sass_regions.cubin")
     path.write_bytes(cubin)
