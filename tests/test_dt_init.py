@@ -169,6 +169,23 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(run_spec, tmp_path, mo
     assert no_decay and sum(g["elements"] for g in resumed["param_groups"]) == resumed["total_params"]
 
 
+def test_a_steps_loss_is_its_micro_batches_losses_summed_in_float64(run_spec, monkeypatch):
+    """The step's loss (history, divergence check) sums its micro-batches' losses on the device in
+    float64, as Python's floats summed them when each was read apart: the records are unchanged."""
+    from mambapeft.train import from_scratch
+
+    sums, token_loss_sum = [], from_scratch.token_loss_sum
+    monkeypatch.setattr(from_scratch, "token_loss_sum", lambda *args: sums.append(token_loss_sum(*args)) or sums[-1])
+    trainer = from_scratch.Pretrainer({**run_spec, "train": {**run_spec["train"], "micro_batch_size": 1}})
+    trainer.model.train()
+    step_loss = trainer._step(0)
+    n_targets = run_spec["train"]["batch_size"] * run_spec["train"]["seq_len"]
+    expected = 0.0
+    for loss_sum in sums:  # each micro-batch's loss as the step computes it (float32), read apart
+        expected += float(loss_sum.detach() / n_targets)
+    assert len(sums) == run_spec["train"]["batch_size"] and step_loss == expected
+
+
 def test_the_perplexity_job_refuses_a_model_of_another_configuration(run_spec, tmp_path):
     from mambapeft.eval.perplexity import PretrainRecordError, evaluate_perplexity
     from mambapeft.train.from_scratch import run_pretraining
