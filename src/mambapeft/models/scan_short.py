@@ -110,6 +110,8 @@ BACKWARD_INTS = ("channels", "length", "states_given", "u_sb", "u_sc", "delta_sb
                  "ddelta_sb", "ddelta_sc", "dz_sb", "dz_sc", "out_z_sb", "out_z_sc",
                  "dB_sb", "dB_sn", "dB_sl", "dC_sb", "dC_sn", "dC_sl")
 FLAGS = ("keep_states", "states_given")
+# per kernel: its integer arguments' names, and the macro its compiled-in layout goes into
+KNOWN = {"scan_fwd": (FORWARD_INTS, "KNOWN_FORWARD_ARGS"), "scan_bwd": (BACKWARD_INTS, "KNOWN_BACKWARD_ARGS")}
 MAX_LAYOUTS = 4
 _layouts: dict[tuple, set] = {}  # the layouts compiled in, by variant
 
@@ -127,11 +129,12 @@ def _run(name: str, u, A, B, D, z, delta_bias, softplus, reverse, offset, accumu
     (block_channels channels, batch element) of u (:func:`_launch`)."""
     options = tuple(macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus,
                            reverse, offset is not None, A.shape[1], accumulate, stores_out_z))
-    layout = known_args(FORWARD_INTS if name == "scan_fwd" else BACKWARD_INTS, tuple(ints))
+    names, macro = KNOWN[name]
+    layout = known_args(names, tuple(ints))
     compiled = _layouts.setdefault((name, u.device.index, options), set())
     if layout in compiled or len(compiled) < MAX_LAYOUTS:
         compiled.add(layout)
-        options += (f"-DKNOWN_{'FORWARD' if name == 'scan_fwd' else 'BACKWARD'}_ARGS={layout}",)
+        options += (f"-D{macro}={layout}",)
     kernel, = nvrtc.load_kernels(SOURCE, u.device.index, options, (name,), ENV)
     _launch(kernel, u, A.shape[1], pointers + ints)
 

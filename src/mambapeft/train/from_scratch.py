@@ -149,15 +149,15 @@ class Pretrainer:
         set_learning_rate(self.optimizer, lr)
         ids = window_batch(self.tokens, self.recipe["seq_len"], self.recipe["batch_size"], self.seed, step)
         n_targets = ids[:, 1:].numel()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        # summed on the device in float64 (as Python's floats summed them: the same values), read once a
+        # step for the divergence check, not once a micro-batch (each read waits for the GPU)
+        summed = torch.zeros((), dtype=torch.float64, device=self.device)
         for rows in ids.split(self.recipe.get("micro_batch_size") or len(ids)):
             rows = rows.to(self.device, non_blocking=True)
             loss = token_loss_sum(self.model, rows, rows[:, 1:], self.autocast) / n_targets
             loss.backward()
-            # summed on the device in float64 (as Python's floats summed it: the same values), read once a
-            # step for the divergence check, not once a micro-batch (each read waits for the GPU)
-            total += loss.detach()
-        total = float(total)
+            summed += loss.detach()
+        total = float(summed)
         if not math.isfinite(total):
             raise DivergedError(f"loss is {total} at step {step} (lr {lr:.3g})")
         if self.recipe["grad_clip_norm"]:
