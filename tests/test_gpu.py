@@ -159,7 +159,8 @@ def test_fused_paths_train_as_the_unfused_kernels(backbone, method):
 def test_our_mamba_inner_fn_computes_what_mamba_ssms_does(dtype, frozen, n):
     """Our fused mixer function (scan.mamba_inner_cuda) against mamba_ssm's mamba_inner_fn: the
     output and every gradient (fp32, and bf16 inputs and weights under autocast); with the
-    projections frozen, their gradients are not computed and the others are unchanged. With 16 and 22
+    projections, A, D and dt_bias frozen, their gradients are not computed (our scan backward then
+    skips its sums for A, D and delta_bias: scan_short.SUMS) and the others are unchanged. With 16 and 22
     states (additional-scan's) it scans with our short-sequence kernels (scan_short.py), with 8 with
     mamba-ssm's."""
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as upstream
@@ -175,7 +176,7 @@ def test_our_mamba_inner_fn_computes_what_mamba_ssms_does(dtype, frozen, n):
     dt_bias = torch.rand(d_inner, device="cuda") - 4
     weights = [conv_w, conv_b, x_proj, dt_proj, out_proj, A, D, dt_bias]
     for w in weights:
-        w.requires_grad_(not (frozen and any(w is p for p in (x_proj, dt_proj, out_proj))))
+        w.requires_grad_(not (frozen and any(w is p for p in (x_proj, dt_proj, out_proj, A, D, dt_bias))))
     grad_out = torch.randn(batch, length, d_model, device="cuda", dtype=dtype)
     runs = []
     for fn in (lambda: upstream(xz, conv_w, conv_b, x_proj, dt_proj, out_proj, None, A, None, None, D, dt_bias, None, None, True),

@@ -146,9 +146,9 @@ KNOWN = [f"-DKNOWN_FORWARD_ARGS={scan_short.known_args(scan_short.FORWARD_INTS, 
 VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus, *rest)
             for in_dtype, bc_dtype in itertools.product((torch.float32, torch.bfloat16), repeat=2)
             for has_D, has_z, has_bias, softplus in ((True, True, True, True), (False, False, False, False))
-            # reverse, has_offset, states, accumulate, stores_out_z
-            for rest in ((False, False, 16, False, True), (True, True, 16, True, False), (False, True, 17, True, True),
-                         (True, False, 24, False, False))]
+            # reverse, has_offset, states, accumulate, stores_out_z, wants
+            for rest in ((False, False, 16, False, True, scan_short.SUMS), (True, True, 16, True, False, ()),
+                         (False, True, 17, True, True, ("dD",)), (True, False, 24, False, False, ("dA", "ddelta_bias")))]
 
 
 @pytest.mark.skipif(nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
@@ -187,12 +187,12 @@ def _reference(u, delta, A, B, C, D, z, bias, dout):
     return out.detach(), grads[:6] + [grads[7], grads[6]]
 
 
-def _ours(u, delta, A, B, C, D, z, bias, dout, reverse=False, keep_states=False, offset=None):
+def _ours(u, delta, A, B, C, D, z, bias, dout, reverse=False, keep_states=False, offset=None, wants=scan_short.SUMS):
     out, out_z, states = scan_short.forward(u, delta, A, B, C, D, z, bias, True, reverse, keep_states, offset)
     assert out is None  # y is not kept where z gates it
     assert (states is not None) == keep_states
     du, ddelta, dA, dB, dC, dD, dbias, dz, out_z_again, doffset = scan_short.backward(
-        u, delta, A, B, C, D, z, bias, dout, None, True, reverse, states, offset)
+        u, delta, A, B, C, D, z, bias, dout, None, True, reverse, states, offset, wants=wants)
     assert torch.equal(out_z_again, out_z)  # y recomputed as the forward computed it
     assert (doffset is None) == (offset is None)
     return out_z, [du, ddelta, dA, dB, dC, dD, dbias, dz] + ([doffset] if offset is not None else [])
@@ -361,6 +361,35 @@ def test_a_layout_compiled_in_computes_what_its_arguments_do(monkeypatch, states
             assert torch.equal(got, expected), name
         else:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("states, reverse, wants", [(16, False, ()), (16, True, ("dD",)), (22, True, ("dA",)),
+                                                    (17, False, ("ddelta_bias",))])
+def test_sums_not_wanted_are_none_and_the_other_gradients_the_same(states, reverse, wants):
+    """A backward asked for only some of A's, D's and delta_bias's gradients (scan_short.SUMS: a LoRA's
+    training wants none) returns None for the others and the same output and sequence gradients bit for
+    bit as one that wants them all; dB, dC and the sums it computes to rounding (float atomics)."""
+    skip_without_a_gpu_and_nvrtc()
+    inputs = kernel_inputs(4, 96, 197, torch.bfloat16, True, torch.Generator().manual_seed(4), states=states)
+    out, grads = _ours(*inputs, reverse=reverse, keep_states=True)
+    out_some, grads_some = _ours(*inputs, reverse=reverse, keep_states=True, wants=wants)
+    assert torch.equal(out, out_some)
+    sums = dict(zip(scan_short.SUMS, ("A", "D", "delta_bias")))
+    for name, got, expected in zip(NAMES, grads_some, grads):
+        if name in sums.values() and next(k for k, v in sums.items() if v == name) not in wants:
+            assert got is None, name
+        elif name in ("u", "delta", "z"):
+            assert torch.equal(got, expected), name
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
+
+
+def test_a_sum_the_backward_does_not_know_is_refused():
+    u = torch.empty(1, 32, 8)
+    with pytest.raises(ValueError, match="dA.*not.*dX"):
+        scan_short.backward(u, u, torch.empty(32, 16), *[torch.empty(1, 16, 8)] * 2, None, None, None, u, None, True,
+                            wants=("dX",))
 
 
 @pytest.mark.gpu

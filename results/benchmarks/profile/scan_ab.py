@@ -6,11 +6,12 @@ graph, ``bench.scan._mean_us``), variants alternated over rounds; and each varia
 float64 PyTorch scan. The README's and the commits' "graph-timed against the kernel before" figures.
 
     PYTHONPATH=src python3 results/benchmarks/profile/scan_ab.py --states 16 22 \\
-        --variant OLD=@old_scan_short.cu --variant C=-DSOME_MACRO=1
+        --variant OLD=@old_scan_short.cu --variant C=-DSOME_MACRO=1 [--wants dA dD ddelta_bias]
 
 A variant is NAME=@FILE (that file compiled in place of the package's scan_short.cu; e.g. `git show
 REV:src/mambapeft/models/scan_short.cu > old.cu`) or NAME=-DX=1,-DY=0 (extra compiler options); "base"
-is the package's kernels as they are.
+is the package's kernels as they are. ``--wants``: the sums over channels and steps the backward
+computes (scan_short.SUMS, all by default; ``--wants`` alone: none, as a LoRA's training runs it).
 """
 import argparse
 import statistics
@@ -64,21 +65,21 @@ def inputs(batch: int, channels: int, length: int, states: int, generator: torch
     return u, delta, A, B, C, D, z, bias, dout
 
 
-def timed_calls(x, reverse: bool):
+def timed_calls(x, reverse: bool, wants: tuple[str, ...]):
     """(forward, backward) as the fused function calls them for one direction."""
     u, delta, A, B, C, D, z, bias, dout = x
     into, dz = (torch.zeros_like(u) if reverse else None), torch.zeros_like(u)
     _, _, states = scan_short.forward(u, delta, A, B, C, D, z, bias, True, reverse, True, None, into)
     return (lambda: scan_short.forward(u, delta, A, B, C, D, z, bias, True, reverse, True, None, into),
             lambda: scan_short.backward(u, delta, A, B, C, D, z, bias, dout, dz, True, reverse, states, None,
-                                        add_dz=reverse))
+                                        add_dz=reverse, wants=wants))
 
 
-def ours(x, reverse: bool) -> dict:
+def ours(x, reverse: bool, wants: tuple[str, ...]) -> dict:
     u, delta, A, B, C, D, z, bias, dout = x
     out, out_z, states = scan_short.forward(u, delta, A, B, C, D, z, bias, True, reverse, True)
     du, ddelta, dA, dB, dC, dD, dbias, dz, _, _ = scan_short.backward(u, delta, A, B, C, D, z, bias, dout, None,
-                                                                      True, reverse, states)
+                                                                      True, reverse, states, wants=wants)
     return dict(du=du, ddelta=ddelta, dA=dA, dB=dB, dC=dC, dD=dD, dz=dz, dbias=dbias, out_z=out_z)
 
 
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--states", type=int, nargs="+", default=[16])
     parser.add_argument("--variant", action="append", default=[], help="NAME=@FILE.cu or NAME=-DX=1,-DY=0")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--wants", nargs="*", choices=scan_short.SUMS, default=scan_short.SUMS,
+                        help="the sums the backward computes (default all; none: as a LoRA's training)")
     args = parser.parse_args()
     variants = Variants(args.variant)
     for states in args.states:
@@ -107,16 +110,16 @@ def main() -> None:
             expected = reference(x, reverse)
             for name in variants.options:
                 variants.use(name)
-                got = ours(x, reverse)
+                got = ours(x, reverse, tuple(args.wants))
                 errors = " ".join(f"{k}={float((got[k].double() - v).abs().max() / v.abs().max()):.2e}"
-                                  for k, v in expected.items())
+                                  for k, v in expected.items() if got[k] is not None)
                 print(f"errors states={states} reverse={int(reverse)} {name}: {errors}", flush=True)
         times: dict[tuple, list[float]] = {}
         for _ in range(args.rounds):
             for name in variants.options:
                 variants.use(name)
                 for reverse in (False, True):
-                    forward, backward = timed_calls(x, reverse)
+                    forward, backward = timed_calls(x, reverse, tuple(args.wants))
                     times.setdefault((name, reverse, "forward"), []).append(_mean_us(forward, 50))
                     times.setdefault((name, reverse, "backward"), []).append(_mean_us(backward, 50))
         for (name, reverse, which), runs in times.items():

@@ -904,7 +904,9 @@ def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_
         delta = _delta(dt_proj_weight, x_dbl, batch)
     dx, dz = dxz.chunk(2, dim=1)
     ours = kernels is scan_short
-    extra = dict(reverse=reverse, offset=state_offset, add_dz=add) if ours else {}
+    # the sums over channels and steps our backward skips for frozen tensors (A, D, delta_bias: wants[4:7])
+    sums = tuple(name for name, wanted in zip(scan_short.SUMS, wants[4:7]) if wanted)
+    extra = dict(reverse=reverse, offset=state_offset, add_dz=add, wants=sums) if ours else {}
     grads = kernels.bwd(conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz, True,
                         want_out_z or not ours, **extra)  # mamba-ssm's returns out_z always
     dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, _, out_z = grads[:9]

@@ -73,6 +73,19 @@ template <bool V> struct Flag { static constexpr bool value = V; };
 // lane; past them one (four steps' sums with the lane's 5 or 6 states spilled: 385 against 354-370 us
 // at 22 states, Vim-S's shape, one H200)
 #define GROUP (OWN <= 4 ? LANES : 1)
+// the sums over channels and steps the backward computes (scan_short.py sets them where the caller wants
+// the gradient: not of a frozen A, D or delta_bias, a LoRA's training): d loss / d A (an FFMA a state and
+// step, and four registers through the walk: without them the backward 187.6 -> 171.3 us at Vim-S's
+// shape, 185.6 -> 175.3 in reverse, one H200), / d D, / d delta_bias
+#ifndef WANTS_DA
+#define WANTS_DA 1
+#endif
+#ifndef WANTS_DD
+#define WANTS_DD 1
+#endif
+#ifndef WANTS_DBIAS
+#define WANTS_DBIAS 1
+#endif
 
 #if BC_BF16
 typedef unsigned short bc_t;
@@ -259,7 +272,7 @@ __device__ __forceinline__ void step_inputs(qtile_t& q, float* dD_sums, const in
         q[k][ch] = make_float4(step.x, step.y, dy, u_t);
         dD[i] = dy * u_t;
     }
-    if (HAS_D) add_column_sums(dD_sums, dD);
+    if (HAS_D && WANTS_DD) add_column_sums(dD_sums, dD);
 }
 
 // the tile's du (du_tile, from the walk), ddelta (through softplus: d loss / d (delta + bias)), dz and
@@ -296,7 +309,7 @@ __device__ __forceinline__ void store_gradients(in_t* du, in_t* ddelta, in_t* dz
             if (STORES_OUT_Z) out_z[ch * (long long)out_z_sc + at_t] = to_in(y * silu(z_t));
         }
     }
-    if (HAS_BIAS) add_column_sums(dbias_sums, dbias);
+    if (HAS_BIAS && WANTS_DBIAS) add_column_sums(dbias_sums, dbias);
 }
 
 // whether state s of the lane of state group `group` is one of the NSTATE (not padding)
@@ -609,7 +622,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                             carried[s] = g * exp2f(dt * A2[s]);
                             const float g_decayed = carried[s] * before[s];
                             gAh += g_decayed * A2[s];
-                            dA_c[s] += g_decayed * dt;
+                            if (WANTS_DA) dA_c[s] += g_decayed * dt;
                             terms[s] = g * dtu;           // dB
                             terms[OWN + s] = READ_STATE(state, s) * dy;  // dC
                             st[s] = before[s];
@@ -677,13 +690,13 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
 #pragma unroll
         for (int s = 0; s < OWN; ++s) {
             if (!REAL_STATE(group, s)) continue;
-            atomicAdd(dA + (c0 + slot) * NSTATE + group * OWN + s, dA_c[s]);
+            if (WANTS_DA) atomicAdd(dA + (c0 + slot) * NSTATE + group * OWN + s, dA_c[s]);
             if (HAS_OFFSET) atomicAdd(doffset + (c0 + slot) * NSTATE + group * OWN + s, doff[s]);
         }
     }
     __syncthreads();
     if ((int)threadIdx.x < min(CHANNELS, left)) {
-        if (HAS_D) atomicAdd(dD + c0 + threadIdx.x, column_sums[0][threadIdx.x]);
-        if (HAS_BIAS) atomicAdd(ddelta_bias + c0 + threadIdx.x, column_sums[1][threadIdx.x]);
+        if (HAS_D && WANTS_DD) atomicAdd(dD + c0 + threadIdx.x, column_sums[0][threadIdx.x]);
+        if (HAS_BIAS && WANTS_DBIAS) atomicAdd(ddelta_bias + c0 + threadIdx.x, column_sums[1][threadIdx.x]);
     }
 }

@@ -43,19 +43,25 @@ def chunk_steps(states: int) -> int:
     return 8 if states <= 4 * LANES else 4
 
 
+# the backward's sums over steps and channels a caller may not want (a frozen A, D or delta_bias: a LoRA's
+# training), by the name of the gradient; the kernels skip what is not wanted (scan_short.cu WANTS_*)
+SUMS = ("dA", "dD", "ddelta_bias")
+
+
 def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: bool, has_bias: bool,
            softplus: bool, reverse: bool = False, has_offset: bool = False, states: int = 16,
-           accumulate: bool = False, stores_out_z: bool = True) -> list[str]:
+           accumulate: bool = False, stores_out_z: bool = True, wants: tuple[str, ...] = SUMS) -> list[str]:
     """The compiler's -D options for one variant of the kernels (``reverse``: scanning from the last
     step to the first, see kernels.cuh; ``has_offset``: a state offset h'; ``states``: N; ``accumulate``:
     the forward's output and the backward's dz added to what the tensors given hold; ``stores_out_z``:
-    the backward writes the output it recomputes)."""
+    the backward writes the output it recomputes; ``wants``: the SUMS the backward computes)."""
     return nvrtc.defines({"NSTATE": states, "IN_BF16": in_dtype == torch.bfloat16,
                           "BC_BF16": bc_dtype == torch.bfloat16,
                           "HAS_D": has_D, "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus,
                           "CHUNK": chunk_steps(states),
                           "REVERSE": reverse, "HAS_OFFSET": has_offset, "ACCUMULATE": accumulate,
-                          "STORES_OUT_Z": stores_out_z})
+                          "STORES_OUT_Z": stores_out_z, "WANTS_DA": "dA" in wants, "WANTS_DD": "dD" in wants,
+                          "WANTS_DBIAS": "ddelta_bias" in wants})
 
 
 def runs(device: torch.device, dtype: torch.dtype, states: int, length: int) -> bool:
@@ -122,13 +128,13 @@ def known_args(names: tuple[str, ...], ints: tuple[int, ...]) -> str:
     return "".join(f"{name}={value};" for name, value in zip(names, ints) if name not in FLAGS)
 
 
-def _run(name: str, u, A, B, D, z, delta_bias, softplus, reverse, offset, accumulate, stores_out_z,
+def _run(name: str, u, A, B, D, z, delta_bias, softplus, reverse, offset, accumulate, stores_out_z, wants,
          pointers: list, ints: list[int]) -> None:
     """Kernel ``name`` ("scan_fwd" or "scan_bwd") of the variant for these inputs, with ``ints`` (its
     integer arguments) compiled in where the variant has room for another layout, one block per
     (block_channels channels, batch element) of u (:func:`_launch`)."""
     options = tuple(macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus,
-                           reverse, offset is not None, A.shape[1], accumulate, stores_out_z))
+                           reverse, offset is not None, A.shape[1], accumulate, stores_out_z, wants))
     names, macro = KNOWN[name]
     layout = known_args(names, tuple(ints))
     compiled = _layouts.setdefault((name, u.device.index, options), set())
@@ -161,7 +167,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_s
     result = into if into is not None else torch.empty_like(u)
     out, out_z = (None, result) if z is not None else (result, None)
     states = checkpoints(u, A.shape[1]) if keep_states else None
-    _run("scan_fwd", u, A, B, D, z, delta_bias, softplus, reverse, offset, into is not None, True,
+    _run("scan_fwd", u, A, B, D, z, delta_bias, softplus, reverse, offset, into is not None, True, SUMS,
          [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
           delta_bias if delta_bias is not None else A, _given(offset, A), result, result, states if keep_states else A],
          [u.shape[1], u.shape[2], int(keep_states), *_strides(u), *_strides(delta),
@@ -171,13 +177,16 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_s
 
 
 def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=False, states=None, offset=None,
-             add_dz=False, recompute_out_z=True):
+             add_dz=False, recompute_out_z=True, wants=SUMS):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, doffset) of out_z (or y without z)
     given dout, with out_z recomputed where ``recompute_out_z`` (else None); dz a (B, D, L) tensor to
     write into (with ``add_dz``, to add z's gradient to: as :func:`forward`'s ``into``) or None;
     ``states``: what :func:`forward` kept with ``keep_states``, or None (computed here); ``offset`` as
-    :func:`forward`'s. dA, dB, dC, dD, ddelta_bias and doffset are fp32; dD, ddelta_bias, doffset None
-    where D, delta_bias, offset are."""
+    :func:`forward`'s; ``wants``: the SUMS computed, the others None. dA, dB, dC, dD, ddelta_bias and
+    doffset are fp32; dD, ddelta_bias, doffset None where D, delta_bias, offset are."""
+    unknown = set(wants) - set(SUMS)
+    if unknown:
+        raise ValueError(f"the short scan's backward computes {SUMS} on request, not {sorted(unknown)}")
     if add_dz and (z is None or dz is None):
         raise ValueError("the short scan adds z's gradient to a dz given: pass z and dz")
     recompute_out_z = recompute_out_z and z is not None
@@ -195,7 +204,8 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
     dB, dC = dBC.view(batch, length, 2 * n).transpose(1, 2).split(n, dim=1)
     dz = (dz if dz is not None else torch.empty_like(z)) if z is not None else du  # without z: unread, unwritten
     out_z = torch.empty_like(u) if recompute_out_z else du  # as dz
-    _run("scan_bwd", u, A, B, D, z, delta_bias, softplus, reverse, offset, add_dz, recompute_out_z,
+    wants = tuple(name for name in SUMS if name in wants)  # one variant whatever the order
+    _run("scan_bwd", u, A, B, D, z, delta_bias, softplus, reverse, offset, add_dz, recompute_out_z, wants,
          [u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
           delta_bias if delta_bias is not None else dD, _given(offset, dA), dout, ckpt,
           du, ddelta, dA, dB, dC, dD, ddelta_bias, doffset if offset is not None else dA, dz, out_z],
@@ -203,8 +213,8 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
           *_strides(z if z is not None else u), *_state_strides(B), *_state_strides(C), *_strides(dout),
           *_strides(du), *_strides(ddelta), *_strides(dz), *_strides(out_z), *_state_strides(dB),
           *_state_strides(dC)])
-    return (du, ddelta, dA, dB, dC, dD if D is not None else None,
-            ddelta_bias if delta_bias is not None else None,
+    return (du, ddelta, dA if "dA" in wants else None, dB, dC, dD if D is not None and "dD" in wants else None,
+            ddelta_bias if delta_bias is not None and "ddelta_bias" in wants else None,
             dz if z is not None else None, out_z if recompute_out_z else None,
             doffset if offset is not None else None)
 
@@ -231,11 +241,12 @@ def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, keep
 
 
 def bwd(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, out, dz, delta_softplus, recompute_out_z,
-        reverse=False, offset=None, add_dz=False):
+        reverse=False, offset=None, add_dz=False, wants=SUMS):
     """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z) as mamba-ssm's (out_z None unless
-    ``recompute_out_z``), and doffset (None without an offset) tenth; chunk_states: what :func:`fwd`
-    returned (our checkpoints or None); out is not read; ``add_dz`` as :func:`backward`'s."""
+    ``recompute_out_z``; dA, dD, ddelta_bias None where not in ``wants``), and doffset (None without an
+    offset) tenth; chunk_states: what :func:`fwd` returned (our checkpoints or None); out is not read;
+    ``add_dz`` and ``wants`` as :func:`backward`'s."""
     du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, doffset = backward(
         u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, dout, dz, delta_softplus, reverse, chunk_states, offset,
-        add_dz, recompute_out_z)
+        add_dz, recompute_out_z, wants)
     return du, ddelta, dA, dB.unsqueeze(1), dC.unsqueeze(1), dD, ddelta_bias, dz, out_z, doffset
