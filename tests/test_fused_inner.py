@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from mixer_helpers import assert_steps_continue_the_forward, recorded_backend
 
-from mambapeft.models import build_model
+from mambapeft.models import build_model, scan_short
 from mambapeft.models.mamba import Mamba, Mixer
 from mambapeft.models.scan import (
     TORCH_BACKEND,
@@ -667,11 +667,12 @@ def _short_scan_reference(u, delta, A, B, C, D, z, delta_bias, softplus, reverse
 
 
 class _ReferenceShortScan:
-    """Our short scan's interface (``scan_short``: runs, applies, fwd, bwd with reverse, offset, into,
-    add_dz) served by the PyTorch scan and autograd, so that the fused function's paths that only our
-    kernels take (two directions in one node) run on the CPU; records what each call was asked."""
+    """Our short scan's interface (``scan_short``: runs, applies, SUMS, fwd, bwd with reverse, offset,
+    into, add_dz, wants) served by the PyTorch scan and autograd, so that the fused function's paths that
+    only our kernels take (two directions in one node) run on the CPU; records what each call was asked."""
 
     calls: list = []
+    SUMS = scan_short.SUMS
 
     @staticmethod
     def runs(device, dtype, states, length):
@@ -690,8 +691,8 @@ class _ReferenceShortScan:
 
     @classmethod
     def bwd(cls, u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz, softplus, recompute_out_z,
-            reverse=False, offset=None, add_dz=False):
-        cls.calls.append(("bwd", reverse, add_dz))
+            reverse=False, offset=None, add_dz=False, wants=scan_short.SUMS):
+        cls.calls.append(("bwd", reverse, add_dz, wants))
         leaves = [t.detach().requires_grad_() if t is not None else None
                   for t in (u, delta, A, B, C, D, z, delta_bias, offset)]
         with torch.enable_grad():
@@ -699,7 +700,9 @@ class _ReferenceShortScan:
                                           reverse, leaves[8])
             grads = torch.autograd.grad(out_z, [t for t in leaves if t is not None], dout)
         dz.add_(grads[6]) if add_dz else dz.copy_(grads[6])
-        return (*grads[:6], grads[7], dz, out_z.detach() if recompute_out_z else None,
+        dA, dD, ddelta_bias = (grad if name in wants else None
+                               for name, grad in zip(scan_short.SUMS, (grads[2], grads[5], grads[7])))
+        return (*grads[:2], dA, *grads[3:5], dD, ddelta_bias, dz, out_z.detach() if recompute_out_z else None,
                 grads[8] if offset is not None else None)
 
 
@@ -734,7 +737,8 @@ def test_both_directions_in_one_node_compute_the_two_directions_summed(monkeypat
     the PyTorch scan and conv): one autograd node whose output and every gradient are the two
     directions' mamba_inner_torch summed (xz's included: the second direction's output and xz gradient
     added to the first's by the kernels, asked of the second direction's calls only); frozen
-    projections get no gradient; state offsets per direction. (On the GPU, the real kernels against
+    projections get no gradient, nor do the second direction's A and delta_bias where frozen too (its scan
+    backward asked for D's sum alone); state offsets per direction. (On the GPU, the real kernels against
     mamba_inner_cuda per direction: tests/test_scan_short.py.)"""
     from mambapeft.models import scan
 
@@ -755,10 +759,11 @@ def test_both_directions_in_one_node_compute_the_two_directions_summed(monkeypat
 
     args = [xz, *direction(False), *direction(True)]
     projections = {3, 4, 11, 12}  # x_proj, dt_proj weights of each direction
+    frozen_set = projections | {13, 14}  # with the second direction's delta_bias and A
     grad_out = torch.randn(batch, d_inner, length)
     runs = []
     for pair in (scan.mamba_inner_pair_torch, scan.mamba_inner_pair_cuda):
-        leaves = [a.detach().requires_grad_(not (frozen and i in projections)) if a is not None else None
+        leaves = [a.detach().requires_grad_(not (frozen and i in frozen_set)) if a is not None else None
                   for i, a in enumerate(args)]
         first, second = (scan.InnerWeights(*leaves[1 + 8 * i:8 + 8 * i], reverse=bool(i), state_offset=leaves[8 + 8 * i])
                          for i in (0, 1))
@@ -770,11 +775,12 @@ def test_both_directions_in_one_node_compute_the_two_directions_summed(monkeypat
     (reference, reference_grads), (out, grads) = runs
     torch.testing.assert_close(out, reference)
     for i, (grad, expected) in enumerate(zip(grads, reference_grads)):
-        assert (grad is None) == (expected is None) == ((frozen and i in projections) or args[i] is None), i
+        assert (grad is None) == (expected is None) == ((frozen and i in frozen_set) or args[i] is None), i
         if grad is not None:
             torch.testing.assert_close(grad, expected, msg=str(i))
+    second_wants = ("dD",) if frozen else scan_short.SUMS
     assert _ReferenceShortScan.calls == [("fwd", False, False), ("fwd", True, True),
-                                         ("bwd", False, False), ("bwd", True, True)]
+                                         ("bwd", False, False, scan_short.SUMS), ("bwd", True, True, second_wants)]
     assert _ReferenceConvBackward.calls == [(False, False), (True, True)]
 
 

@@ -680,8 +680,12 @@ def test_language_cuda_graphs_train_as_eager():
     assert {ids.shape[1] for ids, _ in batches} == {64, 128}  # both graphs replayed
     assert graph_losses == pytest.approx(eager_losses, rel=1e-3)
     assert len(set(eager_losses)) > 1
+    # the scan backward sums dB and dC with float atomics in any order, and the bf16 rounding of x_proj's
+    # gradient then differs at times: lora_up off by 2.56e-3 and 2.57e-3 in 2 of 5 runs on one H200
+    # (ddcdf59's and c02bec8's code alike), within 1e-3 in the other 3; a graph replaying other work is
+    # off by far more
     for name, value in eager_params.items():
-        assert rel(graph_params[name], value) <= 1e-3, name
+        assert rel(graph_params[name], value) <= 5e-3, name
 
 
 @needs_kernels
