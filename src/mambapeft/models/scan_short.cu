@@ -75,8 +75,8 @@ template <bool V> struct Flag { static constexpr bool value = V; };
 #define GROUP (OWN <= 4 ? LANES : 1)
 // the sums over channels and steps the backward computes (scan_short.py sets them where the caller wants
 // the gradient: not of a frozen A, D or delta_bias, a LoRA's training): d loss / d A (an FFMA a state and
-// step, and four registers through the walk: without them the backward 187.6 -> 171.3 us at Vim-S's
-// shape, 185.6 -> 175.3 in reverse, one H200), / d D, / d delta_bias
+// step, and four registers through the walk; without the three the backward 188.1 -> 171.9 us at
+// Vim-S's shape, 186.2 -> 177.1 in reverse, one H200), / d D, / d delta_bias
 #ifndef WANTS_DA
 #define WANTS_DA 1
 #endif
