@@ -12,6 +12,13 @@ MAMBAPEFT_FAULT_FILE_SIZE_LIMIT=<bytes>
 MAMBAPEFT_FAULT_HOLD_WRITE=<file name>:<folder>
     Before writing a file with that name, create <folder>/held and wait until <folder>/release
     exists: a Snakemake job that keeps its workflow's lock for as long as a test needs.
+
+With any of them set, a checkpoint the training loop writes in the background
+(``train/checkpoint_writer.py``) is on disk before the loop goes on, so that a fault falls at the step or
+write its variable names and not where the disk's pace put the write: on a loaded CI machine a kill at
+step 3 once came before epoch 1's checkpoint was on disk, and a write still running when the next
+checkpoint falls due makes the loop skip that one. (A kill during a write is KILL_WRITE's; the
+background writer's own behaviour is tests/test_checkpoint_writer.py's.)
 """
 import contextlib
 import itertools
@@ -76,6 +83,18 @@ def _hold_write(name: str, folder: Path) -> None:
     mambapeft.io.atomic_path = atomic_path
 
 
+def _checkpoints_on_disk_before_the_loop_goes_on() -> None:
+    from mambapeft.train.checkpoint_writer import CheckpointWriter
+
+    real_save = CheckpointWriter.save
+
+    def save(self, state, path):
+        real_save(self, state, path)
+        self.wait()
+
+    CheckpointWriter.save = save
+
+
 def _install() -> None:
     if "MAMBAPEFT_FAULT_KILL_WRITE" in os.environ:
         name, nth = os.environ["MAMBAPEFT_FAULT_KILL_WRITE"].rsplit(":", 1)
@@ -88,6 +107,8 @@ def _install() -> None:
     if "MAMBAPEFT_FAULT_HOLD_WRITE" in os.environ:
         name, folder = os.environ["MAMBAPEFT_FAULT_HOLD_WRITE"].split(":", 1)
         _hold_write(name, Path(folder))
+    if any(name.startswith("MAMBAPEFT_FAULT_") for name in os.environ):  # last: after the patches of mambapeft.io above
+        _checkpoints_on_disk_before_the_loop_goes_on()
 
 
 _install()
