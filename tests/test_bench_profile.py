@@ -89,6 +89,40 @@ def test_report_files_and_table(tmp_path):
     assert "| GEMM | 1.50 | 100.0% | 12 | `nvjet_a/b` |" in table  # a | in a name would split the row
 
 
+def test_a_graphed_report_is_named_and_labelled_apart(tmp_path):
+    """A graphed profile's files sit beside the eager one's (``-cuda_graphs``), its table says so; a report
+    written before the option (no ``cuda_graphs`` key) reads as eager."""
+    report = {"backbone": "vim-s", "method": "lorap_x", "backend": "cuda", "batch": 32, "tokens_per_sequence": None,
+              "device": "NVIDIA H200", "profiled_steps": 2, "wall_ms": 18.0, "gpu_ms": 1.5, "launches": 12,
+              "families": family_breakdown([KernelTime("nvjet_a", 3000.0, 24)], steps=2), "cuda_graphs": True}
+    path = write_reports([report], tmp_path)
+    assert path == tmp_path / "NVIDIA_H200.vim-s-cuda_graphs.profile.json"
+    table = (tmp_path / "NVIDIA_H200.vim-s-cuda_graphs.profile.md").read_text()
+    assert "## vim-s lorap_x, 32 images (NVIDIA H200, backend cuda, CUDA graphs)" in table
+    assert "18.0 ms wall (CUDA graphs), 1.5 ms of GPU kernels in 12 launches per step." in table
+    old = {key: value for key, value in report.items() if key != "cuda_graphs"}
+    assert "18.0 ms wall (eager)" in markdown([old]) and "CUDA graphs" not in markdown([old])
+
+
+def test_profile_passes_cuda_graphs_on(monkeypatch, tmp_path):
+    from mambapeft.bench import profile
+
+    asked = []
+
+    def report_of(domain, method, backbone, batch, steps, cuda_graphs):
+        asked.append((method, cuda_graphs))
+        return {"backbone": backbone, "method": method, "backend": "cuda", "batch": batch, "tokens_per_sequence": None,
+                "device": "Test GPU", "profiled_steps": steps, "wall_ms": 1.0, "gpu_ms": 1.0, "launches": 1,
+                "families": [], "cuda_graphs": cuda_graphs}
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(profile, "profile_report", report_of)
+    assert cli(["bench", "profile", "--backbone", "vim-mini", "--methods", "lorap_x", "--cuda-graphs",
+                "--out", str(tmp_path)]) == 0
+    assert asked == [("lorap_x", True)]
+    assert (tmp_path / "Test_GPU.vim-mini-cuda_graphs.profile.json").exists()
+
+
 def test_report_files_carry_the_runs_provenance(tmp_path):
     report = {"backbone": "vim-s", "method": "full", "backend": "cuda", "batch": 32, "tokens_per_sequence": None,
               "device": "NVIDIA H200", "profiled_steps": 1, "wall_ms": 60.0, "gpu_ms": 1.0, "launches": 1,
@@ -107,15 +141,24 @@ def test_profile_without_a_gpu_says_so(capsys, monkeypatch):
     assert "no CUDA device is visible here" in capsys.readouterr().err
 
 
-def test_report_of_a_step(monkeypatch):
-    """profile_report's record around the profiler (which needs a GPU: stood in for here)."""
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_report_of_a_step(monkeypatch, cuda_graphs):
+    """profile_report's record around the profiler (which needs a GPU: stood in for here); the step built
+    eager or graphed as asked."""
     from mambapeft.bench import profile, train
 
-    monkeypatch.setattr(train, "_language_step", lambda method, backbone, batch, length: (None, None, "cuda-fused", None))
+    built = []
+
+    def language_step(method, backbone, batch, length, graphed):
+        built.append(graphed)
+        return None, None, "cuda-fused", None
+
+    monkeypatch.setattr(train, "_language_step", language_step)
     monkeypatch.setattr(profile, "timed_calls", lambda step, n, device: [0.5] * 3 + [0.03, 0.01, 0.02])
     monkeypatch.setattr(profile, "device_name", lambda device: "Test GPU" if device.type == "cuda" else "cpu")
     monkeypatch.setattr(profile, "profiled_kernels", lambda step, steps: [KernelTime("nvjet_a", 3000.0, 6 * steps)])
-    report = profile.profile_report("language", "lora_in_proj", "mamba-1.4b", 32, steps=3)
+    report = profile.profile_report("language", "lora_in_proj", "mamba-1.4b", 32, steps=3, cuda_graphs=cuda_graphs)
+    assert built == [cuda_graphs] and report["cuda_graphs"] == cuda_graphs
     assert report["wall_ms"] == pytest.approx(20.0)  # the median after the warm-up steps
     assert report["gpu_ms"] == pytest.approx(1.0) and report["launches"] == 6
     assert (report["device"], report["backend"], report["tokens_per_sequence"]) == ("Test GPU", "cuda-fused", 256)

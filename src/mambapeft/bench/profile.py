@@ -1,9 +1,12 @@
 """Where a training step's GPU time goes, by kernel family (``mambapeft bench profile``).
 
-One eager step of a method (the step ``bench train`` times, without CUDA graphs, so that every kernel
-shows), profiled with torch.profiler; each GPU kernel, memcpy and memset is put in a family by its
-name (:data:`KERNEL_FAMILIES`, first match wins) and the families are summed per step. The report is
-JSON (``<device>.<backbone>.profile.json``) with a Markdown table beside it.
+One step of a method as ``bench train`` times it, eager (every kernel launched from Python: the
+default) or with ``cuda_graphs`` as the graphed trainer runs it (its forward and backward replayed from
+CUDA graphs: what runs only in the graph, and the launches' count, show there), profiled with
+torch.profiler; each GPU kernel, memcpy and memset is put in a family by its name
+(:data:`KERNEL_FAMILIES`, first match wins) and the families are summed per step. The report is JSON
+(``<device>.<backbone>.profile.json``, ``<device>.<backbone>-cuda_graphs.profile.json`` graphed) with a
+Markdown table beside it.
 """
 from __future__ import annotations
 
@@ -90,19 +93,22 @@ def profiled_kernels(step: Callable[[], None], steps: int) -> list[KernelTime]:
             and e.self_device_time_total > 0]
 
 
-def profile_report(domain: str, method: str, backbone: str, batch: int, steps: int = 5) -> dict:
-    """Where one eager training step's GPU time goes (``batch`` images at 224 px, or sequences of 256
-    tokens): wall time against summed kernel time (the gap is launch and Python overhead), per family."""
+def profile_report(domain: str, method: str, backbone: str, batch: int, steps: int = 5,
+                   cuda_graphs: bool = False) -> dict:
+    """Where one training step's GPU time goes (``batch`` images at 224 px, or sequences of 256
+    tokens), eager or with ``cuda_graphs``: wall time against summed kernel time (the gap is launch and
+    Python overhead, and the device's idle time between kernels), per family."""
     from .train import _language_step, _vision_step
 
     if domain == "vision":
-        _, _, backend, step = _vision_step(method, backbone, batch, 224)
+        _, _, backend, step = _vision_step(method, backbone, batch, 224, cuda_graphs)
     else:
-        _, _, backend, step = _language_step(method, backbone, batch, 256)
+        _, _, backend, step = _language_step(method, backbone, batch, 256, cuda_graphs)
     wall_s = sorted(timed_calls(step, 3 + steps, "cuda")[3:])[steps // 2]  # median after 3 warm-up steps
     kernels = profiled_kernels(step, steps)
     return {"backbone": backbone, "method": method, "backend": backend, "batch": batch,
             "tokens_per_sequence": None if domain == "vision" else 256, "device": device_name(torch.device("cuda")),
+            "cuda_graphs": cuda_graphs,
             "profiled_steps": steps, "wall_ms": wall_s * 1e3,
             "gpu_ms": sum(k.total_us for k in kernels) / 1e3 / steps,
             "launches": sum(k.calls for k in kernels) // steps,
@@ -112,13 +118,15 @@ def profile_report(domain: str, method: str, backbone: str, batch: int, steps: i
 def markdown(reports: list[dict], source: dict | None = None) -> str:
     """One table per profiled step: family, ms per step, share, kernel calls per step, top kernel;
     ``source``: the run's :func:`~mambapeft.bench.common.provenance`, shown under the title."""
-    lines = ["# Where a training step's GPU time goes (eager, `mambapeft bench profile`)", ""]
+    lines = ["# Where a training step's GPU time goes (`mambapeft bench profile`)", ""]
     lines += provenance_line(source)
     for r in reports:
         unit = "images" if r["tokens_per_sequence"] is None else f"sequences of {r['tokens_per_sequence']} tokens"
-        summary = (f"{r['wall_ms']:.1f} ms wall (eager), {r['gpu_ms']:.1f} ms of GPU kernels in "
-                   f"{r['launches']} launches per step.")
-        lines += [f"## {r['backbone']} {r['method']}, {r['batch']} {unit} ({r['device']}, backend {r['backend']})",
+        graphed = r.get("cuda_graphs", False)  # reports before the option were eager
+        summary = (f"{r['wall_ms']:.1f} ms wall ({'CUDA graphs' if graphed else 'eager'}), {r['gpu_ms']:.1f} ms of "
+                   f"GPU kernels in {r['launches']} launches per step.")
+        lines += [f"## {r['backbone']} {r['method']}, {r['batch']} {unit} ({r['device']}, backend {r['backend']}"
+                  f"{', CUDA graphs' if graphed else ''})",
                   "", summary, "",
                   "| kernel family | ms / step | share | calls / step | largest kernel |", "|---|---:|---:|---:|---|"]
         lines += [f"| {f['family']} | {f['ms']:.2f} | {f['share']:.1%} | {f['calls']} | `{_short(f['kernels'][0])}` |"
@@ -134,10 +142,12 @@ def _short(name: str, width: int = 60) -> str:
 
 
 def write_reports(reports: list[dict], out_dir: Path, source: dict | None = None) -> Path:
-    """``<device>.<backbone>.profile.json`` (every report, one backbone's, with ``source``, the run's
-    provenance) and the same ``.md`` (:func:`markdown`) in ``out_dir``; returns the JSON's path."""
+    """``<device>.<backbone>.profile.json`` (every report, one backbone's and one run's, eager or graphed,
+    with ``source``, the run's provenance; ``<backbone>-cuda_graphs`` graphed) and the same ``.md``
+    (:func:`markdown`) in ``out_dir``; returns the JSON's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{reports[0]['device'].replace(' ', '_')}.{reports[0]['backbone']}.profile"
+    graphed = "-cuda_graphs" if reports[0].get("cuda_graphs") else ""
+    stem = f"{reports[0]['device'].replace(' ', '_')}.{reports[0]['backbone']}{graphed}.profile"
     write_json_atomic(out_dir / f"{stem}.json", {"provenance": source, "reports": reports})
     write_text_atomic(out_dir / f"{stem}.md", markdown(reports, source))
     return out_dir / f"{stem}.json"

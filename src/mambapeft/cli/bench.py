@@ -212,7 +212,11 @@ def _add_profile(bench) -> None:
                    help="methods of the domain's methods.yaml to profile, one step each (default linear_probe lorap_x)")
     p.add_argument("--batch", type=int, help="images (default 32) or sequences (default 4) per step")
     p.add_argument("--steps", type=int, default=5, help="profiled steps, after 3 untimed ones (default 5)")
-    p.add_argument("--out", type=Path, help="also write <device>.<backbone>.profile.json and .md into this folder")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="profile the step as the graphed trainer runs it (runtime cuda_graphs: forward and backward "
+                        "replayed from CUDA graphs), not eager")
+    p.add_argument("--out", type=Path, help="also write <device>.<backbone>.profile.json and .md into this folder "
+                                            "(<backbone>-cuda_graphs with --cuda-graphs)")
     p.set_defaults(func=cmd_bench_profile)
 
 
@@ -230,7 +234,8 @@ def cmd_bench_profile(args) -> None:
     batch = args.batch or (32 if domain == "vision" else 4)
     reports, source = [], provenance()
     for method in args.methods:
-        reports.append(profile_report(domain, method, args.backbone, batch, steps=args.steps))
+        reports.append(profile_report(domain, method, args.backbone, batch, steps=args.steps,
+                                      cuda_graphs=args.cuda_graphs))
         print(markdown(reports[-1:]), flush=True)
         if args.out:  # after every method: an interrupted run keeps what it profiled
             write_reports(reports, args.out, source)
