@@ -904,7 +904,8 @@ def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_
         delta = _delta(dt_proj_weight, x_dbl, batch)
     dx, dz = dxz.chunk(2, dim=1)
     ours = kernels is scan_short
-    # the sums over channels and steps our backward skips for frozen tensors (A, D, delta_bias: wants[4:7])
+    # the sums over channels and steps our backward skips for frozen tensors: A, D, delta_bias are
+    # wants[4:7] (_PER_DIRECTION's order), in scan_short.SUMS's order
     sums = tuple(name for name, wanted in zip(scan_short.SUMS, wants[4:7]) if wanted)
     extra = dict(reverse=reverse, offset=state_offset, add_dz=add, wants=sums) if ours else {}
     grads = kernels.bwd(conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz, True,
