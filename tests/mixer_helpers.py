@@ -1,6 +1,8 @@
-"""Checks shared by the mixer tests: step mode continues a prefilled sequence, and the scan backend a
-run records for a model."""
+"""Checks shared by the mixer tests: step mode continues a prefilled sequence, the scan backend a
+run records for a model, and the ATen operations a call dispatches (each a kernel on a GPU, views and
+allocations aside)."""
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mambapeft import runtime
 
@@ -21,3 +23,15 @@ def recorded_backend(monkeypatch, model, resolved) -> str:
     monkeypatch.setattr(runtime, "resolve_backend", lambda device, requested: resolved)
     settings = {"scan_backend": "auto", "allow_torch_fallback": False}
     return runtime.select_backend(model, torch.device("cpu"), settings)
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of each ATen operation dispatched inside ``with OpNames() as ops:`` in ``ops.names``."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from mixer_helpers import assert_steps_continue_the_forward, recorded_backend
+from mixer_helpers import OpNames, assert_steps_continue_the_forward, recorded_backend
 
 from mambapeft.models import build_model, scan_short
 from mambapeft.models.mamba import Mamba, Mixer
@@ -132,26 +132,15 @@ def test_the_channel_major_projection_is_f_linear_with_its_input_gradient_channe
 def test_the_channel_major_projection_scales_and_casts_its_frozen_weight_once():
     """Under autocast the scaled weight is made once, by one multiply that writes the GEMM's dtype, and
     the backward reads it: no multiply or cast of the weight there (it did both again before)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from mambapeft.models.scan import project_channel_major
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     y = torch.randn(2, 8, 5, dtype=torch.bfloat16, requires_grad=True)  # as the fused mixer sums it
     weight = torch.randn(6, 8)  # frozen, fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with Calls() as forward_calls:
+        with OpNames() as forward_calls:
             out = project_channel_major(y, weight, None, 0.5)
         dout = torch.randn(out.shape, dtype=out.dtype)
-        with Calls() as backward_calls:
+        with OpNames() as backward_calls:
             (dy,) = torch.autograd.grad(out, y, dout)
     reference = F.linear(y.detach().transpose(1, 2), (weight * 0.5).bfloat16())
     torch.testing.assert_close(out, reference, rtol=0, atol=0)

@@ -7,10 +7,11 @@ import dataclasses
 
 import pytest
 import torch
+from mixer_helpers import OpNames
 from test_fused_inner import _adapted, _mixers
 from torch.nn.utils import parametrize
 
-from mambapeft.models.mamba import Block, Mamba, fused_add_norm
+from mambapeft.models.mamba import Block, DropPath, Mamba, fused_add_norm
 from mambapeft.models.scan import (
     TORCH_BACKEND,
     add_rms_norm_torch,
@@ -115,6 +116,23 @@ def test_the_fused_add_norm_reference_normalises_in_fp32_into_hiddens_dtype(firs
     assert torch.equal(new_residual, total)
     expected = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
     torch.testing.assert_close(normed, expected.bfloat16())
+
+
+def test_a_drop_paths_row_scales_are_its_forwards_scale_in_two_kernels():
+    """row_scales: what the drop path multiplies each row by (the same draw as its call: each sample's
+    rows kept and scaled by 1 / (1 - p), or zeroed), fp32 and one per row, made by two kernels (the draw
+    and the divide that spreads it over the rows: casting and spreading it took two more)."""
+    drop = DropPath(0.5).train()
+    x = torch.randn(6, 3, 4, dtype=torch.bfloat16)
+    torch.manual_seed(2)
+    dropped = drop(x)
+    torch.manual_seed(2)
+    with OpNames() as ops:
+        scales = drop.row_scales(x)
+    assert scales.dtype == torch.float32 and scales.shape == (18,)
+    torch.testing.assert_close(x.float() * scales.view(6, 3, 1), dropped.float(), rtol=0, atol=0)
+    assert set(scales.tolist()) == {0.0, 2.0}  # at this seed, some samples dropped and some kept
+    assert [name for name in ops.names if name not in ("new_empty", "expand", "view", "_unsafe_view")] == ["bernoulli_", "div"]
 
 
 @pytest.mark.parametrize("hooked", [False, True])
