@@ -645,6 +645,30 @@ def test_every_method_captures_as_a_cuda_graph(domain, method):
 
 
 @needs_kernels
+def test_a_training_graph_reads_a_frozen_A_log_as_it_is_at_each_replay(monkeypatch):
+    """A frozen A_log's A is kept, not computed, in a training graph (cuda_graphs.GraphRead: one read a
+    scan direction); a load that changes A_log after the capture is read by the next replay, which
+    computes what the eager forward does, and so is the load that puts it back."""
+    from mambapeft.models import cuda_graphs
+    from mambapeft.train.vision import GraphedForward
+
+    model, _ = adapted_mini("vision", "vim-mini", "lorap_x", nudge=0.02)
+    set_backend(model.eval(), CUDA_BACKEND)  # eval: no dropout, so replay and eager see the same masks
+    images = torch.randn(4, 3, 32, 32, device="cuda")
+    reads, read_in_graph = [], cuda_graphs.read_in_graph
+    monkeypatch.setattr(cuda_graphs, "read_in_graph", lambda *args: reads.append(args[0]) or read_in_graph(*args))
+    graphed = GraphedForward(model, [images.shape], images.device)
+    assert len(reads) == sum(len(m.directions) for m in model.modules() if isinstance(m, Mamba))
+    state = model.state_dict()
+    changed = {k: v + 0.3 if k.endswith("_log") else v for k, v in state.items()}
+    for weights in (changed, state):
+        model.load_state_dict(weights)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager, replayed = model(images), graphed(images)
+        assert rel(replayed, eager) <= 1e-3
+
+
+@needs_kernels
 def test_language_cuda_graphs_train_as_eager():
     """runtime `cuda_graphs` for language: one graph per padded width; the replayed loss and
     backward train as the eager ones (SGD: see the vision test)."""

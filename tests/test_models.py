@@ -248,6 +248,37 @@ def test_frozen_state_matrix_is_computed_once_until_A_log_changes(monkeypatch):
     assert torch.equal(mixer._state_matrix(FORWARD), -torch.exp(mixer.A_log))
 
 
+def test_a_graph_reads_the_kept_state_matrix_refreshed_before_each_replay(monkeypatch):
+    """While a capture records its reads (cuda_graphs.graph_reads_recorded), a frozen A_log's kept A is
+    handed to the graph, not computed in it; each replay first writes it again in place where A_log was
+    written since (a load after the capture), and only then. A capture not recording computes it."""
+    from mambapeft.models import cuda_graphs
+    from mambapeft.models.mamba import FORWARD, Mamba
+
+    real_exp, calls = torch.exp, []
+    monkeypatch.setattr(torch, "exp", lambda *a, **k: calls.append(1) or real_exp(*a, **k))
+    mixer = Mamba(16, d_state=4)
+    mixer.A_log.requires_grad_(False)
+    kept = mixer._state_matrix(FORWARD)  # before the capture (its warm-up runs)
+    monkeypatch.setattr(cuda_graphs, "is_capturing", lambda t: True)
+    calls.clear()
+    with cuda_graphs.graph_reads_recorded() as reads:
+        assert mixer._state_matrix(FORWARD) is kept and not calls
+    assert len(reads) == 1
+    assert mixer._state_matrix(FORWARD) is not kept and len(calls) == 1  # not recording: in the graph
+    monkeypatch.setattr(cuda_graphs, "is_capturing", lambda t: False)
+    replay = cuda_graphs.refreshed(reads, lambda: kept.clone())  # what the graph reads at a replay
+    calls.clear()
+    assert torch.equal(replay(), -real_exp(mixer.A_log)) and not calls
+    with torch.no_grad():
+        mixer.A_log.add_(0.5)
+    assert torch.equal(replay(), -real_exp(mixer.A_log)) and len(calls) == 1
+    assert torch.equal(kept, -real_exp(mixer.A_log))  # in place: the tensor the graph reads
+    calls.clear()
+    replay()
+    assert not calls
+
+
 class _Shift(nn.Module):
     def forward(self, x):
         return x + 1.0

@@ -1,10 +1,14 @@
 """A step on static tensors as the replay of one CUDA graph: generation's decode steps
-(``decoding.py``) and the benchmarks' whole training steps (``bench/train.py``)."""
+(``decoding.py``) and the benchmarks' whole training steps (``bench/train.py``); and the values kept
+from frozen parameters that graphs read as kept (:class:`GraphRead`), for every capture here and in
+``train/graphs.py``."""
 from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +30,75 @@ def garbage_collection_paused() -> Iterator[None]:
             gc.enable()
 
 
+def is_capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream, for work on ``t``."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def storage_version(t: torch.Tensor) -> tuple[int, int]:
+    """(storage address, version counter): what changes when ``t`` is written in place (an optimizer
+    step, ``load_state_dict``) or given new storage."""
+    return t.data_ptr(), t._version
+
+
+@dataclass
+class GraphRead:
+    """A value computed from a frozen parameter and kept (A = -exp(A_log) under PEFT:
+    ``mamba.frozen_function_of``) that a CUDA graph reads as it was before the capture, where it would
+    otherwise compute it on every replay (two kernels a scan direction: 96 of a graphed Vim-S step's
+    1,328). :meth:`refresh`, before each replay, writes it again in place where the parameter has been
+    written since (a load after the capture), so that the replay reads the parameter as it is then."""
+
+    parameter: torch.Tensor
+    function: Callable[[torch.Tensor], torch.Tensor]
+    value: torch.Tensor
+    version: tuple[int, int]  # the parameter's storage_version the value was computed from
+
+    def refresh(self) -> None:
+        version = storage_version(self.parameter)
+        if version != self.version:
+            with torch.no_grad():
+                self.value.copy_(self.function(self.parameter))
+            self.version = version
+
+
+_recording = threading.local()  # .reads: the list of the capture being recorded on this thread, or absent
+
+
+@contextlib.contextmanager
+def graph_reads_recorded() -> Iterator[list[GraphRead]]:
+    """Collects the kept values the captures inside the block read (:func:`read_in_graph`): each
+    replay of those graphs must be preceded by :func:`refreshed` of the list."""
+    reads: list[GraphRead] = []
+    outer = getattr(_recording, "reads", None)
+    _recording.reads = reads
+    try:
+        yield reads
+    finally:
+        _recording.reads = outer
+
+
+def read_in_graph(parameter: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor],
+                  value: torch.Tensor) -> bool:
+    """During a capture inside :func:`graph_reads_recorded`: records that the graph reads ``value``
+    (``function(parameter)`` as the parameter is now) and returns True, the caller handing it to the
+    graph; elsewhere False, the caller computing it in the graph (a capture made by other code)."""
+    reads = getattr(_recording, "reads", None)
+    if reads is None:
+        return False
+    reads.append(GraphRead(parameter, function, value, storage_version(parameter)))
+    return True
+
+
+def refreshed(reads: list[GraphRead], replay: Callable) -> Callable:
+    """``replay`` with every read of ``reads`` refreshed before each call (:meth:`GraphRead.refresh`)."""
+    def refreshed_replay(*args):
+        for read in reads:
+            read.refresh()
+        return replay(*args)
+    return refreshed_replay
+
+
 def captured_replay(step: Callable[[], None], warmup: int = 2) -> Callable[[], None]:
     """``step`` as a CUDA graph's replay. It runs ``warmup`` times on a side stream first: lazy
     initialisation, kernel autotuning, library workspaces and an optimizer's state must not be
@@ -38,9 +111,9 @@ def captured_replay(step: Callable[[], None], warmup: int = 2) -> Callable[[], N
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with garbage_collection_paused(), torch.cuda.graph(graph):
+    with garbage_collection_paused(), graph_reads_recorded() as reads, torch.cuda.graph(graph):
         step()
-    return graph.replay
+    return refreshed(reads, graph.replay)
 
 
 class InferenceGraph:

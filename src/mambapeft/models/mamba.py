@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from . import cuda_graphs
 from .rebuild import rebuilt_when_saved
 from .scan import (
     TORCH_BACKEND,
@@ -231,8 +232,8 @@ class Mamba(Mixer):
     def _state_matrix(self, d: Direction) -> torch.Tensor:
         """A = -exp(A_log) (D_inner, N) in fp32, read through any parametrisation of A_log; computed once
         while A_log is a plain parameter no gradient is asked of (frozen under PEFT) and unchanged
-        (:func:`frozen_function_of`): two kernels per direction and eager forward less (96 of an eager
-        Vim-S step's ~1,460 launches; a CUDA graph computes it in the graph)."""
+        (:func:`frozen_function_of`): two kernels per direction and forward less (96 of an eager Vim-S
+        step's ~1,460 launches; a CUDA graph reads it kept, refreshed before each replay)."""
         A_log = getattr(self, d.A_log)
         if parametrize.is_parametrized(self, d.A_log):
             return _state_matrix_of(A_log)
@@ -415,15 +416,18 @@ def frozen_function_of(cache: dict, name: str, parameter: torch.Tensor,
     """``function(parameter)``, kept in ``cache[name]`` and reused while no gradient is asked of
     ``parameter`` and it is the same tensor, unchanged: same storage and version counter (an optimizer
     step, ``load_state_dict`` or any in-place write bumps it; ``.to()`` makes a new storage). Computed
-    afresh, and not kept, where the gradient is asked for, in inference mode (its tensors cannot be
-    saved for a later backward) and while a CUDA graph is being captured (the graph computes it, so
-    that each replay reads ``parameter`` as it is then: a kept value would go stale in the graph after
-    a load, and one kept during capture would be written by replays only)."""
-    if ((torch.is_grad_enabled() and parameter.requires_grad) or torch.is_inference_mode_enabled()
-            or (parameter.is_cuda and torch.cuda.is_current_stream_capturing())):
+    afresh, and not kept, where the gradient is asked for and in inference mode (its tensors cannot be
+    saved for a later backward). A CUDA graph being captured reads the value kept before the capture,
+    refreshed before each replay (``cuda_graphs.GraphRead``: a replay reads ``parameter`` as it is
+    then); one not kept yet, or a capture not recording its reads, computes it in the graph."""
+    if (torch.is_grad_enabled() and parameter.requires_grad) or torch.is_inference_mode_enabled():
         return function(parameter)
     key = (parameter.data_ptr(), parameter._version, parameter.device, parameter.dtype, parameter.shape)
     kept = cache.get(name)
+    if cuda_graphs.is_capturing(parameter):
+        if kept is not None and kept[0] == key and cuda_graphs.read_in_graph(parameter, function, kept[1]):
+            return kept[1]
+        return function(parameter)  # kept during the capture, it would be written by replays only
     if kept is None or kept[0] != key:
         with torch.no_grad():
             kept = cache[name] = (key, function(parameter))

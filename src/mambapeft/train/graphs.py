@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from ..models.cuda_graphs import garbage_collection_paused
+from ..models.cuda_graphs import garbage_collection_paused, graph_reads_recorded, refreshed
 
 
 class _Call(nn.Module):
@@ -33,8 +33,10 @@ def capture(model: nn.Module, fn: Callable, sample_args: tuple[torch.Tensor, ...
     run under bf16 autocast. Captures given one ``pool`` share its memory; they must not run
     concurrently (a replay's outputs are consumed before the next replay)."""
     # autocast's weight cache must be off while capturing (torch.cuda.make_graphed_callables)
-    with garbage_collection_paused(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-        return torch.cuda.make_graphed_callables(_Call(model, fn), sample_args, pool=pool)
+    with (garbage_collection_paused(), graph_reads_recorded() as reads,
+          torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)):
+        graphed = torch.cuda.make_graphed_callables(_Call(model, fn), sample_args, pool=pool)
+    return refreshed(reads, graphed)  # the values kept from frozen parameters it reads, brought up to date
 
 
 def capture_each(model: nn.Module, fn: Callable, samples: dict) -> dict:
