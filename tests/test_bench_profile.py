@@ -9,6 +9,7 @@ from mambapeft.bench.profile import (
     OTHER,
     KernelTime,
     family_breakdown,
+    kernel_rows,
     kernel_family,
     markdown,
     write_reports,
@@ -76,10 +77,19 @@ def test_breakdown_sums_families_per_step_most_time_first():
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
 
 
+def test_kernels_are_listed_most_launches_first_with_their_family():
+    kernels = [KernelTime("nvjet_sm90_a", 800.0, 9), KernelTime(COPY, 500.0, 30), KernelTime("scan_bwd", 3000.0, 9)]
+    rows = kernel_rows(kernels, steps=3)
+    assert [r["kernel"] for r in rows] == [COPY, "scan_bwd", "nvjet_sm90_a"]  # launches, then time
+    assert rows[0] == {"kernel": COPY, "family": "copies: casts, layout, padding, cat, flip", "calls": 10,
+                       "ms": pytest.approx(500.0 / 1e3 / 3)}
+
+
 def test_report_files_and_table(tmp_path):
     report = {"backbone": "vim-s", "method": "lorap_x", "backend": "cuda", "batch": 32, "tokens_per_sequence": None,
               "device": "NVIDIA H200", "profiled_steps": 2, "wall_ms": 60.0, "gpu_ms": 1.5, "launches": 12,
-              "families": family_breakdown([KernelTime("nvjet_a|b", 3000.0, 24)], steps=2)}
+              "families": family_breakdown([KernelTime("nvjet_a|b", 3000.0, 24)], steps=2),
+              "kernels": kernel_rows([KernelTime("nvjet_a|b", 3000.0, 24)], steps=2)}
     path = write_reports([report], tmp_path)
     assert path == tmp_path / "NVIDIA_H200.vim-s.profile.json"
     assert json.loads(path.read_text())["reports"][0]["families"][0]["ms"] == 1.5
@@ -87,6 +97,9 @@ def test_report_files_and_table(tmp_path):
     assert table == markdown([report])
     assert "## vim-s lorap_x, 32 images (NVIDIA H200, backend cuda)" in table
     assert "| GEMM | 1.50 | 100.0% | 12 | `nvjet_a/b` |" in table  # a | in a name would split the row
+    assert "| 12 | 1.500 | GEMM | `nvjet_a/b` |" in table  # the kernels' table
+    without = {key: value for key, value in report.items() if key != "kernels"}  # a report before kernel_rows
+    assert "Kernels, most launches" not in markdown([without])
 
 
 def test_a_graphed_report_is_named_and_labelled_apart(tmp_path):
@@ -163,3 +176,4 @@ def test_report_of_a_step(monkeypatch, cuda_graphs):
     assert report["gpu_ms"] == pytest.approx(1.0) and report["launches"] == 6
     assert (report["device"], report["backend"], report["tokens_per_sequence"]) == ("Test GPU", "cuda-fused", 256)
     assert report["families"][0]["family"] == "GEMM"
+    assert report["kernels"] == [{"kernel": "nvjet_a", "family": "GEMM", "calls": 6, "ms": pytest.approx(1.0)}]

@@ -4,7 +4,8 @@ One step of a method as ``bench train`` times it, eager (every kernel launched f
 default) or with ``cuda_graphs`` as the graphed trainer runs it (its forward and backward replayed from
 CUDA graphs: what runs only in the graph, and the launches' count, show there), profiled with
 torch.profiler; each GPU kernel, memcpy and memset is put in a family by its name
-(:data:`KERNEL_FAMILIES`, first match wins) and the families are summed per step. The report is JSON
+(:data:`KERNEL_FAMILIES`, first match wins) and the families are summed per step, and each kernel is
+listed with its launches and time a step, most launches first. The report is JSON
 (``<device>.<backbone>.profile.json``, ``<device>.<backbone>-cuda_graphs.profile.json`` graphed) with a
 Markdown table beside it.
 """
@@ -54,6 +55,7 @@ KERNEL_FAMILIES: tuple[tuple[str, re.Pattern], ...] = tuple((family, re.compile(
     ("other elementwise", r"elementwise|unrolled_|triton_"),
 ))
 OTHER = "other"
+KERNEL_ROWS = 30  # the Markdown's per-kernel table: this many, most launches first
 
 
 def kernel_family(name: str) -> str:
@@ -76,6 +78,15 @@ def family_breakdown(kernels: Iterable[KernelTime], steps: int) -> list[dict]:
              "kernels": [k.name for k in sorted(members, key=lambda k: -k.total_us)]}
             for family, members in families.items()]
     return sorted(rows, key=lambda row: -row["ms"])
+
+
+def kernel_rows(kernels: Iterable[KernelTime], steps: int) -> list[dict]:
+    """Per kernel name, most launches a step first (then most time): ``calls`` and ``ms`` per step and its
+    family: where a step's launches go (in a CUDA graph, each small kernel costs its run and ~1 us of gap
+    after it)."""
+    rows = [{"kernel": k.name, "family": kernel_family(k.name), "calls": k.calls // steps, "ms": k.total_us / 1e3 / steps}
+            for k in kernels]
+    return sorted(rows, key=lambda row: (-row["calls"], -row["ms"]))
 
 
 def profiled_kernels(step: Callable[[], None], steps: int) -> list[KernelTime]:
@@ -112,7 +123,7 @@ def profile_report(domain: str, method: str, backbone: str, batch: int, steps: i
             "profiled_steps": steps, "wall_ms": wall_s * 1e3,
             "gpu_ms": sum(k.total_us for k in kernels) / 1e3 / steps,
             "launches": sum(k.calls for k in kernels) // steps,
-            "families": family_breakdown(kernels, steps)}
+            "families": family_breakdown(kernels, steps), "kernels": kernel_rows(kernels, steps)}
 
 
 def markdown(reports: list[dict], source: dict | None = None) -> str:
@@ -132,6 +143,12 @@ def markdown(reports: list[dict], source: dict | None = None) -> str:
         lines += [f"| {f['family']} | {f['ms']:.2f} | {f['share']:.1%} | {f['calls']} | `{_short(f['kernels'][0])}` |"
                   for f in r["families"]]
         lines.append("")
+        if r.get("kernels"):  # reports before kernel_rows have families only
+            lines += [f"Kernels, most launches a step first (the first {KERNEL_ROWS}; every one in the JSON):", "",
+                      "| calls / step | ms / step | family | kernel |", "|---:|---:|---|---|"]
+            lines += [f"| {k['calls']} | {k['ms']:.3f} | {k['family']} | `{_short(k['kernel'], 100)}` |"
+                      for k in r["kernels"][:KERNEL_ROWS]]
+            lines.append("")
     return "\n".join(lines)
 
 
