@@ -422,7 +422,7 @@ def frozen_function_of(cache: dict, name: str, parameter: torch.Tensor,
     then); one not kept yet, or a capture not recording its reads, computes it in the graph."""
     if (torch.is_grad_enabled() and parameter.requires_grad) or torch.is_inference_mode_enabled():
         return function(parameter)
-    key = (parameter.data_ptr(), parameter._version, parameter.device, parameter.dtype, parameter.shape)
+    key = (*cuda_graphs.storage_version(parameter), parameter.device, parameter.dtype, parameter.shape)
     kept = cache.get(name)
     if cuda_graphs.is_capturing(parameter):
         if kept is not None and kept[0] == key and cuda_graphs.read_in_graph(parameter, function, kept[1]):
