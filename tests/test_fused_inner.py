@@ -882,3 +882,36 @@ def test_the_one_node_steps_aside_where_it_would_not_be_the_modules_call(case):
         module.updates["x"].lora_up.register_forward_hook(lambda *args: None)
     out = linear_channel_major(module, torch.randn(3, 5, 6, requires_grad=True))
     assert "_FrozenPlusLowRankBackward" not in _graph_nodes(out)
+
+
+def test_a_frozen_out_projs_scaled_weight_is_kept_across_forwards(monkeypatch):
+    """Vim's fused mixer projects its directions' sum with out_proj's weight times 1/2 (one kernel makes
+    that operand): while the weight is frozen it is made once and kept, made again once the weight is
+    written (an optimizer step, a load), and made in every forward where the weight trains, whose
+    gradient then flows as before."""
+    from mambapeft.models import mamba, scan
+    from mambapeft.models.scan import mamba_inner_pair_torch
+
+    real, made = scan.scaled_operand, []
+    counted = lambda weight, scale, dtype: made.append(scale) or real(weight, scale, dtype)  # noqa: E731
+    monkeypatch.setattr(mamba, "scaled_operand", counted)
+    monkeypatch.setattr(scan, "scaled_operand", counted)
+    torch.manual_seed(0)
+    mixer = mamba.Mamba(16, d_state=4, bidirectional=True)
+    mixer.backend = ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d, mamba_inner_torch,
+                                mamba_inner_pair_torch)
+    mixer.out_proj.weight.requires_grad_(False)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    first = mixer(x)
+    assert torch.equal(mixer(x), first) and made == [0.5]
+    with torch.no_grad():
+        mixer.out_proj.weight.mul_(2)
+    assert torch.allclose(mixer(x), 2 * first) and made == [0.5, 0.5]
+    mixer.out_proj.weight.requires_grad_(True)
+    unfused = copy.deepcopy(mixer)
+    unfused.backend = TORCH_BACKEND  # the unfused chain: out_proj called
+    trained = mixer(x)
+    trained.sum().backward()
+    assert len(made) == 3 and torch.allclose(trained, 2 * first)
+    unfused(x).sum().backward()
+    torch.testing.assert_close(mixer.out_proj.weight.grad, unfused.out_proj.weight.grad)

@@ -139,6 +139,50 @@ def test_our_norm_backward_computes_what_mamba_ssms_does(cols, first, weight_gra
 
 
 @needs_kernels
+def test_the_fused_add_norms_backward_runs_no_fill_and_no_sum():
+    """The backward of a block's residual add + RMSNorm (add_rms_norm_cuda) at Vim-S's width: no zeros
+    filled for its 1/rms output (not differentiable, so never read) and no reduction of per-tile sums of
+    the weight's gradient (the kernel's tiles add to one sum), each a kernel a layer; the gradients are
+    autograd's through the PyTorch reference."""
+    from mixer_helpers import OpNames
+
+    from mambapeft.models.scan import add_rms_norm_cuda
+
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 197, 384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    residual = torch.randn(4, 197, 384, device="cuda", requires_grad=True)
+    weight = torch.randn(384, device="cuda", requires_grad=True)
+    dnormed, dresidual = torch.randn_like(hidden), torch.randn_like(residual)
+    grads = {}
+    for name, add_norm in (("ours", add_rms_norm_cuda), ("torch", add_rms_norm_torch)):
+        normed, summed, _ = add_norm(hidden, residual, weight, 1e-5)
+        with OpNames() as ops:
+            grads[name] = torch.autograd.grad([normed, summed], [hidden, residual, weight], [dnormed, dresidual])
+        if name == "ours":  # the backward's ops were recorded (its empty dx); one fill: the weight's sum
+            assert "empty" in ops.names and "sum" not in ops.names
+            assert len([op for op in ops.names if "zero" in op or op.startswith("fill")]) == 1, ops.names
+    for ours, expected in zip(grads["ours"], grads["torch"]):
+        assert rel(ours, expected) < (BF16_ROUNDING if ours.dtype == torch.bfloat16 else 1e-5)
+
+
+@needs_kernels
+def test_a_weight_gradient_is_written_in_fp32_by_its_gemm():
+    """scan.weight_gradient of bf16 operands for an fp32 parameter: one GEMM writing fp32 (no bf16
+    product cast after), the transposed operands read as they are; the sums as the fp32 product's."""
+    from mixer_helpers import OpNames
+
+    from mambapeft.models.scan import weight_gradient
+
+    torch.manual_seed(0)
+    a, b = (torch.randn(6304, n, device="cuda").bfloat16() for n in (56, 768))
+    with OpNames() as ops:
+        grad = weight_gradient(a.t(), b, torch.float32)
+    assert grad.dtype == torch.float32 and ops.names == ["mm"]
+    assert rel(grad, a.float().t() @ b.float()) < 1e-5
+    assert weight_gradient(a.t(), b, torch.bfloat16).dtype == torch.bfloat16
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 6 * BF16_ROUNDING)])
 @pytest.mark.parametrize("first", [True, False])
 def test_a_block_step_on_the_kernels_equals_the_torch_step(dtype, tolerance, first):

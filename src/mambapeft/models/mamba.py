@@ -53,8 +53,10 @@ from .scan import (
     ScanBackend,
     causal_conv1d_step,
     conv_state_of,
+    gemm_dtype,
     project_channel_major,
     rms_normed_torch,
+    scaled_operand,
     steps_of,
 )
 
@@ -341,6 +343,16 @@ class Mamba(Mixer):
         return InnerWeights(conv.weight, conv.bias, x_proj_weight, dt_proj.weight, dt_proj.bias, A, getattr(self, d.D),
                             d is BACKWARD, offset)
 
+    def _frozen_out_operand(self, scale: float, dtype: torch.dtype) -> torch.Tensor | None:
+        """out_proj's weight times ``scale`` in ``dtype``, as :func:`project_channel_major` reads it, kept
+        across steps while the weight is frozen (:func:`frozen_function_of`: one kernel a layer and step
+        less), else None (the projection makes it)."""
+        weight = self.out_proj.weight
+        if weight.requires_grad:
+            return None
+        return frozen_function_of(self._frozen, f"out_proj.weight*{scale}:{dtype}", weight,
+                                  lambda w: scaled_operand(w, scale, dtype))
+
     def _fused_directions_summed(self, xz: torch.Tensor) -> torch.Tensor:
         """Both directions' gated scan outputs on xz, summed (B, D_inner, L): the backend's
         ``mamba_inner_pair`` where it has one and no affix tokens make the directions' inputs differ,
@@ -369,8 +381,9 @@ class Mamba(Mixer):
                 return out if project else self.out_proj(out.transpose(1, 2))
             summed = self._fused_directions_summed(xz)
             if project:
-                return project_channel_major(summed, self.out_proj.weight, self.out_proj.bias,
-                                             0.5 if self.divide_out else 1.0)
+                scale = 0.5 if self.divide_out else 1.0
+                return project_channel_major(summed, self.out_proj.weight, self.out_proj.bias, scale,
+                                             self._frozen_out_operand(scale, gemm_dtype(summed)))
             return self.out_proj(self._merged(summed).transpose(1, 2))
         y = self._scan_direction(xz, FORWARD, state)
         if self.bidirectional:

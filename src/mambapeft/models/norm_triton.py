@@ -11,8 +11,9 @@ would each write an fp32 temporary. Reference: ``(x * rstd[:, None] * w.float())
 The backward (:func:`rms_norm_backward`) computes what mamba_ssm's ``_layer_norm_bwd`` does for this
 norm, but over a grid of row tiles: mamba_ssm's runs one program per SM, each stepping through its
 rows one at a time (H200, Vim-S at batch 32, 6,304 x 384: 54 us a call, most of it waiting on each
-row's loads; ``mambapeft bench profile``). Reference: with x_hat = x * rstd and g = w * dy,
-``dx = (g - x_hat * mean(x_hat * g)) * rstd (+ dresidual)``, ``dw = sum over rows of dy * x_hat``.
+row's loads; ``mambapeft bench profile``); the tiles add their share of the weight's gradient to one
+sum. Reference: with x_hat = x * rstd and g = w * dy, ``dx = (g - x_hat * mean(x_hat * g)) * rstd
+(+ dresidual)``, ``dw = sum over rows of dy * x_hat``.
 
 Shapes: x (M, N) fp32, rows contiguous; rstd (M,) fp32; weight (N,); out (M, N) any float dtype;
 dy, dresidual (M, N) rows contiguous.
@@ -74,8 +75,8 @@ def _rms_norm_bwd_kernel(x_ptr, rstd_ptr, w_ptr, dy_ptr, dres_ptr, dx_ptr, dres_
     if HAS_ROWSCALE:  # the forward scaled hidden's rows before the add: hidden's gradient is the sum's times it
         dx *= tl.load(rowscale_ptr + row, mask=row < rows, other=0.0)[:, None]
     tl.store(dx_ptr + row64 * stride_dx_row + col[None, :], dx.to(dx_ptr.dtype.element_ty), mask=inside)
-    if WEIGHT_GRAD:  # this tile's rows' sum; the tiles' are summed after
-        tl.store(dw_ptr + tl.program_id(0) * cols + col, tl.sum(dy * x_hat, axis=0), mask=col < cols)
+    if WEIGHT_GRAD:  # this tile's rows' sum, added to the zeroed sum of all (no partial sums summed after)
+        tl.atomic_add(dw_ptr + col, tl.sum(dy * x_hat, axis=0), mask=col < cols, sem="relaxed")
 
 
 BACKWARD_TILE = 4096  # elements a backward program holds: rows of the next power of two >= N
@@ -98,8 +99,11 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, wei
     dx = torch.empty(rows, cols, dtype=dx_dtype, device=x.device)
     store_residual = has_residual and (dx_dtype != x.dtype or rowscale is not None)
     dresidual_in = torch.empty_like(x) if store_residual else None
-    partial_dw = torch.empty(grid[0], cols, dtype=torch.float32, device=x.device) if weight_grad else None
-    _rms_norm_bwd_kernel[grid](x, rstd, weight, dy, dresidual, dx, dresidual_in, partial_dw, rowscale, rows, cols,
+    # the weight's gradient summed by the tiles' atomic adds: a (tiles, N) partial sum reduced after took
+    # a 16 us sum kernel a layer (788 x 384 at Vim-S's batch of 32, one H200) where the fill takes ~1 us;
+    # in fp32 the order of the adds varies from run to run, as the scan's sums over channels do
+    dw = torch.zeros(cols, dtype=torch.float32, device=x.device) if weight_grad else None
+    _rms_norm_bwd_kernel[grid](x, rstd, weight, dy, dresidual, dx, dresidual_in, dw, rowscale, rows, cols,
                                x.stride(0), dy.stride(0), 0 if dresidual is None else dresidual.stride(0),
                                dx.stride(0), 0 if dresidual_in is None else dresidual_in.stride(0),
                                HAS_DRESIDUAL=dresidual is not None, STORE_DRESIDUAL=store_residual,
@@ -108,4 +112,4 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, wei
                                num_warps=4 if block_m * block_n <= BACKWARD_TILE else 8)
     if has_residual and not store_residual:
         dresidual_in = dx
-    return dx, None if partial_dw is None else partial_dw.sum(0).to(weight.dtype), dresidual_in
+    return dx, None if dw is None else dw.to(weight.dtype), dresidual_in

@@ -632,13 +632,18 @@ class _AddRMSNorm(torch.autograd.Function):
                                   rowscale=rowscale, residual_dtype=residual_dtype, is_rms_norm=True)
         normed, rstd, residual_out = outputs[0], outputs[3], outputs[4]  # of (y, y1, mean, rstd, residual_out, ...)
         ctx.save_for_backward(residual_out, weight, rstd, rowscale)
-        ctx.eps, ctx.has_residual, ctx.hidden_dtype = eps, residual is not None, hidden.dtype
+        ctx.eps, ctx.has_residual, ctx.hidden_dtype, ctx.shape = eps, residual is not None, hidden.dtype, hidden.shape
         ctx.mark_non_differentiable(rstd)
+        # rstd's gradient is never read: not materialised as zeros (a fill kernel a layer); nor dresidual's
+        # where the residual goes unused (the kernel then adds none)
+        ctx.set_materialize_grads(False)
         return normed.view(hidden.shape), residual_out.view(hidden.shape), rstd
 
     @staticmethod
     def backward(ctx, dnormed, dresidual, _drstd):
         residual_out, weight, rstd, rowscale = ctx.saved_tensors
+        if dnormed is None:  # the normed output went unused
+            dnormed = residual_out.new_zeros(ctx.shape, dtype=ctx.hidden_dtype)
         if residual_out.shape[1] <= NORM_BACKWARD_COLUMNS:  # ours (norm_triton.py): a grid of row tiles
             dhidden, dweight, dresidual_in = _rms_norm_backward(
                 _rows(dnormed), residual_out, rstd, weight, _rows(dresidual), ctx.hidden_dtype,
@@ -647,9 +652,8 @@ class _AddRMSNorm(torch.autograd.Function):
             dhidden, dweight, _, dresidual_in, *_ = _layer_norm_bwd(
                 _rows(dnormed), residual_out, weight, None, ctx.eps, None, rstd, _rows(dresidual),
                 rowscale=rowscale, has_residual=ctx.has_residual, is_rms_norm=True, x_dtype=ctx.hidden_dtype)
-        shape = dnormed.shape
-        return (dhidden.view(shape), dresidual_in.view(shape) if ctx.has_residual else None, dweight, None, None,
-                None)
+        return (dhidden.view(ctx.shape), dresidual_in.view(ctx.shape) if ctx.has_residual else None, dweight, None,
+                None, None)
 
 
 def add_rms_norm_cuda(hidden, residual, weight, eps, residual_in_fp32=True, rowscale=None):
@@ -816,6 +820,10 @@ class _MambaInnerFn(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, xz, out_proj_weight, out_proj_bias, reverses, keep_activations, *directions):
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        # the weights' own dtypes, their gradients' (the GEMMs below read them cast to autocast's)
+        ctx.out_proj_dtype = out_proj_weight.dtype if out_proj_weight is not None else None
+        ctx.projection_dtypes = [(directions[i * _PER_DIRECTION + 2].dtype, directions[i * _PER_DIRECTION + 3].dtype)
+                                 for i in range(len(reverses))]
         if dtype is not None:
             out_proj_weight, out_proj_bias = (w.to(dtype) if w is not None else None
                                               for w in (out_proj_weight, out_proj_bias))
@@ -851,9 +859,11 @@ class _MambaInnerFn(torch.autograd.Function):
         for i, (reverse, kernels) in enumerate(zip(ctx.reverses, ctx.kernels)):
             wants = ctx.needs_input_grad[5 + i * _PER_DIRECTION:5 + (i + 1) * _PER_DIRECTION]
             direction_grads, out_z = _direction_backward(x, z, dy, dxz, saved[i * kept_each:(i + 1) * kept_each],
-                                                         reverse, kernels, wants, i > 0, want_out_proj)
+                                                         reverse, kernels, wants, i > 0, want_out_proj,
+                                                         ctx.projection_dtypes[i])
             grads += direction_grads
-        dout_proj = dout @ _tokens_major(out_z) if want_out_proj else None  # one direction: its out_z
+        # one direction: its out_z
+        dout_proj = weight_gradient(dout, _tokens_major(out_z), ctx.out_proj_dtype) if want_out_proj else None
         dout_bias = dout.sum(dim=1) if ctx.has_out_bias and want_out_bias else None
         return (dxz, dout_proj, dout_bias, None, None, *grads)
 
@@ -891,10 +901,11 @@ def _direction_forward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weig
                    state_offset, scan_intermediates, out, *kept], kernels
 
 
-def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_out_z):
+def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_out_z, projection_dtypes):
     """One direction of :class:`_MambaInnerFn`'s backward: its xz gradient written into dxz (with
     ``add``, added to it: ours only), (its tensors' gradients in _PER_DIRECTION order, None where not
-    in ``wants``) and its out_z recomputed where ``want_out_z``."""
+    in ``wants``; x_proj's and dt_proj's in ``projection_dtypes``) and its out_z recomputed where
+    ``want_out_z``."""
     (conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, A, B, C, D, delta_bias, state_offset,
      scan_intermediates, out, conv_out, delta) = kept
     want_x_proj, want_dt_proj = wants[2:4]
@@ -924,10 +935,11 @@ def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_
         dx_dbl[:, rank:rank + n] = dB[:, 0].transpose(1, 2).flatten(0, 1)
         dx_dbl[:, rank + n:] = dC[:, 0].transpose(1, 2).flatten(0, 1)
     ddelta = _channels_major(ddelta)  # (D_inner, B*L)
-    ddt_proj = ddelta @ x_dbl[:, :rank] if want_dt_proj else None
+    x_proj_dtype, dt_proj_dtype = projection_dtypes
+    ddt_proj = weight_gradient(ddelta, x_dbl[:, :rank], dt_proj_dtype) if want_dt_proj else None
     # written into its columns by the GEMM (a view of the aligned rows, as cuBLAS takes it), not copied there
     torch.mm(ddelta.t().to(dx_dbl.dtype), dt_proj_weight.to(dx_dbl.dtype), out=dx_dbl[:, :rank])
-    dx_proj = (dx_aligned.t() @ _tokens_major(conv_out))[:width] if want_x_proj else None
+    dx_proj = weight_gradient(dx_aligned.t(), _tokens_major(conv_out), x_proj_dtype)[:width] if want_x_proj else None
     dconv_out = _channels_major(dconv_out)
     dconv_out = torch.addmm(dconv_out, x_proj_weight.t(), dx_aligned.t(), out=dconv_out)
     dconv_out = _from_channels_major(dconv_out, batch)
@@ -939,6 +951,21 @@ def gemm_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a GEMM on t runs in: autocast's where it is on for t's device, else t's."""
     on = torch.is_autocast_enabled(t.device.type)
     return torch.get_autocast_dtype(t.device.type) if on and t.is_floating_point() else t.dtype
+
+
+# PyTorch's GEMM writing fp32 from bf16 or fp16 operands (``torch.mm(..., out_dtype=)``, PyTorch 2.8 on)
+_GEMM_WRITES_FP32 = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def weight_gradient(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b as a parameter's gradient in its ``dtype``. Where the GEMM runs in bf16 or fp16 on CUDA and the
+    parameter is fp32, cuBLAS writes its fp32 sums as they are (``out_dtype``): not rounded to the GEMM's
+    dtype first, and no cast kernel after (autograd's, to the parameter's dtype: two a layer and direction
+    at Vim-S full fine-tuning, 3 us each on one H200). Else the product in the GEMM's dtype, cast."""
+    if (_GEMM_WRITES_FP32 and a.is_cuda and dtype == torch.float32 and a.dtype == b.dtype
+            and a.dtype in (torch.bfloat16, torch.float16)):
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
 
 
 def scaled_operand(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -954,10 +981,10 @@ class _ChannelMajorProjection(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, y, weight, bias, scale):
+    def forward(ctx, y, weight, bias, scale, operand):
         ctx.scale, ctx.weight_dtype = scale, weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        operand = scaled_operand(weight, scale, gemm_dtype(y))
+        operand = operand if operand is not None else scaled_operand(weight, scale, gemm_dtype(y))
         ctx.save_for_backward(y if weight.requires_grad else None, operand)
         return F.linear(y.transpose(1, 2), operand, bias)
 
@@ -971,19 +998,22 @@ class _ChannelMajorProjection(torch.autograd.Function):
         if want_y:  # (in, B*L) -> (B, in, L), channel-major
             dy = _from_channels_major(operand.to(rows.dtype).t() @ rows.t(), dout.shape[0])
         if want_weight:
-            dweight = ((rows.t() @ _tokens_major(y).to(rows.dtype)) * ctx.scale).to(ctx.weight_dtype)
+            dweight = weight_gradient(rows.t(), _tokens_major(y).to(rows.dtype), ctx.weight_dtype)
+            dweight = dweight.mul_(ctx.scale) if ctx.scale != 1 else dweight
         if want_bias:
             dbias = rows.sum(0).to(ctx.bias_dtype)
-        return dy, dweight, dbias, None
+        return dy, dweight, dbias, None, None
 
 
 def project_channel_major(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          scale: float = 1.0) -> torch.Tensor:
+                          scale: float = 1.0, operand: torch.Tensor | None = None) -> torch.Tensor:
     """A Linear (weight (out, in), bias) on y (B, in, L) times ``scale`` -> (B, L, out), as F.linear on
     y's transpose computes it, with y's gradient computed channel-major ((in, B*L), as one GEMM
     writes it): the layout the fused mixer function's backward reads uncopied (F.linear's autograd
-    gives it token-major). Vim's fused bidirectional mixer projects its directions' sum with it."""
-    return _ChannelMajorProjection.apply(y, weight, bias, scale)
+    gives it token-major). Vim's fused bidirectional mixer projects its directions' sum with it.
+    ``operand``: weight * scale as the GEMM reads it (:func:`scaled_operand` of y's GEMM dtype) where the
+    caller keeps it (a frozen weight's), else None (made here)."""
+    return _ChannelMajorProjection.apply(y, weight, bias, scale, operand)
 
 
 def state_offset_term(C: torch.Tensor, z: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

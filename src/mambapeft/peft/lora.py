@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..models.mamba import BACKWARD, FORWARD, Mamba, Mixer, linear_columns, plain, unhooked
 from ..models.mamba2 import Mamba2
-from ..models.scan import gemm_dtype, scaled_operand
+from ..models.scan import gemm_dtype, scaled_operand, weight_gradient
 from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
 from .targets import find_modules, fold_wrappers, owning_mixer, plain_linear, replace_module
 
@@ -298,8 +298,8 @@ class _FrozenPlusLowRank(torch.autograd.Function):
         want_x, _, _, want_down, want_up = ctx.needs_input_grad[:5]
         block = grad[ctx.start:ctx.start + up_scaled.shape[0]]  # (rows, N)
         dx = ddown = dup = None
-        if want_up:  # through the scale in fp32, as autograd takes it back through s up
-            dup = (block @ low).to(ctx.up_dtype) * ctx.scale
+        if want_up:  # through the scale in up's dtype, as autograd takes it back through s up
+            dup = weight_gradient(block, low, ctx.up_dtype).mul_(ctx.scale)
         dlow = block.t() @ up_scaled if want_x or want_down else None  # (N, r)
         dropped = None
         if want_x:
@@ -312,7 +312,7 @@ class _FrozenPlusLowRank(torch.autograd.Function):
         if want_down:
             if dropped is None:
                 dropped = seeded_dropout(x, seed, ctx.p, grad.dtype) if ctx.p else x.to(grad.dtype)
-            ddown = (dlow.t() @ dropped).to(ctx.down_dtype)
+            ddown = weight_gradient(dlow.t(), dropped, ctx.down_dtype)
         return dx, None, None, ddown, dup, None, None, None
 
 
