@@ -175,11 +175,12 @@ def test_a_weight_gradient_is_written_in_fp32_by_its_gemm():
 
     torch.manual_seed(0)
     a, b = (torch.randn(6304, n, device="cuda").bfloat16() for n in (56, 768))
+    a_t = a.t()  # (56, 6304), transposed: a weight gradient's first operand, as the backward passes it
     with OpNames() as ops:
-        grad = weight_gradient(a.t(), b, torch.float32)
+        grad = weight_gradient(a_t, b, torch.float32)
     assert grad.dtype == torch.float32 and ops.names == ["mm"]
     assert rel(grad, a.float().t() @ b.float()) < 1e-5
-    assert weight_gradient(a.t(), b, torch.bfloat16).dtype == torch.bfloat16
+    assert weight_gradient(a_t, b, torch.bfloat16).dtype == torch.bfloat16
 
 
 @needs_kernels
