@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mixer_helpers import OpNames, assert_steps_continue_the_forward, recorded_backend
+from triton_helpers import skip_unless_interpreted
 
 from mambapeft.models import build_model, scan_short
 from mambapeft.models.mamba import Mamba, Mixer
@@ -515,7 +516,7 @@ def test_the_triton_conv_forward_computes_the_reference(layout, length, bias, si
     """models/conv_triton.py's kernel (in Triton's interpreter here: conftest.py) against
     scan.causal_conv1d_torch: the output, in x's layout (300 steps: two time tiles, the second partial),
     forward and reverse."""
-    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    skip_unless_interpreted()
     from mambapeft.models import conv_triton
 
     torch.manual_seed(0)
@@ -538,7 +539,7 @@ def test_the_cuda_conv_function_computes_the_reference(monkeypatch, bias):
     """scan.causal_conv1d_cuda's own autograd function on the kernels' interfaces: the forward our
     Triton kernel (interpreted), the backward causal-conv1d's served by PyTorch; output and gradients
     equal causal_conv1d_torch's, a channel-major x and a non-contiguous output gradient included."""
-    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    skip_unless_interpreted()
     from mambapeft.models import conv_triton, scan
 
     monkeypatch.setattr(scan, "_cuda_causal_conv1d", lambda *a, **k: pytest.fail("causal_conv1d_fn called"))

@@ -7,6 +7,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_helpers import skip_unless_interpreted
 
 from mambapeft.models.rebuild import checked, rebuilt_when_saved
 from mambapeft.models.scan import add_rms_norm_torch
@@ -46,7 +47,7 @@ def test_saves_of_the_normed_tensor_and_its_views_are_rebuilt_with_the_same_grad
 def test_a_rebuilt_tensor_is_freed_after_the_forward(consumer):
     """Nothing of the context keeps the tensor (autograd holds a pack hook as long as what it saved)."""
     if consumer == "dropout_linear":
-        pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+        skip_unless_interpreted()
         from mambapeft.models.dropout_triton import dropout_linear
     base, weight = torch.randn(64, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     x = base * 2
@@ -86,7 +87,7 @@ def test_a_rebuild_whose_inputs_changed_in_place_raises():
 
 
 def test_the_triton_norm_rebuild_computes_the_torch_products():
-    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    skip_unless_interpreted()
     from mambapeft.models.norm_triton import BLOCK_N, rms_normed
 
     torch.manual_seed(0)
@@ -104,7 +105,7 @@ def _mask(seed, shape, p):
 
 
 def test_the_seeded_dropout_draws_one_mask_per_seed_of_the_right_rate():
-    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    skip_unless_interpreted()
     from mambapeft.models.dropout_triton import seeded_dropout
 
     seed, other, p = torch.tensor([7]), torch.tensor([8]), 0.25
@@ -120,7 +121,7 @@ def test_dropout_linear_computes_and_differentiates_the_reference(x_grad):
     """The output and gradients against F.linear on x times the kernel's mask; x without a gradient
     (a first block's input) takes the backward's other branch. 2 x 9 x 300 elements: 3 programs, the
     last partial, in each of its four runs."""
-    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    skip_unless_interpreted()
     from mambapeft.models.dropout_triton import dropout_linear
 
     torch.manual_seed(0)
@@ -146,7 +147,7 @@ def test_the_triton_norm_backward_sums_the_weights_gradient_in_its_kernel():
     """The row tiles add their shares of the weight's gradient to one zeroed sum: no per-tile partial
     sums reduced by a kernel after (16 us a layer at Vim-S's batch of 32 on one H200, where the fill of
     the sum takes ~1 us); the sum over all 7 rows of 4 tiles, as autograd's."""
-    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    skip_unless_interpreted()
     from mixer_helpers import OpNames
 
     from mambapeft.models.norm_triton import rms_norm_backward
@@ -166,7 +167,7 @@ def test_the_triton_norm_backward_computes_the_torch_gradients(has_residual, dre
     """norm_triton.rms_norm_backward against autograd through x * rstd * w (rstd held fixed, as the
     kernel's saved one): partial row tiles (5 rows of 3 per tile at 1,300 columns), the residual's
     gradient added, passed on (a separate fp32 tensor when dx is bf16), the weight's when it trains."""
-    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    skip_unless_interpreted()
     from mambapeft.models.norm_triton import rms_norm_backward
 
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from triton_helpers import skip_unless_interpreted
 
 from mambapeft.data.prepare import prepare_dataset
 from mambapeft.models import build_model
@@ -301,7 +302,7 @@ def test_the_triton_cross_entropy_computes_what_torch_does(monkeypatch, dtype):
     F.cross_entropy on fp32 logits, what the loss computes without it: the summed loss, and the
     gradient in the logits' dtype (to a bf16 rounding step), ignored targets included; a vocabulary
     over several blocks, the last partial, and logits with a row stride of their own."""
-    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    skip_unless_interpreted()
     import torch
     import torch.nn.functional as F
 
