@@ -43,8 +43,8 @@ def storage_version(t: torch.Tensor) -> tuple[int, int]:
 
 @dataclass
 class GraphRead:
-    """A value computed from a frozen parameter and kept (A = -exp(A_log) under PEFT:
-    ``mamba.frozen_function_of``) that a CUDA graph reads as it was before the capture, where it would
+    """A value computed from a frozen parameter and kept (``mamba.frozen_function_of``: A = -exp(A_log) and
+    out_proj's scaled weight under PEFT) that a CUDA graph reads as it was before the capture, where it would
     otherwise compute it on every replay (two kernels a scan direction: 96 of a graphed Vim-S step's
     1,328). :meth:`refresh`, before each replay, writes it again in place where the parameter has been
     written since (a load after the capture), so that the replay reads the parameter as it is then."""

@@ -822,8 +822,7 @@ class _MambaInnerFn(torch.autograd.Function):
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         # the weights' own dtypes, their gradients' (the GEMMs below read them cast to autocast's)
         ctx.out_proj_dtype = out_proj_weight.dtype if out_proj_weight is not None else None
-        ctx.projection_dtypes = [(directions[i * _PER_DIRECTION + 2].dtype, directions[i * _PER_DIRECTION + 3].dtype)
-                                 for i in range(len(reverses))]
+        ctx.projection_dtypes = []  # x_proj's and dt_proj's, a direction's
         if dtype is not None:
             out_proj_weight, out_proj_bias = (w.to(dtype) if w is not None else None
                                               for w in (out_proj_weight, out_proj_bias))
@@ -832,6 +831,7 @@ class _MambaInnerFn(torch.autograd.Function):
         out_z, saved, ctx.kernels = None, [], []
         for i, reverse in enumerate(reverses):
             weights = list(directions[i * _PER_DIRECTION:(i + 1) * _PER_DIRECTION])
+            ctx.projection_dtypes.append((weights[2].dtype, weights[3].dtype))
             if dtype is not None:  # x_proj's and dt_proj's weights, as autocast runs their GEMMs
                 weights[2:4] = (w.to(dtype) for w in weights[2:4])
             out_z, kept, kernels = _direction_forward(x, z, *weights, reverse, keep_activations, out_z)
@@ -957,15 +957,18 @@ def gemm_dtype(t: torch.Tensor) -> torch.dtype:
 _GEMM_WRITES_FP32 = "dtype" in torch.ops.aten.mm.overloads()
 
 
-def weight_gradient(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b as a parameter's gradient in its ``dtype``. Where the GEMM runs in bf16 or fp16 on CUDA and the
-    parameter is fp32, cuBLAS writes its fp32 sums as they are (``out_dtype``): not rounded to the GEMM's
-    dtype first, and no cast kernel after (autograd's, to the parameter's dtype: two a layer and direction
-    at Vim-S full fine-tuning, 3 us each on one H200). Else the product in the GEMM's dtype, cast."""
+def weight_gradient(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """a @ b (times ``scale``, in place, in ``dtype``) as a parameter's gradient in its ``dtype``. Where the GEMM
+    runs in bf16 or fp16 on CUDA and the parameter is fp32, cuBLAS writes its fp32 sums as they are
+    (``out_dtype``): not rounded to the GEMM's dtype first, and no cast kernel after (autograd's, to the
+    parameter's dtype: two a layer and direction at Vim-S full fine-tuning, 3 us each on one H200). Else the
+    product in the GEMM's dtype, cast."""
     if (_GEMM_WRITES_FP32 and a.is_cuda and dtype == torch.float32 and a.dtype == b.dtype
             and a.dtype in (torch.bfloat16, torch.float16)):
-        return torch.mm(a, b, out_dtype=dtype)
-    return (a @ b).to(dtype)
+        grad = torch.mm(a, b, out_dtype=dtype)
+    else:
+        grad = (a @ b).to(dtype)
+    return grad.mul_(scale) if scale != 1 else grad
 
 
 def scaled_operand(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -998,8 +1001,7 @@ class _ChannelMajorProjection(torch.autograd.Function):
         if want_y:  # (in, B*L) -> (B, in, L), channel-major
             dy = _from_channels_major(operand.to(rows.dtype).t() @ rows.t(), dout.shape[0])
         if want_weight:
-            dweight = weight_gradient(rows.t(), _tokens_major(y).to(rows.dtype), ctx.weight_dtype)
-            dweight = dweight.mul_(ctx.scale) if ctx.scale != 1 else dweight
+            dweight = weight_gradient(rows.t(), _tokens_major(y).to(rows.dtype), ctx.weight_dtype, ctx.scale)
         if want_bias:
             dbias = rows.sum(0).to(ctx.bias_dtype)
         return dy, dweight, dbias, None, None

@@ -299,7 +299,7 @@ class _FrozenPlusLowRank(torch.autograd.Function):
         block = grad[ctx.start:ctx.start + up_scaled.shape[0]]  # (rows, N)
         dx = ddown = dup = None
         if want_up:  # through the scale in up's dtype, as autograd takes it back through s up
-            dup = weight_gradient(block, low, ctx.up_dtype).mul_(ctx.scale)
+            dup = weight_gradient(block, low, ctx.up_dtype, ctx.scale)
         dlow = block.t() @ up_scaled if want_x or want_down else None  # (N, r)
         dropped = None
         if want_x:
