@@ -674,19 +674,21 @@ class _ReferenceShortScan:
 
     @classmethod
     def fwd(cls, u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_states=False, offset=None,
-            into=None):
+            into=None, a_log=False):
         cls.calls.append(("fwd", reverse, into is not None))
+        A = -torch.exp(A) if a_log else A  # given A_log
         out_z = _short_scan_reference(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, softplus, reverse, offset)
         return None, None, into.add_(out_z) if into is not None else out_z
 
     @classmethod
     def bwd(cls, u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz, softplus, recompute_out_z,
-            reverse=False, offset=None, add_dz=False, wants=scan_short.SUMS):
+            reverse=False, offset=None, add_dz=False, wants=scan_short.SUMS, a_log=False):
         cls.calls.append(("bwd", reverse, add_dz, wants))
         leaves = [t.detach().requires_grad_() if t is not None else None
                   for t in (u, delta, A, B, C, D, z, delta_bias, offset)]
-        with torch.enable_grad():
-            out_z = _short_scan_reference(*leaves[:3], leaves[3][:, 0], leaves[4][:, 0], *leaves[5:8], softplus,
+        with torch.enable_grad():  # with a_log, the gradient is A_log's
+            A = -torch.exp(leaves[2]) if a_log else leaves[2]
+            out_z = _short_scan_reference(*leaves[:2], A, leaves[3][:, 0], leaves[4][:, 0], *leaves[5:8], softplus,
                                           reverse, leaves[8])
             grads = torch.autograd.grad(out_z, [t for t in leaves if t is not None], dout)
         dz.add_(grads[6]) if add_dz else dz.copy_(grads[6])
@@ -721,15 +723,18 @@ class _ReferenceConvBackward:
         return dx, grads[1], grads[2] if bias is not None else None
 
 
-@pytest.mark.parametrize("keep,frozen,offset", [(True, True, False), (False, False, True), (True, False, True)])
-def test_both_directions_in_one_node_compute_the_two_directions_summed(monkeypatch, keep, frozen, offset):
+@pytest.mark.parametrize("keep,frozen,offset,a_log", [(True, True, False, False), (False, False, True, False),
+                                                      (True, False, True, False), (True, False, False, True),
+                                                      (False, True, True, True)])
+def test_both_directions_in_one_node_compute_the_two_directions_summed(monkeypatch, keep, frozen, offset, a_log):
     """scan.mamba_inner_pair_cuda where our kernels run both directions (here their interfaces served by
     the PyTorch scan and conv): one autograd node whose output and every gradient are the two
     directions' mamba_inner_torch summed (xz's included: the second direction's output and xz gradient
     added to the first's by the kernels, asked of the second direction's calls only); frozen
     projections get no gradient, nor do the second direction's A and delta_bias where frozen too (its scan
-    backward asked for D's sum alone); state offsets per direction. (On the GPU, the real kernels against
-    mamba_inner_cuda per direction: tests/test_scan_short.py.)"""
+    backward asked for D's sum alone); state offsets per direction; with ``a_log``, A given as A_log (the
+    gradient A_log's). (On the GPU, the real kernels against mamba_inner_cuda per direction:
+    tests/test_scan_short.py.)"""
     from mambapeft.models import scan
 
     monkeypatch.setattr(scan, "scan_short", _ReferenceShortScan)
@@ -744,8 +749,11 @@ def test_both_directions_in_one_node_compute_the_two_directions_summed(monkeypat
 
     def direction(reverse):
         return [torch.randn(d_inner, 1, 4) / 2, torch.randn(d_inner) / 2, torch.randn(rank + 2 * n, d_inner) / 4,
-                torch.randn(d_inner, rank) / 2, torch.rand(d_inner) - 3, -torch.rand(d_inner, n) - 0.5,
+                torch.randn(d_inner, rank) / 2, torch.rand(d_inner) - 3, state_matrix(torch.rand(d_inner, n) + 0.5),
                 torch.randn(d_inner), torch.randn(d_inner, n) if offset and reverse else None]
+
+    def state_matrix(magnitude):  # A, or A_log where the functions are given that
+        return magnitude.log() if a_log else -magnitude
 
     args = [xz, *direction(False), *direction(True)]
     projections = {3, 4, 11, 12}  # x_proj, dt_proj weights of each direction
@@ -755,8 +763,8 @@ def test_both_directions_in_one_node_compute_the_two_directions_summed(monkeypat
     for pair in (scan.mamba_inner_pair_torch, scan.mamba_inner_pair_cuda):
         leaves = [a.detach().requires_grad_(not (frozen and i in frozen_set)) if a is not None else None
                   for i, a in enumerate(args)]
-        first, second = (scan.InnerWeights(*leaves[1 + 8 * i:8 + 8 * i], reverse=bool(i), state_offset=leaves[8 + 8 * i])
-                         for i in (0, 1))
+        first, second = (scan.InnerWeights(*leaves[1 + 8 * i:8 + 8 * i], reverse=bool(i), state_offset=leaves[8 + 8 * i],
+                                           a_log=a_log) for i in (0, 1))
         out = pair(leaves[0], first, second, keep_activations=keep)
         if pair is scan.mamba_inner_pair_cuda:
             assert type(out.grad_fn).__name__ == "_MambaInnerFnBackward"  # one node for both
@@ -764,6 +772,10 @@ def test_both_directions_in_one_node_compute_the_two_directions_summed(monkeypat
         runs.append((out.detach(), [leaf.grad if leaf is not None else None for leaf in leaves]))
     (reference, reference_grads), (out, grads) = runs
     torch.testing.assert_close(out, reference)
+    if a_log:  # what the pair computes given A = -exp(A_log) itself
+        given_A = (scan.InnerWeights(*args[1 + 8 * i:6 + 8 * i], -torch.exp(args[6 + 8 * i]), args[7 + 8 * i],
+                                     reverse=bool(i), state_offset=args[8 + 8 * i]) for i in (0, 1))
+        torch.testing.assert_close(out, scan.mamba_inner_pair_torch(args[0], *given_A))
     for i, (grad, expected) in enumerate(zip(grads, reference_grads)):
         assert (grad is None) == (expected is None) == ((frozen and i in frozen_set) or args[i] is None), i
         if grad is not None:
@@ -916,3 +928,40 @@ def test_a_frozen_out_projs_scaled_weight_is_kept_across_forwards(monkeypatch):
     assert len(made) == 3 and torch.allclose(trained, 2 * first)
     unfused(x).sum().backward()
     torch.testing.assert_close(mixer.out_proj.weight.grad, unfused.out_proj.weight.grad)
+
+
+def test_a_trained_plain_A_log_is_handed_to_the_fused_function_raw():
+    """Where A_log trains and is plain (full fine-tuning), the fused function is given A_log itself
+    (``InnerWeights.a_log``: -exp(A_log) computed by it, in our kernels) and the mixer computes no A;
+    frozen (A kept), parametrised (read through the parametrisation) or with no gradient asked, it is
+    given A; either way the same output and A_log gradient."""
+    from torch.nn.utils import parametrize
+
+    from mambapeft.models.mamba import BACKWARD, FORWARD
+
+    torch.manual_seed(0)
+    mixer = Mamba(16, d_state=4, bidirectional=True)
+    mixer.backend = FUSED_TORCH
+    weights = mixer._inner_weights(BACKWARD)
+    assert weights.a_log and weights.A is mixer.A_b_log
+    x = torch.randn(2, 7, 16)
+    out = mixer(x)
+    out.sum().backward()
+    trained_grad = mixer.A_log.grad.clone()
+    with torch.no_grad():
+        assert not mixer._inner_weights(FORWARD).a_log
+    mixer.A_log.requires_grad_(False)
+    assert not mixer._inner_weights(FORWARD).a_log and mixer._inner_weights(FORWARD).A is mixer._state_matrix(FORWARD)
+    torch.testing.assert_close(mixer(x), out)
+    mixer.A_log.requires_grad_(True)
+    parametrize.register_parametrization(mixer, "A_log", _Identity())
+    assert not mixer._inner_weights(FORWARD).a_log
+    mixer.zero_grad()
+    torch.testing.assert_close(mixer(x), out)
+    mixer(x).sum().backward()
+    torch.testing.assert_close(mixer.parametrizations.A_log.original.grad, trained_grad)
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, x):
+        return x

@@ -849,7 +849,7 @@ def test_our_mamba_inner_fn_pads_short_sequences_exactly(dtype, monkeypatch):
 
     def unpadded(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, out_w, out_b, A, D):
         weights = scan.InnerWeights(conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D)
-        return scan._MambaInnerFn.apply(xz, out_w, out_b, (False,), False, *weights.function_inputs())
+        return scan._MambaInnerFn.apply(xz, out_w, out_b, (False,), (False,), False, *weights.function_inputs())
 
     runs = []
     for fn in (unpadded, scan.mamba_inner_cuda):

@@ -146,9 +146,10 @@ KNOWN = [f"-DKNOWN_FORWARD_ARGS={scan_short.known_args(scan_short.FORWARD_INTS, 
 VARIANTS = [(in_dtype, bc_dtype, has_D, has_z, has_bias, softplus, *rest)
             for in_dtype, bc_dtype in itertools.product((torch.float32, torch.bfloat16), repeat=2)
             for has_D, has_z, has_bias, softplus in ((True, True, True, True), (False, False, False, False))
-            # reverse, has_offset, states, accumulate, stores_out_z, wants
-            for rest in ((False, False, 16, False, True, scan_short.SUMS), (True, True, 16, True, False, ()),
-                         (False, True, 17, True, True, ("dD",)), (True, False, 24, False, False, ("dA", "ddelta_bias")))]
+            # reverse, has_offset, states, accumulate, stores_out_z, wants, a_log
+            for rest in ((False, False, 16, False, True, scan_short.SUMS, False), (True, True, 16, True, False, (), True),
+                         (False, True, 17, True, True, ("dD",), False),
+                         (True, False, 24, False, False, ("dA", "ddelta_bias"), True))]
 
 
 @pytest.mark.skipif(nvrtc_wheel_library() is None, reason="needs the nvidia-cuda-nvrtc wheel (test extras, Linux)")
@@ -187,12 +188,14 @@ def _reference(u, delta, A, B, C, D, z, bias, dout):
     return out.detach(), grads[:6] + [grads[7], grads[6]]
 
 
-def _ours(u, delta, A, B, C, D, z, bias, dout, reverse=False, keep_states=False, offset=None, wants=scan_short.SUMS):
-    out, out_z, states = scan_short.forward(u, delta, A, B, C, D, z, bias, True, reverse, keep_states, offset)
+def _ours(u, delta, A, B, C, D, z, bias, dout, reverse=False, keep_states=False, offset=None, wants=scan_short.SUMS,
+          a_log=False):
+    out, out_z, states = scan_short.forward(u, delta, A, B, C, D, z, bias, True, reverse, keep_states, offset,
+                                            a_log=a_log)
     assert out is None  # y is not kept where z gates it
     assert (states is not None) == keep_states
     du, ddelta, dA, dB, dC, dD, dbias, dz, out_z_again, doffset = scan_short.backward(
-        u, delta, A, B, C, D, z, bias, dout, None, True, reverse, states, offset, wants=wants)
+        u, delta, A, B, C, D, z, bias, dout, None, True, reverse, states, offset, wants=wants, a_log=a_log)
     assert torch.equal(out_z_again, out_z)  # y recomputed as the forward computed it
     assert (doffset is None) == (offset is None)
     return out_z, [du, ddelta, dA, dB, dC, dD, dbias, dz] + ([doffset] if offset is not None else [])
@@ -383,6 +386,28 @@ def test_sums_not_wanted_are_none_and_the_other_gradients_the_same(states, rever
             assert torch.equal(got, expected), name
         else:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("states, reverse", [(16, False), (16, True), (22, True)])
+def test_A_given_as_A_log_scans_with_minus_its_exp(states, reverse):
+    """With a_log the kernels read A_log (a trained one, raw), scan with A = -exp(A_log) computed in them
+    and return A_log's gradient (A dA): what they compute given that A from PyTorch, to the rounding of
+    their exp (fast math) against PyTorch's."""
+    skip_without_a_gpu_and_nvrtc()
+    inputs = kernel_inputs(4, 96, 197, torch.bfloat16, True, torch.Generator().manual_seed(5), states=states)
+    A_log = (-inputs[2]).log()
+    given_A = list(inputs)
+    given_A[2] = -torch.exp(A_log)
+    out, grads = _ours(*given_A, reverse=reverse, keep_states=True)
+    out_log, grads_log = _ours(*inputs[:2], A_log, *inputs[3:], reverse=reverse, keep_states=True, a_log=True)
+    def tolerance(t):  # bf16: an element's rounding may flip (2^-8 of the largest at most); fp32 sums
+        return 2 ** -7 if t.dtype == torch.bfloat16 else 1e-4
+
+    assert relative(out_log, out) < tolerance(out)
+    grads[2] = grads[2] * given_A[2]  # A_log's gradient
+    for name, got, expected in zip(NAMES, grads_log, grads):
+        assert relative(got, expected) < tolerance(expected), name
 
 
 def test_a_sum_the_backward_does_not_know_is_refused():

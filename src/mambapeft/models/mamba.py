@@ -334,14 +334,19 @@ class Mamba(Mixer):
 
     def _inner_weights(self, d: Direction) -> InnerWeights:
         """Direction ``d``'s weights as the fused functions read them: x_proj's weight and A extended by a
-        state extension's, a state offset read raw (:func:`offset_of`)."""
+        state extension's, a state offset read raw (:func:`offset_of`), a trained plain A_log read raw
+        (the fused function computes -exp(A_log): in our short scan's kernels, not two kernels here and
+        two in the backward a direction and layer)."""
         conv, dt_proj = getattr(self, d.conv1d), getattr(self, d.dt_proj)
-        x_proj_weight, A = getattr(self, d.x_proj).weight, self._state_matrix(d)
+        x_proj_weight, A_log = getattr(self, d.x_proj).weight, getattr(self, d.A_log)
+        a_log = (d.key not in self.state_extensions and torch.is_grad_enabled() and A_log.requires_grad
+                 and not parametrize.is_parametrized(self, d.A_log))
+        A = A_log if a_log else self._state_matrix(d)
         if d.key in self.state_extensions:
             x_proj_weight, A = self.state_extensions[d.key].extend_projection(x_proj_weight, A, self.dt_rank)
         offset = offset_of(self.state_offsets[d.key]) if d.key in self.state_offsets else None
         return InnerWeights(conv.weight, conv.bias, x_proj_weight, dt_proj.weight, dt_proj.bias, A, getattr(self, d.D),
-                            d is BACKWARD, offset)
+                            d is BACKWARD, offset, a_log)
 
     def _frozen_out_operand(self, scale: float, dtype: torch.dtype) -> torch.Tensor | None:
         """out_proj's weight times ``scale`` in ``dtype``, as :func:`project_channel_major` reads it, kept

@@ -671,7 +671,8 @@ def add_rms_norm_cuda(hidden, residual, weight, eps, residual_in_fp32=True, rows
 # A unidirectional mixer after in_proj, in one piece: conv -> x_proj -> dt_proj -> scan -> gate -> out_proj
 # ----------------------------------------------------------------------------------------------
 def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                      out_proj_weight, out_proj_bias, A, D, reverse=False, keep_activations=False, state_offset=None):
+                      out_proj_weight, out_proj_bias, A, D, reverse=False, keep_activations=False, state_offset=None,
+                      a_log=False):
     """Reference of :func:`mamba_inner_cuda`, from this module's kernels.
 
     xz: (B, 2*D_inner, L)  conv_weight: (D_inner, 1, W)  x_proj_weight: (R + 2N, D_inner)
@@ -682,8 +683,11 @@ def mamba_inner_torch(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
     order (the backward direction of a bidirectional block). ``keep_activations`` (memory for speed
     in :func:`mamba_inner_cuda`'s backward) changes nothing here: autograd keeps what it needs.
     ``state_offset`` (D_inner, N) or None: state-offset tuning's h', read with the state at every step
-    (y + silu(z) C h', as ``peft/state_offset.py`` adds it on the unfused chain).
+    (y + silu(z) C h', as ``peft/state_offset.py`` adds it on the unfused chain). ``a_log``: A is A_log,
+    the state matrix -exp(A_log) (a trained A_log read raw: :class:`InnerWeights`).
     """
+    if a_log:
+        A = -torch.exp(A.float())
     if reverse:
         return mamba_inner_torch(xz.flip(-1), conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
                                  out_proj_weight, out_proj_bias, A, D,
@@ -761,7 +765,8 @@ class InnerWeights:
     arguments of these names): conv_weight (D_inner, 1, W), conv_bias (D_inner,) or None, x_proj_weight
     (R + 2N, D_inner), dt_proj_weight (D_inner, R), dt_proj_bias (D_inner,), A (D_inner, N), D
     (D_inner,), state_offset (D_inner, N) or None; ``reverse``: the direction runs from the last step to
-    the first (Vim's backward one)."""
+    the first (Vim's backward one); ``a_log``: A holds A_log, the state matrix -exp(A_log) (a trained
+    A_log, read raw: our short scan computes -exp and its gradient's product in its kernels)."""
 
     conv_weight: torch.Tensor
     conv_bias: torch.Tensor | None
@@ -772,17 +777,19 @@ class InnerWeights:
     D: torch.Tensor
     reverse: bool = False
     state_offset: torch.Tensor | None = None
+    a_log: bool = False
 
     def run(self, inner: Callable, xz: torch.Tensor, out_proj_weight: torch.Tensor | None = None,
             out_proj_bias: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """A unidirectional fused function (a backend's ``mamba_inner``: :func:`mamba_inner_cuda`,
         :func:`mamba_inner_torch`) on this direction's weights, projected by out_proj's where given, else
-        (B, D_inner, L); the state offset passed only where there is one (a backend's function without
-        offsets need not take the argument)."""
+        (B, D_inner, L); the state offset and ``a_log`` passed only where set (a backend's function without
+        them need not take the arguments)."""
         offset = {"state_offset": self.state_offset} if self.state_offset is not None else {}
+        log = {"a_log": True} if self.a_log else {}
         return inner(xz, self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight,
                      self.dt_proj_bias, out_proj_weight, out_proj_bias, self.A, self.D, reverse=self.reverse,
-                     **offset, **kwargs)
+                     **offset, **log, **kwargs)
 
     def function_inputs(self) -> tuple:
         """The direction's tensors as :class:`_MambaInnerFn` takes them (``_PER_DIRECTION``, in its order)."""
@@ -804,7 +811,8 @@ class _MambaInnerFn(torch.autograd.Function):
     also sums out_proj's bias gradient over every dimension (a scalar); here over tokens.
 
     One or more directions over one xz, their gated outputs summed (Vim's two: ``reverses`` says which
-    run from the last step to the first), each direction's ``_PER_DIRECTION`` tensors in turn. Past
+    run from the last step to the first, ``a_logs`` which are given A_log for A: InnerWeights.a_log),
+    each direction's ``_PER_DIRECTION`` tensors in turn. Past
     the first, our short-sequence kernels add a direction's output and xz gradient to the first's (as
     PyTorch adds two tensors, rounding included): no sum of outputs, no sum of two xz gradients (those
     two kernels took 0.5 ms of a Vim-S step of 32 images, one H200; the kernels' adds ~0.2 ms); the
@@ -818,7 +826,7 @@ class _MambaInnerFn(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, xz, out_proj_weight, out_proj_bias, reverses, keep_activations, *directions):
+    def forward(ctx, xz, out_proj_weight, out_proj_bias, reverses, a_logs, keep_activations, *directions):
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         # the weights' own dtypes, their gradients' (the GEMMs below read them cast to autocast's)
         ctx.out_proj_dtype = out_proj_weight.dtype if out_proj_weight is not None else None
@@ -829,15 +837,15 @@ class _MambaInnerFn(torch.autograd.Function):
         xz = time_contiguous(xz)
         x, z = xz.chunk(2, dim=1)
         out_z, saved, ctx.kernels = None, [], []
-        for i, reverse in enumerate(reverses):
+        for i, (reverse, a_log) in enumerate(zip(reverses, a_logs)):
             weights = list(directions[i * _PER_DIRECTION:(i + 1) * _PER_DIRECTION])
             ctx.projection_dtypes.append((weights[2].dtype, weights[3].dtype))
             if dtype is not None:  # x_proj's and dt_proj's weights, as autocast runs their GEMMs
                 weights[2:4] = (w.to(dtype) for w in weights[2:4])
-            out_z, kept, kernels = _direction_forward(x, z, *weights, reverse, keep_activations, out_z)
+            out_z, kept, kernels = _direction_forward(x, z, *weights, reverse, a_log, keep_activations, out_z)
             saved += kept
             ctx.kernels.append(kernels)
-        ctx.reverses, ctx.has_out_bias = reverses, out_proj_bias is not None
+        ctx.reverses, ctx.a_logs, ctx.has_out_bias = reverses, a_logs, out_proj_bias is not None
         ctx.save_for_backward(xz, out_proj_weight, *saved)
         if out_proj_weight is None:  # unprojected: the caller calls its out_proj (the backward gets out_z's gradient)
             return out_z
@@ -856,22 +864,23 @@ class _MambaInnerFn(torch.autograd.Function):
             dy = _from_channels_major(out_proj_weight.t() @ dout, xz.shape[0])  # (B, D_inner, L)
         dxz = torch.empty_like(xz)  # the first direction writes it, the others add to it
         grads, kept_each = [], len(saved) // len(ctx.reverses)
-        for i, (reverse, kernels) in enumerate(zip(ctx.reverses, ctx.kernels)):
-            wants = ctx.needs_input_grad[5 + i * _PER_DIRECTION:5 + (i + 1) * _PER_DIRECTION]
+        for i, (reverse, a_log, kernels) in enumerate(zip(ctx.reverses, ctx.a_logs, ctx.kernels)):
+            wants = ctx.needs_input_grad[6 + i * _PER_DIRECTION:6 + (i + 1) * _PER_DIRECTION]
             direction_grads, out_z = _direction_backward(x, z, dy, dxz, saved[i * kept_each:(i + 1) * kept_each],
-                                                         reverse, kernels, wants, i > 0, want_out_proj,
+                                                         reverse, a_log, kernels, wants, i > 0, want_out_proj,
                                                          ctx.projection_dtypes[i])
             grads += direction_grads
         # one direction: its out_z
         dout_proj = weight_gradient(dout, _tokens_major(out_z), ctx.out_proj_dtype) if want_out_proj else None
         dout_bias = dout.sum(dim=1) if ctx.has_out_bias and want_out_bias else None
-        return (dxz, dout_proj, dout_bias, None, None, *grads)
+        return (dxz, dout_proj, dout_bias, None, None, None, *grads)
 
 
 def _direction_forward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, state_offset,
-                       reverse, keep_activations, into):
+                       reverse, a_log, keep_activations, into):
     """One direction of :class:`_MambaInnerFn`'s forward on x, z (B, D_inner, L): (out_z, what its
-    backward reads, the scan kernels that ran); out_z added to ``into`` where given (ours only)."""
+    backward reads, the scan kernels that ran); out_z added to ``into`` where given (ours only); with
+    ``a_log``, A is A_log (our kernels read it so; for mamba-ssm's, -exp(A_log) computed here)."""
     batch, n = x.shape[0], A.shape[1]
     conv_out = _conv_silu(x, conv_weight, conv_bias, reverse)
     width = x_proj_weight.shape[0]
@@ -888,8 +897,11 @@ def _direction_forward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weig
         if reverse or state_offset is not None or into is not None:  # the callers check: a bug if not
             raise RuntimeError("the fused function was asked to scan in reverse, with a state offset or two "
                                "directions where our kernels do not run")
+        if a_log:  # kept for the backward: A_log's gradient is A dA
+            A = -torch.exp(A)
     kernels = scan_short if ours else _selective_scan_kernels
-    extra = dict(reverse=reverse, keep_states=keep_activations, offset=state_offset, into=into) if ours else {}
+    extra = dict(reverse=reverse, keep_states=keep_activations, offset=state_offset, into=into,
+                 a_log=a_log) if ours else {}
     out, scan_intermediates, out_z = kernels.fwd(conv_out, delta, A, B, C, D, z, delta_bias, True, **extra)
     # mamba-ssm's backward reads the states at chunk ends only past the first of its 2048-step
     # chunks: B x D_inner x 2N fp32 (16 MiB at 1.4b). Ours: our checkpoints (keep_activations) or None,
@@ -901,11 +913,11 @@ def _direction_forward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weig
                    state_offset, scan_intermediates, out, *kept], kernels
 
 
-def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_out_z, projection_dtypes):
+def _direction_backward(x, z, dy, dxz, kept, reverse, a_log, kernels, wants, add, want_out_z, projection_dtypes):
     """One direction of :class:`_MambaInnerFn`'s backward: its xz gradient written into dxz (with
     ``add``, added to it: ours only), (its tensors' gradients in _PER_DIRECTION order, None where not
-    in ``wants``; x_proj's and dt_proj's in ``projection_dtypes``) and its out_z recomputed where
-    ``want_out_z``."""
+    in ``wants``; x_proj's and dt_proj's in ``projection_dtypes``; A_log's where ``a_log``) and its out_z
+    recomputed where ``want_out_z``."""
     (conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, A, B, C, D, delta_bias, state_offset,
      scan_intermediates, out, conv_out, delta) = kept
     want_x_proj, want_dt_proj = wants[2:4]
@@ -918,10 +930,12 @@ def _direction_backward(x, z, dy, dxz, kept, reverse, kernels, wants, add, want_
     # the sums over channels and steps our backward skips for frozen tensors: A, D, delta_bias are
     # wants[4:7] (_PER_DIRECTION's order), in scan_short.SUMS's order
     sums = tuple(name for name, wanted in zip(scan_short.SUMS, wants[4:7]) if wanted)
-    extra = dict(reverse=reverse, offset=state_offset, add_dz=add, wants=sums) if ours else {}
+    extra = dict(reverse=reverse, offset=state_offset, add_dz=add, wants=sums, a_log=a_log) if ours else {}
     grads = kernels.bwd(conv_out, delta, A, B, C, D, z, delta_bias, dy, scan_intermediates, out, dz, True,
                         want_out_z or not ours, **extra)  # mamba-ssm's returns out_z always
     dconv_out, ddelta, dA, dB, dC, dD, ddelta_bias, _, out_z = grads[:9]
+    if a_log and not ours and dA is not None:  # A is -exp(A_log), computed by the forward
+        dA = dA * A
     doffset = grads[9] if state_offset is not None else None  # ours return it tenth
     width = x_dbl.shape[1]
     dx_aligned = x_dbl.new_empty(x_dbl.shape[0], x_proj_weight.shape[0])  # x_proj_weight: aligned (forward)
@@ -1039,7 +1053,8 @@ def _reverse_in_kernels(xz: torch.Tensor, conv_weight: torch.Tensor) -> bool:
 
 
 def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                     out_proj_weight, out_proj_bias, A, D, reverse=False, keep_activations=False, state_offset=None):
+                     out_proj_weight, out_proj_bias, A, D, reverse=False, keep_activations=False, state_offset=None,
+                     a_log=False):
     """mamba_ssm's ``mamba_inner_fn`` (what its own Mamba and transformers' MambaForCausalLM train
     with) on its kernels: one autograd node that keeps xz and recomputes the conv and delta in the
     backward, instead of saving every intermediate; ours (:class:`_MambaInnerFn`) skips the
@@ -1050,7 +1065,8 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     short-sequence scan runs, its state every 8 steps up to 16 states, every 4 past them
     (``scan_short.chunk_steps``; fp32: twice xz's bf16 bytes at 16 states), whose recompute is one of
     the scan backward's three passes over time (~15% of it at Vim-S). ``state_offset``: as
-    :func:`mamba_inner_torch`'s, where our short-sequence scan runs only (:func:`takes_state_offset`)."""
+    :func:`mamba_inner_torch`'s, where our short-sequence scan runs only (:func:`takes_state_offset`).
+    ``a_log`` as :func:`mamba_inner_torch`'s (mamba-ssm's kernels get -exp(A_log), computed here)."""
     if _selective_scan_kernels is None or _conv_fwd_kernel is None:
         raise RuntimeError("The fused mixer needs mamba-ssm and causal-conv1d: install them with "
                            "`pip install mamba-ssm causal-conv1d` (or `mambapeft setup-gpu`).")
@@ -1066,15 +1082,16 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     if reverse and not (short and _reverse_in_kernels(xz, conv_weight)):
         return mamba_inner_cuda(xz.flip(-1), conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
                                 out_proj_weight, out_proj_bias, A, D, keep_activations=keep_activations,
-                                state_offset=state_offset).flip(_time_dim(out_proj_weight))
+                                state_offset=state_offset, a_log=a_log).flip(_time_dim(out_proj_weight))
     length = steps if short else whole_kernel_chunks(steps)
     padded = _ZeroPaddedInTime.apply(xz, length) if length != steps else xz
     inputs = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, out_proj_weight, out_proj_bias,
               A, D, state_offset)
     keep = keep_activations and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     weights = InnerWeights(conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reverse,
-                           state_offset)
-    out = _MambaInnerFn.apply(padded, out_proj_weight, out_proj_bias, (reverse,), keep, *weights.function_inputs())
+                           state_offset, a_log)
+    out = _MambaInnerFn.apply(padded, out_proj_weight, out_proj_bias, (reverse,), (a_log,), keep,
+                              *weights.function_inputs())
     return steps_of(out, _time_dim(out_proj_weight), 0, steps)  # cut where padded
 
 
@@ -1101,7 +1118,8 @@ def mamba_inner_pair_cuda(xz, first: InnerWeights, second: InnerWeights, keep_ac
                 + second.run(mamba_inner_cuda, xz, keep_activations=keep_activations))
     inputs = (*first.function_inputs(), *second.function_inputs())
     keep = keep_activations and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xz, *inputs))
-    return _MambaInnerFn.apply(xz, None, None, (first.reverse, second.reverse), keep, *inputs)
+    return _MambaInnerFn.apply(xz, None, None, (first.reverse, second.reverse), (first.a_log, second.a_log), keep,
+                               *inputs)
 
 
 def steps_of(t: torch.Tensor, dim: int, first: int, length: int) -> torch.Tensor:

@@ -34,18 +34,20 @@
 // Shapes (elements; any batch and channel strides, unit stride along time):
 //   u, delta, z, out, out_z, dout, du, ddelta, dz: (batch, channels, length); out (y) is written only
 //   without z, and the backward recomputes y instead of reading it
-//   A: (channels, N) contiguous fp32; B, C: (batch, N, length), any strides (the fused function's are
-//   views of x_proj's token-major output); D, delta_bias: (channels,) fp32; offset: (channels, N)
-//   contiguous fp32, state-offset tuning's h': the output reads the state as h + h' (y = C (h + h') + D u;
-//   h' never enters the recurrence)
-//   dA, doffset: (channels, N), dB, dC: (batch, N, length) (any strides), dD, ddelta_bias: (channels,),
-//   all fp32, zeroed
+//   A: (channels, N) contiguous fp32 (with A_LOG: A_log, the state matrix -exp(A_log)); B, C: (batch,
+//   N, length), any strides (the fused function's are views of x_proj's token-major output); D,
+//   delta_bias: (channels,) fp32; offset: (channels, N) contiguous fp32, state-offset tuning's h': the
+//   output reads the state as h + h' (y = C (h + h') + D u; h' never enters the recurrence)
+//   dA (with A_LOG: A_log's gradient), doffset: (channels, N), dB, dC: (batch, N, length) (any strides),
+//   dD, ddelta_bias: (channels,), all fp32, zeroed
 //   ckpt: (batch, chunks, NPAD, channels) fp32: the state before each chunk but the first, written by
 //   the forward with keep_states, else by the backward (states_given 0)
 // Macros: NSTATE (N), IN_BF16 (u, delta, z, dout, out, out_z and the gradients of the first three: bf16,
 //   else fp32), BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, HAS_OFFSET, SOFTPLUS, CHUNK (a divisor of TILE), REVERSE
 //   (kernels.cuh), ACCUMULATE (the forward's out or out_z and the backward's dz added to what they hold:
-//   the second direction of a Vim block, one tensor for both), STORES_OUT_Z (the backward writes out_z).
+//   the second direction of a Vim block, one tensor for both), STORES_OUT_Z (the backward writes out_z),
+//   A_LOG (A given as A_log: a trained A_log's -exp and its gradient's product here, not four kernels
+//   outside a direction's forward and backward).
 
 #include "kernels.cuh"
 
@@ -80,6 +82,9 @@ template <bool V> struct Flag { static constexpr bool value = V; };
 #ifndef WANTS_DA
 #define WANTS_DA 1
 #endif
+#ifndef A_LOG
+#define A_LOG 0
+#endif
 #ifndef WANTS_DD
 #define WANTS_DD 1
 #endif
@@ -102,6 +107,10 @@ __device__ __forceinline__ float step_size(float raw) {  // delta + bias, throug
 }
 
 __device__ __forceinline__ float silu(float z) { return z / (1.f + expf(-z)); }
+
+// the state matrix's entry from what the kernels are given: A, or with A_LOG A_log (A = -exp(A_log), as
+// the mixer computes it; d loss / d A_log = A d loss / d A)
+__device__ __forceinline__ float state_matrix(float given) { return A_LOG ? -expf(given) : given; }
 
 // the state as the output reads it: h, plus state-offset tuning's h'
 #define READ_STATE(state, s) (HAS_OFFSET ? (state) + off[s] : (state))
@@ -338,7 +347,7 @@ __device__ __forceinline__ void store_gradients(in_t* du, in_t* ddelta, in_t* dz
     float A2[OWN], h[OWN], off[OWN];                                                                  \
     _Pragma("unroll") for (int s = 0; s < OWN; ++s) {                                                 \
         const bool real = REAL_STATE(group, s); /* else decay 1, input and output 0: it stays 0 */    \
-        A2[s] = real ? A[c * NSTATE + group * OWN + s] * LOG2E : 0.f;                                 \
+        A2[s] = real ? state_matrix(A[c * NSTATE + group * OWN + s]) * LOG2E : 0.f;                   \
         off[s] = HAS_OFFSET && real ? offset[c * NSTATE + group * OWN + s] : 0.f;                     \
         h[s] = 0.f;                                                                                   \
     }
@@ -690,8 +699,9 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
 #pragma unroll
         for (int s = 0; s < OWN; ++s) {
             if (!REAL_STATE(group, s)) continue;
-            if (WANTS_DA) atomicAdd(dA + (c0 + slot) * NSTATE + group * OWN + s, dA_c[s]);
-            if (HAS_OFFSET) atomicAdd(doffset + (c0 + slot) * NSTATE + group * OWN + s, doff[s]);
+            const int at = (c0 + slot) * NSTATE + group * OWN + s;
+            if (WANTS_DA) atomicAdd(dA + at, A_LOG ? dA_c[s] * state_matrix(A[at]) : dA_c[s]);
+            if (HAS_OFFSET) atomicAdd(doffset + at, doff[s]);
         }
     }
     __syncthreads();

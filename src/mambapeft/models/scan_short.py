@@ -50,18 +50,20 @@ SUMS = ("dA", "dD", "ddelta_bias")
 
 def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: bool, has_bias: bool,
            softplus: bool, reverse: bool = False, has_offset: bool = False, states: int = 16,
-           accumulate: bool = False, stores_out_z: bool = True, wants: tuple[str, ...] = SUMS) -> list[str]:
+           accumulate: bool = False, stores_out_z: bool = True, wants: tuple[str, ...] = SUMS,
+           a_log: bool = False) -> list[str]:
     """The compiler's -D options for one variant of the kernels (``reverse``: scanning from the last
     step to the first, see kernels.cuh; ``has_offset``: a state offset h'; ``states``: N; ``accumulate``:
     the forward's output and the backward's dz added to what the tensors given hold; ``stores_out_z``:
-    the backward writes the output it recomputes; ``wants``: the SUMS the backward computes)."""
+    the backward writes the output it recomputes; ``wants``: the SUMS the backward computes; ``a_log``:
+    A is given as A_log, the state matrix -exp(A_log), and dA is A_log's gradient)."""
     return nvrtc.defines({"NSTATE": states, "IN_BF16": in_dtype == torch.bfloat16,
                           "BC_BF16": bc_dtype == torch.bfloat16,
                           "HAS_D": has_D, "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus,
                           "CHUNK": chunk_steps(states),
                           "REVERSE": reverse, "HAS_OFFSET": has_offset, "ACCUMULATE": accumulate,
                           "STORES_OUT_Z": stores_out_z, "WANTS_DA": "dA" in wants, "WANTS_DD": "dD" in wants,
-                          "WANTS_DBIAS": "ddelta_bias" in wants})
+                          "WANTS_DBIAS": "ddelta_bias" in wants, "A_LOG": a_log})
 
 
 def runs(device: torch.device, dtype: torch.dtype, states: int, length: int) -> bool:
@@ -128,13 +130,13 @@ def known_args(names: tuple[str, ...], ints: tuple[int, ...]) -> str:
     return "".join(f"{name}={value};" for name, value in zip(names, ints) if name not in FLAGS)
 
 
-def _run(name: str, u, A, B, D, z, delta_bias, softplus, reverse, offset, accumulate, stores_out_z, wants,
+def _run(name: str, u, A, B, D, z, delta_bias, softplus, reverse, offset, accumulate, stores_out_z, wants, a_log,
          pointers: list, ints: list[int]) -> None:
     """Kernel ``name`` ("scan_fwd" or "scan_bwd") of the variant for these inputs, with ``ints`` (its
     integer arguments) compiled in where the variant has room for another layout, one block per
     (block_channels channels, batch element) of u (:func:`_launch`)."""
     options = tuple(macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus,
-                           reverse, offset is not None, A.shape[1], accumulate, stores_out_z, wants))
+                           reverse, offset is not None, A.shape[1], accumulate, stores_out_z, wants, a_log))
     names, macro = KNOWN[name]
     layout = known_args(names, tuple(ints))
     compiled = _layouts.setdefault((name, u.device.index, options), set())
@@ -155,7 +157,7 @@ def checkpoints(u: torch.Tensor, states: int) -> torch.Tensor:
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_states=False, offset=None,
-            into=None):
+            into=None, a_log=False):
     """(out, out_z, states): without z, out = the scan's y (B, D, L) and out_z None; with z, out_z =
     y * silu(z) and out None (y is not kept: the backward recomputes it). ``reverse``: the scan runs
     from the last step to the first, as on the sequences flipped along time, with its outputs in the
@@ -163,11 +165,12 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_s
     :func:`backward` to read instead of recomputing them (one of its three passes over time), else None.
     ``offset`` (D, N) fp32 or None: y = C (h + offset) + D u at every step (state-offset tuning).
     ``into``: a (B, D, L) tensor of u's dtype the output is added to (``into + output`` rounded as
-    PyTorch rounds it) and returned as it, or None (a new tensor)."""
+    PyTorch rounds it) and returned as it, or None (a new tensor). ``a_log``: A is A_log (D, N), the
+    state matrix -exp(A_log) (computed in the kernel: a trained A_log's two kernels a call less)."""
     result = into if into is not None else torch.empty_like(u)
     out, out_z = (None, result) if z is not None else (result, None)
     states = checkpoints(u, A.shape[1]) if keep_states else None
-    _run("scan_fwd", u, A, B, D, z, delta_bias, softplus, reverse, offset, into is not None, True, SUMS,
+    _run("scan_fwd", u, A, B, D, z, delta_bias, softplus, reverse, offset, into is not None, True, SUMS, a_log,
          [u, delta, A.contiguous(), B, C, D if D is not None else A, z if z is not None else u,
           delta_bias if delta_bias is not None else A, _given(offset, A), result, result, states if keep_states else A],
          [u.shape[1], u.shape[2], int(keep_states), *_strides(u), *_strides(delta),
@@ -177,13 +180,14 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_s
 
 
 def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=False, states=None, offset=None,
-             add_dz=False, recompute_out_z=True, wants=SUMS):
+             add_dz=False, recompute_out_z=True, wants=SUMS, a_log=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, doffset) of out_z (or y without z)
     given dout, with out_z recomputed where ``recompute_out_z`` (else None); dz a (B, D, L) tensor to
     write into (with ``add_dz``, to add z's gradient to: as :func:`forward`'s ``into``) or None;
     ``states``: what :func:`forward` kept with ``keep_states``, or None (computed here); ``offset`` as
-    :func:`forward`'s; ``wants``: the SUMS computed, the others None. dA, dB, dC, dD, ddelta_bias and
-    doffset are fp32; dD, ddelta_bias, doffset None where D, delta_bias, offset are."""
+    :func:`forward`'s; ``wants``: the SUMS computed, the others None; ``a_log`` as :func:`forward`'s (dA
+    is then A_log's gradient, A dA). dA, dB, dC, dD, ddelta_bias and doffset are fp32; dD, ddelta_bias,
+    doffset None where D, delta_bias, offset are."""
     unknown = set(wants) - set(SUMS)
     if unknown:
         raise ValueError(f"the short scan's backward computes {SUMS} on request, not {sorted(unknown)}")
@@ -205,7 +209,7 @@ def backward(u, delta, A, B, C, D, z, delta_bias, dout, dz, softplus, reverse=Fa
     dz = (dz if dz is not None else torch.empty_like(z)) if z is not None else du  # without z: unread, unwritten
     out_z = torch.empty_like(u) if recompute_out_z else du  # as dz
     wants = tuple(name for name in SUMS if name in wants)  # one variant whatever the order
-    _run("scan_bwd", u, A, B, D, z, delta_bias, softplus, reverse, offset, add_dz, recompute_out_z, wants,
+    _run("scan_bwd", u, A, B, D, z, delta_bias, softplus, reverse, offset, add_dz, recompute_out_z, wants, a_log,
          [u, delta, A.contiguous(), B, C, D if D is not None else dD, z if z is not None else u,
           delta_bias if delta_bias is not None else dD, _given(offset, dA), dout, ckpt,
           du, ddelta, dA, dB, dC, dD, ddelta_bias, doffset if offset is not None else dA, dz, out_z],
@@ -231,22 +235,22 @@ def _given(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
 # mamba-ssm's ``selective_scan_cuda.fwd`` / ``.bwd`` interface (B and C of shape (batch, 1, N, L)), as
 # ``scan._MambaInnerFn`` calls either; ``reverse`` (ours only) as in :func:`forward`
 def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, keep_states=False, offset=None,
-        into=None):
+        into=None, a_log=False):
     """(out, states, out_z): states, our chunks' checkpoints with ``keep_states`` (:func:`forward`),
     else None; with z, out is None (our backward recomputes y, so the caller keeps no (B, D, L) tensor
-    for it); ``into`` as :func:`forward`'s."""
+    for it); ``into`` and ``a_log`` as :func:`forward`'s."""
     out, out_z, states = forward(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, delta_softplus, reverse,
-                                 keep_states, offset, into)
+                                 keep_states, offset, into, a_log)
     return out, states, out_z
 
 
 def bwd(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, out, dz, delta_softplus, recompute_out_z,
-        reverse=False, offset=None, add_dz=False, wants=SUMS):
+        reverse=False, offset=None, add_dz=False, wants=SUMS, a_log=False):
     """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z) as mamba-ssm's (out_z None unless
     ``recompute_out_z``; dA, dD, ddelta_bias None where not in ``wants``), and doffset (None without an
     offset) tenth; chunk_states: what :func:`fwd` returned (our checkpoints or None); out is not read;
-    ``add_dz`` and ``wants`` as :func:`backward`'s."""
+    ``add_dz``, ``wants`` and ``a_log`` as :func:`backward`'s."""
     du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, doffset = backward(
         u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, dout, dz, delta_softplus, reverse, chunk_states, offset,
-        add_dz, recompute_out_z, wants)
+        add_dz, recompute_out_z, wants, a_log)
     return du, ddelta, dA, dB.unsqueeze(1), dC.unsqueeze(1), dD, ddelta_bias, dz, out_z, doffset
