@@ -89,6 +89,7 @@ def merged_run(tmp_path_factory, suite_root):
 
 
 def _hf_and_adapter_scores(merged_run, suite_root, tasks, device):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[test]')")
     base, adapter, merged = merged_run
     settings = {"device": device, "batch_size": 4, "gen_kwargs": "max_gen_toks=8"}
     # ours first: registering it must leave lm-eval's own models (hf) registered
@@ -112,7 +113,6 @@ def test_the_merged_model_through_hf_agrees_with_the_adapter_model(merged_run, s
 @pytest.mark.gpu
 def test_on_cuda_the_merged_model_agrees_with_the_adapter_model_within_bf16(merged_run, suite_root):
     """Ours runs under bf16 autocast on CUDA, hf in fp32: config/paper.yaml's crosscheck tolerance."""
-    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[test]')")
     hf, ours, plain = _hf_and_adapter_scores(merged_run, suite_root, ["mathqa", "lambada_openai"], "cuda")
     check = agreement(hf, ours, atol=0.25)
     assert check["agree"], check

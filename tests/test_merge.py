@@ -116,6 +116,7 @@ def test_transformers_and_mamba_ssm_layouts_give_the_merged_logits(tmp_path):
 # --- Orca-Math data ----------------------------------------------------------------------------
 
 def _records(root) -> list[str]:
+    pytest.importorskip("datasets", reason="datasets is not installed (pip install -e '.[test]')")
     return [text for batch in iter_texts(corpus_entry(root)) for text in batch]
 
 
@@ -160,7 +161,6 @@ def test_the_token_cache_holds_one_eos_terminated_document_per_record(tmp_path):
 def test_train_then_merge_writes_a_model_transformers_loads(tmp_path, runtime):
     """The pipeline's path on a tiny stand-in: tokens cached, train (CPU, or the GPU's kernels and CUDA
     graphs as config/paper.yaml), merge and export on the CPU (the rules' commands)."""
-    pytest.importorskip("datasets", reason="datasets is not installed (pip install -e '.[test]')")
     write_mini_orca_math(tmp_path / "data", seed=0, n_train=6)
     tokenizer = _tokenizer(tmp_path / "lm", _records(tmp_path / "data"))
     save_lm(build_model("mamba-mini", vocab_size=320, n_layer=2), tmp_path / "lm")
