@@ -876,6 +876,53 @@ def test_one_update_on_a_frozen_projection_is_one_node_computing_the_modules_cal
         torch.testing.assert_close(grad, reference_grads[name], msg=name)
 
 
+@pytest.mark.parametrize("rows,bias,scale,frozen", [((0, 10), True, 0.5, ()), ((0, 10), False, 1.0, ("y",)),
+                                                    ((5, 10), False, 0.5, ("lora_down",)), ((2, 7), True, 0.5, ("lora_up",))])
+def test_one_update_on_a_frozen_out_proj_reads_its_channel_major_input_as_one_node(rows, bias, scale, frozen):
+    """out_proj's LoRA on the fused mixer's channel-major output (call_channel_major; Vim: scale 1/2): one
+    autograd node on y's columns whose output and gradients are the module's call on (y * scale)'s
+    transpose, y's gradient channel-major, with y or either LoRA weight frozen."""
+    from mambapeft.models.mamba import call_channel_major
+
+    torch.manual_seed(0)
+    module = _one_update_lora(rows, bias)
+    for name in frozen:
+        if name != "y":
+            getattr(module.updates["x"], name).weight.requires_grad_(False)
+    stored = torch.randn(6, 3, 5, requires_grad="y" not in frozen)  # (in, B, L): y channel-major
+    grad_out = torch.randn(3, 5, 10)
+    results = []
+    for run in (lambda y: call_channel_major(module, y, scale), lambda y: module((y * scale).transpose(1, 2))):
+        out = run(stored.transpose(0, 1))
+        nodes = _graph_nodes(out)
+        out.backward(grad_out)
+        leaves = [("y", stored), *module.named_parameters()]
+        results.append((out.detach(), {n: p.grad for n, p in leaves if p.grad is not None}, nodes))
+        stored.grad = None
+        module.zero_grad(set_to_none=True)
+    (out, grads, nodes), (reference, reference_grads, _) = results
+    assert "_FrozenPlusLowRankBackward" in nodes and not nodes & {"AddBackward0", "MulBackward0", "AddmmBackward0"}
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, reference)
+    assert grads.keys() == reference_grads.keys() and len(grads) == 3 - len(frozen)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], msg=name)
+
+
+def test_a_vim_mixers_out_proj_lora_reads_the_summed_directions_as_one_node():
+    """LoRA(out_proj) on Vim's fused bidirectional mixer (dropout off: eval) runs as one node on the
+    directions' sum, its average folded in (no division); a hook on out_proj's LoRA calls it instead."""
+    model = _adapted("vision", "lora_out_proj")
+    mixer = _mixers(model)[0]
+    mixer.backend = FUSED_TORCH
+    x = torch.randn(2, 7, mixer.d_model, requires_grad=True)
+    out = mixer(x)
+    (node, _), = out.grad_fn.next_functions  # (B*L, out) -> (B, L, out)
+    assert type(node).__name__ == "_FrozenPlusLowRankBackward" and "DivBackward0" not in _graph_nodes(out)
+    mixer.out_proj.updates["full"].lora_down.register_forward_hook(lambda *args: None)
+    assert "_FrozenPlusLowRankBackward" not in _graph_nodes(mixer(x))
+
+
 @pytest.mark.parametrize("case", ["trainable_base", "second_update", "dora", "dropout_on_cpu", "hooked_up"])
 def test_the_one_node_steps_aside_where_it_would_not_be_the_modules_call(case):
     """A trainable base weight, a second update, DoRA (folded into the weight), an active dropout where

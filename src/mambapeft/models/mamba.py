@@ -383,13 +383,13 @@ class Mamba(Mixer):
             project = read_as_linear(self.out_proj)
             if not self.bidirectional:
                 out = self._fused_direction(xz, FORWARD, project, self.out_proj.bias if project else None)
-                return out if project else self.out_proj(out.transpose(1, 2))
+                return out if project else call_channel_major(self.out_proj, out)
             summed = self._fused_directions_summed(xz)
+            scale = 0.5 if self.divide_out else 1.0  # the directions averaged (exact: a power of two)
             if project:
-                scale = 0.5 if self.divide_out else 1.0
                 return project_channel_major(summed, self.out_proj.weight, self.out_proj.bias, scale,
                                              self._frozen_out_operand(scale, gemm_dtype(summed)))
-            return self.out_proj(self._merged(summed).transpose(1, 2))
+            return call_channel_major(self.out_proj, summed, scale)
         y = self._scan_direction(xz, FORWARD, state)
         if self.bidirectional:
             if state is not None:
@@ -525,6 +525,16 @@ def linear_channel_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if out is None:
             out = linear(x).flatten(0, 1).t().contiguous()
     return out.unflatten(1, (batch, length)).transpose(0, 1)
+
+
+def call_channel_major(module: nn.Module, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``module`` on (y * scale).transpose(1, 2), y (B, in, L) stored channel-major (the fused mixer
+    function's output) -> (B, L, out): through the module's ``from_channel_major(y, scale)`` where that
+    stands in for its call (LoRA's: one node reading y's columns; None where it cannot), else the module
+    called on the transposed view (its wrappers and hooks run)."""
+    direct = getattr(module, "from_channel_major", None)
+    out = direct(y, scale) if callable(direct) else None
+    return out if out is not None else module((y * scale if scale != 1 else y).transpose(1, 2))
 
 
 def cat_steps(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:

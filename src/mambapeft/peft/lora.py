@@ -206,6 +206,16 @@ class LoraLinear(nn.Module):
         into the weight (merged style or DoRA: no dropout, no activation-style term) and nothing hooked."""
         return self._called_as_written() and all(u.acts_on_weight for u in self.updates.values())
 
+    def _sole_update_on_frozen_base(self, x: torch.Tensor) -> LowRankUpdate | None:
+        """The update where this module's call is what :class:`_FrozenPlusLowRank` computes on x: one
+        activation-style update (its dropout inactive or drawn from a seed on x) on a frozen Linear, with
+        nothing hooked or wrapped; else None."""
+        updates, base = list(self.updates.values()), self.base
+        if (self._called_as_written() and len(updates) == 1 and updates[0].reads_as_weights(x)
+                and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)):
+            return updates[0]
+        return None
+
     def channel_major(self, x: torch.Tensor) -> torch.Tensor | None:
         """This module on x (..., in) as (out, N), N = x.numel() // in: the transposed output, for
         models/mamba.py's ``linear_channel_major``, in place of the (N, out) output, the scaled and
@@ -217,13 +227,12 @@ class LoraLinear(nn.Module):
         would not equal :meth:`forward` call for call: a hook on any part, or a wrapped base."""
         if not self._called_as_written():
             return None
-        updates = list(self.updates.values())
         base = self.base
-        if (len(updates) == 1 and updates[0].reads_as_weights(x) and not base.weight.requires_grad
-                and (base.bias is None or not base.bias.requires_grad)):
-            u = updates[0]
-            return _FrozenPlusLowRank.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, u.lora_down.weight,
-                                            u.lora_up.weight, u.scale, u.dropout_p, u.rows[0])
+        sole = self._sole_update_on_frozen_base(x)
+        if sole is not None:
+            return _FrozenPlusLowRank.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, sole.lora_down.weight,
+                                            sole.lora_up.weight, sole.scale, sole.dropout_p, sole.rows[0])
+        updates = list(self.updates.values())
         rows = x.reshape(-1, x.shape[-1]).t()  # (in, N)
         weight, bias = self._weight([u for u in updates if u.acts_on_weight]), base.bias
         active = [u for u in updates if not u.acts_on_weight]
@@ -253,6 +262,21 @@ class LoraLinear(nn.Module):
                 out[u.rows[0]:u.rows[1]].addmm_(up, low, alpha=u.scale)
         return out
 
+    def from_channel_major(self, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor | None:
+        """This module on y's transpose times ``scale``, y (B, in, L) stored channel-major ((in, B, L), as the
+        fused mixer function writes its output): (B, L, out), as ``self((y * scale).transpose(1, 2))``, for
+        out_proj (models/mamba.py ``call_channel_major``; Vim: ``scale`` 1/2, its directions averaged). One
+        node where one activation-style update sits on a frozen Linear (:class:`_FrozenPlusLowRank` on y's
+        columns), in place of the scaled copy of y, PyTorch's dropout on its transposed view (a mask kept,
+        ~60 us a layer's backward at Vim-S) and the update's add; else None (the module is called)."""
+        columns = y.transpose(0, 1).reshape(y.shape[1], -1)  # (in, B*L): a view where y is channel-major
+        sole = self._sole_update_on_frozen_base(columns)
+        if sole is None:
+            return None
+        out = _FrozenPlusLowRank.apply(columns, self.base.weight, self.base.bias, sole.lora_down.weight,
+                                       sole.lora_up.weight, sole.scale, sole.dropout_p, sole.rows[0], True, scale)
+        return out.unflatten(0, (y.shape[0], y.shape[2]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
         folded = [u for u in self.updates.values() if u.acts_on_weight]
@@ -271,24 +295,36 @@ class _FrozenPlusLowRank(torch.autograd.Function):
     the dropout's mask drawn again from its seed with x's gradient added in the same pass. (Autograd's
     graph of the same padded the update to all rows, had the frozen GEMM read that back, and copied
     x's gradient twice: six kernels a layer more at Vim-S LoRAp(X); the README has the step times.)
+    With ``columns`` (:meth:`LoraLinear.from_channel_major`) the same transposed: x given as (in, N)
+    columns, the output (N, out) token-major, x's gradient (in, N); the module called on x times
+    ``input_scale``, which is folded into the frozen GEMM's operand and up's scale (Vim's 1/2: exact).
 
     Shapes: x (N, in) (autograd keeps it, rebuilt from a norm's saves where models/rebuild.py applies),
     weight (out, in), bias (out,) or None, both frozen; down (r, in), up (rows, r), rows [start, start +
-    rows) of the output; p: the dropout rate (0: none; else drawn from a seed: CUDA, Triton)."""
+    rows) of the output; p: the dropout rate (0: none; else drawn from a seed: CUDA, Triton), its mask
+    drawn over x as stored."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, down, up, scale, p, start):
+    def forward(ctx, x, weight, bias, down, up, scale, p, start, columns=False, input_scale=1.0):
         dtype, down_dtype = gemm_dtype(x), down.dtype
         seed = torch.randint(2**31 - 1, (1,), device=x.device) if p else None
         dropped = seeded_dropout(x, seed, p, dtype) if p else x.to(dtype)
         down = down.to(dtype)  # kept so: the backward's GEMMs read it again
-        low = dropped @ down.t()  # (N, r)
-        up_scaled = scaled_operand(up, scale, dtype)  # the scale rounded into up once, as autocast casts s up
-        out = linear_columns(weight.to(dtype), None if bias is None else bias.to(dtype), x.to(dtype).t())
-        out[start:start + up.shape[0]].addmm_(up_scaled, low.t())
+        low = _as_rows(dropped, columns) @ down.t()  # (N, r)
+        # the scale rounded into up once, as autocast casts s up
+        up_scaled = scaled_operand(up, scale * input_scale, dtype)
+        operand, bias = scaled_operand(weight, input_scale, dtype), None if bias is None else bias.to(dtype)
+        stop = start + up.shape[0]
+        if columns:
+            out = F.linear(x.to(dtype).t(), operand, bias)  # (N, out)
+            out[:, start:stop].addmm_(low, up_scaled.t())
+        else:
+            out = linear_columns(operand, bias, x.to(dtype).t())  # (out, N)
+            out[start:stop].addmm_(up_scaled, low.t())
         ctx.save_for_backward(x, weight, down, up_scaled, low, seed)
-        ctx.p, ctx.start, ctx.scale, ctx.down_dtype, ctx.up_dtype = p, start, scale, down_dtype, up.dtype
+        ctx.p, ctx.start, ctx.scale, ctx.down_dtype, ctx.up_dtype = p, start, scale * input_scale, down_dtype, up.dtype
+        ctx.columns, ctx.input_scale = columns, input_scale
         return out
 
     @staticmethod
@@ -296,15 +332,17 @@ class _FrozenPlusLowRank(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, down, up_scaled, low, seed = ctx.saved_tensors
         want_x, _, _, want_down, want_up = ctx.needs_input_grad[:5]
-        block = grad[ctx.start:ctx.start + up_scaled.shape[0]]  # (rows, N)
+        columns, stop = ctx.columns, ctx.start + up_scaled.shape[0]
+        block = grad[:, ctx.start:stop].t() if columns else grad[ctx.start:stop]  # (rows, N)
         dx = ddown = dup = None
         if want_up:  # through the scale in up's dtype, as autograd takes it back through s up
             dup = weight_gradient(block, low, ctx.up_dtype, ctx.scale)
         dlow = block.t() @ up_scaled if want_x or want_down else None  # (N, r)
         dropped = None
-        if want_x:
-            dx = (grad.t() @ weight.to(grad.dtype)).to(x.dtype)  # (N, in)
-            spread = dlow @ down
+        if want_x:  # in x's layout: (in, N) columns, else (N, in)
+            operand = scaled_operand(weight, ctx.input_scale, grad.dtype)
+            dx = (operand.t() @ grad.t() if columns else grad.t() @ operand).to(x.dtype)
+            spread = down.t() @ dlow.t() if columns else dlow @ down
             if ctx.p:  # the dropped x and x's gradient, the mask drawn once for both
                 dropped, dx = seeded_dropout_pair(x, spread, seed, ctx.p, grad.dtype, x.dtype, added_to=dx)
             else:
@@ -312,8 +350,13 @@ class _FrozenPlusLowRank(torch.autograd.Function):
         if want_down:
             if dropped is None:
                 dropped = seeded_dropout(x, seed, ctx.p, grad.dtype) if ctx.p else x.to(grad.dtype)
-            ddown = weight_gradient(dlow.t(), dropped, ctx.down_dtype)
-        return dx, None, None, ddown, dup, None, None, None
+            ddown = weight_gradient(dlow.t(), _as_rows(dropped, columns), ctx.down_dtype)
+        return dx, None, None, ddown, dup, None, None, None, None, None
+
+
+def _as_rows(t: torch.Tensor, columns: bool) -> torch.Tensor:
+    """t as (N, in): itself, or the transposed view of (in, N) columns."""
+    return t.t() if columns else t
 
 
 class LoraConv2d(nn.Module):
