@@ -13,6 +13,7 @@ from mambapeft.bench.train import (
     bench_timm_vit_lora,
     markdown,
     peak_bf16_flops,
+    project_vtab_hours,
     timm_lora_step,
 )
 
@@ -48,6 +49,23 @@ def test_markdown_compares_vim_rows_with_both_timm_baselines_and_shows_mfu():
     assert "| 1,600 img/s | 1.00 |  | 5,120 img/s |" in text  # the evaluation forward's throughput
     assert f"| vim-s lorap_x / {TIMM_BASELINE} | 1.455x |" in text
     assert f"| {TIMM_BASELINE + GRAPHED} | needs timm and a CUDA device |" in text
+
+
+def test_the_table_projection_counts_every_row_and_the_papers_rows_apart():
+    """The whole table's GPU-hours (steps of 19 tasks x 100 epochs, plus the test splits' forwards) and
+    the paper's own Vim-S rows' share of it (vision/paper.yaml), in the JSON and the Markdown."""
+    vision = {"full": {"step_s": 0.02, "images_per_s": 1600.0, "eval_images_per_s": 387_904 / 36.0},
+              "sdt": {"step_s": 0.03, "images_per_s": 1066.7, "eval_images_per_s": 387_904 / 72.0},
+              "broken": {"error": "out of memory"}}
+    projection = project_vtab_hours(vision)
+    full, sdt = (60_800 * 0.02 + 36.0) / 3600, (60_800 * 0.03 + 72.0) / 3600
+    assert projection["per_method_hours"] == pytest.approx({"full": full, "sdt": sdt})
+    assert projection["table_hours"] == pytest.approx(full + sdt)
+    assert projection["paper_rows"] == ["full"] and projection["paper_rows_hours"] == pytest.approx(full)
+    report = {"device": "NVIDIA H200", "torch": "2.11", "vision": vision, "language": {}, "baselines": {},
+              "projection": projection}
+    assert (f"table: **{full + sdt:.1f} h** (from the 2 rows measured); the paper's 1 rows among them "
+            f"(those `vision/paper.yaml` publishes): **{full:.1f} h**, the 1 newer rows {sdt:.1f} h") in markdown(report)
 
 
 @pytest.mark.gpu
