@@ -857,23 +857,31 @@ def test_one_update_on_a_frozen_projection_is_one_node_computing_the_modules_cal
         if name != "x":
             getattr(update, name).weight.requires_grad_(False)
     x = torch.randn(3, 5, 6, requires_grad="x" not in frozen)
-    grad_out = torch.randn(3, 10, 5)
+    out, nodes = _as_the_modules_call(module, ("x", x), lambda: linear_channel_major(module, x),
+                                      lambda: module(x).transpose(1, 2), torch.randn(3, 10, 5), 3 - len(frozen))
+    assert "_FrozenPlusLowRankBackward" in nodes and "AddmmBackward0" not in nodes
+    assert out.permute(1, 0, 2).is_contiguous()
+
+
+def _as_the_modules_call(module, leaf, ours, call, grad_out, n_grads):
+    """(output, autograd node names) of ``ours``, after asserting that its output and the gradients of
+    ``leaf`` (name, tensor) and the module's parameters (``n_grads`` of them) are those of ``call``."""
+    name, tensor = leaf
     results = []
-    for run in (lambda: linear_channel_major(module, x), lambda: module(x).transpose(1, 2)):
+    for run in (ours, call):
         out = run()
         nodes = _graph_nodes(out)
         out.backward(grad_out)
-        leaves = [("x", x), *module.named_parameters()]
+        leaves = [(name, tensor), *module.named_parameters()]
         results.append((out.detach(), {n: p.grad for n, p in leaves if p.grad is not None}, nodes))
-        x.grad = None
+        tensor.grad = None
         module.zero_grad(set_to_none=True)
     (out, grads, nodes), (reference, reference_grads, _) = results
-    assert "_FrozenPlusLowRankBackward" in nodes and "AddmmBackward0" not in nodes
-    assert out.permute(1, 0, 2).is_contiguous()
     torch.testing.assert_close(out, reference)
-    assert grads.keys() == reference_grads.keys() and len(grads) == 3 - len(frozen)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference_grads[name], msg=name)
+    assert grads.keys() == reference_grads.keys() and len(grads) == n_grads
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[key], msg=key)
+    return out, nodes
 
 
 @pytest.mark.parametrize("rows,bias,scale,frozen", [((0, 10), True, 0.5, ()), ((0, 10), False, 1.0, ("y",)),
@@ -890,23 +898,12 @@ def test_one_update_on_a_frozen_out_proj_reads_its_channel_major_input_as_one_no
         if name != "y":
             getattr(module.updates["x"], name).weight.requires_grad_(False)
     stored = torch.randn(6, 3, 5, requires_grad="y" not in frozen)  # (in, B, L): y channel-major
-    grad_out = torch.randn(3, 5, 10)
-    results = []
-    for run in (lambda y: call_channel_major(module, y, scale), lambda y: module((y * scale).transpose(1, 2))):
-        out = run(stored.transpose(0, 1))
-        nodes = _graph_nodes(out)
-        out.backward(grad_out)
-        leaves = [("y", stored), *module.named_parameters()]
-        results.append((out.detach(), {n: p.grad for n, p in leaves if p.grad is not None}, nodes))
-        stored.grad = None
-        module.zero_grad(set_to_none=True)
-    (out, grads, nodes), (reference, reference_grads, _) = results
+    y = stored.transpose(0, 1)
+    out, nodes = _as_the_modules_call(module, ("y", stored), lambda: call_channel_major(module, y, scale),
+                                      lambda: module((y * scale).transpose(1, 2)), torch.randn(3, 5, 10),
+                                      3 - len(frozen))
     assert "_FrozenPlusLowRankBackward" in nodes and not nodes & {"AddBackward0", "MulBackward0", "AddmmBackward0"}
     assert out.is_contiguous()
-    torch.testing.assert_close(out, reference)
-    assert grads.keys() == reference_grads.keys() and len(grads) == 3 - len(frozen)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference_grads[name], msg=name)
 
 
 def test_a_vim_mixers_out_proj_lora_reads_the_summed_directions_as_one_node():
