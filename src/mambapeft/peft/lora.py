@@ -207,11 +207,11 @@ class LoraLinear(nn.Module):
         return self._called_as_written() and all(u.acts_on_weight for u in self.updates.values())
 
     def _sole_update_on_frozen_base(self, x: torch.Tensor) -> LowRankUpdate | None:
-        """The update where this module's call is what :class:`_FrozenPlusLowRank` computes on x: one
-        activation-style update (its dropout inactive or drawn from a seed on x) on a frozen Linear, with
-        nothing hooked or wrapped; else None."""
+        """The update where this module's call (:meth:`_called_as_written`, which the callers check first) is
+        what :class:`_FrozenPlusLowRank` computes on x: one activation-style update (its dropout inactive
+        or drawn from a seed on x) on a frozen Linear; else None."""
         updates, base = list(self.updates.values()), self.base
-        if (self._called_as_written() and len(updates) == 1 and updates[0].reads_as_weights(x)
+        if (len(updates) == 1 and updates[0].reads_as_weights(x)
                 and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)):
             return updates[0]
         return None
@@ -269,6 +269,8 @@ class LoraLinear(nn.Module):
         node where one activation-style update sits on a frozen Linear (:class:`_FrozenPlusLowRank` on y's
         columns), in place of the scaled copy of y, PyTorch's dropout on its transposed view (a mask kept,
         ~60 us a layer's backward at Vim-S) and the update's add; else None (the module is called)."""
+        if not self._called_as_written():
+            return None
         columns = y.transpose(0, 1).reshape(y.shape[1], -1)  # (in, B*L): a view where y is channel-major
         sole = self._sole_update_on_frozen_base(columns)
         if sole is None:
