@@ -32,6 +32,34 @@ def test_the_forward_is_the_scaled_block_diagonal_weight_plus_the_low_rank_updat
         torch.testing.assert_close(wrapper.weight, expected)  # the merged weight: what folding would store
 
 
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_in_projs_channel_major_output_is_the_modules_call(block_size):
+    """ProDiaL on in_proj through linear_channel_major: its own (out, N) output, s W D_b's GEMM accumulating
+    onto B A's update, equal to the module's call transposed, gradients included; a hook calls the module."""
+    from mambapeft.models.mamba import linear_channel_major
+
+    torch.manual_seed(0)
+    wrapper = _trained_looking(nn.Linear(8, 6), block_size)
+    wrapper.base.requires_grad_(False)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    grad = torch.randn(3, 6, 5)
+    results = []
+    for run in (lambda: linear_channel_major(wrapper, x), lambda: wrapper(x).transpose(1, 2)):
+        out = run()
+        out.backward(grad)
+        results.append((out.detach(), [t.grad for t in (x, *wrapper.parameters()) if t.requires_grad]))
+        x.grad = None
+        wrapper.zero_grad(set_to_none=True)
+    (out, grads), (reference, reference_grads) = results
+    torch.testing.assert_close(out, reference)
+    assert len(grads) == 5  # x, blocks, row_scale, B, A
+    for ours, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(ours, expected)
+    assert wrapper.channel_major(x) is not None
+    wrapper.low_rank.lora_up.register_forward_hook(lambda *args: None)
+    assert wrapper.channel_major(x) is None
+
+
 def test_both_proj_on_mamba_130m_counts_lora_plus_the_diagonal_and_the_scales():
     """The paper's Both-Proj LoRA (2.36M) is exactly our rank-16 part; it lists ProDiaL as 2.42M, which
     is LoRA + D_b (2,414,592) without the row scales s the original code also trains (92,160)."""

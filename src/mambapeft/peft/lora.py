@@ -149,6 +149,42 @@ class LowRankUpdate(nn.Module):
         return self.scale * self.lora_up(self.down(x))
 
 
+def updated_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    updates: list[LowRankUpdate]) -> torch.Tensor:
+    """A Linear of ``weight`` (out, in) and ``bias`` on x (..., in) plus the activation-style ``updates`` of
+    its rows (their dropout drawn as their forward draws it), as (out, N), N = x.numel() // in: the
+    output :meth:`LoraLinear.channel_major` (and ProDiaL's) hands models/mamba.py's ``linear_channel_major``."""
+    rows = x.reshape(-1, x.shape[-1]).t()  # (in, N)
+
+    def down(u):  # (r, N)
+        return u.down(x).reshape(-1, u.lora_down.out_features).t()
+
+    def padding(u):  # zero rows above and below the update's block
+        return u.rows[0], weight.shape[0] - u.rows[1]
+
+    # an update of all rows first, else one of a block: padded to all rows, since an in-place update
+    # of a block makes autograd copy the whole output's gradient (a clone and a copy of Vim-S's xz
+    # gradient per layer for LoRAp(X)) where the padding costs a GEMM of twice the rows at rank r
+    first = next((u for u in updates if u.rows == (0, weight.shape[0])), updates[0] if updates else None)
+    if first is None:
+        out = linear_columns(weight, bias, rows)
+    else:  # scale folded into up, so the gradient reaching the update is the output's, uncopied; in
+        # place (addmm_, which autocast leaves alone: the operands cast here as it casts them), as
+        # torch.addmm copied the update into a new output first (65 us a layer at mamba-1.4b's in_proj)
+        up = F.pad(first.scale * first.lora_up.weight, (0, 0, *padding(first)))
+        out = linear_columns(up, bias, down(first))
+        out = out.addmm_(weight.to(out.dtype), rows.to(out.dtype))
+    for u in updates:
+        if u is first:
+            continue
+        up, low = u.lora_up.weight.to(out.dtype), down(u).to(out.dtype)
+        if u.rows == (0, out.shape[0]):
+            out = torch.addmm(out, up, low, alpha=u.scale)
+        else:  # in place on its block (the frozen GEMM's output is not saved for its backward)
+            out[u.rows[0]:u.rows[1]].addmm_(up, low, alpha=u.scale)
+    return out
+
+
 class LoraLinear(nn.Module):
     """Wraps ``base`` (kept as ``self.base``) with one or more low-rank updates, keyed by the output
     part they adapt (``full``, ``x``, ``z``, ``dt``, ``B``, ``C``), so LoRA(in_proj) and LoRA_p(X)
@@ -233,34 +269,8 @@ class LoraLinear(nn.Module):
             return _FrozenPlusLowRank.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, sole.lora_down.weight,
                                             sole.lora_up.weight, sole.scale, sole.dropout_p, sole.rows[0])
         updates = list(self.updates.values())
-        rows = x.reshape(-1, x.shape[-1]).t()  # (in, N)
-        weight, bias = self._weight([u for u in updates if u.acts_on_weight]), base.bias
-        active = [u for u in updates if not u.acts_on_weight]
-
-        def down(u):  # (r, N)
-            return u.down(x).reshape(-1, u.lora_down.out_features).t()
-
-        # an update of all rows first, else one of a block: padded to all rows, since an in-place update
-        # of a block makes autograd copy the whole output's gradient (a clone and a copy of Vim-S's xz
-        # gradient per layer for LoRAp(X)) where the padding costs a GEMM of twice the rows at rank r
-        first = next((u for u in active if u.rows == (0, weight.shape[0])), active[0] if active else None)
-        if first is None:
-            out = linear_columns(weight, bias, rows)
-        else:  # scale folded into up, so the gradient reaching the update is the output's, uncopied; in
-            # place (addmm_, which autocast leaves alone: the operands cast here as it casts them), as
-            # torch.addmm copied the update into a new output first (65 us a layer at mamba-1.4b's in_proj)
-            up = F.pad(first.scale * first.lora_up.weight, (0, 0, *self._padding(first)))
-            out = linear_columns(up, bias, down(first))
-            out = out.addmm_(weight.to(out.dtype), rows.to(out.dtype))
-        for u in active:
-            if u is first:
-                continue
-            up, low = u.lora_up.weight.to(out.dtype), down(u).to(out.dtype)
-            if u.rows == (0, out.shape[0]):
-                out = torch.addmm(out, up, low, alpha=u.scale)
-            else:  # in place on its block (the frozen GEMM's output is not saved for its backward)
-                out[u.rows[0]:u.rows[1]].addmm_(up, low, alpha=u.scale)
-        return out
+        return updated_columns(x, self._weight([u for u in updates if u.acts_on_weight]), base.bias,
+                               [u for u in updates if not u.acts_on_weight])
 
     def from_channel_major(self, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor | None:
         """This module on y's transpose times ``scale``, y (B, in, L) stored channel-major ((in, B, L), as the

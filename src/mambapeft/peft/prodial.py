@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import LoraSpec, LowRankUpdate
+from ..models.mamba import plain, unhooked
+from .lora import LoraSpec, LowRankUpdate, updated_columns
 from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
 from .targets import find_modules, fold_wrappers, plain_linear, replace_module
 
@@ -93,6 +94,16 @@ class ProdialLinear(nn.Module):
     def folded(self) -> nn.Linear:
         """A plain Linear with :attr:`weight` and the base's bias (``mambapeft merge``)."""
         return plain_linear(self.base, self.weight, self.base.bias)
+
+    def channel_major(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This module on x (..., in) as (out, N), N = x.numel() // in, for models/mamba.py's
+        ``linear_channel_major`` (in_proj): s W D_b's GEMM accumulating onto B A's update in place
+        (``lora.updated_columns``), in place of the token-major output, the add and a transposed copy.
+        None where anything on it is hooked or wrapped (then it is called)."""
+        parts = (self, self.base, self.low_rank, *self.low_rank.children())
+        if not (plain(self, ProdialLinear) and plain(self.base, nn.Linear) and all(map(unhooked, parts))):
+            return None
+        return updated_columns(x, self.scaled_weight(), self.base.bias, [self.low_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
