@@ -257,6 +257,13 @@ def test_cat_steps_is_torch_cat_along_time_stored_channel_major():
         dout = torch.randn_like(expected)
         torch.testing.assert_close(torch.autograd.grad(out, [tokens, xz], dout),
                                    torch.autograd.grad(expected, [tokens, xz], dout))
+    # three parts: both directions' tokens around xz (models/mamba.py: Mamba._affixed)
+    ahead, behind = (torch.randn(2, 6, n, requires_grad=True) for n in (1, 2))
+    out, expected = cat_steps(ahead, xz, behind), torch.cat([ahead, xz, behind], dim=2)
+    assert torch.equal(out, expected) and out.transpose(0, 1).is_contiguous()
+    dout = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(out, [ahead, xz, behind], dout),
+                               torch.autograd.grad(expected, [ahead, xz, behind], dout))
 
 
 @pytest.mark.parametrize("domain,method", [("vision", "affix_noproj"), ("language", "affix")])
@@ -786,11 +793,12 @@ def test_both_directions_in_one_node_compute_the_two_directions_summed(monkeypat
     assert _ReferenceConvBackward.calls == [(False, False), (True, True)]
 
 
-@pytest.mark.parametrize("method,paired", [("lorap_x", True), ("additional_scan", True), ("affix_noproj", False)])
-def test_a_vim_mixer_hands_both_directions_to_the_pair_function_where_their_inputs_are_one(method, paired):
+@pytest.mark.parametrize("method", ["lorap_x", "additional_scan", "affix_noproj", "affix", "hybrid_noproj"])
+def test_a_vim_mixer_hands_both_directions_to_the_pair_function_affix_tokens_included(method):
     """Vim's fused mixers call the backend's mamba_inner_pair once for both directions (each
     direction's weights as mamba_inner reads them: additional-scan's extended) and compute what the
-    per-direction calls compute; affix tokens make the directions' inputs differ: per direction."""
+    per-direction calls compute, gradients included; affix tokens: both directions' on one xz, each
+    ahead of xz in its direction's order (the forward's first, the backward's last), cut after out_proj."""
     from mambapeft.models.scan import mamba_inner_pair_torch
 
     model = _adapted("vision", method)
@@ -798,21 +806,28 @@ def test_a_vim_mixer_hands_both_directions_to_the_pair_function_where_their_inpu
     pairs = []
 
     def recording_pair(xz, first, second, keep_activations=False):
-        pairs.append((first, second))
+        pairs.append((xz.shape[-1], first, second))
         return mamba_inner_pair_torch(xz, first, second)
 
-    outputs = []
+    runs = []
     for backend in (FUSED_TORCH, ScanBackend("torch", TORCH_BACKEND.selective_scan, TORCH_BACKEND.causal_conv1d,
                                              mamba_inner_torch, recording_pair)):
-        for mixer in _mixers(model):
-            mixer.backend = backend
-            assert mixer.uses_fused_inner()
-        outputs.append(model(images))
-    assert len(pairs) == (len(_mixers(model)) if paired else 0)
-    for first, second in pairs:
+        copied = copy.deepcopy(model)
+        runs.append(_output_and_grads(copied, backend, images))
+        assert all(m.uses_fused_inner() for m in _mixers(copied))
+    mixers = _mixers(model)
+    assert len(pairs) == len(mixers)
+    steps = model.config.num_patches + 1  # + the class token
+    for mixer, (length, first, second) in zip(mixers, pairs):
+        affix_steps = sum(mixer._affix_tokens(d, torch.zeros(1, 1, 1)).shape[-1] for d in mixer.directions
+                          if d.key in mixer.affixes)
+        assert length == steps + affix_steps and (affix_steps > 0) == method.startswith(("affix", "hybrid"))
         assert not first.reverse and second.reverse
         assert first.x_proj_weight.shape == second.x_proj_weight.shape and first.A.shape[1] == second.A.shape[1]
-    torch.testing.assert_close(outputs[1], outputs[0])
+    (out, grads), (paired_out, paired_grads) = runs
+    torch.testing.assert_close(paired_out, out)
+    for name, grad in grads.items():
+        torch.testing.assert_close(paired_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("dtype,rows,aligned", [(torch.bfloat16, 68, 72), (torch.bfloat16, 56, 56), (torch.float32, 11, 12)])

@@ -35,6 +35,7 @@ base model exactly:
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -286,6 +287,18 @@ class Mamba(Mixer):
         """Direction ``d``'s affix tokens as xz-space steps (B, 2*D_inner, n) in xz's batch and dtype."""
         return self.affixes[d.key]().t().unsqueeze(0).expand(xz.shape[0], -1, -1).to(xz.dtype)
 
+    def _affixed(self, xz: torch.Tensor, directions: tuple[Direction, ...]) -> tuple[torch.Tensor, int]:
+        """xz with the affix tokens of ``directions`` added as steps, each direction's ahead of xz in its
+        own time order (the forward's before xz's first step, the backward's after its last, flipped),
+        stored channel-major (:func:`cat_steps`); and the step where xz's own start. A direction's steps
+        past xz's come after every step of xz in its order: they change none of xz's outputs there, so
+        both directions can scan one xz with both directions' tokens."""
+        ahead = [self._affix_tokens(d, xz) for d in directions if d is not BACKWARD and d.key in self.affixes]
+        behind = [self._affix_tokens(d, xz).flip(-1) for d in directions if d is BACKWARD and d.key in self.affixes]
+        if not (ahead or behind):
+            return xz, 0
+        return cat_steps(*ahead, xz, *behind), sum(t.shape[-1] for t in ahead)
+
     def uses_fused_inner(self, xz: torch.Tensor | None = None) -> bool:
         """Whether :meth:`forward` runs the backend's fused ``mamba_inner``, once per direction, or its
         ``mamba_inner_pair`` for both (the kernels read conv1d's, x_proj's and dt_proj's weights
@@ -319,15 +332,9 @@ class Mamba(Mixer):
         time order (the backward direction runs from the last step to the first: ``reverse``, in the
         kernels where they can, with no flip): with ``project``, through out_proj's weight (bias
         ``out_bias``) -> (B, L, D_model); else the gated scan output (B, D_inner, L) (out_bias None).
-        Affix tokens go first in the direction's time order (the end of xz for the backward direction),
-        their outputs cut off."""
-        length, first = xz.shape[-1], 0
-        if d.key in self.affixes:
-            tokens = self._affix_tokens(d, xz)
-            if d is BACKWARD:
-                xz = cat_steps(xz, tokens.flip(-1))
-            else:
-                xz, first = cat_steps(tokens, xz), tokens.shape[-1]
+        Affix tokens go first in the direction's time order (:meth:`_affixed`), their outputs cut off."""
+        length = xz.shape[-1]
+        xz, first = self._affixed(xz, (d,))
         out = self._inner_weights(d).run(self.backend.mamba_inner, xz, self.out_proj.weight if project else None,
                                          out_bias, keep_activations=self.keep_activations)
         return steps_of(out, 1 if project else -1, first, length)  # xz's steps
@@ -358,15 +365,17 @@ class Mamba(Mixer):
         return frozen_function_of(self._frozen, f"out_proj.weight*{scale}:{dtype}", weight,
                                   lambda w: scaled_operand(w, scale, dtype))
 
-    def _fused_directions_summed(self, xz: torch.Tensor) -> torch.Tensor:
-        """Both directions' gated scan outputs on xz, summed (B, D_inner, L): the backend's
-        ``mamba_inner_pair`` where it has one and no affix tokens make the directions' inputs differ,
-        else its ``mamba_inner`` per direction."""
-        if self.backend.mamba_inner_pair is not None and not self.affixes:
+    def _fused_directions_summed(self, xz: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Both directions' gated scan outputs on xz, summed, and the step where xz's own start in it:
+        the backend's ``mamba_inner_pair`` where it has one, on xz with both directions' affix tokens
+        (:meth:`_affixed`: (B, D_inner, L + affix steps), one copy of xz where each direction made its
+        own, one call), else its ``mamba_inner`` per direction, each cut to xz's steps (B, D_inner, L)."""
+        if self.backend.mamba_inner_pair is not None:
+            xz, first = self._affixed(xz, (FORWARD, BACKWARD))
             return self.backend.mamba_inner_pair(xz, *(self._inner_weights(d) for d in (FORWARD, BACKWARD)),
-                                                 keep_activations=self.keep_activations)
+                                                 keep_activations=self.keep_activations), first
         forward, backward = (self._fused_direction(xz, d, False, None) for d in (FORWARD, BACKWARD))
-        return forward + backward
+        return forward + backward, 0
 
     def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D_model) -> (B, L, D_model).
@@ -384,12 +393,15 @@ class Mamba(Mixer):
             if not self.bidirectional:
                 out = self._fused_direction(xz, FORWARD, project, self.out_proj.bias if project else None)
                 return out if project else call_channel_major(self.out_proj, out)
-            summed = self._fused_directions_summed(xz)
+            summed, first = self._fused_directions_summed(xz)
             scale = 0.5 if self.divide_out else 1.0  # the directions averaged (exact: a power of two)
             if project:
-                return project_channel_major(summed, self.out_proj.weight, self.out_proj.bias, scale,
-                                             self._frozen_out_operand(scale, gemm_dtype(summed)))
-            return call_channel_major(self.out_proj, summed, scale)
+                out = project_channel_major(summed, self.out_proj.weight, self.out_proj.bias, scale,
+                                            self._frozen_out_operand(scale, gemm_dtype(summed)))
+            else:
+                out = call_channel_major(self.out_proj, summed, scale)
+            # affix steps cut after out_proj (per token): the sum stays channel-major, as out_proj reads it
+            return steps_of(out, 1, first, xz.shape[-1])
         y = self._scan_direction(xz, FORWARD, state)
         if self.bidirectional:
             if state is not None:
@@ -537,32 +549,32 @@ def call_channel_major(module: nn.Module, y: torch.Tensor, scale: float = 1.0) -
     return out if out is not None else module((y * scale if scale != 1 else y).transpose(1, 2))
 
 
-def cat_steps(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
-    """(B, C, L1) and (B, C, L2) -> (B, C, L1 + L2) along time, stored channel-major as
+def cat_steps(*parts: torch.Tensor) -> torch.Tensor:
+    """(B, C, L1), (B, C, L2), ... -> (B, C, L1 + L2 + ...) along time, stored channel-major as
     :func:`linear_channel_major`'s output: what the fused function reads uncopied. (torch.cat's output
     is batch-major: the fused function then copied each direction's (B*L, D_inner) sequences and ran
     its GEMMs on a slower path, ~6 ms of a Vim-S affix step, one H200.)"""
-    return _CatSteps.apply(first, then)
+    return _CatSteps.apply(*parts)
 
 
 class _CatSteps(torch.autograd.Function):
-    """:func:`cat_steps` as two copies into the halves of one new tensor: torch.cat's kernel took 48 us
+    """:func:`cat_steps` as one copy a part into its steps of one new tensor: torch.cat's kernel took 48 us
     for a Vim-S block's xz and one affix step (19 MB: 0.8 TB/s, one H200); its backward, views of the
     gradient as cat's."""
 
     @staticmethod
-    def forward(ctx, first, then):
-        ctx.lengths = first.shape[-1], then.shape[-1]
-        batch, channels = first.shape[:2]
-        out = torch.empty(channels, batch, sum(ctx.lengths), dtype=torch.promote_types(first.dtype, then.dtype),
-                          device=first.device).transpose(0, 1)
-        out[..., :ctx.lengths[0]].copy_(first)
-        out[..., ctx.lengths[0]:].copy_(then)
+    def forward(ctx, *parts):
+        ctx.lengths = [part.shape[-1] for part in parts]
+        batch, channels = parts[0].shape[:2]
+        dtype = functools.reduce(torch.promote_types, (part.dtype for part in parts))
+        out = torch.empty(channels, batch, sum(ctx.lengths), dtype=dtype, device=parts[0].device).transpose(0, 1)
+        for part, steps in zip(parts, out.split(ctx.lengths, dim=-1)):
+            steps.copy_(part)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.narrow(-1, 0, ctx.lengths[0]), grad.narrow(-1, ctx.lengths[0], ctx.lengths[1])
+        return grad.split(ctx.lengths, dim=-1)
 
 
 def conv_step(conv: nn.Conv1d, x: torch.Tensor, state: MixerState, backend: ScanBackend) -> torch.Tensor:
