@@ -44,8 +44,13 @@ PEAK_BF16_FLOPS = {"H200": 989e12}
 TIMM_BASELINE = "timm-vit-s16+peft-lora"  # + GRAPHED: its whole training step replayed as one CUDA graph
 GRAPHED = "-graphed"
 # how the rows' steps are timed (the trainers': train/runner.py, train/language.py), written into the record
-STEP_TIMING = ("training steps queued back to back (four runs, the device waited for around each run), ours and "
-               "the baselines': our trainers wait for no step (a step's loss is read once the next is queued)")
+STEP_TIMING = ("training steps queued back to back (four runs, the device waited for around each run; the image rows' "
+               "of 25 steps after 10 untimed), ours and the baselines': our trainers wait for no step (a step's loss "
+               "is read once the next is queued)")
+# the image rows' steps, ours and timm's: untimed, then timed in four runs. Each run starts on an idle device
+# (its first step queued while the device waits), a start the trainer pays once: runs of 5 steps (20 in
+# all, before 2026-12-04) read ~1% slower than runs of 20 on the same tree (results/benchmarks/profile/step_ab.py)
+VISION_WARMUP, VISION_STEPS = 10, 100
 LANGUAGE_SHAPE = (4, 256)  # (micro-batch, tokens) of the language rows: the paper recipe's micro-batch
 
 
@@ -120,8 +125,8 @@ def _language_step(method: str, backbone: str, micro_batch: int, length: int, cu
     return model, result, backend, _train_step(model, optimizer, loss_fn, device)
 
 
-def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmup=5, steps=20,
-                        cuda_graphs=False) -> dict:
+def bench_vision_method(method: str, backbone="vim-s", batch=32, size=224, warmup=VISION_WARMUP,
+                        steps=VISION_STEPS, cuda_graphs=False) -> dict:
     """A training step at ``batch`` and an evaluation forward at the recipe's ``eval_batch_size``,
     each as the trainer and the evaluation run them (replayed as CUDA graphs with ``cuda_graphs``)."""
     model, result, backend, step = _vision_step(method, backbone, batch, size, cuda_graphs)
@@ -191,7 +196,7 @@ def peak_bf16_flops(device_label: str) -> float | None:
     return next((flops for model, flops in PEAK_BF16_FLOPS.items() if model in device_label), None)
 
 
-def bench_timm_vit_lora(batch=32, rank=8, warmup=5, steps=20, cuda_graphs=False) -> dict:
+def bench_timm_vit_lora(batch=32, rank=8, warmup=VISION_WARMUP, steps=VISION_STEPS, cuda_graphs=False) -> dict:
     """timm ViT-S/16 (the paper's comparison backbone) + peft LoRA on qkv, batch 32, 224x224, bf16
     autocast; ``cuda_graphs``: forward, backward and AdamW step replayed as one CUDA graph (static
     inputs), what a timm user gets from graph capture alone."""
