@@ -921,17 +921,20 @@ def test_one_update_on_a_frozen_out_proj_reads_its_channel_major_input_as_one_no
     assert out.is_contiguous()
 
 
-def test_a_vim_mixers_out_proj_lora_reads_the_summed_directions_as_one_node():
-    """LoRA(out_proj) on Vim's fused bidirectional mixer (dropout off: eval) runs as one node on the
-    directions' sum, its average folded in (no division); a hook on out_proj's LoRA calls it instead."""
-    model = _adapted("vision", "lora_out_proj")
+@pytest.mark.parametrize("method", ["lora_out_proj", "prodial_out"])
+def test_a_vim_mixers_out_proj_lora_reads_the_summed_directions_as_one_node(method):
+    """LoRA(out_proj) and ProDiaL(out_proj) on Vim's fused bidirectional mixer (dropout off: eval) run as
+    one node on the directions' sum, its average folded in (no division); a hook on the low-rank update's
+    down-projection calls the module instead."""
+    model = _adapted("vision", method)
     mixer = _mixers(model)[0]
     mixer.backend = FUSED_TORCH
     x = torch.randn(2, 7, mixer.d_model, requires_grad=True)
     out = mixer(x)
     (node, _), = out.grad_fn.next_functions  # (B*L, out) -> (B, L, out)
     assert type(node).__name__ == "_FrozenPlusLowRankBackward" and "DivBackward0" not in _graph_nodes(out)
-    mixer.out_proj.updates["full"].lora_down.register_forward_hook(lambda *args: None)
+    update = mixer.out_proj.low_rank if method == "prodial_out" else mixer.out_proj.updates["full"]
+    update.lora_down.register_forward_hook(lambda *args: None)
     assert "_FrozenPlusLowRankBackward" not in _graph_nodes(mixer(x))
 
 

@@ -467,39 +467,55 @@ def test_one_lora_update_on_a_frozen_projection_with_dropout_is_its_masks_linear
 
 
 @needs_kernels
-def test_one_lora_update_on_a_frozen_out_proj_with_dropout_reads_its_channel_major_input():
-    """LoraLinear.from_channel_major as one node on CUDA under bf16 autocast (Vim-S's out_proj: 768 -> 384,
-    rank 96, the directions' sum halved), dropout 0.1 drawn from a seed over y's columns: output and
-    gradients against the module's formula on y/2 times the kernel's mask, y's gradient channel-major."""
+@pytest.mark.parametrize("kind", ["lora", "prodial"])
+def test_one_low_rank_update_on_out_proj_with_dropout_reads_its_channel_major_input(kind):
+    """LoraLinear.from_channel_major (a frozen weight) and ProdialLinear's (s W D_b, trained: its gradient
+    computed by the node) as one node on CUDA under bf16 autocast (Vim-S's out_proj: 768 -> 384, rank 96,
+    the directions' sum halved), dropout 0.1 drawn from a seed over y's columns: output and gradients
+    against the module's formula on y/2 times the kernel's mask, y's gradient channel-major."""
     from mambapeft.models.dropout_triton import seeded_dropout
     from mambapeft.models.mamba import call_channel_major
     from mambapeft.peft.lora import LoraLinear, LoraSpec, LowRankUpdate
+    from mambapeft.peft.prodial import ProdialLinear, ProdialSpec
 
     torch.manual_seed(0)
-    module = LoraLinear(torch.nn.Linear(768, 384)).cuda()
-    module.base.requires_grad_(False)
-    update = LowRankUpdate(768, (0, 384), LoraSpec(targets=("out_proj",), rank=96, scale=0.1, dropout=0.1),
-                           module.base.weight)
+    base = torch.nn.Linear(768, 384).cuda().requires_grad_(False)
+    if kind == "lora":
+        module = LoraLinear(base)
+        update = LowRankUpdate(768, (0, 384), LoraSpec(targets=("out_proj",), rank=96, scale=0.1, dropout=0.1),
+                               base.weight)
+        module.add("full", update, "out_proj")
+        diagonal = []  # the weight is W
+    else:
+        module = ProdialLinear(base, ProdialSpec(rank=96, scale=0.1, dropout=0.1))
+        update = module.low_rank
+        with torch.no_grad():
+            module.blocks.normal_(0, 0.1)
+            module.row_scale.normal_(1, 0.1)
+        diagonal = [module.blocks, module.row_scale]  # the weight is s W (1 + R), blocks of 1
     torch.nn.init.normal_(update.lora_up.weight)
-    module.add("full", update, "out_proj")
     stored = torch.randn(768, 32, 197, device="cuda").to(torch.bfloat16).requires_grad_()  # (in, B, L)
     state = torch.cuda.get_rng_state()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = call_channel_major(module, stored.transpose(0, 1), 0.5)  # (B, L, out)
+    (node, _), = out.grad_fn.next_functions
+    assert type(node).__name__ == "_FrozenPlusLowRankBackward"
     grad = torch.randn_like(out)
     out.backward(grad)
     torch.cuda.set_rng_state(state)  # the same seed draw, for the reference's mask over the columns
     mask = seeded_dropout(torch.ones_like(stored), torch.randint(2**31 - 1, (1,), device="cuda"), 0.1) != 0
-    leaves = [t.detach().float().requires_grad_() for t in (stored, update.lora_down.weight, update.lora_up.weight)]
-    y32, down, up = leaves
+    trained = (stored, update.lora_down.weight, update.lora_up.weight, *diagonal)
+    leaves = [t.detach().float().requires_grad_() for t in trained]
+    y32, down, up = leaves[:3]
+    weight = base.weight if kind == "lora" else leaves[4][:, None] * base.weight * (1 + leaves[3].view(1, -1))
     x = (y32 / 2).permute(1, 2, 0)  # (B, L, in)
     low = torch.where(mask.permute(1, 2, 0), x / 0.9, 0.0) @ down.bfloat16().float().t()
-    expected = x @ module.base.weight.bfloat16().float().t() + module.base.bias.bfloat16().float() + 0.1 * low @ up.t()
+    expected = x @ weight.bfloat16().float().t() + base.bias.bfloat16().float() + 0.1 * low @ up.t()
     expected.backward(grad.float())
     assert out.is_contiguous() and stored.grad.is_contiguous()
     assert rel(out, expected) <= 1e-2
-    for ours, reference in zip((stored.grad, update.lora_down.weight.grad, update.lora_up.weight.grad), leaves):
-        assert rel(ours, reference.grad) <= 1e-2
+    for ours, reference in zip(trained, leaves):
+        assert rel(ours.grad, reference.grad) <= 1e-2
 
 
 @needs_kernels

@@ -32,6 +32,24 @@ def test_the_forward_is_the_scaled_block_diagonal_weight_plus_the_low_rank_updat
         torch.testing.assert_close(wrapper.weight, expected)  # the merged weight: what folding would store
 
 
+def _assert_the_modules_call(wrapper: ProdialLinear, leaf: torch.Tensor, ours, call, grad: torch.Tensor):
+    """``ours`` and the module's ``call`` give the same output and gradients (the input ``leaf``, D_b's
+    blocks, s, B and A): the output of ``ours``."""
+    results = []
+    for run in (ours, call):
+        out = run()
+        out.backward(grad)
+        results.append((out, [t.grad for t in (leaf, *wrapper.parameters()) if t.requires_grad]))
+        leaf.grad = None
+        wrapper.zero_grad(set_to_none=True)
+    (out, grads), (reference, reference_grads) = results
+    torch.testing.assert_close(out, reference)
+    assert len(grads) == 5 and all(g is not None for g in grads)
+    for ours_grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(ours_grad, expected)
+    return out
+
+
 @pytest.mark.parametrize("block_size", [1, 2])
 def test_in_projs_channel_major_output_is_the_modules_call(block_size):
     """ProDiaL on in_proj through linear_channel_major: its own (out, N) output, s W D_b's GEMM accumulating
@@ -42,22 +60,39 @@ def test_in_projs_channel_major_output_is_the_modules_call(block_size):
     wrapper = _trained_looking(nn.Linear(8, 6), block_size)
     wrapper.base.requires_grad_(False)
     x = torch.randn(3, 5, 8, requires_grad=True)
-    grad = torch.randn(3, 6, 5)
-    results = []
-    for run in (lambda: linear_channel_major(wrapper, x), lambda: wrapper(x).transpose(1, 2)):
-        out = run()
-        out.backward(grad)
-        results.append((out.detach(), [t.grad for t in (x, *wrapper.parameters()) if t.requires_grad]))
-        x.grad = None
-        wrapper.zero_grad(set_to_none=True)
-    (out, grads), (reference, reference_grads) = results
-    torch.testing.assert_close(out, reference)
-    assert len(grads) == 5  # x, blocks, row_scale, B, A
-    for ours, expected in zip(grads, reference_grads):
-        torch.testing.assert_close(ours, expected)
+    _assert_the_modules_call(wrapper, x, lambda: linear_channel_major(wrapper, x),
+                             lambda: wrapper(x).transpose(1, 2), torch.randn(3, 6, 5))
     assert wrapper.channel_major(x) is not None
     wrapper.low_rank.lora_up.register_forward_hook(lambda *args: None)
     assert wrapper.channel_major(x) is None
+
+
+@pytest.mark.parametrize("block_size,bias,scale", [(1, False, 0.5), (2, True, 1.0)])
+def test_out_proj_on_a_channel_major_input_is_one_node_with_the_scaled_weights_gradient(block_size, bias, scale):
+    """ProDiaL on out_proj through call_channel_major (Vim: the directions' sum, scale 1/2): one node on y's
+    columns whose output and gradients (y, D_b's blocks, s, B, A) are the module's call on (y * scale)'s
+    transpose; a trainable bias, dropout the CPU cannot draw from a seed, or a hook: the module is called."""
+    from mambapeft.models.mamba import call_channel_major
+
+    torch.manual_seed(0)
+    wrapper = _trained_looking(nn.Linear(8, 6, bias=bias), block_size)
+    wrapper.base.requires_grad_(False)
+    stored = torch.randn(8, 3, 5, requires_grad=True)  # (in, B, L): y channel-major
+    y = stored.transpose(0, 1)
+    out = _assert_the_modules_call(wrapper, stored, lambda: call_channel_major(wrapper, y, scale),
+                                   lambda: wrapper((y * scale).transpose(1, 2)), torch.randn(3, 5, 6))
+    (node, _), = out.grad_fn.next_functions  # (B*L, out) -> (B, L, out)
+    assert type(node).__name__ == "_FrozenPlusLowRankBackward" and out.is_contiguous()
+    steps_aside = []
+    if bias:
+        wrapper.base.bias.requires_grad_(True)
+        steps_aside.append(wrapper.from_channel_major(y, scale))
+        wrapper.base.bias.requires_grad_(False)
+    wrapper.low_rank.dropout.p = 0.1
+    steps_aside.append(wrapper.train().from_channel_major(y, scale))
+    wrapper.eval().low_rank.lora_down.register_forward_hook(lambda *args: None)
+    steps_aside.append(wrapper.from_channel_major(y, scale))
+    assert steps_aside == [None] * len(steps_aside)
 
 
 def test_both_proj_on_mamba_130m_counts_lora_plus_the_diagonal_and_the_scales():

@@ -281,13 +281,9 @@ class LoraLinear(nn.Module):
         ~60 us a layer's backward at Vim-S) and the update's add; else None (the module is called)."""
         if not self._called_as_written():
             return None
-        columns = y.transpose(0, 1).reshape(y.shape[1], -1)  # (in, B*L): a view where y is channel-major
+        columns = columns_of(y)
         sole = self._sole_update_on_frozen_base(columns)
-        if sole is None:
-            return None
-        out = _FrozenPlusLowRank.apply(columns, self.base.weight, self.base.bias, sole.lora_down.weight,
-                                       sole.lora_up.weight, sole.scale, sole.dropout_p, sole.rows[0], True, scale)
-        return out.unflatten(0, (y.shape[0], y.shape[2]))
+        return None if sole is None else update_on_columns(y, columns, self.base.weight, self.base.bias, sole, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
@@ -312,9 +308,10 @@ class _FrozenPlusLowRank(torch.autograd.Function):
     ``input_scale``, which is folded into the frozen GEMM's operand and up's scale (Vim's 1/2: exact).
 
     Shapes: x (N, in) (autograd keeps it, rebuilt from a norm's saves where models/rebuild.py applies),
-    weight (out, in), bias (out,) or None, both frozen; down (r, in), up (rows, r), rows [start, start +
-    rows) of the output; p: the dropout rate (0: none; else drawn from a seed: CUDA, Triton), its mask
-    drawn over x as stored."""
+    weight (out, in): frozen, or a function of trained tensors whose gradient is then returned (ProDiaL's
+    s W D_b: one GEMM more in the backward), bias (out,) or None, frozen; down (r, in), up (rows, r), rows
+    [start, start + rows) of the output; p: the dropout rate (0: none; else drawn from a seed: CUDA,
+    Triton), its mask drawn over x as stored."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -336,6 +333,7 @@ class _FrozenPlusLowRank(torch.autograd.Function):
             out[start:stop].addmm_(up_scaled, low.t())
         ctx.save_for_backward(x, weight, down, up_scaled, low, seed)
         ctx.p, ctx.start, ctx.scale, ctx.down_dtype, ctx.up_dtype = p, start, scale * input_scale, down_dtype, up.dtype
+        ctx.weight_dtype = weight.dtype
         ctx.columns, ctx.input_scale = columns, input_scale
         return out
 
@@ -343,10 +341,13 @@ class _FrozenPlusLowRank(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         x, weight, down, up_scaled, low, seed = ctx.saved_tensors
-        want_x, _, _, want_down, want_up = ctx.needs_input_grad[:5]
+        want_x, want_weight, _, want_down, want_up = ctx.needs_input_grad[:5]
         columns, stop = ctx.columns, ctx.start + up_scaled.shape[0]
         block = grad[:, ctx.start:stop].t() if columns else grad[ctx.start:stop]  # (rows, N)
-        dx = ddown = dup = None
+        dx = dweight = ddown = dup = None
+        if want_weight:  # (out, N) @ (N, in), times the input's scale the operand took
+            dweight = weight_gradient(grad.t() if columns else grad, _as_rows(x, columns).to(grad.dtype),
+                                      ctx.weight_dtype, ctx.input_scale)
         if want_up:  # through the scale in up's dtype, as autograd takes it back through s up
             dup = weight_gradient(block, low, ctx.up_dtype, ctx.scale)
         dlow = block.t() @ up_scaled if want_x or want_down else None  # (N, r)
@@ -363,7 +364,24 @@ class _FrozenPlusLowRank(torch.autograd.Function):
             if dropped is None:
                 dropped = seeded_dropout(x, seed, ctx.p, grad.dtype) if ctx.p else x.to(grad.dtype)
             ddown = weight_gradient(dlow.t(), _as_rows(dropped, columns), ctx.down_dtype)
-        return dx, None, None, ddown, dup, None, None, None, None, None
+        return dx, dweight, None, ddown, dup, None, None, None, None, None
+
+
+def columns_of(y: torch.Tensor) -> torch.Tensor:
+    """y (B, in, L) stored channel-major ((in, B, L), as the fused mixer function writes it) as (in, B*L)
+    columns: a view."""
+    return y.transpose(0, 1).reshape(y.shape[1], -1)
+
+
+def update_on_columns(y: torch.Tensor, columns: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      update: LowRankUpdate, scale: float) -> torch.Tensor:
+    """A Linear of ``weight`` and ``bias`` plus ``update`` (activation style, read as its weights: the
+    caller checks :meth:`LowRankUpdate.reads_as_weights` on ``columns``) on (y * scale)'s transpose, y (B,
+    in, L) channel-major and ``columns`` its :func:`columns_of`: (B, L, out), one :class:`_FrozenPlusLowRank`
+    node on the columns (``from_channel_major``: LoRA's on a frozen Linear, ProDiaL's on s W D_b)."""
+    out = _FrozenPlusLowRank.apply(columns, weight, bias, update.lora_down.weight, update.lora_up.weight,
+                                   update.scale, update.dropout_p, update.rows[0], True, scale)
+    return out.unflatten(0, (y.shape[0], y.shape[2]))
 
 
 def _as_rows(t: torch.Tensor, columns: bool) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.mamba import plain, unhooked
-from .lora import LoraSpec, LowRankUpdate, updated_columns
+from .lora import LoraSpec, LowRankUpdate, columns_of, update_on_columns, updated_columns
 from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
 from .targets import find_modules, fold_wrappers, plain_linear, replace_module
 
@@ -95,15 +95,34 @@ class ProdialLinear(nn.Module):
         """A plain Linear with :attr:`weight` and the base's bias (``mambapeft merge``)."""
         return plain_linear(self.base, self.weight, self.base.bias)
 
+    def _called_as_written(self) -> bool:
+        """Nothing hooked on this module, its base or its update, and both plain: a call computes what
+        :meth:`forward` says."""
+        parts = (self, self.base, self.low_rank, *self.low_rank.children())
+        return plain(self, ProdialLinear) and plain(self.base, nn.Linear) and all(map(unhooked, parts))
+
     def channel_major(self, x: torch.Tensor) -> torch.Tensor | None:
         """This module on x (..., in) as (out, N), N = x.numel() // in, for models/mamba.py's
         ``linear_channel_major`` (in_proj): s W D_b's GEMM accumulating onto B A's update in place
         (``lora.updated_columns``), in place of the token-major output, the add and a transposed copy.
         None where anything on it is hooked or wrapped (then it is called)."""
-        parts = (self, self.base, self.low_rank, *self.low_rank.children())
-        if not (plain(self, ProdialLinear) and plain(self.base, nn.Linear) and all(map(unhooked, parts))):
+        if not self._called_as_written():
             return None
         return updated_columns(x, self.scaled_weight(), self.base.bias, [self.low_rank])
+
+    def from_channel_major(self, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor | None:
+        """This module on (y * scale)'s transpose, y (B, in, L) channel-major, as (B, L, out), for
+        models/mamba.py's ``call_channel_major`` (out_proj): one node on y's columns computing s W D_b's
+        gradient with B A's (``lora.update_on_columns``), in place of the scaled copy of y, PyTorch's dropout
+        on its transposed view (its mask kept) and the update's add. None where anything on it is hooked
+        or wrapped, the bias trains, or the dropout cannot be drawn from a seed on y (the CPU): then it is
+        called."""
+        columns = columns_of(y)
+        bias = self.base.bias
+        if (not self._called_as_written() or not self.low_rank.reads_as_weights(columns)
+                or (bias is not None and bias.requires_grad)):
+            return None
+        return update_on_columns(y, columns, self.scaled_weight(), bias, self.low_rank, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
