@@ -59,7 +59,8 @@ class PatchEmbed(nn.Module):
 
     On a GPU the same map runs as one GEMM over the cut-out patches (:func:`patch_projection`) wherever
     reading ``proj``'s parameters stands for calling it: cuDNN runs this 3-channel, stride-p conv with a
-    kernel that does not use the tensor cores (0.21 ms a Vim-S step of 32 images on one H200, README).
+    kernel that does not use the tensor cores (0.21 ms a Vim-S step of 32 images on one H200,
+    results/benchmarks/HISTORY.md).
     The CPU keeps the conv (its results unchanged)."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int):

@@ -302,7 +302,7 @@ class _FrozenPlusLowRank(torch.autograd.Function):
     update's rows of the output's gradient; x's (N, in) written contiguous, not transposed and copied),
     the dropout's mask drawn again from its seed with x's gradient added in the same pass. (Autograd's
     graph of the same padded the update to all rows, had the frozen GEMM read that back, and copied
-    x's gradient twice: six kernels a layer more at Vim-S LoRAp(X); the README has the step times.)
+    x's gradient twice: six kernels a layer more at Vim-S LoRAp(X); results/benchmarks/HISTORY.md has the step times.)
     With ``columns`` (:meth:`LoraLinear.from_channel_major`) the same transposed: x given as (in, N)
     columns, the output (N, out) token-major, x's gradient (in, N); the module called on x times
     ``input_scale``, which is folded into the frozen GEMM's operand and up's scale (Vim's 1/2: exact).

@@ -80,7 +80,7 @@ def _staged(loss: torch.Tensor) -> torch.Tensor | _Staged:
     """A CUDA ``loss`` copied to host memory by a copy queued now, right behind the step that computed
     it, with the event that marks the copy done. ``float(loss)`` later would queue its copy behind every
     step queued since and wait for them all, the device then idle until the host queues the next: a
-    graphed Vim-S LoRAp(X) step on one H200 sat 2.4 ms a step idle so (README, GPU machines)."""
+    graphed Vim-S LoRAp(X) step on one H200 sat 2.4 ms a step idle so (results/benchmarks/HISTORY.md)."""
     if loss.device.type != "cuda":
         return loss
     host = torch.empty((), dtype=loss.dtype, pin_memory=True).copy_(loss, non_blocking=True)

@@ -65,7 +65,8 @@ class VisionTask:
         """Replay training steps' forward and backward as CUDA graphs from now on: full batches, and the
         epoch's last where the training set is not a multiple of the batch (VTAB-1k's 1,000 images in
         batches of 32 end each epoch on 8). That step, run eagerly, is host-bound: Vim-S LoRAp(X) on one
-        H200 trained at 22.9-23.9 ms a step with it eager, 21.2-21.6 with it graphed (README, GPU machines)."""
+        H200 trained at 22.9-23.9 ms a step with it eager, 21.2-21.6 with it graphed
+        (results/benchmarks/HISTORY.md)."""
         height, width = self.train_set.images.shape[1:3]
         sizes = dict.fromkeys((self.batch_size, self.n_train % self.batch_size or self.batch_size))  # one where it divides
         self.graphed = GraphedForward(model, [(size, 3, height, width) for size in sizes], self.device)
