@@ -1,6 +1,7 @@
 """`bench train`'s rows beside the measured steps: model FLOP utilisation of the LM rows, the timm
 ViT-S baselines (eager and graphed) and their ratios; the timm steps themselves on a GPU."""
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -90,3 +91,63 @@ def test_language_rows_report_model_flop_utilisation_on_an_h200():
         assert 0 < row["mfu"] < 1
     else:
         assert "mfu" not in row
+
+
+def _record_with_a_failed_row() -> dict:
+    vision = {"sdt": {"step_s": 0.03, "images_per_s": 1066.7, "eval_images_per_s": 5000.0},
+              "full": {"step_s": 0.02, "images_per_s": 1600.0, "eval_images_per_s": 7000.0},
+              "broken": {"error": "out of memory"}}
+    return {"device": "NVIDIA H200", "torch": "2.11", "cuda_graphs": True, "vision": vision, "language": {},
+            "baselines": {TIMM_BASELINE: {"step_s": 0.03, "images_per_s": 1100.0},
+                          TIMM_BASELINE + GRAPHED: {"skipped": "needs timm and a CUDA device"},
+                          "hf-mamba+peft-lora:mamba-1.4b": {"step_s": 0.4, "tokens_per_s": 20480.0}},
+            "projection": project_vtab_hours(vision)}
+
+
+def test_bench_plot_draws_a_records_image_rows_fastest_first_without_the_failed_one(tmp_path, capsys):
+    """`mambapeft bench plot`: the record's measured image rows as bars, fastest first, coloured by whether
+    vision/paper.yaml publishes them, a failed row left out, the image baselines measured as lines; the
+    PNG beside the record unless --out says where."""
+    from mambapeft.bench.figure import image_baselines, vision_rows
+    from mambapeft.cli import main
+
+    report = _record_with_a_failed_row()
+    assert vision_rows(report) == [("full", 1600.0, True), ("sdt", 1066.7, False)]
+    assert image_baselines(report) == {TIMM_BASELINE: 1100.0}
+    record = tmp_path / "NVIDIA_H200-cuda_graphs.json"
+    record.write_text(json.dumps(report))
+    assert main(["bench", "plot", str(record)]) == 0
+    assert capsys.readouterr().out.strip() == str(record.with_suffix(".png"))
+    assert record.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["bench", "plot", str(record), "--out", str(tmp_path / "elsewhere.png")]) == 0
+    assert (tmp_path / "elsewhere.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("contents", ["{not json", '{"vision": {"full": {"error": "out of memory"}}}', "[1, 2]"])
+def test_bench_plot_says_in_one_line_what_is_wrong_with_a_record(tmp_path, capsys, contents):
+    from mambapeft.cli import main
+
+    record = tmp_path / "record.json"
+    record.write_text(contents)
+    assert main(["-q", "bench", "plot", str(record)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mambapeft: error:") and str(record) in error and "\n" not in error
+    assert "bench train" in error and not record.with_suffix(".png").exists()
+
+
+def test_bench_train_draws_its_image_rows_beside_the_record_as_it_goes(tmp_path, monkeypatch):
+    """run_benchmarks writes <device>.png with the .json and .md after each image row (an interrupted run
+    keeps its picture too); the rows here stand in for the GPU's."""
+    import mambapeft.bench.train as bench_train
+
+    rates = iter([1066.7, 1600.0])  # sdt, then full: drawn fastest first
+    monkeypatch.setattr(bench_train, "bench_vision_method",
+                        lambda method, *args, **kwargs: {"step_s": 32 / (rate := next(rates)), "images_per_s": rate,
+                                                         "eval_images_per_s": 5000.0})
+    written = []
+    monkeypatch.setattr(bench_train, "draw_throughput", lambda report, path, backbone: written.append(
+        (path.name, [method for method, *_ in bench_train.vision_rows(report)])))
+    bench_train.run_benchmarks(tmp_path, language_backbones=(), vision_methods=["sdt", "full"], baselines=False,
+                               device="cpu")
+    assert written == [("cpu.png", ["sdt"]), ("cpu.png", ["full", "sdt"])]
+    assert {p.name for p in tmp_path.iterdir()} == {"cpu.json", "cpu.md"}  # the figure's writer is stood in for

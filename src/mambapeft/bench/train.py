@@ -30,6 +30,7 @@ from ..runtime import autocast_for, device_name
 from ..train.language import GraphedLoss, next_token_targets, token_loss_sum
 from ..train.optim import build_optimizer
 from .common import error_row, provenance, provenance_line, release_memory, timed_calls, timed_queued_calls
+from .figure import draw_throughput, vision_rows
 
 log = logging.getLogger("mambapeft.bench")
 
@@ -249,7 +250,8 @@ def _guarded(fn, *args, **kwargs) -> dict:
 def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("mamba-130m", "mamba-1.4b"),
                    vision_methods=None, language_methods=None, baselines=True, cuda_graphs=False,
                    language_shape=LANGUAGE_SHAPE, warmup_steps=(3, 10), device: str = "cuda") -> dict:
-    """Every row, written out after each one: an interrupted run keeps what it measured.
+    """Every row, written out after each one (<device>.json, .md, and .png: the image rows as bars,
+    bench/figure.py): an interrupted run keeps what it measured.
     ``cuda_graphs``: training steps as the trainer runs them with the runtime key ``cuda_graphs``.
     Methods None: every method of the domain's methods.yaml (an empty list: none, and for vision
     no timm baseline). ``language_shape``: (micro-batch, sequence length); ``warmup_steps``: the
@@ -271,6 +273,8 @@ def run_benchmarks(out_dir: Path, vision_backbone="vim-s", language_backbones=("
         report["projection"] = project_vtab_hours(report["vision"])
         write_json_atomic(out_dir / f"{slug}.json", report)
         write_text_atomic(out_dir / f"{slug}.md", markdown(report))
+        if vision_rows(report):
+            draw_throughput(report, out_dir / f"{slug}.png", vision_backbone)
 
     for method in vision_methods:
         log.info("vision %s %s", vision_backbone, method)

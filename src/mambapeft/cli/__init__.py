@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES = (data, backbone, run, merge, report, search, dt_init, lengt
 
 def _user_errors() -> tuple[type, ...]:
     """Exceptions that mean bad input (config, data, checkpoint, method): message, no traceback."""
+    from ..bench.figure import BenchRecordError
     from ..data.errors import DataError
     from ..gpus import GpuAllocationError
     from ..io import CorruptFileError, DiskFullError
@@ -35,7 +36,7 @@ def _user_errors() -> tuple[type, ...]:
     from ..setup_gpu import SetupError
 
     return (ConfigError, DataError, CheckpointError, PeftConfigError, ResultsError, SetupError, GpuAllocationError,
-            FileNotFoundError, CorruptFileError, DiskFullError)
+            FileNotFoundError, CorruptFileError, DiskFullError, BenchRecordError)
 
 
 def build_parser() -> argparse.ArgumentParser:

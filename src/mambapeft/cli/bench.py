@@ -12,6 +12,7 @@ def add_parsers(subparsers) -> None:
     _add_scan(bench)
     _add_scan_kernels(bench)
     _add_train(bench)
+    _add_plot(bench)
     _add_generate(bench)
     _add_data(bench)
     _add_profile(bench)
@@ -118,7 +119,8 @@ def cmd_bench_scan_kernels(args) -> None:
 
 def _add_train(bench) -> None:
     p = bench.add_parser("train", help="GPU training-step throughput of every method and of the baselines")
-    p.add_argument("--out", default="results/benchmarks", help="folder for <device>.json and <device>.md")
+    p.add_argument("--out", default="results/benchmarks", help="folder for <device>.json, <device>.md and <device>.png "
+                   "(the image rows as bars: `bench plot`)")
     p.add_argument("--vision-backbone", default="vim-s", help="vim-* variant, batch 32 at 224x224 (training) and the "
                    "recipe's eval batch (evaluation forward)")
     p.add_argument("--language-backbones", nargs="+", default=["mamba-130m", "mamba-1.4b"],
@@ -143,6 +145,26 @@ def cmd_bench_train(args) -> None:
                             baselines=not args.no_baselines, cuda_graphs=args.cuda_graphs,
                             language_shape=(args.micro_batch or LANGUAGE_SHAPE[0], LANGUAGE_SHAPE[1]))
     print(json.dumps(report["projection"], indent=1))
+
+
+def _add_plot(bench) -> None:
+    p = bench.add_parser("plot", help="draw a bench train record's image rows as a bar chart (PNG)",
+                         description="Reads the .json that `mambapeft bench train` wrote and draws its Vim rows' "
+                         "training throughput as bars, fastest first (the rows vision/paper.yaml publishes and the "
+                         "newer ones in two colours), with the timm baselines as lines: the picture `bench train` "
+                         "writes beside its record, for a record written before it did. No GPU needed.")
+    p.add_argument("record", type=Path, help="a bench train record, e.g. "
+                   "results/benchmarks/train_mb32/NVIDIA_H200-cuda_graphs.json")
+    p.add_argument("--out", type=Path, help="the PNG to write (default: the record's path with .png)")
+    p.set_defaults(func=cmd_bench_plot)
+
+
+def cmd_bench_plot(args) -> None:
+    from ..bench.figure import draw_throughput, read_train_record
+
+    out = args.out or args.record.with_suffix(".png")
+    draw_throughput(read_train_record(args.record), out)
+    print(out)
 
 
 def _comma_list(kind: type):
