@@ -61,13 +61,15 @@ def draw_throughput(report: dict, path: Path, backbone: str = "vim-s") -> None:
     for (name, rate), style in zip(image_baselines(report).items(), ("--", ":", "-.")):
         ax.axvline(rate, color="black", linestyle=style, linewidth=1, label=f"{name}: {rate:,.0f} img/s")
     handles, _ = ax.get_legend_handles_labels()
-    handles += [Patch(color=PAPER, label="rows the paper publishes"), Patch(color=NEWER, label="newer rows")]
+    groups = {paper for *_, paper in rows}  # a legend entry for each colour drawn
+    handles += [Patch(color=PAPER, label="rows the paper publishes")] * (True in groups)
+    handles += [Patch(color=NEWER, label="newer rows")] * (False in groups)
     ax.set_xlabel("training images a second (higher is faster)")
     graphs = ", steps as CUDA graphs" if report.get("cuda_graphs") else ""
     source = report.get("provenance", {}).get("source_sha256", "")[:16]
     ax.set_title(f"{backbone} training step, {report.get('device', '?')}{graphs}"
                  + (f"\nsource {source}" if source else ""), fontsize=9)
-    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # right of the bars
     ax.grid(axis="x", alpha=0.3)
     with atomic_path(path) as temporary:
         fig.savefig(temporary, format="png", dpi=150, bbox_inches="tight")
