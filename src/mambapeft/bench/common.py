@@ -20,6 +20,11 @@ CODE_SUFFIXES = (".py", ".cu", ".cuh")  # the package's code: Python and the ker
 DOMAIN_FOLDERS = ("vision", "language")  # their YAML files define the methods and backbones a row runs
 
 
+class BenchRecordError(ValueError):
+    """A file that is not a ``bench train`` record with measured image rows (``mambapeft bench plot``); the
+    message names it. Here, not beside the figure: the CLI catches it without importing matplotlib."""
+
+
 def source_digest(package: Path = PACKAGE, root: Path | None = None) -> str:
     """sha256 over what a benchmark's numbers depend on in this repository: the package's code files
     and the YAML files of ``root``'s vision/ and language/ (default: :func:`~mambapeft.runspec.repo_root`),

@@ -13,12 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from ..io import atomic_path  # noqa: E402
+from .common import BenchRecordError  # noqa: E402
 
 PAPER, NEWER = "tab:blue", "tab:orange"  # the rows vision/paper.yaml publishes, and the others
-
-
-class BenchRecordError(ValueError):
-    """A file that is not a ``bench train`` record with measured image rows; the message names it."""
 
 
 def read_train_record(path: Path) -> dict:

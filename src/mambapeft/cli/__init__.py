@@ -26,7 +26,7 @@ SUBCOMMAND_MODULES = (data, backbone, run, merge, report, search, dt_init, lengt
 
 def _user_errors() -> tuple[type, ...]:
     """Exceptions that mean bad input (config, data, checkpoint, method): message, no traceback."""
-    from ..bench.figure import BenchRecordError
+    from ..bench.common import BenchRecordError
     from ..data.errors import DataError
     from ..gpus import GpuAllocationError
     from ..io import CorruptFileError, DiskFullError
