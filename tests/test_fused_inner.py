@@ -150,6 +150,38 @@ def test_the_channel_major_projection_scales_and_casts_its_frozen_weight_once():
     torch.testing.assert_close(dy, (dout @ (weight * 0.5).bfloat16()).transpose(1, 2))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_trained_fp32_weight_on_columns_gets_autocasts_output_and_gradients(bias):
+    """scan._LinearOnColumns (what linear_on_columns runs for a trained fp32 weight on CUDA under bf16
+    autocast), here on the CPU: autocast's output and gradients, the weight's as the cast product of the
+    bf16 GEMM (on the CPU there is no GEMM writing fp32; tests/test_gpu_step.py checks the GPU's); the
+    weight's copy in bf16 made once, not again in the backward."""
+    from mambapeft.models.scan import _LinearOnColumns
+
+    torch.manual_seed(0)
+    weight = torch.randn(12, 8, requires_grad=True)
+    b = torch.randn(12, requires_grad=True) if bias else None
+    x = torch.randn(10, 8, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(12, 10, dtype=torch.bfloat16)
+    leaves = [t for t in (weight, b, x) if t is not None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _LinearOnColumns.apply(weight, b, x.t(), torch.bfloat16)
+        with OpNames() as backward_calls:
+            grads = torch.autograd.grad(out, leaves, dout)
+        reference = weight @ x.t() if b is None else torch.addmm(b[:, None], weight, x.t())
+        expected = torch.autograd.grad(reference, leaves, dout)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    assert backward_calls.names.count("_to_copy") == 1  # the product's cast; the weight's bf16 copy is kept
+    (dweight, *dbias, dx), (want_dweight, *want_dbias, want_dx) = grads, expected
+    assert dweight.dtype == torch.float32 and dx.dtype == torch.bfloat16
+    torch.testing.assert_close(dweight, want_dweight, rtol=0, atol=0)
+    torch.testing.assert_close(dx, want_dx, rtol=0, atol=0)
+    assert dx.is_contiguous()  # the rows' layout, as autograd's mm gives it
+    if bias:  # summed in fp32, where autograd sums in bf16 and casts
+        torch.testing.assert_close(dbias[0], dout.float().sum(1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dbias[0], want_dbias[0], rtol=1e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_a_hook_or_wrapper_between_in_proj_and_out_proj_keeps_the_unfused_chain(bidirectional):
     """Any direction's module: a hook on the backward scan's x_proj or a wrapped conv1d_b counts too.

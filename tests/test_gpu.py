@@ -393,6 +393,27 @@ def test_lora_in_proj_keeps_neither_the_normed_input_nor_a_dropout_mask(monkeypa
 
 
 @needs_kernels
+@pytest.mark.parametrize("method", ["dora_in_proj", "lora_in_proj"])
+def test_an_eager_training_step_keeps_nothing_after_it(method):
+    """Eager steps of an LM on the CUDA kernels (the norm fused, its output rebuilt where saved) leave the
+    same memory allocated after each: DoRA's column norms, detached in the forward, once kept a cycle
+    through the rebuild's save hook holding each step's graph (models/rebuild.py: ~290 MiB a Vim-S step)."""
+    torch.manual_seed(0)
+    model = build_model("mamba-mini", vocab_size=64).cuda().train()
+    set_backend(model, CUDA_BACKEND)
+    apply_peft(model, method_definition("language", method, "mamba-mini", None)["peft"], method)
+    ids = torch.randint(0, 64, (8, 128), device="cuda")
+    allocated = []
+    for _ in range(4):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids).float().logsumexp(-1).mean().backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+    assert allocated[1] == allocated[2] == allocated[3], allocated
+
+
+@needs_kernels
 def test_lora_dropout_on_cuda_trains_as_its_mask_says_and_a_hook_keeps_the_module_calls():
     """LowRankUpdate.down on CUDA under bf16 autocast: dropout_linear against F.linear on x times the
     kernel's mask (output and gradients, one bf16 step); with a hook on lora_down, the modules run."""

@@ -184,6 +184,36 @@ def test_a_weight_gradient_is_written_in_fp32_by_its_gemm():
 
 
 @needs_kernels
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_trained_fp32_linear_on_columns_gets_its_weights_gradient_from_one_fp32_gemm(bias):
+    """scan.linear_on_columns as full fine-tuning's in_proj runs it (Vim-S's shape, bf16 autocast): the
+    weight's gradient written in fp32 by the GEMM (no bf16 product cast after), with the sums of the fp32
+    product of the bf16 operands; the output and the columns' and bias's gradients as autocast's."""
+    from mixer_helpers import OpNames
+
+    from mambapeft.models.scan import linear_on_columns
+
+    torch.manual_seed(0)
+    weight = torch.randn(1536, 384, device="cuda", requires_grad=True)
+    b = torch.randn(1536, device="cuda", requires_grad=True) if bias else None
+    x = torch.randn(6304, 384, device="cuda").bfloat16().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = linear_on_columns(weight, b, x.t())
+    dout = torch.randn_like(out)
+    with OpNames() as ops:
+        out.backward(dout)
+    assert out.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    assert ops.names.count("mm") == 2 and "_to_copy" not in ops.names, ops.names
+    assert rel(weight.grad, dout.float() @ x.float()) < 1e-5
+    expected_out = weight.bfloat16().float() @ x.float().t() + (b.bfloat16().float()[:, None] if bias else 0)
+    assert rel(out.float(), expected_out) < BF16_ROUNDING
+    assert rel(x.grad.float(), (weight.bfloat16().float().t() @ dout.float()).t()) < BF16_ROUNDING
+    assert x.grad.is_contiguous()  # in x's layout (rows), as autograd's mm gives it
+    if bias:
+        assert b.grad.dtype == torch.float32 and rel(b.grad, dout.float().sum(1)) < 1e-5
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 6 * BF16_ROUNDING)])
 @pytest.mark.parametrize("first", [True, False])
 def test_a_block_step_on_the_kernels_equals_the_torch_step(dtype, tolerance, first):

@@ -60,6 +60,26 @@ def test_a_rebuilt_tensor_is_freed_after_the_forward(consumer):
     assert weight.grad.abs().sum() > 0
 
 
+def test_an_op_saving_its_own_output_inside_leaves_no_cycle_where_its_node_never_runs_backward():
+    """An output saved by its own op (a norm) and detached in the forward, as DoRA's column norms are: the
+    pack hook handing autograd the live output made a cycle (output -> node -> save -> output) that no
+    collection freed, keeping what the node saved; the gradients through the rest are unchanged."""
+    import gc
+
+    hidden, normed, rebuild = _normed_and_rebuild([])
+    weight = torch.randn(8, 4, requires_grad=True)
+    with rebuilt_when_saved(normed, rebuild):
+        column_norms = weight.norm(dim=0)  # saves its output
+        alive = weakref.ref(column_norms)
+        loss = (normed @ (weight / column_norms.detach())).square().sum()
+    del column_norms
+    gc.collect()
+    assert alive() is None
+    loss.backward()
+    expected = torch.autograd.grad((normed.detach() @ (weight / weight.norm(dim=0).detach())).square().sum(), weight)[0]
+    assert torch.allclose(weight.grad, expected)
+
+
 def test_a_tensor_that_is_part_of_its_storage_is_saved_as_usual():
     """A rebuild of it could not give back views of the rest of its storage: no hooks."""
     calls, whole = [], torch.randn(6, 8, requires_grad=True) * 1

@@ -55,6 +55,7 @@ from .scan import (
     causal_conv1d_step,
     conv_state_of,
     gemm_dtype,
+    linear_on_columns,
     project_channel_major,
     rms_normed_torch,
     scaled_operand,
@@ -513,11 +514,6 @@ def read_as_linear(module: nn.Module) -> bool:
     return read_as_written(module, nn.Linear) or _answers_yes(module, "reads_as_linear")
 
 
-def linear_columns(weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
-    """weight (out, in) @ columns (in, N) (+ bias per row): a Linear applied to inputs stored as columns."""
-    return weight @ columns if bias is None else torch.addmm(bias[:, None], weight, columns)
-
-
 def linear_channel_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``linear`` on x (B, L, in) -> (B, out, L) stored channel-major, as (out, B, L): mamba_ssm's own
     layout. L is contiguous, as the kernels want, and the (B, L, channels) views the next projection
@@ -530,7 +526,7 @@ def linear_channel_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     batch, length = x.shape[:2]
     if plain(linear, nn.Linear):
         rows = x.reshape(batch * length, x.shape[-1]).t()  # (in, B*L)
-        out = linear_columns(linear.weight, linear.bias, rows)
+        out = linear_on_columns(linear.weight, linear.bias, rows)
     else:
         direct = getattr(linear, "channel_major", None)
         out = direct(x) if callable(direct) else None

@@ -50,7 +50,11 @@ def rebuilt_when_saved(tensor: torch.Tensor, rebuild: Callable[[], torch.Tensor]
         if (target is not None and (saved is target or saved._base is target) and saved.dtype == dtype
                 and saved._version == version):
             return _Rebuilt(rebuild, saved)
-        return saved
+        # detached: the tensor itself, where an op saves its own output, would hold that op's node from its
+        # own save, a cycle through C++ that no collection frees where the node never runs backward (a
+        # value detached in the forward, as DoRA's column norms: each eager Vim-S step kept ~290 MiB of
+        # activations on one H200). Unpacking gives autograd's own grad_fn back (pytorch/pytorch#153049)
+        return saved.detach()
 
     def unpack(packed):
         return packed() if isinstance(packed, _Rebuilt) else packed

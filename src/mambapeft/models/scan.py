@@ -1032,6 +1032,45 @@ def project_channel_major(y: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _ChannelMajorProjection.apply(y, weight, bias, scale, operand)
 
 
+class _LinearOnColumns(torch.autograd.Function):
+    """:func:`linear_on_columns` with an fp32 weight that trains, the GEMM in bf16 or fp16: the weight's
+    gradient written in fp32 by its GEMM (:func:`weight_gradient`), where autograd's (through autocast's
+    cast) is the GEMM's product in bf16 and a cast kernel (Vim-S full fine-tuning's in_proj: 24 a step)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, weight, bias, columns, dtype):
+        operand, columns = weight.to(dtype), columns.to(dtype)
+        ctx.save_for_backward(operand, columns)
+        ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype if bias is not None else None
+        return operand @ columns if bias is None else torch.addmm(bias.to(dtype)[:, None], operand, columns)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        operand, columns = ctx.saved_tensors
+        want_weight, want_bias, want_columns = ctx.needs_input_grad[:3]
+        dout = dout.to(operand.dtype)
+        dweight = weight_gradient(dout, columns.t(), ctx.weight_dtype) if want_weight else None
+        dbias = dout.sum(1, dtype=torch.float32).to(ctx.bias_dtype) if want_bias else None
+        dcolumns = None
+        if want_columns:  # in the columns' layout, as autograd's mm gives it: transposed rows read as columns
+            # (in_proj's input) get their gradient as rows, which the norm's backward reads uncopied
+            dcolumns = (dout.t() @ operand).t() if columns.stride(0) == 1 else operand.t() @ dout
+        return dweight, dbias, dcolumns, None
+
+
+def linear_on_columns(weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) @ columns (in, N) (+ bias per row): a Linear applied to inputs stored as columns,
+    as autocast computes it. An fp32 weight that trains on CUDA under bf16 or fp16 autocast gets its gradient
+    in fp32 from the GEMM (:class:`_LinearOnColumns`)."""
+    dtype = gemm_dtype(columns)
+    if (_GEMM_WRITES_FP32 and columns.is_cuda and weight.requires_grad and torch.is_grad_enabled()
+            and weight.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)):
+        return _LinearOnColumns.apply(weight, bias, columns, dtype)
+    return weight @ columns if bias is None else torch.addmm(bias[:, None], weight, columns)
+
+
 def state_offset_term(C: torch.Tensor, z: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """State-offset tuning's term of the gated output, silu(z) C h': C (B, N, L) or (B, N) (one step),
     z (B, D_inner, L) or (B, D_inner), offset h' (D_inner, N) -> z's shape."""

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.mamba import BACKWARD, FORWARD, Mamba, Mixer, linear_columns, plain, unhooked
+from ..models.mamba import BACKWARD, FORWARD, Mamba, Mixer, plain, unhooked
 from ..models.mamba2 import Mamba2
-from ..models.scan import gemm_dtype, scaled_operand, weight_gradient
+from ..models.scan import gemm_dtype, linear_on_columns, scaled_operand, weight_gradient
 from .registry import ORDER_WRAPPERS, ParamGroup, PeftConfigError, SpecBase, register
 from .targets import find_modules, fold_wrappers, owning_mixer, plain_linear, replace_module
 
@@ -167,12 +167,12 @@ def updated_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # gradient per layer for LoRAp(X)) where the padding costs a GEMM of twice the rows at rank r
     first = next((u for u in updates if u.rows == (0, weight.shape[0])), updates[0] if updates else None)
     if first is None:
-        out = linear_columns(weight, bias, rows)
+        out = linear_on_columns(weight, bias, rows)
     else:  # scale folded into up, so the gradient reaching the update is the output's, uncopied; in
         # place (addmm_, which autocast leaves alone: the operands cast here as it casts them), as
         # torch.addmm copied the update into a new output first (65 us a layer at mamba-1.4b's in_proj)
         up = F.pad(first.scale * first.lora_up.weight, (0, 0, *padding(first)))
-        out = linear_columns(up, bias, down(first))
+        out = linear_on_columns(up, bias, down(first))
         out = out.addmm_(weight.to(out.dtype), rows.to(out.dtype))
     for u in updates:
         if u is first:
@@ -329,7 +329,7 @@ class _FrozenPlusLowRank(torch.autograd.Function):
             out = F.linear(x.to(dtype).t(), operand, bias)  # (N, out)
             out[:, start:stop].addmm_(low, up_scaled.t())
         else:
-            out = linear_columns(operand, bias, x.to(dtype).t())  # (out, N)
+            out = linear_on_columns(operand, bias, x.to(dtype).t())  # (out, N)
             out[start:stop].addmm_(up_scaled, low.t())
         ctx.save_for_backward(x, weight, down, up_scaled, low, seed)
         ctx.p, ctx.start, ctx.scale, ctx.down_dtype, ctx.up_dtype = p, start, scale * input_scale, down_dtype, up.dtype
