@@ -80,6 +80,42 @@ def test_an_op_saving_its_own_output_inside_leaves_no_cycle_where_its_node_never
     assert torch.allclose(weight.grad, expected)
 
 
+@pytest.mark.parametrize("method", ["dora_in_proj", "lora_in_proj"])
+def test_eager_steps_of_an_lm_with_its_norm_fused_keep_nothing_of_theirs(method):
+    """A mamba-mini LM on the fused path's PyTorch reference with the fused add + norm (so its normed input
+    is rebuilt where saved, as on CUDA): no (B, L, D) tensor of a step outlives it. DoRA's column norms,
+    detached in the forward, once kept each step's graph through the save hook (3 more after each step
+    here; on one H200, ~290 MiB a Vim-S step)."""
+    import dataclasses
+    import gc
+
+    from mambapeft.models import build_model
+    from mambapeft.models.scan import TORCH_BACKEND, mamba_inner_torch
+    from mambapeft.peft import apply_peft
+    from mambapeft.runspec import method_definition
+
+    fused = dataclasses.replace(TORCH_BACKEND, mamba_inner=mamba_inner_torch, add_rms_norm=add_rms_norm_torch)
+    torch.manual_seed(0)
+    model = build_model("mamba-mini", vocab_size=64).train()
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = fused
+    apply_peft(model, method_definition("language", method, "mamba-mini", None)["peft"], method)
+    ids = torch.randint(0, 64, (2, 16))
+    shape = (*ids.shape, model.config.d_model)
+
+    def alive():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and tuple(o.shape) == shape)
+
+    before, after = alive(), []
+    for _ in range(3):
+        model(ids).float().logsumexp(-1).mean().backward()
+        model.zero_grad(set_to_none=True)
+        after.append(alive())
+    assert after == [before] * 3
+
+
 def test_a_tensor_that_is_part_of_its_storage_is_saved_as_usual():
     """A rebuild of it could not give back views of the rest of its storage: no hooks."""
     calls, whole = [], torch.randn(6, 8, requires_grad=True) * 1
