@@ -1049,8 +1049,7 @@ class _LinearOnColumns(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
         operand, columns = ctx.saved_tensors
-        want_weight, want_bias, want_columns = ctx.needs_input_grad[:3]
-        dout = dout.to(operand.dtype)
+        want_weight, want_bias, want_columns = ctx.needs_input_grad[:3]  # dout: the output's dtype, the GEMM's
         dweight = weight_gradient(dout, columns.t(), ctx.weight_dtype) if want_weight else None
         dbias = dout.sum(1, dtype=torch.float32).to(ctx.bias_dtype) if want_bias else None
         dcolumns = None
