@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import os
 import pathlib
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -66,11 +67,17 @@ def test_launch_covers_every_channel_on_the_tensors_device(monkeypatch):
     entered, calls = [], []
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(entered.append(device)))
     u = torch.zeros(3, 70, 5)  # 70 channels: three blocks of 32, the last partly empty
-    scan_short._launch(lambda **launch: calls.append(launch), u, 16, ["args"])
+    scan_short._launch(lambda **launch: calls.append(launch), u, ["args"])
     assert calls == [{"grid": (3, 3, 1), "block": (128, 1, 1), "args": ["args"]}]
     assert entered == [u.device]
-    scan_short._launch(lambda **launch: calls.append(launch), u, 22, ["args"])  # past 16 states: 16 a block
-    assert calls[1] == {"grid": (5, 3, 1), "block": (64, 1, 1), "args": ["args"]}
+
+
+def test_the_launch_gives_a_block_the_channels_the_kernels_hold():
+    """The kernel file's CHANNELS (the channels a block's threads step) is the launch's BLOCK_CHANNELS: a
+    launch of fewer blocks would leave channels unscanned, of more scan some twice."""
+    source = nvrtc.package_source(scan_short.SOURCE)
+    assert re.search(r"^#define CHANNELS (\d+)\b", source, re.M).group(1) == str(scan_short.BLOCK_CHANNELS)
+    assert re.search(r"^#define LANES (\d+)\b", source, re.M).group(1) == str(scan_short.LANES)
 
 
 def test_the_first_layouts_a_variant_runs_are_compiled_in_and_later_ones_read_as_arguments(monkeypatch):
@@ -80,7 +87,7 @@ def test_the_first_layouts_a_variant_runs_are_compiled_in_and_later_ones_read_as
     kernels = []
     monkeypatch.setattr(scan_short, "_layouts", {})
     monkeypatch.setattr(nvrtc, "load_kernels", lambda source, index, options, names, switch: (options[-1],))
-    monkeypatch.setattr(scan_short, "_launch", lambda kernel, u, states, args: kernels.append((kernel, args[12:])))
+    monkeypatch.setattr(scan_short, "_launch", lambda kernel, u, args: kernels.append((kernel, args[12:])))
     A = torch.zeros(5, 16)
     for length in (7, 8, 9, 10, 11, 7):
         u = torch.zeros(2, 5, length)

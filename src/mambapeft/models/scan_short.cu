@@ -5,8 +5,7 @@
 // Four lanes per (batch, channel), OWN = ceil(N / 4) of its states each in registers (four at Mamba's
 // default N = 16; the last lane's past N are zero: no input, no output), stepping through time: no
 // parallel scan along time (mamba-ssm's kernels run one per state per step, and at these lengths that,
-// not memory, takes the time). A block of 128 threads holds 32 channels of one batch
-// (past 16 states, 64 threads 16). Sums over a
+// not memory, takes the time). A block of 128 threads holds 32 channels of one batch. Sums over a
 // channel's states (y, the delta and u gradients) are summed over its four lanes four steps at once,
 // each lane left one step's (three shuffles a sum for four steps; the backward's past 16 states, one
 // step at a time, each lane one of its sums); dB and dC, sums over channels, a
@@ -61,9 +60,11 @@ template <bool V> struct Flag { static constexpr bool value = V; };
 #define NPAD (OWN * LANES)          // the states the lanes hold, the last lane's past NSTATE zero
 #define ROUNDS ((OWN + 3) / 4)      // butterflies of the dB, dC sums a step (each sums four states a lane)
 #define SUM_PASSES ((CHUNK * NSTATE + THREADS - 1) / THREADS)  // a chunk's (state, step) pairs a thread
-// channels per block: 32 (128 threads) up to 16 states; past them 16 (64 threads), a block's shared
-// memory (one chunk's states, OWN a thread) then under the 48 KB of static shared memory a block may hold
-#define CHANNELS (OWN <= 4 ? 32 : 16)
+// channels per block (128 threads; 16 past 16 states was slower: at 22 states, Vim-S's shape, one H200,
+// graph-timed, the forward 84.5 -> 78.5 us and the backward 305.0 -> 269.6 with 32, fewer blocks summing
+// dB and dC by global atomics; the backward's shared memory, 31.9 KB at 22 states, under the 48 KB of
+// static shared memory a block may hold)
+#define CHANNELS 32
 #define THREADS (CHANNELS * LANES)
 #define WARPS (THREADS / WARP)
 #define SUMS_ROW (2 * NPAD + 4)   // a step's dB and dC sums, padded: a state's CHUNK steps in distinct banks
@@ -253,6 +254,14 @@ __device__ __forceinline__ float warp_channel_sums(float (&v)[8]) {
     return v[0];
 }
 
+// v (two dB then two dC terms of a lane's) summed over the warp's 8 channels: lanes l and l ^ 4 get
+// entry (l / 8) % 4 of the lanes of their state group (l % LANES); 4 shuffles where warp_channel_sums
+// takes 7 (a round of two states padded to four)
+__device__ __forceinline__ float warp_channel_pair_sums(float (&v)[4]) {
+    fold<16, 2>(v); fold<8, 1>(v);
+    return v[0] + __shfl_xor_sync(FULL_MASK, v[0], 4);
+}
+
 // v[i]: this thread's term of channel ROW(i) at its step (the reads' mapping below), summed over the
 // tile's steps (the half-warp's 16 lanes) and added to sums[channel] by one lane per channel (no atomics)
 __device__ __forceinline__ void add_column_sums(float* sums, float (&v)[TILE_ROWS]) {
@@ -388,9 +397,8 @@ __device__ __forceinline__ void keep_checkpoint(float* checkpoint, const float (
     }
 }
 
-// six blocks a multiprocessor up to 16 states; past them twelve of half the threads (80 registers or
-// fewer: Vim-S's 1,536 blocks at 22 states then run at once, 99.0 -> 89.9 us, one H200)
-extern "C" __global__ void __launch_bounds__(THREADS, OWN <= 4 ? 6 : 12)
+// six blocks a multiprocessor (80 registers or fewer): Vim-S's 768 blocks run at once
+extern "C" __global__ void __launch_bounds__(THREADS, 6)
 scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float* __restrict__ A,
          const bc_t* __restrict__ Bm, const bc_t* __restrict__ Cm, const float* __restrict__ Dskip,
          const in_t* __restrict__ z, const float* __restrict__ delta_bias, const float* __restrict__ offset,
@@ -465,9 +473,10 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     }
 }
 
-// six blocks a multiprocessor at N <= 16 (80 registers: fewer blocks with more measured slower); past
-// 16 states, eight of half the threads (the shared memory's limit there)
-extern "C" __global__ void __launch_bounds__(THREADS, OWN <= 4 ? 6 : 8)
+// six blocks a multiprocessor (80 registers: fewer blocks with more measured slower at 16 states; at 22,
+// four of 128 registers, 269.6 us against 253.3 at six, whose few spills cost less than a second wave of
+// blocks: Vim-S's 768 at 22 states run at once)
+extern "C" __global__ void __launch_bounds__(THREADS, 6)
 scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float* __restrict__ A,
          const bc_t* __restrict__ Bm, const bc_t* __restrict__ Cm, const float* __restrict__ Dskip,
          const in_t* __restrict__ z, const float* __restrict__ delta_bias, const float* __restrict__ offset,
@@ -504,6 +513,12 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     // dC of the group's state 4 round + entry % 4 (sum_slot + 4 round)
     const int warp = threadIdx.x / WARP, entry = threadIdx.x % WARP / LANES, sum_slot = entry % 4;
     const int sum_index = (entry < 4 ? 0 : NPAD) + group * OWN + sum_slot;
+    // after a last round of two states (warp_channel_pair_sums), lane l holds entry (l / 8) % 4 of state
+    // group l % LANES, as does lane l ^ 4 (the one of them with bit 2 clear stores it): dB (entries < 2)
+    // or dC of the group's state 4 round + entry % 2
+    const int pair_entry = threadIdx.x % WARP / 8, pair_slot = pair_entry % 2;
+    const int pair_index = (pair_entry < 2 ? 0 : NPAD) + group * OWN + pair_slot;
+    const bool pair_stores = !(threadIdx.x & 4);
     u = ROWS(u, u); delta = ROWS(delta, delta); z = ROWS(z, z); dout = ROWS(dout, dout);
     du = ROWS(du, du); ddelta = ROWS(ddelta, ddelta); dz = ROWS(dz, dz); out_z = ROWS(out_z, out_z);
     float* checkpoint = CHECKPOINTS(ckpt);
@@ -556,14 +571,6 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
         if (HAS_Z) fetch(z_in, z, z_sc, left, t0, length);
         fetch_states(B_in, Bm, B_sn, B_sl, t0, length);
         fetch_states(C_in, Cm, C_sn, C_sl, t0, length);
-        float start[TILE / CHUNK][OWN];  // the state before each of the tile's chunks
-#pragma unroll
-        for (int first = 0; first < TILE; first += CHUNK) {
-#pragma unroll
-            for (int s = 0; s < OWN; ++s)
-                start[first / CHUNK][s] = t0 + first > 0 && t0 + first < length
-                    ? checkpoint[((long long)((t0 + first) / CHUNK) * NPAD + s) * channels] : 0.f;
-        }
         __syncthreads();  // the last tile's gradients are stored
         put_states(Bs, B_in, B_sn); put_states(Cs, C_in, C_sn);
         put(delta_tile, delta_in); put(dout_tile, dout_in);
@@ -574,9 +581,17 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
         for (int first = TILE - CHUNK; first >= 0; first -= CHUNK) {  // the tile's chunks, from the last
             const int s0 = t0 + first;
             if (s0 >= length) continue;
+            // the state before the chunk, read here and not for the whole tile at its start: a tile's
+            // chunks' held through it took OWN registers a chunk (at Vim-S's shape, one H200, graph-timed:
+            // the backward 187.5 -> 178.0 us at 16 states; at 22, 80 registers and six blocks a
+            // multiprocessor without spilling all of them)
+            float start[OWN];
+#pragma unroll
+            for (int s = 0; s < OWN; ++s)
+                start[s] = s0 > 0 ? checkpoint[((long long)(s0 / CHUNK) * NPAD + s) * channels] : 0.f;
             auto walk = [&](auto full) {  // the chunk's states, then back through them; full: as above
 #pragma unroll
-                for (int s = 0; s < OWN; ++s) h[s] = start[first / CHUNK][s];
+                for (int s = 0; s < OWN; ++s) h[s] = start[s];
 #pragma unroll
                 for (int j = 0; j < CHUNK; ++j) {  // the chunk's states (steps past the end leave them as they are)
                     const int k = first + j;
@@ -614,7 +629,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                         if (j > 0) kept_state(before, states, j - 1);
                         else {
 #pragma unroll
-                            for (int s = 0; s < OWN; ++s) before[s] = start[first / CHUNK][s];
+                            for (int s = 0; s < OWN; ++s) before[s] = start[s];
                         }
                         // g exp(dt A) h_before, what dt's and A's gradients both take, from the state before
                         // (not as g (h - B dt u): one FFMA a state fewer, no cancellation; at Vim-S's shape,
@@ -648,6 +663,18 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                         }
 #pragma unroll
                         for (int round = 0; round < ROUNDS; ++round) {  // four states of the lane's at a time
+                            if (OWN - 4 * round <= 2) {  // a last round of one or two states: half the values
+                                float v[4];
+#pragma unroll
+                                for (int r = 0; r < 2; ++r) {
+                                    const int s = 4 * round + r;
+                                    v[r] = s < OWN ? terms[s] : 0.f;
+                                    v[2 + r] = s < OWN ? terms[OWN + s] : 0.f;
+                                }
+                                const float sum = warp_channel_pair_sums(v);
+                                if (pair_stores && pair_slot + 4 * round < OWN) sums[warp][j][pair_index + 4 * round] = sum;
+                                continue;
+                            }
                             float v[8];
 #pragma unroll
                             for (int r = 0; r < 4; ++r) {

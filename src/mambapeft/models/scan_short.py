@@ -95,16 +95,13 @@ def _state_strides(t: torch.Tensor) -> list[int]:
     return list(t.stride())
 
 
-def block_channels(states: int) -> int:
-    """The channels of a thread block (LANES threads each): 32 up to 16 states, 16 past (the kernel
-    file's CHANNELS)."""
-    return 32 if states <= 4 * LANES else 16
+BLOCK_CHANNELS = 32  # the channels of a thread block, LANES threads each (the kernel file's CHANNELS)
 
 
-def _launch(kernel, u: torch.Tensor, states: int, args: list) -> None:
-    """One block per (block_channels channels, batch element) of u, on u's device's current stream."""
-    channels = block_channels(states)
-    nvrtc.launch(kernel, u.device, ((u.shape[1] + channels - 1) // channels, u.shape[0], 1), channels * LANES, args)
+def _launch(kernel, u: torch.Tensor, args: list) -> None:
+    """One block per (BLOCK_CHANNELS channels, batch element) of u, on u's device's current stream."""
+    blocks = (u.shape[1] + BLOCK_CHANNELS - 1) // BLOCK_CHANNELS
+    nvrtc.launch(kernel, u.device, (blocks, u.shape[0], 1), BLOCK_CHANNELS * LANES, args)
 
 
 # Each kernel's integer arguments after its pointers, in order (scan_short.cu's signatures). All but the
@@ -134,7 +131,7 @@ def _run(name: str, u, A, B, D, z, delta_bias, softplus, reverse, offset, accumu
          pointers: list, ints: list[int]) -> None:
     """Kernel ``name`` ("scan_fwd" or "scan_bwd") of the variant for these inputs, with ``ints`` (its
     integer arguments) compiled in where the variant has room for another layout, one block per
-    (block_channels channels, batch element) of u (:func:`_launch`)."""
+    (BLOCK_CHANNELS channels, batch element) of u (:func:`_launch`)."""
     options = tuple(macros(u.dtype, B.dtype, D is not None, z is not None, delta_bias is not None, softplus,
                            reverse, offset is not None, A.shape[1], accumulate, stores_out_z, wants, a_log))
     names, macro = KNOWN[name]
@@ -144,7 +141,7 @@ def _run(name: str, u, A, B, D, z, delta_bias, softplus, reverse, offset, accumu
         compiled.add(layout)
         options += (f"-D{macro}={layout}",)
     kernel, = nvrtc.load_kernels(SOURCE, u.device.index, options, (name,), ENV)
-    _launch(kernel, u, A.shape[1], pointers + ints)
+    _launch(kernel, u, pointers + ints)
 
 
 def checkpoints(u: torch.Tensor, states: int) -> torch.Tensor:
