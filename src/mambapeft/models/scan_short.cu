@@ -10,8 +10,8 @@
 // each lane left one step's (three shuffles a sum for four steps; the backward's past 16 states, one
 // step at a time, each lane one of its sums); dB and dC, sums over channels, a
 // butterfly over the warp's 8 channels that leaves each lane one of its 32 sums (16 states x {dB,
-// dC}; past 16 states, one more such round per four more a lane owns), then the block's four warps' by
-// shared memory, then one global atomic per (state, step).
+// dC}; past 16 states, one more such round per four more a lane owns, of half the values for one or
+// two), then the block's four warps' by shared memory, then one global atomic per (state, step).
 //
 // Per-step work of a channel (softplus, the gate and their gradients) is done once per (channel, step)
 // by the thread that read the step from global memory, before the recurrence (into an fp32 tile, one
@@ -61,7 +61,7 @@ template <bool V> struct Flag { static constexpr bool value = V; };
 #define ROUNDS ((OWN + 3) / 4)      // butterflies of the dB, dC sums a step (each sums four states a lane)
 #define SUM_PASSES ((CHUNK * NSTATE + THREADS - 1) / THREADS)  // a chunk's (state, step) pairs a thread
 // channels per block (128 threads; 16 past 16 states was slower: at 22 states, Vim-S's shape, one H200,
-// graph-timed, the forward 84.5 -> 78.5 us and the backward 305.0 -> 269.6 with 32, fewer blocks summing
+// graph-timed, the forward 84.5 -> 78.3 us and the backward 305.1 -> 268.5 with 32, fewer blocks summing
 // dB and dC by global atomics; the backward's shared memory, 31.9 KB at 22 states, under the 48 KB of
 // static shared memory a block may hold)
 #define CHANNELS 32
@@ -474,7 +474,7 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
 }
 
 // six blocks a multiprocessor (80 registers: fewer blocks with more measured slower at 16 states; at 22,
-// four of 128 registers, 269.6 us against 253.3 at six, whose few spills cost less than a second wave of
+// four of 128 registers, 301.4 us against 253.3 at six, whose few spills cost less than a second wave of
 // blocks: Vim-S's 768 at 22 states run at once)
 extern "C" __global__ void __launch_bounds__(THREADS, 6)
 scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float* __restrict__ A,
