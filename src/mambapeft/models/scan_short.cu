@@ -262,6 +262,18 @@ __device__ __forceinline__ float warp_channel_pair_sums(float (&v)[4]) {
     return v[0] + __shfl_xor_sync(FULL_MASK, v[0], 4);
 }
 
+// a butterfly round's values: the dB terms (terms[0 .. OWN)) of the lane's states first .. first + size / 2,
+// then their dC terms (terms[OWN .. 2 OWN)), zero past the lane's OWN
+template <int size>
+__device__ __forceinline__ void round_terms(float (&v)[size], const float (&terms)[2 * OWN], int first) {
+#pragma unroll
+    for (int r = 0; r < size / 2; ++r) {
+        const int s = first + r;
+        v[r] = s < OWN ? terms[s] : 0.f;
+        v[size / 2 + r] = s < OWN ? terms[OWN + s] : 0.f;
+    }
+}
+
 // v[i]: this thread's term of channel ROW(i) at its step (the reads' mapping below), summed over the
 // tile's steps (the half-warp's 16 lanes) and added to sums[channel] by one lane per channel (no atomics)
 __device__ __forceinline__ void add_column_sums(float* sums, float (&v)[TILE_ROWS]) {
@@ -665,23 +677,13 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                         for (int round = 0; round < ROUNDS; ++round) {  // four states of the lane's at a time
                             if (OWN - 4 * round <= 2) {  // a last round of one or two states: half the values
                                 float v[4];
-#pragma unroll
-                                for (int r = 0; r < 2; ++r) {
-                                    const int s = 4 * round + r;
-                                    v[r] = s < OWN ? terms[s] : 0.f;
-                                    v[2 + r] = s < OWN ? terms[OWN + s] : 0.f;
-                                }
+                                round_terms(v, terms, 4 * round);
                                 const float sum = warp_channel_pair_sums(v);
                                 if (pair_stores && pair_slot + 4 * round < OWN) sums[warp][j][pair_index + 4 * round] = sum;
                                 continue;
                             }
                             float v[8];
-#pragma unroll
-                            for (int r = 0; r < 4; ++r) {
-                                const int s = 4 * round + r;
-                                v[r] = s < OWN ? terms[s] : 0.f;
-                                v[4 + r] = s < OWN ? terms[OWN + s] : 0.f;
-                            }
+                            round_terms(v, terms, 4 * round);
                             const float sum = warp_channel_sums(v);
                             if (sum_slot + 4 * round < OWN) sums[warp][j][sum_index + 4 * round] = sum;
                         }
