@@ -595,8 +595,8 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             if (s0 >= length) continue;
             // the state before the chunk, read here and not for the whole tile at its start: a tile's
             // chunks' held through it took OWN registers a chunk (at Vim-S's shape, one H200, graph-timed:
-            // the backward 187.5 -> 178.0 us at 16 states; at 22, 80 registers and six blocks a
-            // multiprocessor without spilling all of them)
+            // the backward 187.8 -> 177.7 us at 16 states; at 22, six blocks a multiprocessor at 80
+            // registers then spill 28 bytes a thread, not 132)
             float start[OWN];
 #pragma unroll
             for (int s = 0; s < OWN; ++s)
