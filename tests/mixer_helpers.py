@@ -1,10 +1,11 @@
 """Checks shared by the mixer tests: step mode continues a prefilled sequence, the scan backend a
 run records for a model, and the ATen operations a call dispatches (each a kernel on a GPU, views and
-allocations aside)."""
+allocations aside); and a model's mixers put on a scan backend."""
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mambapeft import runtime
+from mambapeft.models.mamba import Mixer
 
 
 def assert_steps_continue_the_forward(model, ids, prefix: int):
@@ -35,3 +36,11 @@ class OpNames(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+def set_backend(model, backend):
+    """``model``, with every mixer (and so every block's fused add + norm) running on ``backend``."""
+    for m in model.modules():
+        if isinstance(m, Mixer):
+            m.backend = backend
+    return model

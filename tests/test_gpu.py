@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from mixer_helpers import set_backend
 
 from mambapeft.models import build_model
 from mambapeft.models.mamba import Mamba, Mixer
@@ -20,12 +21,6 @@ needs_kernels = pytest.mark.skipif(not cuda_kernels_available(), reason="needs a
 
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-
-
-def set_backend(model, backend):
-    for m in model.modules():
-        if isinstance(m, Mixer):
-            m.backend = backend
 
 
 def on_backend(model, backend):

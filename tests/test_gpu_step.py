@@ -9,6 +9,7 @@ Tolerances: fp32 results differ only by the kernels' summation order and exp/rsq
 rounds its norm input and dt (+ bias) at different places than the reference: a few roundings."""
 import pytest
 import torch
+from mixer_helpers import OpNames, set_backend
 from test_decoding import adapted_model
 from test_fused_inner import _mixers
 from torch.nn.utils import parametrize
@@ -32,12 +33,6 @@ BF16_ROUNDING = 2 ** -8
 
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-
-
-def set_backend(model, backend):
-    for m in _mixers(model):
-        m.backend = backend
-    return model
 
 
 @needs_kernels
@@ -144,8 +139,6 @@ def test_the_fused_add_norms_backward_runs_no_fill_and_no_sum():
     filled for its 1/rms output (not differentiable, so never read) and no reduction of per-tile sums of
     the weight's gradient (the kernel's tiles add to one sum), each a kernel a layer; the gradients are
     autograd's through the PyTorch reference."""
-    from mixer_helpers import OpNames
-
     from mambapeft.models.scan import add_rms_norm_cuda
 
     torch.manual_seed(0)
@@ -169,8 +162,6 @@ def test_the_fused_add_norms_backward_runs_no_fill_and_no_sum():
 def test_a_weight_gradient_is_written_in_fp32_by_its_gemm():
     """scan.weight_gradient of bf16 operands for an fp32 parameter: one GEMM writing fp32 (no bf16
     product cast after), the transposed operands read as they are; the sums as the fp32 product's."""
-    from mixer_helpers import OpNames
-
     from mambapeft.models.scan import weight_gradient
 
     torch.manual_seed(0)
@@ -189,8 +180,6 @@ def test_a_trained_fp32_linear_on_columns_gets_its_weights_gradient_from_one_fp3
     """scan.linear_on_columns as full fine-tuning's in_proj runs it (Vim-S's shape, bf16 autocast): the
     weight's gradient written in fp32 by the GEMM (no bf16 product cast after), with the sums of the fp32
     product of the bf16 operands; the output and the columns' and bias's gradients as autocast's."""
-    from mixer_helpers import OpNames
-
     from mambapeft.models.scan import linear_on_columns
 
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from mixer_helpers import set_backend
 from triton_helpers import skip_unless_interpreted
 
 from mambapeft.models.rebuild import checked, rebuilt_when_saved
@@ -96,10 +97,7 @@ def test_eager_steps_of_an_lm_with_its_norm_fused_keep_nothing_of_theirs(method)
 
     fused = dataclasses.replace(TORCH_BACKEND, mamba_inner=mamba_inner_torch, add_rms_norm=add_rms_norm_torch)
     torch.manual_seed(0)
-    model = build_model("mamba-mini", vocab_size=64).train()
-    for module in model.modules():
-        if hasattr(module, "backend"):
-            module.backend = fused
+    model = set_backend(build_model("mamba-mini", vocab_size=64).train(), fused)
     apply_peft(model, method_definition("language", method, "mamba-mini", None)["peft"], method)
     ids = torch.randint(0, 64, (2, 16))
     shape = (*ids.shape, model.config.d_model)

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from mixer_helpers import OpNames
+from mixer_helpers import OpNames, set_backend
 from test_fused_inner import _adapted, _mixers
 from torch.nn.utils import parametrize
 
@@ -22,12 +22,6 @@ from mambapeft.runspec import domain_file
 
 STEP_TORCH = dataclasses.replace(TORCH_BACKEND, conv_update=causal_conv1d_update_torch,
                                  add_rms_norm=add_rms_norm_torch)
-
-
-def set_backend(model, backend):
-    for m in _mixers(model):
-        m.backend = backend
-    return model
 
 
 @torch.no_grad()

@@ -1043,7 +1043,7 @@ class _LinearOnColumns(torch.autograd.Function):
         operand, columns = weight.to(dtype), columns.to(dtype)
         ctx.save_for_backward(operand, columns)
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype if bias is not None else None
-        return operand @ columns if bias is None else torch.addmm(bias.to(dtype)[:, None], operand, columns)
+        return _columns_product(operand, bias.to(dtype) if bias is not None else None, columns)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -1067,6 +1067,11 @@ def linear_on_columns(weight: torch.Tensor, bias: torch.Tensor | None, columns: 
     if (_GEMM_WRITES_FP32 and columns.is_cuda and weight.requires_grad and torch.is_grad_enabled()
             and weight.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)):
         return _LinearOnColumns.apply(weight, bias, columns, dtype)
+    return _columns_product(weight, bias, columns)
+
+
+def _columns_product(weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) @ columns (in, N), plus bias (out,) on every column: one GEMM either way."""
     return weight @ columns if bias is None else torch.addmm(bias[:, None], weight, columns)
 
 

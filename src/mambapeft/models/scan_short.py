@@ -23,6 +23,7 @@ from . import nvrtc
 from .nvrtc import SEQUENCE_DTYPES
 
 LANES = 4  # lanes per channel, each holding ceil(N / 4) of its states
+BLOCK_CHANNELS = 32  # the channels of a thread block, LANES threads each (the kernel file's CHANNELS)
 # The state counts these kernels run: mamba's default d_state 16 (Vim's and the Mamba LMs') up to
 # additional-scan's extensions of it (16 + 1 in the hybrid space's "all", 16 + 6). Measured on one H200
 # against mamba-ssm's at 16, 17 and 22 (README "The short-sequence scan").
@@ -93,9 +94,6 @@ def _strides(t: torch.Tensor) -> list[int]:
 def _state_strides(t: torch.Tensor) -> list[int]:
     """B, C and their gradients (B, N, L): any strides (the fused function's are x_dbl's columns)."""
     return list(t.stride())
-
-
-BLOCK_CHANNELS = 32  # the channels of a thread block, LANES threads each (the kernel file's CHANNELS)
 
 
 def _launch(kernel, u: torch.Tensor, args: list) -> None:
