@@ -1056,6 +1056,33 @@ def test_a_trained_plain_A_log_is_handed_to_the_fused_function_raw():
     torch.testing.assert_close(mixer.parametrizations.A_log.original.grad, trained_grad)
 
 
+@pytest.mark.parametrize("extension_trains", [True, False])
+def test_an_additional_scans_A_log_is_handed_to_the_fused_function_raw_and_extended(extension_trains):
+    """Where the extension's A_log trains (Additional-scan), the fused function is given A_log extended
+    by it, raw (``InnerWeights.a_log``: -exp of both computed by the function, in our kernels), the
+    extension's columns where its state order puts them; frozen, A extended (-exp in the mixer). Either
+    way the same output, and the extension's A_log gradient is the unfused chain's."""
+    mixer = _mixers(_adapted("vision", "additional_scan"))[0]
+    mixer.backend = FUSED_TORCH
+    extension = mixer.state_extensions["fwd"]
+    extension.A_log.requires_grad_(extension_trains)
+    weights = mixer._inner_weights(mixer.directions[0])
+    assert weights.a_log == extension_trains and not mixer.A_log.requires_grad
+    expected = torch.cat(extension._ordered(extension.A_log, mixer.A_log), dim=1)
+    torch.testing.assert_close(weights.A, expected if extension_trains else -torch.exp(expected))
+    x = torch.randn(2, 9, mixer.d_model)
+    unfused = copy.deepcopy(mixer)
+    unfused.backend = TORCH_BACKEND
+    assert mixer.uses_fused_inner() and not unfused.uses_fused_inner()
+    out, unfused_out = mixer(x), unfused(x)
+    torch.testing.assert_close(out, unfused_out, rtol=1e-5, atol=1e-5)
+    if extension_trains:
+        out.sum().backward()
+        unfused_out.sum().backward()
+        torch.testing.assert_close(extension.A_log.grad, unfused.state_extensions["fwd"].A_log.grad,
+                                   rtol=1e-4, atol=1e-6)
+
+
 class _Identity(torch.nn.Module):
     def forward(self, x):
         return x

@@ -344,14 +344,16 @@ class Mamba(Mixer):
         """Direction ``d``'s weights as the fused functions read them: x_proj's weight and A extended by a
         state extension's, a state offset read raw (:func:`offset_of`), a trained plain A_log read raw
         (the fused function computes -exp(A_log): in our short scan's kernels, not two kernels here and
-        two in the backward a direction and layer)."""
+        two in the backward a direction and layer), as is the extended one where the extension's or the
+        mixer's A_log trains."""
         conv, dt_proj = getattr(self, d.conv1d), getattr(self, d.dt_proj)
         x_proj_weight, A_log = getattr(self, d.x_proj).weight, getattr(self, d.A_log)
-        a_log = (d.key not in self.state_extensions and torch.is_grad_enabled() and A_log.requires_grad
-                 and not parametrize.is_parametrized(self, d.A_log))
+        extension = self.state_extensions[d.key] if d.key in self.state_extensions else None
+        trained = A_log.requires_grad or (extension is not None and extension.A_log.requires_grad)
+        a_log = torch.is_grad_enabled() and trained and not parametrize.is_parametrized(self, d.A_log)
         A = A_log if a_log else self._state_matrix(d)
-        if d.key in self.state_extensions:
-            x_proj_weight, A = self.state_extensions[d.key].extend_projection(x_proj_weight, A, self.dt_rank)
+        if extension is not None:
+            x_proj_weight, A = extension.extend_projection(x_proj_weight, A, self.dt_rank, a_log)
         offset = offset_of(self.state_offsets[d.key]) if d.key in self.state_offsets else None
         return InnerWeights(conv.weight, conv.bias, x_proj_weight, dt_proj.weight, dt_proj.bias, A, getattr(self, d.D),
                             d is BACKWARD, offset, a_log)

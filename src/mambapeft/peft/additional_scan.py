@@ -81,15 +81,18 @@ class AdditionalScan(nn.Module):
         weights instead (``models/mamba.py: extends_projection``)."""
         return plain(self, AdditionalScan) and read_as_linear(self.x_proj)
 
-    def extend_projection(self, x_proj_weight: torch.Tensor, A: torch.Tensor, dt_rank: int):
+    def extend_projection(self, x_proj_weight: torch.Tensor, A: torch.Tensor, dt_rank: int, a_log: bool = False):
         """What :meth:`forward` computes, as the weights a fused kernel reads: the mixer's x_proj weight
         (dt_rank + 2N, D_inner) with this module's B and C rows beside its own (dt_rank + 2(N+n),
         D_inner; projected once, its output splits into dt, B and C as forward's), and A (D_inner, N)
-        as forward extends it (D_inner, N+n)."""
+        as forward extends it (D_inner, N+n). With ``a_log``, A is the mixer's A_log and extended by this
+        module's A_log (the fused function computes -exp of both: one kernel here a step, not three, and
+        none in the backward, not two)."""
         dt, B, C = x_proj_weight.split([dt_rank, A.shape[1], A.shape[1]])
         B_new, C_new = self.x_proj.weight.chunk(2)
         weight = torch.cat([dt, *self._ordered(B_new, B), *self._ordered(C_new, C)])
-        return weight, torch.cat(self._ordered(self._new_A(), A), dim=1)
+        new = self.A_log.float() if a_log else self._new_A()
+        return weight, torch.cat(self._ordered(new, A), dim=1)
 
 
 @register("additional_scan", spec=AdditionalScanSpec, order=ORDER_MIXER, identity_at_init=False)
