@@ -126,6 +126,28 @@ def test_dx_is_written_into_the_tensor_given():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch, length, dtype, channel_major", [(32, 197, torch.bfloat16, True),
+                                                                 (21, 197, torch.bfloat16, True),
+                                                                 (11, 50, torch.float32, True),
+                                                                 (5, 77, torch.bfloat16, False)])
+def test_add_dx_adds_x_gradient_to_the_one_given_as_pytorch_adds_them(batch, length, dtype, channel_major):
+    """With ``add_dx`` (a Vim block's second direction), dx is what it held plus this conv's x gradient,
+    that gradient rounded to the dtype first, as PyTorch adds two tensors: equal bit for bit, channel-major
+    (as the fused function holds it) or not, rows over the warps evenly or not; the weight and bias
+    gradients as without it."""
+    skip_without_a_gpu_and_nvrtc()
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias, dout = _inputs(batch, 40, length, 4, dtype, channel_major, True, generator)
+    held = _inputs(batch, 40, length, 4, dtype, channel_major, False, generator)[0]
+    alone = conv_bwd.backward(x, weight, bias, dout, None, True)
+    into = held.clone()
+    added = conv_bwd.backward(x, weight, bias, dout, into, True, add_dx=True)
+    assert added[0].data_ptr() == into.data_ptr()
+    assert torch.equal(added[0], held + alone[0])
+    assert torch.equal(added[1], alone[1]) and torch.equal(added[2], alone[2])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("length", [197, 256, 2])
 def test_reverse_is_the_backward_of_the_flipped_conv(length):
     """The backward of the conv run from the last step to the first: the gradients of the conv of x
