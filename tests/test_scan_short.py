@@ -118,6 +118,14 @@ def test_sass_regions_counts_the_layout_the_fused_function_passes_at_vim_s():
     assert layout["u_sb"] == layout["dz_sb"] == "197" and layout["u_sc"] == layout["dz_sc"] == str(32 * 197)
     assert (layout["B_sn"], layout["B_sl"], layout["C_sl"]) == ("1", "72", "72")  # 24 + 2 x 22 columns, padded
     assert (layout["dB_sb"], layout["dB_sl"]) == (str(197 * 44), "44")
+    forward = module.vim_s_layout(16, kernel="fwd")  # --kernel fwd: the forward's, as the first direction's
+    assert scan_short._run is run and forward.startswith("-DKNOWN_FORWARD_ARGS=")
+    layout = dict(item.split("=") for item in forward.split("=", 1)[1].rstrip(";").split(";"))
+    assert list(layout) == [name for name in scan_short.FORWARD_INTS if name not in scan_short.FLAGS]
+    assert layout["u_sc"] == layout["out_z_sc"] == str(32 * 197) and layout["B_sl"] == "56"  # 24 + 2 x 16
+    source = nvrtc.package_source(scan_short.SOURCE)  # every region's marker finds its line, once
+    for kernel, marks in module.MARKS.items():
+        assert module.marked(source, kernel).count("pmevent") == len(marks), kernel
 
 
 def test_a_sequence_strided_along_time_is_refused():

@@ -1,19 +1,22 @@
-"""Instructions a full 16-step tile of the short scan's backward issues, by region, from the sm_90 SASS of
-a variant compiled on the CPU: no GPU needed (the counts of the README's and the commits' "SASS" figures).
+"""Instructions a full 16-step tile of the short scan's backward (or forward) issues, by region, from the sm_90
+SASS of a variant compiled on the CPU: no GPU needed (the counts of the README's and the commits' "SASS" figures).
 
     pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm   # (the nvidia-cuda-nvrtc wheel compiles)
-    PYTHONPATH=src python3 results/benchmarks/profile/sass_regions.py [--states 16] [--source FILE] \
-        [--layout vim-s|arguments] [-- -D...]
+    PYTHONPATH=src python3 results/benchmarks/profile/sass_regions.py [--kernel bwd|fwd] [--states 16] \
+        [--source FILE] [--layout vim-s|arguments] [-- -D...]
 
 ``--layout vim-s`` (the default) compiles in the sizes and strides the fused mixer passes at Vim-S's
-shape (KNOWN_BACKWARD_ARGS, as training runs the kernel: scan_short.backward called on meta tensors laid
-out as the fused function lays them out, its arguments captured); ``arguments``: the variant that reads
-them as arguments (past a variant's first MAX_LAYOUTS layouts, and every kernel before ed88cb9).
+shape (KNOWN_BACKWARD_ARGS or KNOWN_FORWARD_ARGS, as training runs the kernel: scan_short's function
+called on meta tensors laid out as the fused function lays them out, its arguments captured);
+``arguments``: the variant that reads them as arguments (past a variant's first MAX_LAYOUTS layouts, and
+every kernel before ed88cb9).
 
-Markers (``pmevent``, which SASS keeps as PMTRIG) go in a copy of the source at the tile's reads, its
-shared-memory puts and per-(step, channel) work, each chunk's walk, the chunk's sums over warps and the
-stores; the partial last tile's walk is left out, so each region's instructions run once a full tile
-(the chunk regions: twice). Static counts: they show what a change removes, not what it costs in time.
+Markers (``pmevent``, which SASS keeps as PMTRIG) go in a copy of the source at the kernel's regions of a
+tile (the backward's: its reads, its shared-memory puts and per-(step, channel) work, each chunk's walk,
+the chunk's sums over warps and the stores; the forward's: its puts and per-(step, channel) work, the next
+tile's reads, the walk and the stores); the partial last tile's walk is left out, so each region's
+instructions run once a full tile (the backward's chunk regions: twice). Static counts: they show what a
+change removes, not what it costs in time.
 """
 import argparse, collections, ctypes, os, pathlib, re, shutil, subprocess, sys
 
@@ -21,29 +24,41 @@ import torch
 
 from mambapeft.models import nvrtc, scan_short
 
-MARKS = [("        fetch(u_in, u, u_sc, left, t0, length);\n", 1, "reads into registers"),
-         ("        __syncthreads();  // the last tile's gradients are stored\n", 2, "puts, per-(step, channel) work"),
-         ("        for (int first = TILE - CHUNK; first >= 0; first -= CHUNK) {  // the tile's chunks, from the last\n", 3,
-          "the chunks' walks"),
-         ("            // the chunk's dB and dC: the block's warps' sums, one global atomic per (state, step)\n", 4,
-          "the chunks' sums over warps"),
-         ("        store_gradients(du, ddelta, dz, out_z, du_sc", 5, "stores")]
+# per kernel: (the source line a marker goes before, or after for the regions that open a loop body, its
+# number, the region it opens)
+MARKS = {
+    "bwd": [("        fetch(u_in, u, u_sc, left, t0, length);\n", 1, "reads into registers"),
+            ("        __syncthreads();  // the last tile's gradients are stored\n", 2, "puts, per-(step, channel) work"),
+            ("        for (int first = TILE - CHUNK; first >= 0; first -= CHUNK) {  // the tile's chunks, from the last\n",
+             3, "the chunks' walks"),
+            ("            // the chunk's dB and dC: the block's warps' sums, one global atomic per (state, step)\n", 4,
+             "the chunks' sums over warps"),
+            ("        store_gradients(du, ddelta, dz, out_z, du_sc", 5, "stores")],
+    "fwd": [("        __syncthreads();  // the last tile's output is stored\n", 1, "puts, per-(step, channel) work"),
+            ("        fetch(u_next, u, u_sc, left, t0 + TILE, length);  // the next tile's, read while this one is computed\n",
+             2, "the next tile's reads"),
+            ("        if (t0 + TILE <= length) walk(Flag<true>());\n", 3, "the walk"),
+            ("        if (HAS_Z) store_outputs(out_z, out_z_sc", 4, "stores")],
+}
+AFTER = {("bwd", 3)}  # markers placed inside the loop they open
+NAMES = {"bwd": "scan_bwd", "fwd": "scan_fwd"}
 
 
-def marked(source: str) -> str:
+def marked(source: str, kernel: str = "bwd") -> str:
     source = source.replace("else walk(Flag<false>());", "")
-    for text, n, _ in MARKS:
+    for text, n, _ in MARKS[kernel]:
         if source.count(text) != 1:
             sys.exit(f"sass_regions: the source no longer has {text.strip()!r}: update MARKS")
         marker = f'asm volatile("pmevent {n};");\n'
-        source = source.replace(text, text + "            " + marker if n == 3 else "        " + marker + text)
+        source = source.replace(text, text + "            " + marker if (kernel, n) in AFTER else "        " + marker + text)
     return source
 
 
-def vim_s_layout(states: int, batch: int = 32, channels: int = 768, length: int = 197, rank: int = 24) -> str:
-    """KNOWN_BACKWARD_ARGS of the first direction's backward as Vim-S's fused mixer calls it in training:
-    u, delta, dy channel-major ((channels, batch, length) storage), z and dz halves of xz and its
-    gradient (likewise), B and C views of x_proj's token-major output (its rows padded to 16 bytes, as
+def vim_s_layout(states: int, batch: int = 32, channels: int = 768, length: int = 197, rank: int = 24,
+                 kernel: str = "bwd") -> str:
+    """KNOWN_BACKWARD_ARGS (or KNOWN_FORWARD_ARGS) of the first direction's kernel as Vim-S's fused mixer calls
+    it in training: u, delta, dy channel-major ((channels, batch, length) storage), z and dz halves of xz and
+    its gradient (likewise), B and C views of x_proj's token-major output (its rows padded to 16 bytes, as
     scan._aligned_projection pads them), checkpoints kept by the forward."""
     meta = dict(device="meta", dtype=torch.bfloat16)
 
@@ -60,14 +75,19 @@ def vim_s_layout(states: int, batch: int = 32, channels: int = 768, length: int 
     captured = []
     run, scan_short._run = scan_short._run, lambda name, *args: captured.append(args[-1])
     try:
-        scan_short.backward(u, delta, A, B, C, D, z, bias, dout, dz, True, states=scan_short.checkpoints(u, states))
+        if kernel == "fwd":
+            scan_short.forward(u, delta, A, B, C, D, z, bias, True, keep_states=True)
+        else:
+            scan_short.backward(u, delta, A, B, C, D, z, bias, dout, dz, True, states=scan_short.checkpoints(u, states))
     finally:
         scan_short._run = run
-    return f"-DKNOWN_BACKWARD_ARGS={scan_short.known_args(scan_short.BACKWARD_INTS, tuple(captured[0]))}"
+    names, macro = scan_short.KNOWN[NAMES[kernel]]
+    return f"-D{macro}={scan_short.known_args(names, tuple(captured[0]))}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernel", choices=("bwd", "fwd"), default="bwd", help="the backward's tile or the forward's")
     parser.add_argument("--states", type=int, default=16)
     parser.add_argument("--source", type=pathlib.Path, help="a scan_short.cu to count (default: the package's)")
     parser.add_argument("--layout", choices=("vim-s", "arguments"), default="vim-s",
@@ -85,13 +105,14 @@ def main() -> None:
     options = scan_short.macros(torch.bfloat16, torch.bfloat16, True, True, True, True, False, False, args.states,
                                 False, True) + args.defines
     if args.layout == "vim-s":
-        options.append(vim_s_layout(args.states))
-    cubin = nvrtc.compile_cubin(marked(source), scan_short.SOURCE, "90", options, ctypes.CDLL(str(library)))
+        options.append(vim_s_layout(args.states, kernel=args.kernel))
+    cubin = nvrtc.compile_cubin(marked(source, args.kernel), scan_short.SOURCE, "90", options, ctypes.CDLL(str(library)))
+    function = NAMES[args.kernel]
     path = pathlib.Path("/tmp/sass_regions.cubin")
     path.write_bytes(cubin)
     env = {**os.environ, "PATH": f"{pathlib.Path(cuobjdump).parent}:{os.environ.get('PATH', '')}"}  # its nvdisasm
-    done = subprocess.run([str(cuobjdump), "-sass", "-fun", "scan_bwd", str(path)], capture_output=True, text=True, env=env)
-    if "scan_bwd" not in done.stdout:
+    done = subprocess.run([str(cuobjdump), "-sass", "-fun", function, str(path)], capture_output=True, text=True, env=env)
+    if function not in done.stdout:
         sys.exit(f"sass_regions: cuobjdump: {done.stderr.strip()}")
     sass = done.stdout
     resources = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True).stdout
@@ -105,13 +126,15 @@ def main() -> None:
             region = int(match.group(3).strip(), 16).bit_length() - 1
             continue
         counts[region][opcode] += 1
-    names = {0: "set-up, the first pass (without kept states)", **{n: name for _, n, name in MARKS}}
+    set_up = "set-up, the first pass (without kept states)" if args.kernel == "bwd" else "set-up, the first tile's reads"
+    names = {0: set_up, **{n: name for _, n, name in MARKS[args.kernel]}}
     for n in sorted(counts):
         top = " ".join(f"{op}:{k}" for op, k in counts[n].most_common(8))
         print(f"{names[n]:46s} {sum(counts[n].values()):6d}  {top}")
     print("a full tile:", sum(sum(counts[n].values()) for n in counts if n), "instructions")
     lines = resources.splitlines()
-    usage = lines[lines.index(" Function scan_bwd:") + 1].strip() if " Function scan_bwd:" in lines else "?"
+    header = f" Function {function}:"
+    usage = lines[lines.index(header) + 1].strip() if header in lines else "?"
     print("the compile with markers (its stack can differ from the unmarked one's by a few bytes):", usage)
 
 
