@@ -101,6 +101,11 @@ def test_the_first_layouts_a_variant_runs_are_compiled_in_and_later_ones_read_as
     assert kernels[4][1][1] == 11 and kernels[5] == kernels[0]  # length 7 again: its kernel
 
 
+def _assignments(option: str) -> dict[str, str]:
+    """A KNOWN_*_ARGS option's assignments ("-DKNOWN_BACKWARD_ARGS=channels=768;length=197;..."), by name."""
+    return dict(item.split("=") for item in option.split("=", 1)[1].rstrip(";").split(";"))
+
+
 def test_sass_regions_counts_the_layout_the_fused_function_passes_at_vim_s():
     """results/benchmarks/profile/sass_regions.py compiles in, by default, the backward's layout as Vim-S's
     fused mixer passes it (scan_short.backward's arguments captured on meta tensors): channel-major
@@ -112,7 +117,7 @@ def test_sass_regions_counts_the_layout_the_fused_function_passes_at_vim_s():
     run = scan_short._run
     option = module.vim_s_layout(22)
     assert scan_short._run is run and option.startswith("-DKNOWN_BACKWARD_ARGS=")
-    layout = dict(item.split("=") for item in option.split("=", 1)[1].rstrip(";").split(";"))
+    layout = _assignments(option)
     assert list(layout) == [name for name in scan_short.BACKWARD_INTS if name not in scan_short.FLAGS]
     assert (layout["channels"], layout["length"]) == ("768", "197")
     assert layout["u_sb"] == layout["dz_sb"] == "197" and layout["u_sc"] == layout["dz_sc"] == str(32 * 197)
@@ -120,12 +125,12 @@ def test_sass_regions_counts_the_layout_the_fused_function_passes_at_vim_s():
     assert (layout["dB_sb"], layout["dB_sl"]) == (str(197 * 44), "44")
     forward = module.vim_s_layout(16, kernel="fwd")  # --kernel fwd: the forward's, as the first direction's
     assert scan_short._run is run and forward.startswith("-DKNOWN_FORWARD_ARGS=")
-    layout = dict(item.split("=") for item in forward.split("=", 1)[1].rstrip(";").split(";"))
+    layout = _assignments(forward)
     assert list(layout) == [name for name in scan_short.FORWARD_INTS if name not in scan_short.FLAGS]
     assert layout["u_sc"] == layout["out_z_sc"] == str(32 * 197) and layout["B_sl"] == "56"  # 24 + 2 x 16
     source = nvrtc.package_source(scan_short.SOURCE)  # every region's marker finds its line, once
-    for kernel, marks in module.MARKS.items():
-        assert module.marked(source, kernel).count("pmevent") == len(marks), kernel
+    for name, kernel in module.KERNELS.items():
+        assert module.marked(source, name).count("pmevent") == len(kernel.marks), name
 
 
 def test_a_sequence_strided_along_time_is_refused():

@@ -18,39 +18,46 @@ tile's reads, the walk and the stores); the partial last tile's walk is left out
 instructions run once a full tile (the backward's chunk regions: twice). Static counts: they show what a
 change removes, not what it costs in time.
 """
-import argparse, collections, ctypes, os, pathlib, re, shutil, subprocess, sys
+import argparse, collections, ctypes, dataclasses, os, pathlib, re, shutil, subprocess, sys
 
 import torch
 
 from mambapeft.models import nvrtc, scan_short
 
-# per kernel: (the source line a marker goes before, or after for the regions that open a loop body, its
-# number, the region it opens)
-MARKS = {
-    "bwd": [("        fetch(u_in, u, u_sc, left, t0, length);\n", 1, "reads into registers"),
-            ("        __syncthreads();  // the last tile's gradients are stored\n", 2, "puts, per-(step, channel) work"),
-            ("        for (int first = TILE - CHUNK; first >= 0; first -= CHUNK) {  // the tile's chunks, from the last\n",
-             3, "the chunks' walks"),
-            ("            // the chunk's dB and dC: the block's warps' sums, one global atomic per (state, step)\n", 4,
-             "the chunks' sums over warps"),
-            ("        store_gradients(du, ddelta, dz, out_z, du_sc", 5, "stores")],
-    "fwd": [("        __syncthreads();  // the last tile's output is stored\n", 1, "puts, per-(step, channel) work"),
-            ("        fetch(u_next, u, u_sc, left, t0 + TILE, length);  // the next tile's, read while this one is computed\n",
-             2, "the next tile's reads"),
-            ("        if (t0 + TILE <= length) walk(Flag<true>());\n", 3, "the walk"),
-            ("        if (HAS_Z) store_outputs(out_z, out_z_sc", 4, "stores")],
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    function: str  # its name in the cubin
+    set_up: str  # what runs before the first marker
+    # (the source line a marker goes before, or after where it opens a loop's body, the region it opens,
+    # after); the regions are numbered from 1 in this order
+    marks: tuple[tuple[str, str, bool], ...]
+
+
+KERNELS = {
+    "bwd": Kernel("scan_bwd", "set-up, the first pass (without kept states)", (
+        ("        fetch(u_in, u, u_sc, left, t0, length);\n", "reads into registers", False),
+        ("        __syncthreads();  // the last tile's gradients are stored\n", "puts, per-(step, channel) work", False),
+        ("        for (int first = TILE - CHUNK; first >= 0; first -= CHUNK) {  // the tile's chunks, from the last\n",
+         "the chunks' walks", True),
+        ("            // the chunk's dB and dC: the block's warps' sums, one global atomic per (state, step)\n",
+         "the chunks' sums over warps", False),
+        ("        store_gradients(du, ddelta, dz, out_z, du_sc", "stores", False))),
+    "fwd": Kernel("scan_fwd", "set-up, the first tile's reads", (
+        ("        __syncthreads();  // the last tile's output is stored\n", "puts, per-(step, channel) work", False),
+        ("        fetch(u_next, u, u_sc, left, t0 + TILE, length);  // the next tile's, read while this one is computed\n",
+         "the next tile's reads", False),
+        ("        if (t0 + TILE <= length) walk(Flag<true>());\n", "the walk", False),
+        ("        if (HAS_Z) store_outputs(out_z, out_z_sc", "stores", False))),
 }
-AFTER = {("bwd", 3)}  # markers placed inside the loop they open
-NAMES = {"bwd": "scan_bwd", "fwd": "scan_fwd"}
 
 
 def marked(source: str, kernel: str = "bwd") -> str:
     source = source.replace("else walk(Flag<false>());", "")
-    for text, n, _ in MARKS[kernel]:
+    for n, (text, _, after) in enumerate(KERNELS[kernel].marks, 1):
         if source.count(text) != 1:
-            sys.exit(f"sass_regions: the source no longer has {text.strip()!r}: update MARKS")
+            sys.exit(f"sass_regions: the source no longer has {text.strip()!r}: update KERNELS")
         marker = f'asm volatile("pmevent {n};");\n'
-        source = source.replace(text, text + "            " + marker if (kernel, n) in AFTER else "        " + marker + text)
+        source = source.replace(text, text + "            " + marker if after else "        " + marker + text)
     return source
 
 
@@ -81,13 +88,13 @@ def vim_s_layout(states: int, batch: int = 32, channels: int = 768, length: int 
             scan_short.backward(u, delta, A, B, C, D, z, bias, dout, dz, True, states=scan_short.checkpoints(u, states))
     finally:
         scan_short._run = run
-    names, macro = scan_short.KNOWN[NAMES[kernel]]
+    names, macro = scan_short.KNOWN[KERNELS[kernel].function]
     return f"-D{macro}={scan_short.known_args(names, tuple(captured[0]))}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernel", choices=("bwd", "fwd"), default="bwd", help="the backward's tile or the forward's")
+    parser.add_argument("--kernel", choices=tuple(KERNELS), default="bwd", help="the backward's tile or the forward's")
     parser.add_argument("--states", type=int, default=16)
     parser.add_argument("--source", type=pathlib.Path, help="a scan_short.cu to count (default: the package's)")
     parser.add_argument("--layout", choices=("vim-s", "arguments"), default="vim-s",
@@ -107,7 +114,7 @@ def main() -> None:
     if args.layout == "vim-s":
         options.append(vim_s_layout(args.states, kernel=args.kernel))
     cubin = nvrtc.compile_cubin(marked(source, args.kernel), scan_short.SOURCE, "90", options, ctypes.CDLL(str(library)))
-    function = NAMES[args.kernel]
+    function = KERNELS[args.kernel].function
     path = pathlib.Path("/tmp/sass_regions.cubin")
     path.write_bytes(cubin)
     env = {**os.environ, "PATH": f"{pathlib.Path(cuobjdump).parent}:{os.environ.get('PATH', '')}"}  # its nvdisasm
@@ -126,8 +133,8 @@ def main() -> None:
             region = int(match.group(3).strip(), 16).bit_length() - 1
             continue
         counts[region][opcode] += 1
-    set_up = "set-up, the first pass (without kept states)" if args.kernel == "bwd" else "set-up, the first tile's reads"
-    names = {0: set_up, **{n: name for _, n, name in MARKS[args.kernel]}}
+    kernel = KERNELS[args.kernel]
+    names = {0: kernel.set_up, **{n: region for n, (_, region, _) in enumerate(kernel.marks, 1)}}
     for n in sorted(counts):
         top = " ".join(f"{op}:{k}" for op, k in counts[n].most_common(8))
         print(f"{names[n]:46s} {sum(counts[n].values()):6d}  {top}")
