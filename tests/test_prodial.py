@@ -133,3 +133,49 @@ def test_merging_folds_it_into_plain_linears():
         merge_method(model, members, "prodial")
         assert not any(isinstance(m, ProdialLinear) for m in model.modules())
         torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def _chain_and_node(rows: int, cols: int, device: str):
+    """(the chain's, the Triton node's) (output, r's gradient, s's gradient) of s (W + W r) on one random W,
+    r, s and output gradient: the chain as ``ProdialLinear.scaled_weight`` runs it off CUDA."""
+    from mambapeft.models.scaled_weight_triton import diagonally_scaled
+
+    generator = torch.Generator().manual_seed(0)
+    weight, grad = (torch.randn(rows, cols, generator=generator).to(device) for _ in range(2))
+    r, s = ((0.1 * torch.randn(n, generator=generator)).to(device) for n in (cols, rows))
+    r_chain, r_node, s_chain, s_node = (t.clone().requires_grad_() for t in (r, r, s, s))
+    three_d = weight.view(rows, cols, 1)
+    chain = s_chain[:, None] * (three_d + three_d * r_chain.view(1, cols, 1)).reshape(rows, cols)
+    node = diagonally_scaled(weight, r_node, s_node)
+    chain.backward(grad)
+    node.backward(grad)
+    return (chain, r_chain.grad, s_chain.grad), (node, r_node.grad, s_node.grad)
+
+
+@pytest.mark.parametrize("rows, cols", [(48, 40), (37, 300)])  # partial blocks of rows and of columns
+def test_the_diagonal_scalings_triton_node_rounds_as_the_chain_and_gives_its_gradients(rows, cols):
+    """The Triton node (models/scaled_weight_triton.py, in Triton's interpreter) against PyTorch's chain:
+    the output bit for bit (the same roundings, no multiply-add), the two gradients up to their sums' order."""
+    from triton_helpers import skip_unless_interpreted
+
+    skip_unless_interpreted()
+    (chain, *chain_grads), (node, *node_grads) = _chain_and_node(rows, cols, "cpu")
+    assert torch.equal(node, chain)
+    for ours, expected in zip(node_grads, chain_grads):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_diagonal_scalings_triton_node_is_what_prodial_runs_and_matches_the_chain():
+    """On CUDA, 1x1 blocks, W frozen: scaled_weight is the Triton node (its output bit for bit the chain's,
+    its gradients up to their sums' order, at Vim-S in_proj's shape); blocks of 2 or a trained W: the chain."""
+    pytest.importorskip("triton")
+    (chain, *chain_grads), (node, *node_grads) = _chain_and_node(1536, 384, "cuda")
+    assert torch.equal(node, chain)
+    for ours, expected in zip(node_grads, chain_grads):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    linear = nn.Linear(384, 1536).cuda().requires_grad_(False)
+    assert type(ProdialLinear(linear, ProdialSpec()).scaled_weight().grad_fn).__name__ == "_DiagonallyScaledBackward"
+    for wrapper in (ProdialLinear(linear, ProdialSpec(block_size=2)),
+                    ProdialLinear(linear.requires_grad_(True), ProdialSpec())):
+        assert type(wrapper.scaled_weight().grad_fn).__name__ == "MulBackward0"

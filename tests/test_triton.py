@@ -26,6 +26,11 @@ KERNELS = {
         {"HAS_DRESIDUAL": True, "STORE_DRESIDUAL": True, "WEIGHT_GRAD": True, "BLOCK_M": 8, "BLOCK_N": 512}),
     "mambapeft.models.dropout_triton:_dropout_kernel": (
         {"seed_ptr": "*i64", "b_out_ptr": "*fp32", "p": "fp32", "scale": "fp32"}, {"HAS_B": True, "QUARTER": 512}),
+    "mambapeft.models.scaled_weight_triton:_scaled_weight_kernel": (
+        {"w_ptr": "*fp32", "r_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*fp32"}, {"BLOCK": 1024}),
+    "mambapeft.models.scaled_weight_triton:_scaled_weight_bwd_kernel": (
+        {"g_ptr": "*fp32", "w_ptr": "*fp32", "r_ptr": "*fp32", "s_ptr": "*fp32", "ds_ptr": "*fp32",
+         "column_sums_ptr": "*fp32"}, {"BLOCK_ROWS": 16, "BLOCK_COLS": 128}),
     "mambapeft.train.cross_entropy_triton:_cross_entropy_fwd_kernel": (
         {"targets_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32"}, {"VOCAB": 50280, "BLOCK_V": 4096}),
     "mambapeft.train.cross_entropy_triton:_cross_entropy_bwd_kernel": (
@@ -50,12 +55,19 @@ ALL_KERNELS = COMPILE + textwrap.dedent("""
     for name, (types, constexprs) in json.loads(sys.argv[1]).items():
         print(name, len(compiled(name, types, constexprs).asm["cubin"]), flush=True)
 """)
-CONV_FMAS = COMPILE + textwrap.dedent("""
-    from mambapeft.models.conv_triton import LAUNCH
+FMAS = COMPILE + textwrap.dedent("""
     (name, (types, constexprs)), = json.loads(sys.argv[1]).items()
+    LAUNCH = importlib.import_module(name.split(":")[0]).LAUNCH  # the options the kernel's module launches it with
     for options in (LAUNCH, {key: value for key, value in LAUNCH.items() if key != "enable_fp_fusion"}):
         print(compiled(name, types, constexprs, **options).asm["ptx"].count("fma.rn.f32"))
 """)
+
+
+def _fmas(name: str, default_fusion: str) -> tuple[int, int]:
+    """The fp32 FMAs in the PTX of kernel ``name`` compiled with its module's launch options, and without
+    their enable_fp_fusion, Triton's default contraction on ("1") or off ("0")."""
+    with_launch_options, without_the_option = _compile_run(FMAS, {name: KERNELS[name]}, default_fusion).split()
+    return int(with_launch_options), int(without_the_option)
 
 
 def _compile_run(script: str, kernels: dict, default_fusion: str = "1") -> str:
@@ -82,10 +94,18 @@ def test_the_conv_forward_is_launched_with_fused_multiply_adds():
     it equals bit for bit on the GPU: tests/test_gpu.py) where Triton's default does not, as Triton 3.10's
     will not: compiled with contraction off by default, its PTX has FMAs, and none without the option."""
     pytest.importorskip("triton", reason="Triton has wheels for Linux only")
-    name = "mambapeft.models.conv_triton:_conv_fwd_kernel"
-    fmas = _compile_run(CONV_FMAS, {name: KERNELS[name]}, default_fusion="0").split()
-    with_launch_options, without_the_option = map(int, fmas)
+    with_launch_options, without_the_option = _fmas("mambapeft.models.conv_triton:_conv_fwd_kernel", "0")
     assert with_launch_options > 0 and without_the_option == 0
+
+
+@pytest.mark.parametrize("kernel", ["_scaled_weight_kernel", "_scaled_weight_bwd_kernel"])
+def test_prodials_scaled_weight_is_launched_without_fused_multiply_adds(kernel):
+    """Its launch options keep each product rounded before its sum, as PyTorch's chain computes s (W + W r)
+    (the forward's output bit for bit the chain's: tests/test_prodial.py), where Triton's default contracts:
+    compiled with contraction on by default, its PTX has no FMA, and FMAs without the option."""
+    pytest.importorskip("triton", reason="Triton has wheels for Linux only")
+    with_launch_options, without_the_option = _fmas(f"mambapeft.models.scaled_weight_triton:{kernel}", "1")
+    assert with_launch_options == 0 and without_the_option > 0
 
 
 WITHOUT_TRITON = textwrap.dedent("""
