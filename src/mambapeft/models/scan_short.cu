@@ -7,8 +7,7 @@
 // parallel scan along time (mamba-ssm's kernels run one per state per step, and at these lengths that,
 // not memory, takes the time). A block of 128 threads holds 32 channels of one batch. Sums over a
 // channel's states (y, the delta and u gradients) are summed over its four lanes four steps at once,
-// each lane left one step's (three shuffles a sum for four steps; the backward's past 16 states, one
-// step at a time, each lane one of its sums); dB and dC, sums over channels, a
+// each lane left one step's (three shuffles a sum for four steps); dB and dC, sums over channels, a
 // butterfly over the warp's 8 channels that leaves each lane one of its 32 sums (16 states x {dB,
 // dC}; past 16 states, one more such round per four more a lane owns, of half the values for one or
 // two), then the block's four warps' by shared memory, then one global atomic per (state, step).
@@ -72,10 +71,6 @@ template <bool V> struct Flag { static constexpr bool value = V; };
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 #define PER_STEP (HAS_Z ? 3 : 2)  // the backward's sums over a channel's states a step: d loss / d dt, of g B, y
-// the backward's steps whose sums over a channel's lanes are taken at once: four up to four states a
-// lane; past them one (four steps' sums with the lane's 5 or 6 states spilled: 385 against 354-370 us
-// at 22 states, Vim-S's shape, one H200)
-#define GROUP (OWN <= 4 ? LANES : 1)
 // the sums over channels and steps the backward computes (scan_short.py sets them where the caller wants
 // the gradient: not of a frozen A, D or delta_bias, a LoRA's training): d loss / d A (an FFMA a state and
 // step, and four registers through the walk; without the three the backward 188.1 -> 171.9 us at
@@ -626,23 +621,24 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                         keep_state(states, j, h);
                     }
                 }
-                // back through the chunk's steps, GROUP at a time: each step's sums over the channel's states
-                // (d loss / d dt, the sum of g B, y) summed over its lanes at once. Four steps: each lane
-                // left one step's, which it stores (5% of the backward at Vim-S, with the float4 tile
-                // above). One step: each lane one of its sums
-                static_assert(CHUNK % GROUP == 0 && PER_STEP <= LANES, "whole groups of steps; a sum a lane");
-                constexpr int per_lane = GROUP == LANES ? PER_STEP : 1;  // the sums' entries a lane of the group
+                // back through the chunk's steps, four at a time: each step's sums over the channel's states
+                // (d loss / d dt, the sum of g B, y) summed over its lanes at once, each lane left one step's,
+                // which it stores (5% of the backward at Vim-S, with the float4 tile above). Past four states a
+                // lane too, though four steps' sums then spill a few registers: one step at a time was slower
+                // (graph-timed at Vim-S's shape, one H200: 17 states 230.0 -> 224.4 us with four, 22 states
+                // 252.5 -> 245.4)
+                static_assert(CHUNK % LANES == 0 && PER_STEP <= LANES, "whole groups of steps; a sum a lane");
                 // the state after the step being walked: the chunk's last (or the sequence's), then each
                 // step's state before, read for the step's A and dt gradients, passed on
                 float st[OWN];
                 kept_state(st, states, decltype(full)::value ? CHUNK - 1 : min(CHUNK - 1, length - 1 - s0));
 #pragma unroll
-                for (int j_hi = CHUNK - 1; j_hi >= 0; j_hi -= GROUP) {
-                    float q[LANES * per_lane];  // step i's sums at i PER_STEP
+                for (int j_hi = CHUNK - 1; j_hi >= 0; j_hi -= LANES) {
+                    float q[LANES * PER_STEP];  // step i's sums at i PER_STEP
 #pragma unroll
-                    for (int p = 0; p < LANES * per_lane; ++p) q[p] = 0.f;
+                    for (int p = 0; p < LANES * PER_STEP; ++p) q[p] = 0.f;
 #pragma unroll
-                    for (int i = 0; i < GROUP; ++i) {
+                    for (int i = 0; i < LANES; ++i) {
                         const int j = j_hi - i, k = first + j;
                         if (!decltype(full)::value && s0 + j >= length) continue;
                         const float4 in = steps[k][slot];
@@ -677,13 +673,6 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                         q[i * PER_STEP] = gAh * LN2 + gB * u_t;  // d loss / d dt, this lane's states'
                         q[i * PER_STEP + 1] = gB;
                         if (HAS_Z) q[i * PER_STEP + PER_STEP - 1] = y;
-                        if constexpr (GROUP == 1) {  // before dB and dC's sums (after them: 395 against 361-368 us)
-                            sum_steps_over_lanes<per_lane>(q);
-                            __syncwarp();  // the channel's lanes have read its tiles before they overwrite them
-                            if (group == 0) steps[k][slot].x = q[0];  // d loss / d dt
-                            if (group == 1) u_tile[k][slot] = to_in(dt * q[0] + D_c * dy);
-                            if (HAS_Z && group == PER_STEP - 1) steps[k][slot].z = q[0] + D_c * u_t;  // y
-                        }
 #pragma unroll
                         for (int round = 0; round < ROUNDS; ++round) {  // four states of the lane's at a time
                             if (OWN - 4 * round <= 2) {  // a last round of one or two states: half the values
@@ -699,15 +688,13 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                             if (sum_slot + 4 * round < OWN) sums[warp][j][sum_index + 4 * round] = sum;
                         }
                     }
-                    if constexpr (GROUP == LANES) {
-                        sum_steps_over_lanes<per_lane>(q);
-                        const int k = first + j_hi - group;  // this lane's step of the four
-                        const float4 in = steps[k][slot];
-                        __syncwarp();  // the channel's lanes have read its tiles before they overwrite them
-                        steps[k][slot].x = q[0];  // d loss / d dt
-                        u_tile[k][slot] = to_in(in.x * q[1] + D_c * in.z);
-                        if (HAS_Z) steps[k][slot].z = q[PER_STEP - 1] + D_c * in.w;  // y
-                    }
+                    sum_steps_over_lanes<PER_STEP>(q);
+                    const int k = first + j_hi - group;  // this lane's step of the four
+                    const float4 in = steps[k][slot];
+                    __syncwarp();  // the channel's lanes have read its tiles before they overwrite them
+                    steps[k][slot].x = q[0];  // d loss / d dt
+                    u_tile[k][slot] = to_in(in.x * q[1] + D_c * in.z);
+                    if (HAS_Z) steps[k][slot].z = q[PER_STEP - 1] + D_c * in.w;  // y
                 }
             };
             if (s0 + CHUNK <= length) walk(Flag<true>());
