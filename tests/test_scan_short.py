@@ -581,7 +581,7 @@ def test_fused_mixer_keeping_activations_saves_them_for_the_same_gradients(monke
         saved[keep], results[keep] = sum(sizes), [out.detach().float()] + [t.grad.clone() for t in (xz, *weights)]
         for t in (xz, *weights):
             t.grad = None
-    chunks = -(-length // scan_short.chunk_steps(16))
+    chunks = -(-length // scan_short.KEEP_EVERY)
     states, conv_out_and_delta = batch * chunks * 16 * d_inner * 4, 2 * batch * d_inner * length * 2
     assert saved[True] - saved[False] == 2 * (states + conv_out_and_delta)  # two directions; fp32, bf16
     for kept, recomputed in zip(results[True], results[False]):  # bf16 gradients after float atomics' sums

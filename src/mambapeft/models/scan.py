@@ -1105,8 +1105,8 @@ def mamba_inner_cuda(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     kernels where they all run (:func:`_reverse_in_kernels`), else on xz flipped (two copies).
     ``keep_activations``: where a backward will run, the forward keeps what the backward would
     recompute (memory for speed): the conv output and delta ((B, D_inner, L) each), and where our
-    short-sequence scan runs, its state every 8 steps up to 16 states, every 4 past them
-    (``scan_short.chunk_steps``; fp32: twice xz's bf16 bytes at 16 states), whose recompute is one of
+    short-sequence scan runs, its state every 8 steps (``scan_short.KEEP_EVERY``; fp32: twice xz's bf16
+    bytes at 16 states), whose recompute is one of
     the scan backward's three passes over time (~15% of it at Vim-S). ``state_offset``: as
     :func:`mamba_inner_torch`'s, where our short-sequence scan runs only (:func:`takes_state_offset`).
     ``a_log`` as :func:`mamba_inner_torch`'s (mamba-ssm's kernels get -exp(A_log), computed here)."""

@@ -19,9 +19,9 @@
 // us, the backward 209.4 -> 192.9, with the backward's reads below).
 //
 // The backward needs each step's state in reverse order. It walks the chunks of CHUNK steps from the
-// last: recomputes the chunk's states from the state before it (its checkpoint) into shared memory,
-// and steps back through them. The checkpoints (fp32) are written by the forward where the caller
-// keeps them (keep_states: one pass over time less in the backward, ~15% of it at Vim-S), else by a
+// last: recomputes the chunk's states from the checkpoint at or before it (the state every KEEP_EVERY
+// steps) into shared memory, and steps back through them. The checkpoints (fp32) are written by the
+// forward where the caller keeps them (keep_states: one pass over time less in the backward, ~15% of it at Vim-S), else by a
 // first pass of the backward, as scratch.
 //
 // Global memory holds a channel's steps contiguously, and a warp steps 8 channels at once: reading
@@ -38,10 +38,11 @@
 //   output reads the state as h + h' (y = C (h + h') + D u; h' never enters the recurrence)
 //   dA (with A_LOG: A_log's gradient), doffset: (channels, N), dB, dC: (batch, N, length) (any strides),
 //   dD, ddelta_bias: (channels,), all fp32, zeroed
-//   ckpt: (batch, chunks, NPAD, channels) fp32: the state before each chunk but the first, written by
-//   the forward with keep_states, else by the backward (states_given 0)
+//   ckpt: (batch, ceil(length / KEEP_EVERY), NPAD, channels) fp32: the state before every KEEP_EVERY-th
+//   step but the first, written by the forward with keep_states, else by the backward (states_given 0)
 // Macros: NSTATE (N), IN_BF16 (u, delta, z, dout, out, out_z and the gradients of the first three: bf16,
-//   else fp32), BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, HAS_OFFSET, SOFTPLUS, CHUNK (a divisor of TILE), REVERSE
+//   else fp32), BC_BF16 (B, C), HAS_D, HAS_Z, HAS_BIAS, HAS_OFFSET, SOFTPLUS, CHUNK (a divisor of TILE), KEEP_EVERY
+//   (steps between checkpoints: a multiple of CHUNK and a divisor of TILE), REVERSE
 //   (kernels.cuh), ACCUMULATE (the forward's out or out_z and the backward's dz added to what they hold:
 //   the second direction of a Vim block, one tensor for both), STORES_OUT_Z (the backward writes out_z),
 //   A_LOG (A given as A_log: a trained A_log's -exp and its gradient's product here, not four kernels
@@ -404,14 +405,14 @@ __device__ __forceinline__ void kept_state(float (&h)[OWN], const chunk_states_t
 
 // this thread's states in the checkpoints (batch, chunks, NPAD, channels): [chunk][state] at stride channels
 #define CHECKPOINTS(ckpt) \
-    (ckpt + (long long)b * ((length + CHUNK - 1) / CHUNK) * NPAD * channels + (long long)(group * OWN) * channels + c)
+    (ckpt + (long long)b * ((length + KEEP_EVERY - 1) / KEEP_EVERY) * NPAD * channels + (long long)(group * OWN) * channels + c)
 
-// h, the state after step t - 1, as the checkpoint of the chunk starting at step t (a multiple of CHUNK)
+// h, the state after step t - 1, as the checkpoint at step t (a multiple of KEEP_EVERY)
 __device__ __forceinline__ void keep_checkpoint(float* checkpoint, const float (&h)[OWN], int t, int length,
                                                 int channels, bool keeps) {
     if (keeps && t < length) {
 #pragma unroll
-        for (int s = 0; s < OWN; ++s) checkpoint[((long long)(t / CHUNK) * NPAD + s) * channels] = h[s];
+        for (int s = 0; s < OWN; ++s) checkpoint[((long long)(t / KEEP_EVERY) * NPAD + s) * channels] = h[s];
     }
 }
 
@@ -476,7 +477,7 @@ scan_fwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                         h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][n] * dtu;
                         y[i] += READ_STATE(h[s], s) * Cs[k][n];
                     }
-                    if ((k + 1) % CHUNK == 0) keep_checkpoint(checkpoint, h, t0 + k + 1, length, channels, keeps);
+                    if ((k + 1) % KEEP_EVERY == 0) keep_checkpoint(checkpoint, h, t0 + k + 1, length, channels, keeps);
                 }
                 sum_steps_over_lanes<1>(y);
                 __syncwarp();  // the channel's lanes have read dt u before they overwrite it
@@ -547,13 +548,13 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
     float* dB_row = dB + (long long)b * dB_sb + sum_state * dB_sn;
     float* dC_row = dC + (long long)b * dC_sb + sum_state * dC_sn;
 
-    // forward, unless it ran with keep_states: the state before each chunk but the first
+    // forward, unless it ran with keep_states: the checkpoints
     in_t u_next[TILE_ROWS], delta_next[TILE_ROWS];
     bc_t B_next[STATE_ROWS];
     fetch(u_next, u, u_sc, left, 0, length);
     fetch(delta_next, delta, delta_sc, left, 0, length);
     fetch_states(B_next, Bm, B_sn, B_sl, 0, length);
-    for (int t0 = 0; !states_given && t0 + CHUNK < length; t0 += TILE) {
+    for (int t0 = 0; !states_given && t0 + KEEP_EVERY < length; t0 += TILE) {
         __syncthreads();
         put_step_sizes(steps, u_next, delta_next, bias_s); put_states(Bs, B_next, B_sn);
         __syncthreads();
@@ -567,7 +568,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             const float dt = in.x, dtu = in.y;
 #pragma unroll
             for (int s = 0; s < OWN; ++s) h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
-            if ((k + 1) % CHUNK == 0) keep_checkpoint(checkpoint, h, t0 + k + 1, length, channels, slot < left);
+            if ((k + 1) % KEEP_EVERY == 0) keep_checkpoint(checkpoint, h, t0 + k + 1, length, channels, slot < left);
         }
     }
 
@@ -604,9 +605,18 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             // the backward 187.8 -> 177.7 us at 16 states; at 22, six blocks a multiprocessor at 80
             // registers then spill 28 bytes a thread, not 132)
             float start[OWN];
+            const int ahead = first % KEEP_EVERY, kept_at = s0 - ahead;  // the checkpoint at or before the chunk
 #pragma unroll
             for (int s = 0; s < OWN; ++s)
-                start[s] = s0 > 0 ? checkpoint[((long long)(s0 / CHUNK) * NPAD + s) * channels] : 0.f;
+                start[s] = kept_at > 0 ? checkpoint[((long long)(kept_at / KEEP_EVERY) * NPAD + s) * channels] : 0.f;
+            // from there to the chunk (past 16 states: a chunk of 4 steps, a checkpoint every 8), as the
+            // forward computed them
+#pragma unroll
+            for (int k = first - ahead; k < first; ++k) {
+                const float2 in = dt_dtu(steps, k, slot);
+#pragma unroll
+                for (int s = 0; s < OWN; ++s) start[s] = exp2f(in.x * A2[s]) * start[s] + Bs[k][group * OWN + s] * in.y;
+            }
             auto walk = [&](auto full) {  // the chunk's states, then back through them; full: as above
 #pragma unroll
                 for (int s = 0; s < OWN; ++s) h[s] = start[s];

@@ -37,11 +37,17 @@ ENV = "MAMBAPEFT_SHORT_SCAN"  # "0": mamba-ssm's kernels at every length (A/B me
 
 
 def chunk_steps(states: int) -> int:
-    """Steps between the backward's checkpoints of the state (its shared memory holds one chunk's
-    states; the kernel file's CHUNK): 8 up to 16 states, past them 4. Measured on one H200 at Vim-S's
-    shape (bf16, graph-timed): at 22 states the backward 354.5 -> 320.7 us, the forward (twice the
-    checkpoints to write) 99.0 -> 107.0; at 16 states 4 steps were slower (backward 200.4 -> 215.9)."""
+    """Steps whose states the backward recomputes at once (its shared memory holds one chunk's; the
+    kernel file's CHUNK): 8 up to 16 states, past them 4. Measured on one H200 at Vim-S's shape (bf16,
+    graph-timed): at 22 states the backward 354.5 -> 320.7 us (then with a checkpoint every 4 steps);
+    at 16 states 4 steps were slower (backward 200.4 -> 215.9)."""
     return 8 if states <= 4 * LANES else 4
+
+
+# Steps between the checkpoints of the state the forward keeps for the backward (KEEP_EVERY), at every
+# state count: past 16 states the backward recomputes a chunk's 4 steps from the checkpoint 4 steps
+# before it
+KEEP_EVERY = 8
 
 
 # the backward's sums over steps and channels a caller may not want (a frozen A, D or delta_bias: a LoRA's
@@ -61,7 +67,7 @@ def macros(in_dtype: torch.dtype, bc_dtype: torch.dtype, has_D: bool, has_z: boo
     return nvrtc.defines({"NSTATE": states, "IN_BF16": in_dtype == torch.bfloat16,
                           "BC_BF16": bc_dtype == torch.bfloat16,
                           "HAS_D": has_D, "HAS_Z": has_z, "HAS_BIAS": has_bias, "SOFTPLUS": softplus,
-                          "CHUNK": chunk_steps(states),
+                          "CHUNK": chunk_steps(states), "KEEP_EVERY": KEEP_EVERY,
                           "REVERSE": reverse, "HAS_OFFSET": has_offset, "ACCUMULATE": accumulate,
                           "STORES_OUT_Z": stores_out_z, "WANTS_DA": "dA" in wants, "WANTS_DD": "dD" in wants,
                           "WANTS_DBIAS": "ddelta_bias" in wants, "A_LOG": a_log})
@@ -143,12 +149,12 @@ def _run(name: str, u, A, B, D, z, delta_bias, softplus, reverse, offset, accumu
 
 
 def checkpoints(u: torch.Tensor, states: int) -> torch.Tensor:
-    """An empty tensor for the state before each chunk of :func:`chunk_steps` steps of u (B, D, L) with
-    ``states`` states: (B, chunks, N', D) fp32, N' the lanes' padded count (multiple of 4): 64 bytes per
-    channel and chunk at N = 16 (twice a bf16 xz's bytes; at 22 states, 96 bytes every 4 steps: six times)."""
+    """An empty tensor for the state before every KEEP_EVERY-th step of u (B, D, L) with ``states``
+    states: (B, checkpoints, N', D) fp32, N' the lanes' padded count (multiple of 4): 64 bytes per channel
+    every 8 steps at N = 16 (twice a bf16 xz's bytes; at 22 states 96 bytes: three times)."""
     batch, channels, length = u.shape
-    padded, chunk = -(-states // LANES) * LANES, chunk_steps(states)
-    return torch.empty(batch, (length + chunk - 1) // chunk, padded, channels, device=u.device, dtype=torch.float32)
+    padded = -(-states // LANES) * LANES
+    return torch.empty(batch, -(-length // KEEP_EVERY), padded, channels, device=u.device, dtype=torch.float32)
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, keep_states=False, offset=None,
