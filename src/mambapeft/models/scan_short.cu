@@ -21,8 +21,8 @@
 // The backward needs each step's state in reverse order. It walks the chunks of CHUNK steps from the
 // last: recomputes the chunk's states from the checkpoint at or before it (the state every KEEP_EVERY
 // steps) into shared memory, and steps back through them. The checkpoints (fp32) are written by the
-// forward where the caller keeps them (keep_states: one pass over time less in the backward, ~15% of it at Vim-S), else by a
-// first pass of the backward, as scratch.
+// forward where the caller keeps them (keep_states: one pass over time less in the backward, ~15% of it
+// at Vim-S), else by a first pass of the backward, as scratch.
 //
 // Global memory holds a channel's steps contiguously, and a warp steps 8 channels at once: reading
 // each one's step from its own row would touch a cache line per channel and step. Tiles of (TILE steps
@@ -403,7 +403,9 @@ __device__ __forceinline__ void kept_state(float (&h)[OWN], const chunk_states_t
 }
 #endif
 
-// this thread's states in the checkpoints (batch, chunks, NPAD, channels): [chunk][state] at stride channels
+// this thread's states in the checkpoints (batch, checkpoints, NPAD, channels): [checkpoint][state] at stride
+// channels
+static_assert(KEEP_EVERY % CHUNK == 0 && TILE % KEEP_EVERY == 0, "checkpoints at chunk starts, within a tile");
 #define CHECKPOINTS(ckpt) \
     (ckpt + (long long)b * ((length + KEEP_EVERY - 1) / KEEP_EVERY) * NPAD * channels + (long long)(group * OWN) * channels + c)
 
