@@ -63,6 +63,18 @@ def test_applies_checks_shapes_and_dtypes():
     assert not scan_short.applies(cuda_like, A, B.unsqueeze(1), u)  # B grouped: (batch, groups, N, L)
 
 
+@pytest.mark.parametrize("states, padded, chunk", [(16, 16, 8), (17, 20, 4), (22, 24, 4)])
+def test_the_forward_keeps_a_checkpoint_every_8_steps_at_every_state_count(states, padded, chunk):
+    """Past 16 states the backward recomputes 4 steps at a time (its shared memory) but the forward keeps
+    the state every 8 steps as at 16: half the checkpoints' memory (the kernel asserts KEEP_EVERY is a
+    multiple of CHUNK dividing the tile)."""
+    u = torch.empty(3, 96, 197, device="meta")
+    assert scan_short.checkpoints(u, states).shape == (3, 25, padded, 96)  # ceil(197 / 8) checkpoints
+    assert scan_short.chunk_steps(states) == chunk
+    defines = scan_short.macros(torch.bfloat16, torch.bfloat16, True, True, True, True, states=states)
+    assert f"-DKEEP_EVERY={scan_short.KEEP_EVERY}" in defines and f"-DCHUNK={chunk}" in defines
+
+
 def test_launch_covers_every_channel_on_the_tensors_device(monkeypatch):
     entered, calls = [], []
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(entered.append(device)))
