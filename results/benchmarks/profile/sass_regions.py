@@ -114,7 +114,8 @@ def main() -> None:
     if args.layout == "vim-s":
         options.append(vim_s_layout(args.states, kernel=args.kernel))
     cubin = nvrtc.compile_cubin(marked(source, args.kernel), scan_short.SOURCE, "90", options, ctypes.CDLL(str(library)))
-    function = KERNELS[args.kernel].function
+    kernel = KERNELS[args.kernel]
+    function = kernel.function
     path = pathlib.Path("/tmp/sass_regions.cubin")
     path.write_bytes(cubin)
     env = {**os.environ, "PATH": f"{pathlib.Path(cuobjdump).parent}:{os.environ.get('PATH', '')}"}  # its nvdisasm
@@ -133,7 +134,6 @@ def main() -> None:
             region = int(match.group(3).strip(), 16).bit_length() - 1
             continue
         counts[region][opcode] += 1
-    kernel = KERNELS[args.kernel]
     names = {0: kernel.set_up, **{n: region for n, (_, region, _) in enumerate(kernel.marks, 1)}}
     for n in sorted(counts):
         top = " ".join(f"{op}:{k}" for op, k in counts[n].most_common(8))

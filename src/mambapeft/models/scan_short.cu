@@ -231,6 +231,15 @@ __device__ __forceinline__ float2 dt_dtu(const qtile_t& q, int k, int slot) {
     return *reinterpret_cast<const float2*>(&q[k][slot]);
 }
 
+// h, a lane's states, through step k of the tile: the forward's update (which also sums y as it goes), so that
+// the backward's recomputed states are the forward's bit for bit
+__device__ __forceinline__ void advance(float (&h)[OWN], const qtile_t& steps, const float (&Bs)[TILE][NPAD],
+                                        const float (&A2)[OWN], int k, int slot, int group) {
+    const float2 in = dt_dtu(steps, k, slot);
+#pragma unroll
+    for (int s = 0; s < OWN; ++s) h[s] = exp2f(in.x * A2[s]) * h[s] + Bs[k][group * OWN + s] * in.y;
+}
+
 // One butterfly level over the lanes `lane_width` apart: each keeps the half of v[0 .. 2 half) on its
 // side of the pair plus the partner's values of that half, in v[0 .. half)
 template <int lane_width, int half, int size>
@@ -566,10 +575,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
 #pragma unroll
         for (int k = 0; k < TILE; ++k) {
             if (t0 + k >= length) break;
-            const float2 in = dt_dtu(steps, k, slot);
-            const float dt = in.x, dtu = in.y;
-#pragma unroll
-            for (int s = 0; s < OWN; ++s) h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
+            advance(h, steps, Bs, A2, k, slot, group);
             if ((k + 1) % KEEP_EVERY == 0) keep_checkpoint(checkpoint, h, t0 + k + 1, length, channels, slot < left);
         }
     }
@@ -614,11 +620,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
             // from there to the chunk (past 16 states: a chunk of 4 steps, a checkpoint every 8), as the
             // forward computed them
 #pragma unroll
-            for (int k = first - ahead; k < first; ++k) {
-                const float2 in = dt_dtu(steps, k, slot);
-#pragma unroll
-                for (int s = 0; s < OWN; ++s) start[s] = exp2f(in.x * A2[s]) * start[s] + Bs[k][group * OWN + s] * in.y;
-            }
+            for (int k = first - ahead; k < first; ++k) advance(start, steps, Bs, A2, k, slot, group);
             auto walk = [&](auto full) {  // the chunk's states, then back through them; full: as above
 #pragma unroll
                 for (int s = 0; s < OWN; ++s) h[s] = start[s];
@@ -626,10 +628,7 @@ scan_bwd(const in_t* __restrict__ u, const in_t* __restrict__ delta, const float
                 for (int j = 0; j < CHUNK; ++j) {  // the chunk's states (steps past the end leave them as they are)
                     const int k = first + j;
                     if (decltype(full)::value || s0 + j < length) {
-                        const float2 in = dt_dtu(steps, k, slot);
-                        const float dt = in.x, dtu = in.y;
-#pragma unroll
-                        for (int s = 0; s < OWN; ++s) h[s] = exp2f(dt * A2[s]) * h[s] + Bs[k][group * OWN + s] * dtu;
+                        advance(h, steps, Bs, A2, k, slot, group);
                         keep_state(states, j, h);
                     }
                 }
