@@ -16,6 +16,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
+def kernel_device(request, monkeypatch) -> torch.device:
+    """Where a test of our CUDA kernels (scan_short.cu, conv_bwd.cu) runs them: on the GPU, compiled by
+    NVRTC; and on the CPU, compiled as C++ against tests/cuda_emulation.h, so that their logic is
+    tested where there is no GPU (CI)."""
+    # imported here: the package imports triton, which must see TRITON_INTERPRET (set above) first
+    import cuda_emulation
+    from nvrtc_helpers import skip_without_a_gpu_and_nvrtc
+
+    if request.param == "cuda":
+        skip_without_a_gpu_and_nvrtc()
+        return torch.device("cuda")
+    if cuda_emulation.compiler() is None:
+        pytest.skip("the CPU emulation of our CUDA kernels needs a C++ compiler (c++, g++ or $CXX)")
+    cuda_emulation.emulated(monkeypatch)
+    return torch.device("cpu")
+
+
 @pytest.fixture
 def isolated_datasets_cache(tmp_path, monkeypatch):
     """For tests that run lm-eval: its datasets cache goes under the test's tmp_path."""

@@ -29,3 +29,9 @@ def skip_without_a_gpu_and_nvrtc() -> None:
     """Skip the calling test where our kernels cannot run: no CUDA device, or no NVRTC."""
     if not torch.cuda.is_available() or not nvrtc.nvrtc_available():
         pytest.skip("needs a CUDA device with NVRTC")
+
+
+def emulated_size(kernel_device: torch.device, batch: int, channels: int) -> tuple[int, int]:
+    """(batch, channels) as given on the GPU; in the CPU emulation of the kernels (conftest's
+    kernel_device) at most 4 x 96: Vim-S's 32 x 768 would take it a minute, through the same paths."""
+    return (batch, channels) if kernel_device.type == "cuda" else (min(batch, 4), min(channels, 96))

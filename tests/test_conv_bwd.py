@@ -1,6 +1,7 @@
 """Our causal conv backward (models/conv_bwd.cu, compiled by NVRTC): where it runs, that every variant
 compiles for Hopper (on any machine with the NVRTC wheel), and on a GPU its gradients against
-PyTorch's conv under autograd in float64 and against causal-conv1d's kernel."""
+PyTorch's conv under autograd in float64 and against causal-conv1d's kernel; the kernel's tests also
+on the CPU through tests/cuda_emulation.h (conftest's kernel_device), against the float64 conv."""
 from __future__ import annotations
 
 import ctypes
@@ -11,7 +12,7 @@ import torch
 
 from mambapeft.models import conv_bwd, nvrtc, scan
 
-from nvrtc_helpers import nvrtc_wheel_library, relative, skip_without_a_gpu_and_nvrtc
+from nvrtc_helpers import emulated_size, nvrtc_wheel_library, relative
 
 CUDA = torch.device("cuda")
 
@@ -74,20 +75,19 @@ def test_every_variant_compiles_for_hopper():
 
 
 # ------------------------------------------------------------------------------------------------
-# On a GPU
+# On a GPU, and on the CPU through the emulation (conftest's kernel_device)
 # ------------------------------------------------------------------------------------------------
-def _inputs(batch, channels, length, width, dtype, channel_major, has_bias, generator):
+def _inputs(batch, channels, length, width, dtype, channel_major, has_bias, generator, device):
     def sequence():
         shape = (channels, batch, length) if channel_major else (batch, channels, length)
-        t = torch.randn(shape, generator=generator).to(dtype).cuda()
+        t = torch.randn(shape, generator=generator).to(dtype).to(device)
         return t.transpose(0, 1) if channel_major else t
 
-    weight = (0.5 * torch.randn(channels, width, generator=generator)).cuda()
-    bias = torch.randn(channels, generator=generator).cuda() if has_bias else None
+    weight = (0.5 * torch.randn(channels, width, generator=generator)).to(device)
+    bias = torch.randn(channels, generator=generator).to(device) if has_bias else None
     return sequence(), weight, bias, sequence()
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("batch, channels, length, width, dtype, channel_major, has_bias, silu", [
     (32, 768, 197, 4, torch.bfloat16, True, True, True),   # Vim-S, channel-major as the fused function holds it
     (3, 96, 256, 4, torch.float32, False, True, True),     # the longest row, MAX_LENGTH
@@ -95,18 +95,18 @@ def _inputs(batch, channels, length, width, dtype, channel_major, has_bias, gene
     (4, 40, 77, 3, torch.bfloat16, False, False, True),
     (5, 33, 255, 2, torch.float32, False, True, False),    # no SiLU, five rows over four warps
 ])
-def test_against_the_float64_conv_as_close_as_causal_conv1d(batch, channels, length, width, dtype, channel_major,
-                                                           has_bias, silu):
-    skip_without_a_gpu_and_nvrtc()
+def test_against_the_float64_conv_as_close_as_causal_conv1d(kernel_device, batch, channels, length, width, dtype,
+                                                           channel_major, has_bias, silu):
+    batch, channels = emulated_size(kernel_device, batch, channels)
     x, weight, bias, dout = _inputs(batch, channels, length, width, dtype, channel_major, has_bias,
-                                    torch.Generator().manual_seed(0))
+                                    torch.Generator().manual_seed(0), kernel_device)
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias) if t is not None]
     scan.causal_conv1d_torch(leaves[0], leaves[1], leaves[2] if has_bias else None,
                              "silu" if silu else None).backward(dout.double())
     ours = [t for t in conv_bwd.backward(x, weight, bias, dout, None, silu) if t is not None]
     assert ours[0].stride() == x.stride()  # dx in x's layout
     floor = 1e-6 if dtype == torch.float32 else 4e-3  # fp32: a few roundings; bf16: dx's own rounding
-    if scan._conv_bwd_kernel is None:
+    if scan._conv_bwd_kernel is None or kernel_device.type == "cpu":  # no causal-conv1d to compare with
         for got, leaf in zip(ours, leaves):
             assert relative(got, leaf.grad) <= floor
         return
@@ -116,29 +116,27 @@ def test_against_the_float64_conv_as_close_as_causal_conv1d(batch, channels, len
         assert relative(got, leaf.grad) <= max(3 * relative(upstream, leaf.grad), floor), name
 
 
-@pytest.mark.gpu
-def test_dx_is_written_into_the_tensor_given():
-    skip_without_a_gpu_and_nvrtc()
-    x, weight, bias, dout = _inputs(2, 8, 50, 4, torch.float32, False, True, torch.Generator().manual_seed(0))
-    dxz = torch.zeros(2, 16, 50, device="cuda")
+def test_dx_is_written_into_the_tensor_given(kernel_device):
+    x, weight, bias, dout = _inputs(2, 8, 50, 4, torch.float32, False, True, torch.Generator().manual_seed(0),
+                                    kernel_device)
+    dxz = torch.zeros(2, 16, 50, device=kernel_device)
     dx, _, _ = conv_bwd.backward(x, weight, bias, dout, dxz[:, :8], True)
     assert dx.data_ptr() == dxz.data_ptr() and bool((dxz[:, :8] != 0).any()) and bool((dxz[:, 8:] == 0).all())
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("batch, length, dtype, channel_major", [(32, 197, torch.bfloat16, True),
                                                                  (21, 197, torch.bfloat16, True),
                                                                  (11, 50, torch.float32, True),
                                                                  (5, 77, torch.bfloat16, False)])
-def test_add_dx_adds_x_gradient_to_the_one_given_as_pytorch_adds_them(batch, length, dtype, channel_major):
+def test_add_dx_adds_x_gradient_to_the_one_given_as_pytorch_adds_them(kernel_device, batch, length, dtype,
+                                                                     channel_major):
     """With ``add_dx`` (a Vim block's second direction), dx is what it held plus this conv's x gradient,
     that gradient rounded to the dtype first, as PyTorch adds two tensors: equal bit for bit, channel-major
     (as the fused function holds it) or not, rows over the warps evenly or not; the weight and bias
     gradients as without it."""
-    skip_without_a_gpu_and_nvrtc()
     generator = torch.Generator().manual_seed(0)
-    x, weight, bias, dout = _inputs(batch, 40, length, 4, dtype, channel_major, True, generator)
-    held = _inputs(batch, 40, length, 4, dtype, channel_major, False, generator)[0]
+    x, weight, bias, dout = _inputs(batch, 40, length, 4, dtype, channel_major, True, generator, kernel_device)
+    held = _inputs(batch, 40, length, 4, dtype, channel_major, False, generator, kernel_device)[0]
     alone = conv_bwd.backward(x, weight, bias, dout, None, True)
     into = held.clone()
     added = conv_bwd.backward(x, weight, bias, dout, into, True, add_dx=True)
@@ -147,14 +145,13 @@ def test_add_dx_adds_x_gradient_to_the_one_given_as_pytorch_adds_them(batch, len
     assert torch.equal(added[1], alone[1]) and torch.equal(added[2], alone[2])
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("length", [197, 256, 2])
-def test_reverse_is_the_backward_of_the_flipped_conv(length):
+def test_reverse_is_the_backward_of_the_flipped_conv(kernel_device, length):
     """The backward of the conv run from the last step to the first: the gradients of the conv of x
     flipped along time (dx bit for bit, flipped back; the weight and bias sums over time in another
     order)."""
-    skip_without_a_gpu_and_nvrtc()
-    x, weight, bias, dout = _inputs(3, 40, length, 4, torch.bfloat16, True, True, torch.Generator().manual_seed(0))
+    x, weight, bias, dout = _inputs(3, 40, length, 4, torch.bfloat16, True, True, torch.Generator().manual_seed(0),
+                                    kernel_device)
     dx, dweight, dbias = conv_bwd.backward(x, weight, bias, dout, None, True, reverse=True)
     dx_f, dweight_f, dbias_f = conv_bwd.backward(x.flip(-1), weight, bias, dout.flip(-1), None, True)
     assert torch.equal(dx, dx_f.flip(-1))

@@ -3,7 +3,9 @@
 On the CPU: which calls take it, and that every variant of its source compiles for sm_90 (NVRTC from
 the `nvidia-cuda-nvrtc` wheel of the test extras). On a GPU (`gpu` marker): outputs and every gradient
 against the float64 PyTorch scan, fp32 and bf16, next to mamba-ssm's kernels' errors against the same
-reference; and the fused mixer function on it against mamba-ssm's kernels.
+reference; and the fused mixer function on it against mamba-ssm's kernels. The kernels' own tests run
+twice (conftest's kernel_device): on the GPU, and on the CPU through tests/cuda_emulation.h, which
+checks their logic where CI has no GPU (against the float64 scan and each other, at most 4 x 96).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 from mambapeft.bench.scan import kernel_inputs
 from mambapeft.cli.bench import _shape, cmd_bench_scan_kernels
 from mambapeft.models import conv_bwd, nvrtc, scan, scan_short
-from nvrtc_helpers import nvrtc_wheel_library, relative, skip_without_a_gpu_and_nvrtc
+from nvrtc_helpers import emulated_size, nvrtc_wheel_library, relative
 
 CUDA = torch.device("cuda")
 
@@ -209,7 +211,7 @@ def test_a_compile_error_names_the_line():
 
 
 # ------------------------------------------------------------------------------------------------
-# On a GPU
+# On a GPU, and (but the fused mixer function's) on the CPU through the emulation (conftest's kernel_device)
 # ------------------------------------------------------------------------------------------------
 def _reference(u, delta, A, B, C, D, z, bias, dout):
     """out_z and the gradients of (u, delta, A, B, C, D, delta_bias, z), the PyTorch scan in float64."""
@@ -246,7 +248,17 @@ def _mamba_ssm(u, delta, A, B, C, D, z, bias, dout):
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z")
 
 
-@pytest.mark.gpu
+def _bound(ours, theirs, reference, floor: float) -> float:
+    """A result's bound against the float64 reference: 3x mamba-ssm's error (``theirs``, its result on
+    the GPU) or ``floor``. In the CPU emulation (``theirs`` None: no mamba-ssm there; the C library's
+    exact math where the GPU's is fast) the floor, or a bf16 result's own rounding: half its step, up to
+    2^-8 of the largest element."""
+    if theirs is None:
+        return 2 ** -8 if ours.dtype == torch.bfloat16 else floor
+    return max(3 * relative(theirs, reference), floor)
+
+
+
 @pytest.mark.parametrize("batch, channels, length, dtype, channel_major, states", [
     (2, 70, 37, torch.float32, False, 16),      # channels past a block's 32, a partial last tile
     (3, 64, 200, torch.float32, True, 16),
@@ -257,49 +269,54 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z")
     (32, 768, 197, torch.bfloat16, True, 22),
     (4, 96, 256, torch.bfloat16, False, 24),
 ])
-def test_against_the_float64_scan_as_close_as_mamba_ssm(batch, channels, length, dtype, channel_major, states):
-    skip_without_a_gpu_and_nvrtc()
-    pytest.importorskip("selective_scan_cuda")
+def test_against_the_float64_scan_as_close_as_mamba_ssm(kernel_device, batch, channels, length, dtype, channel_major,
+                                                        states):
+    on_gpu = kernel_device.type == "cuda"
+    if on_gpu:
+        pytest.importorskip("selective_scan_cuda")
+    batch, channels = emulated_size(kernel_device, batch, channels)
     inputs = kernel_inputs(batch, channels, length, dtype, channel_major, torch.Generator().manual_seed(0),
-                           states=states)
+                           kernel_device, states)
     out_ref, grads_ref = _reference(*inputs)
     out, grads = _ours(*inputs)
-    out_m, grads_m = _mamba_ssm(*inputs)
+    out_m, grads_m = _mamba_ssm(*inputs) if on_gpu else (None, [None] * len(NAMES))
     # fp32: a few float32 roundings; bf16: the output's rounding. Ours within 3x mamba-ssm's error or
     # (sums over channels kept in fp32 where mamba-ssm's are not) well under the dtype's step
     floor = 1e-6 if dtype == torch.float32 else 1e-3
-    assert relative(out, out_ref) <= max(3 * relative(out_m, out_ref), floor)
+    assert relative(out, out_ref) <= _bound(out, out_m, out_ref, floor)
     for name, ours, theirs, reference in zip(NAMES, grads, grads_m, grads_ref):
-        assert relative(ours, reference) <= max(3 * relative(theirs, reference), floor), name
+        assert relative(ours, reference) <= _bound(ours, theirs, reference, floor), name
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("length, dtype, states", [(197, torch.bfloat16, 16), (37, torch.float32, 16),
                                                    (200, torch.float32, 22)])
-def test_without_a_gate_the_output_is_y_as_close_to_the_float64_scan_as_mamba_ssm(length, dtype, states):
+def test_without_a_gate_the_output_is_y_as_close_to_the_float64_scan_as_mamba_ssm(kernel_device, length, dtype, states):
     """The ungated variant (y itself the output, as `setup-gpu --check` runs it; the backward's per-step
     sums then two, not three): out and every gradient against the float64 scan, within 3x mamba-ssm's
     error (its autograd function, also ungated) or under the dtype's step."""
-    skip_without_a_gpu_and_nvrtc()
-    interface = pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    on_gpu = kernel_device.type == "cuda"
+    interface = pytest.importorskip("mamba_ssm.ops.selective_scan_interface") if on_gpu else None
     u, delta, A, B, C, D, _, bias, dout = kernel_inputs(3, 70, length, dtype, True, torch.Generator().manual_seed(2),
-                                                        states=states)
+                                                        kernel_device, states)
     leaves = [t.detach().double().requires_grad_() for t in (u, delta, A, B, C, D, bias)]
     out_ref = scan.selective_scan_torch(*leaves[:6], None, leaves[6], delta_softplus=True)
     out_ref.backward(dout.double())
 
-    theirs = [t.detach().clone().requires_grad_() for t in (u, delta, A, B, C, D, bias)]
-    out_m = interface.selective_scan_fn(*theirs[:6], None, theirs[6], delta_softplus=True)
-    out_m.backward(dout)
+    out_m, theirs = None, [None] * len(leaves)
+    if on_gpu:
+        theirs = [t.detach().clone().requires_grad_() for t in (u, delta, A, B, C, D, bias)]
+        out_m = interface.selective_scan_fn(*theirs[:6], None, theirs[6], delta_softplus=True)
+        out_m.backward(dout)
+        out_m, theirs = out_m.detach(), [t.grad for t in theirs]
 
     out, out_z, kept = scan_short.forward(u, delta, A, B, C, D, None, bias, True)
     assert out_z is None and kept is None
     *grads, dz, out_z_again, doffset = scan_short.backward(u, delta, A, B, C, D, None, bias, dout, None, True)
     assert dz is None and out_z_again is None and doffset is None
     floor = 1e-6 if dtype == torch.float32 else 1e-3
-    assert relative(out, out_ref.detach()) <= max(3 * relative(out_m.detach(), out_ref.detach()), floor)
+    assert relative(out, out_ref.detach()) <= _bound(out, out_m, out_ref.detach(), floor)
     for name, ours, mamba, reference in zip(NAMES, grads, theirs, leaves):
-        assert relative(ours, reference.grad) <= max(3 * relative(mamba.grad, reference.grad), floor), name
+        assert relative(ours, reference.grad) <= _bound(ours, mamba, reference.grad, floor), name
 
 
 def _reference_with_offset(u, delta, A, B, C, D, z, bias, dout, offset, reverse):
@@ -317,18 +334,17 @@ def _reference_with_offset(u, delta, A, B, C, D, z, bias, dout, offset, reverse)
     return out.detach(), grads[:6] + [grads[7], grads[6], grads[8]]
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("length, reverse, dtype, states", [(197, False, torch.bfloat16, 16),
                                                            (197, True, torch.bfloat16, 16),
                                                            (37, False, torch.float32, 16),
                                                            (197, True, torch.bfloat16, 22)])
-def test_a_state_offset_is_read_with_the_state_as_the_float64_chain_adds_it(length, reverse, dtype, states):
+def test_a_state_offset_is_read_with_the_state_as_the_float64_chain_adds_it(kernel_device, length, reverse, dtype,
+                                                                           states):
     """State-offset tuning's h' inside the scan: out_z and every gradient (h''s too) against the float64
     scan plus the PyTorch offset term, within 3x the error of the same scan without an offset against
     its own reference (or the dtype's floor); h''s gradient, an fp32 sum, within 1e-5."""
-    skip_without_a_gpu_and_nvrtc()
-    inputs = kernel_inputs(4, 96, length, dtype, True, torch.Generator().manual_seed(5), states=states)
-    offset = torch.randn(96, states, generator=torch.Generator().manual_seed(6)).to(CUDA)
+    inputs = kernel_inputs(4, 96, length, dtype, True, torch.Generator().manual_seed(5), kernel_device, states)
+    offset = torch.randn(96, states, generator=torch.Generator().manual_seed(6)).to(kernel_device)
     out, grads = _ours(*inputs, reverse=reverse, offset=offset)
     out_ref, grads_ref = _reference_with_offset(*inputs, offset, reverse)
     plain, plain_grads = _ours(*inputs, reverse=reverse)
@@ -340,14 +356,12 @@ def test_a_state_offset_is_read_with_the_state_as_the_float64_chain_adds_it(leng
     assert relative(grads[8], grads_ref[8]) <= 1e-5
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("length", [197, 37])
-def test_reverse_is_the_scan_of_the_flipped_sequences(length):
+def test_reverse_is_the_scan_of_the_flipped_sequences(kernel_device, length):
     """From the last step to the first, in the inputs' order: what the scan of the sequences flipped
     along time gives, flipped back (the same sums: equal but for the order of the float atomics that
     sum dA, dB, dC, dD and delta_bias's gradient over channels)."""
-    skip_without_a_gpu_and_nvrtc()
-    inputs = kernel_inputs(4, 96, length, torch.bfloat16, True, torch.Generator().manual_seed(0))
+    inputs = kernel_inputs(4, 96, length, torch.bfloat16, True, torch.Generator().manual_seed(0), device=kernel_device)
     out, grads = _ours(*inputs, reverse=True)
     flipped = [t.flip(-1) if t.dim() == 3 else t for t in inputs]  # u, delta, B, C, z, dout
     out_f, grads_f = _ours(*flipped)
@@ -360,15 +374,13 @@ def test_reverse_is_the_scan_of_the_flipped_sequences(length):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("length, reverse, states", [(197, False, 16), (197, True, 16), (37, False, 16), (16, True, 16),
                                                      (8, False, 16), (197, True, 22), (37, False, 17)])
-def test_states_kept_by_the_forward_give_the_backward_its_gradients(length, reverse, states):
+def test_states_kept_by_the_forward_give_the_backward_its_gradients(kernel_device, length, reverse, states):
     """With keep_states the forward writes the checkpoints the backward would compute (lengths: past
     whole chunks, a partial tile, one tile, one chunk: no checkpoint at all) and the backward reads
     them: the same gradients (the float atomics' order aside) as the backward that recomputes them."""
-    skip_without_a_gpu_and_nvrtc()
-    inputs = kernel_inputs(4, 96, length, torch.bfloat16, True, torch.Generator().manual_seed(2), states=states)
+    inputs = kernel_inputs(4, 96, length, torch.bfloat16, True, torch.Generator().manual_seed(2), kernel_device, states)
     out, grads = _ours(*inputs, reverse=reverse)
     out_kept, grads_kept = _ours(*inputs, reverse=reverse, keep_states=True)
     assert torch.equal(out, out_kept)
@@ -376,14 +388,12 @@ def test_states_kept_by_the_forward_give_the_backward_its_gradients(length, reve
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("states, reverse", [(16, False), (16, True), (22, True)])
-def test_a_layout_compiled_in_computes_what_its_arguments_do(monkeypatch, states, reverse):
+def test_a_layout_compiled_in_computes_what_its_arguments_do(kernel_device, monkeypatch, states, reverse):
     """The kernels with the layout's sizes and strides compiled in (KNOWN_*_ARGS) and reading them as
     arguments (past MAX_LAYOUTS): the same output and sequence gradients bit for bit, the sums over
     channels and steps (float atomics, in any order) to rounding."""
-    skip_without_a_gpu_and_nvrtc()
-    inputs = kernel_inputs(4, 96, 197, torch.bfloat16, True, torch.Generator().manual_seed(3), states=states)
+    inputs = kernel_inputs(4, 96, 197, torch.bfloat16, True, torch.Generator().manual_seed(3), kernel_device, states)
     monkeypatch.setattr(scan_short, "_layouts", {})
     out, grads = _ours(*inputs, reverse=reverse, keep_states=True)
     assert all(any(layout) for layout in scan_short._layouts.values())  # compiled in
@@ -398,15 +408,13 @@ def test_a_layout_compiled_in_computes_what_its_arguments_do(monkeypatch, states
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("states, reverse, wants", [(16, False, ()), (16, True, ("dD",)), (22, True, ("dA",)),
                                                     (17, False, ("ddelta_bias",))])
-def test_sums_not_wanted_are_none_and_the_other_gradients_the_same(states, reverse, wants):
+def test_sums_not_wanted_are_none_and_the_other_gradients_the_same(kernel_device, states, reverse, wants):
     """A backward asked for only some of A's, D's and delta_bias's gradients (scan_short.SUMS: a LoRA's
     training wants none) returns None for the others and the same output and sequence gradients bit for
     bit as one that wants them all; dB, dC and the sums it computes to rounding (float atomics)."""
-    skip_without_a_gpu_and_nvrtc()
-    inputs = kernel_inputs(4, 96, 197, torch.bfloat16, True, torch.Generator().manual_seed(4), states=states)
+    inputs = kernel_inputs(4, 96, 197, torch.bfloat16, True, torch.Generator().manual_seed(4), kernel_device, states)
     out, grads = _ours(*inputs, reverse=reverse, keep_states=True)
     out_some, grads_some = _ours(*inputs, reverse=reverse, keep_states=True, wants=wants)
     assert torch.equal(out, out_some)
@@ -420,14 +428,12 @@ def test_sums_not_wanted_are_none_and_the_other_gradients_the_same(states, rever
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("states, reverse", [(16, False), (16, True), (22, True)])
-def test_A_given_as_A_log_scans_with_minus_its_exp(states, reverse):
+def test_A_given_as_A_log_scans_with_minus_its_exp(kernel_device, states, reverse):
     """With a_log the kernels read A_log (a trained one, raw), scan with A = -exp(A_log) computed in them
     and return A_log's gradient (A dA): what they compute given that A from PyTorch, to the rounding of
     their exp (fast math) against PyTorch's."""
-    skip_without_a_gpu_and_nvrtc()
-    inputs = kernel_inputs(4, 96, 197, torch.bfloat16, True, torch.Generator().manual_seed(5), states=states)
+    inputs = kernel_inputs(4, 96, 197, torch.bfloat16, True, torch.Generator().manual_seed(5), kernel_device, states)
     A_log = (-inputs[2]).log()
     given_A = list(inputs)
     given_A[2] = -torch.exp(A_log)
@@ -449,13 +455,11 @@ def test_a_sum_the_backward_does_not_know_is_refused():
                             wants=("dX",))
 
 
-@pytest.mark.gpu
-def test_B_and_C_read_token_major_as_the_fused_function_holds_them():
+def test_B_and_C_read_token_major_as_the_fused_function_holds_them(kernel_device):
     """B and C as columns of a token-major (B*L, R + 2N) tensor (x_proj's output: 2N + R apart along
     time) scan as their contiguous copies do; dB and dC come back token-major, side by side."""
-    skip_without_a_gpu_and_nvrtc()
     u, delta, A, B, C, D, z, bias, dout = kernel_inputs(4, 96, 197, torch.bfloat16, True,
-                                                        torch.Generator().manual_seed(4))
+                                                        torch.Generator().manual_seed(4), device=kernel_device)
     x_dbl = torch.cat([torch.zeros_like(B[:, :5]), B, C], dim=1).transpose(1, 2).contiguous()  # (B, L, 5 + 2N)
     B_view, C_view = x_dbl[..., 5:21].transpose(1, 2), x_dbl[..., 21:].transpose(1, 2)
     assert B_view.stride(-1) == 37
