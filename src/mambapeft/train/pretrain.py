@@ -54,7 +54,7 @@ def _optimise(model, batches, cfg: dict, describe: str) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % every == 0:
             log.info("%s step %d/%d  loss %.4f  %.1fs", describe, step + 1, cfg["steps"], np.mean(losses[-every:]),
                      time.perf_counter() - started)
