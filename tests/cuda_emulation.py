@@ -94,3 +94,30 @@ def emulated(monkeypatch) -> None:
     """The package's kernels compiled and launched on the CPU for the rest of the test."""
     monkeypatch.setattr(nvrtc, "load_kernels", load_kernels)
     monkeypatch.setattr(nvrtc, "launch", launch)
+
+
+class _SeenAsCuda:
+    """A tensor whose ``is_cuda`` is True, for the package's checks of where its kernels run."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __getattr__(self, name: str):
+        return True if name == "is_cuda" else getattr(self.tensor, name)
+
+
+def emulated_fused_function(monkeypatch) -> None:
+    """As :func:`emulated`, and the fused mixer function (``scan.mamba_inner_cuda``, ``_MambaInnerFn``) on
+    our kernels on CPU tensors: where they run is answered as on a Hopper GPU with NVRTC, the conv forward
+    is our Triton one (Triton's interpreter on the CPU), and mamba-ssm's scan kernels, which ours replace
+    at these lengths, a stand-in that fails if called."""
+    from mambapeft.models import scan, scan_short
+
+    if scan._triton_conv_fwd is None:
+        raise RuntimeError("the fused function's conv forward needs triton (its interpreter on the CPU)")
+    emulated(monkeypatch)
+    monkeypatch.setattr(nvrtc, "switched_on", lambda device, off_switch: True)
+    monkeypatch.setattr(scan_short, "applies", lambda u, A, B, *sequences, applies=scan_short.applies:
+                        applies(_SeenAsCuda(u), A, B, *sequences))
+    monkeypatch.setattr(scan, "_selective_scan_kernels", object())
+    monkeypatch.setattr(scan, "_conv_fwd_kernel", scan._triton_conv_fwd)
