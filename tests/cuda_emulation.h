@@ -4,7 +4,9 @@
 // reaches a barrier or a shuffle and hands over to the next. __shared__ variables are the kernel's
 // static locals: one copy that a block's fibers share. Math is the C library's (no fast math): the
 // kernels' logic (indexing, reductions, the order of their steps) is what this checks, not their
-// rounding on a GPU. cuda_emulation.py compiles and launches; tests/test_scan_emulated.py uses it.
+// rounding on a GPU; and it runs one order of the threads (each to its next barrier or shuffle in turn),
+// so a race between two barriers that a GPU's timing would expose goes unseen. cuda_emulation.py compiles
+// and launches (conftest.py's kernel_device).
 #pragma once
 #include <math.h>
 
@@ -149,7 +151,8 @@ int launch(void (*kernel)(P...), unsigned gx, unsigned gy, unsigned gz, unsigned
                         swapcontext(&scheduler_context, &fiber.context);
                     }
                     if (running && !progressed) {
-                        std::fprintf(stderr, "cuda emulation: block (%u, %u, %u) deadlocked at its barriers\n", x, y, z);
+                        std::fprintf(stderr, "cuda emulation: block (%u, %u, %u) deadlocked at its barriers\n", x, y,
+                                     z);
                         return 1;
                     }
                 }

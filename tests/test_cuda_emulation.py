@@ -19,8 +19,8 @@ if cuda_emulation.compiler() is None:
 # through shared memory after a barrier; thread 0 adds the block's sum to out[blockIdx.y] atomically,
 # and every thread writes what its warp's butterfly left it
 SUMS = r"""
-extern "C" __global__ void sums(const float* __restrict__ values, float* __restrict__ out, float* __restrict__ warp_sums,
-                                int per_block) {
+extern "C" __global__ void sums(const float* __restrict__ values, float* __restrict__ out,
+                                float* __restrict__ warp_sums) {
     __shared__ float partial[THREADS / 32];
     const int i = blockIdx.y * gridDim_x * THREADS + blockIdx.x * THREADS + threadIdx.x;
     float v = values[i];
@@ -55,7 +55,7 @@ def test_shuffles_barriers_shared_memory_and_atomics_sum_as_on_a_gpu():
     kernel = _kernel(SUMS, "sums", f"-DTHREADS={threads}", f"-DgridDim_x={blocks_x}")
     values = torch.randn(blocks_y, blocks_x, threads)
     out, warp_sums = torch.zeros(blocks_y), torch.empty(blocks_y, blocks_x, threads)
-    kernel(grid=(blocks_x, blocks_y, 1), block=(threads, 1, 1), args=[values, out, warp_sums, threads])
+    kernel(grid=(blocks_x, blocks_y, 1), block=(threads, 1, 1), args=[values, out, warp_sums])
     expected_warps = values.view(blocks_y, blocks_x, threads // 32, 32).sum(-1, keepdim=True).expand(-1, -1, -1, 32)
     torch.testing.assert_close(warp_sums, expected_warps.reshape(warp_sums.shape))  # every lane of a warp: its sum
     torch.testing.assert_close(out, values.sum((1, 2)))  # every block of a row added to its row's sum
