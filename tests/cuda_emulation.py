@@ -25,6 +25,11 @@ KERNELS_FOLDER = pathlib.Path(nvrtc.__file__).parent  # where the .cu files incl
 # -O1: ~0.9 s a variant's compile on this machine (-O0 0.6 s, but slower runs: the tests took as long)
 # -U_FORTIFY_SOURCE: the fibers' _longjmp between stacks, which the fortified one refuses
 FLAGS = ["-std=c++17", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-w", "-U_FORTIFY_SOURCE"]
+# $MAMBAPEFT_EMULATION_SANITIZE=address: the kernels built with AddressSanitizer, which names any read or write
+# past a tensor's bytes (README "The tests" says how to run it: its runtime preloaded, pytest -s)
+SANITIZE = os.environ.get("MAMBAPEFT_EMULATION_SANITIZE")
+if SANITIZE:
+    FLAGS += [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-g"]
 
 
 def compiler() -> str | None:
