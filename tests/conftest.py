@@ -28,8 +28,7 @@ def kernel_device(request, monkeypatch) -> torch.device:
     if request.param == "cuda":
         skip_without_a_gpu_and_nvrtc()
         return torch.device("cuda")
-    if cuda_emulation.compiler() is None:
-        pytest.skip("the CPU emulation of our CUDA kernels needs a C++ compiler (c++, g++ or $CXX)")
+    cuda_emulation.skip_without_a_compiler()
     cuda_emulation.emulated(monkeypatch)
     return torch.device("cpu")
 

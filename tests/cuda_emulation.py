@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 
+import pytest
 import torch
 
 from mambapeft.models import nvrtc
@@ -36,6 +37,13 @@ def compiler() -> str | None:
     """The C++ compiler on PATH ($CXX, c++ or g++), or None."""
     candidates = [os.environ.get("CXX"), "c++", "g++"]
     return next((path for name in candidates if name and (path := shutil.which(name))), None)
+
+
+def skip_without_a_compiler() -> None:
+    """Skip the calling test or test module where there is no C++ compiler to build the emulation with."""
+    if compiler() is None:
+        pytest.skip("the CPU emulation of our CUDA kernels needs a C++ compiler (c++, g++ or $CXX)",
+                    allow_module_level=True)
 
 
 @functools.cache

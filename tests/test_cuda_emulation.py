@@ -11,9 +11,7 @@ import torch
 import cuda_emulation
 from mambapeft.models import nvrtc, scan_short
 
-if cuda_emulation.compiler() is None:
-    pytest.skip("the CPU emulation of our CUDA kernels needs a C++ compiler (c++, g++ or $CXX)",
-                allow_module_level=True)
+cuda_emulation.skip_without_a_compiler()
 
 # each block sums its threads' values: over each warp by a butterfly of shuffles, then the warps' sums
 # through shared memory after a barrier; thread 0 adds the block's sum to out[blockIdx.y] atomically,

@@ -14,9 +14,7 @@ import cuda_emulation
 from mambapeft.models import scan, scan_short
 from triton_helpers import skip_unless_interpreted
 
-if cuda_emulation.compiler() is None:
-    pytest.skip("the CPU emulation of our CUDA kernels needs a C++ compiler (c++, g++ or $CXX)",
-                allow_module_level=True)
+cuda_emulation.skip_without_a_compiler()
 
 BATCH, D_INNER, LENGTH, RANK, D_MODEL = 2, 40, 37, 6, 24  # two blocks of channels, the second partly empty
 
