@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mambapeft.cli import main as cli
+from mambapeft.cli import build_parser, main as cli
 from mambapeft.data.orca_math import FIELDS, STANDIN_FILE, check_orca_math, corpus_entry, write_mini_orca_math
 from mambapeft.data.text_corpus import iter_texts
 from mambapeft.data.token_cache import load_tokens, tokenize_corpus
@@ -19,6 +19,7 @@ from mambapeft.models import build_model
 from mambapeft.models.checkpoints import MAMBA_SSM_FIELDS, build_lm_from_dir, save_lm
 from mambapeft.peft import PeftConfigError, apply_peft
 from mambapeft.peft.merge import check_mergeable, merge_method
+from mambapeft.peft.registry import discover_families
 from mambapeft.runspec import ConfigError, Run, method_definition, resolve_run, training_spec, validate_config
 from mambapeft.train.orca_math import split_documents
 
@@ -70,6 +71,23 @@ def test_an_embedding_update_unties_the_head_and_leaves_it_pretrained():
 def test_an_unmergeable_method_is_refused_by_name(method, family):
     with pytest.raises(PeftConfigError, match=rf"method '{method}' cannot be merged.*family '{family}'"):
         check_mergeable(method_definition("language", method, "mamba-mini", None)["peft"], method)
+
+
+# how `mambapeft merge --help` names each PEFT family (registry name -> its words in the description)
+FAMILY_WORDS = {"lora": "LoRA", "ia3": "(IA)3", "partial": "partial", "full": "full tuning", "prodial": "ProDiaL",
+                "sdt": "SDT", "hybrid_importance": "hybrid by importance", "hf_peft": "peft's tuners",
+                "affix": "affix", "prompt": "prompt", "input_tokens": "input-token", "additional_scan": "additional-scan",
+                "state_offset": "state-offset", "parallel_adapter": "parallel-adapter"}
+
+
+def test_merges_help_names_the_families_that_fold_and_those_that_cannot():
+    """The description is prose: a family registered with (or without) a merge, or a new family, must reach it."""
+    families = discover_families()
+    assert set(FAMILY_WORDS) == set(families), "name each registered family in FAMILY_WORDS and in merge's help"
+    description = " ".join(build_parser()._subparsers._group_actions[0].choices["merge"].description.split())
+    folds, cannot = description.split(" fold; ")[0], description.split(" fold; ")[1].split(")")[0]
+    for name, family in families.items():
+        assert FAMILY_WORDS[name] in (folds if family.merge else cannot), name
 
 
 def _orca_config(root, methods: list[str]) -> dict:

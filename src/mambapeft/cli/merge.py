@@ -13,8 +13,9 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(
         "merge", help="fold a run's adapter into the weights: <out>/hf (transformers), <out>/mamba_ssm, merge.json",
         description="Reads the run's adapter.safetensors (written by `mambapeft train` with the same configuration), "
-                    "folds every member of its method into the backbone's weights (LoRA, (IA)3, partial and full "
-                    "tuning fold; affix, prompt, input-token, additional-scan and parallel-adapter members cannot), "
+                    "folds every member of its method into the backbone's weights (LoRA and DoRA, (IA)3, partial and "
+                    "full tuning, ProDiaL, SDT, the hybrid by importance and Hugging Face peft's tuners fold; affix, "
+                    "prompt, input-token, additional-scan, state-offset and parallel-adapter members cannot), "
                     "checks that the merged model gives the adapter model's logits, and writes <out>/hf (transformers' "
                     "MambaForCausalLM: config.json, model.safetensors, tokenizer files), <out>/mamba_ssm (config.json, "
                     "pytorch_model.bin) and <out>/merge.json last.")
