@@ -17,12 +17,13 @@ from mambapeft.data.tokenizer import build_tokenizer, load_tokenizer
 from mambapeft.eval.lm_eval_suite import FAMILY, agreement, evaluate_suite
 from mambapeft.eval.lm_eval_tasks import write_task_definitions
 from mambapeft.export import merge_run
+from mambapeft.io import sha256_file, write_record_atomic
 from mambapeft.models.checkpoints import save_lm
 from mambapeft.models.lm import build_lm
 from mambapeft.peft import apply_peft
 from mambapeft.peft.state import save_adapter
 from mambapeft.report.lm_eval_suite import write_suite_report
-from mambapeft.runspec import ADAPTER, repo_root
+from mambapeft.runspec import ADAPTER, TRAIN_RECORD, repo_root, training_spec
 
 LORA = {"id": "lora_suite_test", "peft": [{"family": "lora", "name": "lora", "targets": ["mixer.in_proj", "mixer.out_proj"],
                                            "rank": 4, "scale": 0.5, "dropout": 0.0}]}
@@ -83,6 +84,9 @@ def merged_run(tmp_path_factory, suite_root):
     run_dir = tmp_path_factory.mktemp("run")
     save_adapter(run_dir / ADAPTER, peft, LORA)
     spec = {**bare_spec("language", None, LORA, path=str(base)), "output_dir": str(run_dir)}
+    # the training record the trainer writes last, which the merge checks the adapter against
+    write_record_atomic(run_dir / TRAIN_RECORD, {"status": "ok", "config": training_spec(spec),
+                                                 "adapter_sha256": sha256_file(run_dir / ADAPTER)})
     merged = tmp_path_factory.mktemp("merged")
     merge_run(spec, merged)
     return base, run_dir / ADAPTER, merged / "hf"

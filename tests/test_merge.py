@@ -1,26 +1,33 @@
 """Merging a trained method into the weights (`mambapeft merge`) and the Orca-Math data it is
 first used for: merged logits equal the adapter model's; transformers and our mamba_ssm loader
 read the exported directories and give the same logits; unmergeable methods are refused by name,
-at config time too; Orca-Math copies in each published layout read the same records."""
+at config time too; an adapter training did not write for the run (swapped, no or a diverged
+train.json, another method's) is refused; Orca-Math copies in each published layout read the same records."""
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from mambapeft.build import build_trainable
 from mambapeft.cli import build_parser, main as cli
 from mambapeft.data.orca_math import FIELDS, STANDIN_FILE, check_orca_math, corpus_entry, write_mini_orca_math
 from mambapeft.data.text_corpus import iter_texts
 from mambapeft.data.token_cache import load_tokens, tokenize_corpus
 from mambapeft.data.tokenizer import build_tokenizer
 from mambapeft.export import HF_DIR, MAMBA_SSM_DIR, MERGE_RECORD, write_layouts
+from mambapeft.io import write_record_atomic
 from mambapeft.models import build_model
 from mambapeft.models.checkpoints import MAMBA_SSM_FIELDS, build_lm_from_dir, save_lm
 from mambapeft.peft import PeftConfigError, apply_peft
 from mambapeft.peft.merge import check_mergeable, merge_method
 from mambapeft.peft.registry import discover_families
-from mambapeft.runspec import ConfigError, Run, method_definition, resolve_run, training_spec, validate_config
+from mambapeft.peft.state import AdapterError
+from mambapeft.runspec import (ADAPTER, TRAIN_RECORD, ConfigError, Run, method_definition, resolve_run, training_spec,
+                               validate_config)
 from mambapeft.train.orca_math import split_documents
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
@@ -172,6 +179,20 @@ def test_the_token_cache_holds_one_eos_terminated_document_per_record(tmp_path):
     assert all(d[-1] == record["eos_id"] and record["eos_id"] not in d[:-1] for d in documents)
 
 
+def _orca_runs(root, methods: list[str], runtime: dict | None = None) -> dict[str, dict]:
+    """Mini Orca-Math data, its tokenizer and a mini LM under ``root``, the tokens cached: each
+    method's training spec (the rules' --spec for train and merge), not trained yet."""
+    write_mini_orca_math(root / "data", seed=0, n_train=6)
+    tokenizer = _tokenizer(root / "lm", _records(root / "data"))
+    save_lm(build_model("mamba-mini", vocab_size=320, n_layer=2), root / "lm")
+    config = {**_orca_config(root, methods), **(runtime or {})}
+    validate_config(config)
+    specs = {m: training_spec(resolve_run(config, Run("orca", "mamba-mini", "orca_math_200k", m, 0))) for m in methods}
+    meta = Path(specs[methods[0]]["data"]["tokens"])  # one token cache: the runs share data and backbone
+    tokenize_corpus(corpus_entry(root / "data"), tokenizer, "documents", meta.with_suffix(".bin"), meta)
+    return specs
+
+
 @pytest.mark.parametrize("runtime", [{"device": "cpu", "scan_backend": "torch"},
                                      pytest.param({"device": "cuda", "scan_backend": "auto", "cuda_graphs": True},
                                                   marks=pytest.mark.gpu, id="cuda-graphs")],
@@ -179,18 +200,13 @@ def test_the_token_cache_holds_one_eos_terminated_document_per_record(tmp_path):
 def test_train_then_merge_writes_a_model_transformers_loads(tmp_path, runtime):
     """The pipeline's path on a tiny stand-in: tokens cached, train (CPU, or the GPU's kernels and CUDA
     graphs as config/paper.yaml), merge and export on the CPU (the rules' commands)."""
-    write_mini_orca_math(tmp_path / "data", seed=0, n_train=6)
-    tokenizer = _tokenizer(tmp_path / "lm", _records(tmp_path / "data"))
-    save_lm(build_model("mamba-mini", vocab_size=320, n_layer=2), tmp_path / "lm")
-    config = {**_orca_config(tmp_path, ["lora_orca"]), **runtime}
-    validate_config(config)
-    spec = resolve_run(config, Run("orca", "mamba-mini", "orca_math_200k", "lora_orca", 0))
-    meta = Path(spec["data"]["tokens"])
-    tokenize_corpus(corpus_entry(tmp_path / "data"), tokenizer, "documents", meta.with_suffix(".bin"), meta)
-    assert cli(["-q", "train", "--spec", json.dumps(training_spec(spec))]) == 0
-    assert cli(["-q", "merge", "--spec", json.dumps(training_spec(spec)), "--out", str(tmp_path / "merged")]) == 0
+    spec = _orca_runs(tmp_path, ["lora_orca"], runtime)["lora_orca"]
+    assert cli(["-q", "train", "--spec", json.dumps(spec)]) == 0
+    assert cli(["-q", "merge", "--spec", json.dumps(spec), "--out", str(tmp_path / "merged")]) == 0
     record = json.loads((tmp_path / "merged" / MERGE_RECORD).read_text())
     assert record["check"]["max_abs_logit_difference"] < 1e-4
+    trained = json.loads((Path(spec["output_dir"]) / TRAIN_RECORD).read_text())
+    assert record["adapter_sha256"] == trained["adapter_sha256"]  # which adapter the merged model holds
     # both exports compared on the run's device: where causal-conv1d is installed, transformers' Mamba
     # calls its CUDA kernel whatever the tensors' device (5.17), so a CPU check is not possible there
     device = runtime["device"]
@@ -199,3 +215,65 @@ def test_train_then_merge_writes_a_model_transformers_loads(tmp_path, runtime):
     with torch.no_grad():
         expected = build_lm_from_dir(tmp_path / "merged" / MAMBA_SSM_DIR).eval().to(device)(ids)
         assert torch.allclose(hf(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+# --- only the adapter training wrote for the run is merged ----------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory) -> dict[str, dict]:
+    """Two trained runs on one mini LM, their training specs by method; tests change copies of them."""
+    specs = _orca_runs(tmp_path_factory.mktemp("orca"), ["lora_orca", "lorap_x"])
+    for spec in specs.values():
+        assert cli(["-q", "train", "--spec", json.dumps(spec)]) == 0
+    return specs
+
+
+def _run_copy(spec: dict, out: Path) -> dict:
+    """The run's outputs copied to ``out`` and its spec there, train.json as if training had run there."""
+    shutil.copytree(spec["output_dir"], out)
+    record = json.loads((out / TRAIN_RECORD).read_text())
+    write_record_atomic(out / TRAIN_RECORD, {**record, "config": {**record["config"], "output_dir": str(out)}})
+    return {**spec, "output_dir": str(out)}
+
+
+def _swap_adapter(run: Path, other: Path) -> None:
+    shutil.copy(other / ADAPTER, run / ADAPTER)
+
+
+def _swap_adapter_and_record(run: Path, other: Path) -> None:
+    for name in (ADAPTER, TRAIN_RECORD):
+        shutil.copy(other / name, run / name)
+
+
+def _delete_record(run: Path, other: Path) -> None:  # an interrupted run: its adapter is written before train.json
+    (run / TRAIN_RECORD).unlink()
+
+
+def _diverge(run: Path, other: Path) -> None:
+    """The record a diverged run writes, beside an adapter left from an earlier training."""
+    config = json.loads((run / TRAIN_RECORD).read_text())["config"]
+    write_record_atomic(run / TRAIN_RECORD, {"status": "diverged", "reason": "loss is nan at step 3", "config": config})
+
+
+@pytest.mark.parametrize("change, needles", [
+    (_swap_adapter, [ADAPTER, "differs from the one training wrote (sha256)", "re-run the training job"]),
+    (_swap_adapter_and_record, [TRAIN_RECORD, "was written for another configuration of this run"]),
+    (_delete_record, [TRAIN_RECORD, "is missing: run the training job first"]),
+    (_diverge, [TRAIN_RECORD, "training ended with status 'diverged'", "no adapter to merge"]),
+], ids=["swapped_adapter", "swapped_adapter_and_record", "no_record", "diverged"])
+def test_merge_refuses_an_adapter_training_did_not_write_for_the_run(trained_runs, tmp_path, capsys, change, needles):
+    spec = _run_copy(trained_runs["lora_orca"], tmp_path / "run")
+    change(tmp_path / "run", Path(trained_runs["lorap_x"]["output_dir"]))
+    assert cli(["-q", "merge", "--spec", json.dumps(spec), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and all(needle in err for needle in needles), err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_of_another_method_is_refused_where_it_is_loaded(trained_runs):
+    """Merging and evaluation build from the adapter's own members: those of another method would
+    build that method, under the run's name."""
+    other = Path(trained_runs["lorap_x"]["output_dir"]) / ADAPTER
+    with pytest.raises(AdapterError, match=rf"^{re.escape(str(other))} is an adapter of method 'lorap_x', not of "
+                                           r"'lora_orca'"):
+        build_trainable(trained_runs["lora_orca"], adapter=other)

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from mambapeft.cli import main as cli
+from mambapeft.cli import _user_errors, main as cli
 from mambapeft.models import build_model
 from mambapeft.peft import PeftConfigError, apply_peft, check_gradients, zero_initialised
 from mambapeft.peft.lora import LoraLinear, merge_lora
-from mambapeft.peft.state import load_adapter, read_adapter_method, save_adapter
+from mambapeft.peft.state import AdapterError, load_adapter, read_adapter_method, save_adapter
 from mambapeft.report.params import count_params
 from mambapeft.runspec import domain_file, method_definition, methods_for
 
@@ -175,8 +175,34 @@ def test_adapter_for_another_method_is_refused(tmp_path):
     save_adapter(tmp_path / "a.safetensors", result, {"id": "lorap_x"})
     other = mini("vision")
     other_result = apply_peft(other, members("vision", "lorap_z", "vim-mini"), "lorap_z")
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(AdapterError, match="does not fit"):
         load_adapter(other_result, tmp_path / "a.safetensors")
+
+
+def _adapter_cut_short(path):
+    result = apply_peft(mini("vision"), members("vision", "lorap_x", "vim-mini"), "lorap_x")
+    save_adapter(path, result, {"id": "lorap_x"})
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _plain_safetensors(path):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(3)}, str(path))
+
+
+@pytest.mark.parametrize("write, problem, remedy", [
+    (_adapter_cut_short, "cannot be read as an adapter (SafetensorError", "re-run the training job"),
+    (_plain_safetensors, "is not a mambapeft adapter", "`mambapeft train` job writes"),
+])
+def test_a_bad_adapter_file_is_a_user_error_naming_it(tmp_path, write, problem, remedy):
+    """A user error is one line from the CLI, not a traceback: `lm-eval --model_args adapter=...` reads any file."""
+    path = tmp_path / "adapter.safetensors"
+    write(path)
+    with pytest.raises(_user_errors()) as refused:
+        read_adapter_method(path)
+    message = str(refused.value)
+    assert message.startswith(str(path)) and problem in message and remedy in message and "\n" not in message
 
 
 def test_merged_lora_gives_equal_outputs():

@@ -4,6 +4,8 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import yaml
@@ -23,10 +25,11 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
     counts = job_counts(done.stdout)
     # the length study: 2 recall tasks x 3 base models x 2 settings x (9 methods x 3 seeds + zero-shot once)
     length_study = 2 * 3 * 2 * (9 * 3 + 1)
-    # vtab: the paper's 28 Vim rows + 9 DoRA twins + state_offset, 3 ProDiaL, sdt, hybrid_importance; 5 ViT-S rows.
+    # vtab: the paper's 28 Vim rows + 10 DoRA twins (lorap_x_dora too) + state_offset, 3 ProDiaL, sdt,
+    # hybrid_importance; 5 ViT-S rows.
     # commonsense: 18 methods x 3 backbones, affix w/ proj at 130m only. Then math, the length study with
     # its Yelp runs (4 methods x 3 seeds) and Orca-Math (one LoRA per backbone).
-    vtab = 19 * (28 + 9 + 6) + 19 * 5
+    vtab = 19 * (28 + 10 + 6) + 19 * 5
     assert counts["finetune"] == vtab + (3 * 18 - 2) + 3 * 7 + length_study + 4 * 3 + 3
     assert counts["evaluate"] == counts["finetune"] - 3  # one evaluation job per run; Orca-Math's: the lm-eval suite
     assert counts["merge"] == counts["export_backbone"] == counts["tokenize_text"] == 3  # Orca-Math, per backbone
@@ -53,7 +56,8 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
                    if "mambapeft train" in line and "runs/vtab/vim-s/cifar/lorap_x/seed0" in line)
     spec = json.loads(shlex.split(command)[shlex.split(command).index("--spec") + 1])
     expected = runspec.resolve_run(runspec.load_config(paper), runspec.Run("vtab", "vim-s", "cifar", "lorap_x", 0))
-    assert spec == json.loads(json.dumps(runspec.training_spec(expected)))  # the training job sees no eval settings
+    # the training job sees no eval settings, and gets the execution settings on its command line, not in its params
+    assert spec == json.loads(json.dumps(runspec.without_execution(runspec.training_spec(expected))))
     assert spec["train"]["epochs"] == 100 and spec["method"]["peft"][0]["rank"] == 64
 
 
@@ -116,6 +120,47 @@ def test_second_run_has_nothing_to_do_and_a_change_reruns_only_its_method(tiny_r
     assert counts["finetune"] == 2 and counts["evaluate"] == 2  # lorap_x on digits and position, nothing else
     assert counts["table"] == 1 and counts["figures"] == 1
     assert set(re.findall(r"method=(\w+)", done.stdout)) <= {"lorap_x"}
+
+
+EXECUTION_CHANGES = ("gpu_slots=2", "threads=2", "wandb={mode: offline}")
+
+
+def test_gpu_slots_threads_and_wandb_re_run_nothing_and_a_recipe_change_still_does(tiny_run, tmp_path):
+    """How jobs share a GPU, how many threads they use and where they log are resources and command-line
+    flags, not params: changing them leaves nothing to do. The same run with a recipe change re-runs its
+    experiment's training (with -c 2, so that the new thread count reaches the command lines)."""
+    workdir = tiny_run
+    done = snakemake("-n", "-c", "2", "--configfile", str(TINY), "--config", *EXECUTION_CHANGES, cwd=workdir)
+    assert "Nothing to be done" in done.stdout, done.stdout[-3000:]
+    changed = yaml.safe_load(TINY.read_text())
+    changed["experiments"]["vtab"]["train"]["epochs"] = 3
+    config = tmp_path / "longer.yaml"
+    config.write_text(yaml.safe_dump(changed))
+    done = snakemake("-n", "-p", "-c", "2", "--configfile", str(config), "--config", *EXECUTION_CHANGES, cwd=workdir)
+    counts = job_counts(done.stdout)
+    assert counts["finetune"] == counts["evaluate"] == 6  # vtab's three methods on its two tasks, nothing else
+    assert set(re.findall(r"experiment=(\w+)", done.stdout)) == {"vtab"}
+    command = next(line for line in done.stdout.splitlines() if "mambapeft train" in line)
+    assert "--gpu-slots 2 --threads 2 --wandb '{\"mode\": \"offline\", \"project\": \"mambapeft\"}'" in command
+
+
+def test_an_evaluation_with_another_thread_count_accepts_the_training_and_both_records_show_theirs(tiny_run,
+                                                                                                   tmp_path):
+    """The evaluate job gets the run's spec less the execution settings and its own --threads and --wandb:
+    a training record written with other ones is the same run's, and each record shows what its job used."""
+    spec = runspec.resolve_run(runspec.load_config(TINY), runspec.Run("vtab", "vim-mini", "digits", "lorap_x", 0))
+    run_dir = tmp_path / spec["output_dir"]  # a copy of the run, beside the tiny run's data and backbone
+    shutil.copytree(tiny_run / spec["output_dir"], run_dir)
+    (run_dir / "metrics.json").unlink()
+    (tmp_path / "resources").symlink_to(tiny_run / "resources")
+    done = subprocess.run([sys.executable, "-m", "mambapeft.cli", "-q", "evaluate", "--threads", "2",
+                           "--wandb", '{"mode": "offline"}', "--spec", json.dumps(runspec.without_execution(spec))],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = json.loads((run_dir / "train.json").read_text())["config"]["runtime"]
+    evaluated = json.loads((run_dir / "metrics.json").read_text())["config"]["runtime"]
+    assert (trained["threads"], trained["wandb"]) == (1, {"mode": "disabled", "project": "mambapeft"})
+    assert (evaluated["threads"], evaluated["wandb"]) == (2, {"mode": "offline"})
 
 
 def test_a_new_eval_task_re_evaluates_and_never_re_trains(tiny_run, tmp_path):

@@ -2,6 +2,7 @@
 a tiny search run by Snakemake end to end (tests/config/search.yaml)."""
 import json
 import os
+import re
 
 import optuna
 import pytest
@@ -93,14 +94,15 @@ def _study_spec(config, journal, step="step1", batch=None):
     return {**plan.study_spec(config, "s", step, batch), "journal": str(journal)}
 
 
-def _scores(tmp_path, trials, tasks=("digits",), value=lambda n: 10.0 * n, status="ok"):
+def _scores(tmp_path, trials, tasks=("digits",), value=lambda n: 10.0 * n, status="ok", search="s", step="step1"):
     """metrics.json records of trials, as the evaluate job writes them (only what tell reads)."""
     paths = []
     for entry in trials:
         for task in tasks:
             path = tmp_path / f"t{entry['number']}_{task}.json"
+            about = {"name": search, "step": step, "trial": entry["number"]}
             path.write_text(json.dumps({"status": status, "value": value(entry["number"]),
-                                        "config": {"run": {"task": task}, "search": {"trial": entry["number"]}}}))
+                                        "config": {"run": {"task": task}, "search": about}}))
             paths.append(str(path))
     return paths
 
@@ -137,6 +139,75 @@ def test_a_study_refuses_other_settings_and_missing_scores(tmp_path):
         open_study(_study_spec(_config(seed=1), journal, batch=1), [])
     with pytest.raises(runspec.ConfigError, match="no metrics.json for task"):
         tell_scores(open_study(spec, []), _scores(tmp_path, trials), ["digits", "count"])
+
+
+def _reading(monkeypatch, name, edit):
+    """The search's plan reads vision/<name>.yaml as ``edit`` leaves it."""
+    original = plan.domain_file
+
+    def domain_file(domain, file):
+        table = original(domain, file)
+        if (domain, file) == ("vision", name):
+            edit(table)
+        return table
+
+    monkeypatch.setattr(plan, "domain_file", domain_file)
+
+
+@pytest.mark.parametrize("name, edit, changes", [
+    ("search", lambda spaces: spaces["hybrid"]["steps"]["step2"]["fields"]["lora_out"].update(rank=[4, 8]), True),
+    ("methods", lambda methods: methods["all"]["peft"][0].update(rank=2), True),  # the space's base members
+    ("methods", lambda methods: methods["lorap_x"].update(label="renamed"), False),  # another method
+])
+def test_a_steps_spec_holds_its_space_and_a_study_refuses_another(tmp_path, monkeypatch, name, edit, changes):
+    """vision/search.yaml and the base method of vision/methods.yaml are in the ask and result jobs'
+    spec (their params): editing them re-runs those jobs, whose journal then refuses to continue."""
+    config, journal, space = _config(), tmp_path / "journal.log", load_space("hybrid")
+    spec = _study_spec(config, journal, batch=0)
+    ask_batch(open_study(spec, []), spec, space, [])
+    _reading(monkeypatch, name, edit)
+    edited = _study_spec(config, journal, batch=0)
+    assert (edited != spec) == changes
+    if changes:
+        with pytest.raises(runspec.ConfigError, match="other settings.*space_definition"):
+            open_study(edited, [])
+
+
+@pytest.mark.parametrize("record, problem", [
+    (dict(search="OTHER"), "a run of search step OTHER.step1, not s.step1"),
+    (dict(step="step2"), "a run of search step s.step2, not s.step1"),
+    (dict(value=lambda n: 1e6), "value is 1000000.0, expected a percentage in [0, 100]"),
+    (dict(tasks=("count",)), "trial 0 on task 'count': expected a trial number on one of"),
+    (dict(status="running"), "not a complete run record"),
+])
+def test_a_foreign_or_invalid_score_is_never_told(tmp_path, record, problem):
+    """The journal keeps what it is told: a record of another search or step, or no percentage, is refused."""
+    journal, space = tmp_path / "journal.log", load_space("hybrid")
+    spec = _study_spec(_config(), journal, batch=0)
+    trials = ask_batch(open_study(spec, []), spec, space, [])
+    study = open_study(spec, [])
+    with pytest.raises(runspec.ConfigError, match=re.escape(problem)):
+        tell_scores(study, _scores(tmp_path, trials, **record), ["digits"])
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING", "RUNNING"]
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "cannot read trial record"), ("{}", "not a trial's metrics.json"), ("[1]", "not a trial's metrics.json")])
+def test_an_unreadable_score_file_is_one_line(tmp_path, content, problem):
+    journal = tmp_path / "journal.log"
+    spec = _study_spec(_config(), journal, batch=0)
+    bad = tmp_path / "metrics.json"
+    bad.write_text(content)
+    with pytest.raises(runspec.ConfigError, match=re.escape(f"{bad}: {problem}")):
+        tell_scores(open_study(spec, []), [str(bad)], ["digits"])
+
+
+def test_a_score_of_a_trial_never_asked_is_refused(tmp_path):
+    journal, space = tmp_path / "journal.log", load_space("hybrid")
+    spec = _study_spec(_config(), journal, batch=0)
+    ask_batch(open_study(spec, []), spec, space, [])
+    with pytest.raises(runspec.ConfigError, match="trial 7 is not a trial of study 's.step1'"):
+        tell_scores(open_study(spec, []), _scores(tmp_path, [{"number": 7}]), ["digits"])
 
 
 def test_step2_starts_from_the_winner(tmp_path):

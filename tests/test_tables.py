@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 
 from mambapeft.report.figures import write_figures
-from mambapeft.report.tables import ResultsError, markdown_table, read_record, summary_frame, write_experiment_table
+from mambapeft.report.tables import (RUN_RECORD, ResultsError, markdown_table, read_record, summary_frame,
+                                     write_experiment_table)
 from mambapeft.io import write_json_atomic
 
 
@@ -38,12 +39,12 @@ def test_vision_table_group_means_seeds_and_paper_numbers(tmp_path):
 
 def test_incomplete_record_is_refused_with_its_name(tmp_path):
     bad = tmp_path / "metrics.json"
-    bad.write_text('{"status": "running"}')
+    bad.write_text('{"status": "running", "config": {}}')
     with pytest.raises(ResultsError, match="metrics.json: not a complete run record"):
-        read_record(bad)
+        read_record(bad, RUN_RECORD)
     bad.write_text("{not json")
     with pytest.raises(ResultsError, match="cannot read run record"):
-        read_record(bad)
+        read_record(bad, RUN_RECORD)
 
 
 def test_missing_task_leaves_the_mean_empty():

@@ -1,6 +1,7 @@
 """The one path from a run spec to a trainable model: backbone -> PEFT -> (adapter) -> placement
 -> optimizer groups. Training, evaluation, dry runs, parameter counts, benchmarks and the lm-eval
 model all build through :func:`build_trainable`; the domain decides only how the backbone is made.
+Evaluation and merging load a run's adapter once :func:`read_training_record` vouches for it.
 """
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ import torch.nn as nn
 
 from .data import yelp_polarity
 from .data.vtab import task_info
+from .io import read_job_record
 from .models import build_model, family_of
 from .models.checkpoints import VISION_LOADERS, build_lm_from_dir, read_lm_config
 from .models.lm import MambaLMHeadModel
 from .models.lm_classifier import MambaLMClassifier
 from .peft import PeftResult, apply_peft
 from .peft.groups import param_groups
-from .peft.state import load_adapter, read_adapter_method
-from .runspec import deep_merge, domain_file, method_definition
+from .peft.state import load_adapter, read_adapter_members
+from .runspec import (ADAPTER, TRAIN_RECORD, ConfigError, deep_merge, domain_file, method_definition, training_spec,
+                      without_execution)
 from .runtime import PERMISSIVE, place_model
 
 DOMAIN_OF_FAMILY = {"vim": "vision", "vit": "vision", "lm": "language"}
@@ -83,9 +86,10 @@ def build_trainable(spec: dict, device: torch.device | None = None, *, weights: 
     of ``adapter`` loaded when given, placed on ``device`` (not placed when None).
 
     With ``adapter``, the members are the adapter's own (as trained, with what prepare hooks
-    measured); ``prepare(backbone, members) -> members`` (the trainer's) runs before they apply."""
+    measured), and its recorded method must be the spec's; ``prepare(backbone, members) -> members``
+    (the trainer's) runs before they apply."""
     model = BACKBONE_BUILDERS[spec["domain"]](spec, weights)
-    members = read_adapter_method(adapter)["peft"] if adapter is not None else spec["method"]["peft"]
+    members = read_adapter_members(adapter, spec["method"]["id"]) if adapter is not None else spec["method"]["peft"]
     if prepare is not None:
         members = prepare(model, members)
     peft = apply_peft(model, members, spec["method"]["id"])
@@ -93,6 +97,18 @@ def build_trainable(spec: dict, device: torch.device | None = None, *, weights: 
         load_adapter(peft, adapter)
     backend = place_model(model, device, spec["runtime"]) if device is not None else None
     return Trainable(model, peft, param_groups(model, peft, spec["train"]["optimizer"]), backend, members)
+
+
+class TrainingRecordError(ConfigError):
+    """The training job's outputs are missing, unreadable or from another configuration."""
+
+
+def read_training_record(run_dir: Path, spec: dict) -> dict:
+    """``train.json`` of this run's configuration, with its adapter intact (sha256 as recorded): what
+    evaluation and merging check first, so that neither uses an adapter training did not finish,
+    wrote for another configuration, or that was replaced since."""
+    return read_job_record(run_dir / TRAIN_RECORD, training_spec(spec), (run_dir / ADAPTER, "adapter_sha256"),
+                           identity=without_execution, job="training", rule="finetune", error=TrainingRecordError)
 
 
 def build_on_meta(spec: dict) -> Trainable:

@@ -5,8 +5,10 @@ written the same way (the base model other tools evaluate beside the fine-tuned 
 Under the output directory: ``hf/``, transformers' ``MambaForCausalLM`` directory (config.json,
 model.safetensors, tokenizer files) that ``AutoModelForCausalLM.from_pretrained`` and
 ``lm_eval --model hf`` load as they are; ``mamba_ssm/`` (config.json, pytorch_model.bin), the
-``state-spaces/mamba-*`` layout; then ``merge.json``, the record, last. Before writing, the job
-checks that the merged model computes the adapter model's logits on a fixed token sequence.
+``state-spaces/mamba-*`` layout; then ``merge.json``, the record, last. Before loading, the job
+checks the run's ``train.json`` as evaluation does (the adapter is the one training wrote for this
+configuration); before writing, that the merged model computes the adapter model's logits on a
+fixed token sequence.
 """
 from __future__ import annotations
 
@@ -16,13 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .build import bare_spec, build_trainable
+from .build import TrainingRecordError, bare_spec, build_trainable, read_training_record
 from .data.tokenizer import backbone_tokenizer_path, load_tokenizer, write_transformers_tokenizer
 from .io import write_json_atomic
 from .models.checkpoints import save_lm_hf, save_lm_mamba_ssm
 from .models.lm import MambaLMHeadModel
 from .peft.merge import check_mergeable, merge_method
-from .runspec import ADAPTER
+from .runspec import ADAPTER, TRAIN_RECORD
 
 log = logging.getLogger("mambapeft.export")
 
@@ -56,12 +58,23 @@ def write_layouts(model: MambaLMHeadModel, tokenizer_path: str, out_dir: Path) -
     return {"hf": str(hf), "mamba_ssm": str(mamba_ssm)}
 
 
+def _trained_adapter(spec: dict) -> tuple[Path, str]:
+    """The run's adapter and its sha256, once ``train.json`` shows that training finished with it
+    for this configuration; any other file under that name would be merged and labelled as this run."""
+    run_dir = Path(spec["output_dir"])
+    record = read_training_record(run_dir, spec)
+    if record["status"] != "ok":  # a diverged run's record is valid, but it has no adapter to fold
+        raise TrainingRecordError(f"{run_dir / TRAIN_RECORD}: training ended with status {record['status']!r} "
+                                  f"({record.get('reason')}); there is no adapter to merge: re-run its training job")
+    return run_dir / ADAPTER, record["adapter_sha256"]
+
+
 @torch.no_grad()
 def merge_run(spec: dict, out_dir: str | Path) -> dict:
     """Fold the run's adapter (``<output_dir>/adapter.safetensors``) into its backbone and write the layouts."""
     method = spec["method"]
     check_mergeable(method["peft"], method["id"])  # before loading gigabytes of weights
-    adapter = Path(spec["output_dir"]) / ADAPTER
+    adapter, adapter_sha256 = _trained_adapter(spec)
     model = build_trainable(spec, torch.device("cpu"), adapter=adapter).model.eval()
     ids = _check_ids(model)
     expected = model(ids)
@@ -73,7 +86,7 @@ def merge_run(spec: dict, out_dir: str | Path) -> dict:
         raise RuntimeError(f"the merged model's logits differ from the adapter model's by {difference:.3g} "
                            f"(max |logit| {scale:.3g}); the merge of method {method['id']!r} is wrong")
     out_dir = Path(out_dir)
-    record = {"run": spec.get("run"), "method": method["id"], "adapter": str(adapter),
+    record = {"run": spec.get("run"), "method": method["id"], "adapter": str(adapter), "adapter_sha256": adapter_sha256,
               "families": sorted({m["family"] for m in method["peft"]}),
               "check": {"tokens": CHECK_TOKENS, "max_abs_logit_difference": difference},
               "tie_embeddings": model.config.tie_embeddings,

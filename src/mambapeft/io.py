@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 RECORD_CHECKSUM = "record_sha256"
@@ -102,12 +102,13 @@ def record_checksum_mismatch(record: dict) -> bool:
     return RECORD_CHECKSUM in record and record[RECORD_CHECKSUM] != _record_digest(record)
 
 
-def read_job_record(path: Path, config: dict, artifact: tuple[Path, str], *, job: str, rule: str,
-                    error: type[Exception]) -> dict:
+def read_job_record(path: Path, config: dict, artifact: tuple[Path, str], *, identity: Callable[[dict], dict],
+                    job: str, rule: str, error: type[Exception]) -> dict:
     """The record a job wrote last (``train.json``, ``pretrain.json``), before the next job uses its
-    outputs: present, valid JSON, untouched (record_sha256), written for ``config``, and, when its
-    status is ok, with ``artifact`` (a file, the key of its recorded sha256) intact. Else ``error``,
-    one line naming the file and the ``job`` (rule ``rule``) to re-run."""
+    outputs: present, valid JSON, untouched (record_sha256), written for ``config`` (compared as
+    ``identity`` of each: the settings its result depends on, not the thread count it ran with), and,
+    when its status is ok, with ``artifact`` (a file, the key of its recorded sha256) intact. Else
+    ``error``, one line naming the file and the ``job`` (rule ``rule``) to re-run."""
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
@@ -116,7 +117,8 @@ def read_job_record(path: Path, config: dict, artifact: tuple[Path, str], *, job
         raise error(f"{path} is not valid JSON ({err}); delete it and re-run the {job} job") from None
     if record_checksum_mismatch(record):
         raise error(f"{path} differs from what {job} wrote (record_sha256); delete it and re-run the {job} job")
-    if record.get("config") != config:
+    recorded = record.get("config")
+    if not isinstance(recorded, dict) or identity(recorded) != identity(config):
         raise error(f"{path} was written for another configuration of this run; re-run its {job} job")
     file, checksum_key = artifact
     if record.get("status") == "ok" and (not file.is_file() or sha256_file(file) != record.get(checksum_key)):

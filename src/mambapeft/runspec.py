@@ -3,9 +3,10 @@
 A run is (experiment, backbone, task, method, seed). :func:`resolve_run` merges, in order:
 the domain recipe (``vision/recipe.yaml`` or ``language/recipe.yaml``), the experiment's ``train``
 overrides in the config, and the method's own ``train`` overrides; it attaches the method's PEFT
-members (with the config's ``method_overrides``), the data and backbone locations, and the
-runtime settings. The result is one JSON-able dict: what ``metrics.json`` records as ``config``
-and what a change of which makes Snakemake re-run exactly the affected runs.
+members (with the config's ``method_overrides``), the data and backbone locations, the entries
+of ``<domain>/tasks.yaml`` the run reads, and the runtime settings. The result is one JSON-able
+dict: what ``metrics.json`` records as ``config`` and what a change of which (except in the
+execution settings, :data:`EXECUTION_KEYS`) makes Snakemake re-run exactly the affected runs.
 """
 from __future__ import annotations
 
@@ -20,6 +21,23 @@ import yaml
 from . import method_check
 
 DOMAINS = {"vision": "vision", "language": "language"}
+# The model registry's backbone ids by domain (models/vim.py and models/vit.py: vision; models/lm.py:
+# language), torch-free for the checks the Snakefile runs; tests/test_config_checks.py keeps them equal.
+BACKBONE_IDS = {
+    "vision": ("vim-t", "vim-s", "vim-b", "vim-mini", "vit-s", "vit-mini"),
+    "language": ("mamba-130m", "mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b", "mamba-mini", "mamba_16",
+                 "mamba_128", "mamba_256", "mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b",
+                 "mamba2-dt-study", "mamba2-mini"),
+}
+# The data kinds each domain's experiments train on, and the sources each kind comes from (config
+# data/<id>: mini = offline stand-ins, generated = the synthetic recall tasks, the others real copies).
+DOMAIN_DATA_KINDS = {"vision": ("vtab",),
+                     "language": ("commonsense", "math", "synthetic", "yelp_polarity", "orca_math")}
+DATA_SOURCES = {"vtab": ("mini", "vtab-1k"), "commonsense": ("mini", "llm-adapters"), "math": ("mini", "llm-adapters"),
+                "synthetic": ("generated",), "yelp_polarity": ("mini", "hub"), "orca_math": ("mini", "hub")}
+# Language data whose runs are scored on `eval_tasks`, tasks of the family of language/tasks.yaml named
+# as the kind (eval/language.py); other runs are tested on their own task's test data.
+EVAL_TASK_KINDS = ("commonsense", "math")
 
 
 class ConfigError(ValueError):
@@ -74,8 +92,11 @@ def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
     return config
 
 
+SCHEMA_FILE = "workflow/schemas/config.schema.yaml"  # types and documents every config key
+
+
 def _schema_path() -> Path:
-    return repo_root() / "workflow" / "schemas" / "config.schema.yaml"
+    return repo_root() / SCHEMA_FILE
 
 
 def _fill_schema_defaults(config: dict) -> None:
@@ -87,20 +108,68 @@ def _fill_schema_defaults(config: dict) -> None:
 
 
 def validate_config(config: dict) -> None:
-    import jsonschema
-
-    schema = _read_yaml(str(_schema_path()))
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"  {'/'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}" for e in errors[:10]]
-        raise ConfigError("Invalid config (see config/config.yaml for every key's meaning):\n" + "\n".join(lines))
+    """The config against the schema, then everything it refers to (data sources, backbones, tasks,
+    methods, recipes, registries): the first problem found is a ConfigError of one line naming its key."""
+    _check_schema(config)
+    for dataset, entry in config["data"].items():
+        _check_data_source(dataset, entry)
+    for name, entry in config.get("hub_datasets", {}).items():
+        check_hub_dataset(name, entry)
     for exp_id, exp in config["experiments"].items():
         _check_experiment(config, exp_id, exp)
     _check_length_study(config)
     _check_searches(config)
     if DT_INIT in config:
         _check_dt_init(config[DT_INIT])
+    _check_params_table(config.get("params_table", {}))
+
+
+def _check_schema(config: dict) -> None:
+    """The first schema violation (in key order), one line; the schema is where keys are documented."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_read_yaml(str(_schema_path())))
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError(f"{_schema_error_line(errors[0])} ({SCHEMA_FILE} documents every key)")
+
+
+def _schema_error_line(error) -> str:
+    where = "/".join(map(str, error.absolute_path)) or "top level"
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        known = list(error.schema.get("properties", {}))  # the schema's own message lists no valid keys
+        return _unknown_keys_line(where, [key for key in error.instance if key not in known], known)
+    return f"{where}: {error.message}"
+
+
+def _unknown_keys_line(where: str, unknown: list, known) -> str:
+    return f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(known)}"
+
+
+def _check_data_source(dataset: str, entry: dict) -> None:
+    sources = DATA_SOURCES[entry["kind"]]
+    if entry["source"] not in sources:
+        raise ConfigError(f"data/{dataset}/source: {entry['source']!r} is not a source of {entry['kind']} data; "
+                          f"pick from {', '.join(sources)}")
+
+
+def check_hub_dataset(name: str, entry: dict) -> None:
+    """A `hub_datasets` entry names what to fetch: files of a Hub dataset repository (`repo`, with
+    `allow_patterns` or `file`), or the splits of a task family (`family`, with `revisions` naming its
+    tasks of language/tasks.yaml). Checked when the config is read and again by the download job."""
+    where = f"hub_datasets/{name}"
+    if ("repo" in entry) == ("family" in entry):
+        raise ConfigError(f"{where}: give one of `repo` (a Hub dataset's files) or `family` (the splits of its tasks)")
+    if "family" in entry:
+        tasks = domain_file("language", "tasks")[entry["family"]]
+        revisions = entry.get("revisions", {})
+        unknown = [t for t in revisions if t not in tasks]
+        if unknown or not revisions:
+            raise ConfigError(f"{where}/revisions: {unknown or 'none'} given; name {entry['family']} tasks of "
+                              f"language/tasks.yaml (task -> Hub dataset revision): {', '.join(tasks)}")
+    elif ("allow_patterns" in entry) == ("file" in entry):
+        raise ConfigError(f"{where}: give one of `allow_patterns` (files of {entry['repo']} fetched into the target "
+                          "directory) or `file` (the one file, saved as the target)")
 
 
 def check_methods_file(domain: str) -> None:
@@ -149,6 +218,7 @@ def _check_searches(config: dict) -> None:
         exp = config["experiments"].get(search["experiment"])
         if exp is None or exp["domain"] != "vision":
             raise ConfigError(f"{where}/experiment: {search['experiment']!r} is not a vision experiment of this config")
+        _check_recipe_overrides(f"{where}/train", search.get("train", {}), exp["domain"])
         outside = [t for t in search["tasks"] if t not in exp["tasks"]]
         if outside:
             raise ConfigError(f"{where}/tasks: {outside} are not tasks of experiments/{search['experiment']}; "
@@ -175,31 +245,149 @@ def _peft_schema_path() -> Path:
 
 
 def _check_experiment(config: dict, exp_id: str, exp: dict) -> None:
+    """What the experiment refers to (backbones, data, tasks) before its methods, which are checked
+    against those: a problem is reported at its own key, not as a method or search that does not fit."""
+    where = f"experiments/{exp_id}"
+    _check_backbones(config, where, exp)
+    _check_data(config, where, exp)
+    _check_tasks(config, where, exp)
+    _check_methods(where, exp)
+    _check_exclude(where, exp)
+    _check_recipe_overrides(f"{where}/train", exp.get("train", {}), exp["domain"])
+    for method, overrides in exp.get("method_overrides", {}).items():
+        if method not in exp["methods"]:
+            raise ConfigError(f"{where}/method_overrides: {method!r} is not in this experiment's methods")
+        _check_recipe_overrides(f"{where}/method_overrides/{method}/train", (overrides or {}).get("train", {}),
+                                exp["domain"])
+    _check_overrides(exp_id, exp)
+    if exp.get("merge"):
+        _check_mergeable(exp_id, exp)
+
+
+def _check_backbones(config: dict, where: str, exp: dict) -> None:
+    for backbone in exp["backbones"]:
+        if backbone not in config["backbones"]:
+            raise ConfigError(f"{where}/backbones: {backbone!r} has no entry under `backbones:` "
+                              f"(declared: {', '.join(config['backbones'])})")
+        _check_registered(f"{where}/backbones", backbone, exp["domain"])
+
+
+def _check_registered(where: str, backbone: str, domain: str) -> None:
+    """A backbone id the jobs can build: a ``domain`` variant of the model registry."""
+    if backbone not in BACKBONE_IDS[domain]:
+        raise ConfigError(f"{where}: {backbone!r} is not a {domain} backbone of the model registry "
+                          f"(src/mambapeft/models/); known: {', '.join(BACKBONE_IDS[domain])}")
+
+
+def _check_data(config: dict, where: str, exp: dict) -> None:
+    if exp["data"] not in config["data"]:
+        raise ConfigError(f"{where}/data: {exp['data']!r} has no entry under `data:` "
+                          f"(declared: {', '.join(config['data'])})")
+    kind, kinds = config["data"][exp["data"]]["kind"], DOMAIN_DATA_KINDS[exp["domain"]]
+    if kind not in kinds:
+        raise ConfigError(f"{where}/data: data/{exp['data']} is of kind {kind}; a {exp['domain']} experiment "
+                          f"trains on data of kind {' or '.join(kinds)}")
+
+
+def _check_tasks(config: dict, where: str, exp: dict) -> None:
+    """Vision tasks, and the tasks language runs are scored on, are tasks of <domain>/tasks.yaml that
+    the data holds; synthetic training sets are declared by the data."""
+    dataset = exp["data"]
+    entry = config["data"][dataset]
+    if exp["domain"] == "vision":
+        _check_listed_tasks(f"{where}/tasks", exp["tasks"], dataset, entry)
+    declared = entry.get("train_sets")
+    undeclared = [t for t in exp["tasks"] if declared is not None and t not in declared]
+    if undeclared:
+        raise ConfigError(f"{where}/tasks: {undeclared} are not training sets of data/{dataset}; "
+                          f"declared under its train_sets: {', '.join(declared)}")
+    if entry["kind"] in EVAL_TASK_KINDS:  # without eval_tasks, a run is scored on its training task (resolve_run)
+        _check_listed_tasks(f"{where}/eval_tasks", exp.get("eval_tasks", exp["tasks"]), dataset, entry)
+    elif "eval_tasks" in exp:
+        raise ConfigError(f"{where}/eval_tasks: runs on {entry['kind']} data are tested on their own task, only "
+                          f"{' and '.join(EVAL_TASK_KINDS)} runs on eval_tasks; remove the key")
+
+
+def _check_listed_tasks(where: str, tasks: list[str], dataset: str, entry: dict) -> None:
+    """Tasks of <domain>/tasks.yaml for the data's kind; the mini ones exist only as the offline
+    stand-ins (source mini), the others only as real data."""
+    mini = entry["source"] == "mini"
+    if entry["kind"] == "vtab":
+        table, listing = domain_file("vision", "tasks"), "vision/tasks.yaml"
+    else:
+        table, listing = domain_file("language", "tasks")[entry["kind"]], f"language/tasks.yaml {entry['kind']}"
+    held = [name for name, task in table.items() if bool(task.get("mini")) == mini]
+    unknown = [t for t in tasks if t not in held]
+    if unknown:
+        raise ConfigError(f"{where}: {unknown} are not tasks of {listing} that data/{dataset} (source "
+                          f"{entry['source']}) holds; pick from {', '.join(held)}")
+
+
+def _check_methods(where: str, exp: dict) -> None:
     check_methods_file(exp["domain"])
     methods = domain_file(exp["domain"], "methods")
     unknown = [m for m in exp["methods"] if m not in methods]
     if unknown:
-        raise ConfigError(f"experiments/{exp_id}/methods: unknown method(s) {unknown}; valid ids in "
+        raise ConfigError(f"{where}/methods: unknown method(s) {unknown}; valid ids in "
                           f"{DOMAINS[exp['domain']]}/methods.yaml: {', '.join(methods)}")
     for method in exp["methods"]:
         if not fitting_backbones(exp["domain"], method, exp["backbones"]):
-            raise ConfigError(f"experiments/{exp_id}/methods: {_misfit(exp['domain'], method, exp['backbones'])}")
-    for backbone in exp["backbones"]:
-        if backbone not in config["backbones"]:
-            raise ConfigError(f"experiments/{exp_id}/backbones: {backbone!r} has no entry under `backbones:`")
-    if exp["data"] not in config["data"]:
-        raise ConfigError(f"experiments/{exp_id}/data: {exp['data']!r} has no entry under `data:`")
-    declared = config["data"][exp["data"]].get("train_sets")
-    undeclared = [t for t in exp["tasks"] if declared is not None and t not in declared]
-    if undeclared:
-        raise ConfigError(f"experiments/{exp_id}/tasks: {undeclared} are not training sets of data/{exp['data']}; "
-                          f"declared under its train_sets: {', '.join(declared)}")
-    for method in exp.get("method_overrides", {}):
-        if method not in exp["methods"]:
-            raise ConfigError(f"experiments/{exp_id}/method_overrides: {method!r} is not in this experiment's methods")
-    _check_overrides(exp_id, exp)
-    if exp.get("merge"):
-        _check_mergeable(exp_id, exp)
+            raise ConfigError(f"{where}/methods: {_misfit(exp['domain'], method, exp['backbones'])}")
+
+
+def _check_exclude(where: str, exp: dict) -> None:
+    """An excluded cell names values of this experiment: one that names none would exclude nothing."""
+    for i, cell in enumerate(exp.get("exclude", [])):
+        for key, value in cell.items():
+            values = exp[f"{key}s"]  # the experiment's list of each key of a cell: backbones, tasks, methods, seeds
+            if value not in values:
+                raise ConfigError(f"{where}/exclude/{i}/{key}: {value!r} is not one of this experiment's {key}s: "
+                                  f"{', '.join(map(str, values))}")
+
+
+def _check_recipe_overrides(where: str, overrides: dict, domain: str) -> None:
+    """Recipe overrides name keys of the domain's recipe, nested as there: a misspelt key would reach
+    the job and be ignored, a value of the wrong type fail it."""
+    _check_recipe_keys(where, overrides, domain_file(domain, "recipe"), f"{DOMAINS[domain]}/recipe.yaml")
+
+
+def _check_recipe_keys(where: str, overrides: dict, recipe: dict, recipe_file: str) -> None:
+    unknown = [key for key in overrides if key not in recipe]
+    if unknown:
+        raise ConfigError(f"{_unknown_keys_line(where, unknown, recipe)} ({recipe_file})")
+    for key, value in overrides.items():
+        default = recipe[key]
+        if isinstance(default, dict) and isinstance(value, dict):
+            _check_recipe_keys(f"{where}/{key}", value, default, recipe_file)
+        elif _value_kind(default) not in (None, _value_kind(value)):
+            raise ConfigError(f"{where}/{key}: {value!r} must be {_value_kind(default)}, as in {recipe_file} "
+                              f"({key}: {default!r})")
+
+
+def _value_kind(value) -> str | None:
+    """What an override of a recipe value must be; None for a string, which is not checked here
+    (micro_batch_size is `auto` or a number: the schema checks it)."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return None
+
+
+def _check_params_table(selection: dict) -> None:
+    """Each counted backbone is a registry variant of its domain, and each listed method fits it."""
+    for domain, backbones in selection.items():
+        for backbone, methods in backbones.items():
+            _check_registered(f"params_table/{domain}", backbone, domain)
+            fitting = methods_for(domain, backbone)
+            misfits = [] if methods == "all" else [m for m in methods if m not in fitting]
+            if misfits:
+                raise ConfigError(f"params_table/{domain}/{backbone}: {misfits} are not methods of "
+                                  f"{DOMAINS[domain]}/methods.yaml for {backbone}; pick from all, {', '.join(fitting)}")
 
 
 def _check_mergeable(exp_id: str, exp: dict) -> None:
@@ -321,10 +509,47 @@ def backbone_path(config: dict, backbone: str) -> Path:
     return Path(config["backbones"][backbone]["path"])
 
 
+def backbone_entry(config: dict, backbone: str) -> dict:
+    """The backbone's config entry less ``threads``, the CPUs of its own pretraining job, which its
+    command line gives: a new thread count re-runs nothing (as :data:`EXECUTION_KEYS`)."""
+    return {key: value for key, value in config["backbones"][backbone].items() if key != "threads"}
+
+
 def dataset_spec(config: dict, dataset: str) -> dict:
-    """What ``mambapeft data prepare`` needs: the entry, its root, and the tasks experiments use."""
+    """What ``mambapeft data download`` needs (and ``prepare``, see :func:`prepare_spec`): the entry,
+    its root, and the tasks experiments use."""
     tasks = sorted({t for exp in config["experiments"].values() if exp["data"] == dataset for t in exp["tasks"]})
     return {**config["data"][dataset], "root": str(data_root(config, dataset)), "tasks": tasks}
+
+
+def task_entries(domain: str, names, family: str | None = None) -> dict:
+    """``{name: entry}`` of ``<domain>/tasks.yaml`` (of its ``family`` section, for language): the entries
+    a job reads, carried in its spec so that editing one task's entry re-runs only the jobs that read it."""
+    table = domain_file(domain, "tasks")
+    entries = table[family] if family else table
+    return {name: entries[name] for name in names}
+
+
+# What preparing a dataset reads of <domain>/tasks.yaml, by data kind: the class counts the stand-ins
+# are drawn with and real labels are checked against (the image caches check them again), and what
+# locates and parses a real language dataset's eval files. Only these fields go into its spec: its
+# manifest is an input of every run of the dataset, so editing a field that only evaluation or the
+# tables read (a display name, a metric, the test size the check reports) must not re-run them all.
+PREPARED_TASK_FIELDS = {"vtab": ("num_classes",), "commonsense": ("format", "split"), "math": ("answer", "dir")}
+
+
+def prepare_spec(config: dict, dataset: str) -> dict:
+    """:func:`dataset_spec` with the fields of its tasks' entries that ``mambapeft data prepare`` reads:
+    the experiments' tasks (vtab), or every task of the kind's family (the check of real language
+    data reads each task whose eval file is present)."""
+    spec = dataset_spec(config, dataset)
+    fields = PREPARED_TASK_FIELDS.get(spec["kind"])
+    if fields is None:
+        return spec
+    entries = (task_entries("vision", spec["tasks"]) if spec["kind"] == "vtab"
+               else domain_file("language", "tasks")[spec["kind"]])
+    return {**spec, "task_entries": {name: {key: entry[key] for key in fields if key in entry}
+                                     for name, entry in entries.items()}}
 
 
 # data kinds whose runs read a token cache, by its layout (data/token_cache.py): orca_math's training
@@ -431,7 +656,7 @@ def resolve_method_run(config: dict, run: Run, method: dict, train_overrides: di
         "run": {"experiment": run.experiment, "backbone": run.backbone, "task": run.task,
                 "method": run.method, "seed": run.seed},
         "domain": domain,
-        "backbone": {"id": run.backbone, **config["backbones"][run.backbone],
+        "backbone": {"id": run.backbone, **backbone_entry(config, run.backbone),
                      "path": str(backbone_path(config, run.backbone)),
                      "manifest": str(backbone_manifest(config, run.backbone))},
         "data": {"dataset": dataset, **config["data"][dataset], "root": str(data_root(config, dataset)),
@@ -442,13 +667,18 @@ def resolve_method_run(config: dict, run: Run, method: dict, train_overrides: di
         "runtime": {"device": config.get("device", "auto"), "scan_backend": config.get("scan_backend", "auto"),
                     "allow_torch_fallback": bool(config.get("allow_torch_fallback", False)),
                     "cuda_graphs": bool(config.get("cuda_graphs", False)),
-                    "threads": int(config.get("threads", 1)), "wandb": config.get("wandb", {"mode": "disabled"})},
+                    "threads": int(config.get("threads", 1)), "wandb": wandb_settings(config)},
         "output_dir": str(run.directory(results_dir(config))),
     }
-    if config["data"][dataset]["kind"] in TOKEN_LAYOUTS:
+    kind = config["data"][dataset]["kind"]
+    if kind in TOKEN_LAYOUTS:
         spec["data"]["tokens"] = str(text_tokens(config, dataset, run.backbone)[1])
+    if kind in EVAL_TASK_KINDS:
+        spec["data"]["task_entries"] = task_entries("language", spec["data"]["eval_tasks"], family=kind)
     if domain == "vision":
         resolution = image_size(config, run.backbone)
+        # the head's size, read from here (build.py), so that a task's class count re-runs that task's runs only
+        spec["data"]["num_classes"] = int(task_entries("vision", [run.task])[run.task]["num_classes"])
         spec["data"]["cache"] = {split: str(image_cache(config, dataset, run.task, split, resolution))
                                  for split in (train["train_split"], train["eval_split"])}
     return spec
@@ -456,7 +686,23 @@ def resolve_method_run(config: dict, run: Run, method: dict, train_overrides: di
 
 # Keys only evaluation reads: the training job's spec goes without them, so that changing an eval
 # task or an eval batch size re-runs the evaluate jobs and never a training job.
-EVAL_ONLY_KEYS = (("train", "eval_split"), ("train", "eval_batch_size"), ("train", "eval"), ("data", "eval_tasks"))
+EVAL_ONLY_KEYS = (("train", "eval_split"), ("train", "eval_batch_size"), ("train", "eval"), ("data", "eval_tasks"),
+                  ("data", "task_entries"))
+
+# Runtime settings of how a job runs and logs, never of what it computes. The workflow gives them on
+# the job's command line (`--threads`, `--wandb`), not in its params spec: Snakemake re-runs a job
+# whose params change, and a new thread count or wandb mode must re-run nothing. The job puts them
+# back into its spec, so that its records (`config` of train.json) show them.
+EXECUTION_KEYS = ("threads", "wandb")
+
+
+def without_execution(spec: dict) -> dict:
+    """``spec`` less :data:`EXECUTION_KEYS`: what the job's result depends on, so what identifies it."""
+    return {**spec, "runtime": {key: value for key, value in spec["runtime"].items() if key not in EXECUTION_KEYS}}
+
+
+def wandb_settings(config: dict) -> dict:
+    return config.get("wandb", {"mode": "disabled"})
 
 
 def training_spec(spec: dict) -> dict:
@@ -478,6 +724,8 @@ def image_size(config: dict, backbone: str) -> int:
 # the dt_init study: Mamba-2 LMs pretrained from scratch per dt initialisation and seed (config `dt_init`)
 # ------------------------------------------------------------------------------------------------
 DT_INIT = "dt_init"
+# the registry of models/dt_init.py (DT_INITS), torch-free as BACKBONE_IDS and kept equal to it by the same test
+DT_INIT_STRATEGIES = ("uniform", "linear_decay", "linear_decay_reverse")
 # a run directory's files: the pretraining job writes model/ then its record; the perplexity job its record
 PRETRAIN_MODEL, PRETRAIN_RECORD, PERPLEXITY_RECORD = "model", "pretrain.json", "perplexity.json"
 # how each corpus is tokenized (data/token_cache.py): training documents eos-separated, held-out text joined
@@ -502,6 +750,11 @@ def dt_init_grid(config: dict) -> list[InitRun]:
 
 
 def _check_dt_init(study: dict) -> None:
+    unknown = [name for name in study["inits"] if name not in DT_INIT_STRATEGIES]
+    if unknown:
+        raise ConfigError(f"dt_init/inits: {unknown} are not dt initialisations of src/mambapeft/models/dt_init.py; "
+                          f"valid: {', '.join(DT_INIT_STRATEGIES)}")
+    _check_registered("dt_init/model/variant", study["model"]["variant"], "language")
     train, perplexity = study.get("train", {}), study.get("perplexity", {})
     if perplexity.get("stride", 0) > perplexity.get("window", 0):
         raise ConfigError(f"dt_init/perplexity: stride {perplexity['stride']} exceeds window {perplexity['window']}; "
@@ -542,8 +795,7 @@ def dt_init_spec(config: dict, run: InitRun) -> dict:
         "perplexity": study["perplexity"],
         "runtime": {"device": config.get("device", "auto"), "scan_backend": config.get("scan_backend", "auto"),
                     "allow_torch_fallback": bool(config.get("allow_torch_fallback", False)),
-                    "threads": int(study.get("threads", config.get("threads", 1))),
-                    "wandb": config.get("wandb", {"mode": "disabled"})},
+                    "threads": int(study.get("threads", config.get("threads", 1))), "wandb": wandb_settings(config)},
         "output_dir": str(run.directory(results_dir(config))),
     }
 

@@ -124,3 +124,9 @@ def test_missing_eval_sets(language_root):
         check_dataset("math", language_root)
     with pytest.raises(DataError, match="eval/boolq/validation.jsonl: eval file for task 'boolq' not found"):
         check_dataset("commonsense", language_root, "boolq")
+
+
+def test_vtab_logs_its_decoding_progress(vtab_root, caplog):
+    with caplog.at_level("INFO", logger="mambapeft.data.vtab"):
+        check_dataset("vtab", vtab_root, "count")
+    assert "checking count/test: 3/3 images (100%)" in caplog.text

@@ -1,6 +1,6 @@
 """Faults at the workflow level: a second Snakemake on a directory where one is running is told the
-directory is locked (and the first finishes undisturbed); a config value of the wrong type is
-refused naming its key."""
+directory is locked (and the first finishes undisturbed); a config value of the wrong type, or an
+unknown key, is refused in one line naming its key."""
 import threading
 
 from fault_helpers import faults, mambapeft
@@ -38,5 +38,13 @@ def test_config_value_of_the_wrong_type_names_its_key(tmp_path):
     done = mambapeft("train", "--config", config, "--experiment", "vtab", "--backbone", "vim-mini", "--task", "digits",
                      "--method", "lorap_x", "--dry-run")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("mambapeft: error: Invalid config")
-    assert "threads: 'one' is not of type 'integer'" in done.stderr
+    assert done.stderr.startswith("mambapeft: error: threads: 'one' is not of type 'integer'")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_an_unknown_config_key_fails_the_dry_run_in_one_line_naming_it(tmp_path):
+    """Not Snakemake's own schema validation, which prints the whole schema and config after its message."""
+    done = snakemake("-n", "--configfile", TINY, "--config", "foo=1", cwd=tmp_path, check=False)
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode != 0 and len(output) < 5, "\n".join(output[:20])
+    assert output[-1].startswith("Invalid configuration: top level: unknown key(s) ['foo']; valid keys: ")

@@ -10,23 +10,29 @@ from mambapeft.search import plan as search_plan
 from mambapeft.search import space as search_space
 
 
-validate(config, schema="../schemas/config.schema.yaml")
-
-
-def _check_references(config):
-    """Methods, backbones and datasets exist, and every method member's keys are valid."""
+def _check_config(config):
+    """The schema, then methods, backbones, datasets, tasks and recipe keys: one line naming the key."""
     try:
         runspec.validate_config(config)
     except runspec.ConfigError as err:
         sys.exit(f"Invalid configuration: {err}")  # the message is the fix; a stack trace would bury it
 
 
-_check_references(config)
+_check_config(config)
+# fills in the schema's defaults; after the check above, whose one line names the key at fault
+# (on a config that fails, Snakemake's message prints the whole schema and config)
+validate(config, schema="../schemas/config.schema.yaml")
 
 RESULTS = str(runspec.results_dir(config))
 RESOURCES = str(runspec.resources_dir(config))
 RUNS = runspec.grid(config)
 RUN_DIR = f"{RESULTS}/runs/{{experiment}}/{{backbone}}/{{task}}/{{method}}/seed{{seed}}"
+
+# How jobs share GPUs and log, never what they compute: rules give them as `resources` (with the thread
+# count as `threads`), which no rerun trigger compares, and leave them out of their params spec
+# (runspec.EXECUTION_KEYS), so changing one re-runs nothing.
+GPU_SLOTS = config.get("gpu_slots", 1)
+WANDB = json.dumps(runspec.wandb_settings(config), sort_keys=True)
 
 
 def _alternatives(values):
@@ -47,15 +53,20 @@ def _run(wildcards):
                        int(wildcards.seed))
 
 
+def _job_spec(spec):
+    """A job's spec as its params value: JSON, less the execution settings its command line gives."""
+    return json.dumps(runspec.without_execution(spec), sort_keys=True)
+
+
 def training_spec(wildcards):
     """What the training job reads (JSON), less the evaluation-only keys: a Snakemake params
     value, so a change re-trains exactly this run, and an evaluation change does not."""
-    return json.dumps(runspec.training_spec(runspec.resolve_run(config, _run(wildcards))), sort_keys=True)
+    return _job_spec(runspec.training_spec(runspec.resolve_run(config, _run(wildcards))))
 
 
 def eval_spec(wildcards):
     """The fully resolved run (JSON) for the evaluate job: any change re-evaluates this run."""
-    return json.dumps(runspec.resolve_run(config, _run(wildcards)), sort_keys=True)
+    return _job_spec(runspec.resolve_run(config, _run(wildcards)))
 
 
 def _spec_inputs(spec):
@@ -122,8 +133,12 @@ def dataset_spec(wildcards):
     return json.dumps(runspec.dataset_spec(config, wildcards.dataset), sort_keys=True)
 
 
+def prepare_spec(wildcards):
+    return json.dumps(runspec.prepare_spec(config, wildcards.dataset), sort_keys=True)
+
+
 def backbone_spec(wildcards):
-    return json.dumps(config["backbones"][wildcards.backbone], sort_keys=True)
+    return json.dumps(runspec.backbone_entry(config, wildcards.backbone), sort_keys=True)
 
 
 def experiment_metrics(wildcards):
@@ -216,11 +231,11 @@ def dt_init_tokens(split):
 
 def dt_init_pretrain_spec(wildcards):
     """What the pretraining job reads, less the perplexity settings: changing those never re-trains."""
-    return json.dumps(runspec.dt_init_training_spec(runspec.dt_init_spec(config, _init_run(wildcards))), sort_keys=True)
+    return _job_spec(runspec.dt_init_training_spec(runspec.dt_init_spec(config, _init_run(wildcards))))
 
 
 def dt_init_perplexity_spec(wildcards):
-    return json.dumps(runspec.dt_init_spec(config, _init_run(wildcards)), sort_keys=True)
+    return _job_spec(runspec.dt_init_spec(config, _init_run(wildcards)))
 
 
 def dt_init_records(name):
@@ -256,6 +271,11 @@ def length_study_metrics():
 
 def length_study_readings():
     return _domain_yaml("language", LENGTH_STUDY)
+
+
+def length_study_definitions():
+    """language/methods.yaml: the table's row order."""
+    return [_domain_yaml("language", "methods")]
 
 
 def length_study_outputs():
@@ -337,11 +357,11 @@ def _search_run(wildcards):
 
 
 def search_training_spec(wildcards):
-    return json.dumps(runspec.training_spec(_search_run(wildcards)), sort_keys=True)
+    return _job_spec(runspec.training_spec(_search_run(wildcards)))
 
 
 def search_eval_spec(wildcards):
-    return json.dumps(_search_run(wildcards), sort_keys=True)
+    return _job_spec(_search_run(wildcards))
 
 
 def search_train_inputs(wildcards):
@@ -369,6 +389,11 @@ def search_results():
     """result.json of every step of every search, in step order."""
     return [str(search_plan.result_file(config, name, step)) for name in search_plan.search_names(config)
             for step in search_plan.settings(config, name)["steps"]]
+
+
+def search_report_definitions():
+    """vision/paper.yaml: the published numbers the search's table shows beside its own."""
+    return [_domain_yaml("vision", "paper")]
 
 
 def search_outputs():
@@ -426,10 +451,16 @@ def suite_data_downloads():
     return runspec.hub_downloads_for(config, LM_EVAL_SUITE["data"]["root"])
 
 
+def _suite_task_entries(tasks):
+    """The tasks' entries of language/tasks.yaml (lm_eval_suite), which the suite's data and evaluation
+    jobs read: in their specs, so editing a suite task re-runs them and editing another task does not."""
+    return runspec.task_entries("language", tasks, family="lm_eval_suite")
+
+
 def suite_data_spec():
     data = LM_EVAL_SUITE["data"]
     tasks = list(dict.fromkeys(LM_EVAL_SUITE["tasks"] + LM_EVAL_SUITE.get("crosscheck_tasks", [])))
-    return json.dumps({**data, "tasks": tasks}, sort_keys=True)
+    return json.dumps({**data, "tasks": tasks, "task_entries": _suite_task_entries(tasks)}, sort_keys=True)
 
 
 def _suite_job(backbone, model, run, hf_dir):
@@ -437,6 +468,7 @@ def _suite_job(backbone, model, run, hf_dir):
     settings = {key: LM_EVAL_SUITE.get(key) for key in ("batch_size", "limit", "gen_kwargs")}
     model_args = {"pretrained": hf_dir, **LM_EVAL_SUITE.get("hf_model_args", {})}
     return {"backbone": backbone, "model": model, "run": run, "tasks": LM_EVAL_SUITE["tasks"],
+            "task_entries": _suite_task_entries(LM_EVAL_SUITE["tasks"]),
             "data_root": LM_EVAL_SUITE["data"]["root"], "data_source": LM_EVAL_SUITE["data"]["source"],
             "device": config.get("device", "auto"), "lm_eval": {"model": "hf", "model_args": model_args}, **settings}
 
@@ -480,6 +512,11 @@ def suite_readings():
     return str(runspec.repo_root() / LM_EVAL_SUITE["readings"])
 
 
+def suite_report_definitions():
+    """language/tasks.yaml: the metrics of each task the table shows."""
+    return [_domain_yaml("language", "tasks")]
+
+
 def suite_resource(key, default):
     return LM_EVAL_SUITE.get("resources", {}).get(key, default)
 
@@ -517,7 +554,7 @@ def base_hf_dir(backbone):
 
 def merge_spec(wildcards):
     """The run as its training job saw it: an evaluation-only change never merges again."""
-    return json.dumps(runspec.training_spec(runspec.resolve_run(config, _run(wildcards))), sort_keys=True)
+    return training_spec(wildcards)
 
 
 def merge_inputs(wildcards):
@@ -526,7 +563,7 @@ def merge_inputs(wildcards):
 
 
 def export_backbone_spec(wildcards):
-    entry = config["backbones"][wildcards.backbone]
+    entry = runspec.backbone_entry(config, wildcards.backbone)
     return json.dumps({**entry, "id": wildcards.backbone, "path": str(runspec.backbone_path(config, wildcards.backbone))},
                       sort_keys=True)
 

@@ -53,13 +53,15 @@ rule prepare_data:
     benchmark:
         f"{RESOURCES}/logs/data/{{dataset}}.benchmark.tsv"
     params:
-        spec=dataset_spec,
+        spec=prepare_spec,
     conda:
         "../envs/mambapeft.yaml"
     shell:
         "mambapeft data prepare --spec {params.spec:q} --manifest {output.manifest} 2>&1 | tee {log}"
 
 
+# The labels are checked against the task's class count (vision/tasks.yaml), which is in the spec of
+# prepare_data (runspec.PREPARED_TASK_FIELDS): editing it makes the manifest again, and so these caches.
 rule cache_images:
     input:
         unpack(cache_source),

@@ -59,7 +59,6 @@ rule pretrain_dt_init:
         f"{DT_INIT_RUN_DIR}/pretrain.benchmark.tsv"
     params:
         spec=dt_init_pretrain_spec,
-        gpu_slots=config.get("gpu_slots", 1),
     wildcard_constraints:
         init=DT_INIT_INITS,
     threads: dt_init_threads()
@@ -67,11 +66,13 @@ rule pretrain_dt_init:
         gpu=dt_init_resource("gpus", 0),
         runtime=dt_init_resource("runtime", 60),
         mem_mb=dt_init_resource("mem_mb", 4000),
+        gpu_slots=GPU_SLOTS,
+        wandb=WANDB,
     conda:
         "../envs/mambapeft.yaml"
     shell:
-        "mambapeft dt-init pretrain --gpus {resources.gpu} --gpu-slots {params.gpu_slots} --spec {params.spec:q}"
-        " > {log} 2>&1"
+        "mambapeft dt-init pretrain --gpus {resources.gpu} --gpu-slots {resources.gpu_slots} --threads {threads}"
+        " --wandb {resources.wandb:q} --spec {params.spec:q} > {log} 2>&1"
 
 
 rule perplexity_dt_init:
@@ -86,7 +87,6 @@ rule perplexity_dt_init:
         f"{DT_INIT_RUN_DIR}/perplexity.benchmark.tsv"
     params:
         spec=dt_init_perplexity_spec,
-        gpu_slots=config.get("gpu_slots", 1),
     wildcard_constraints:
         init=DT_INIT_INITS,
     threads: dt_init_threads()
@@ -94,11 +94,13 @@ rule perplexity_dt_init:
         gpu=dt_init_resource("gpus", 0),
         runtime=dt_init_resource("runtime", 60),
         mem_mb=dt_init_resource("mem_mb", 4000),
+        gpu_slots=GPU_SLOTS,
+        wandb=WANDB,
     conda:
         "../envs/mambapeft.yaml"
     shell:
-        "mambapeft dt-init perplexity --gpus {resources.gpu} --gpu-slots {params.gpu_slots} --spec {params.spec:q}"
-        " > {log} 2>&1"
+        "mambapeft dt-init perplexity --gpus {resources.gpu} --gpu-slots {resources.gpu_slots} --threads {threads}"
+        " --wandb {resources.wandb:q} --spec {params.spec:q} > {log} 2>&1"
 
 
 rule dt_init_table:

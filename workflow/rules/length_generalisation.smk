@@ -12,6 +12,7 @@ rule length_generalisation_report:
     input:
         metrics=length_study_metrics(),
         readings=length_study_readings(),
+        definitions=length_study_definitions(),
     output:
         csv=report(f"{RESULTS}/tables/{LENGTH_STUDY}.csv", caption="../report/length_generalisation.rst",
                    category="Tables"),

@@ -16,16 +16,16 @@ rule lm_eval_suite_base:
         f"{SUITE_DIR}/base.benchmark.tsv"
     params:
         spec=suite_base_spec,
-        gpu_slots=config.get("gpu_slots", 1),
     threads: config.get("threads", 1)
     resources:
         gpu=suite_resource("gpus", 0),
         runtime=suite_resource("runtime", 60),
         mem_mb=suite_resource("mem_mb", 4000),
+        gpu_slots=GPU_SLOTS,
     conda:
         "../envs/mambapeft.yaml"
     shell:
-        "mambapeft lm-eval-suite evaluate --gpus {resources.gpu} --gpu-slots {params.gpu_slots}"
+        "mambapeft lm-eval-suite evaluate --gpus {resources.gpu} --gpu-slots {resources.gpu_slots}"
         " --spec {params.spec:q} --out {output.record} > {log} 2>&1"
 
 
@@ -40,16 +40,16 @@ rule lm_eval_suite_tuned:
         f"{SUITE_DIR}/{{task}}/{{method}}/seed{{seed}}.benchmark.tsv"
     params:
         spec=suite_tuned_spec,
-        gpu_slots=config.get("gpu_slots", 1),
     threads: config.get("threads", 1)
     resources:
         gpu=suite_resource("gpus", 0),
         runtime=suite_resource("runtime", 60),
         mem_mb=suite_resource("mem_mb", 4000),
+        gpu_slots=GPU_SLOTS,
     conda:
         "../envs/mambapeft.yaml"
     shell:
-        "mambapeft lm-eval-suite evaluate --gpus {resources.gpu} --gpu-slots {params.gpu_slots}"
+        "mambapeft lm-eval-suite evaluate --gpus {resources.gpu} --gpu-slots {resources.gpu_slots}"
         " --spec {params.spec:q} --out {output.record} > {log} 2>&1"
 
 
@@ -80,6 +80,7 @@ if LM_EVAL_SUITE:
         input:
             records=suite_records(),
             readings=suite_readings(),
+            definitions=suite_report_definitions(),
         output:
             **{k: report(v, caption="../report/lm_eval_suite.rst", category="Tables") for k, v in suite_outputs().items()},
         log:

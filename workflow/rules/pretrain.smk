@@ -38,5 +38,5 @@ rule prepare_backbone:
     conda:
         "../envs/mambapeft.yaml"
     shell:
-        "mambapeft backbone prepare --backbone {wildcards.backbone} --spec {params.spec:q}"
+        "mambapeft backbone prepare --backbone {wildcards.backbone} --threads {threads} --spec {params.spec:q}"
         " --manifest {output.manifest} 2>&1 | tee {log}"

@@ -62,7 +62,6 @@ rule search_train:
         f"{SEARCH_DIR}/{{stage}}/{{task}}/train.benchmark.tsv"
     params:
         spec=search_training_spec,
-        gpu_slots=config.get("gpu_slots", 1),
     wildcard_constraints:
         search=SEARCH_NAMES,
         stage=r"[^/]+/trial\d+|final",
@@ -71,10 +70,13 @@ rule search_train:
         gpu=search_resources("gpus", 0),
         runtime=search_resources("runtime", 60),
         mem_mb=search_resources("mem_mb", 4000),
+        gpu_slots=GPU_SLOTS,
+        wandb=WANDB,
     conda:
         "../envs/mambapeft.yaml"
     shell:
-        "mambapeft train --gpus {resources.gpu} --gpu-slots {params.gpu_slots} --spec {params.spec:q} > {log} 2>&1"
+        "mambapeft train --gpus {resources.gpu} --gpu-slots {resources.gpu_slots} --threads {threads}"
+        " --wandb {resources.wandb:q} --spec {params.spec:q} > {log} 2>&1"
 
 
 rule search_evaluate:
@@ -88,7 +90,6 @@ rule search_evaluate:
         f"{SEARCH_DIR}/{{stage}}/{{task}}/eval.benchmark.tsv"
     params:
         spec=search_eval_spec,
-        gpu_slots=config.get("gpu_slots", 1),
     wildcard_constraints:
         search=SEARCH_NAMES,
         stage=r"[^/]+/trial\d+|final",
@@ -97,16 +98,20 @@ rule search_evaluate:
         gpu=search_resources("gpus", 0),
         runtime=search_resources("runtime", 60),
         mem_mb=search_resources("mem_mb", 4000),
+        gpu_slots=GPU_SLOTS,
+        wandb=WANDB,
     conda:
         "../envs/mambapeft.yaml"
     shell:
-        "mambapeft evaluate --gpus {resources.gpu} --gpu-slots {params.gpu_slots} --spec {params.spec:q} > {log} 2>&1"
+        "mambapeft evaluate --gpus {resources.gpu} --gpu-slots {resources.gpu_slots} --threads {threads}"
+        " --wandb {resources.wandb:q} --spec {params.spec:q} > {log} 2>&1"
 
 
 rule search_report:
     input:
         results=search_results(),
         final=search_plan.final_metrics(config),
+        definitions=search_report_definitions(),
     output:
         csv=f"{RESULTS}/tables/hybrid_search.csv",
         md=report(f"{RESULTS}/tables/hybrid_search.md", caption="../report/hybrid_search.rst", category="Tables"),

@@ -14,13 +14,15 @@ rule finetune:
         f"{RUN_DIR}/train.benchmark.tsv"
     params:
         spec=training_spec,
-        gpu_slots=config.get("gpu_slots", 1),
     threads: config.get("threads", 1)
     resources:
         gpu=train_resources("gpus", 0),
         runtime=train_resources("runtime", 60),
         mem_mb=train_resources("mem_mb", 4000),
+        gpu_slots=GPU_SLOTS,
+        wandb=WANDB,
     conda:
         "../envs/mambapeft.yaml"
     shell:
-        "mambapeft train --gpus {resources.gpu} --gpu-slots {params.gpu_slots} --spec {params.spec:q} > {log} 2>&1"
+        "mambapeft train --gpus {resources.gpu} --gpu-slots {resources.gpu_slots} --threads {threads}"
+        " --wandb {resources.wandb:q} --spec {params.spec:q} > {log} 2>&1"

@@ -35,7 +35,7 @@ from ..models.decoding import GreedyDecoder
 from ..models.lm import LM_VARIANTS
 from ..models.precision import keep_ssm_parameters_in_fp32
 from ..peft import PeftConfigError, apply_peft
-from ..runspec import ConfigError, method_definition
+from ..runspec import ConfigError, domain_file, method_definition
 from ..runtime import PERMISSIVE, device_name, select_backend
 from .common import error_row, release_memory, timed_calls
 from .hf import hf_causal_lm
@@ -209,9 +209,8 @@ def run_generate_bench(out_dir: Path, backbones: list[str], batches: list[int], 
                        baselines: bool = True) -> dict:
     """Every backbone; the report is written after each one (an interrupted run keeps what it measured).
     ``repeats``: one count for all, or one per backbone in order (the last one for the rest)."""
-    unknown = [b for b in backbones if b not in LM_VARIANTS]
-    if unknown:
-        raise ConfigError(f"bench generate: unknown LM variants {unknown}; known: {', '.join(LM_VARIANTS)}")
+    _refuse_unknown(backbones, LM_VARIANTS, "LM variants")
+    _refuse_unknown(methods, domain_file("language", "methods"), "language methods")
     repeats = [repeats] if isinstance(repeats, int) else list(repeats)
     if not repeats or min(repeats) < 1:
         raise ConfigError(f"bench generate: repeats must be one or more counts >= 1, got {repeats}")
@@ -228,6 +227,13 @@ def run_generate_bench(out_dir: Path, backbones: list[str], batches: list[int], 
         write_json_atomic(stem.with_suffix(".json"), report)
         write_text_atomic(stem.with_suffix(".md"), markdown(report))
     return report
+
+
+def _refuse_unknown(names: list[str], known, what: str) -> None:
+    """A ConfigError (before anything runs) naming those of ``names`` not in ``known``."""
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"bench generate: unknown {what} {unknown}; known: {', '.join(known)}")
 
 
 def markdown(report: dict) -> str:

@@ -8,7 +8,8 @@ Each module of this package declares its subcommands (``add_parsers``) beside th
 ``report`` (tables, params-table, figures), ``search`` (the hybrid PEFT search),
 ``dt_init`` (the dt_bias initialisation study), ``length_study`` (the prefix vs periodic
 tokens length study), ``lm_eval_suite`` (the Orca-Math study's lm-eval suite), ``bench`` and ``tools`` (lm-eval, setup-gpu);
-``common`` holds what they share.
+``common`` holds what they share. Every parser is a `CommandParser`: a subcommand's --help opens with its
+one-line help, it accepts -q too, and an unknown option is reported with its usage.
 """
 from __future__ import annotations
 
@@ -22,6 +23,37 @@ from . import backbone, bench, data, dt_init, length_study, lm_eval_suite, merge
 
 EXIT_USER_ERROR = 2
 SUBCOMMAND_MODULES = (data, backbone, run, merge, report, search, dt_init, length_study, lm_eval_suite, bench, tools)  # in the order `mambapeft --help` lists them
+DESCRIPTION = ("The command line every Snakemake rule calls (and users can call directly). "
+               "`mambapeft COMMAND -h` describes each command.")
+QUIET_HELP = "only warnings and errors on stderr (before or after the command)"
+
+
+def _description(help_text: str | None) -> str | None:
+    """A command's one-line ``help`` as the sentence its own --help opens with."""
+    if not help_text:
+        return None
+    text = help_text.replace("%%", "%")  # help is a %-format template, a description is not
+    return text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+class _Commands(argparse._SubParsersAction):
+    """Subcommands whose --help opens with their one-line help (unless they have a description), that
+    accept -q after the command too, and that name themselves as ``command_parser`` (for usage errors)."""
+
+    def add_parser(self, name, **kwargs):
+        kwargs.setdefault("description", _description(kwargs.get("help")))
+        parser = super().add_parser(name, **kwargs)
+        parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+        parser.set_defaults(command_parser=parser)
+        return parser
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose subparsers (and theirs) are `_Commands`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _Commands)
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -40,8 +72,8 @@ def _user_errors() -> tuple[type, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mambapeft", description=__doc__.splitlines()[0])
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser = CommandParser(prog="mambapeft", description=DESCRIPTION)
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     parser.set_defaults(forwards_unknown_args=False)  # a subcommand that passes arguments on (lm-eval) sets it
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMAND_MODULES:
@@ -53,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, forwarded = parser.parse_known_args(argv)
     if forwarded and not args.forwards_unknown_args:
-        parser.error(f"unrecognized arguments: {' '.join(forwarded)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(forwarded)}")  # with the command's usage
     args.forwarded = forwarded
     default_allocator_settings()  # before anything initialises CUDA
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,

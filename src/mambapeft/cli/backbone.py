@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_gpu_arguments, claim_gpus_for, json_arg
+from .common import add_gpu_arguments, claim_gpus_for, json_arg, positive_int
 
 
 def add_parsers(subparsers) -> None:
@@ -45,6 +45,8 @@ def _add_prepare(backbone) -> None:
     p.add_argument("--backbone", required=True, help="backbone id, e.g. vim-mini, vim-s, mamba-130m")
     p.add_argument("--spec", required=True, help="the backbone's config entry as JSON (config `backbones:`)")
     p.add_argument("--manifest", required=True, help="checkpoint.json to write last")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads of a pretraining (default: the spec's `threads`, "
+                                               "else 1); the workflow gives it here, out of the spec it tracks")
     add_gpu_arguments(p)
     p.set_defaults(func=cmd_backbone_prepare)
 
@@ -53,4 +55,7 @@ def cmd_backbone_prepare(args) -> None:
     claim_gpus_for(args)
     from ..train.backbone import prepare_backbone
 
-    prepare_backbone(args.backbone, json_arg(args.spec), Path(args.manifest))
+    entry = json_arg(args.spec)
+    if args.threads is not None:
+        entry["threads"] = args.threads
+    prepare_backbone(args.backbone, entry, Path(args.manifest))

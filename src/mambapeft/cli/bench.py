@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from .common import positive_int
+
 
 def add_parsers(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench_command", required=True)
@@ -42,10 +44,10 @@ def _add_multi_gpu(bench) -> None:
                                      "`--resources gpu=1` and `gpu=k`, and writes multi_gpu_<device>.json: both wall "
                                      "times, the speed-up, and which GPU (index, UUID) each run's jobs held.")
     p.add_argument("--config", required=True, help="a config whose experiments ask for `resources: {gpus: 1}`")
-    p.add_argument("--gpus", type=int, default=2, help="GPUs of the second run")
-    p.add_argument("--cores", type=int, default=os.cpu_count(), help="snakemake -c")
+    p.add_argument("--gpus", type=positive_int, default=2, help="GPUs of the second run")
+    p.add_argument("--cores", type=positive_int, default=os.cpu_count(), help="snakemake -c")
     p.add_argument("--work-dir", default="results/multi_gpu", help="results of the timed runs")
-    p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--out", default="results/benchmarks", help="folder for multi_gpu_<device>.json")
     p.set_defaults(func=cmd_bench_multi_gpu)
 
 
@@ -58,13 +60,15 @@ def cmd_bench_multi_gpu(args) -> None:
 
 def _add_scan(bench) -> None:
     p = bench.add_parser("scan", help="selective scan fwd+bwd: our PyTorch scan vs a naive per-step loop (and CUDA)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--d-inner", type=int, default=1536)
-    p.add_argument("--length", type=int, default=512)
-    p.add_argument("--d-state", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (the naive loop runs once)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per call")
+    p.add_argument("--d-inner", type=positive_int, default=1536, help="channels (the mixer's d_inner)")
+    p.add_argument("--length", type=positive_int, default=512, help="sequence length (time steps)")
+    p.add_argument("--d-state", type=positive_int, default=16, help="state size N per channel")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="timed calls after one warm-up (the naive loop runs once)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the scans run (cuda adds the CUDA kernel, if built)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     p.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
     p.set_defaults(func=cmd_bench_scan)
 
@@ -74,6 +78,8 @@ def cmd_bench_scan(args) -> None:
 
     from ..bench.scan import bench_scan
 
+    if args.device == "cuda":
+        _require_cuda("bench scan --device cuda")
     torch.set_num_threads(args.threads)
     result = bench_scan(args.batch, args.d_inner, args.length, args.d_state, args.repeats, args.device,
                         naive=not args.no_naive)
@@ -86,9 +92,9 @@ def _add_scan_kernels(bench) -> None:
                                               "vs causal-conv1d's")
     p.add_argument("--shapes", nargs="+", type=_shape, help="BATCH,CHANNELS,LENGTH each (default: Vim-S at 197 "
                                                             "and 256 steps, Mamba-1.4b at micro-batch 32, 8,1536,1024)")
-    p.add_argument("--repeats", type=int, default=50, help="calls captured in one CUDA graph and timed, after 5 "
-                                                           "warm-ups")
-    p.add_argument("--states", nargs="+", type=int, default=[16],
+    p.add_argument("--repeats", type=positive_int, default=50, help="calls captured in one CUDA graph and timed, "
+                                                                    "after 5 warm-ups")
+    p.add_argument("--states", nargs="+", type=positive_int, default=[16],
                    help="state counts N, each at every shape (default 16; additional-scan extends it to 16 + n)")
     p.add_argument("--out", help="folder for <device>.scan_kernels.json (else printed only)")
     p.set_defaults(func=cmd_bench_scan_kernels)
@@ -131,9 +137,10 @@ def _add_train(bench) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip transformers+peft and timm+peft")
     p.add_argument("--cuda-graphs", action="store_true", help="training steps and Vim evaluation forwards as CUDA graphs "
                    "(runtime key cuda_graphs)")
-    p.add_argument("--micro-batch", type=int, help="sequences of 256 tokens per language step, ours and transformers' "
-                   "(default 4, the paper recipe's); memory only in training, so raise it to fill the GPU. Give "
-                   "other values their own --out: the files are named by device")
+    p.add_argument("--micro-batch", type=positive_int,
+                   help="sequences of 256 tokens per language step, ours and transformers' (default 4, the paper "
+                        "recipe's); memory only in training, so raise it to fill the GPU. Give other values their "
+                        "own --out: the files are named by device")
     p.set_defaults(func=cmd_bench_train)
 
 
@@ -182,25 +189,27 @@ def _add_generate(bench) -> None:
                                      "and .md under --out.")
     p.add_argument("--backbones", type=_comma_list(str), default=["mamba-130m", "mamba-1.4b"],
                    help="comma-separated LM variants")
-    p.add_argument("--batch", type=_comma_list(int), default=[1, 64], help="comma-separated batch sizes")
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    p.add_argument("--new", type=int, default=256, help="generated tokens")
+    p.add_argument("--batch", type=_comma_list(positive_int), default=[1, 64], help="comma-separated batch sizes")
+    p.add_argument("--prompt", type=positive_int, default=128, help="prompt tokens")
+    p.add_argument("--new", type=positive_int, default=256, help="generated tokens")
     p.add_argument("--methods", type=_comma_list(str), default=["affix", "additional_scan", "periodic"],
                    help="methods of language/methods.yaml whose adapters generate too (comma-separated; '' for none)")
-    p.add_argument("--repeats", type=_comma_list(int), default=[3, 1],
+    p.add_argument("--repeats", type=_comma_list(positive_int), default=[3, 1],
                    help="timed calls after one warm-up, per backbone in order (comma-separated; the last one for "
                         "the rest): fewer for mamba-1.4b keeps the default run within ~4 minutes on an H200")
     p.add_argument("--weights-root", default="resources/weights",
                    help="<root>/<backbone>/ with config.json + weights; random weights of the real sizes where absent")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: fp32, no graphs (tests)")
     p.add_argument("--no-baselines", action="store_true", help="ours only")
-    p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--out", default="results/benchmarks", help="folder for generate_<device>.json and .md")
     p.set_defaults(func=cmd_bench_generate)
 
 
 def cmd_bench_generate(args) -> None:
     from ..bench.generate import run_generate_bench
 
+    if args.device == "cuda":
+        _require_cuda("bench generate --device cuda")
     report = run_generate_bench(Path(args.out), args.backbones, args.batch, args.prompt, args.new, args.methods,
                                 args.repeats, Path(args.weights_root), args.device, baselines=not args.no_baselines)
     print(json.dumps({b: e["weights"] for b, e in report["backbones"].items()}))
@@ -208,11 +217,13 @@ def cmd_bench_generate(args) -> None:
 
 def _add_data(bench) -> None:
     p = bench.add_parser("data", help="one epoch of VTAB data loading: decoding the files vs the uint8 cache")
-    p.add_argument("--images", type=int, default=800, help="images in the temporary task (a VTAB train800val200 has 1000)")
-    p.add_argument("--width", type=int, default=500, help="source image width")
-    p.add_argument("--height", type=int, default=375, help="source image height")
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--images", type=positive_int, default=800,
+                   help="images in the temporary task (a VTAB train800val200 has 1000)")
+    p.add_argument("--width", type=positive_int, default=500, help="source image width")
+    p.add_argument("--height", type=positive_int, default=375, help="source image height")
+    p.add_argument("--resolution", type=positive_int, default=224, help="square side of the resized images (pixels)")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="epochs timed each way (their min and median are reported)")
     p.add_argument("--out", help="also write the JSON report here")
     p.set_defaults(func=cmd_bench_data)
 
@@ -232,8 +243,8 @@ def _add_profile(bench) -> None:
     p.add_argument("--backbone", default="vim-s", help="vim-* (images at 224 px) or mamba-* (sequences of 256 tokens)")
     p.add_argument("--methods", nargs="+", default=["linear_probe", "lorap_x"],
                    help="methods of the domain's methods.yaml to profile, one step each (default linear_probe lorap_x)")
-    p.add_argument("--batch", type=int, help="images (default 32) or sequences (default 4) per step")
-    p.add_argument("--steps", type=int, default=5, help="profiled steps, after 3 untimed ones (default 5)")
+    p.add_argument("--batch", type=positive_int, help="images (default 32) or sequences (default 4) per step")
+    p.add_argument("--steps", type=positive_int, default=5, help="profiled steps, after 3 untimed ones (default 5)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="profile the step as the graphed trainer runs it (runtime cuda_graphs: forward and backward "
                         "replayed from CUDA graphs), not eager")
@@ -243,15 +254,11 @@ def _add_profile(bench) -> None:
 
 
 def cmd_bench_profile(args) -> None:
-    import torch
-
     from ..bench.common import provenance
     from ..bench.profile import markdown, profile_report, write_reports
     from ..build import domain_of
-    from ..runspec import ConfigError
 
-    if not torch.cuda.is_available():
-        raise ConfigError("bench profile times GPU kernels: no CUDA device is visible here (run it on a GPU machine)")
+    _require_cuda("bench profile times GPU kernels")
     domain = domain_of(args.backbone)
     batch = args.batch or (32 if domain == "vision" else 4)
     reports, source = [], provenance()
@@ -261,6 +268,16 @@ def cmd_bench_profile(args) -> None:
         print(markdown(reports[-1:]), flush=True)
         if args.out:  # after every method: an interrupted run keeps what it profiled
             write_reports(reports, args.out, source)
+
+
+def _require_cuda(what: str) -> None:
+    """A user error (one line) when no CUDA device is visible: ``what`` needs one."""
+    import torch
+
+    from ..runspec import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{what}: no CUDA device is visible here (run it on a GPU machine)")
 
 
 def _add_equivalence(bench) -> None:

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..runspec import ConfigError
-from .common import json_arg
+from .common import json_arg, positive_int
 
 
 def add_parsers(subparsers) -> None:
@@ -86,9 +86,9 @@ def cmd_data_download_hub(args) -> None:
 def _add_cache(data) -> None:
     p = data.add_parser("cache", help="decode and resize one VTAB split once into a uint8 .npz cache")
     p.add_argument("--root", required=True, help="VTAB-1k root (holds <task>/train800val200.txt ...)")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help="VTAB task of vision/tasks.yaml, e.g. cifar")
     p.add_argument("--split", required=True, help="train800 | val200 | train800val200 | test")
-    p.add_argument("--resolution", type=int, required=True, help="square side in pixels (224 for Vim)")
+    p.add_argument("--resolution", type=positive_int, required=True, help="square side in pixels (224 for Vim)")
     p.add_argument("--out", required=True, help="output .npz")
     p.set_defaults(func=cmd_data_cache)
 
@@ -103,7 +103,8 @@ def cmd_data_cache(args) -> None:
 def _add_check(data) -> None:
     p = data.add_parser("check", help="validate a dataset before spending GPU time; prints a JSON summary")
     p.add_argument("--kind", required=True, choices=("vtab", "commonsense", "math", "synthetic", "orca_math",
-                                                         "yelp_polarity"))
+                                                         "yelp_polarity"),
+                   help="what kind of dataset `path` holds (data/check.py describes each layout)")
     p.add_argument("path", help="vtab: the VTAB-1k root; commonsense/math/synthetic: the data directory; "
                                 "orca_math: the local copy (data/train-*.parquet, JSON lines or save_to_disk); "
                                 "yelp_polarity: the local copy (plain_text/{train,test}-*.parquet)")

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from ..runspec import ConfigError
-from .common import add_gpu_arguments, claim_gpus_for, json_arg, require_spec_keys
+from .common import (add_execution_arguments, add_gpu_arguments, claim_gpus_for, json_arg, require_spec_keys,
+                     with_execution)
 
 TRAINING_KEYS = ("run", "model", "dt_init", "tokens", "train", "runtime", "output_dir")
 
@@ -58,6 +59,7 @@ def _add_run_arguments(p) -> None:
     p.add_argument("--config", nargs="+", help="config file(s), merged left to right (instead of --spec)")
     p.add_argument("--init", help="with --config: the dt initialisation")
     p.add_argument("--seed", type=int, help="with --config: the seed")
+    add_execution_arguments(p)
     add_gpu_arguments(p)
 
 
@@ -76,7 +78,7 @@ def _run_spec(args, training: bool) -> dict:
     else:
         raise ConfigError("give --spec JSON, or --config with --init and --seed")
     require_spec_keys(spec, TRAINING_KEYS + (() if training else ("perplexity",)), "runspec.dt_init_spec")
-    return spec
+    return with_execution(spec, args)
 
 
 def _add_pretrain(commands) -> None:
@@ -111,8 +113,8 @@ def cmd_perplexity(args) -> None:
 
 def _add_table(commands) -> None:
     p = commands.add_parser("table", help="results/tables/dt_init.{csv,md} from the runs' perplexity.json")
-    p.add_argument("--csv", required=True)
-    p.add_argument("--md", required=True)
+    p.add_argument("--csv", required=True, help="the study's table as CSV (written)")
+    p.add_argument("--md", required=True, help="the same table as Markdown (written)")
     p.add_argument("records", nargs="+", help="perplexity.json of every run")
     p.set_defaults(func=cmd_table)
 

@@ -89,8 +89,8 @@ def _add_report(commands) -> None:
     p.add_argument("records", nargs="+", help="base and fine-tuned evaluation records (JSON)")
     p.add_argument("--readings", required=True, help="the study's numbers (language/orca_math_lm_eval.yaml)")
     p.add_argument("--title", required=True, help="the experiment's name, for headings")
-    p.add_argument("--csv", required=True)
-    p.add_argument("--md", required=True)
+    p.add_argument("--csv", required=True, help="output table (CSV)")
+    p.add_argument("--md", required=True, help="output table (Markdown)")
     p.add_argument("--figure", required=True, help="the per-task change figure (PNG)")
     p.set_defaults(func=cmd_report)
 

@@ -15,9 +15,9 @@ def add_parsers(subparsers) -> None:
 
 def _add_tables(subparsers) -> None:
     p = subparsers.add_parser("tables", help="one experiment's results table (.csv and .md) from metrics.json files")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--csv", required=True)
-    p.add_argument("--md", required=True)
+    p.add_argument("--experiment", required=True, help="the experiment's id in the config (the table's heading)")
+    p.add_argument("--csv", required=True, help="output table (CSV)")
+    p.add_argument("--md", required=True, help="output table (Markdown)")
     p.add_argument("metrics", nargs="+", help="metrics.json files of the experiment's runs")
     p.set_defaults(func=cmd_tables)
 
@@ -31,8 +31,8 @@ def cmd_tables(args) -> None:
 def _add_params_table(subparsers) -> None:
     p = subparsers.add_parser("params-table", help="trainable parameters of every backbone x method, ours vs the paper")
     p.add_argument("--spec", required=True, help='JSON {"vision": {backbone: [methods]}, "language": {...}}')
-    p.add_argument("--csv", required=True)
-    p.add_argument("--md", required=True)
+    p.add_argument("--csv", required=True, help="output table (CSV)")
+    p.add_argument("--md", required=True, help="output table (Markdown)")
     p.set_defaults(func=cmd_params_table)
 
 
@@ -47,7 +47,7 @@ def _add_figures(subparsers) -> None:
     p.add_argument("--table", required=True, help="results/tables/<experiment>.csv")
     p.add_argument("--scatter", required=True, help="output PNG (params vs mean accuracy)")
     p.add_argument("--per-task", required=True, help="output PNG (per-task accuracy)")
-    p.add_argument("--title", default="")
+    p.add_argument("--title", default="", help="title of both figures (default: each its own)")
     p.set_defaults(func=cmd_figures)
 
 

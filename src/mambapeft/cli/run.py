@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 
 from ..runspec import training_spec
-from .common import add_gpu_arguments, add_run_arguments, claim_gpus_for, spec_from_args
+from .common import (add_execution_arguments, add_gpu_arguments, add_run_arguments, claim_gpus_for, positive_int,
+                     spec_from_args, with_execution)
 
 
 def add_parsers(subparsers) -> None:
@@ -25,13 +26,14 @@ def _add_train(subparsers) -> None:
                                           "was interrupted, and writes the adapter and the training record train.json "
                                           "(last). `mambapeft evaluate` then scores it.")
     add_run_arguments(p)
+    add_execution_arguments(p)
     add_gpu_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the resolved run configuration as JSON and exit")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> None:
-    spec = training_spec(spec_from_args(args))
+    spec = training_spec(with_execution(spec_from_args(args), args))
     if args.dry_run:
         from ..train.dryrun import dry_run
 
@@ -50,12 +52,13 @@ def _add_evaluate(subparsers) -> None:
                                           "train` with the same configuration), evaluates on the run's test split "
                                           "(vision) or evaluation tasks (language) and writes metrics.json last.")
     add_run_arguments(p)
+    add_execution_arguments(p)
     add_gpu_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> None:
-    spec = spec_from_args(args)
+    spec = with_execution(spec_from_args(args), args)
     claim_gpus_for(args, spec["runtime"]["device"])
     from ..eval.run import evaluate_run
 
@@ -65,9 +68,9 @@ def cmd_evaluate(args) -> None:
 
 def _add_params(subparsers) -> None:
     p = subparsers.add_parser("params", help="trainable-parameter count of a backbone + method, as JSON")
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--method", required=True)
-    p.add_argument("--num-classes", type=int, default=None, help="vision head size (default: 100, CIFAR-100)")
+    p.add_argument("--backbone", required=True, help="a backbone id of the model registry (e.g. vim-s, mamba-130m)")
+    p.add_argument("--method", required=True, help="a method id of vision/methods.yaml or language/methods.yaml")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="vision head size (default: 100, CIFAR-100)")
     p.set_defaults(func=cmd_params)
 
 

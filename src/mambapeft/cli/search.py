@@ -24,7 +24,7 @@ def _add_study_arguments(p) -> None:
     p.add_argument("--scores", nargs="*", default=[], help="metrics.json of the trials to tell first (every task)")
     p.add_argument("--previous", nargs="*", default=[],
                    help="result.json of the previous step, if any (its winner: a tune step's start)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the JSON to write: batch<b>.json (ask) or result.json (result)")
 
 
 def _add_ask(commands) -> None:
@@ -78,9 +78,9 @@ def _add_report(commands) -> None:
     p = commands.add_parser("report", help="results/tables/hybrid_search.{csv,md} and the trial-history figure")
     p.add_argument("--results", nargs="+", required=True, help="result.json of every step of every search")
     p.add_argument("--final", nargs="*", default=[], help="metrics.json of the final runs")
-    p.add_argument("--csv", required=True)
-    p.add_argument("--md", required=True)
-    p.add_argument("--figure", required=True)
+    p.add_argument("--csv", required=True, help="output table (CSV)")
+    p.add_argument("--md", required=True, help="output table (Markdown)")
+    p.add_argument("--figure", required=True, help="output trial-history figure (PNG)")
     p.set_defaults(func=cmd_report)
 
 

@@ -49,7 +49,7 @@ from mambapeft.data.language_tasks import commonsense_eval_file, language_task, 
 from mambapeft.data.math_answers import extract_answer
 from mambapeft.data.orca_math import check_orca_math
 from mambapeft.data.synthetic import check_synthetic
-from mambapeft.data.vtab import load_rgb, read_split, split_file, task_info
+from mambapeft.data.vtab import _progress, load_rgb, read_split, split_file, task_info
 from mambapeft.data.yelp_polarity import check_yelp_polarity
 
 KINDS = ("vtab", "commonsense", "math", "synthetic", "orca_math", "yelp_polarity")
@@ -75,8 +75,8 @@ def _check_vtab(root: Path, task: str | None) -> dict:
     info = task_info(task)
     present = [split for split in ("train800", "val200") if split_file(root, task, split).is_file()]
     lists = {split: read_split(root, task, split) for split in ("train800val200", *present, "test")}
-    for samples in lists.values():
-        _decode_all(root / task, samples)
+    for split, samples in lists.items():
+        _decode_all(root / task, samples, f"checking {task}/{split}")
     for split in ("train800val200", *present):
         _refuse_shared_images(root, task, split, lists[split], lists["test"])
     return {
@@ -90,9 +90,9 @@ def _check_vtab(root: Path, task: str | None) -> dict:
     }
 
 
-def _decode_all(task_dir: Path, samples: list[tuple[str, int]]) -> None:
-    """Fully decode every image (a header check would miss truncated JPEGs)."""
-    for relative, _ in samples:
+def _decode_all(task_dir: Path, samples: list[tuple[str, int]], description: str) -> None:
+    """Fully decode every image (a header check would miss truncated JPEGs), logging progress as `data cache` does."""
+    for relative, _ in _progress(samples, description):
         load_rgb(task_dir / relative)
 
 

@@ -37,7 +37,7 @@ import zipfile
 from pathlib import Path
 
 from ..io import sha256_file
-from ..runspec import ConfigError
+from ..runspec import ConfigError, check_hub_dataset
 from .errors import DataError
 from .hub import HubFiles, HubSplit, RawFile, download_url, fetch_all, offline_reason
 from .language_tasks import TASKS_YAML, commonsense_eval_file, language_task, task_splits
@@ -185,17 +185,13 @@ def _task_splits(root: Path, family: str, task: str, revision: str, where: str) 
 
 def fetch_hub_dataset(name: str, entry: dict) -> dict:
     """Make the ``hub_datasets`` entry ``name`` present at its target (see the module's docstring)."""
+    check_hub_dataset(name, entry)
     where, target = f"hub_datasets.{name}", Path(entry["target"])
-    if entry.get("family"):
-        items = [split for task, revision in entry.get("revisions", {}).items()
+    if "family" in entry:
+        items = [split for task, revision in entry["revisions"].items()
                  for split in _task_splits(target, entry["family"], task, str(revision), f"{where}.revisions.{task}")]
-    elif entry.get("repo"):
-        items = [HubFiles.from_entry(name, {**entry, "repo_type": "dataset"}, target, where, name)]
     else:
-        raise ConfigError(f"{where} names nothing to fetch: give `repo` (with `allow_patterns` or `file`), or "
-                          "`family` with `revisions`")
-    if not items:
-        raise ConfigError(f"{where}.revisions is empty: list the tasks to fetch (task -> revision)")
+        items = [HubFiles.from_entry(name, {**entry, "repo_type": "dataset"}, target, where, name)]
     return {"name": name, "target": str(target), "files": fetch_all(items, f"the Hub dataset {name}")}
 
 

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from ..data.token_cache import load_tokens
 from ..io import read_job_record, write_record_atomic
 from ..models.checkpoints import build_lm_from_dir
-from ..runspec import PERPLEXITY_RECORD, PRETRAIN_MODEL, PRETRAIN_RECORD, ConfigError, dt_init_training_spec
+from ..runspec import (PERPLEXITY_RECORD, PRETRAIN_MODEL, PRETRAIN_RECORD, ConfigError, dt_init_training_spec,
+                       without_execution)
 from ..runtime import autocast_for, device_name, gpu_identity, place_model, resolve_device
 
 log = logging.getLogger("mambapeft.eval")
@@ -82,7 +83,8 @@ def read_pretrain_record(run_dir: Path, spec: dict) -> dict:
     """``pretrain.json`` of this run's configuration, with its model file intact (sha256 as recorded)."""
     return read_job_record(run_dir / PRETRAIN_RECORD, dt_init_training_spec(spec),
                            (run_dir / PRETRAIN_MODEL / "pytorch_model.bin", "model_sha256"),
-                           job="pretraining", rule="pretrain_dt_init", error=PretrainRecordError)
+                           identity=without_execution, job="pretraining", rule="pretrain_dt_init",
+                           error=PretrainRecordError)
 
 
 def evaluate_perplexity(spec: dict) -> dict:

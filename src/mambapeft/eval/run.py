@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..build import build_trainable
-from ..io import read_job_record, write_record_atomic
-from ..runspec import ADAPTER, METRICS, TRAIN_RECORD, ConfigError, training_spec
+from ..build import build_trainable, read_training_record
+from ..io import write_record_atomic
+from ..runspec import ADAPTER, METRICS
 from ..runtime import autocast_for, device_name, gpu_identity, resolve_device
 from .classification import evaluate_top1
 from .language import evaluate_language
@@ -33,16 +33,6 @@ def evaluator_for(spec: dict):
     """The evaluation of a run spec: its data kind's entry when there is one, else its domain's."""
     kind = spec["data"].get("kind")
     return EVALUATORS[kind if kind in EVALUATORS else spec["domain"]]
-
-
-class TrainingRecordError(ConfigError):
-    """The training job's outputs are missing, unreadable or from another configuration."""
-
-
-def read_training_record(run_dir: Path, spec: dict) -> dict:
-    """``train.json`` of this run's configuration, with its adapter intact (sha256 as recorded)."""
-    return read_job_record(run_dir / TRAIN_RECORD, training_spec(spec), (run_dir / ADAPTER, "adapter_sha256"),
-                           job="training", rule="finetune", error=TrainingRecordError)
 
 
 def evaluate_run(spec: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Backbone registry: every variant is an entry of VIM_VARIANTS, VIT_VARIANTS or LM_VARIANTS."""
+"""Backbone registry: every variant is an entry of VIM_VARIANTS, VIT_VARIANTS or LM_VARIANTS, and its id
+one of runspec.BACKBONE_IDS (what the config check reads without importing torch)."""
 from __future__ import annotations
 
 import torch.nn as nn

@@ -15,7 +15,8 @@ The study's code is not public. These definitions are ours:
 - ``linear_decay_reverse``: the same spacing from dt_min at the first head to dt_max at the last.
 
 A new strategy is one function ``(nheads, dt_min, dt_max, device=None, dtype=None) -> dt (H,)``
-decorated with ``@register_dt_init("name")``.
+decorated with ``@register_dt_init("name")``, and its name in ``runspec.DT_INIT_STRATEGIES`` (what the
+config check reads without importing torch).
 """
 from __future__ import annotations
 

@@ -21,7 +21,14 @@ from ..io import write_text_atomic
 from .figures import save_figure
 from .figures import plt  # pyplot on the file-only backend figures.py selects
 from .markdown import frame_to_markdown
-from .tables import incomplete_or_altered, read_record
+from .readers import RecordKind, read_record
+from .tables import incomplete_or_altered
+
+# what the table and figures read of the study's records: init, seed, then per status the numbers
+PERPLEXITY = RecordKind("perplexity record", "perplexity.json", ("status", "init", "seed"), incomplete_or_altered,
+                        "re-run its perplexity job")
+PRETRAIN = RecordKind("pretraining record", "pretrain.json", ("status", "init", "seed"), incomplete_or_altered,
+                      "re-run its pretraining job")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -71,7 +78,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def write_dt_init_table(perplexity_records: list[str], csv_path: Path, md_path: Path) -> pd.DataFrame:
-    table = summary_frame([read_record(p, problem=incomplete_or_altered) for p in perplexity_records])
+    table = summary_frame([read_record(p, PERPLEXITY) for p in perplexity_records])
     write_text_atomic(csv_path, table.to_csv(index=False))
     write_text_atomic(md_path, markdown_table(table))
     return table
@@ -120,6 +127,6 @@ def dt_figure(records: list[dict], path: Path) -> None:
 
 
 def write_dt_init_figures(pretrain_records: list[str], loss_png: Path, dt_png: Path) -> None:
-    records = [read_record(p, problem=incomplete_or_altered) for p in pretrain_records]
+    records = [read_record(p, PRETRAIN) for p in pretrain_records]
     loss_figure(records, loss_png)
     dt_figure(records, dt_png)

@@ -12,10 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..io import atomic_path  # noqa: E402
+from .readers import read_results_table  # noqa: E402
 
 META_COLUMNS = {"backbone", "method", "label", "seeds", "mean", "mean_std", "trainable_params", "total_params",
                 "diverged", "trainable_pct", "paper_mean", "paper_tasks", "delta_vs_paper", "natural", "specialized",
                 "structured"}
+
+
+PLOTTED_COLUMNS = {"backbone", "label", "mean", "trainable_params", "paper_mean"}  # what both figures read
 
 
 def task_columns(table: pd.DataFrame) -> list[str]:
@@ -86,6 +90,6 @@ def per_task(table: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def write_figures(table_csv: Path, scatter_png: Path, per_task_png: Path, title: str = "") -> None:
-    table = pd.read_csv(table_csv)
+    table = read_results_table(table_csv, PLOTTED_COLUMNS)
     scatter(table, scatter_png, f"{title}: trainable parameters vs mean accuracy" if title else "")
     per_task(table, per_task_png, f"{title}: accuracy per task" if title else "")

@@ -20,10 +20,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..io import write_text_atomic  # noqa: E402
 from ..runspec import domain_file  # noqa: E402
-from ..search.plan import read_json  # noqa: E402
 from .figures import save_figure  # noqa: E402
 from .markdown import frame_to_markdown  # noqa: E402
-from .tables import read_record  # noqa: E402
+from .readers import RecordKind, ResultsError, read_record  # noqa: E402
+from .tables import RUN_RECORD  # noqa: E402
 
 PAPER_ROWS = {"hybrid": "paper Hybrid (w/ proj)", "hybrid_noproj": "paper Hybrid (w/o proj)"}
 PAPER_BACKBONE = "vim-s"
@@ -42,6 +42,22 @@ def _params_text(params: dict, members: list[str]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "base sizes"
 
 
+def _result_problem(result: dict) -> str | None:
+    """Why a step's result.json must not reach the table (None if it may)."""
+    trials = result["trials"]
+    if not isinstance(trials, list) or not all(isinstance(t, dict) and "state" in t for t in trials):
+        return "trials is not a list of trials with their state"
+    if not isinstance(result["best"], dict) or any(k not in result["best"] for k in ("number", "score", "members")):
+        return "best is not a trial with its number, score and members"
+    return None
+
+
+# what the table reads of a step's result (search/study.py: step_result writes it)
+STEP_RESULT = RecordKind("search step result", "results/search/<name>/<step>/result.json",
+                         ("search", "step", "score_label", "tasks", "best", "trials"), _result_problem,
+                         "re-run its search_result job")
+
+
 def step_rows(results: list[dict]) -> list[dict]:
     rows = []
     for result in results:
@@ -57,11 +73,11 @@ def step_rows(results: list[dict]) -> list[dict]:
 
 def final_rows(final_metrics: list[str], results: list[dict]) -> list[dict]:
     """Per search: the winner's final runs, mean top-1 on the test splits, vs the paper's rows."""
+    last = {r["search"]: r for r in results}  # results are in step order: the last step wins
     by_search: dict[str, list[dict]] = {}
     for path in final_metrics:
-        record = read_record(path)
-        by_search.setdefault(record["config"]["search"]["name"], []).append(record)
-    last = {r["search"]: r for r in results}  # results are in step order: the last step wins
+        record = read_record(path, RUN_RECORD)
+        by_search.setdefault(_searched_by(record, path, last), []).append(record)
     rows = []
     for name, records in by_search.items():
         values = [r["value"] for r in records if r["status"] == "ok"]
@@ -74,6 +90,15 @@ def final_rows(final_metrics: list[str], results: list[dict]) -> list[dict]:
                                         f"backbone {records[0]['config']['run']['backbone']}",
                      **_paper_means()})
     return rows
+
+
+def _searched_by(record: dict, path: str, results: dict[str, dict]) -> str:
+    """The search a final run belongs to, one of those whose result.json is given."""
+    name = (record["config"].get("search") or {}).get("name")
+    if name not in results:
+        raise ResultsError(f"{path} is not a final run of the searches given ({', '.join(results)}): "
+                           "pass the final runs' metrics.json with their searches' result.json")
+    return name
 
 
 def search_table(results: list[dict], final_metrics: list[str]) -> pd.DataFrame:
@@ -121,9 +146,10 @@ def history_figure(results: list[dict], path: Path) -> None:
 
 def write_search_report(result_paths: list[str], final_metrics: list[str], csv_path: Path, md_path: Path,
                         figure_path: Path) -> pd.DataFrame:
-    results = [read_json(p) for p in result_paths]
+    results = [read_record(p, STEP_RESULT) for p in result_paths]
     table = search_table(results, final_metrics)
+    text = markdown(table)  # before writing anything: no partial outputs
     write_text_atomic(csv_path, table.to_csv(index=False))
-    write_text_atomic(md_path, markdown(table))
+    write_text_atomic(md_path, text)
     history_figure(results, figure_path)
     return table

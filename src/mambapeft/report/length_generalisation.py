@@ -19,7 +19,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on clusters and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 
 from ..data import yelp_polarity  # noqa: E402
 from ..data.synthetic import GENERATORS  # noqa: E402
@@ -27,7 +26,8 @@ from ..io import write_text_atomic  # noqa: E402
 from ..runspec import domain_file  # noqa: E402
 from .figures import save_figure, shared_legend  # noqa: E402
 from .markdown import frame_to_markdown  # noqa: E402
-from .tables import read_record  # noqa: E402
+from .readers import ResultsError, read_readings, read_record  # noqa: E402
+from .tables import RUN_RECORD  # noqa: E402
 
 OURS = "ours"
 PLOT_READING = "study (approx., read from a plot)"
@@ -36,6 +36,7 @@ PANEL = ["backbone", "task"]
 PANEL_COLUMNS = [*PANEL, "generator", "setting", "train_max_length"]
 COUNTS = ["train_max_length", "n_tokens", "period", "trainable_params", "length", "seeds", "diverged_seeds"]
 CLASSES = {**{name: g.symbols for name, g in GENERATORS.items()}, "yelp_polarity": yelp_polarity.NUM_CLASSES}
+STUDY_DATA_KINDS = ("synthetic", "yelp_polarity")  # what the study's runs train on (runspec: length_generalisation)
 
 
 def _tokens_member(method: dict) -> dict:
@@ -80,11 +81,6 @@ def summary_frame(records: list[dict]) -> pd.DataFrame:
     order = {m: i for i, m in enumerate(domain_file("language", "methods"))}
     table["method_order"] = table["method"].map(order)
     return table.sort_values(["backbone", "task", "method_order", "length"]).drop(columns="method_order")
-
-
-def read_readings(path: str | Path) -> tuple[str, list[dict]]:
-    definitions = yaml.safe_load(Path(path).read_text()) or {}
-    return definitions.get("source", ""), list(definitions.get("readings", []))
 
 
 def readings_frame(readings: list[dict], ours: pd.DataFrame) -> pd.DataFrame:
@@ -205,12 +201,22 @@ def figure(ours: pd.DataFrame, readings: pd.DataFrame, path: Path) -> None:
 
 def write_length_generalisation(metrics: list[str], readings_yaml: Path, csv_path: Path, md_path: Path,
                                 png_path: Path) -> pd.DataFrame:
-    records = [read_record(p) for p in metrics]
+    records = [_of_the_study(read_record(p, RUN_RECORD), p) for p in metrics]
     ours = summary_frame(records)
     source, readings = read_readings(readings_yaml)
     study = readings_frame(readings, ours)
     table = (pd.concat([ours, study], ignore_index=True) if len(study) else ours).astype({c: "Int64" for c in COUNTS})
+    text = markdown(ours, study, source, _diverged_note(records))  # before writing anything: no partial outputs
     write_text_atomic(csv_path, table.to_csv(index=False))
-    write_text_atomic(md_path, markdown(ours, study, source, _diverged_note(records)))
+    write_text_atomic(md_path, text)
     figure(ours, study, png_path)
     return table
+
+
+def _of_the_study(record: dict, path: str) -> dict:
+    """The record, if its run is one of the study's (trained on synthetic data or Yelp polarity)."""
+    kind = record["config"].get("data", {}).get("kind")
+    if kind not in STUDY_DATA_KINDS:
+        raise ResultsError(f"{path} is a run on data of kind {kind!r}, not a run of the length study (data kinds "
+                           f"{', '.join(STUDY_DATA_KINDS)}): pass only the study's metrics.json files")
+    return record

@@ -16,14 +16,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on clusters and CI
 import matplotlib.pyplot as plt
 import pandas as pd
-import yaml
 
 from ..data.language_tasks import language_task
 from ..eval.lm_eval_suite import FAMILY, is_percent
 from ..io import write_text_atomic
 from .figures import save_figure, shared_legend
 from .markdown import frame_to_markdown
-from .tables import ResultsError, read_record
+from .readers import RecordKind, ResultsError, read_readings, read_record
 
 BASE, FINE_TUNED = "base", "fine-tuned"
 PLOT_READING = "read from the study's poster plot"
@@ -31,17 +30,22 @@ COLUMNS = ["backbone", "method", "seed", "task", "metric", "n", "base", "fine_tu
            "study_fine_tuned"]
 
 
-def suite_record_problem(record) -> str | None:
+def suite_record_problem(record: dict) -> str | None:
     """Why an evaluation record of the suite must not be read (None if it may)."""
-    missing = [key for key in ("status", "backbone", "model", "scores") if key not in record]
-    if missing or record["status"] != "ok" or record["model"] not in (BASE, FINE_TUNED):
-        return f"not a complete lm-eval suite record (lacks {missing or 'status ok'})"
+    if record["status"] != "ok":
+        return f"not a complete lm-eval suite record (status {record['status']!r})"
+    if record["model"] not in (BASE, FINE_TUNED):
+        return f"model is {record['model']!r}, expected {BASE!r} or {FINE_TUNED!r}"
+    unscored = [task for task in record["tasks"] if task not in record["scores"]]
+    if unscored:
+        return f"no scores for task(s) {', '.join(unscored)}"
     return None
 
 
-def read_readings(path: str | Path) -> tuple[str, list[dict]]:
-    definitions = yaml.safe_load(Path(path).read_text()) or {}
-    return definitions.get("source", ""), list(definitions.get("readings", []))
+# what the table reads of every record (cli/lm_eval_suite.py: cmd_evaluate writes them)
+SUITE_RECORD = RecordKind("lm-eval suite record", "base.json or <task>/<method>/seed<n>.json",
+                          ("status", "backbone", "model", "run", "tasks", "lm_eval_model", "scores"),
+                          suite_record_problem, "re-run its lm-eval suite job")
 
 
 def suite_frame(records: list[dict], readings: list[dict]) -> pd.DataFrame:
@@ -150,12 +154,13 @@ def delta_figure(table: pd.DataFrame, path: Path, title: str) -> None:
 
 def write_suite_report(record_paths: list[str], readings_yaml: Path, csv_path: Path, md_path: Path, png_path: Path,
                        title: str) -> pd.DataFrame:
-    records = [read_record(p, problem=suite_record_problem) for p in record_paths]
+    records = [read_record(p, SUITE_RECORD) for p in record_paths]
     source, readings = read_readings(readings_yaml)
     table = suite_frame(records, readings)
     if table.empty:
         raise ResultsError("no fine-tuned model among the records: the table compares base and fine-tuned models")
+    text = markdown(table, records, source, title)  # before writing anything: no partial outputs
     write_text_atomic(csv_path, table.to_csv(index=False))
-    write_text_atomic(md_path, markdown(table, records, source, title))
+    write_text_atomic(md_path, text)
     delta_figure(table, png_path, title)
     return table

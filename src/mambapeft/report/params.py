@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..build import build_on_meta, method_spec
+from ..build import build_on_meta, domain_of, method_spec
 from ..io import write_text_atomic
-from ..runspec import domain_file, methods_for
+from ..runspec import ConfigError, domain_file, methods_for
 from .markdown import frame_to_markdown
 
 DEFAULT_NUM_CLASSES = 100  # CIFAR-100's head; the paper's table folds an average head into its counts
@@ -20,8 +20,20 @@ DEFAULT_NUM_CLASSES = 100  # CIFAR-100's head; the paper's table folds an averag
 def count_params(backbone: str, method: str, num_classes: int | None = None) -> dict:
     """{"backbone", "method", "trainable", "head", "total", "trainable_pct"}; ``trainable`` is the
     PEFT parameters (added or unfrozen backbone tensors) without the classification head."""
-    counts = build_on_meta(method_spec(backbone, method, num_classes=num_classes or DEFAULT_NUM_CLASSES)).counts()
+    if num_classes is None:
+        num_classes = DEFAULT_NUM_CLASSES
+    elif num_classes < 1:
+        raise ConfigError(f"num_classes is {num_classes}; a head has at least 1 class (default {DEFAULT_NUM_CLASSES})")
+    _backbone_domain(backbone)  # an unknown backbone is one line, not the model registry's KeyError
+    counts = build_on_meta(method_spec(backbone, method, num_classes=num_classes)).counts()
     return {"backbone": backbone, "method": method, **counts, "trainable_pct": round(counts["trainable_pct"], 4)}
+
+
+def _backbone_domain(backbone: str) -> str:
+    try:
+        return domain_of(backbone)
+    except KeyError as err:  # models.family_of: "Unknown backbone ...; known: ..."
+        raise ConfigError(err.args[0]) from None
 
 
 def _paper_entry(domain: str, backbone: str, method: str) -> dict:
@@ -32,7 +44,7 @@ def params_rows(selection: dict) -> list[dict]:
     """One row per (domain, backbone, method); ``selection``: {domain: {backbone: "all" | [methods]}},
     "all" being the methods that fit the backbone (vision/methods.yaml `backbones`)."""
     rows = []
-    for domain, backbones in selection.items():
+    for domain, backbones in _checked_selection(selection).items():
         methods_yaml = domain_file(domain, "methods")
         for backbone, methods in backbones.items():
             for method in (list(methods_for(domain, backbone)) if methods == "all" else methods):
@@ -46,10 +58,33 @@ def params_rows(selection: dict) -> list[dict]:
     return rows
 
 
+def _checked_selection(selection) -> dict:
+    """``selection`` if it is {domain: {backbone of that domain: "all" | [method ids]}} naming at least one
+    backbone, else ConfigError saying which entry is wrong (a string other than "all" would be read
+    letter by letter as method ids)."""
+    shape = 'expected {"vision" | "language": {backbone: "all" or [method ids]}}'
+    if not isinstance(selection, dict) or not selection:
+        raise ConfigError(f"params-table spec is {selection!r}; {shape}")
+    for domain, backbones in selection.items():
+        if domain not in ("vision", "language") or not isinstance(backbones, dict) or not backbones:
+            raise ConfigError(f"params-table spec: {domain!r}: {backbones!r}; {shape}")
+        for backbone, methods in backbones.items():
+            _check_backbone_methods(domain, backbone, methods)
+    return selection
+
+
+def _check_backbone_methods(domain: str, backbone: str, methods) -> None:
+    where = f"params-table spec: {domain}.{backbone}"
+    if _backbone_domain(backbone) != domain:
+        raise ConfigError(f"{where}: {backbone!r} is a {_backbone_domain(backbone)} backbone, not a {domain} one")
+    if methods != "all" and not (isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods)):
+        raise ConfigError(f'{where} is {methods!r}; expected "all" or a list of method ids')
+
+
 def write_params_table(selection: dict, csv_path: Path, md_path: Path) -> pd.DataFrame:
     frame = pd.DataFrame(params_rows(selection))
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(csv_path, frame.to_csv(index=False))
+    if frame.empty:  # "all" on a backbone no method fits
+        raise ConfigError(f"params-table spec {selection} selects no method: nothing to count")
     shown = frame.assign(
         ours=[f"{t:,}" for t in frame["trainable"]],
         ours_pct=[f"{p:.2f}" for p in frame["trainable_pct"]],
@@ -59,6 +94,8 @@ def write_params_table(selection: dict, csv_path: Path, md_path: Path) -> pd.Dat
             "(thousands) include an averaged task head (~9K, the linear-probing row); its language "
             "counts are % of all parameters.\n\n"
             + frame_to_markdown(shown[["domain", "backbone", "label", "method", "ours", "ours_pct", "paper"]]))
+    csv_path.parent.mkdir(parents=True, exist_ok=True)  # only now: every row counted, nothing half-written
+    write_text_atomic(csv_path, frame.to_csv(index=False))
     write_text_atomic(md_path, text)
     return frame
 

@@ -14,35 +14,17 @@ from pathlib import Path
 import pandas as pd
 
 from ..io import record_checksum_mismatch, write_text_atomic
-from ..runspec import domain_file
+from ..runspec import TRAIN_RECORD, domain_file
 from .markdown import frame_to_markdown
+from .readers import RecordKind, ResultsError, read_record
 
 GROUPS = ("natural", "specialized", "structured")
 
 
-class ResultsError(ValueError):
-    """A metrics.json that cannot be tabulated; the message names the file."""
-
-
-def read_record(path: str | Path, problem=None) -> dict:
-    """A run record that may reach a table or figure, or ResultsError naming the file, what is wrong
-    and the fix; ``problem(record)`` says what is wrong (None if nothing): :func:`record_problem`
-    unless given (the dt_init study: :func:`incomplete_or_altered`)."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:  # ValueError: not JSON, or not even UTF-8 (a damaged byte)
-        raise ResultsError(f"{path}: cannot read run record ({err}); delete it and re-run that run") from err
-    found = (problem or record_problem)(record)
-    if found:
-        raise ResultsError(f"{path}: {found}; delete it and re-run that run's evaluation")
-    return record
-
-
 def incomplete_or_altered(record) -> str | None:
     """Why a record must not be read (None if it may): not complete, or not what its job wrote (record_sha256)."""
-    if not isinstance(record, dict) or record.get("status") not in ("ok", "diverged"):
-        status = record.get("status") if isinstance(record, dict) else None
-        return f"not a complete run record (status {status!r})"
+    if record["status"] not in ("ok", "diverged"):
+        return f"not a complete run record (status {record['status']!r})"
     if record_checksum_mismatch(record):
         return "its contents differ from what evaluation wrote (record_sha256)"
     return None
@@ -115,6 +97,28 @@ def _scores_problem(record: dict) -> str | None:
     if record["trainable_params"] > record["total_params"]:
         return f"trainable_params {record['trainable_params']} exceeds total_params {record['total_params']}"
     return None
+
+
+def stale_evaluation(path: Path, record: dict) -> str | None:
+    """Why a run record evaluated another adapter than the one training last wrote beside it (None if
+    it did not): the run was trained again after its evaluation, so its scores are of the old adapter."""
+    training = path.parent / TRAIN_RECORD
+    if "adapter_sha256" not in record or not training.is_file():
+        return None
+    try:
+        training_record = json.loads(training.read_text())
+    except (OSError, ValueError):  # damaged since: the evaluate job refuses it and says what to re-run
+        return f"{TRAIN_RECORD} beside it is unreadable, so the adapter it evaluated cannot be matched"
+    # a diverged re-training records no adapter: the evaluated one is gone just the same
+    trained = training_record.get("adapter_sha256") if isinstance(training_record, dict) else None
+    if trained != record["adapter_sha256"]:
+        return (f"evaluated an adapter (sha256 {str(record['adapter_sha256'])[:12]}) other than the one "
+                f"{TRAIN_RECORD} beside it records ({str(trained)[:12]}): the run was trained again")
+    return None
+
+
+RUN_RECORD = RecordKind("run record", "metrics.json", ("status", "config"), record_problem, "re-run its evaluate job",
+                        stale_evaluation)
 
 
 def task_scores(record: dict) -> dict[str, float]:
@@ -215,9 +219,18 @@ def markdown_table(experiment: str, table: pd.DataFrame, tasks: list[str]) -> st
 
 
 def write_experiment_table(experiment: str, metrics: list[str], csv_path: Path, md_path: Path) -> pd.DataFrame:
-    records = [read_record(p) for p in metrics]
+    records = [_of_experiment(read_record(p, RUN_RECORD), p, experiment) for p in metrics]
     table, tasks = summary_frame(records)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(csv_path, table.to_csv(index=False))
     write_text_atomic(md_path, markdown_table(experiment, table, tasks))
     return table
+
+
+def _of_experiment(record: dict, path: str, experiment: str) -> dict:
+    """The record, if it is a run of ``experiment``: the table is written under that heading."""
+    ran = record["config"]["run"].get("experiment")
+    if ran != experiment:
+        raise ResultsError(f"{path} is a run of experiment {ran!r}, not {experiment!r}: pass only that experiment's "
+                           "metrics.json files")
+    return record

@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 from ..method_check import backbone_family  # noqa: E402
 from ..runspec import domain_file  # noqa: E402
 from .figures import save_figure  # noqa: E402
+from .readers import ResultsError, read_results_table  # noqa: E402
 
 MARKERS = {"vim": "o", "vit": "s"}
 PAPER_BACKBONES = ("vim-s", "vit-s")  # the paper's table rows shown for reference
@@ -105,8 +106,20 @@ def _plot_read_panel(ax, plot_read: dict) -> None:
 
 
 def write_vim_vs_vit(table_csv: Path, out_png: Path) -> None:
-    ours = gains(pd.read_csv(table_csv))
+    ours = gains(_vim_and_vit_rows(table_csv))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [2.2, 1]})
     _gain_panel(left, ours, paper_gains(domain_file("vision", "paper"), domain_file("vision", "methods")))
     _plot_read_panel(right, domain_file("vision", "paper_plot"))
     save_figure(fig, out_png)
+
+
+def _vim_and_vit_rows(table_csv: Path) -> pd.DataFrame:
+    """The Vim and ViT rows of a results table; a table without any (a language table) would draw
+    the paper's points only, as if ours were missing."""
+    table = read_results_table(table_csv, {"backbone", "label", "mean", "trainable_params", "trainable_pct"})
+    rows = table[table["backbone"].astype(str).map(backbone_family).isin(MARKERS)]
+    if rows.empty:
+        backbones = ", ".join(map(str, table["backbone"].unique()))
+        raise ResultsError(f"{table_csv} has no Vim or ViT rows (backbones: {backbones}); expected a vision results "
+                           "table, results/tables/<vision experiment>.csv")
+    return rows

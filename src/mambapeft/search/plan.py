@@ -103,11 +103,20 @@ def previous_step(config: dict, name: str, step: str) -> str | None:
     return steps[index - 1] if index else None
 
 
+def space_definition(space: str) -> dict:
+    """A space as the ask and result jobs read it: its entry of vision/search.yaml, and its base
+    method's members (vision/methods.yaml). In their spec, so that editing either re-runs them, and
+    the journal (search/study.py) refuses to continue a study asked under another definition."""
+    entry = domain_file("vision", "search")[space]
+    return {**entry, "base_members": domain_file("vision", "methods")[entry["members_of"]]["peft"]}
+
+
 def study_spec(config: dict, name: str, step: str, batch: int | None = None) -> dict:
     """What the ask (one batch) and result (the step's end) jobs read."""
     entry = settings(config, name)
     sizes = batch_sizes(config, name)
-    spec = {"search": name, "journal": str(journal(config, name)), "space": entry["space"], "step": step,
+    spec = {"search": name, "journal": str(journal(config, name)), "space": entry["space"],
+            "space_definition": space_definition(entry["space"]), "step": step,
             "step_index": entry["steps"].index(step), "seed": entry["seed"], "tasks": list(entry["tasks"]),
             "trials": entry["trials"], "batch_size": entry["batch"], "train": entry["train"],
             "score_on": entry["score_on"], "score_label": SCORE_ON[entry["score_on"]]["label"]}

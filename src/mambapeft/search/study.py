@@ -9,6 +9,7 @@ trial; trials from any machine that sees the file land in one study.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from statistics import mean
 
@@ -18,6 +19,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from ..io import record_checksum_mismatch
 from ..runspec import ConfigError
 from .plan import read_json
 from .space import member_names, suggest, trial_members
@@ -29,7 +31,7 @@ BATCH_ATTR, SETTINGS_ATTR = "batch", "settings"
 def _fingerprint(spec: dict, winner: list[str]) -> dict:
     """What the study's trials depend on besides their own parameters: a study holding trials made
     under other settings must not continue under these."""
-    keys = ("space", "tasks", "score_on", "seed", "train", "batch_size")
+    keys = ("space", "space_definition", "tasks", "score_on", "seed", "train", "batch_size")
     return {key: spec[key] for key in keys} | {"winner": winner}
 
 
@@ -60,10 +62,14 @@ def tell_scores(study: optuna.Study, metrics_paths: list[str], tasks: list[str])
     """Tell each trial of ``metrics_paths`` (its runs on every task) its mean top-1 over the tasks;
     a diverged run fails its trial. Trials already told are left as they are. Returns those told."""
     runs: dict[int, dict[str, dict]] = {}
-    for path in metrics_paths:
-        record = read_json(path)
-        runs.setdefault(record["config"]["search"]["trial"], {})[record["config"]["run"]["task"]] = record
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    for path in metrics_paths:
+        record = _trial_record(path, study.study_name, tasks)
+        number = record["config"]["search"]["trial"]
+        if number not in states:
+            raise ConfigError(f"{path}: trial {number} is not a trial of study {study.study_name!r} (its trials: "
+                              f"{sorted(states)}); pass only the metrics.json of this step's asked trials")
+        runs.setdefault(number, {})[record["config"]["run"]["task"]] = record
     told = []
     for number, by_task in sorted(runs.items()):
         missing = sorted(set(tasks) - set(by_task))
@@ -77,6 +83,41 @@ def tell_scores(study: optuna.Study, metrics_paths: list[str], tasks: list[str])
             study.tell(number, mean(by_task[t]["value"] for t in tasks))
         told.append(number)
     return told
+
+
+def _trial_record(path: str, study_name: str, tasks: list[str]) -> dict:
+    """A trial's metrics.json that may be told to the study ``study_name`` (``<search>.<step>``): a
+    score told is in the journal for good, so a record of another search or step, damaged, or with
+    a value that is no percentage is ConfigError naming the file. (The full run contract,
+    report/tables.py, is a layer above the search and cannot be imported here.)"""
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as err:  # missing, a directory, not JSON
+        raise ConfigError(f"{path}: cannot read trial record ({err}); expected a trial's metrics.json") from None
+    problem = _trial_record_problem(record, study_name, tasks)
+    if problem:
+        raise ConfigError(f"{path}: {problem}; not told (the journal keeps what it is told)")
+    return record
+
+
+def _trial_record_problem(record, study_name: str, tasks: list[str]) -> str | None:
+    config = record.get("config") if isinstance(record, dict) else None
+    search, run = (config.get("search"), config.get("run")) if isinstance(config, dict) else (None, None)
+    if not isinstance(search, dict) or not isinstance(run, dict):
+        return "not a trial's metrics.json (no config.search and config.run)"
+    if f"{search.get('name')}.{search.get('step')}" != study_name:
+        return f"a run of search step {search.get('name')}.{search.get('step')}, not {study_name}"
+    if not isinstance(search.get("trial"), int) or run.get("task") not in tasks:
+        return f"trial {search.get('trial')!r} on task {run.get('task')!r}: expected a trial number on one of {tasks}"
+    if record.get("status") not in ("ok", "diverged"):
+        return f"not a complete run record (status {record.get('status')!r})"
+    if record_checksum_mismatch(record):
+        return "its contents differ from what evaluation wrote (record_sha256)"
+    value = record.get("value")
+    if record["status"] == "ok" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                         and math.isfinite(value) and 0.0 <= value <= 100.0):
+        return f"value is {value!r}, expected a percentage in [0, 100]"
+    return None
 
 
 def ask_batch(study: optuna.Study, spec: dict, space: dict, winner: list[str]) -> list[dict]:
