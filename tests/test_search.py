@@ -10,6 +10,7 @@ import yaml
 from workflow_helpers import REPO, snakemake
 
 from mambapeft import runspec
+from mambapeft.cli import main as cli
 from mambapeft.report.hybrid_search import markdown, search_table
 from mambapeft.search import plan
 from mambapeft.search.space import KEEP_ALL, _check_space, base_members, load_space, suggest, trial_members
@@ -208,6 +209,19 @@ def test_a_score_of_a_trial_never_asked_is_refused(tmp_path):
     ask_batch(open_study(spec, []), spec, space, [])
     with pytest.raises(runspec.ConfigError, match="trial 7 is not a trial of study 's.step1'"):
         tell_scores(open_study(spec, []), _scores(tmp_path, [{"number": 7}]), ["digits"])
+
+
+@pytest.mark.parametrize("content, problem", [("{}", "is not a search step result (it lacks"),
+                                              ("", "cannot read search step result")])
+def test_a_previous_step_result_that_is_not_one_is_one_line(tmp_path, capsys, content, problem):
+    """`search ask --previous` reads the step before's winner from its result.json, checked as the report reads it."""
+    previous = tmp_path / "result.json"
+    previous.write_text(content)
+    spec = _study_spec(_config(), tmp_path / "journal.log", step="step2", batch=0)
+    code = cli(["search", "ask", "--spec", json.dumps(spec), "--previous", str(previous), "--out", str(tmp_path / "b.json")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and problem in error[-1] and str(previous) in error[-1]
+    assert not (tmp_path / "b.json").exists()
 
 
 def test_step2_starts_from_the_winner(tmp_path):

@@ -44,13 +44,14 @@ def _add_result(commands) -> None:
 
 def _open(args):
     """(spec, space, winner, study) after telling ``--scores``."""
-    from ..search.plan import read_json
+    from ..report.hybrid_search import STEP_RESULT
+    from ..report.readers import read_record
     from ..search.space import load_space
     from ..search.study import open_study, tell_scores
 
     spec = json_arg(args.spec)
     space = load_space(spec["space"])
-    winner = read_json(args.previous[0])["best"]["members"] if args.previous else []
+    winner = read_record(args.previous[0], STEP_RESULT)["best"]["members"] if args.previous else []
     study = open_study(spec, winner)
     tell_scores(study, args.scores, spec["tasks"])
     return spec, space, winner, study
