@@ -46,6 +46,7 @@ CASES = [
          r"^experiments/vtab: unknown key\(s\) \['epochs'\]; valid keys: domain, data, "),
     case("unknown pretrain key", {"backbones/vim-mini/pretrain/stepz": 3},
          r"^backbones/vim-mini/pretrain: unknown key\(s\) \['stepz'\]; valid keys: kind, seed, "),
+    case("a seed twice", {"experiments/vtab/seeds": [0, 0]}, r"^experiments/vtab/seeds: \[0, 0\] has non-unique elements"),
     case("pretrain key of the wrong type", {"backbones/mamba_16/pretrain/epochs": "ten"},
          r"^backbones/mamba_16/pretrain/epochs: 'ten' is not of type 'integer'", MINI),
     case("unknown suite resource", {"lm_eval_suite/resources": {"mem_gb": 64}},
