@@ -4,7 +4,7 @@ rather than being ignored or failing inside a job. The torch-free registries tho
 are the model registries."""
 import pytest
 import yaml
-from workflow_helpers import REPO, TINY
+from workflow_helpers import REMOVED, REPO, TINY, set_nested
 
 from mambapeft.runspec import (BACKBONE_IDS, DATA_SOURCES, DOMAIN_DATA_KINDS, DT_INIT_STRATEGIES, ConfigError,
                                deep_merge, load_config, validate_config)
@@ -12,7 +12,6 @@ from mambapeft.runspec import (BACKBONE_IDS, DATA_SOURCES, DOMAIN_DATA_KINDS, DT
 MINI = REPO / "config" / "config.yaml"
 SEARCH = REPO / "tests" / "config" / "search.yaml"
 DT_INIT = REPO / "tests" / "config" / "dt_init.yaml"
-REMOVED = object()  # a change that removes the key
 
 
 def _config(changes: dict, *files) -> dict:
@@ -21,14 +20,7 @@ def _config(changes: dict, *files) -> dict:
     for path in files or (TINY,):
         config = deep_merge(config, yaml.safe_load(path.read_text()))  # as --configfile a b merges them
     for path, value in changes.items():
-        *parents, key = path.split("/")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        if value is REMOVED:
-            del node[key]
-        else:
-            node[key] = value
+        set_nested(config, path, value)
     return config
 
 

@@ -7,6 +7,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "config" / "tiny.yaml"
+REMOVED = object()  # as set_nested's value: the key is removed
+
+
+def set_nested(mapping: dict, path: str, value, separator: str = "/") -> None:
+    """The entry of nested ``mapping`` at ``path`` ('a/b/c') set to ``value``, or removed where it is REMOVED."""
+    *parents, key = path.split(separator)
+    for parent in parents:
+        mapping = mapping[parent]
+    if value is REMOVED:
+        del mapping[key]
+    else:
+        mapping[key] = value
 
 
 def snakemake(*args, cwd, timeout=900, check=True, env=None):

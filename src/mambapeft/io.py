@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -100,6 +101,21 @@ def record_checksum_mismatch(record: dict) -> bool:
     written before records carried one pass (a single flipped bit cannot both remove the checksum
     and change a value)."""
     return RECORD_CHECKSUM in record and record[RECORD_CHECKSUM] != _record_digest(record)
+
+
+def incomplete_or_altered(record: dict) -> str | None:
+    """Why a record must not be read (None if it may): not complete, or not what its job wrote (record_sha256)."""
+    if record.get("status") not in ("ok", "diverged"):
+        return f"not a complete run record (status {record.get('status')!r})"
+    if record_checksum_mismatch(record):
+        return "its contents differ from what evaluation wrote (record_sha256)"
+    return None
+
+
+def is_percent(value) -> bool:
+    """A score of the run contract: a finite number in [0, 100] (not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0.0 <= value <= 100.0)
 
 
 def read_job_record(path: Path, config: dict, artifact: tuple[Path, str], *, identity: Callable[[dict], dict],

@@ -21,6 +21,7 @@ from mambapeft.data.vtab import build_image_cache, load_image_cache
 from mambapeft.io import write_record_atomic
 from mambapeft.runspec import ADAPTER, METRICS, TRAIN_RECORD
 from run_helpers import run
+from workflow_helpers import REMOVED, set_nested
 
 
 def flip_bit_in_tensor(path):
@@ -139,31 +140,21 @@ def test_damaged_metrics_never_reach_a_table(metrics_copy, tmp_path, capsys, dam
     assert not (tmp_path / "vtab.csv").exists() and not (tmp_path / "vtab.md").exists()
 
 
-DELETE = object()
-
-
 @pytest.mark.parametrize("key, value, problem", [
     ("status", "running", "not a complete run record (status 'running')"),
     ("value", 187.5, "value is 187.5, expected a percentage in [0, 100]"),
     ("value", "87.5", "value is '87.5', expected a percentage"),
-    ("results", DELETE, "results is missing"),
+    ("results", REMOVED, "results is missing"),
     ("results.digits.top1", math.nan, "results.digits.top1 is nan, expected a percentage"),
     ("trainable_params", -1, "trainable_params is -1, expected an integer >= 0"),
     ("total_params", 10, "trainable_params 36864 exceeds total_params 10"),
     ("config.run.seed", "0", "config.run.seed is '0', expected an integer >= 0"),
-    ("config.domain", DELETE, "config.domain is missing"),
+    ("config.domain", REMOVED, "config.domain is missing"),
 ])
 def test_invalid_metrics_never_reach_a_table(metrics_copy, tmp_path, capsys, key, value, problem):
     """Records that pass their checksum (a writer's bug, a hand edit) but break the run contract."""
     record = json.loads(metrics_copy.read_text())
-    *parents, last = key.split(".")
-    holder = record
-    for part in parents:
-        holder = holder[part]
-    if value is DELETE:
-        del holder[last]
-    else:
-        holder[last] = value
+    set_nested(record, key, value, separator=".")
     write_record_atomic(metrics_copy, record)
     assert table(metrics_copy, tmp_path) == 2
     one_line_error(capsys.readouterr().err, str(metrics_copy), problem)

@@ -49,7 +49,7 @@ from mambapeft.data.language_tasks import commonsense_eval_file, language_task, 
 from mambapeft.data.math_answers import extract_answer
 from mambapeft.data.orca_math import check_orca_math
 from mambapeft.data.synthetic import check_synthetic
-from mambapeft.data.vtab import _progress, load_rgb, read_split, split_file, task_info
+from mambapeft.data.vtab import load_rgb, logged_progress, read_split, split_file, task_info
 from mambapeft.data.yelp_polarity import check_yelp_polarity
 
 KINDS = ("vtab", "commonsense", "math", "synthetic", "orca_math", "yelp_polarity")
@@ -92,7 +92,7 @@ def _check_vtab(root: Path, task: str | None) -> dict:
 
 def _decode_all(task_dir: Path, samples: list[tuple[str, int]], description: str) -> None:
     """Fully decode every image (a header check would miss truncated JPEGs), logging progress as `data cache` does."""
-    for relative, _ in _progress(samples, description):
+    for relative, _ in logged_progress(samples, description):
         load_rgb(task_dir / relative)
 
 

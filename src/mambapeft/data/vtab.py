@@ -172,7 +172,7 @@ def build_image_cache(
     num_classes = num_classes if num_classes is not None else task_info(task)["num_classes"]
     task_dir = Path(root) / task
     list_sha256 = sha256_file(split_file(root, task, split))
-    images = (preprocess_image(task_dir / relative, resolution) for relative, _ in _progress(samples, f"{task}/{split}"))
+    images = (preprocess_image(task_dir / relative, resolution) for relative, _ in logged_progress(samples, f"{task}/{split}"))
     labels = np.array([label for _, label in samples], dtype=np.int64)
     content = hashlib.sha256()
     with atomic_path(out_path) as temporary:
@@ -188,7 +188,7 @@ def build_image_cache(
     return {"n": len(samples), "num_classes": num_classes, "sha256": list_sha256}
 
 
-def _progress(items: Sequence, description: str) -> Iterator:
+def logged_progress(items: Sequence, description: str) -> Iterator:
     """Yield `items`; show a tqdm bar on a terminal, otherwise log a line every ~10%."""
     if sys.stderr.isatty():
         yield from tqdm(items, desc=description, unit="img")

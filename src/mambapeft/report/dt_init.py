@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..io import write_text_atomic
+from ..io import incomplete_or_altered, write_text_atomic
 from .figures import save_figure
 from .figures import plt  # pyplot on the file-only backend figures.py selects
 from .markdown import frame_to_markdown
 from .readers import RecordKind, read_record
-from .tables import incomplete_or_altered
 
 # what the table and figures read of the study's records: init, seed, then per status the numbers
 PERPLEXITY = RecordKind("perplexity record", "perplexity.json", ("status", "init", "seed"), incomplete_or_altered,

@@ -13,21 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..io import record_checksum_mismatch, write_text_atomic
+from ..io import incomplete_or_altered, is_percent, write_text_atomic
 from ..runspec import TRAIN_RECORD, domain_file
 from .markdown import frame_to_markdown
 from .readers import RecordKind, ResultsError, read_record
 
 GROUPS = ("natural", "specialized", "structured")
-
-
-def incomplete_or_altered(record) -> str | None:
-    """Why a record must not be read (None if it may): not complete, or not what its job wrote (record_sha256)."""
-    if record["status"] not in ("ok", "diverged"):
-        return f"not a complete run record (status {record['status']!r})"
-    if record_checksum_mismatch(record):
-        return "its contents differ from what evaluation wrote (record_sha256)"
-    return None
 
 
 def record_problem(record) -> str | None:
@@ -50,11 +41,6 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _is_percent(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and 0.0 <= value <= 100.0)
-
-
 # (dotted key, test, what it must be): what the table reads of every record, then of completed ones
 EVERY_RECORD = (
     ("config.domain", lambda v: v in ("vision", "language"), "'vision' or 'language'"),
@@ -66,7 +52,7 @@ EVERY_RECORD = (
 )
 COMPLETED_RECORD = (
     ("metric", _is_text, "a metric name"),
-    ("value", _is_percent, "a percentage in [0, 100]"),
+    ("value", is_percent, "a percentage in [0, 100]"),
     ("trainable_params", _is_count, "an integer >= 0"),
     ("total_params", lambda v: _is_count(v) and v > 0, "an integer > 0"),
     ("results", lambda v: isinstance(v, dict) and len(v) > 0 and all(isinstance(r, dict) for r in v.values()),
@@ -92,7 +78,7 @@ def _scores_problem(record: dict) -> str | None:
     trainable parameters are part of the model."""
     for task, scores in record["results"].items():
         key = scores.get("report", record["metric"])
-        if not _is_percent(scores.get(key)):
+        if not is_percent(scores.get(key)):
             return f"results.{task}.{key} is {scores.get(key)!r}, expected a percentage in [0, 100]"
     if record["trainable_params"] > record["total_params"]:
         return f"trainable_params {record['trainable_params']} exceeds total_params {record['total_params']}"

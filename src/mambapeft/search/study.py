@@ -9,7 +9,6 @@ trial; trials from any machine that sees the file land in one study.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from statistics import mean
 
@@ -19,7 +18,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from ..io import record_checksum_mismatch
+from ..io import incomplete_or_altered, is_percent
 from ..runspec import ConfigError
 from .plan import read_json
 from .space import member_names, suggest, trial_members
@@ -88,8 +87,8 @@ def tell_scores(study: optuna.Study, metrics_paths: list[str], tasks: list[str])
 def _trial_record(path: str, study_name: str, tasks: list[str]) -> dict:
     """A trial's metrics.json that may be told to the study ``study_name`` (``<search>.<step>``): a
     score told is in the journal for good, so a record of another search or step, damaged, or with
-    a value that is no percentage is ConfigError naming the file. (The full run contract,
-    report/tables.py, is a layer above the search and cannot be imported here.)"""
+    a value that is no percentage is ConfigError naming the file (the checks of io.py that the
+    tables' run contract starts from)."""
     try:
         record = read_json(path)
     except (OSError, ValueError) as err:  # missing, a directory, not JSON
@@ -109,14 +108,11 @@ def _trial_record_problem(record, study_name: str, tasks: list[str]) -> str | No
         return f"a run of search step {search.get('name')}.{search.get('step')}, not {study_name}"
     if not isinstance(search.get("trial"), int) or run.get("task") not in tasks:
         return f"trial {search.get('trial')!r} on task {run.get('task')!r}: expected a trial number on one of {tasks}"
-    if record.get("status") not in ("ok", "diverged"):
-        return f"not a complete run record (status {record.get('status')!r})"
-    if record_checksum_mismatch(record):
-        return "its contents differ from what evaluation wrote (record_sha256)"
-    value = record.get("value")
-    if record["status"] == "ok" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                         and math.isfinite(value) and 0.0 <= value <= 100.0):
-        return f"value is {value!r}, expected a percentage in [0, 100]"
+    altered = incomplete_or_altered(record)
+    if altered:
+        return altered
+    if record["status"] == "ok" and not is_percent(record.get("value")):
+        return f"value is {record.get('value')!r}, expected a percentage in [0, 100]"
     return None
 
 
