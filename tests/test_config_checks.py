@@ -10,6 +10,7 @@ from mambapeft.runspec import (BACKBONE_IDS, DATA_SOURCES, DOMAIN_DATA_KINDS, DT
                                deep_merge, load_config, validate_config)
 
 MINI = REPO / "config" / "config.yaml"
+PAPER = REPO / "config" / "paper.yaml"
 SEARCH = REPO / "tests" / "config" / "search.yaml"
 DT_INIT = REPO / "tests" / "config" / "dt_init.yaml"
 
@@ -41,6 +42,15 @@ CASES = [
     case("a seed twice", {"experiments/vtab/seeds": [0, 0]}, r"^experiments/vtab/seeds: \[0, 0\] has non-unique elements"),
     case("pretrain key of the wrong type", {"backbones/mamba_16/pretrain/epochs": "ten"},
          r"^backbones/mamba_16/pretrain/epochs: 'ten' is not of type 'integer'", MINI),
+    case("a value none of a oneOf's alternatives takes", {"experiments/commonsense/train/micro_batch_size": 0},
+         r"^experiments/commonsense/train/micro_batch_size: 0 must be an integer >= 1 or 'auto' "
+         r"\(workflow/schemas/config.schema.yaml documents every key\)$"),
+    case("a list where a oneOf takes 'all' or names", {"params_table/vision": {"vim-mini": 3}},
+         r"^params_table/vision/vim-mini: 3 must be 'all' or a list of strings \("),
+    case("download naming both kinds of files", {"backbones/vim-s/download/allow_patterns": ["*.pth"]},
+         r"^backbones/vim-s/download: give only one of `allow_patterns` or `file` \(", PAPER),
+    case("download naming no file", {"backbones/vim-s/download/file": REMOVED},
+         r"^backbones/vim-s/download: give one of `allow_patterns` or `file` \(", PAPER),
     case("unknown suite resource", {"lm_eval_suite/resources": {"mem_gb": 64}},
          r"^lm_eval_suite/resources: unknown key\(s\) \['mem_gb'\]; valid keys: gpus, runtime, mem_mb "
          r"\(workflow/schemas/config.schema.yaml documents every key\)$", MINI),

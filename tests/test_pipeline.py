@@ -174,6 +174,14 @@ def test_a_new_eval_task_re_evaluates_and_never_re_trains(tiny_run, tmp_path):
     assert counts["evaluate"] == 2 and counts["table"] == 1  # zero_shot and affix_noproj on math
 
 
+def _replace_text(path, text: str) -> None:
+    """path's text replaced at once (a file beside it renamed over it): a test reading it meanwhile in
+    another worker sees the old text or the new, never a part."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def test_editing_the_paper_numbers_rebuilds_only_what_shows_them(tiny_run):
     """vision/paper.yaml is an input of the vtab table (and of the parameter table, which shows
     the paper's counts): editing it schedules those and the figures drawn from the table. (A mere
@@ -181,11 +189,11 @@ def test_editing_the_paper_numbers_rebuilds_only_what_shows_them(tiny_run):
     workdir = tiny_run
     paper = REPO / "vision" / "paper.yaml"
     text, stat = paper.read_text(), paper.stat()
-    try:
-        paper.write_text(text + "# edited by tests/test_pipeline.py\n")
+    try:  # the checkout's own file (the job counts need its path): the same data, a comment more
+        _replace_text(paper, text + "# edited by tests/test_pipeline.py\n")
         done = snakemake("-n", "--configfile", str(TINY), cwd=workdir)
     finally:
-        paper.write_text(text)
+        _replace_text(paper, text)
         os.utime(paper, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert job_counts(done.stdout) == {"table": 1, "figures": 1, "params_table": 1, "all": 1, "total": 4}
     assert set(re.findall(r"experiment=(\w+)", done.stdout)) == {"vtab"}

@@ -139,7 +139,45 @@ def _schema_error_line(error) -> str:
     if error.validator == "additionalProperties" and error.validator_value is False:
         known = list(error.schema.get("properties", {}))  # the schema's own message lists no valid keys
         return _unknown_keys_line(where, [key for key in error.instance if key not in known], known)
+    if error.validator in ("oneOf", "anyOf"):  # the schema's own message names none of the alternatives
+        return f"{where}: {_alternatives_line(error.instance, error.validator_value, _fits_none(error))}"
     return f"{where}: {error.message}"
+
+
+def _fits_none(error) -> bool:
+    """A oneOf or anyOf error for a value no alternative takes (else oneOf's for one several take)."""
+    return "is not valid under any of the given schemas" in error.message
+
+
+def _alternatives_line(value, alternatives: list[dict], fits_none: bool) -> str:
+    """What a value of a oneOf or anyOf may be: one of some keys of a mapping (alternatives that each
+    require keys), or one of the alternatives' values."""
+    if all(set(alternative) == {"required"} for alternative in alternatives):
+        keys = " or ".join(f"`{key}`" for alternative in alternatives for key in alternative["required"])
+        return f"give {'one' if fits_none else 'only one'} of {keys}"
+    shown = "this entry" if isinstance(value, dict) else repr(value)
+    return f"{shown} must be {' or '.join(map(_schema_described, alternatives))}"
+
+
+# a JSON type as a value of it is named
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+               "object": "a mapping", "array": "a list"}
+
+
+def _schema_described(schema: dict) -> str:
+    """One alternative of a oneOf or anyOf, as the values it takes: 'auto', an integer >= 1, a list of
+    strings, a mapping with `file`."""
+    if "const" in schema:
+        return repr(schema["const"])
+    if "enum" in schema:
+        return "one of " + ", ".join(map(repr, schema["enum"]))
+    kind = schema.get("type")
+    if kind == "array" and isinstance(schema.get("items"), dict) and schema["items"].get("type") in _TYPE_NAMES:
+        return f"a list of {schema['items']['type']}s"
+    named = _TYPE_NAMES.get(kind, f"as {schema}")
+    bounds = [f">= {schema['minimum']}"] if "minimum" in schema else []
+    bounds += [f"<= {schema['maximum']}"] if "maximum" in schema else []
+    return " ".join([named, *bounds])
 
 
 def _unknown_keys_line(where: str, unknown: list, known) -> str:
