@@ -8,13 +8,13 @@
 #   bash results/benchmarks/profile/device_ab.sh results/benchmarks/profile/not-kept-casts-bc.patch \
 #       lorap_x,full,additional_scan 2 tests/test_scan_short.py tests/test_fused_inner.py
 #
-# PATCH: `git diff` output against this tree (applied with `patch -p1` to a copy: no git repository
-# needed there); METHODS: vision methods, comma-separated; ROUNDS: default 2; PYTEST ARGS: what the patched
-# copy's `pytest -m gpu -n 14` runs (none: no tests). $WHEELS: a folder of wheels installed first (default
-# .whl, the device README's; mamba-ssm's and causal-conv1d's from ../shared/wheels). Output also goes to
-# $OUT/ab.txt and $OUT/tests.log where $OUT is set (the GPU machine's folder that comes back).
+# PATCH: `git diff` output against this tree (`git apply` puts it on a copy, outside any repository);
+# METHODS: vision methods, comma-separated; ROUNDS: default 2; PYTEST ARGS: what the patched copy's
+# `pytest -m gpu -n 14` runs (none: no tests). $WHEELS: a folder of wheels installed first (default .whl, the
+# device README's; mamba-ssm's and causal-conv1d's from ../shared/wheels). The timings also go to
+# $OUT/ab.txt and the tests' output to $OUT/tests.log ($OUT: the GPU machine's folder that comes back).
 set -euo pipefail
-if [ $# -lt 2 ]; then sed -n '2,15p' "$0"; exit 2; fi
+if [ $# -lt 2 ]; then sed -n '2,/^set /p' "$0" | sed '$d'; exit 2; fi
 patch_file=$(realpath "$1") methods=$2 rounds=${3:-2}
 shift $(( $# < 3 ? $# : 3 ))
 out=${OUT:-$(mktemp -d)}
@@ -22,9 +22,11 @@ wheels=${WHEELS:-.whl}
 if compgen -G "$wheels/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$wheels"/*.whl
 fi
-new=$(mktemp -d)/tree
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+new=$scratch/tree
 mkdir -p "$new" && tar --exclude=./.git --exclude=./.whl --exclude=./.venv -cf - . | tar -xf - -C "$new"
-patch -p1 -s -d "$new" < "$patch_file"
+(cd "$new" && git apply "$patch_file")  # outside a repository, as `patch -p1` (the patches are `git diff`s)
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader || true
 echo "base: $(PYTHONPATH=src python3 -m mambapeft.cli bench source-digest)"
