@@ -702,10 +702,8 @@ def resolve_method_run(config: dict, run: Run, method: dict, train_overrides: di
                  "eval_tasks": list(exp.get("eval_tasks", [run.task]))},
         "method": method,
         "train": train,
-        "runtime": {"device": config.get("device", "auto"), "scan_backend": config.get("scan_backend", "auto"),
-                    "allow_torch_fallback": bool(config.get("allow_torch_fallback", False)),
-                    "cuda_graphs": bool(config.get("cuda_graphs", False)),
-                    "threads": int(config.get("threads", 1)), "wandb": wandb_settings(config)},
+        "runtime": {**runtime_settings(config, config.get("threads", 1)),
+                    "cuda_graphs": bool(config.get("cuda_graphs", False))},
         "output_dir": str(run.directory(results_dir(config))),
     }
     kind = config["data"][dataset]["kind"]
@@ -741,6 +739,14 @@ def without_execution(spec: dict) -> dict:
 
 def wandb_settings(config: dict) -> dict:
     return config.get("wandb", {"mode": "disabled"})
+
+
+def runtime_settings(config: dict, threads: int) -> dict:
+    """A job's ``runtime``: where it runs and on which scan kernels, and (:data:`EXECUTION_KEYS`) its
+    thread count and wandb logging."""
+    return {"device": config.get("device", "auto"), "scan_backend": config.get("scan_backend", "auto"),
+            "allow_torch_fallback": bool(config.get("allow_torch_fallback", False)), "threads": int(threads),
+            "wandb": wandb_settings(config)}
 
 
 def training_spec(spec: dict) -> dict:
@@ -831,9 +837,7 @@ def dt_init_spec(config: dict, run: InitRun) -> dict:
         "tokens": {split: str(dt_init_token_cache(config, split)[1]) for split in TEXT_LAYOUTS},
         "train": study["train"],
         "perplexity": study["perplexity"],
-        "runtime": {"device": config.get("device", "auto"), "scan_backend": config.get("scan_backend", "auto"),
-                    "allow_torch_fallback": bool(config.get("allow_torch_fallback", False)),
-                    "threads": int(study.get("threads", config.get("threads", 1))), "wandb": wandb_settings(config)},
+        "runtime": runtime_settings(config, study.get("threads", config.get("threads", 1))),
         "output_dir": str(run.directory(results_dir(config))),
     }
 

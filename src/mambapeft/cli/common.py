@@ -40,6 +40,12 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_table_outputs(parser) -> None:
+    """``--csv`` / ``--md``: the files a table command writes, the same table in both formats."""
+    parser.add_argument("--csv", required=True, help="output table (CSV)")
+    parser.add_argument("--md", required=True, help="output table (Markdown)")
+
+
 def add_run_arguments(parser) -> None:
     """The options naming one run, read by `spec_from_args`: a resolved --spec, or configs and the run's coordinates."""
     parser.add_argument("--spec", help="fully resolved run spec as JSON (what the Snakemake rule passes)")

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from ..runspec import ConfigError
-from .common import (add_execution_arguments, add_gpu_arguments, claim_gpus_for, json_arg, require_spec_keys,
-                     with_execution)
+from .common import (add_execution_arguments, add_gpu_arguments, add_table_outputs, claim_gpus_for, json_arg,
+                     require_spec_keys, with_execution)
 
 TRAINING_KEYS = ("run", "model", "dt_init", "tokens", "train", "runtime", "output_dir")
 
@@ -113,8 +113,7 @@ def cmd_perplexity(args) -> None:
 
 def _add_table(commands) -> None:
     p = commands.add_parser("table", help="results/tables/dt_init.{csv,md} from the runs' perplexity.json")
-    p.add_argument("--csv", required=True, help="the study's table as CSV (written)")
-    p.add_argument("--md", required=True, help="the same table as Markdown (written)")
+    add_table_outputs(p)
     p.add_argument("records", nargs="+", help="perplexity.json of every run")
     p.set_defaults(func=cmd_table)
 

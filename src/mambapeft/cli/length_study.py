@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .common import add_table_outputs
+
 
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("length-generalisation",
                               help="accuracy vs test length (prefix vs periodic tokens): table (.csv, .md) and figure")
     p.add_argument("--readings", required=True,
                    help="the study's own numbers, read from its plot (language/length_generalisation.yaml)")
-    p.add_argument("--csv", required=True, help="output table (CSV)")
-    p.add_argument("--md", required=True, help="output table (Markdown)")
+    add_table_outputs(p)
     p.add_argument("--figure", required=True, help="output PNG")
     p.add_argument("metrics", nargs="+", help="metrics.json files of the study's runs")
     p.set_defaults(func=cmd_length_generalisation)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import add_gpu_arguments, claim_gpus_for, json_arg, require_spec_keys
+from .common import add_gpu_arguments, add_table_outputs, claim_gpus_for, json_arg, require_spec_keys
 
 EVALUATE_KEYS = ("backbone", "model", "run", "tasks", "data_root", "lm_eval", "device", "batch_size")
 
@@ -89,8 +89,7 @@ def _add_report(commands) -> None:
     p.add_argument("records", nargs="+", help="base and fine-tuned evaluation records (JSON)")
     p.add_argument("--readings", required=True, help="the study's numbers (language/orca_math_lm_eval.yaml)")
     p.add_argument("--title", required=True, help="the experiment's name, for headings")
-    p.add_argument("--csv", required=True, help="output table (CSV)")
-    p.add_argument("--md", required=True, help="output table (Markdown)")
+    add_table_outputs(p)
     p.add_argument("--figure", required=True, help="the per-task change figure (PNG)")
     p.set_defaults(func=cmd_report)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import json_arg
+from .common import add_table_outputs, json_arg
 
 
 def add_parsers(subparsers) -> None:
@@ -16,8 +16,7 @@ def add_parsers(subparsers) -> None:
 def _add_tables(subparsers) -> None:
     p = subparsers.add_parser("tables", help="one experiment's results table (.csv and .md) from metrics.json files")
     p.add_argument("--experiment", required=True, help="the experiment's id in the config (the table's heading)")
-    p.add_argument("--csv", required=True, help="output table (CSV)")
-    p.add_argument("--md", required=True, help="output table (Markdown)")
+    add_table_outputs(p)
     p.add_argument("metrics", nargs="+", help="metrics.json files of the experiment's runs")
     p.set_defaults(func=cmd_tables)
 
@@ -31,8 +30,7 @@ def cmd_tables(args) -> None:
 def _add_params_table(subparsers) -> None:
     p = subparsers.add_parser("params-table", help="trainable parameters of every backbone x method, ours vs the paper")
     p.add_argument("--spec", required=True, help='JSON {"vision": {backbone: [methods]}, "language": {...}}')
-    p.add_argument("--csv", required=True, help="output table (CSV)")
-    p.add_argument("--md", required=True, help="output table (Markdown)")
+    add_table_outputs(p)
     p.set_defaults(func=cmd_params_table)
 
 

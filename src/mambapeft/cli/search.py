@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import json_arg
+from .common import add_table_outputs, json_arg
 
 
 def add_parsers(subparsers) -> None:
@@ -79,8 +79,7 @@ def _add_report(commands) -> None:
     p = commands.add_parser("report", help="results/tables/hybrid_search.{csv,md} and the trial-history figure")
     p.add_argument("--results", nargs="+", required=True, help="result.json of every step of every search")
     p.add_argument("--final", nargs="*", default=[], help="metrics.json of the final runs")
-    p.add_argument("--csv", required=True, help="output table (CSV)")
-    p.add_argument("--md", required=True, help="output table (Markdown)")
+    add_table_outputs(p)
     p.add_argument("--figure", required=True, help="output trial-history figure (PNG)")
     p.set_defaults(func=cmd_report)
 

@@ -74,9 +74,9 @@ def _checked_selection(selection) -> dict:
 
 
 def _check_backbone_methods(domain: str, backbone: str, methods) -> None:
-    where = f"params-table spec: {domain}.{backbone}"
-    if _backbone_domain(backbone) != domain:
-        raise ConfigError(f"{where}: {backbone!r} is a {_backbone_domain(backbone)} backbone, not a {domain} one")
+    where, actual = f"params-table spec: {domain}.{backbone}", _backbone_domain(backbone)
+    if actual != domain:
+        raise ConfigError(f"{where}: {backbone!r} is a {actual} backbone, not a {domain} one")
     if methods != "all" and not (isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods)):
         raise ConfigError(f'{where} is {methods!r}; expected "all" or a list of method ids')
 
